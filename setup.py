@@ -1,0 +1,112 @@
+"""Build of cnnlstm_ext._C.
+
+The CUDA kernels are built when torch has CUDA and a CUDA toolkit is found, whether or not a GPU
+is visible (CNNLSTM_EXT_CUDA=auto|0|1). Two traps of GPU-less build machines are handled here:
+`nvcc` on PATH may be a wrapper script (so the toolkit root is resolved explicitly, before
+torch.utils.cpp_extension reads it), and the cuBLAS/cuSPARSE headers may live only in the
+installed `nvidia` wheels (site-packages/nvidia/cu13/include), which is added to the include path.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+
+def _resolve_cuda_home():
+    """Environment first, then the conventional toolkit location, then nvcc's real location."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return root
+    for root in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return root
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # A wrapper script (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`) hides the real root.
+        try:
+            with open(nvcc, "rb") as f:
+                head = f.read(4096).decode("utf-8", "replace")
+            for token in head.split():
+                if token.endswith("/bin/nvcc") and os.path.exists(token):
+                    return os.path.dirname(os.path.dirname(token))
+        except OSError:
+            pass
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return None
+
+
+_CUDA_HOME = _resolve_cuda_home()
+if _CUDA_HOME:
+    os.environ["CUDA_HOME"] = _CUDA_HOME
+
+import torch  # noqa: E402  (after CUDA_HOME is set)
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    mode = os.environ.get("CNNLSTM_EXT_CUDA", "auto").lower()
+    if mode in ("0", "off", "false", "no"):
+        return False
+    available = torch.version.cuda is not None and _CUDA_HOME is not None
+    if mode in ("1", "on", "true", "yes"):
+        if not available:
+            sys.exit("CNNLSTM_EXT_CUDA=1 but torch has no CUDA (torch.version.cuda=%r) or no CUDA "
+                     "toolkit was found (CUDA_HOME=%r)" % (torch.version.cuda, _CUDA_HOME))
+        return True
+    return available
+
+
+def _wheel_cuda_includes():
+    """Headers shipped by the nvidia-* wheels torch depends on (cuBLAS, cuSPARSE, ...)."""
+    dirs = []
+    for base in {os.path.dirname(os.path.dirname(torch.__file__))} | set(sys.path):
+        for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
+            d = os.path.join(base, sub)
+            if os.path.isdir(d) and d not in dirs:
+                dirs.append(d)
+        for d in sorted(glob.glob(os.path.join(base, "nvidia", "*", "include"))):
+            if os.path.isdir(d) and d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def _extension():
+    use_cuda = _want_cuda()
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fdiagnostics-color=always", "-DPy_LIMITED_API=0x03090000"]
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if not use_cuda:
+        print("cnnlstm_ext: building the CPU kernels only")
+        return CppExtension("cnnlstm_ext._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx}, py_limited_api=True)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        visible = False
+        try:
+            visible = torch.cuda.is_available()
+        except Exception:
+            pass
+        if not visible:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    print("cnnlstm_ext: building CPU and CUDA kernels (CUDA_HOME=%s, arch=%s)"
+          % (_CUDA_HOME, os.environ.get("TORCH_CUDA_ARCH_LIST", "from visible GPU")))
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    include_dirs += _wheel_cuda_includes()
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17",
+            "-DPy_LIMITED_API=0x03090000"]
+    return CUDAExtension("cnnlstm_ext._C", sources, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx + ["-DCNNLSTM_EXT_WITH_CUDA"],
+                                             "nvcc": nvcc + ["-DCNNLSTM_EXT_WITH_CUDA"]},
+                         py_limited_api=True)
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
