@@ -1,0 +1,58 @@
+"""`cnnlstm-ext` (also `python -m cnnlstm_ext`): one sub-command per module in cnnlstm_ext/commands/.
+
+Each command module has a docstring (its help), `add_arguments(parser)` and `run(args) -> int`.
+Modules are imported only when their command runs, so `--help` stays fast.
+"""
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "train a CNN-LSTM classifier (no arguments: the built-in synthetic data set on the CPU)",
+    "evaluate": "evaluate a checkpoint on a data set, print metrics and write predictions",
+    "summarize": "write a markdown report and plots for a folder of checkpoints",
+    "inspect": "show what a checkpoint holds: epoch, metrics, architecture, sizes",
+    "verify": "check checkpoint files for truncation, missing state and NaN/Inf",
+    "export": "export a checkpoint's weights (e.g. to safetensors)",
+    "bench": "time a training step of the fused model against the stock one",
+}
+
+
+def build_parser(load_all=True):
+    parser = argparse.ArgumentParser(
+        prog="cnnlstm-ext",
+        description="Fused CNN-LSTM video classifiers: train, evaluate and manage checkpoints.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, summary in COMMANDS.items():
+        if not load_all and name not in sys.argv[1:2]:
+            sub.add_parser(name, help=summary)
+            continue
+        module = importlib.import_module("cnnlstm_ext.commands." + name)
+        p = sub.add_parser(name, help=summary, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(load_all=False) if not argv or argv[0] not in COMMANDS else None
+    if parser is None:
+        # Load only the command that runs.
+        name = argv[0]
+        module = importlib.import_module("cnnlstm_ext.commands." + name)
+        parser = argparse.ArgumentParser(prog="cnnlstm-ext " + name, description=module.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(parser)
+        args = parser.parse_args(argv[1:])
+        return int(module.run(args) or 0)
+    if not argv:
+        # Bare `cnnlstm-ext` runs the main job, as the README's quick start says.
+        return main(["train"])
+    parser.parse_args(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
