@@ -48,8 +48,8 @@ def main(argv=None):
         args = parser.parse_args(argv[1:])
         return int(module.run(args) or 0)
     if not argv:
-        # Bare `cnnlstm-ext` runs the main job, as the README's quick start says.
-        return main(["train"])
+        parser.print_help()
+        return 0
     parser.parse_args(argv)
     return 0
 

@@ -1,0 +1,4 @@
+"""Drop-in modules backed by the fused ops."""
+from .lstm import FusedBiLSTM, FusedLSTM, fuse_lstm, unfuse_lstm
+
+__all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm"]
