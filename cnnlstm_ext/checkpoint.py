@@ -38,7 +38,7 @@ from .models.cnnlstm import canonical_names, describe_state_dict, is_buffer_name
 __all__ = ["CheckpointError", "CheckpointMismatchError", "save_checkpoint", "load_checkpoint",
            "normalize_checkpoint", "read_checkpoint", "verify_checkpoint", "inspect_checkpoint",
            "apply_key_map", "parse_key_map", "invert_key_map", "expected_file_bytes",
-           "HISTORY_FIELDS"]
+           "find_checkpoints", "epoch_from_name", "atomic_write", "HISTORY_FIELDS"]
 
 # Aliases, canonical key first.
 MODEL_KEYS = ("model_state_dict", "state_dict", "model", "model_state")
@@ -235,13 +235,13 @@ def read_checkpoint(path, map_location="cpu", mmap=False):
         raise FileNotFoundError("no checkpoint file at %s" % path)
     size = os.path.getsize(path)
     if size == 0:
-        raise CheckpointError("%s is empty (0 bytes)" % path)
+        raise CheckpointError("%s: empty file (0 bytes)" % path)
     kind = _file_kind(path)
     if kind == "zip" and not zipfile.is_zipfile(path):
-        raise CheckpointError("%s is truncated (%s bytes): its zip archive has no end record, so "
+        raise CheckpointError("%s: truncated (%s bytes): its zip archive has no end record, so "
                               "the write stopped before the file was complete" % (path, f"{size:,}"))
     if kind == "unknown":
-        raise CheckpointError("%s is not a torch.save file (it starts with neither a zip nor a "
+        raise CheckpointError("%s: not a torch.save file (it starts with neither a zip nor a "
                               "pickle header)" % path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True,
@@ -252,12 +252,12 @@ def read_checkpoint(path, map_location="cpu", mmap=False):
             detail = next((line for line in first if "Unsupported global" in line or
                            "Unsupported operand" in line), first[0] if first else "")
             raise CheckpointError(
-                "%s holds objects other than plain types and tensors, which are not loaded "
+                "%s: holds objects other than plain types and tensors, which are not loaded "
                 "(weights_only=True): %s. Re-save it with plain types (numbers, strings, lists, "
                 "dicts, tensors) from the code that wrote it." % (path, detail.strip())) from None
-        raise CheckpointError("%s is corrupt (%s bytes): %s" % (path, f"{size:,}", e)) from None
+        raise CheckpointError("%s: corrupt (%s bytes): %s" % (path, f"{size:,}", e)) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise CheckpointError("%s cannot be read (%s bytes; truncated or corrupt): %s"
+        raise CheckpointError("%s: unreadable (%s bytes; truncated or corrupt): %s"
                               % (path, f"{size:,}", str(e).strip().splitlines()[0]
                                  if str(e).strip() else type(e).__name__)) from None
 
@@ -472,18 +472,19 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, epoch, histo
             raise ValueError("extra key %r would overwrite a checkpoint field" % k)
         ckpt[k] = v
     plain = _to_plain(ckpt, "checkpoint")
-    return _atomic_save(plain, path)
+    return atomic_write(path, lambda f: torch.save(plain, f))
 
 
-def _atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, fsync, rename: never a half-written file."""
+def atomic_write(path, write) -> pathlib.Path:
+    """Call write(f) on a temp file in path's folder, fsync, rename over path: a crash leaves
+    either the old file or the new one, never a partial one."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / (".%s.%s.tmp" % (path.name, uuid.uuid4().hex[:8]))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -773,7 +774,7 @@ def verify_checkpoint(path) -> List[str]:
             with zipfile.ZipFile(path) as zf:
                 broken = zf.testzip()  # reads every member and checks its CRC-32
             if broken is not None:
-                return ["%s is corrupt: member %s fails its CRC check" % (path, broken)]
+                return ["%s: corrupt: member %s fails its CRC check" % (path, broken)]
         raw = read_checkpoint(path, mmap=True)
         ckpt = normalize_checkpoint(raw)
     except (CheckpointError, FileNotFoundError, zipfile.BadZipFile, OSError) as e:
@@ -794,10 +795,10 @@ def verify_checkpoint(path) -> List[str]:
     loss = ckpt["train_loss"]
     if loss is not None and not math.isfinite(loss):
         problems.append("train loss is %s at epoch %s" % (loss, ckpt["epoch"]))
-    m = _EPOCH_IN_NAME.search(os.path.basename(path))
-    if m and ckpt["epoch"] is not None and int(m.group(1)) != ckpt["epoch"]:
+    named = epoch_from_name(path)
+    if named is not None and ckpt["epoch"] is not None and named != ckpt["epoch"]:
         problems.append("the file name says epoch %d but it holds epoch %d"
-                        % (int(m.group(1)), ckpt["epoch"]))
+                        % (named, ckpt["epoch"]))
     return problems
 
 
@@ -908,3 +909,26 @@ def inspect_checkpoint(path) -> dict:
         result["expected_size_bytes"] = expected_file_bytes(info)
         result["size_ratio"] = size / result["expected_size_bytes"]
     return result
+
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".tar")
+
+
+def epoch_from_name(path) -> Optional[int]:
+    """The epoch a file name states (`checkpoint_epoch_0033.pth` -> 33), or None."""
+    m = _EPOCH_IN_NAME.search(os.path.basename(os.fspath(path)))
+    return int(m.group(1)) if m else None
+
+
+def find_checkpoints(directory) -> List[pathlib.Path]:
+    """Checkpoint files of a folder: per-epoch files by epoch, then the others by name.
+
+    Temp files of an interrupted atomic write (hidden, `.tmp`) are not checkpoints.
+    """
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        raise NotADirectoryError("no checkpoint folder at %s" % directory)
+    files = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")
+             and p.name.endswith(CHECKPOINT_SUFFIXES)]
+    return sorted(files, key=lambda p: (epoch_from_name(p) is None,
+                                        epoch_from_name(p) or 0, p.name))

@@ -19,7 +19,7 @@ from torch import nn
 NUM_CLASSES, FRAMES, SIZE = 5, 4, 24
 SPATIAL, HIDDEN, LAYERS = 48, 16, 2
 BATCH, TRAIN_CLIPS, VAL_CLIPS = 8, 16, 10
-LR, WEIGHT_DECAY = 3e-3, 1e-4
+LR, WEIGHT_DECAY = 1e-2, 1e-4
 
 
 class LegacyCNNLSTM(nn.Module):

@@ -221,10 +221,13 @@ class CNNLSTM(nn.Module):
         self.frame_pool = FramePool(frame_pool, batch_first=False)
         self.spatial_proj = (nn.Linear(self.backbone_features, spatial_dim)
                              if self.backbone_features != spatial_dim else None)
-        lstm_cls = (FusedBiLSTM if bidirectional else FusedLSTM) if fused else nn.LSTM
-        self.lstm = lstm_cls(spatial_dim, temporal_dim, num_layers=num_layers,
-                             dropout=float(dropout) if num_layers > 1 else 0.0,
-                             bidirectional=bool(bidirectional))
+        lstm_dropout = float(dropout) if num_layers > 1 else 0.0  # only between layers
+        if fused and bidirectional:
+            self.lstm = FusedBiLSTM(spatial_dim, temporal_dim, num_layers, dropout=lstm_dropout)
+        else:
+            lstm_cls = FusedLSTM if fused else nn.LSTM
+            self.lstm = lstm_cls(spatial_dim, temporal_dim, num_layers, dropout=lstm_dropout,
+                                 bidirectional=bool(bidirectional))
         self.temporal_pool = TemporalPool(pooling, dim=directions * temporal_dim,
                                           batch_first=False, bidirectional=bool(bidirectional))
         self.dropout = nn.Dropout(float(dropout))
