@@ -247,7 +247,7 @@ class CNNLSTM(nn.Module):
     def _check_input(self, clips, lengths):
         if not isinstance(clips, torch.Tensor) or clips.dim() != 5 or clips.shape[2] != 3:
             raise ValueError("CNNLSTM expects clips [B, T, 3, H, W], got %s"
-                             % (tuple(clips.shape) if isinstance(clips, torch.Tensor)
+                             % (list(clips.shape) if isinstance(clips, torch.Tensor)
                                 else type(clips).__name__))
         if not clips.is_floating_point():
             raise TypeError("CNNLSTM expects floating-point clips, got %s" % clips.dtype)
