@@ -445,7 +445,8 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, epoch, histo
     order = list(renamed)
     if key_order is not None:
         rank = {k: i for i, k in enumerate(key_order)}
-        order.sort(key=lambda k: (rank.get(k, len(rank)), order.index(k)))
+        own = {k: i for i, k in enumerate(order)}  # keys not in key_order keep their place last
+        order = sorted(order, key=lambda k: (rank.get(k, len(rank)), own[k]))
     model_sd = collections.OrderedDict((k, renamed[k][1]) for k in order)
     # Parameter name -> (name in the file, position in the file).
     name_of_saved = {renamed[k][0]: (k, i) for i, k in enumerate(order)}
