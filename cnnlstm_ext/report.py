@@ -34,7 +34,8 @@ def _finite(x):
 
 
 def _mib(n):
-    return "%.1f MiB" % (n / 2 ** 20)
+    """A file size in MiB, or KiB below 1 MiB."""
+    return "%.1f MiB" % (n / 2 ** 20) if n >= 2 ** 20 else "%.0f KiB" % (n / 2 ** 10)
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -77,14 +78,26 @@ def scan_folder(checkpoint_dir, check_weights=False):
     off the newest readable file. check_weights also runs verify_checkpoint on each file (reads
     all tensor data once: NaN/Inf, CRCs)."""
     files = find_checkpoints(checkpoint_dir)
-    entries, architecture = [], None
+    entries, architecture, longest = [], None, None
     # Newest first for the architecture, so a changed model is described as it ended.
     for path in reversed(files):
         entry, arch = _scan_file(path, describe=architecture is None, check_weights=check_weights)
         entries.append(entry)
         architecture = architecture or arch
+        # Keep one history, the longest: per-file histories of a long run add up to O(epochs^2).
+        if entry.get("history"):
+            if longest is None or _history_length(entry) > _history_length(longest):
+                if longest is not None:
+                    longest["history"] = None
+                longest = entry
+            else:
+                entry["history"] = None
     entries.reverse()
     return entries, architecture
+
+
+def _history_length(entry):
+    return max((len(v) for v in entry["history"].values() if isinstance(v, list)), default=0)
 
 
 def _epoch_series(entries):
@@ -94,9 +107,7 @@ def _epoch_series(entries):
     readable = [e for e in entries if e["error"] is None]
     with_history = [e for e in readable if e.get("history")]
     if with_history:
-        longest = max(with_history, key=lambda e: (max(
-            (len(v) for v in e["history"].values() if isinstance(v, list)), default=0),
-            e.get("epoch") or 0))
+        longest = max(with_history, key=lambda e: (_history_length(e), e.get("epoch") or 0))
         history = longest["history"]
         length = max((len(v) for v in history.values() if isinstance(v, list)), default=0)
         epochs = history.get("epoch") if isinstance(history.get("epoch"), list) else None
@@ -241,6 +252,10 @@ def _plot(path, title, ylabel, curves, result, scale=1.0):
         ax.axvspan(result["nan_onset"] - 0.5, result["last_epoch"] + 0.5, color="tab:red",
                    alpha=0.12,
                    label="NaN loss (from epoch %d)" % result["nan_onset"])
+    if result["early_stop_epoch"] is not None:
+        ax.axvline(result["early_stop_epoch"], color="tab:gray", linestyle="-.", linewidth=1,
+                   label="early stop, patience %d (epoch %d)" % (result["patience"],
+                                                                 result["early_stop_epoch"]))
     if result["overfitting_onset"] is not None:
         ax.axvline(result["overfitting_onset"], color="tab:orange", linestyle=":", linewidth=1,
                    label="overfitting onset (epoch %d)" % result["overfitting_onset"])
@@ -330,8 +345,9 @@ def _architecture_md(arch):
             p["prefix"], p["in_features"], p["out_features"], f"{p['params']:,}"))
     s = arch.get("lstm")
     if s:
-        lines.append("| LSTM `%s` | %d layers, %s, input %d, hidden %d | %s |" % (
-            s["prefix"], s["num_layers"], "bidirectional" if s["bidirectional"]
+        lines.append("| LSTM `%s` | %d layer%s, %s, input %d, hidden %d | %s |" % (
+            s["prefix"], s["num_layers"], "s" if s["num_layers"] > 1 else "",
+            "bidirectional" if s["bidirectional"]
             else "one direction", s["input_size"], s["hidden_size"], f"{s['params']:,}"))
     t = arch.get("temporal_pool") or {}
     lines.append("| temporal pooling | %s | %s |" % (t.get("kind", "-"),
@@ -501,7 +517,8 @@ def _recommendations(entries, series, result, sizes, scale):
         recs.append("**NaN loss from epoch %d** (%d epoch%s%s). The weights are poisoned from "
                     "there on; resume from %s with a lower learning rate, gradient clipping "
                     "and a NaN guard that rolls back to the last sound checkpoint." % (
-                        onset, len(result["nan_epochs"]), "s" if len(result["nan_epochs"]) > 1 else "",
+                        onset, len(result["nan_epochs"]),
+                        "s" if len(result["nan_epochs"]) > 1 else "",
                         ", val acc frozen at %s%s" % (_fmt(frozen[0][2], scale), unit)
                         if frozen else "",
                         "`%s` (epoch %d, the last sound file before it)"
