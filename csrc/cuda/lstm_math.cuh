@@ -59,7 +59,11 @@ __device__ __forceinline__ void direction_barrier(unsigned int* counter, unsigne
   if (threadIdx.x == 0) {
     __threadfence();
     atomicAdd(counter, 1u);
+    const long long start = clock64();
     while (*reinterpret_cast<volatile unsigned int*>(counter) < expected) {
+      // Co-residency is guaranteed by the cooperative launch, so a wait this long (~30 s) is a
+      // bug: fail the launch loudly instead of hanging the device.
+      if (clock64() - start > (1ll << 36)) __trap();
     }
     __threadfence();
   }
