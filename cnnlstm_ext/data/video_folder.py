@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .transforms import ClipTransform, pad_clip, sample_generator, sample_indices
-from .video_io import (is_image_file, is_video_file, list_frame_images, read_frame_folder,
+from .video_io import (is_image_file, is_video_file, read_frame_folder,
                        read_video_frames, VIDEO_EXTENSIONS)
 
 

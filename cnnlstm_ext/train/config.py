@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 # The built-in main job's model: a small CNN-LSTM that trains on 2 CPU cores in minutes.
 SYNTHETIC_MODEL = {
     "backbone": "tiny",
-    "num_classes": 6,
+    "num_classes": None,  # None: the number of classes of the data set
     "spatial_dim": 64,
     "temporal_dim": 64,
     "num_layers": 1,
