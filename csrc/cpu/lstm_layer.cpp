@@ -50,7 +50,7 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
                    at::Tensor& y_acc,         // [T, B, D*H] acc (zeros on padding)
                    at::Tensor* gates,         // [T, B, D, 4H] acc or null
                    at::Tensor* cell) {        // [T, B, D, H] acc or null
-  const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
+  const int64_t B = d.B, D = d.D, H = d.H, G = 4 * H;
   const int64_t steps = *std::max_element(L.begin(), L.end());
   auto rec = at::empty({D, B, G}, xproj.options());  // recurrent part h_{s-1} . w_hh^T
   const acc_t* xp = xproj.data_ptr<acc_t>();
@@ -163,7 +163,7 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
                     at::Tensor& dh,            // [D, B, H] acc: grad_h_n in, grad_h0 out
                     at::Tensor& dc,            // [D, B, H] acc: grad_c_n in, grad_c0 out
                     at::Tensor& dG) {          // [T, B, D, 4H] acc, zeros in, gate grads out
-  const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
+  const int64_t B = d.B, D = d.D, H = d.H, G = 4 * H;
   const int64_t steps = *std::max_element(L.begin(), L.end());
   // dG_step: [D, B, 4H] this step's gate gradients, rows of finished sequences zero;
   // dh_rec: [D, B, H] = dG_step . w_hh, the gradient reaching h_{s-1} through the recurrence.
