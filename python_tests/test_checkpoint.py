@@ -544,3 +544,32 @@ def test_export_applies_a_key_map_and_reports_errors(legacy_dir, tmp_path, capsy
     assert cli(["export", str(legacy_dir / "checkpoint_epoch_0003.pth"),
                 "--safetensors", str(tmp_path / "x.safetensors")]) == 1
     assert "truncated" in capsys.readouterr().out
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_checkpoint_moves_between_cuda_and_cpu(tmp_path):
+    torch.manual_seed(0)
+    model = CNNLSTM(**SMALL).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 3, 16, 16, device="cuda")).square().mean().backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path / "c.pth", model=model, optimizer=optimizer, epoch=1)
+    raw = torch.load(path, weights_only=True)  # no map_location: the file holds CPU tensors
+    assert all(v.device.type == "cpu" for v in raw["model_state_dict"].values())
+    assert all(t.device.type == "cpu" for s in raw["optimizer_state_dict"]["state"].values()
+               for t in s.values())
+    cpu_model, cpu_optimizer, _ = fresh(SMALL)
+    load_checkpoint(path, cpu_model, cpu_optimizer)
+    for (name, p), q in zip(model.named_parameters(), cpu_model.parameters()):
+        assert torch.equal(p.cpu(), q), name
+        assert torch.equal(optimizer.state[p]["exp_avg"].cpu(), cpu_optimizer.state[q]["exp_avg"])
+    gpu_model = CNNLSTM(**SMALL).cuda()
+    gpu_optimizer = torch.optim.AdamW(gpu_model.parameters(), lr=1e-3)
+    load_checkpoint(path, gpu_model, gpu_optimizer)
+    assert gpu_optimizer.state[gpu_model.classifier.weight]["exp_avg"].is_cuda
+    gpu_model(torch.randn(2, 3, 3, 16, 16, device="cuda")).square().mean().backward()
+    gpu_optimizer.step()  # resumes on the GPU

@@ -266,12 +266,14 @@ class CNNLSTM(nn.Module):
 
     def forward(self, clips: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         lengths = self._check_input(clips, lengths)
+        if lengths is not None:
+            lengths = lengths.to(clips.device)  # the fused ops take lengths on x's device
         B, T = clips.shape[:2]
         frames = clips.reshape(B * T, *clips.shape[2:])                     # [B*T, 3, H, W]
         if lengths is not None and int(lengths.min()) < T:
             # Padding frames skip the backbone (and its BatchNorm statistics); their maps are 0.
             valid = (torch.arange(T, device=clips.device)[None, :]
-                     < lengths.to(clips.device)[:, None]).reshape(-1)    # [B*T]
+                     < lengths[:, None]).reshape(-1)                     # [B*T]
             maps_valid = self.backbone(frames[valid])                     # [N, F, h, w]
             maps = maps_valid.new_zeros((B * T,) + maps_valid.shape[1:])
             maps[valid] = maps_valid
