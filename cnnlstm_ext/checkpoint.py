@@ -239,7 +239,8 @@ def read_checkpoint(path, map_location="cpu", mmap=False):
     kind = _file_kind(path)
     if kind == "zip" and not zipfile.is_zipfile(path):
         raise CheckpointError("%s: truncated (%s bytes): its zip archive has no end record, so "
-                              "the write stopped before the file was complete" % (path, f"{size:,}"))
+                              "the write stopped before the file was complete"
+                              % (path, f"{size:,}"))
     if kind == "unknown":
         raise CheckpointError("%s: not a torch.save file (it starts with neither a zip nor a "
                               "pickle header)" % path)
@@ -524,7 +525,8 @@ def _listing(title, lines):
 def _check_model_fit(path, expected, mapped, strict, model_name, source_sd):
     missing = [k for k in expected if k not in mapped]
     unexpected = [k for k in mapped if k not in expected]
-    wrong = [k for k in expected if k in mapped and tuple(mapped[k].shape) != tuple(expected[k].shape)]
+    wrong = [k for k in expected
+             if k in mapped and tuple(mapped[k].shape) != tuple(expected[k].shape)]
     if not wrong and not (strict and (missing or unexpected)):
         return missing, unexpected
     lines = ["%s does not fit %s: %d missing, %d unexpected, %d wrongly-shaped keys"

@@ -1,4 +1,4 @@
-"""Checkpoints: compatibility with a plain PyTorch script's files, resume, verify, inspect, export."""
+"""Checkpoints: a plain PyTorch script's files, resume, verify, inspect, export, error paths."""
 import collections
 import importlib.util
 import json

@@ -1,4 +1,4 @@
-"""CNNLSTM: structure, parameter counts, lengths, fused/unfused equivalence, architecture inference."""
+"""CNNLSTM: structure, parameter counts, lengths, fused vs nn.LSTM, architecture inference."""
 import collections
 
 import pytest

@@ -44,7 +44,7 @@ except ImportError:  # the pooling modules are not in this build yet: same behav
 
 __all__ = ["CNNLSTM", "BACKBONES", "infer_architecture", "describe_state_dict", "is_buffer_name"]
 
-# torchvision ResNet-family trunks (built with weights=None), plus a small CNN for CPU runs and tests.
+# torchvision ResNet-family trunks (built with weights=None) and "tiny", a small CNN for CPU runs.
 BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
              "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
              "wide_resnet50_2", "wide_resnet101_2")
@@ -72,8 +72,8 @@ if FramePool is None:
 
         def forward(self, maps, batch_size):
             if maps.dim() != 4 or maps.shape[0] % batch_size != 0:
-                raise ValueError("FramePool expects maps [B*T, C, h, w] with B=%d dividing the first "
-                                 "dim, got %s" % (batch_size, tuple(maps.shape)))
+                raise ValueError("FramePool expects maps [B*T, C, h, w] with B=%d dividing the "
+                                 "first dim, got %s" % (batch_size, list(maps.shape)))
             feats = maps.mean((2, 3)) if self.mode == "avg" else maps.amax((2, 3))  # [B*T, C]
             feats = feats.view(batch_size, -1, feats.shape[1])                      # [B, T, C]
             if not self.batch_first:
@@ -334,7 +334,8 @@ _TRUNK_BLOCKS = {
     "resnet152": (_BOTTLENECK, [3, 8, 36, 3]), "resnext50_32x4d": (_BOTTLENECK, [3, 4, 6, 3]),
     "resnext101_32x8d": (_BOTTLENECK, [3, 4, 23, 3]),
     "resnext101_64x4d": (_BOTTLENECK, [3, 4, 23, 3]),
-    "wide_resnet50_2": (_BOTTLENECK, [3, 4, 6, 3]), "wide_resnet101_2": (_BOTTLENECK, [3, 4, 23, 3]),
+    "wide_resnet50_2": (_BOTTLENECK, [3, 4, 6, 3]),
+    "wide_resnet101_2": (_BOTTLENECK, [3, 4, 23, 3]),
 }
 
 
@@ -509,7 +510,7 @@ _CANONICAL = {"backbone": "backbone.", "lstm": "lstm.", "classifier": "classifie
 
 
 def _cnnlstm_config(info, sd):
-    """CNNLSTM kwargs that rebuild this state dict exactly, or None (reasons in info['mismatch'])."""
+    """CNNLSTM kwargs that rebuild this state dict exactly, or None (why: info['mismatch'])."""
     why = info["mismatch"]
     lstm, backbone, head = info["lstm"], info["backbone"], info["classifier"]
     if lstm is None:
