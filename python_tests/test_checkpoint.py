@@ -546,11 +546,7 @@ def test_export_applies_a_key_map_and_reports_errors(legacy_dir, tmp_path, capsy
     assert "truncated" in capsys.readouterr().out
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.mark.cuda
-@requires_cuda
+@pytest.mark.cuda  # skipped without a GPU and the CUDA kernels (conftest.py)
 def test_checkpoint_moves_between_cuda_and_cpu(tmp_path):
     torch.manual_seed(0)
     model = CNNLSTM(**SMALL).cuda()

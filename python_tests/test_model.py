@@ -267,9 +267,6 @@ def test_backbone_weights_that_do_not_fit_raise(tmp_path):
         CNNLSTM(backbone_weights=str(path), **SMALL)
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @pytest.fixture
 def no_tf32():
     # Full fp32 on the GPU so that it can be held to the CPU's result.
@@ -279,8 +276,7 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.mark.cuda
-@requires_cuda
+@pytest.mark.cuda  # skipped without a GPU and the CUDA kernels (conftest.py)
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("pooling", ["mean", "last", "attention"])
 def test_cuda_forward_and_backward_match_cpu(fused, pooling, no_tf32):

@@ -361,8 +361,9 @@ def describe_state_dict(state_dict) -> dict:
     """What a (possibly foreign) model state dict holds, found from names and shapes alone.
 
     Finds the LSTM (any prefix; `nn.LSTM` names), the backbone (the top-level modules holding
-    4-D convolution weights, matched against BACKBONES), the classifier (the module of the last
-    2-D weight), a spatial projection and an attention score if present, and everything else.
+    4-D convolution weights, matched against BACKBONES), a spatial projection (backbone features
+    -> LSTM input) and an attention score ([1, LSTM output]) if present, the classifier (the
+    top-level module whose Linear layers read the LSTM output), and everything else.
     Returns a plain dict; `cnnlstm_config` is the CNNLSTM(**config) that fits exactly, or None
     with the reasons in `mismatch`.
     """
