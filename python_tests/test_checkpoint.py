@@ -253,6 +253,24 @@ def test_save_converts_common_types_to_plain_ones(tmp_path):
     assert torch.equal(raw["config"]["weights"], torch.ones(2, dtype=torch.float64))
 
 
+def test_save_converts_enums_and_str_subclasses(tmp_path):
+    import enum
+    import numpy as np
+
+    class Mode(enum.IntEnum):
+        FAST = 2
+    path = save_checkpoint(tmp_path / "c.pth", model=CNNLSTM(**SMALL), epoch=1,
+                           config={"mode": Mode.FAST, "name": np.str_("run")})
+    config = torch.load(path, weights_only=True)["config"]
+    assert config == {"mode": 2, "name": "run"} and type(config["name"]) is str
+
+
+def test_save_refuses_metrics_that_shadow_fields(tmp_path):
+    with pytest.raises(ValueError, match="metrics key 'epoch'"):
+        save_checkpoint(tmp_path / "c.pth", model=CNNLSTM(**SMALL), epoch=1,
+                        metrics={"epoch": 2})
+
+
 def test_save_rejects_objects_weights_only_cannot_read(tmp_path):
     with pytest.raises(TypeError, match=r"checkpoint\['config'\]\['loss'\]"):
         save_checkpoint(tmp_path / "c.pth", model=CNNLSTM(**SMALL), epoch=1,
@@ -481,7 +499,7 @@ def test_verify_reports_nan_in_moments_only(tmp_path):
     optimizer.state[model.classifier.weight]["exp_avg_sq"][0, 0] = float("inf")
     path = save_checkpoint(tmp_path / "c.pth", model=model, optimizer=optimizer, epoch=1)
     problems = verify_checkpoint(path)
-    assert problems == ["NaN/Inf in 1 optimizer moments: classifier.weight.exp_avg_sq"]
+    assert problems == ["NaN/Inf in 1 optimizer moment: classifier.weight.exp_avg_sq"]
 
 
 def test_verify_reports_a_crc_error(tmp_path):
