@@ -50,18 +50,23 @@ __host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + 
 // (16-byte, bank-conflict-free shared loads), then a transposing butterfly reduces the BT*kRT
 // partial sums in BT*kRT - 1 + log2(32 / (BT*kRT)) shuffles instead of 5 per value.
 // ---------------------------------------------------------------------------------------------
+// One halving round: lanes whose bit `M` is set keep the upper HALF values and send the lower
+// ones to their partner (lane ^ M), which keeps the lower half; both add what they receive.
+template <int HALF, int M, int N>
+__device__ __forceinline__ void transpose_round(float (&v)[N], int lane) {
+  const bool upper = lane & M;
+#pragma unroll
+  for (int i = 0; i < HALF; ++i) {
+    const float send = upper ? v[i] : v[i + HALF];
+    const float keep = upper ? v[i + HALF] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, M);
+  }
+  if constexpr (HALF > 1) transpose_round<HALF / 2, M * 2, N>(v, lane);
+}
+
 template <int N>
 __device__ __forceinline__ float transpose_reduce(float (&v)[N], int lane) {
-#pragma unroll
-  for (int half = N / 2, m = 1; half >= 1; half /= 2, m *= 2) {
-    const bool upper = lane & m;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float send = upper ? v[i] : v[i + half];
-      const float keep = upper ? v[i + half] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, m);
-    }
-  }
+  if constexpr (N > 1) transpose_round<N / 2, 1, N>(v, lane);
   float s = v[0];
 #pragma unroll
   for (int m = N; m < 32; m *= 2) s += __shfl_xor_sync(0xffffffffu, s, m);
@@ -112,14 +117,20 @@ __device__ void recurrent_product(const float* in, const scalar_t* w, float* out
 }
 
 // Stages rows [b0, b0 + nb) of a [B, K] float matrix in global memory into in: [nbp, K] shared,
-// zero-filling rows nb..nbp-1. Reads bypass L1: another CTA wrote them since the last step.
+// zero-filling rows nb..nbp-1. Asynchronous 16-byte copies (cp.async.cg: through L2, not L1,
+// since other CTAs wrote the rows since the last step) so that all of a thread's loads are in
+// flight at once instead of paying the L2 latency once per row. Followed by a __syncthreads
+// in the caller.
 __device__ __forceinline__ void stage_rows(float* in, const float* src, int nb, int nbp, int K) {
   for (int idx = threadIdx.x * 4; idx < nbp * K; idx += blockDim.x * 4) {
-    const int b = idx / K;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (b < nb) v = __ldcg(reinterpret_cast<const float4*>(src + idx));
-    *reinterpret_cast<float4*>(in + idx) = v;
+    if (idx / K < nb) {
+      const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(in + idx));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src + idx) : "memory");
+    } else {
+      *reinterpret_cast<float4*>(in + idx) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   }
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
 // ---------------------------------------------------------------------------------------------
