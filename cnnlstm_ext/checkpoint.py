@@ -52,7 +52,7 @@ BEST_FIELDS = ("best_val_acc", "best_val_f1", "best_epoch")
 _BEST_ALIASES = {"best_val_acc": ("best_val_acc", "val_acc", "acc", "accuracy"),
                  "best_val_f1": ("best_val_f1", "val_f1", "f1"),
                  "best_epoch": ("best_epoch", "epoch")}
-# Per-parameter optimizer entries that are moments (shaped like their parameter).
+# First bytes of a torch.save file: a zip archive (torch >= 1.6), or a bare pickle (older).
 _ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
 _LIST_LIMIT = 20  # keys listed per category in a mismatch message
 
@@ -74,8 +74,13 @@ class CheckpointMismatchError(CheckpointError):
 
 def _to_plain(obj, where):
     """obj as plain Python types and CPU tensors (what torch.load(weights_only=True) reads)."""
-    if obj is None or isinstance(obj, (bool, int, float, str)):
+    if obj is None or type(obj) in (bool, int, float, str):
         return obj
+    if isinstance(obj, enum.Enum):
+        return _to_plain(obj.value, where)
+    for base in (bool, int, float, str):  # subclasses (numpy.str_, IntFlag...) as the base type
+        if isinstance(obj, base):
+            return base(obj)
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu()
         # A view of a larger storage would drag the whole storage into the file.
@@ -84,8 +89,6 @@ def _to_plain(obj, where):
         return t
     if isinstance(obj, (torch.dtype, torch.device)):
         return str(obj)
-    if isinstance(obj, enum.Enum):
-        return _to_plain(obj.value, where)
     if isinstance(obj, pathlib.PurePath):
         return str(obj)
     if type(obj).__module__ == "numpy" or type(obj).__module__.startswith("numpy."):
@@ -239,7 +242,8 @@ def read_checkpoint(path, map_location="cpu", mmap=False):
     kind = _file_kind(path)
     if kind == "zip" and not zipfile.is_zipfile(path):
         raise CheckpointError("%s: truncated (%s bytes): its zip archive has no end record, so "
-                              "the write stopped before the file was complete" % (path, f"{size:,}"))
+                              "the write stopped before the file was complete"
+                              % (path, f"{size:,}"))
     if kind == "unknown":
         raise CheckpointError("%s: not a torch.save file (it starts with neither a zip nor a "
                               "pickle header)" % path)
@@ -297,9 +301,12 @@ def normalize_checkpoint(raw) -> dict:
                               % type(raw).__name__)
     used = set()
     out = {}
-    key, model = _first(raw, MODEL_KEYS)
-    if model is not None and not _is_state_dict(model):
-        raise CheckpointError("%r is not a state dict (str keys -> tensors)" % key)
+    # The first alias holding a state dict (a `model` key may hold a config instead).
+    key, model = next(((k, raw[k]) for k in MODEL_KEYS if _is_state_dict(raw.get(k))),
+                      (None, None))
+    if model is None and _first(raw, MODEL_KEYS)[0] is not None:
+        raise CheckpointError("%r is not a state dict (str keys -> tensors)"
+                              % _first(raw, MODEL_KEYS)[0])
     used.add(key)
     out["model_state_dict"] = _strip_prefixes(collections.OrderedDict(model)) \
         if model is not None else None
@@ -390,8 +397,8 @@ def _optimizer_for_file(optimizer, model, name_of_saved):
     sd = optimizer.state_dict()
     name_by_id = {id(p): n for n, p in model.named_parameters()}
     names = [[name_by_id.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
-    if any(n is None for group in names for n in group):  # parameters outside the model
-        return sd
+    if any(n not in name_of_saved for group in names for n in group):
+        return sd  # parameters outside the model, or dropped by key_map: keep torch's layout
     groups, state, position = [], {}, 0
     for saved_group, group_names in zip(sd["param_groups"], names):
         order = sorted(range(len(group_names)), key=lambda i: name_of_saved[group_names[i]][1])
@@ -465,13 +472,14 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, epoch, histo
         metrics["lr"] = optimizer.param_groups[0]["lr"]
     for field in ("val_acc", "val_f1", "train_loss", "lr"):
         ckpt[field] = metrics.pop(field, None)
-    ckpt.update(metrics)  # further metrics (train_acc, val_loss, ...) as top-level keys
-    ckpt.update(best)
     ckpt["config"] = dict(config) if config is not None else {}
-    for k, v in (extra or {}).items():
-        if k in ckpt:
-            raise ValueError("extra key %r would overwrite a checkpoint field" % k)
-        ckpt[k] = v
+    # Further metrics (train_acc, val_loss, ...), best values and extra keys go top-level too.
+    for source, values in (("metrics", metrics), ("best", best), ("extra", extra or {})):
+        for k, v in values.items():
+            if k in ckpt:
+                raise ValueError("%s key %r would overwrite the checkpoint field of that name"
+                                 % (source, k))
+            ckpt[k] = v
     plain = _to_plain(ckpt, "checkpoint")
     return atomic_write(path, lambda f: torch.save(plain, f))
 
@@ -524,7 +532,8 @@ def _listing(title, lines):
 def _check_model_fit(path, expected, mapped, strict, model_name, source_sd):
     missing = [k for k in expected if k not in mapped]
     unexpected = [k for k in mapped if k not in expected]
-    wrong = [k for k in expected if k in mapped and tuple(mapped[k].shape) != tuple(expected[k].shape)]
+    wrong = [k for k in expected
+             if k in mapped and tuple(mapped[k].shape) != tuple(expected[k].shape)]
     if not wrong and not (strict and (missing or unexpected)):
         return missing, unexpected
     lines = ["%s does not fit %s: %d missing, %d unexpected, %d wrongly-shaped keys"
@@ -710,7 +719,7 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, key_map=No
     """
     ckpt = normalize_checkpoint(read_checkpoint(path, map_location=map_location))
     if ckpt["model_state_dict"] is None:
-        raise CheckpointError("%s holds no model state dict (keys: %s)"
+        raise CheckpointError("%s: no model state dict (keys: %s)"
                               % (path, sorted(k for k in ckpt if ckpt[k] is not None)))
     rules = parse_key_map(key_map)
     source_sd = ckpt["model_state_dict"]
@@ -728,13 +737,13 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, key_map=No
             (k, v) for k, v in mapped.items() if k in expected), strict=strict)
     if optimizer is not None:
         if ckpt["optimizer_state_dict"] is None:
-            raise CheckpointError("%s holds no optimizer state; training cannot resume from it "
-                                  "with the same moments" % path)
+            raise CheckpointError("%s: no optimizer state; training cannot resume from it with "
+                                  "the same moments" % path)
         _load_optimizer(optimizer, ckpt["optimizer_state_dict"], module, mapped, rules, strict,
                         path)
     if scheduler is not None:
         if ckpt["scheduler_state_dict"] is None:
-            raise CheckpointError("%s holds no scheduler state" % path)
+            raise CheckpointError("%s: no scheduler state" % path)
         _load_scheduler(scheduler, ckpt["scheduler_state_dict"], path)
     return ckpt
 
@@ -830,7 +839,8 @@ def _verify_optimizer(opt, sd):
     bad = _nonfinite(("%s.%s" % (name_of.get(sid, "#%s" % sid), k), t)
                      for sid, entry in opt["state"].items() for k, t in entry.items())
     if bad:
-        problems.append("NaN/Inf in %d optimizer moments: %s" % (len(bad), _names(bad)))
+        problems.append("NaN/Inf in %d optimizer moment%s: %s"
+                        % (len(bad), "s" if len(bad) > 1 else "", _names(bad)))
     return problems
 
 

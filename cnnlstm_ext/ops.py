@@ -33,10 +33,30 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0
     return y, h_n, c_n
 
 
+def _check_same_device_dtype(x: Tensor, named: dict) -> None:
+    """The device/dtype checks of csrc/lstm_layer.h, for the fake kernel.
+
+    The fake kernel also serves the Meta dispatch key, which wins when a meta tensor is mixed with
+    CPU ones; without these checks such a call would return uninitialised tensors silently.
+    """
+    for name, t in named.items():
+        if t is None:
+            continue
+        torch._check(t.device == x.device, lambda: (
+            f"lstm_layer_forward: {name} is on {t.device} but x is on {x.device}; all tensors "
+            f"must be on one device"))
+        if name != "lengths":
+            torch._check(t.dtype == x.dtype, lambda: (
+                f"lstm_layer_forward: {name} has dtype {t.dtype} but x has dtype {x.dtype}; all "
+                f"floating tensors must share one dtype"))
+
+
 @torch.library.register_fake("cnnlstm_ext::lstm_layer_forward")
 def _lstm_layer_forward_fake(x, w_ih, w_hh, bias, h0, c0, lengths, train):
     torch._check(x.dim() == 3, lambda: f"expected x of shape [T, B, I], got {tuple(x.shape)}")
     torch._check(w_hh.dim() == 3, lambda: f"expected w_hh of shape [D, 4H, H], got {tuple(w_hh.shape)}")
+    _check_same_device_dtype(x, {"w_ih": w_ih, "w_hh": w_hh, "bias": bias, "h0": h0, "c0": c0,
+                                 "lengths": lengths})
     T, B, _ = x.shape
     D, _, H = w_hh.shape
     acc = _acc_dtype(x.dtype)

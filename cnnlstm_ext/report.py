@@ -14,10 +14,8 @@ train loss below its value at the best epoch while val acc stays below the best,
 """
 import json
 import math
-import os
 import pathlib
 import statistics
-from typing import Optional
 
 from .checkpoint import (CheckpointError, HISTORY_FIELDS, epoch_from_name, expected_file_bytes,
                          find_checkpoints, normalize_checkpoint, read_checkpoint,
@@ -275,7 +273,8 @@ def _curve(series, field):
 
 def _plots(out_dir, series, result, scale):
     made = {}
-    specs = [("loss.png", "Loss", "loss", [("train loss", "train_loss"), ("val loss", "val_loss")], 1.0),
+    specs = [("loss.png", "Loss", "loss",
+              [("train loss", "train_loss"), ("val loss", "val_loss")], 1.0),
              ("accuracy.png", "Accuracy", "accuracy (%)" if scale == 100 else "accuracy",
               [("train acc", "train_acc"), ("val acc", "val_acc"),
                ("val F1 x100" if scale == 100 else "val F1", "val_f1")], scale),

@@ -1,4 +1,4 @@
-"""Checkpoints: compatibility with a plain PyTorch script's files, resume, verify, inspect, export."""
+"""Checkpoints: a plain PyTorch script's files, resume, verify, inspect, export, error paths."""
 import collections
 import importlib.util
 import json
@@ -253,6 +253,24 @@ def test_save_converts_common_types_to_plain_ones(tmp_path):
     assert torch.equal(raw["config"]["weights"], torch.ones(2, dtype=torch.float64))
 
 
+def test_save_converts_enums_and_str_subclasses(tmp_path):
+    import enum
+    import numpy as np
+
+    class Mode(enum.IntEnum):
+        FAST = 2
+    path = save_checkpoint(tmp_path / "c.pth", model=CNNLSTM(**SMALL), epoch=1,
+                           config={"mode": Mode.FAST, "name": np.str_("run")})
+    config = torch.load(path, weights_only=True)["config"]
+    assert config == {"mode": 2, "name": "run"} and type(config["name"]) is str
+
+
+def test_save_refuses_metrics_that_shadow_fields(tmp_path):
+    with pytest.raises(ValueError, match="metrics key 'epoch'"):
+        save_checkpoint(tmp_path / "c.pth", model=CNNLSTM(**SMALL), epoch=1,
+                        metrics={"epoch": 2})
+
+
 def test_save_rejects_objects_weights_only_cannot_read(tmp_path):
     with pytest.raises(TypeError, match=r"checkpoint\['config'\]\['loss'\]"):
         save_checkpoint(tmp_path / "c.pth", model=CNNLSTM(**SMALL), epoch=1,
@@ -481,7 +499,7 @@ def test_verify_reports_nan_in_moments_only(tmp_path):
     optimizer.state[model.classifier.weight]["exp_avg_sq"][0, 0] = float("inf")
     path = save_checkpoint(tmp_path / "c.pth", model=model, optimizer=optimizer, epoch=1)
     problems = verify_checkpoint(path)
-    assert problems == ["NaN/Inf in 1 optimizer moments: classifier.weight.exp_avg_sq"]
+    assert problems == ["NaN/Inf in 1 optimizer moment: classifier.weight.exp_avg_sq"]
 
 
 def test_verify_reports_a_crc_error(tmp_path):
@@ -544,3 +562,28 @@ def test_export_applies_a_key_map_and_reports_errors(legacy_dir, tmp_path, capsy
     assert cli(["export", str(legacy_dir / "checkpoint_epoch_0003.pth"),
                 "--safetensors", str(tmp_path / "x.safetensors")]) == 1
     assert "truncated" in capsys.readouterr().out
+
+
+@pytest.mark.cuda  # skipped without a GPU and the CUDA kernels (conftest.py)
+def test_checkpoint_moves_between_cuda_and_cpu(tmp_path):
+    torch.manual_seed(0)
+    model = CNNLSTM(**SMALL).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 3, 16, 16, device="cuda")).square().mean().backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path / "c.pth", model=model, optimizer=optimizer, epoch=1)
+    raw = torch.load(path, weights_only=True)  # no map_location: the file holds CPU tensors
+    assert all(v.device.type == "cpu" for v in raw["model_state_dict"].values())
+    assert all(t.device.type == "cpu" for s in raw["optimizer_state_dict"]["state"].values()
+               for t in s.values())
+    cpu_model, cpu_optimizer, _ = fresh(SMALL)
+    load_checkpoint(path, cpu_model, cpu_optimizer)
+    for (name, p), q in zip(model.named_parameters(), cpu_model.parameters()):
+        assert torch.equal(p.cpu(), q), name
+        assert torch.equal(optimizer.state[p]["exp_avg"].cpu(), cpu_optimizer.state[q]["exp_avg"])
+    gpu_model = CNNLSTM(**SMALL).cuda()
+    gpu_optimizer = torch.optim.AdamW(gpu_model.parameters(), lr=1e-3)
+    load_checkpoint(path, gpu_model, gpu_optimizer)
+    assert gpu_optimizer.state[gpu_model.classifier.weight]["exp_avg"].is_cuda
+    gpu_model(torch.randn(2, 3, 3, 16, 16, device="cuda")).square().mean().backward()
+    gpu_optimizer.step()  # resumes on the GPU

@@ -1,4 +1,4 @@
-"""CNNLSTM: structure, parameter counts, lengths, fused/unfused equivalence, architecture inference."""
+"""CNNLSTM: structure, parameter counts, lengths, fused vs nn.LSTM, architecture inference."""
 import collections
 
 import pytest
@@ -265,3 +265,30 @@ def test_backbone_weights_that_do_not_fit_raise(tmp_path):
     torch.save(sd, path)
     with pytest.raises(ValueError, match="conv1.weight"):
         CNNLSTM(backbone_weights=str(path), **SMALL)
+
+
+@pytest.fixture
+def no_tf32():
+    # Full fp32 on the GPU so that it can be held to the CPU's result.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.cuda  # skipped without a GPU and the CUDA kernels (conftest.py)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("pooling", ["mean", "last", "attention"])
+def test_cuda_forward_and_backward_match_cpu(fused, pooling, no_tf32):
+    torch.manual_seed(0)
+    cpu = CNNLSTM(pooling=pooling, fused=fused, **SMALL).eval()
+    gpu = CNNLSTM(pooling=pooling, fused=fused, **SMALL).cuda().eval()
+    gpu.load_state_dict(cpu.state_dict())
+    x, lengths = clips(), torch.tensor([5, 2, 4])
+    out_cpu = cpu(x, lengths)
+    out_gpu = gpu(x.cuda(), lengths)  # lengths on the CPU are moved to the clips' device
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-5)
+    out_cpu.square().sum().backward()
+    out_gpu.square().sum().backward()
+    for (name, p_cpu), p_gpu in zip(cpu.named_parameters(), gpu.parameters()):
+        torch.testing.assert_close(p_gpu.grad.cpu(), p_cpu.grad, rtol=1e-3, atol=1e-5, msg=name)

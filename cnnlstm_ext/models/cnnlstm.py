@@ -44,7 +44,7 @@ except ImportError:  # the pooling modules are not in this build yet: same behav
 
 __all__ = ["CNNLSTM", "BACKBONES", "infer_architecture", "describe_state_dict", "is_buffer_name"]
 
-# torchvision ResNet-family trunks (built with weights=None), plus a small CNN for CPU runs and tests.
+# torchvision ResNet-family trunks (built with weights=None) and "tiny", a small CNN for CPU runs.
 BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
              "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
              "wide_resnet50_2", "wide_resnet101_2")
@@ -72,8 +72,8 @@ if FramePool is None:
 
         def forward(self, maps, batch_size):
             if maps.dim() != 4 or maps.shape[0] % batch_size != 0:
-                raise ValueError("FramePool expects maps [B*T, C, h, w] with B=%d dividing the first "
-                                 "dim, got %s" % (batch_size, tuple(maps.shape)))
+                raise ValueError("FramePool expects maps [B*T, C, h, w] with B=%d dividing the "
+                                 "first dim, got %s" % (batch_size, list(maps.shape)))
             feats = maps.mean((2, 3)) if self.mode == "avg" else maps.amax((2, 3))  # [B*T, C]
             feats = feats.view(batch_size, -1, feats.shape[1])                      # [B, T, C]
             if not self.batch_first:
@@ -266,12 +266,14 @@ class CNNLSTM(nn.Module):
 
     def forward(self, clips: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         lengths = self._check_input(clips, lengths)
+        if lengths is not None:
+            lengths = lengths.to(clips.device)  # the fused ops take lengths on x's device
         B, T = clips.shape[:2]
         frames = clips.reshape(B * T, *clips.shape[2:])                     # [B*T, 3, H, W]
         if lengths is not None and int(lengths.min()) < T:
             # Padding frames skip the backbone (and its BatchNorm statistics); their maps are 0.
             valid = (torch.arange(T, device=clips.device)[None, :]
-                     < lengths.to(clips.device)[:, None]).reshape(-1)    # [B*T]
+                     < lengths[:, None]).reshape(-1)                     # [B*T]
             maps_valid = self.backbone(frames[valid])                     # [N, F, h, w]
             maps = maps_valid.new_zeros((B * T,) + maps_valid.shape[1:])
             maps[valid] = maps_valid
@@ -332,7 +334,8 @@ _TRUNK_BLOCKS = {
     "resnet152": (_BOTTLENECK, [3, 8, 36, 3]), "resnext50_32x4d": (_BOTTLENECK, [3, 4, 6, 3]),
     "resnext101_32x8d": (_BOTTLENECK, [3, 4, 23, 3]),
     "resnext101_64x4d": (_BOTTLENECK, [3, 4, 23, 3]),
-    "wide_resnet50_2": (_BOTTLENECK, [3, 4, 6, 3]), "wide_resnet101_2": (_BOTTLENECK, [3, 4, 23, 3]),
+    "wide_resnet50_2": (_BOTTLENECK, [3, 4, 6, 3]),
+    "wide_resnet101_2": (_BOTTLENECK, [3, 4, 23, 3]),
 }
 
 
@@ -358,8 +361,9 @@ def describe_state_dict(state_dict) -> dict:
     """What a (possibly foreign) model state dict holds, found from names and shapes alone.
 
     Finds the LSTM (any prefix; `nn.LSTM` names), the backbone (the top-level modules holding
-    4-D convolution weights, matched against BACKBONES), the classifier (the module of the last
-    2-D weight), a spatial projection and an attention score if present, and everything else.
+    4-D convolution weights, matched against BACKBONES), a spatial projection (backbone features
+    -> LSTM input) and an attention score ([1, LSTM output]) if present, the classifier (the
+    top-level module whose Linear layers read the LSTM output), and everything else.
     Returns a plain dict; `cnnlstm_config` is the CNNLSTM(**config) that fits exactly, or None
     with the reasons in `mismatch`.
     """
@@ -507,7 +511,7 @@ _CANONICAL = {"backbone": "backbone.", "lstm": "lstm.", "classifier": "classifie
 
 
 def _cnnlstm_config(info, sd):
-    """CNNLSTM kwargs that rebuild this state dict exactly, or None (reasons in info['mismatch'])."""
+    """CNNLSTM kwargs that rebuild this state dict exactly, or None (why: info['mismatch'])."""
     why = info["mismatch"]
     lstm, backbone, head = info["lstm"], info["backbone"], info["classifier"]
     if lstm is None:

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "lstm_layer.h"
@@ -122,6 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& bias, const at::Tensor& h0, const at::Tensor& c0,
     const c10::optional<at::Tensor>& lengths, bool train) {
+  // The GEMMs below must run in the dtypes chosen here, not autocast's.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto d = check_lstm_inputs("lstm_layer_forward", x_in, w_ih, w_hh, bias, h0, c0, lengths);
   const auto L = host_lengths(lengths, d);
   const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
@@ -226,6 +229,8 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                         const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& h0,
                         const at::Tensor& c0, const c10::optional<at::Tensor>& lengths,
                         const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cell) {
+  // The GEMMs below must run in the dtypes chosen here, not autocast's.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "lstm_layer_backward";
   const auto d = check_lstm_inputs(op, x_in, w_ih, w_hh, c10::nullopt, h0, c0, lengths);
   check_lstm_backward_inputs(op, d, x_in, grad_y, grad_h_n, grad_c_n, y, gates, cell);

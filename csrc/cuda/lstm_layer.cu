@@ -24,10 +24,14 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "lstm_layer.h"
 #include "lstm_math.cuh"
@@ -47,18 +51,23 @@ __host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + 
 // (16-byte, bank-conflict-free shared loads), then a transposing butterfly reduces the BT*kRT
 // partial sums in BT*kRT - 1 + log2(32 / (BT*kRT)) shuffles instead of 5 per value.
 // ---------------------------------------------------------------------------------------------
+// One halving round: lanes whose bit `M` is set keep the upper HALF values and send the lower
+// ones to their partner (lane ^ M), which keeps the lower half; both add what they receive.
+template <int HALF, int M, int N>
+__device__ __forceinline__ void transpose_round(float (&v)[N], int lane) {
+  const bool upper = lane & M;
+#pragma unroll
+  for (int i = 0; i < HALF; ++i) {
+    const float send = upper ? v[i] : v[i + HALF];
+    const float keep = upper ? v[i + HALF] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, M);
+  }
+  if constexpr (HALF > 1) transpose_round<HALF / 2, M * 2, N>(v, lane);
+}
+
 template <int N>
 __device__ __forceinline__ float transpose_reduce(float (&v)[N], int lane) {
-#pragma unroll
-  for (int half = N / 2, m = 1; half >= 1; half /= 2, m *= 2) {
-    const bool upper = lane & m;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float send = upper ? v[i] : v[i + half];
-      const float keep = upper ? v[i + half] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, m);
-    }
-  }
+  if constexpr (N > 1) transpose_round<N / 2, 1, N>(v, lane);
   float s = v[0];
 #pragma unroll
   for (int m = N; m < 32; m *= 2) s += __shfl_xor_sync(0xffffffffu, s, m);
@@ -109,14 +118,20 @@ __device__ void recurrent_product(const float* in, const scalar_t* w, float* out
 }
 
 // Stages rows [b0, b0 + nb) of a [B, K] float matrix in global memory into in: [nbp, K] shared,
-// zero-filling rows nb..nbp-1. Reads bypass L1: another CTA wrote them since the last step.
+// zero-filling rows nb..nbp-1. Asynchronous 16-byte copies (cp.async.cg: through L2, not L1,
+// since other CTAs wrote the rows since the last step) so that all of a thread's loads are in
+// flight at once instead of paying the L2 latency once per row. Followed by a __syncthreads
+// in the caller.
 __device__ __forceinline__ void stage_rows(float* in, const float* src, int nb, int nbp, int K) {
   for (int idx = threadIdx.x * 4; idx < nbp * K; idx += blockDim.x * 4) {
-    const int b = idx / K;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (b < nb) v = __ldcg(reinterpret_cast<const float4*>(src + idx));
-    *reinterpret_cast<float4*>(in + idx) = v;
+    if (idx / K < nb) {
+      const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(in + idx));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src + idx) : "memory");
+    } else {
+      *reinterpret_cast<float4*>(in + idx) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   }
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -139,6 +154,27 @@ struct PersistentForwardParams {
   int T, B, H, D, HB, nblk, BC;
   int off_in, off_pre, off_state;  // shared-memory byte offsets
 };
+
+// What one (b, u) pair reads from global memory at one step, loaded ahead of the barrier.
+struct StepInput {
+  float v[8];
+};
+
+// Input projection of gates i, f, g, o for pair q = b * HB + u at step s (zeros past the length).
+template <typename scalar_t>
+__device__ __forceinline__ StepInput load_forward_input(const PersistentForwardParams<scalar_t>& p,
+                                                        int q, int s) {
+  StepInput in{};
+  const int dir = blockIdx.x / p.nblk, b = q / p.HB, j = (blockIdx.x % p.nblk) * p.HB + q % p.HB;
+  const int len = seq_length(p.lengths, b, p.T);
+  if (s < len) {
+    const int t = time_index(dir, s, len);
+    const scalar_t* xr = p.xproj + ((static_cast<size_t>(t) * p.B + b) * p.D + dir) * 4 * p.H;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) in.v[g] = static_cast<float>(xr[g * p.H + j]);
+  }
+  return in;
+}
 
 template <typename scalar_t, int BT>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -165,7 +201,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
+  // When every (b, u) pair has its own thread (the common case), the thread loads the input
+  // projection of its next step between arriving at and waiting on the barrier, so the load
+  // latency hides behind the wait.
+  const bool own_pair = B * HB <= static_cast<int>(blockDim.x);
+  StepInput next{};
+  if (own_pair && threadIdx.x < B * HB) next = load_forward_input(p, threadIdx.x, 0);
   for (int s = 0; s < p.T; ++s) {
+    if (s > 0) barrier_wait(p.barrier + dir, static_cast<unsigned int>(s * p.nblk));
     const float* h_in = p.hbuf + (static_cast<size_t>(s & 1) * D + dir) * B * H;
     float* h_out = p.hbuf + (static_cast<size_t>((s + 1) & 1) * D + dir) * B * H;
     for (int b0 = 0; b0 < B; b0 += p.BC) {
@@ -181,12 +224,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (s < len) {
         const int t = time_index(dir, s, len);
         const size_t row = (static_cast<size_t>(t) * B + b) * D + dir;
-        const scalar_t* xr = p.xproj + row * G;
+        const StepInput in = own_pair ? next : load_forward_input(p, q, s);
         const float* pr = pre_s + b * O;
-        const float gi = sigmoid_(pr[u] + static_cast<float>(xr[j]));
-        const float gf = sigmoid_(pr[HB + u] + static_cast<float>(xr[H + j]));
-        const float gg = tanh_(pr[2 * HB + u] + static_cast<float>(xr[2 * H + j]));
-        const float go = sigmoid_(pr[3 * HB + u] + static_cast<float>(xr[3 * H + j]));
+        const float gi = sigmoid_(pr[u] + in.v[0]);
+        const float gf = sigmoid_(pr[HB + u] + in.v[1]);
+        const float gg = tanh_(pr[2 * HB + u] + in.v[2]);
+        const float go = sigmoid_(pr[3 * HB + u] + in.v[3]);
         const float c = gf * c_s[q] + gi * gg;
         const float h = go * tanh_(c);
         c_s[q] = c;
@@ -209,7 +252,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       h_out[static_cast<size_t>(b) * H + j] = h_s[q];  // finished sequences carry their state
     }
-    if (s + 1 < p.T) direction_barrier(p.barrier + dir, static_cast<unsigned int>((s + 1) * p.nblk));
+    if (s + 1 < p.T) {
+      barrier_arrive(p.barrier + dir);
+      if (own_pair && threadIdx.x < B * HB) next = load_forward_input(p, threadIdx.x, s + 1);
+    }
   }
   __syncthreads();
   for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
@@ -244,6 +290,29 @@ struct PersistentBackwardParams {
   int off_in, off_state;
 };
 
+// For pair q = b * HB + u at step s: gates i, f, g, o, c_t, c_{t-1} (c0 at the first step),
+// grad_y and grad_h_n (used only at b's first processed step).
+template <typename scalar_t>
+__device__ __forceinline__ StepInput load_backward_input(const PersistentBackwardParams<scalar_t>& p,
+                                                         int q, int s) {
+  StepInput in{};
+  const int dir = blockIdx.x / p.nblk, b = q / p.HB, j = (blockIdx.x % p.nblk) * p.HB + q % p.HB;
+  const int len = seq_length(p.lengths, b, p.T), H = p.H, B = p.B, D = p.D;
+  if (s < len) {
+    const int t = time_index(dir, s, len);
+    const size_t row = (static_cast<size_t>(t) * B + b) * D + dir;
+    const size_t state = (static_cast<size_t>(dir) * B + b) * H + j;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) in.v[g] = p.gates[row * 4 * H + g * H + j];
+    in.v[4] = p.cell[row * H + j];
+    in.v[5] = s == 0 ? static_cast<float>(p.c0[state])
+                     : p.cell[((static_cast<size_t>(time_index(dir, s - 1, len)) * B + b) * D + dir) * H + j];
+    in.v[6] = static_cast<float>(p.grad_y[(static_cast<size_t>(t) * B + b) * D * H + dir * H + j]);
+    in.v[7] = s + 1 < len ? 0.f : static_cast<float>(p.grad_h_n[state]);
+  }
+  return in;
+}
+
 template <typename scalar_t, int BT>
 __global__ void __launch_bounds__(kThreads, 1)
     lstm_backward_persistent_kernel(const PersistentBackwardParams<scalar_t> p) {
@@ -267,9 +336,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
+  const bool own_pair = B * HB <= static_cast<int>(blockDim.x);
+  StepInput next{};
+  if (own_pair && threadIdx.x < B * HB) next = load_backward_input(p, threadIdx.x, p.T - 1);
   for (int it = 0; it <= p.T; ++it) {
     const int s = p.T - 1 - it;
     if (it > 0) {
+      barrier_wait(p.barrier + dir, static_cast<unsigned int>(it * p.nblk));
       // dG of step s + 1 (all CTAs of this direction) -> dh_s = dG_{s+1} . w_hh[:, own units]
       const float* g_in = p.dgbuf + (static_cast<size_t>((it - 1) & 1) * D + dir) * B * G;
       for (int b0 = 0; b0 < B; b0 += p.BC) {
@@ -289,17 +362,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (s < len) {
         const int t = time_index(dir, s, len);
         const size_t row = (static_cast<size_t>(t) * B + b) * D + dir;
+        const StepInput in = own_pair ? next : load_backward_input(p, q, s);
+        const float gi = in.v[0], gf = in.v[1], gg = in.v[2], go = in.v[3];
+        const float tc = tanh_(in.v[4]);
+        const float c_prev = in.v[5];
         // The first step processed for b (its last in time) starts from grad_h_n.
-        const float dh_in = (s + 1 < len)
-                                ? dh_s[q]
-                                : static_cast<float>(p.grad_h_n[(static_cast<size_t>(dir) * B + b) * H + j]);
-        const float dh = static_cast<float>(p.grad_y[(static_cast<size_t>(t) * B + b) * D * H + dir * H + j]) + dh_in;
-        const float* gr = p.gates + row * G;
-        const float gi = gr[j], gf = gr[H + j], gg = gr[2 * H + j], go = gr[3 * H + j];
-        const float tc = tanh_(p.cell[row * H + j]);
-        const float c_prev =
-            s == 0 ? static_cast<float>(p.c0[(static_cast<size_t>(dir) * B + b) * H + j])
-                   : p.cell[((static_cast<size_t>(time_index(dir, s - 1, len)) * B + b) * D + dir) * H + j];
+        const float dh = in.v[6] + ((s + 1 < len) ? dh_s[q] : in.v[7]);
         const float dc = dc_s[q] + dh * go * (1.f - tc * tc);
         const float di = dc * gg * gi * (1.f - gi);
         const float df = dc * c_prev * gf * (1.f - gf);
@@ -315,8 +383,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         go_row[j] = 0.f; go_row[H + j] = 0.f; go_row[2 * H + j] = 0.f; go_row[3 * H + j] = 0.f;
       }
     }
-    direction_barrier(p.barrier + dir, static_cast<unsigned int>((it + 1) * p.nblk));
+    barrier_arrive(p.barrier + dir);
+    if (s > 0 && own_pair && threadIdx.x < B * HB) next = load_backward_input(p, threadIdx.x, s - 1);
   }
+  __syncthreads();
   // Step 0 is valid for every sequence, so dh_s now holds grad_h0 for all rows.
   for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
     const int b = q / HB, j = j0 + q % HB;
@@ -500,7 +570,7 @@ bool fits_coresident(Kernel kernel, size_t smem, int grid) {
 // forward=true: w_s [4HB, H], staging [BCpad, H], pre [B, 4HB], state [2, B, HB].
 // forward=false: w_s [HB, 4H], staging [BCpad, 4H], state [2, B, HB].
 template <typename scalar_t, typename KernelFor>
-PersistentPlan plan_persistent(const LstmDims& d, bool forward, KernelFor kernel_for) {
+PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, KernelFor kernel_for) {
   PersistentPlan plan;
   if (d.H % 32 != 0 || d.B > 1024) return plan;
   const int BT = d.B == 1 ? 1 : 4;
@@ -530,6 +600,19 @@ PersistentPlan plan_persistent(const LstmDims& d, bool forward, KernelFor kernel
     }
   }
   return plan;
+}
+
+// Plans are cached per device and shape: planning queries the driver (occupancy, attributes).
+template <typename scalar_t, typename KernelFor>
+PersistentPlan plan_persistent(const LstmDims& d, bool forward, KernelFor kernel_for) {
+  using Key = std::tuple<int, bool, size_t, int64_t, int64_t, int64_t>;
+  static std::mutex mutex;
+  static std::map<Key, PersistentPlan> cache;
+  const Key key{c10::cuda::current_device(), forward, sizeof(scalar_t), d.B, d.H, d.D};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, plan_persistent_uncached<scalar_t>(d, forward, kernel_for)).first;
+  return it->second;
 }
 
 bool use_persistent(const LstmDims& d, at::ScalarType dt) {
@@ -670,6 +753,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
     const c10::optional<at::Tensor>& bias, const at::Tensor& h0_in, const at::Tensor& c0_in,
     const c10::optional<at::Tensor>& lengths, bool train) {
+  // The GEMMs below must run in the dtypes chosen here, not autocast's.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto d = check_lstm_inputs("lstm_layer_forward", x_in, w_ih_in, w_hh_in, bias, h0_in,
                                    c0_in, lengths);
   TORCH_CHECK(x_in.is_cuda(), "lstm_layer_forward: expected CUDA tensors");
@@ -721,6 +806,8 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
                          const at::Tensor& h0_in, const at::Tensor& c0_in,
                          const c10::optional<at::Tensor>& lengths, const at::Tensor& y_in,
                          const at::Tensor& gates_in, const at::Tensor& cell_in) {
+  // The GEMMs below must run in the dtypes chosen here, not autocast's.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "lstm_layer_backward";
   const auto d = check_lstm_inputs(op, x_in, w_ih_in, w_hh_in, c10::nullopt, h0_in, c0_in, lengths);
   check_lstm_backward_inputs(op, d, x_in, grad_y_in, grad_h_n_in, grad_c_n_in, y_in, gates_in,
