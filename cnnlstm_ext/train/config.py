@@ -62,8 +62,8 @@ class DataConfig:
     crop_scale: Tuple[float, float] = (0.6, 1.0)
     color_jitter: float = 0.2
     hflip: bool = False  # off by default: handedness matters in sign language
-    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)  # video files (the synthetic set
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)  # normalises itself)
     # synthetic data set
     num_classes: int = 6
     train_samples: int = 1536
@@ -89,8 +89,8 @@ class OptimConfig:
 class TrainConfig:
     run_name: str = "synthetic"
     output_dir: str = "outputs"  # the run folder is output_dir/run_name
-    epochs: int = 10
-    batch_size: int = 32  # global: split evenly over the processes of a distributed run
+    epochs: int = 8
+    batch_size: int = 16  # global: split evenly over the processes of a distributed run
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
