@@ -97,30 +97,18 @@ def build_config(args):
     named the run folder.
     """
     from ..checkpoint import normalize_checkpoint, read_checkpoint
-    from ..models.cnnlstm import canonical_names, describe_state_dict
-    from ..train.config import Config, apply_dict, apply_overrides, load_config_file, SECTIONS
+    from ..train.config import (Config, apply_dict, apply_overrides, config_from_checkpoint,
+                                load_config_file)
 
     cfg = Config()
     key_map = list(args.key_map) or None
-    log = logging.getLogger("cnnlstm_ext.train")
     if args.resume:
         ckpt = normalize_checkpoint(read_checkpoint(args.resume, mmap=True))
-        saved = ckpt.get("config")
-        if isinstance(saved, dict) and saved and set(saved) <= set(SECTIONS):
-            apply_dict(cfg, saved)
-        else:
-            # A checkpoint of another script: read the architecture off its weights.
-            info = describe_state_dict(ckpt["model_state_dict"] or {})
-            if info["cnnlstm_config"] is None:
-                raise ValueError("%s: cannot read a CNN-LSTM architecture off its weights (%s); "
-                                 "give the model with --config/--set model.* and --key-map"
-                                 % (args.resume, "; ".join(info["mismatch"])))
-            cfg.model.update(info["cnnlstm_config"])
-            cfg.model.setdefault("num_classes", info["cnnlstm_config"]["num_classes"])
-            if key_map is None:
-                key_map = canonical_names(info) or None
-            log.info("%s has no config of ours: model read off its weights: %s%s", args.resume,
-                     info["cnnlstm_config"], "; key map %s" % key_map if key_map else "")
+        cfg, key_map, ours = config_from_checkpoint(ckpt, key_map)
+        if not ours:
+            logging.getLogger("cnnlstm_ext.train").info(
+                "%s has no config of ours: model read off its weights: %s%s", args.resume,
+                cfg.model, "; key map %s" % key_map if key_map else "")
     if args.config:
         apply_dict(cfg, load_config_file(args.config))
     d, t, o = cfg.data, cfg.train, cfg.optim

@@ -294,3 +294,29 @@ def save_config(cfg: Config, path: str) -> None:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def config_from_checkpoint(ckpt: Dict[str, Any], key_map=None) -> Tuple[Config, Any, bool]:
+    """(config, key_map, ours) for a normalised checkpoint (checkpoint.normalize_checkpoint).
+
+    A checkpoint of ours carries its resolved config. For one of another training script, the
+    model is read off its weights (backbone, LSTM layers and sizes, classes) and, unless
+    `key_map` is given, the renaming of its keys to CNNLSTM's (e.g. `rnn.` -> `lstm.`); the rest
+    of the config keeps the defaults. Raises ValueError saying what does not fit a CNNLSTM.
+    """
+    from ..models.cnnlstm import canonical_names, describe_state_dict
+
+    cfg = Config()
+    saved = ckpt.get("config")
+    if isinstance(saved, dict) and saved and set(saved) <= set(SECTIONS):
+        apply_dict(cfg, saved)
+        return cfg, key_map, True
+    info = describe_state_dict(ckpt.get("model_state_dict") or {})
+    if info["cnnlstm_config"] is None:
+        raise ValueError("cannot read a CNN-LSTM architecture off the checkpoint's weights (%s); "
+                         "give the model with --config / --set model.* and --key-map"
+                         % "; ".join(info["mismatch"]))
+    cfg.model.update(info["cnnlstm_config"])
+    if key_map is None:
+        key_map = canonical_names(info) or None
+    return cfg, key_map, False
