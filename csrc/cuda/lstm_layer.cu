@@ -923,7 +923,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
     const c10::optional<at::Tensor>& bias, const at::Tensor& h0_in, const at::Tensor& c0_in,
     const c10::optional<at::Tensor>& lengths, bool train) {
-  // The GEMMs below must run in the dtypes chosen here, not autocast's.
+  // Autocast must not reach the ATen calls below (they must run in the dtypes chosen here);
+  // the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto d = check_lstm_inputs("lstm_layer_forward", x_in, w_ih_in, w_hh_in, bias, h0_in,
                                    c0_in, lengths);
@@ -976,7 +977,8 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
                          const at::Tensor& h0_in, const at::Tensor& c0_in,
                          const c10::optional<at::Tensor>& lengths, const at::Tensor& y_in,
                          const at::Tensor& gates_in, const at::Tensor& cell_in) {
-  // The GEMMs below must run in the dtypes chosen here, not autocast's.
+  // Autocast must not reach the ATen calls below (they must run in the dtypes chosen here);
+  // the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "lstm_layer_backward";
   const auto d = check_lstm_inputs(op, x_in, w_ih_in, w_hh_in, c10::nullopt, h0_in, c0_in, lengths);
