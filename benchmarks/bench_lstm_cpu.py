@@ -35,7 +35,7 @@ BATCH = 8
 STEPS = 32
 CASES = ["inference", "training"]
 IMPLS = ["baseline", "fused"]  # baseline first: the fused entry records the ratio against it
-ROUNDS = {"inference": 10, "training": 6}
+ROUNDS = {"inference": 8, "training": 5}
 
 _medians = {}  # case -> baseline median (s), filled by the baseline run of this session
 _peaks = {}    # case -> baseline peak bytes
@@ -120,7 +120,7 @@ def test_lstm_cpu(benchmark, case, impl):
         "impl": impl, "case": case, "input_size": INPUT, "hidden_size": HIDDEN,
         "num_layers": LAYERS, "bidirectional": True, "batch": BATCH, "steps": STEPS,
         "dtype": "float32", "threads": torch.get_num_threads(), "cpu": _cpu_model(),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "load_average_1min": os.getloadavg()[0],
     })
     benchmark.pedantic(step, rounds=ROUNDS[case], iterations=1, warmup_rounds=1)
     peak = peak_bytes(impl, case)
