@@ -26,24 +26,44 @@ inline int64_t out_row(const FramePoolShape& s, bool batch_first, int64_t n) {
   return batch_first ? n : (n % s.T) * s.B + n / s.T;
 }
 
-// x: [N, C, HW] contiguous. One (frame, channel) plane of HW elements per output element.
+// x: [N, C, HW] contiguous, mode "avg". One (frame, channel) plane of HW elements per output.
 template <typename in_t, typename out_t>
-void frame_pool_forward_contiguous(const in_t* x, out_t* out, int32_t* argmax, const FramePoolShape& s,
-                                   FrameMode mode, bool batch_first) {
+void frame_avg_pool_contiguous(const in_t* x, out_t* out, const FramePoolShape& s, bool batch_first) {
   using A = acc_t<in_t>;
   const int64_t HW = s.HW(), C = s.C;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / HW);
   at::parallel_for(0, s.N * C, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {  // i = n*C + c
       const int64_t n = i / C, c = i % C;
-      const in_t* plane = x + i * HW;
-      out_t* o = out + out_row(s, batch_first, n) * C + c;
-      if (mode == FrameMode::Avg) {
-        *o = static_cast<out_t>(sum_run(plane, HW) / static_cast<A>(HW));
-      } else {
-        A m;
-        max_run(plane, HW, m, argmax[i]);
-        *o = static_cast<out_t>(m);
+      out[out_row(s, batch_first, n) * C + c] =
+          static_cast<out_t>(sum_run(x + i * HW, HW) / static_cast<A>(HW));
+    }
+  });
+}
+
+// x: [N, C, HW] contiguous, mode "max". Tiles of kTile planes are transposed to [HW, kTile] in a
+// small buffer (L1-resident), whose columns then reduce with the vectorised max_rows.
+template <typename in_t, typename out_t>
+void frame_max_pool_contiguous(const in_t* x, out_t* out, int32_t* argmax, const FramePoolShape& s,
+                               bool batch_first) {
+  using A = acc_t<in_t>;
+  constexpr int64_t kTile = 16;
+  const int64_t HW = s.HW(), C = s.C, tiles = (C + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * kTile));
+  at::parallel_for(0, s.N * tiles, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> tile(HW * kTile);
+    A m[kTile];
+    int32_t idx[kTile];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / tiles, c0 = (i % tiles) * kTile, cn = std::min(kTile, C - c0);
+      const in_t* src = x + (n * C + c0) * HW;
+      for (int64_t j = 0; j < cn; ++j)
+        for (int64_t k = 0; k < HW; ++k) tile[k * kTile + j] = static_cast<A>(src[j * HW + k]);
+      max_rows(tile.data(), kTile, HW, cn, m, idx);
+      out_t* o = out + out_row(s, batch_first, n) * C + c0;
+      for (int64_t j = 0; j < cn; ++j) {
+        o[j] = static_cast<out_t>(m[j]);
+        argmax[n * C + c0 + j] = idx[j];
       }
     }
   });
@@ -58,7 +78,7 @@ void frame_pool_forward_channels_last(const in_t* x, out_t* out, int32_t* argmax
   const int64_t HW = s.HW(), C = s.C;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * C));
   at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(C), scratch(mode == FrameMode::Max ? C : 0);
+    std::vector<A> acc(C);
     for (int64_t n = begin; n < end; ++n) {
       const in_t* frame = x + n * HW * C;
       out_t* o = out + out_row(s, batch_first, n) * C;
@@ -67,7 +87,7 @@ void frame_pool_forward_channels_last(const in_t* x, out_t* out, int32_t* argmax
         const A scale = A(1) / static_cast<A>(HW);
         for (int64_t c = 0; c < C; ++c) o[c] = static_cast<out_t>(acc[c] * scale);
       } else {
-        max_rows(frame, C, HW, C, acc.data(), argmax + n * C, scratch.data());
+        max_rows(frame, C, HW, C, acc.data(), argmax + n * C);
         for (int64_t c = 0; c < C; ++c) o[c] = static_cast<out_t>(acc[c]);
       }
     }
@@ -149,9 +169,11 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
       if (s.channels_last)
         frame_pool_forward_channels_last(xc.const_data_ptr<in_t>(), out.data_ptr<scalar_t>(), idx,
                                          s, mode, batch_first);
+      else if (mode == FrameMode::Avg)
+        frame_avg_pool_contiguous(xc.const_data_ptr<in_t>(), out.data_ptr<scalar_t>(), s, batch_first);
       else
-        frame_pool_forward_contiguous(xc.const_data_ptr<in_t>(), out.data_ptr<scalar_t>(), idx, s,
-                                      mode, batch_first);
+        frame_max_pool_contiguous(xc.const_data_ptr<in_t>(), out.data_ptr<scalar_t>(), idx, s,
+                                  batch_first);
     });
   });
   return {out, argmax};

@@ -1,10 +1,12 @@
-// Vectorised (at::vec) reductions shared by the CPU pooling kernels (frame_pool.cpp,
-// temporal_pool.cpp). Inputs are float32/float64/bfloat16/float16; sums run in the accumulation
-// type acc_t<T> (float, or double for double inputs). Two shapes of reduction appear:
+// Vectorised reductions shared by the CPU pooling kernels (frame_pool.cpp, temporal_pool.cpp).
+// Inputs are float32/float64/bfloat16/float16; sums run in the accumulation type acc_t<T> (float,
+// or double for double inputs). Two shapes of reduction appear:
 //   - over one contiguous run (a [h*w] plane of a contiguous feature map), and
 //   - over the rows of a strided matrix, column by column (the h*w rows of a channels_last frame,
 //     the time steps of [T, B, D]); columns are contiguous, rows are `row_stride` elements apart.
-// Maxima follow torch.max: NaN wins, and the first index of the maximum is reported.
+// Sums and dot products use at::vec. The maximum is written as a branch-free loop over columns,
+// which the compiler vectorises (at::vec's portable maximum/blendv branch per lane). Maxima follow
+// torch.max: NaN wins, and the first index of the maximum is reported.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -44,16 +46,10 @@ inline A horizontal_sum(const at::vec::Vectorized<A>& v) {
   return s;
 }
 
-// True where v should replace the running maximum m: larger, or the first NaN.
-template <typename A>
-inline at::vec::Vectorized<A> replaces_max(const at::vec::Vectorized<A>& v,
-                                           const at::vec::Vectorized<A>& m) {
-  return (v > m) | ((v != v) & (m == m));
-}
-
+// True where v should replace the running maximum m: larger, or the first NaN. Branch-free.
 template <typename A>
 inline bool replaces_max(A v, A m) {
-  return v > m || (std::isnan(v) && !std::isnan(m));
+  return (v > m) | ((v != v) & (m == m));
 }
 
 // sum of p[0, n)
@@ -67,40 +63,6 @@ inline acc_t<T> sum_run(const T* p, int64_t n) {
   acc_t<T> s = horizontal_sum(acc);
   for (; i < n; ++i) s += static_cast<acc_t<T>>(p[i]);
   return s;
-}
-
-// Maximum of p[0, n) (n >= 1) and the first index holding it.
-template <typename T>
-inline void max_run(const T* p, int64_t n, acc_t<T>& max_value, int32_t& max_index) {
-  using A = acc_t<T>;
-  using Vec = AccVec<T>;
-  constexpr int64_t kV = Vec::size();
-  A m = static_cast<A>(p[0]);
-  int64_t i = 0;
-  if (n >= kV) {
-    // Value first (NaN-propagating maximum), then the position of its first occurrence.
-    Vec mv = load_acc(p);
-    for (i = kV; i + kV <= n; i += kV) mv = at::vec::maximum(mv, load_acc(p + i));
-    alignas(64) A lanes[kV];
-    mv.store(lanes);
-    for (int64_t k = 0; k < kV; ++k)
-      if (replaces_max(lanes[k], m)) m = lanes[k];
-  }
-  for (; i < n; ++i) {
-    const A v = static_cast<A>(p[i]);
-    if (replaces_max(v, m)) m = v;
-  }
-  const bool is_nan = std::isnan(m);
-  int32_t idx = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const A v = static_cast<A>(p[k]);
-    if (v == m || (is_nan && std::isnan(v))) {
-      idx = static_cast<int32_t>(k);
-      break;
-    }
-  }
-  max_value = m;
-  max_index = idx;
 }
 
 // out[c] = sum_r p[r * row_stride + c] for c in [0, n), r in [0, rows)
@@ -134,37 +96,26 @@ inline void weighted_sum_rows(const T* p, int64_t row_stride, int64_t rows, cons
 }
 
 // max_value[c], max_index[c] = max and first argmax over r of p[r * row_stride + c] (rows >= 1).
-// index_scratch: n elements of the accumulation type (indices are exact in it up to 2^24).
+// Branch-free per column, so the compiler vectorises the column loop.
 template <typename T>
 inline void max_rows(const T* p, int64_t row_stride, int64_t rows, int64_t n, acc_t<T>* max_value,
-                     int32_t* max_index, acc_t<T>* index_scratch) {
+                     int32_t* max_index) {
   using A = acc_t<T>;
-  using Vec = AccVec<T>;
-  constexpr int64_t kV = Vec::size();
   for (int64_t c = 0; c < n; ++c) {
     max_value[c] = static_cast<A>(p[c]);
-    index_scratch[c] = 0;
+    max_index[c] = 0;
   }
   for (int64_t r = 1; r < rows; ++r) {
     const T* row = p + r * row_stride;
-    const Vec rv(static_cast<A>(r));
-    int64_t c = 0;
-    for (; c + kV <= n; c += kV) {
-      const Vec v = load_acc(row + c);
-      const Vec m = Vec::loadu(max_value + c);
-      const Vec take = replaces_max(v, m);
-      Vec::blendv(m, v, take).store(max_value + c);
-      Vec::blendv(Vec::loadu(index_scratch + c), rv, take).store(index_scratch + c);
-    }
-    for (; c < n; ++c) {
+    const int32_t ri = static_cast<int32_t>(r);
+    for (int64_t c = 0; c < n; ++c) {
       const A v = static_cast<A>(row[c]);
-      if (replaces_max(v, max_value[c])) {
-        max_value[c] = v;
-        index_scratch[c] = static_cast<A>(r);
-      }
+      const A m = max_value[c];
+      const bool take = replaces_max(v, m);
+      max_value[c] = take ? v : m;
+      max_index[c] = take ? ri : max_index[c];
     }
   }
-  for (int64_t c = 0; c < n; ++c) max_index[c] = static_cast<int32_t>(index_scratch[c]);
 }
 
 // sum_c p[c] * w[c]

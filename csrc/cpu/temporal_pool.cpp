@@ -76,7 +76,7 @@ void temporal_pool_forward_kernel(const T* x, T* out, int32_t* argmax, acc_t<T>*
   const int64_t blocks = (D + kFeatureBlock - 1) / kFeatureBlock;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (s.T * kFeatureBlock));
   at::parallel_for(0, s.B * blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(kFeatureBlock), scratch(kFeatureBlock);
+    std::vector<A> acc(kFeatureBlock);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / blocks, d0 = (i % blocks) * kFeatureBlock;
       const int64_t n = std::min(kFeatureBlock, D - d0), L = a.length(b);
@@ -88,7 +88,7 @@ void temporal_pool_forward_kernel(const T* x, T* out, int32_t* argmax, acc_t<T>*
           for (int64_t d = 0; d < n; ++d) o[d] = static_cast<T>(acc[d] / static_cast<A>(L));
           break;
         case TemporalMode::Max:
-          max_rows(xb, s.stride_t, L, n, acc.data(), argmax + b * D + d0, scratch.data());
+          max_rows(xb, s.stride_t, L, n, acc.data(), argmax + b * D + d0);
           for (int64_t d = 0; d < n; ++d) o[d] = static_cast<T>(acc[d]);
           break;
         case TemporalMode::Last:
