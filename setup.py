@@ -79,7 +79,7 @@ def _wheel_cuda_includes():
 def _extension():
     use_cuda = _want_cuda()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fdiagnostics-color=always", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if not use_cuda:
         print("cnnlstm_ext: building the CPU kernels only")
@@ -97,8 +97,7 @@ def _extension():
           % (_CUDA_HOME, os.environ.get("TORCH_CUDA_ARCH_LIST", "from visible GPU")))
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs += _wheel_cuda_includes()
-    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17",
-            "-DPy_LIMITED_API=0x03090000"]
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension("cnnlstm_ext._C", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx + ["-DCNNLSTM_EXT_WITH_CUDA"],
                                              "nvcc": nvcc + ["-DCNNLSTM_EXT_WITH_CUDA"]},

@@ -6,12 +6,8 @@ import torch.nn.functional as F
 import cnnlstm_ext
 from cnnlstm_ext import ops, reference
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[
-        pytest.mark.cuda,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
-]
+# The CUDA twin of every test; conftest.py skips `cuda`-marked cases without a GPU and kernels.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last"]
 
@@ -214,7 +210,6 @@ def test_frame_pool_rejects_bad_mode_and_dtype():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_frame_pool_cuda_matches_cpu_on_resnet_sized_maps():
     # The kernel's production shape: ResNet-18 maps, C = 512, 7x7, bf16 in, float32 out.
     x = torch.randn(64, 512, 7, 7).to(torch.bfloat16)

@@ -5,12 +5,8 @@ import torch
 import cnnlstm_ext
 from cnnlstm_ext import ops, reference
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[
-        pytest.mark.cuda,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
-]
+# The CUDA twin of every test; conftest.py skips `cuda`-marked cases without a GPU and kernels.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 MODES = ["mean", "max", "last", "attention"]
 

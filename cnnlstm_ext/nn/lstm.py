@@ -1,0 +1,306 @@
+"""`FusedLSTM`: a drop-in for `torch.nn.LSTM` on the fused layer op.
+
+Parameters carry `nn.LSTM`'s names, shapes, initialisation and registration order
+(`weight_ih_l{k}[_reverse]`, `weight_hh_l{k}[_reverse]`, `bias_ih_l{k}[_reverse]`,
+`bias_hh_l{k}[_reverse]`), so state dicts and optimizer states move between the two unchanged.
+Each layer runs both directions in one op call; inter-layer dropout is applied as nn.LSTM does.
+"""
+import math
+import numbers
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import ops
+
+__all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm"]
+
+_HX = Tuple[Tensor, Tensor]
+
+
+def _cuda_kernels_built() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        "cnnlstm_ext::lstm_layer_forward", "CUDA")
+
+
+class FusedLSTM(nn.Module):
+    r"""Multi-layer LSTM with the constructor, parameters and forward of :class:`torch.nn.LSTM`.
+
+    ``forward(input, hx=None, lengths=None)`` accepts a padded tensor ``[T, B, I]`` (``[B, T, I]``
+    with ``batch_first``), an unbatched ``[T, I]`` tensor or a ``PackedSequence``, and returns
+    ``(output, (h_n, c_n))`` exactly as ``nn.LSTM`` does. ``lengths`` (``[B]`` int64, an addition
+    to nn.LSTM's signature) runs padded input with per-sequence lengths without packing: steps past
+    a sequence's length are not computed, its output there is zero, and ``h_n``/``c_n`` hold the
+    state at its last valid step (the first step for the reverse direction), as with packing.
+    ``proj_size > 0`` is not supported.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError("dropout should be a number in range [0, 1] representing the "
+                             "probability of an element being zeroed")
+        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
+            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError("num_layers must be an integer greater than zero")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size > 0:
+            raise NotImplementedError(
+                "FusedLSTM does not support proj_size > 0 (LSTM with projections); use "
+                "torch.nn.LSTM for that configuration")
+        self.mode = "LSTM"
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        num_directions = 2 if bidirectional else 1
+        factory = {"device": device, "dtype": dtype}
+        self._flat_weights_names: List[str] = []
+        self._all_weights: List[List[str]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * num_directions
+            for direction in range(num_directions):
+                suffix = "_reverse" if direction == 1 else ""
+                params = [("weight_ih_l{}{}", (4 * hidden_size, layer_input)),
+                          ("weight_hh_l{}{}", (4 * hidden_size, hidden_size))]
+                if bias:
+                    params += [("bias_ih_l{}{}", (4 * hidden_size,)),
+                               ("bias_hh_l{}{}", (4 * hidden_size,))]
+                names = []
+                for fmt, shape in params:
+                    name = fmt.format(layer, suffix)
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.LSTM's initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def _flat_weights(self) -> List[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    def flatten_parameters(self) -> None:
+        """No-op, kept for nn.LSTM compatibility (the fused op reads the parameters as they are)."""
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    # ----------------------------------------------------------------------------------------
+    def _layer_weights(self, layer: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Stacks one layer's directions: w_ih [D, 4H, I], w_hh [D, 4H, H], bias [D, 4H]."""
+        suffixes = ["", "_reverse"] if self.bidirectional else [""]
+        get = lambda fmt: [getattr(self, fmt.format(layer, s)) for s in suffixes]  # noqa: E731
+        w_ih = torch.stack(get("weight_ih_l{}{}"))
+        w_hh = torch.stack(get("weight_hh_l{}{}"))
+        bias = None
+        if self.bias:
+            bias = torch.stack(get("bias_ih_l{}{}")) + torch.stack(get("bias_hh_l{}{}"))
+        return w_ih, w_hh, bias
+
+    def _check_input(self, x: Tensor, hx: _HX, batch: int) -> None:
+        if x.size(-1) != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {x.size(-1)}")
+        expected = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
+        for name, t in zip(("hidden[0]", "hidden[1]"), hx):
+            if tuple(t.shape) != expected:
+                raise RuntimeError(f"Expected {name} size {expected}, got {list(t.shape)}")
+        weight = self.weight_ih_l0
+        for name, t in (("input", x), ("hx", hx[0]), ("cx", hx[1])):
+            if t.dtype != weight.dtype:
+                raise RuntimeError(f"{name} has dtype {t.dtype} but the parameters have dtype "
+                                   f"{weight.dtype}; convert one to match (e.g. module.to(dtype))")
+            if t.device != weight.device:
+                raise RuntimeError(f"{name} is on {t.device} but the parameters are on "
+                                   f"{weight.device}; move them to one device")
+        if x.device.type == "cuda" and not _cuda_kernels_built():
+            raise RuntimeError("cnnlstm_ext was built without its CUDA kernels, so FusedLSTM cannot "
+                               "run on CUDA tensors; rebuild with a CUDA toolkit "
+                               "(CNNLSTM_EXT_CUDA=1 pip install --no-build-isolation .)")
+        if not torch.is_floating_point(x):
+            raise RuntimeError(f"expected a floating-point input, got {x.dtype}")
+
+    def _run(self, x: Tensor, hx: _HX, lengths: Optional[Tensor]) -> Tuple[Tensor, _HX]:
+        """x: [T, B, I] -> output [T, B, D*H], (h_n, c_n) [L*D, B, H]."""
+        D = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        y = x
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                y = F.dropout(y, p=self.dropout, training=True)
+            w_ih, w_hh, bias = self._layer_weights(layer)
+            h0 = hx[0][layer * D:(layer + 1) * D]
+            c0 = hx[1][layer * D:(layer + 1) * D]
+            y, h, c = ops.lstm_layer(y.contiguous(), w_ih, w_hh, bias, h0.contiguous(),
+                                     c0.contiguous(), lengths)
+            h_n.append(h)
+            c_n.append(c)
+        return y, (torch.cat(h_n, 0), torch.cat(c_n, 0))
+
+    def _lengths_on(self, lengths, batch: int, steps: int, device: torch.device) -> Tensor:
+        lengths = torch.as_tensor(lengths)
+        if lengths.dim() != 1 or lengths.numel() != batch:
+            raise ValueError(f"lengths must have shape [{batch}] (one length per sequence), got "
+                             f"{list(lengths.shape)}")
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+        if not torch.compiler.is_compiling():
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 1 or hi > steps:
+                raise ValueError(f"lengths must be in [1, {steps}] (the padded length); got "
+                                 f"values in [{lo}, {hi}]")
+        return lengths.to(device=device, dtype=torch.long)
+
+    def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[_HX] = None,
+                lengths: Optional[Tensor] = None):
+        D = 2 if self.bidirectional else 1
+        num_states = self.num_layers * D
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("lengths cannot be given with a PackedSequence (it has its own)")
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            # Padded [T, B, I] in the packed (sorted) batch order, and each sequence's length.
+            padded, seq_lengths = torch._VF._pad_packed_sequence(
+                data, batch_sizes, False, 0.0, batch_sizes.size(0))
+            batch = int(batch_sizes[0])
+            if hx is None:
+                zeros = data.new_zeros(num_states, batch, self.hidden_size)
+                hx = (zeros, zeros)
+            elif sorted_indices is not None:
+                hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
+            self._check_input(padded, hx, batch)
+            out, (h_n, c_n) = self._run(padded, hx, seq_lengths.to(data.device))
+            out_data, _ = torch._VF._pack_padded_sequence(out, seq_lengths, False)
+            output = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                h_n = h_n.index_select(1, unsorted_indices)
+                c_n = c_n.index_select(1, unsorted_indices)
+            return output, (h_n, c_n)
+
+        if input.dim() not in (2, 3):
+            raise ValueError(f"FusedLSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batched = input.dim() == 3
+        if not batched:
+            if hx is not None and (hx[0].dim() != 2 or hx[1].dim() != 2):
+                raise RuntimeError(f"For unbatched 2-D input, hx and cx should also be 2-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            input = input.unsqueeze(1)
+            if hx is not None:
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        elif hx is not None and (hx[0].dim() != 3 or hx[1].dim() != 3):
+            raise RuntimeError(f"For batched 3-D input, hx and cx should also be 3-D but got "
+                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        x = input.transpose(0, 1) if self.batch_first and batched else input   # [T, B, I]
+        steps, batch = x.shape[0], x.shape[1]
+        if hx is None:
+            zeros = x.new_zeros(num_states, batch, self.hidden_size)
+            hx = (zeros, zeros)
+        self._check_input(x, hx, batch)
+        if lengths is not None:
+            lengths = self._lengths_on(lengths, batch, steps, x.device)
+        out, (h_n, c_n) = self._run(x.contiguous(), hx, lengths)
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        if not batched:
+            out, h_n, c_n = out.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
+        return out, (h_n, c_n)
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM) -> "FusedLSTM":
+        """A FusedLSTM sharing `lstm`'s Parameter objects (so optimizers keep tracking them)."""
+        if lstm.proj_size > 0:
+            raise NotImplementedError("cannot fuse an nn.LSTM with proj_size > 0")
+        p = lstm.weight_ih_l0
+        fused = FusedLSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias,
+                          lstm.batch_first, lstm.dropout, lstm.bidirectional,
+                          device="meta", dtype=p.dtype)
+        for name in fused._flat_weights_names:
+            setattr(fused, name, getattr(lstm, name))
+        fused.train(lstm.training)
+        return fused
+
+    def to_lstm(self) -> nn.LSTM:
+        """An nn.LSTM sharing this module's Parameter objects."""
+        p = self.weight_ih_l0
+        lstm = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, self.bias,
+                       self.batch_first, self.dropout, self.bidirectional,
+                       device="meta", dtype=p.dtype)
+        for name in self._flat_weights_names:
+            setattr(lstm, name, getattr(self, name))
+        lstm._init_flat_weights()
+        lstm.train(self.training)
+        return lstm
+
+
+class FusedBiLSTM(FusedLSTM):
+    """:class:`FusedLSTM` with ``bidirectional=True`` (the CNN-LSTM's temporal model)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, proj_size: int = 0,
+                 device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional=True, proj_size=proj_size, device=device, dtype=dtype)
+
+
+def _swap(model: nn.Module, convert, match) -> nn.Module:
+    for name, child in list(model.named_children()):
+        if match(child):
+            setattr(model, name, convert(child))
+        else:
+            _swap(child, convert, match)
+    return model
+
+
+def fuse_lstm(model: nn.Module) -> nn.Module:
+    """Replaces every nn.LSTM in `model` (in place) by a FusedLSTM sharing its parameters.
+
+    Returns `model` (or the fused module if `model` itself is an nn.LSTM). LSTMs with
+    proj_size > 0 are left as they are.
+    """
+    match = lambda m: isinstance(m, nn.LSTM) and m.proj_size == 0  # noqa: E731
+    if match(model):
+        return FusedLSTM.from_lstm(model)
+    return _swap(model, FusedLSTM.from_lstm, match)
+
+
+def unfuse_lstm(model: nn.Module) -> nn.Module:
+    """Replaces every FusedLSTM in `model` (in place) by an nn.LSTM sharing its parameters."""
+    match = lambda m: isinstance(m, FusedLSTM)  # noqa: E731
+    if match(model):
+        return model.to_lstm()
+    return _swap(model, lambda m: m.to_lstm(), match)

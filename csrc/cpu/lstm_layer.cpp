@@ -1,0 +1,287 @@
+// CPU kernels of lstm_layer_forward / lstm_layer_backward.
+//
+// Forward: the input projection of every step and both directions is one GEMM
+//   xproj: [T*B, D*4H] = x: [T*B, I] . w_ih^T: [I, D*4H] + bias
+// then per step s one batched GEMM for the recurrent part (both directions) and one parallel,
+// vectorised loop for gate nonlinearities and the cell update. Direction 1 runs in reverse time;
+// with `lengths`, sequence b covers steps s < lengths[b] at time t = s (forward) or
+// t = lengths[b] - 1 - s (reverse), so no work is done on padding.
+// Backward mirrors it: a reverse-time loop produces the pre-activation gate gradients dG, then the
+// weight, bias and input gradients are three large GEMMs/reductions over all T*B rows.
+// Bfloat16/float16 inputs are computed in float32 (the accumulation dtype) throughout.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "lstm_layer.h"
+
+namespace cnnlstm_ext {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename acc_t>
+inline Vectorized<acc_t> vsigmoid(Vectorized<acc_t> v) {
+  const Vectorized<acc_t> one(acc_t(1));
+  return one / (one + v.neg().exp());
+}
+
+// Per-sequence lengths as a host array (all T when absent).
+std::vector<int64_t> host_lengths(const c10::optional<at::Tensor>& lengths, const LstmDims& d) {
+  std::vector<int64_t> L(d.B, d.T);
+  if (lengths.has_value()) {
+    auto Lc = lengths->contiguous();
+    std::copy(Lc.data_ptr<int64_t>(), Lc.data_ptr<int64_t>() + d.B, L.begin());
+  }
+  return L;
+}
+
+// Time index of step s for sequence b in direction dir.
+inline int64_t time_index(int64_t dir, int64_t s, int64_t len) { return dir == 0 ? s : len - 1 - s; }
+
+template <typename acc_t>
+void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
+                   const at::Tensor& xproj,  // [T, B, D, 4H] acc
+                   const at::Tensor& w_hh_t,  // [D, H, 4H] acc (transposed view)
+                   at::Tensor& h,             // [D, B, H] acc, h0 in, h_n out
+                   at::Tensor& c,             // [D, B, H] acc, c0 in, c_n out
+                   at::Tensor& y_acc,         // [T, B, D*H] acc (zeros on padding)
+                   at::Tensor* gates,         // [T, B, D, 4H] acc or null
+                   at::Tensor* cell) {        // [T, B, D, H] acc or null
+  const int64_t B = d.B, D = d.D, H = d.H, G = 4 * H;
+  const int64_t steps = *std::max_element(L.begin(), L.end());
+  auto rec = at::empty({D, B, G}, xproj.options());  // recurrent part h_{s-1} . w_hh^T
+  const acc_t* xp = xproj.data_ptr<acc_t>();
+  acc_t* rp = rec.data_ptr<acc_t>();
+  acc_t* hp = h.data_ptr<acc_t>();
+  acc_t* cp = c.data_ptr<acc_t>();
+  acc_t* yp = y_acc.data_ptr<acc_t>();
+  acc_t* gp = gates ? gates->data_ptr<acc_t>() : nullptr;
+  acc_t* clp = cell ? cell->data_ptr<acc_t>() : nullptr;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t s = 0; s < steps; ++s) {
+    at::bmm_out(rec, h, w_hh_t);
+    at::parallel_for(0, D * B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t dir = row / B, b = row % B, len = L[b];
+        if (s >= len) continue;  // sequence finished: state carries to h_n/c_n unchanged
+        const int64_t t = time_index(dir, s, len);
+        const acc_t* x_row = xp + ((t * B + b) * D + dir) * G;
+        const acc_t* r_row = rp + row * G;
+        acc_t* h_row = hp + row * H;
+        acc_t* c_row = cp + row * H;
+        acc_t* y_row = yp + (t * B + b) * D * H + dir * H;
+        acc_t* g_row = gp ? gp + ((t * B + b) * D + dir) * G : nullptr;
+        acc_t* cl_row = clp ? clp + ((t * B + b) * D + dir) * H : nullptr;
+        int64_t j = 0;
+        for (; j + V <= H; j += V) {
+          Vec i = vsigmoid(Vec::loadu(x_row + j) + Vec::loadu(r_row + j));
+          Vec f = vsigmoid(Vec::loadu(x_row + H + j) + Vec::loadu(r_row + H + j));
+          Vec g = (Vec::loadu(x_row + 2 * H + j) + Vec::loadu(r_row + 2 * H + j)).tanh();
+          Vec o = vsigmoid(Vec::loadu(x_row + 3 * H + j) + Vec::loadu(r_row + 3 * H + j));
+          Vec cn = f * Vec::loadu(c_row + j) + i * g;
+          Vec hn = o * cn.tanh();
+          cn.store(c_row + j);
+          hn.store(h_row + j);
+          hn.store(y_row + j);
+          if (g_row) {
+            i.store(g_row + j);
+            f.store(g_row + H + j);
+            g.store(g_row + 2 * H + j);
+            o.store(g_row + 3 * H + j);
+            cn.store(cl_row + j);
+          }
+        }
+        for (; j < H; ++j) {
+          acc_t i = acc_t(1) / (acc_t(1) + std::exp(-(x_row[j] + r_row[j])));
+          acc_t f = acc_t(1) / (acc_t(1) + std::exp(-(x_row[H + j] + r_row[H + j])));
+          acc_t g = std::tanh(x_row[2 * H + j] + r_row[2 * H + j]);
+          acc_t o = acc_t(1) / (acc_t(1) + std::exp(-(x_row[3 * H + j] + r_row[3 * H + j])));
+          acc_t cn = f * c_row[j] + i * g;
+          acc_t hn = o * std::tanh(cn);
+          c_row[j] = cn;
+          h_row[j] = hn;
+          y_row[j] = hn;
+          if (g_row) {
+            g_row[j] = i;
+            g_row[H + j] = f;
+            g_row[2 * H + j] = g;
+            g_row[3 * H + j] = o;
+            cl_row[j] = cn;
+          }
+        }
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
+    const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& h0, const at::Tensor& c0,
+    const c10::optional<at::Tensor>& lengths, bool train) {
+  const auto d = check_lstm_inputs("lstm_layer_forward", x_in, w_ih, w_hh, bias, h0, c0, lengths);
+  const auto L = host_lengths(lengths, d);
+  const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
+  const auto acc = acc_dtype(x_in.scalar_type());
+  auto x = x_in.to(acc).contiguous();
+  auto w_ih_a = w_ih.to(acc).reshape({D * G, d.I});
+  auto w_hh_t = w_hh.to(acc).transpose(1, 2);  // [D, H, 4H]
+  // xproj: [T*B, D*4H], both directions in one GEMM.
+  at::Tensor xproj = bias.has_value()
+                         ? at::addmm(bias->to(acc).reshape({D * G}), x.view({T * B, d.I}), w_ih_a.t())
+                         : at::mm(x.view({T * B, d.I}), w_ih_a.t());
+  xproj = xproj.view({T, B, D, G});
+  auto h = h0.to(acc).contiguous().clone();
+  auto c = c0.to(acc).contiguous().clone();
+  auto y = at::zeros({T, B, D * H}, x.options());
+  at::Tensor gates, cell;
+  if (train) {
+    gates = at::zeros({T, B, D, G}, x.options());
+    cell = at::zeros({T, B, D, H}, x.options());
+  } else {
+    gates = at::empty({0}, x.options());
+    cell = at::empty({0}, x.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "lstm_layer_forward_cpu", [&] {
+    forward_steps<scalar_t>(d, L, xproj, w_hh_t, h, c, y, train ? &gates : nullptr,
+                            train ? &cell : nullptr);
+  });
+  const auto dt = x_in.scalar_type();
+  return {y.to(dt), h.to(dt), c.to(dt), gates, cell};
+}
+
+template <typename acc_t>
+void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
+                    const at::Tensor& grad_y,  // [T, B, D*H] acc
+                    const at::Tensor& gates,   // [T, B, D, 4H] acc
+                    const at::Tensor& cell,    // [T, B, D, H] acc
+                    const at::Tensor& c0,      // [D, B, H] acc
+                    const at::Tensor& w_hh,    // [D, 4H, H] acc
+                    at::Tensor& dh,            // [D, B, H] acc: grad_h_n in, grad_h0 out
+                    at::Tensor& dc,            // [D, B, H] acc: grad_c_n in, grad_c0 out
+                    at::Tensor& dG) {          // [T, B, D, 4H] acc, zeros in, gate grads out
+  const int64_t B = d.B, D = d.D, H = d.H, G = 4 * H;
+  const int64_t steps = *std::max_element(L.begin(), L.end());
+  // dG_step: [D, B, 4H] this step's gate gradients, rows of finished sequences zero;
+  // dh_rec: [D, B, H] = dG_step . w_hh, the gradient reaching h_{s-1} through the recurrence.
+  auto dG_step = at::zeros({D, B, G}, dG.options());
+  auto dh_rec = at::zeros({D, B, H}, dG.options());
+  const acc_t* gyp = grad_y.data_ptr<acc_t>();
+  const acc_t* gp = gates.data_ptr<acc_t>();
+  const acc_t* clp = cell.data_ptr<acc_t>();
+  const acc_t* c0p = c0.data_ptr<acc_t>();
+  acc_t* dhp = dh.data_ptr<acc_t>();
+  acc_t* dcp = dc.data_ptr<acc_t>();
+  acc_t* dGp = dG.data_ptr<acc_t>();
+  acc_t* dsp = dG_step.data_ptr<acc_t>();
+  acc_t* drp = dh_rec.data_ptr<acc_t>();
+  for (int64_t s = steps - 1; s >= 0; --s) {
+    at::parallel_for(0, D * B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t dir = row / B, b = row % B, len = L[b];
+        acc_t* ds_row = dsp + row * G;
+        if (s >= len) {
+          std::fill(ds_row, ds_row + G, acc_t(0));
+          continue;
+        }
+        const int64_t t = time_index(dir, s, len);
+        // The first step processed for b takes grad_h_n; later ones the recurrent gradient.
+        const acc_t* dh_in = (s + 1 < len) ? drp + row * H : dhp + row * H;
+        acc_t* dc_row = dcp + row * H;
+        const acc_t* gy_row = gyp + (t * B + b) * D * H + dir * H;
+        const acc_t* g_row = gp + ((t * B + b) * D + dir) * G;
+        const acc_t* c_row = clp + ((t * B + b) * D + dir) * H;
+        const acc_t* cprev_row =
+            s == 0 ? c0p + row * H : clp + ((time_index(dir, s - 1, len) * B + b) * D + dir) * H;
+        acc_t* dG_row = dGp + ((t * B + b) * D + dir) * G;
+        for (int64_t j = 0; j < H; ++j) {
+          const acc_t i = g_row[j], f = g_row[H + j], g = g_row[2 * H + j], o = g_row[3 * H + j];
+          const acc_t tc = std::tanh(c_row[j]);
+          const acc_t dhj = gy_row[j] + dh_in[j];
+          const acc_t dcj = dc_row[j] + dhj * o * (acc_t(1) - tc * tc);
+          const acc_t di = dcj * g * i * (acc_t(1) - i);
+          const acc_t df = dcj * cprev_row[j] * f * (acc_t(1) - f);
+          const acc_t dg = dcj * i * (acc_t(1) - g * g);
+          const acc_t dout = dhj * tc * o * (acc_t(1) - o);
+          dc_row[j] = dcj * f;
+          ds_row[j] = dG_row[j] = di;
+          ds_row[H + j] = dG_row[H + j] = df;
+          ds_row[2 * H + j] = dG_row[2 * H + j] = dg;
+          ds_row[3 * H + j] = dG_row[3 * H + j] = dout;
+        }
+      }
+    });
+    at::bmm_out(dh_rec, dG_step, w_hh);
+  }
+  // Step 0 is valid for every sequence, so dh_rec now holds grad_h0 for all rows.
+  dh.copy_(dh_rec);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                        const at::Tensor& grad_c_n, const at::Tensor& x_in,
+                        const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& h0,
+                        const at::Tensor& c0, const c10::optional<at::Tensor>& lengths,
+                        const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cell) {
+  const char* op = "lstm_layer_backward";
+  const auto d = check_lstm_inputs(op, x_in, w_ih, w_hh, c10::nullopt, h0, c0, lengths);
+  check_lstm_backward_inputs(op, d, x_in, grad_y, grad_h_n, grad_c_n, y, gates, cell);
+  const auto L = host_lengths(lengths, d);
+  const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
+  const auto acc = acc_dtype(x_in.scalar_type());
+  auto w_hh_a = w_hh.to(acc).contiguous();
+  auto gy = grad_y.to(acc).contiguous();
+  auto dh = grad_h_n.to(acc).contiguous().clone();
+  auto dc = grad_c_n.to(acc).contiguous().clone();
+  auto dG = at::zeros({T, B, D, G}, gy.options());
+  auto gates_c = gates.contiguous();
+  auto cell_c = cell.contiguous();
+  auto c0_a = c0.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "lstm_layer_backward_cpu", [&] {
+    backward_steps<scalar_t>(d, L, gy, gates_c, cell_c, c0_a, w_hh_a, dh, dc, dG);
+  });
+  // h_prev: [T, B, D, H], the state each step started from (h0 at a sequence's first step),
+  // zero on padding (where dG is zero too).
+  auto y_a = y.to(acc).contiguous().view({T, B, D, H});
+  auto h0_a = h0.to(acc).contiguous();
+  auto h_prev = at::zeros({T, B, D, H}, gy.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "lstm_layer_backward_cpu_hprev", [&] {
+    const scalar_t* yp = y_a.data_ptr<scalar_t>();
+    const scalar_t* h0p = h0_a.data_ptr<scalar_t>();
+    scalar_t* hp = h_prev.data_ptr<scalar_t>();
+    at::parallel_for(0, D * B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t dir = row / B, b = row % B, len = L[b];
+        for (int64_t s = 0; s < len; ++s) {
+          const int64_t t = time_index(dir, s, len);
+          const scalar_t* src = s == 0 ? h0p + row * H
+                                       : yp + ((time_index(dir, s - 1, len) * B + b) * D + dir) * H;
+          std::copy(src, src + H, hp + ((t * B + b) * D + dir) * H);
+        }
+      }
+    });
+  });
+  auto dG2 = dG.view({T * B, D * G});
+  auto x = x_in.to(acc).contiguous().view({T * B, d.I});
+  // grad_w_hh[dir] = dG[:, :, dir]^T . h_prev[:, :, dir] over all T*B rows: [D, 4H, H].
+  auto grad_w_hh = at::bmm(dG.view({T * B, D, G}).permute({1, 2, 0}),
+                           h_prev.view({T * B, D, H}).transpose(0, 1));
+  auto grad_w_ih = at::mm(dG2.t(), x).view({D, G, d.I});          // [D, 4H, I]
+  auto grad_bias = dG2.sum(0).view({D, G});                         // [D, 4H]
+  auto grad_x = at::mm(dG2, w_ih.to(acc).reshape({D * G, d.I}));  // [T*B, I]
+  const auto dt = x_in.scalar_type();
+  return {grad_x.view({T, B, d.I}).to(dt), grad_w_ih.to(dt), grad_w_hh.to(dt), grad_bias.to(dt),
+          dh.to(dt), dc.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnnlstm_ext, CPU, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward_cpu);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
+}
+
+}  // namespace cnnlstm_ext

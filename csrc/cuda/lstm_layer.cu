@@ -1,0 +1,857 @@
+// CUDA kernels of lstm_layer_forward / lstm_layer_backward.
+//
+// Forward, for one layer and both directions at once:
+//   1. xproj: [T*B, D*4H] = x . w_ih^T + bias, one cuBLAS GEMM for every step and direction.
+//   2. The recurrence, on one of two paths:
+//      - persistent (default where it fits): one cooperative kernel for the whole sequence. The
+//        CTAs split the hidden units of both directions (HB units, i.e. 4*HB rows of w_hh, each);
+//        a CTA keeps its rows of w_hh in shared memory for all T steps, multiplies h_{s-1} by
+//        them, applies the gates and the cell update in registers, publishes its slice of h_s and
+//        meets the other CTAs of its direction at a flag barrier before the next step.
+//      - stepwise (any shape, float64, or when the grid cannot be co-resident): per step one
+//        batched cuBLAS GEMM for both directions and one fused pointwise kernel.
+// Backward mirrors it: a reverse-time recurrence (persistent or stepwise) produces the
+// pre-activation gate gradients dG: [T, B, D, 4H]; then grad_w_ih, grad_w_hh and grad_x are
+// three large GEMMs over all T*B rows and grad_bias one reduction. Nothing uses atomics on
+// values, so results are bitwise reproducible.
+// Lengths: sequence b covers steps s < lengths[b], at time t = s (direction 0) or
+// t = lengths[b] - 1 - s (direction 1); padded positions get zero outputs and no compute.
+// Precision: float32 accumulation and cell state for float32/bfloat16/float16; float64 runs the
+// stepwise path in float64. GEMMs go through ATen, so torch's allow_tf32 flags apply to them; the
+// persistent recurrence multiplies in exact float32 FMA.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "lstm_layer.h"
+#include "lstm_math.cuh"
+
+namespace cnnlstm_ext {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps per CTA on every path
+constexpr int kRT = 4;         // weight rows per warp tile in the recurrent product
+
+__host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// Recurrent product on chip: out[b * O + o] = sum_k in[b * K + k] * w[o * K + k]
+//   in: [nbp, K] float (shared; rows nb..nbp-1 zero), w: [O, K] (shared), out: [nb, O] float.
+// A warp owns a tile of BT batch rows x kRT weight rows; its lanes split K in 4-element chunks
+// (16-byte, bank-conflict-free shared loads), then a transposing butterfly reduces the BT*kRT
+// partial sums in BT*kRT - 1 + log2(32 / (BT*kRT)) shuffles instead of 5 per value.
+// ---------------------------------------------------------------------------------------------
+template <int N>
+__device__ __forceinline__ float transpose_reduce(float (&v)[N], int lane) {
+#pragma unroll
+  for (int half = N / 2, m = 1; half >= 1; half /= 2, m *= 2) {
+    const bool upper = lane & m;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float send = upper ? v[i] : v[i + half];
+      const float keep = upper ? v[i + half] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, m);
+    }
+  }
+  float s = v[0];
+#pragma unroll
+  for (int m = N; m < 32; m *= 2) s += __shfl_xor_sync(0xffffffffu, s, m);
+  return s;
+}
+
+// Which of the N values `transpose_reduce` leaves in `lane`.
+template <int N>
+__device__ __forceinline__ int transpose_reduce_index(int lane) {
+  int idx = 0;
+#pragma unroll
+  for (int half = N / 2, m = 1; half >= 1; half /= 2, m *= 2)
+    if (lane & m) idx += half;
+  return idx;
+}
+
+template <typename scalar_t, int BT>
+__device__ void recurrent_product(const float* in, const scalar_t* w, float* out, int nb, int O,
+                                  int K) {
+  constexpr int N = BT * kRT;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int btiles = (nb + BT - 1) / BT, otiles = O / kRT;
+  for (int tile = warp; tile < btiles * otiles; tile += nwarps) {
+    const int b0 = (tile / otiles) * BT, o0 = (tile % otiles) * kRT;
+    float acc[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] = 0.f;
+    for (int k = lane * 4; k < K; k += 128) {
+      float hv[BT][4], wv[kRT][4];
+#pragma unroll
+      for (int bt = 0; bt < BT; ++bt) load4(in + (b0 + bt) * K + k, hv[bt]);
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt) load4(w + (o0 + rt) * K + k, wv[rt]);
+#pragma unroll
+      for (int bt = 0; bt < BT; ++bt)
+#pragma unroll
+        for (int rt = 0; rt < kRT; ++rt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[bt * kRT + rt] = fmaf(hv[bt][e], wv[rt][e], acc[bt * kRT + rt]);
+    }
+    const float sum = transpose_reduce<N>(acc, lane);
+    if (lane < N) {
+      const int idx = transpose_reduce_index<N>(lane);
+      const int b = b0 + idx / kRT, o = o0 + idx % kRT;
+      if (b < nb) out[b * O + o] = sum;
+    }
+  }
+}
+
+// Stages rows [b0, b0 + nb) of a [B, K] float matrix in global memory into in: [nbp, K] shared,
+// zero-filling rows nb..nbp-1. Reads bypass L1: another CTA wrote them since the last step.
+__device__ __forceinline__ void stage_rows(float* in, const float* src, int nb, int nbp, int K) {
+  for (int idx = threadIdx.x * 4; idx < nbp * K; idx += blockDim.x * 4) {
+    const int b = idx / K;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (b < nb) v = __ldcg(reinterpret_cast<const float4*>(src + idx));
+    *reinterpret_cast<float4*>(in + idx) = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persistent forward recurrence. Grid: D * nblk CTAs; CTA (dir, blk) owns hidden units
+// j0 = blk * HB .. j0 + HB - 1 of direction dir.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct PersistentForwardParams {
+  const scalar_t* xproj;    // [T, B, D, 4H] input projection incl. both biases
+  const scalar_t* w_hh;     // [D, 4H, H]
+  const scalar_t* c0;       // [D, B, H]
+  const int64_t* lengths;   // [B] or null
+  float* hbuf;              // [2, D, B, H] h exchange buffers; [0] holds h0 on entry
+  scalar_t* y;              // [T, B, D*H]
+  scalar_t* h_n;            // [D, B, H]
+  scalar_t* c_n;            // [D, B, H]
+  float* gates;             // [T, B, D, 4H] or null (inference)
+  float* cell;              // [T, B, D, H] or null
+  unsigned int* barrier;    // [D] arrival counters, zero on entry
+  int T, B, H, D, HB, nblk, BC;
+  int off_in, off_pre, off_state;  // shared-memory byte offsets
+};
+
+// What one (b, u) pair reads from global memory at one step, loaded ahead of the barrier.
+struct StepInput {
+  float v[8];
+};
+
+// Input projection of gates i, f, g, o for pair q = b * HB + u at step s (zeros past the length).
+template <typename scalar_t>
+__device__ __forceinline__ StepInput load_forward_input(const PersistentForwardParams<scalar_t>& p,
+                                                        int q, int s) {
+  StepInput in{};
+  const int dir = blockIdx.x / p.nblk, b = q / p.HB, j = (blockIdx.x % p.nblk) * p.HB + q % p.HB;
+  const int len = seq_length(p.lengths, b, p.T);
+  if (s < len) {
+    const int t = time_index(dir, s, len);
+    const scalar_t* xr = p.xproj + ((static_cast<size_t>(t) * p.B + b) * p.D + dir) * 4 * p.H;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) in.v[g] = static_cast<float>(xr[g * p.H + j]);
+  }
+  return in;
+}
+
+template <typename scalar_t, int BT>
+__global__ void __launch_bounds__(kThreads, 1)
+    lstm_forward_persistent_kernel(const PersistentForwardParams<scalar_t> p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int dir = blockIdx.x / p.nblk, blk = blockIdx.x % p.nblk;
+  const int H = p.H, HB = p.HB, O = 4 * HB, G = 4 * H, B = p.B, D = p.D, j0 = blk * HB;
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);                 // [O, H] rows of w_hh
+  float* in_s = reinterpret_cast<float*>(smem + p.off_in);          // [BCpad, H] h_{s-1} chunk
+  float* pre_s = reinterpret_cast<float*>(smem + p.off_pre);        // [B, O] h_{s-1} . w^T
+  float* h_s = reinterpret_cast<float*>(smem + p.off_state);        // [B, HB] own slice of h
+  float* c_s = h_s + B * HB;                                         // [B, HB] own slice of c
+
+  // Row o of w_s is gate o / HB of hidden unit j0 + o % HB.
+  const scalar_t* w = p.w_hh + static_cast<size_t>(dir) * G * H;
+  for (int idx = threadIdx.x; idx < O * H; idx += blockDim.x) {
+    const int o = idx / H, k = idx % H;
+    w_s[idx] = w[static_cast<size_t>((o / HB) * H + j0 + o % HB) * H + k];
+  }
+  for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
+    const int b = q / HB, j = j0 + q % HB;
+    h_s[q] = p.hbuf[(static_cast<size_t>(dir) * B + b) * H + j];
+    c_s[q] = static_cast<float>(p.c0[(static_cast<size_t>(dir) * B + b) * H + j]);
+  }
+  __syncthreads();
+
+  // When every (b, u) pair has its own thread (the common case), the thread loads the input
+  // projection of its next step between arriving at and waiting on the barrier, so the load
+  // latency hides behind the wait.
+  const bool own_pair = B * HB <= static_cast<int>(blockDim.x);
+  StepInput next{};
+  if (own_pair && threadIdx.x < B * HB) next = load_forward_input(p, threadIdx.x, 0);
+  for (int s = 0; s < p.T; ++s) {
+    if (s > 0) barrier_wait(p.barrier + dir, static_cast<unsigned int>(s * p.nblk));
+    const float* h_in = p.hbuf + (static_cast<size_t>(s & 1) * D + dir) * B * H;
+    float* h_out = p.hbuf + (static_cast<size_t>((s + 1) & 1) * D + dir) * B * H;
+    for (int b0 = 0; b0 < B; b0 += p.BC) {
+      const int nb = min(p.BC, B - b0);
+      stage_rows(in_s, h_in + static_cast<size_t>(b0) * H, nb, static_cast<int>(round_up(nb, BT)), H);
+      __syncthreads();
+      recurrent_product<scalar_t, BT>(in_s, w_s, pre_s + b0 * O, nb, O, H);
+      __syncthreads();
+    }
+    for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
+      const int b = q / HB, u = q % HB, j = j0 + u;
+      const int len = seq_length(p.lengths, b, p.T);
+      if (s < len) {
+        const int t = time_index(dir, s, len);
+        const size_t row = (static_cast<size_t>(t) * B + b) * D + dir;
+        const StepInput in = own_pair ? next : load_forward_input(p, q, s);
+        const float* pr = pre_s + b * O;
+        const float gi = sigmoid_(pr[u] + in.v[0]);
+        const float gf = sigmoid_(pr[HB + u] + in.v[1]);
+        const float gg = tanh_(pr[2 * HB + u] + in.v[2]);
+        const float go = sigmoid_(pr[3 * HB + u] + in.v[3]);
+        const float c = gf * c_s[q] + gi * gg;
+        const float h = go * tanh_(c);
+        c_s[q] = c;
+        h_s[q] = h;
+        p.y[(static_cast<size_t>(t) * B + b) * D * H + dir * H + j] = static_cast<scalar_t>(h);
+        if (p.gates != nullptr) {
+          float* gr = p.gates + row * G;
+          gr[j] = gi; gr[H + j] = gf; gr[2 * H + j] = gg; gr[3 * H + j] = go;
+          p.cell[row * H + j] = c;
+        }
+      } else {
+        // Time s is padding for b (s >= len): every padded time is visited exactly once here.
+        const size_t row = (static_cast<size_t>(s) * B + b) * D + dir;
+        p.y[(static_cast<size_t>(s) * B + b) * D * H + dir * H + j] = static_cast<scalar_t>(0.f);
+        if (p.gates != nullptr) {
+          float* gr = p.gates + row * G;
+          gr[j] = 0.f; gr[H + j] = 0.f; gr[2 * H + j] = 0.f; gr[3 * H + j] = 0.f;
+          p.cell[row * H + j] = 0.f;
+        }
+      }
+      h_out[static_cast<size_t>(b) * H + j] = h_s[q];  // finished sequences carry their state
+    }
+    if (s + 1 < p.T) {
+      barrier_arrive(p.barrier + dir);
+      if (own_pair && threadIdx.x < B * HB) next = load_forward_input(p, threadIdx.x, s + 1);
+    }
+  }
+  __syncthreads();
+  for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
+    const int b = q / HB, j = j0 + q % HB;
+    p.h_n[(static_cast<size_t>(dir) * B + b) * H + j] = static_cast<scalar_t>(h_s[q]);
+    p.c_n[(static_cast<size_t>(dir) * B + b) * H + j] = static_cast<scalar_t>(c_s[q]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persistent backward recurrence (reverse time). CTA (dir, blk) owns hidden units j0..j0+HB-1:
+// it keeps columns j0..j0+HB-1 of w_hh (as rows of w_s: [HB, 4H]), computes the gate gradients
+// of its units, publishes them, and after the barrier multiplies the full dG_s: [B, 4H] of its
+// direction by its columns, giving its slice of the gradient reaching h_{s-1}.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct PersistentBackwardParams {
+  const scalar_t* grad_y;    // [T, B, D*H]
+  const scalar_t* grad_h_n;  // [D, B, H]
+  const scalar_t* grad_c_n;  // [D, B, H]
+  const float* gates;        // [T, B, D, 4H]
+  const float* cell;         // [T, B, D, H]
+  const scalar_t* c0;        // [D, B, H]
+  const scalar_t* w_hh;      // [D, 4H, H]
+  const int64_t* lengths;    // [B] or null
+  float* dgbuf;              // [2, D, B, 4H] gate-gradient exchange buffers
+  float* dG;                 // [T, B, D, 4H] out: pre-activation gate gradients (0 on padding)
+  scalar_t* grad_h0;         // [D, B, H]
+  scalar_t* grad_c0;         // [D, B, H]
+  unsigned int* barrier;     // [D], zero on entry
+  int T, B, H, D, HB, nblk, BC;
+  int off_in, off_state;
+};
+
+// For pair q = b * HB + u at step s: gates i, f, g, o, c_t, c_{t-1} (c0 at the first step),
+// grad_y and grad_h_n (used only at b's first processed step).
+template <typename scalar_t>
+__device__ __forceinline__ StepInput load_backward_input(const PersistentBackwardParams<scalar_t>& p,
+                                                         int q, int s) {
+  StepInput in{};
+  const int dir = blockIdx.x / p.nblk, b = q / p.HB, j = (blockIdx.x % p.nblk) * p.HB + q % p.HB;
+  const int len = seq_length(p.lengths, b, p.T), H = p.H, B = p.B, D = p.D;
+  if (s < len) {
+    const int t = time_index(dir, s, len);
+    const size_t row = (static_cast<size_t>(t) * B + b) * D + dir;
+    const size_t state = (static_cast<size_t>(dir) * B + b) * H + j;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) in.v[g] = p.gates[row * 4 * H + g * H + j];
+    in.v[4] = p.cell[row * H + j];
+    in.v[5] = s == 0 ? static_cast<float>(p.c0[state])
+                     : p.cell[((static_cast<size_t>(time_index(dir, s - 1, len)) * B + b) * D + dir) * H + j];
+    in.v[6] = static_cast<float>(p.grad_y[(static_cast<size_t>(t) * B + b) * D * H + dir * H + j]);
+    in.v[7] = s + 1 < len ? 0.f : static_cast<float>(p.grad_h_n[state]);
+  }
+  return in;
+}
+
+template <typename scalar_t, int BT>
+__global__ void __launch_bounds__(kThreads, 1)
+    lstm_backward_persistent_kernel(const PersistentBackwardParams<scalar_t> p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int dir = blockIdx.x / p.nblk, blk = blockIdx.x % p.nblk;
+  const int H = p.H, HB = p.HB, G = 4 * H, B = p.B, D = p.D, j0 = blk * HB;
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);             // [HB, 4H] = w_hh[:, j0:j0+HB]^T
+  float* in_s = reinterpret_cast<float*>(smem + p.off_in);      // [BCpad, 4H] dG chunk
+  float* dh_s = reinterpret_cast<float*>(smem + p.off_state);   // [B, HB] recurrent dh slice
+  float* dc_s = dh_s + B * HB;                                   // [B, HB] dc carried back
+
+  const scalar_t* w = p.w_hh + static_cast<size_t>(dir) * G * H;
+  for (int idx = threadIdx.x; idx < HB * G; idx += blockDim.x) {
+    const int k = idx / HB, u = idx % HB;  // consecutive threads read consecutive columns
+    w_s[u * G + k] = w[static_cast<size_t>(k) * H + j0 + u];
+  }
+  for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
+    const int b = q / HB, j = j0 + q % HB;
+    dh_s[q] = 0.f;
+    dc_s[q] = static_cast<float>(p.grad_c_n[(static_cast<size_t>(dir) * B + b) * H + j]);
+  }
+  __syncthreads();
+
+  const bool own_pair = B * HB <= static_cast<int>(blockDim.x);
+  StepInput next{};
+  if (own_pair && threadIdx.x < B * HB) next = load_backward_input(p, threadIdx.x, p.T - 1);
+  for (int it = 0; it <= p.T; ++it) {
+    const int s = p.T - 1 - it;
+    if (it > 0) {
+      barrier_wait(p.barrier + dir, static_cast<unsigned int>(it * p.nblk));
+      // dG of step s + 1 (all CTAs of this direction) -> dh_s = dG_{s+1} . w_hh[:, own units]
+      const float* g_in = p.dgbuf + (static_cast<size_t>((it - 1) & 1) * D + dir) * B * G;
+      for (int b0 = 0; b0 < B; b0 += p.BC) {
+        const int nb = min(p.BC, B - b0);
+        stage_rows(in_s, g_in + static_cast<size_t>(b0) * G, nb, static_cast<int>(round_up(nb, BT)), G);
+        __syncthreads();
+        recurrent_product<scalar_t, BT>(in_s, w_s, dh_s + b0 * HB, nb, HB, G);
+        __syncthreads();
+      }
+    }
+    if (s < 0) break;
+    float* g_out = p.dgbuf + (static_cast<size_t>(it & 1) * D + dir) * B * G;
+    for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
+      const int b = q / HB, u = q % HB, j = j0 + u;
+      const int len = seq_length(p.lengths, b, p.T);
+      float* go_row = g_out + static_cast<size_t>(b) * G;
+      if (s < len) {
+        const int t = time_index(dir, s, len);
+        const size_t row = (static_cast<size_t>(t) * B + b) * D + dir;
+        const StepInput in = own_pair ? next : load_backward_input(p, q, s);
+        const float gi = in.v[0], gf = in.v[1], gg = in.v[2], go = in.v[3];
+        const float tc = tanh_(in.v[4]);
+        const float c_prev = in.v[5];
+        // The first step processed for b (its last in time) starts from grad_h_n.
+        const float dh = in.v[6] + ((s + 1 < len) ? dh_s[q] : in.v[7]);
+        const float dc = dc_s[q] + dh * go * (1.f - tc * tc);
+        const float di = dc * gg * gi * (1.f - gi);
+        const float df = dc * c_prev * gf * (1.f - gf);
+        const float dg = dc * gi * (1.f - gg * gg);
+        const float d_o = dh * tc * go * (1.f - go);
+        dc_s[q] = dc * gf;
+        float* dr = p.dG + row * G;
+        dr[j] = di; dr[H + j] = df; dr[2 * H + j] = dg; dr[3 * H + j] = d_o;
+        go_row[j] = di; go_row[H + j] = df; go_row[2 * H + j] = dg; go_row[3 * H + j] = d_o;
+      } else {
+        float* dr = p.dG + ((static_cast<size_t>(s) * B + b) * D + dir) * G;
+        dr[j] = 0.f; dr[H + j] = 0.f; dr[2 * H + j] = 0.f; dr[3 * H + j] = 0.f;
+        go_row[j] = 0.f; go_row[H + j] = 0.f; go_row[2 * H + j] = 0.f; go_row[3 * H + j] = 0.f;
+      }
+    }
+    barrier_arrive(p.barrier + dir);
+    if (s > 0 && own_pair && threadIdx.x < B * HB) next = load_backward_input(p, threadIdx.x, s - 1);
+  }
+  __syncthreads();
+  // Step 0 is valid for every sequence, so dh_s now holds grad_h0 for all rows.
+  for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
+    const int b = q / HB, j = j0 + q % HB;
+    p.grad_h0[(static_cast<size_t>(dir) * B + b) * H + j] = static_cast<scalar_t>(dh_s[q]);
+    p.grad_c0[(static_cast<size_t>(dir) * B + b) * H + j] = static_cast<scalar_t>(dc_s[q]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stepwise path: per step, rec = h_{s-1} . w_hh^T (batched cuBLAS GEMM, both directions), then one
+// pointwise kernel over D * B * H elements.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+__global__ void lstm_forward_step_kernel(
+    int s, int T, int B, int H, int D,
+    const scalar_t* __restrict__ xproj,  // [T, B, D, 4H]
+    const scalar_t* __restrict__ rec,    // [D, B, 4H]
+    const int64_t* __restrict__ lengths, // [B] or null
+    scalar_t* __restrict__ h,            // [D, B, H] h_{s-1} in, h_s out (GEMM operand)
+    acc_t* __restrict__ c,               // [D, B, H]
+    scalar_t* __restrict__ y,            // [T, B, D*H]
+    acc_t* __restrict__ gates,           // [T, B, D, 4H] or null
+    acc_t* __restrict__ cell) {          // [T, B, D, H] or null
+  const int64_t n = static_cast<int64_t>(D) * B * H;
+  const int G = 4 * H;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int j = idx % H, b = (idx / H) % B, dir = idx / (static_cast<int64_t>(H) * B);
+    const int len = seq_length(lengths, b, T);
+    if (s >= len) {
+      const size_t row = (static_cast<size_t>(s) * B + b) * D + dir;
+      y[(static_cast<size_t>(s) * B + b) * D * H + dir * H + j] = scalar_t(0);
+      if (gates != nullptr) {
+        acc_t* gr = gates + row * G;
+        gr[j] = gr[H + j] = gr[2 * H + j] = gr[3 * H + j] = acc_t(0);
+        cell[row * H + j] = acc_t(0);
+      }
+      continue;
+    }
+    const int t = time_index(dir, s, len);
+    const size_t row = (static_cast<size_t>(t) * B + b) * D + dir;
+    const scalar_t* xr = xproj + row * G;
+    const scalar_t* rr = rec + (static_cast<size_t>(dir) * B + b) * G;
+    const acc_t gi = sigmoid_<acc_t>(acc_t(xr[j]) + acc_t(rr[j]));
+    const acc_t gf = sigmoid_<acc_t>(acc_t(xr[H + j]) + acc_t(rr[H + j]));
+    const acc_t gg = tanh_<acc_t>(acc_t(xr[2 * H + j]) + acc_t(rr[2 * H + j]));
+    const acc_t go = sigmoid_<acc_t>(acc_t(xr[3 * H + j]) + acc_t(rr[3 * H + j]));
+    const acc_t cn = gf * c[idx] + gi * gg;
+    const acc_t hn = go * tanh_<acc_t>(cn);
+    c[idx] = cn;
+    h[idx] = static_cast<scalar_t>(hn);
+    y[(static_cast<size_t>(t) * B + b) * D * H + dir * H + j] = static_cast<scalar_t>(hn);
+    if (gates != nullptr) {
+      acc_t* gr = gates + row * G;
+      gr[j] = gi; gr[H + j] = gf; gr[2 * H + j] = gg; gr[3 * H + j] = go;
+      cell[row * H + j] = cn;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void lstm_backward_step_kernel(
+    int s, int T, int B, int H, int D,
+    const scalar_t* __restrict__ grad_y,    // [T, B, D*H]
+    const scalar_t* __restrict__ grad_h_n,  // [D, B, H]
+    const scalar_t* __restrict__ dh_rec,    // [D, B, H] dG_{s+1} . w_hh
+    acc_t* __restrict__ dc,                 // [D, B, H] grad_c_n in, carried back
+    const acc_t* __restrict__ gates,        // [T, B, D, 4H]
+    const acc_t* __restrict__ cell,         // [T, B, D, H]
+    const scalar_t* __restrict__ c0,        // [D, B, H]
+    const int64_t* __restrict__ lengths,    // [B] or null
+    scalar_t* __restrict__ dG_step,         // [D, B, 4H] GEMM operand for the next step
+    acc_t* __restrict__ dG) {               // [T, B, D, 4H]
+  const int64_t n = static_cast<int64_t>(D) * B * H;
+  const int G = 4 * H;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int j = idx % H, b = (idx / H) % B, dir = idx / (static_cast<int64_t>(H) * B);
+    const int len = seq_length(lengths, b, T);
+    scalar_t* ds = dG_step + (static_cast<size_t>(dir) * B + b) * G;
+    if (s >= len) {
+      acc_t* dr = dG + ((static_cast<size_t>(s) * B + b) * D + dir) * G;
+      dr[j] = dr[H + j] = dr[2 * H + j] = dr[3 * H + j] = acc_t(0);
+      ds[j] = ds[H + j] = ds[2 * H + j] = ds[3 * H + j] = scalar_t(0);
+      continue;
+    }
+    const int t = time_index(dir, s, len);
+    const size_t row = (static_cast<size_t>(t) * B + b) * D + dir;
+    const acc_t dh_in = (s + 1 < len) ? acc_t(dh_rec[idx]) : acc_t(grad_h_n[idx]);
+    const acc_t dh = acc_t(grad_y[(static_cast<size_t>(t) * B + b) * D * H + dir * H + j]) + dh_in;
+    const acc_t* gr = gates + row * G;
+    const acc_t gi = gr[j], gf = gr[H + j], gg = gr[2 * H + j], go = gr[3 * H + j];
+    const acc_t tc = tanh_<acc_t>(cell[row * H + j]);
+    const acc_t c_prev =
+        s == 0 ? acc_t(c0[idx])
+               : cell[((static_cast<size_t>(time_index(dir, s - 1, len)) * B + b) * D + dir) * H + j];
+    const acc_t one(1);
+    const acc_t dcv = dc[idx] + dh * go * (one - tc * tc);
+    const acc_t di = dcv * gg * gi * (one - gi);
+    const acc_t df = dcv * c_prev * gf * (one - gf);
+    const acc_t dg = dcv * gi * (one - gg * gg);
+    const acc_t d_o = dh * tc * go * (one - go);
+    dc[idx] = dcv * gf;
+    acc_t* dr = dG + row * G;
+    dr[j] = di; dr[H + j] = df; dr[2 * H + j] = dg; dr[3 * H + j] = d_o;
+    ds[j] = static_cast<scalar_t>(di); ds[H + j] = static_cast<scalar_t>(df);
+    ds[2 * H + j] = static_cast<scalar_t>(dg); ds[3 * H + j] = static_cast<scalar_t>(d_o);
+  }
+}
+
+// h_prev: [T, B, D, H], the state each step started from: h0 at a sequence's first step, else y
+// at the neighbouring time; zero on padding (where dG is zero too).
+template <typename scalar_t>
+__global__ void previous_state_kernel(int T, int B, int H, int D,
+                                      const scalar_t* __restrict__ y,   // [T, B, D*H]
+                                      const scalar_t* __restrict__ h0,  // [D, B, H]
+                                      const int64_t* __restrict__ lengths,
+                                      scalar_t* __restrict__ h_prev) {  // [T, B, D, H]
+  const int64_t n = static_cast<int64_t>(T) * B * D * H;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int j = idx % H, dir = (idx / H) % D, b = (idx / (static_cast<int64_t>(H) * D)) % B;
+    const int t = idx / (static_cast<int64_t>(H) * D * B);
+    const int len = seq_length(lengths, b, T);
+    scalar_t v(0);
+    if (t < len) {
+      const bool first = dir == 0 ? t == 0 : t == len - 1;
+      const int tp = dir == 0 ? t - 1 : t + 1;
+      v = first ? h0[(static_cast<size_t>(dir) * B + b) * H + j]
+                : y[(static_cast<size_t>(tp) * B + b) * D * H + dir * H + j];
+    }
+    h_prev[idx] = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+int grid_for(int64_t n) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 8)));
+}
+
+enum class RecurrencePath { kAuto, kPersistent, kStepwise };
+
+// CNNLSTM_EXT_LSTM_PATH=auto|persistent|stepwise (tests and benchmarks force a path);
+// CNNLSTM_EXT_PERSISTENT_MAX_BATCH (default 32) bounds the batch the persistent path takes in auto.
+RecurrencePath requested_path() {
+  const char* v = std::getenv("CNNLSTM_EXT_LSTM_PATH");
+  if (v == nullptr || std::strcmp(v, "auto") == 0 || v[0] == '\0') return RecurrencePath::kAuto;
+  if (std::strcmp(v, "persistent") == 0) return RecurrencePath::kPersistent;
+  if (std::strcmp(v, "stepwise") == 0) return RecurrencePath::kStepwise;
+  TORCH_CHECK(false, "CNNLSTM_EXT_LSTM_PATH must be auto, persistent or stepwise, got '", v, "'");
+}
+
+int64_t persistent_max_batch() {
+  const char* v = std::getenv("CNNLSTM_EXT_PERSISTENT_MAX_BATCH");
+  return v ? std::atoll(v) : 32;
+}
+
+// Launch geometry of a persistent recurrence; ok=false when it cannot run co-resident.
+struct PersistentPlan {
+  bool ok = false;
+  int HB = 0, nblk = 0, BC = 0, BT = 0;
+  int off_in = 0, off_pre = 0, off_state = 0;
+  size_t smem = 0;
+};
+
+template <typename Kernel>
+bool fits_coresident(Kernel kernel, size_t smem, int grid) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  if (smem > prop->sharedMemPerBlockOptin) return false;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  return per_sm * prop->multiProcessorCount >= grid;
+}
+
+// forward=true: w_s [4HB, H], staging [BCpad, H], pre [B, 4HB], state [2, B, HB].
+// forward=false: w_s [HB, 4H], staging [BCpad, 4H], state [2, B, HB].
+template <typename scalar_t, typename KernelFor>
+PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, KernelFor kernel_for) {
+  PersistentPlan plan;
+  if (d.H % 32 != 0 || d.B > 1024) return plan;
+  const int BT = d.B == 1 ? 1 : 4;
+  const int64_t K = forward ? d.H : 4 * d.H;
+  for (int HB : {4, 8, 16, 32, 64}) {
+    if (d.H % HB != 0) continue;
+    const int nblk = static_cast<int>(d.H / HB);
+    const int grid = static_cast<int>(d.D) * nblk;
+    // Stage up to 64 KiB of the exchanged matrix at a time.
+    int64_t BC = std::max<int64_t>(BT, (16384 / K) / BT * BT);
+    BC = std::min<int64_t>(BC, round_up(d.B, BT));
+    const int64_t w_bytes = round_up(4 * HB * d.H * static_cast<int64_t>(sizeof(scalar_t)), 16);
+    const int64_t in_bytes = round_up(BC * K * 4, 16);
+    const int64_t pre_bytes = forward ? round_up(d.B * 4 * HB * 4, 16) : 0;
+    const int64_t state_bytes = 2 * d.B * HB * 4;
+    plan.off_in = static_cast<int>(w_bytes);
+    plan.off_pre = static_cast<int>(w_bytes + in_bytes);
+    plan.off_state = static_cast<int>(w_bytes + in_bytes + pre_bytes);
+    plan.smem = static_cast<size_t>(w_bytes + in_bytes + pre_bytes + state_bytes);
+    if (fits_coresident(kernel_for(BT), plan.smem, grid)) {
+      plan.ok = true;
+      plan.HB = HB;
+      plan.nblk = nblk;
+      plan.BC = static_cast<int>(BC);
+      plan.BT = BT;
+      return plan;
+    }
+  }
+  return plan;
+}
+
+// Plans are cached per device and shape: planning queries the driver (occupancy, attributes).
+template <typename scalar_t, typename KernelFor>
+PersistentPlan plan_persistent(const LstmDims& d, bool forward, KernelFor kernel_for) {
+  using Key = std::tuple<int, bool, size_t, int64_t, int64_t, int64_t>;
+  static std::mutex mutex;
+  static std::map<Key, PersistentPlan> cache;
+  const Key key{c10::cuda::current_device(), forward, sizeof(scalar_t), d.B, d.H, d.D};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, plan_persistent_uncached<scalar_t>(d, forward, kernel_for)).first;
+  return it->second;
+}
+
+bool use_persistent(const LstmDims& d, at::ScalarType dt) {
+  if (dt == at::kDouble) return false;
+  switch (requested_path()) {
+    case RecurrencePath::kStepwise: return false;
+    case RecurrencePath::kPersistent: return true;
+    default: return d.B <= persistent_max_batch();
+  }
+}
+
+void launch_cooperative(const void* kernel, int grid, size_t smem, void* params) {
+  void* args[] = {params};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kThreads), args, smem,
+                                             at::cuda::getCurrentCUDAStream()));
+}
+
+template <typename scalar_t>
+bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const at::Tensor& w_hh,
+                        const at::Tensor& h0, const at::Tensor& c0, const int64_t* lengths,
+                        at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n, at::Tensor* gates,
+                        at::Tensor* cell) {
+  auto kernel_for = [](int BT) {
+    return BT == 1 ? lstm_forward_persistent_kernel<scalar_t, 1>
+                   : lstm_forward_persistent_kernel<scalar_t, 4>;
+  };
+  const auto plan = plan_persistent<scalar_t>(d, /*forward=*/true, kernel_for);
+  if (!plan.ok) return false;
+  auto opts = xproj.options().dtype(at::kFloat);
+  auto hbuf = at::empty({2, d.D, d.B, d.H}, opts);
+  hbuf[0].copy_(h0);
+  auto barrier = at::zeros({d.D}, xproj.options().dtype(at::kInt));
+  PersistentForwardParams<scalar_t> p;
+  p.xproj = xproj.data_ptr<scalar_t>();
+  p.w_hh = w_hh.data_ptr<scalar_t>();
+  p.c0 = c0.data_ptr<scalar_t>();
+  p.lengths = lengths;
+  p.hbuf = hbuf.data_ptr<float>();
+  p.y = y.data_ptr<scalar_t>();
+  p.h_n = h_n.data_ptr<scalar_t>();
+  p.c_n = c_n.data_ptr<scalar_t>();
+  p.gates = gates ? gates->data_ptr<float>() : nullptr;
+  p.cell = cell ? cell->data_ptr<float>() : nullptr;
+  p.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
+  p.T = d.T; p.B = d.B; p.H = d.H; p.D = d.D;
+  p.HB = plan.HB; p.nblk = plan.nblk; p.BC = plan.BC;
+  p.off_in = plan.off_in; p.off_pre = plan.off_pre; p.off_state = plan.off_state;
+  launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT)), d.D * plan.nblk, plan.smem, &p);
+  return true;
+}
+
+template <typename scalar_t>
+bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                         const at::Tensor& grad_c_n, const at::Tensor& gates,
+                         const at::Tensor& cell, const at::Tensor& c0, const at::Tensor& w_hh,
+                         const int64_t* lengths, at::Tensor& dG, at::Tensor& grad_h0,
+                         at::Tensor& grad_c0) {
+  auto kernel_for = [](int BT) {
+    return BT == 1 ? lstm_backward_persistent_kernel<scalar_t, 1>
+                   : lstm_backward_persistent_kernel<scalar_t, 4>;
+  };
+  const auto plan = plan_persistent<scalar_t>(d, /*forward=*/false, kernel_for);
+  if (!plan.ok) return false;
+  auto dgbuf = at::empty({2, d.D, d.B, 4 * d.H}, gates.options());
+  auto barrier = at::zeros({d.D}, gates.options().dtype(at::kInt));
+  PersistentBackwardParams<scalar_t> p;
+  p.grad_y = grad_y.data_ptr<scalar_t>();
+  p.grad_h_n = grad_h_n.data_ptr<scalar_t>();
+  p.grad_c_n = grad_c_n.data_ptr<scalar_t>();
+  p.gates = gates.data_ptr<float>();
+  p.cell = cell.data_ptr<float>();
+  p.c0 = c0.data_ptr<scalar_t>();
+  p.w_hh = w_hh.data_ptr<scalar_t>();
+  p.lengths = lengths;
+  p.dgbuf = dgbuf.data_ptr<float>();
+  p.dG = dG.data_ptr<float>();
+  p.grad_h0 = grad_h0.data_ptr<scalar_t>();
+  p.grad_c0 = grad_c0.data_ptr<scalar_t>();
+  p.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
+  p.T = d.T; p.B = d.B; p.H = d.H; p.D = d.D;
+  p.HB = plan.HB; p.nblk = plan.nblk; p.BC = plan.BC;
+  p.off_in = plan.off_in; p.off_state = plan.off_state;
+  launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT)), d.D * plan.nblk, plan.smem, &p);
+  return true;
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_stepwise(const LstmDims& d, const at::Tensor& xproj, const at::Tensor& w_hh,
+                      const at::Tensor& h0, const at::Tensor& c0, const int64_t* lengths,
+                      at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n, at::Tensor* gates,
+                      at::Tensor* cell) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto h = h0.clone();                                        // [D, B, H] GEMM operand
+  at::Tensor c = c0.to(c10::CppTypeToScalarType<acc_t>::value);  // [D, B, H]
+  if (c.data_ptr() == c0.data_ptr()) c = c.clone();
+  auto rec = at::empty({d.D, d.B, 4 * d.H}, xproj.options());
+  auto w_hh_t = w_hh.transpose(1, 2);                        // [D, H, 4H]
+  const int grid = grid_for(d.D * d.B * d.H);
+  for (int64_t s = 0; s < d.T; ++s) {
+    at::bmm_out(rec, h, w_hh_t);
+    lstm_forward_step_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<int>(s), d.T, d.B, d.H, d.D, xproj.data_ptr<scalar_t>(),
+        rec.data_ptr<scalar_t>(), lengths, h.data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
+        y.data_ptr<scalar_t>(), gates ? gates->data_ptr<acc_t>() : nullptr,
+        cell ? cell->data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  h_n.copy_(h);
+  c_n.copy_(c);
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_stepwise(const LstmDims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                       const at::Tensor& grad_c_n, const at::Tensor& gates,
+                       const at::Tensor& cell, const at::Tensor& c0, const at::Tensor& w_hh,
+                       const int64_t* lengths, at::Tensor& dG, at::Tensor& grad_h0,
+                       at::Tensor& grad_c0) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor dc = grad_c_n.to(c10::CppTypeToScalarType<acc_t>::value);
+  if (dc.data_ptr() == grad_c_n.data_ptr()) dc = dc.clone();
+  auto dG_step = at::empty({d.D, d.B, 4 * d.H}, grad_y.options());
+  auto dh_rec = at::zeros({d.D, d.B, d.H}, grad_y.options());
+  const int grid = grid_for(d.D * d.B * d.H);
+  for (int64_t s = d.T - 1; s >= 0; --s) {
+    lstm_backward_step_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<int>(s), d.T, d.B, d.H, d.D, grad_y.data_ptr<scalar_t>(),
+        grad_h_n.data_ptr<scalar_t>(), dh_rec.data_ptr<scalar_t>(), dc.data_ptr<acc_t>(),
+        gates.data_ptr<acc_t>(), cell.data_ptr<acc_t>(), c0.data_ptr<scalar_t>(), lengths,
+        dG_step.data_ptr<scalar_t>(), dG.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::bmm_out(dh_rec, dG_step, w_hh);  // [D, B, 4H] x [D, 4H, H]
+  }
+  grad_h0.copy_(dh_rec);  // step 0 is valid for every sequence
+  grad_c0.copy_(dc);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
+    const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& h0_in, const at::Tensor& c0_in,
+    const c10::optional<at::Tensor>& lengths, bool train) {
+  const auto d = check_lstm_inputs("lstm_layer_forward", x_in, w_ih_in, w_hh_in, bias, h0_in,
+                                   c0_in, lengths);
+  TORCH_CHECK(x_in.is_cuda(), "lstm_layer_forward: expected CUDA tensors");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
+  const auto dt = x_in.scalar_type();
+  const auto acc = acc_dtype(dt);
+  auto x = x_in.contiguous();
+  auto w_ih = w_ih_in.contiguous();
+  auto w_hh = w_hh_in.contiguous();
+  auto h0 = h0_in.contiguous();
+  auto c0 = c0_in.contiguous();
+  // xproj: [T*B, D*4H], every step and both directions in one GEMM.
+  at::Tensor xproj = bias.has_value()
+                         ? at::addmm(bias->reshape({D * G}), x.view({T * B, d.I}), w_ih.view({D * G, d.I}).t())
+                         : at::mm(x.view({T * B, d.I}), w_ih.view({D * G, d.I}).t());
+  auto y = at::empty({T, B, D * H}, x.options());
+  auto h_n = at::empty({D, B, H}, x.options());
+  auto c_n = at::empty({D, B, H}, x.options());
+  at::Tensor gates = at::empty({train ? T : 0, B, D, G}, x.options().dtype(acc));
+  at::Tensor cell = at::empty({train ? T : 0, B, D, H}, x.options().dtype(acc));
+  if (!train) {
+    gates = gates.view({0});
+    cell = cell.view({0});
+  }
+  const auto lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const int64_t* L = lengths_c.defined() ? lengths_c.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lstm_layer_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bool done = false;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (use_persistent(d, dt)) {
+        done = forward_persistent<scalar_t>(d, xproj, w_hh, h0, c0, L, y, h_n, c_n,
+                                            train ? &gates : nullptr, train ? &cell : nullptr);
+      }
+    }
+    if (!done) {
+      forward_stepwise<scalar_t, acc_t>(d, xproj, w_hh, h0, c0, L, y, h_n, c_n,
+                                        train ? &gates : nullptr, train ? &cell : nullptr);
+    }
+  });
+  return {y, h_n, c_n, gates, cell};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n_in,
+                         const at::Tensor& grad_c_n_in, const at::Tensor& x_in,
+                         const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+                         const at::Tensor& h0_in, const at::Tensor& c0_in,
+                         const c10::optional<at::Tensor>& lengths, const at::Tensor& y_in,
+                         const at::Tensor& gates_in, const at::Tensor& cell_in) {
+  const char* op = "lstm_layer_backward";
+  const auto d = check_lstm_inputs(op, x_in, w_ih_in, w_hh_in, c10::nullopt, h0_in, c0_in, lengths);
+  check_lstm_backward_inputs(op, d, x_in, grad_y_in, grad_h_n_in, grad_c_n_in, y_in, gates_in,
+                             cell_in);
+  TORCH_CHECK(x_in.is_cuda(), "lstm_layer_backward: expected CUDA tensors");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
+  const auto dt = x_in.scalar_type();
+  auto grad_y = grad_y_in.contiguous();
+  auto grad_h_n = grad_h_n_in.contiguous();
+  auto grad_c_n = grad_c_n_in.contiguous();
+  auto x = x_in.contiguous();
+  auto w_ih = w_ih_in.contiguous();
+  auto w_hh = w_hh_in.contiguous();
+  auto h0 = h0_in.contiguous();
+  auto c0 = c0_in.contiguous();
+  auto y = y_in.contiguous();
+  auto gates = gates_in.contiguous();
+  auto cell = cell_in.contiguous();
+  auto dG = at::empty({T, B, D, G}, gates.options());  // every element written by the recurrence
+  auto grad_h0 = at::empty({D, B, H}, x.options());
+  auto grad_c0 = at::empty({D, B, H}, x.options());
+  auto h_prev = at::empty({T, B, D, H}, x.options());
+  const auto lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const int64_t* L = lengths_c.defined() ? lengths_c.data_ptr<int64_t>() : nullptr;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lstm_layer_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bool done = false;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (use_persistent(d, dt)) {
+        done = backward_persistent<scalar_t>(d, grad_y, grad_h_n, grad_c_n, gates, cell, c0, w_hh,
+                                             L, dG, grad_h0, grad_c0);
+      }
+    }
+    if (!done) {
+      backward_stepwise<scalar_t, acc_t>(d, grad_y, grad_h_n, grad_c_n, gates, cell, c0, w_hh, L,
+                                         dG, grad_h0, grad_c0);
+    }
+    previous_state_kernel<scalar_t><<<grid_for(T * B * D * H), kThreads, 0, stream>>>(
+        d.T, d.B, d.H, d.D, y.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), L,
+        h_prev.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // Weight and input gradients: large GEMMs over all T*B rows, in the input dtype (tensor cores
+  // for bfloat16/float16; float32 follows torch's allow_tf32 flag).
+  auto dG_mm = dG.to(dt).view({T * B, D * G});
+  auto grad_w_ih = at::mm(dG_mm.t(), x.view({T * B, d.I})).view({D, G, d.I});
+  auto grad_w_hh = at::bmm(dG_mm.view({T * B, D, G}).permute({1, 2, 0}),
+                           h_prev.view({T * B, D, H}).transpose(0, 1));
+  auto grad_bias = dG.sum(at::IntArrayRef{0, 1}).to(dt);
+  auto grad_x = at::mm(dG_mm, w_ih.view({D * G, d.I})).view({T, B, d.I});
+  return {grad_x, grad_w_ih, grad_w_hh, grad_bias, grad_h0, grad_c0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnnlstm_ext, CUDA, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward_cuda);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cuda);
+}
+
+}  // namespace cnnlstm_ext

@@ -1,0 +1,110 @@
+// Input checks and shapes shared by the CPU and CUDA implementations of the LSTM layer ops.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace cnnlstm_ext {
+
+// Sizes of one LSTM layer call.
+struct LstmDims {
+  int64_t T;  // time steps
+  int64_t B;  // batch
+  int64_t I;  // input features
+  int64_t H;  // hidden units per direction
+  int64_t D;  // directions (1 or 2)
+};
+
+inline std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+inline void check_same(const at::Tensor& ref, const at::Tensor& t, const char* name,
+                       const char* op) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
+              " but x is on ", ref.device(), "; all tensors must be on one device");
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but x has dtype ", ref.scalar_type(),
+              "; all floating tensors must share one dtype");
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name,
+                        const char* op) {
+  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", got ",
+              shape_str(t));
+}
+
+// Checks the forward inputs and returns the sizes. `lengths`, when given, must be int64 [B] on
+// x's device; its values are range-checked where they can be read without a device sync (CPU).
+inline LstmDims check_lstm_inputs(const char* op, const at::Tensor& x, const at::Tensor& w_ih,
+                                  const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
+                                  const at::Tensor& h0, const at::Tensor& c0,
+                                  const c10::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(x.dim() == 3, op, ": expected x of shape [T, B, I], got ", shape_str(x));
+  auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": expected x of dtype float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(1) % 4 == 0 && w_hh.size(1) == 4 * w_hh.size(2), op,
+              ": expected w_hh of shape [D, 4H, H], got ", shape_str(w_hh));
+  LstmDims d{x.size(0), x.size(1), x.size(2), w_hh.size(2), w_hh.size(0)};
+  TORCH_CHECK(d.D == 1 || d.D == 2, op, ": expected 1 or 2 directions (w_hh.size(0)), got ", d.D);
+  TORCH_CHECK(d.T > 0 && d.B > 0, op, ": expected x with T > 0 and B > 0, got ", shape_str(x));
+  check_shape(w_ih, {d.D, 4 * d.H, d.I}, "w_ih", op);
+  check_same(x, w_ih, "w_ih", op);
+  check_same(x, w_hh, "w_hh", op);
+  if (bias.has_value()) {
+    check_shape(*bias, {d.D, 4 * d.H}, "bias", op);
+    check_same(x, *bias, "bias", op);
+  }
+  check_shape(h0, {d.D, d.B, d.H}, "h0", op);
+  check_shape(c0, {d.D, d.B, d.H}, "c0", op);
+  check_same(x, h0, "h0", op);
+  check_same(x, c0, "c0", op);
+  if (lengths.has_value()) {
+    const auto& L = *lengths;
+    TORCH_CHECK(L.scalar_type() == at::kLong, op, ": expected lengths of dtype int64, got ",
+                L.scalar_type());
+    TORCH_CHECK(L.dim() == 1 && L.size(0) == d.B, op, ": expected lengths of shape [", d.B,
+                "], got ", shape_str(L));
+    TORCH_CHECK(L.device() == x.device(), op, ": lengths is on ", L.device(), " but x is on ",
+                x.device());
+    if (L.device().is_cpu()) {
+      auto Lc = L.contiguous();
+      const int64_t* p = Lc.data_ptr<int64_t>();
+      for (int64_t b = 0; b < d.B; ++b) {
+        TORCH_CHECK(p[b] >= 1 && p[b] <= d.T, op, ": lengths[", b, "] = ", p[b],
+                    " is out of range; every length must be in [1, T=", d.T, "]");
+      }
+    }
+  }
+  return d;
+}
+
+// The saved tensors and gradients are kept in the accumulation dtype.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_lstm_backward_inputs(const char* op, const LstmDims& d, const at::Tensor& x,
+                                       const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                                       const at::Tensor& grad_c_n, const at::Tensor& y,
+                                       const at::Tensor& gates, const at::Tensor& cell) {
+  TORCH_CHECK(gates.numel() > 0 && cell.numel() > 0, op,
+              ": the forward ran with train=False and saved nothing for backward; run "
+              "lstm_layer_forward with train=True to differentiate it");
+  check_shape(grad_y, {d.T, d.B, d.D * d.H}, "grad_y", op);
+  check_shape(grad_h_n, {d.D, d.B, d.H}, "grad_h_n", op);
+  check_shape(grad_c_n, {d.D, d.B, d.H}, "grad_c_n", op);
+  check_shape(y, {d.T, d.B, d.D * d.H}, "y", op);
+  check_shape(gates, {d.T, d.B, d.D, 4 * d.H}, "gates", op);
+  check_shape(cell, {d.T, d.B, d.D, d.H}, "cell", op);
+  check_same(x, grad_y, "grad_y", op);
+  check_same(x, grad_h_n, "grad_h_n", op);
+  check_same(x, grad_c_n, "grad_c_n", op);
+  check_same(x, y, "y", op);
+  auto acc = acc_dtype(x.scalar_type());
+  TORCH_CHECK(gates.scalar_type() == acc && cell.scalar_type() == acc, op,
+              ": expected gates and cell of dtype ", acc, ", got ", gates.scalar_type(), " and ",
+              cell.scalar_type());
+  TORCH_CHECK(gates.device() == x.device() && cell.device() == x.device(), op,
+              ": gates and cell must be on x's device ", x.device());
+}
+
+}  // namespace cnnlstm_ext

@@ -1,0 +1,39 @@
+"""Shared test set-up: the CUDA skip and a seeded random generator.
+
+Tests that need a GPU carry ``@pytest.mark.cuda`` (the marker is declared in pyproject.toml).
+Without a visible GPU, or with a build that lacks the CUDA kernels, every such test is skipped at
+collection, so ``pytest -m cuda`` on a GPU machine runs all of them and elsewhere skips all of them.
+``requires_cuda`` is the same condition as a decorator, for use next to ``pytest.mark.cuda``.
+"""
+import zlib
+
+import pytest
+import torch
+
+import cnnlstm_ext
+
+CUDA_READY = torch.cuda.is_available() and cnnlstm_ext.cuda_kernels_built()
+CUDA_SKIP_REASON = (
+    "needs a CUDA GPU and cnnlstm_ext built with its CUDA kernels (torch.cuda.is_available()=%s, "
+    "cnnlstm_ext.cuda_kernels_built()=%s)"
+    % (torch.cuda.is_available(), cnnlstm_ext.cuda_kernels_built()))
+
+requires_cuda = pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA_READY:
+        return
+    skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request) -> torch.Generator:
+    """Seeds torch's global RNG (module initialisation, dropout) and returns a CPU generator for
+    test data, both from a seed derived from the test's id: reproducible, and distinct per case."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,666 @@
+"""The fused LSTM on the CPU: parity with torch.nn.LSTM, the op against the reference, gradcheck,
+opcheck, torch.compile, optimizer-state transfer, fuse/unfuse and input errors.
+
+Sizes are tiny (I=3, H=4, T=5, B<=4) so the whole grid runs in seconds on two cores.
+"""
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+import cnnlstm_ext
+from cnnlstm_ext import FusedBiLSTM, FusedLSTM, fuse_lstm, ops, reference, unfuse_lstm
+
+I, H, T, B = 3, 4, 5, 3
+
+# Largest error allowed, relative to the largest magnitude of the expected tensor. bfloat16 is
+# compared with float32 nn.LSTM on the same bf16-rounded inputs and weights, so its error is the
+# rounding of outputs, gradients and the summed bias to bfloat16 (2^-8), accumulated over layers.
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32"),
+          pytest.param(torch.bfloat16, id="bfloat16")]
+LAYERS = [1, 2, 3]
+DIRECTIONS = [pytest.param(False, id="uni"), pytest.param(True, id="bi")]
+
+
+def assert_close_rel(actual, expected, rel, what):
+    """Elementwise |actual - expected| <= rel * max|expected| (+ rel * |expected|)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * max(scale, 1e-6),
+                               msg=lambda m: f"{what}: {m}")
+
+
+def nn_lstm_and_fused(dtype, **kwargs):
+    """An nn.LSTM (float64 for float64, else float32) and a FusedLSTM in `dtype` holding the same
+    weights as independent Parameters. For bfloat16 the nn.LSTM gets the bf16-rounded weights."""
+    ref = nn.LSTM(**kwargs)
+    fused = FusedLSTM(**kwargs, dtype=dtype)
+    fused.load_state_dict(ref.state_dict())
+    ref = ref.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    ref.load_state_dict(fused.state_dict())  # exact: bf16 -> fp32 is lossless
+    return ref, fused
+
+
+def forward_with_leaves(module, x, hx, prepare):
+    """Runs `module(prepare(x), hx)` on fresh leaf copies of x and hx; returns the outputs and the
+    leaves by name (input, h0, c0, then the parameters in registration order)."""
+    leaves = {"input": x.detach().clone().requires_grad_()}
+    if hx is not None:
+        leaves["h0"] = hx[0].detach().clone().requires_grad_()
+        leaves["c0"] = hx[1].detach().clone().requires_grad_()
+        hx = (leaves["h0"], leaves["c0"])
+    out, (h_n, c_n) = module(prepare(leaves["input"]), hx)
+    leaves.update(module.named_parameters())
+    return out, h_n, c_n, leaves
+
+
+def check_parity(ref, fused, x, hx, dtype, rng, prepare=lambda x: x):
+    """Outputs and the gradients of every leaf agree between nn.LSTM and FusedLSTM.
+
+    x, hx are float64 tensors; the fused side gets them in `dtype`, nn.LSTM in its own dtype after
+    the same rounding. The loss is a random projection of output, h_n and c_n, so every gradient
+    path is exercised with non-trivial incoming gradients.
+    """
+    ref_dtype = next(ref.parameters()).dtype
+    cast = lambda t, dt: t.to(dtype).to(dt)  # noqa: E731  (round to dtype first)
+    r_hx = None if hx is None else tuple(cast(t, ref_dtype) for t in hx)
+    f_hx = None if hx is None else tuple(t.to(dtype) for t in hx)
+    r_out, r_h, r_c, r_leaves = forward_with_leaves(ref, cast(x, ref_dtype), r_hx, prepare)
+    f_out, f_h, f_c, f_leaves = forward_with_leaves(fused, x.to(dtype), f_hx, prepare)
+    if isinstance(r_out, PackedSequence):
+        assert isinstance(f_out, PackedSequence)
+        for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+            a, b = getattr(f_out, field), getattr(r_out, field)
+            assert (a is None and b is None) or torch.equal(a, b), field
+        r_out, f_out = r_out.data, f_out.data
+    assert list(f_leaves) == list(r_leaves)
+    rel = REL_TOL[dtype]
+    for name, f, r in (("output", f_out, r_out), ("h_n", f_h, r_h), ("c_n", f_c, r_c)):
+        assert f.dtype == dtype and f.shape == r.shape, (name, f.dtype, f.shape, r.shape)
+        assert_close_rel(f, r, rel, name)
+    weights = [torch.randn(t.shape, generator=rng, dtype=torch.float64).to(ref_dtype)
+               for t in (r_out, r_h, r_c)]
+    loss = lambda outs: sum((o.to(ref_dtype) * w).sum() for o, w in zip(outs, weights))  # noqa: E731
+    r_grads = torch.autograd.grad(loss((r_out, r_h, r_c)), list(r_leaves.values()))
+    f_grads = torch.autograd.grad(loss((f_out, f_h, f_c)), list(f_leaves.values()))
+    for name, f, r in zip(r_leaves, f_grads, r_grads):
+        assert f.dtype == dtype, (name, f.dtype)
+        assert_close_rel(f, r, rel, f"grad of {name}")
+
+
+def randn(*shape, rng):
+    return torch.randn(*shape, generator=rng, dtype=torch.float64)
+
+
+def random_hx(num_states, batch, rng):
+    shape = (num_states, H) if batch is None else (num_states, batch, H)
+    return randn(*shape, rng=rng), randn(*shape, rng=rng)
+
+
+# --- parity with nn.LSTM ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+@pytest.mark.parametrize("bidirectional", DIRECTIONS)
+@pytest.mark.parametrize("num_layers", LAYERS)
+def test_forward_backward_match_nn_lstm_padded(num_layers, bidirectional, batch_first, with_hx,
+                                               dtype, rng):
+    ref, fused = nn_lstm_and_fused(dtype, input_size=I, hidden_size=H, num_layers=num_layers,
+                                   batch_first=batch_first, bidirectional=bidirectional)
+    x = randn(*((B, T, I) if batch_first else (T, B, I)), rng=rng)
+    hx = random_hx(num_layers * (1 + bidirectional), B, rng) if with_hx else None
+    check_parity(ref, fused, x, hx, dtype, rng)
+
+
+PACKINGS = {
+    # name: (lengths, enforce_sorted, batch_first). FusedLSTM ignores batch_first for a
+    # PackedSequence (as nn.LSTM does); one case checks that on batch-first padded input.
+    "sorted_enforced": ([5, 4, 2, 1], True, False),
+    "sorted_not_enforced": ([5, 4, 2, 1], False, False),
+    "unsorted": ([2, 5, 1, 4], False, False),
+    "unsorted_max_below_T_batch_first": ([2, 4, 1, 3], False, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("packing", list(PACKINGS))
+@pytest.mark.parametrize("bidirectional", DIRECTIONS)
+@pytest.mark.parametrize("num_layers", LAYERS)
+def test_forward_backward_match_nn_lstm_packed(num_layers, bidirectional, packing, with_hx, dtype,
+                                               rng):
+    lengths, enforce_sorted, batch_first = PACKINGS[packing]
+    batch = len(lengths)
+    ref, fused = nn_lstm_and_fused(dtype, input_size=I, hidden_size=H, num_layers=num_layers,
+                                   batch_first=batch_first, bidirectional=bidirectional)
+    x = randn(*((batch, T, I) if batch_first else (T, batch, I)), rng=rng)
+    hx = random_hx(num_layers * (1 + bidirectional), batch, rng) if with_hx else None
+    pack = lambda x: pack_padded_sequence(x, torch.tensor(lengths), batch_first=batch_first,  # noqa: E731
+                                          enforce_sorted=enforce_sorted)
+    check_parity(ref, fused, x, hx, dtype, rng, prepare=pack)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("bidirectional", DIRECTIONS)
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_forward_backward_match_nn_lstm_unbatched(num_layers, bidirectional, with_hx, dtype, rng):
+    ref, fused = nn_lstm_and_fused(dtype, input_size=I, hidden_size=H, num_layers=num_layers,
+                                   bidirectional=bidirectional)
+    x = randn(T, I, rng=rng)
+    hx = random_hx(num_layers * (1 + bidirectional), None, rng) if with_hx else None
+    check_parity(ref, fused, x, hx, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bidirectional", DIRECTIONS)
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_forward_backward_match_nn_lstm_without_bias(num_layers, bidirectional, dtype, rng):
+    ref, fused = nn_lstm_and_fused(dtype, input_size=I, hidden_size=H, num_layers=num_layers,
+                                   bidirectional=bidirectional, bias=False)
+    assert not any("bias" in name for name, _ in fused.named_parameters())
+    check_parity(ref, fused, randn(T, B, I, rng=rng), random_hx(num_layers * (1 + bidirectional),
+                                                                  B, rng), dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bidirectional", DIRECTIONS)
+@pytest.mark.parametrize("num_layers", [2, 3])
+def test_forward_backward_match_nn_lstm_dropout_in_eval_mode(num_layers, bidirectional, dtype, rng):
+    ref, fused = nn_lstm_and_fused(dtype, input_size=I, hidden_size=H, num_layers=num_layers,
+                                   bidirectional=bidirectional, dropout=0.5)
+    ref.eval()
+    fused.eval()
+    check_parity(ref, fused, randn(T, B, I, rng=rng), None, dtype, rng)
+
+
+@pytest.mark.parametrize("bidirectional", DIRECTIONS)
+def test_forward_backward_match_nn_lstm_dropout_in_train_mode_same_seed(bidirectional, rng):
+    # Inter-layer dropout draws its mask exactly as nn.LSTM's CPU path does (one dropout call on
+    # each lower layer's [T, B, D*H] output), so the same seed gives the same masks.
+    ref, fused = nn_lstm_and_fused(torch.float64, input_size=I, hidden_size=H, num_layers=3,
+                                   bidirectional=bidirectional, dropout=0.5)
+    x = randn(T, B, I, rng=rng)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+
+    def seeded(module):
+        class Seeded(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = module
+
+            def forward(self, x, hx):
+                torch.manual_seed(seed)
+                return self.inner(x, hx)
+
+        return Seeded()
+
+    out_eval, _ = fused.eval()(x)
+    fused.train()
+    out_train, _ = fused(x)
+    assert not torch.allclose(out_train, out_eval)  # dropout is active
+    # check_parity reads parameters through module.named_parameters(): prefixes match on both.
+    check_parity(seeded(ref), seeded(fused), x, None, torch.float64, rng)
+
+
+def test_from_lstm_shares_parameters_and_matches(rng):
+    ref = nn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True).double()
+    fused = FusedLSTM.from_lstm(ref)
+    assert [(n, id(p)) for n, p in fused.named_parameters()] == \
+        [(n, id(p)) for n, p in ref.named_parameters()]
+    assert (fused.batch_first, fused.bidirectional, fused.num_layers, fused.training) == \
+        (True, True, 2, True)
+    x = randn(B, T, I, rng=rng)
+    out_f, (h_f, c_f) = fused(x)
+    out_r, (h_r, c_r) = ref(x)
+    for name, f, r in (("output", out_f, out_r), ("h_n", h_f, h_r), ("c_n", c_f, c_r)):
+        assert_close_rel(f, r, REL_TOL[torch.float64], name)
+
+
+# --- lengths= -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lengths_as", ["int64", "int32", "list"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+@pytest.mark.parametrize("bidirectional", DIRECTIONS)
+def test_lengths_keyword_equals_packing(bidirectional, batch_first, lengths_as, rng):
+    lengths = [2, 5, 1, 3]
+    batch = len(lengths)
+    fused = FusedLSTM(I, H, num_layers=2, bidirectional=bidirectional, batch_first=batch_first,
+                      dtype=torch.float64)
+    x = randn(*((batch, T, I) if batch_first else (T, batch, I)), rng=rng)
+    hx = random_hx(2 * (1 + bidirectional), batch, rng)
+    given = {"int64": torch.tensor(lengths), "int32": torch.tensor(lengths, dtype=torch.int32),
+             "list": lengths}[lengths_as]
+
+    x_l, h0_l, c0_l = (t.clone().requires_grad_() for t in (x, *hx))
+    out_l, (h_l, c_l) = fused(x_l, (h0_l, c0_l), lengths=given)
+    x_p, h0_p, c0_p = (t.clone().requires_grad_() for t in (x, *hx))
+    packed = pack_padded_sequence(x_p, torch.tensor(lengths), batch_first=batch_first,
+                                  enforce_sorted=False)
+    out_packed, (h_p, c_p) = fused(packed, (h0_p, c0_p))
+    out_p, _ = pad_packed_sequence(out_packed, batch_first=batch_first, total_length=T)
+
+    torch.testing.assert_close(out_l, out_p, rtol=0, atol=1e-12)
+    torch.testing.assert_close(h_l, h_p, rtol=0, atol=1e-12)
+    torch.testing.assert_close(c_l, c_p, rtol=0, atol=1e-12)
+    time_dim = 1 if batch_first else 0
+    for b, n in enumerate(lengths):  # padding is zero and not computed
+        padding = out_l.select(1 - time_dim, b).narrow(0, n, T - n)
+        assert torch.count_nonzero(padding) == 0
+    weights = [randn(*t.shape, rng=rng) for t in (out_l, h_l, c_l)]
+    loss = lambda outs: sum((o * w).sum() for o, w in zip(outs, weights))  # noqa: E731
+    g_l = torch.autograd.grad(loss((out_l, h_l, c_l)), [x_l, h0_l, c0_l, *fused.parameters()])
+    g_p = torch.autograd.grad(loss((out_p, h_p, c_p)), [x_p, h0_p, c0_p, *fused.parameters()])
+    for a, b in zip(g_l, g_p):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+# --- the op against the reference ---------------------------------------------------------------
+
+def op_inputs(D, with_bias, with_lengths, dtype, rng, t=T, b=B, i=I, h=H):
+    """Random leaves for lstm_layer: x [t, b, i], w_ih [D, 4h, i], w_hh [D, 4h, h], bias [D, 4h],
+    h0, c0 [D, b, h], and lengths [b] (one sequence at full length, one of length 1) or None."""
+    mk = lambda *s: randn(*s, rng=rng).mul(0.5).to(dtype).requires_grad_()  # noqa: E731
+    x, w_ih, w_hh = mk(t, b, i), mk(D, 4 * h, i), mk(D, 4 * h, h)
+    bias = mk(D, 4 * h) if with_bias else None
+    h0, c0 = mk(D, b, h), mk(D, b, h)
+    lengths = None
+    if with_lengths:
+        lengths = torch.randint(1, t + 1, (b,), generator=rng)
+        lengths[0], lengths[-1] = t, 1
+    return x, w_ih, w_hh, bias, h0, c0, lengths
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("D", [1, 2], ids=["forward_dir", "both_dirs"])
+def test_op_matches_reference(D, with_bias, with_lengths, dtype, rng):
+    x, w_ih, w_hh, bias, h0, c0, lengths = op_inputs(D, with_bias, with_lengths, dtype, rng, b=4)
+    leaves = [t for t in (x, w_ih, w_hh, bias, h0, c0) if t is not None]
+    got = ops.lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths)
+    want = reference.lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths)
+    rel = REL_TOL[dtype]
+    for name, g, w in zip(("y", "h_n", "c_n"), got, want):
+        assert g.shape == w.shape and g.dtype == dtype
+        assert_close_rel(g, w, rel, name)
+    weights = [randn(*t.shape, rng=rng).to(dtype) for t in want]
+    loss = lambda outs: sum((o * w).sum() for o, w in zip(outs, weights))  # noqa: E731
+    g_got = torch.autograd.grad(loss(got), leaves)
+    g_want = torch.autograd.grad(loss(want), leaves)
+    names = [n for n, t in zip(("x", "w_ih", "w_hh", "bias", "h0", "c0"),
+                               (x, w_ih, w_hh, bias, h0, c0)) if t is not None]
+    for name, g, w in zip(names, g_got, g_want):
+        assert_close_rel(g, w, rel, f"grad of {name}")
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("D", [1, 2], ids=["forward_dir", "both_dirs"])
+def test_op_gradcheck_float64(D, with_lengths, rng):
+    x, w_ih, w_hh, bias, h0, c0, lengths = op_inputs(D, True, with_lengths, torch.float64, rng,
+                                                     t=3, b=2, i=2, h=2)
+    if lengths is not None:
+        lengths = torch.tensor([3, 2])
+    fn = lambda *a: ops.lstm_layer(*a, lengths)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w_ih, w_hh, bias, h0, c0), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_op_forward_passes_opcheck(train, with_bias, with_lengths, rng):
+    x, w_ih, w_hh, bias, h0, c0, lengths = op_inputs(2, with_bias, with_lengths, torch.float32, rng)
+    args = [x, w_ih, w_hh, bias, h0, c0]
+    if not train:  # train=False saves nothing for backward: it is the no-grad (inference) call
+        args = [None if t is None else t.detach() for t in args]
+    torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_forward, (*args, lengths, train))
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_op_backward_passes_opcheck(with_lengths, rng):
+    x, w_ih, w_hh, bias, h0, c0, lengths = (
+        None if t is None else t.detach()
+        for t in op_inputs(2, True, with_lengths, torch.float32, rng))
+    y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(
+        x, w_ih, w_hh, bias, h0, c0, lengths, True)
+    grads = [randn(*t.shape, rng=rng).float() for t in (y, h_n, c_n)]
+    torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_backward,
+                          (*grads, x, w_ih, w_hh, h0, c0, lengths, y, gates, cell))
+
+
+def test_op_inference_call_saves_nothing(rng):
+    x, w_ih, w_hh, bias, h0, c0, _ = (None if t is None else t.detach()
+                                      for t in op_inputs(2, True, False, torch.float32, rng))
+    y_train, *_, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(
+        x, w_ih, w_hh, bias, h0, c0, None, True)
+    y_eval, *_, no_gates, no_cell = torch.ops.cnnlstm_ext.lstm_layer_forward(
+        x, w_ih, w_hh, bias, h0, c0, None, False)
+    assert gates.shape == (T, B, 2, 4 * H) and cell.shape == (T, B, 2, H)
+    assert no_gates.numel() == 0 and no_cell.numel() == 0
+    torch.testing.assert_close(y_eval, y_train, rtol=0, atol=0)
+
+
+# --- torch.compile --------------------------------------------------------------------------------
+
+class BiLSTMClassifier(nn.Module):
+    """x: [B, T, I] -> logits [B, classes] from the mean of the BiLSTM outputs."""
+
+    def __init__(self, lstm: nn.Module, classes: int = 3):
+        super().__init__()
+        self.lstm = lstm
+        self.head = nn.Linear(2 * lstm.hidden_size, classes)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        return self.head(y.mean(dim=1))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_matches_eager(backend, rng):
+    torch._dynamo.reset()
+    model = BiLSTMClassifier(FusedBiLSTM(I, H, num_layers=2, batch_first=True))
+    x = randn(B, T, I, rng=rng).float()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out_c = compiled(x)
+    grads_c = torch.autograd.grad(out_c.square().sum(), list(model.parameters()))
+    out_e = model(x)
+    grads_e = torch.autograd.grad(out_e.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    for (name, _), gc, ge in zip(model.named_parameters(), grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# --- optimizer state, fuse/unfuse, state dicts ---------------------------------------------------
+
+def adamw_steps(model, opt, batches):
+    losses = []
+    for x, target in batches:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("direction", ["nn_to_fused", "fused_to_nn"])
+def test_adamw_training_continues_after_moving_state(direction, rng):
+    # Train 3 steps with one implementation, move model and optimizer state into the other, then
+    # 3 more steps on both: the two trajectories must stay together.
+    src_cls, dst_cls = (nn.LSTM, FusedLSTM) if direction == "nn_to_fused" else (FusedLSTM, nn.LSTM)
+    make = lambda cls: BiLSTMClassifier(  # noqa: E731
+        cls(I, H, num_layers=2, bidirectional=True, batch_first=True))
+    batches = [(randn(B, T, I, rng=rng).float(), torch.randint(0, 3, (B,), generator=rng))
+               for _ in range(6)]
+    src = make(src_cls)
+    src_opt = torch.optim.AdamW(src.parameters(), lr=1e-2, weight_decay=1e-4)
+    adamw_steps(src, src_opt, batches[:3])
+
+    # Through a checkpoint in memory: load_state_dict alone would alias src's optimizer tensors.
+    buffer = io.BytesIO()
+    torch.save({"model": src.state_dict(), "optimizer": src_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    dst = make(dst_cls)
+    dst.load_state_dict(checkpoint["model"])
+    dst_opt = torch.optim.AdamW(dst.parameters(), lr=1e-2, weight_decay=1e-4)
+    dst_opt.load_state_dict(checkpoint["optimizer"])
+    src_losses = adamw_steps(src, src_opt, batches[3:])
+    dst_losses = adamw_steps(dst, dst_opt, batches[3:])
+
+    assert dst_losses == pytest.approx(src_losses, rel=1e-5)
+    assert list(dst.state_dict()) == list(src.state_dict())
+    for (name, p_dst), p_src in zip(dst.named_parameters(), src.parameters()):
+        torch.testing.assert_close(p_dst, p_src, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+        state_dst, state_src = dst_opt.state[p_dst], src_opt.state[p_src]
+        assert float(state_dst["step"]) == float(state_src["step"]) == 6
+        torch.testing.assert_close(state_dst["exp_avg_sq"], state_src["exp_avg_sq"], rtol=1e-4,
+                                   atol=1e-12, msg=lambda m: f"exp_avg_sq of {name}: {m}")
+
+
+class NestedLSTMs(nn.Module):
+    """LSTMs at several depths, plus one with projections that fuse_lstm must leave alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.frame = nn.Linear(I, I)
+        self.temporal = nn.ModuleDict({"lstm": nn.LSTM(I, H, num_layers=2, bidirectional=True)})
+        self.blocks = nn.Sequential(nn.Sequential(nn.LSTM(2 * H, H, batch_first=False)))
+        self.projected = nn.LSTM(H, H, proj_size=2)
+
+    def forward(self, x):  # x: [T, B, I]
+        y, _ = self.temporal["lstm"](torch.tanh(self.frame(x)))
+        y, _ = self.blocks[0][0](y)
+        y, _ = self.projected(y)
+        return y
+
+
+def test_fuse_unfuse_round_trip_keeps_parameters_and_outputs(rng):
+    model = NestedLSTMs()
+    params_before = [(name, id(p)) for name, p in model.named_parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before fusing
+    x = randn(T, B, I, rng=rng).float()
+    out_nn = model(x)
+
+    assert fuse_lstm(model) is model
+    assert type(model.temporal["lstm"]) is FusedLSTM
+    assert type(model.blocks[0][0]) is FusedLSTM
+    assert type(model.projected) is nn.LSTM  # proj_size > 0 is not fused
+    assert [(name, id(p)) for name, p in model.named_parameters()] == params_before
+    out_fused = model(x)
+    torch.testing.assert_close(out_fused, out_nn, rtol=1e-5, atol=1e-6)
+
+    # The optimizer built on the nn.LSTM parameters steps the fused model.
+    lstm_weight = model.temporal["lstm"].weight_hh_l0_reverse
+    before = lstm_weight.detach().clone()
+    opt.zero_grad()
+    out_fused.square().sum().backward()
+    assert lstm_weight.grad is not None and lstm_weight.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(lstm_weight, before)
+    out_stepped = model(x)
+
+    assert unfuse_lstm(model) is model
+    assert type(model.temporal["lstm"]) is nn.LSTM
+    assert type(model.blocks[0][0]) is nn.LSTM
+    assert [(name, id(p)) for name, p in model.named_parameters()] == params_before
+    torch.testing.assert_close(model(x), out_stepped, rtol=1e-5, atol=1e-6)
+
+
+def test_fuse_lstm_of_bare_lstm_returns_fused_module(rng):
+    lstm = nn.LSTM(I, H, num_layers=2, dropout=0.25).eval()
+    fused = fuse_lstm(lstm)
+    assert isinstance(fused, FusedLSTM) and not fused.training and fused.dropout == 0.25
+    assert all(a is b for a, b in zip(fused.parameters(), lstm.parameters()))
+    back = unfuse_lstm(fused)
+    assert type(back) is nn.LSTM and not back.training
+    assert all(a is b for a, b in zip(back.parameters(), lstm.parameters()))
+    x = randn(T, B, I, rng=rng).float()
+    torch.testing.assert_close(fused(x)[0], lstm(x)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(back(x)[0], lstm(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("bidirectional", DIRECTIONS)
+@pytest.mark.parametrize("num_layers", LAYERS)
+def test_state_dict_and_parameters_match_nn_lstm(num_layers, bidirectional, bias):
+    ref = nn.LSTM(I, H, num_layers=num_layers, bidirectional=bidirectional, bias=bias)
+    fused = FusedLSTM(I, H, num_layers=num_layers, bidirectional=bidirectional, bias=bias)
+    describe = lambda sd: [(k, tuple(v.shape), v.dtype) for k, v in sd.items()]  # noqa: E731
+    assert describe(fused.state_dict()) == describe(ref.state_dict())
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert [n for n, _ in fused.named_buffers()] == [n for n, _ in ref.named_buffers()]
+    assert fused._flat_weights_names == ref._flat_weights_names
+    # Both directions load strictly.
+    ref.load_state_dict(fused.state_dict())
+    fused.load_state_dict(ref.state_dict())
+
+
+def test_fused_bilstm_is_a_bidirectional_fused_lstm():
+    bi = FusedBiLSTM(I, H, num_layers=3, batch_first=True)
+    assert isinstance(bi, FusedLSTM) and bi.bidirectional and bi.batch_first
+    ref = nn.LSTM(I, H, num_layers=3, batch_first=True, bidirectional=True)
+    assert list(bi.state_dict()) == list(ref.state_dict())
+    assert repr(bi) == repr(ref).replace("LSTM(", "FusedBiLSTM(", 1)
+
+
+def test_initialisation_matches_nn_lstm_range(rng):
+    bound = 1.0 / H ** 0.5
+    for p in FusedLSTM(I, H, num_layers=2, bidirectional=True).parameters():
+        assert p.abs().max() <= bound and p.std() > bound / 4  # U(-1/sqrt(H), 1/sqrt(H))
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def bi2():
+    """FusedLSTM(3, 4, num_layers=2, bidirectional=True): 4 states of [B, 4]."""
+    return FusedLSTM(I, H, num_layers=2, bidirectional=True)
+
+
+def test_error_wrong_feature_size(bi2):
+    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. "
+                                           r"Expected 3, got 5"):
+        bi2(torch.randn(T, B, 5))
+
+
+@pytest.mark.parametrize("which", ["h0", "c0"])
+def test_error_wrong_state_shape(bi2, which):
+    good, bad = torch.randn(4, B, H), torch.randn(2, B, H)
+    hx = (bad, good) if which == "h0" else (good, bad)
+    name = "hidden\\[0\\]" if which == "h0" else "hidden\\[1\\]"
+    with pytest.raises(RuntimeError, match=rf"Expected {name} size \(4, 3, 4\), got \[2, 3, 4\]"):
+        bi2(torch.randn(T, B, I), hx)
+
+
+def test_error_state_dims_do_not_match_input(bi2):
+    with pytest.raises(RuntimeError, match="For batched 3-D input, hx and cx should also be 3-D"):
+        bi2(torch.randn(T, B, I), (torch.randn(4, H), torch.randn(4, H)))
+    with pytest.raises(RuntimeError, match="For unbatched 2-D input, hx and cx should also be 2-D"):
+        bi2(torch.randn(T, I), (torch.randn(4, B, H), torch.randn(4, B, H)))
+
+
+def test_error_input_not_2d_or_3d(bi2):
+    with pytest.raises(ValueError, match="Expected input to be 2D or 3D, got 4D"):
+        bi2(torch.randn(T, B, 1, I))
+
+
+def test_error_input_dtype_differs_from_parameters(bi2):
+    with pytest.raises(RuntimeError, match="input has dtype torch.float64 but the parameters have "
+                                           "dtype torch.float32"):
+        bi2(torch.randn(T, B, I, dtype=torch.float64))
+
+
+def test_error_state_dtype_differs_from_parameters(bi2):
+    hx = (torch.randn(4, B, H), torch.randn(4, B, H, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="cx has dtype torch.bfloat16 but the parameters have "
+                                           "dtype torch.float32"):
+        bi2(torch.randn(T, B, I), hx)
+
+
+def test_error_input_on_other_device_than_parameters(bi2):
+    with pytest.raises(RuntimeError, match="input is on meta but the parameters are on cpu"):
+        bi2(torch.randn(T, B, I, device="meta"))
+
+
+@pytest.mark.skipif(cnnlstm_ext.cuda_kernels_built(),
+                    reason="this build has the CUDA kernels; the error is for builds without them")
+def test_error_cuda_tensor_without_cuda_kernels():
+    # Fake CUDA tensors need no GPU, so the check is exercised on any machine.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        lstm = FusedLSTM(I, H, device="cuda")
+        x = torch.randn(T, B, I, device="cuda")
+        with pytest.raises(RuntimeError, match="built without its CUDA kernels"):
+            lstm(x)
+
+
+@pytest.mark.parametrize("bad", [0, T + 1], ids=["zero", "longer_than_T"])
+def test_error_lengths_out_of_range(bi2, bad):
+    with pytest.raises(ValueError, match=rf"lengths must be in \[1, {T}\] \(the padded length\)"):
+        bi2(torch.randn(T, B, I), lengths=torch.tensor([2, bad, 1]))
+
+
+@pytest.mark.parametrize("lengths", [torch.tensor([2, 1]), torch.tensor([[2, 1, 3]])],
+                         ids=["too_few", "2d"])
+def test_error_lengths_wrong_shape(bi2, lengths):
+    with pytest.raises(ValueError, match=r"lengths must have shape \[3\]"):
+        bi2(torch.randn(T, B, I), lengths=lengths)
+
+
+def test_error_lengths_not_integer(bi2):
+    with pytest.raises(TypeError, match="lengths must be an integer tensor, got torch.float32"):
+        bi2(torch.randn(T, B, I), lengths=torch.tensor([2.0, 1.0, 3.0]))
+
+
+def test_error_lengths_with_packed_sequence(bi2):
+    packed = pack_padded_sequence(torch.randn(T, B, I), torch.tensor([5, 3, 1]))
+    with pytest.raises(ValueError, match="lengths cannot be given with a PackedSequence"):
+        bi2(packed, lengths=torch.tensor([5, 3, 1]))
+
+
+def test_error_proj_size_not_supported():
+    with pytest.raises(NotImplementedError, match="proj_size > 0"):
+        FusedLSTM(I, H, proj_size=2)
+    with pytest.raises(NotImplementedError, match="proj_size > 0"):
+        FusedLSTM.from_lstm(nn.LSTM(I, H, proj_size=2))
+
+
+def raw_inputs(D=2):
+    """Valid lstm_layer_forward arguments (float32, bias, no lengths, train=True)."""
+    return dict(x=torch.randn(T, B, I), w_ih=torch.randn(D, 4 * H, I),
+                w_hh=torch.randn(D, 4 * H, H), bias=torch.randn(D, 4 * H),
+                h0=torch.randn(D, B, H), c0=torch.randn(D, B, H), lengths=None, train=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(w_hh=torch.randn(2, 12, 4)), r"expected w_hh of shape \[D, 4H, H\], got \[2, 12, 4\]"),
+    (dict(w_ih=torch.randn(2, 16, 5)), r"expected w_ih of shape \[2, 16, 3\], got \[2, 16, 5\]"),
+    (dict(bias=torch.randn(2, 15)), r"expected bias of shape \[2, 16\], got \[2, 15\]"),
+    (dict(h0=torch.randn(1, B, H)), r"expected h0 of shape \[2, 3, 4\], got \[1, 3, 4\]"),
+    (dict(x=torch.randn(T, I)), r"expected x of shape \[T, B, I\], got \[5, 3\]"),
+    (dict(c0=torch.randn(2, B, H, dtype=torch.float64)),
+     r"c0 has dtype Double but x has dtype Float"),
+    (dict(lengths=torch.tensor([1, 2, 3], dtype=torch.int32)),
+     r"expected lengths of dtype int64, got Int"),
+    (dict(lengths=torch.tensor([1, 2])), r"expected lengths of shape \[3\], got \[2\]"),
+    (dict(lengths=torch.tensor([1, 0, 3])), r"lengths\[1\] = 0 is out of range; every length must "
+                                            r"be in \[1, T=5\]"),
+    (dict(lengths=torch.tensor([1, 6, 3])), r"lengths\[1\] = 6 is out of range"),
+    (dict(x=torch.randn(T, B, I).int()), r"expected x of dtype float32, float64, bfloat16 or "
+                                         r"float16, got Int"),
+], ids=["w_hh_shape", "w_ih_shape", "bias_shape", "h0_shape", "x_2d", "c0_dtype",
+        "lengths_dtype", "lengths_shape", "lengths_zero", "lengths_over_T", "x_int"])
+def test_error_raw_op_checks(change, message):
+    args = {**raw_inputs(), **change}
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.cnnlstm_ext.lstm_layer_forward(**args)
+
+
+def test_error_raw_op_mixed_meta_and_cpu():
+    args = {**raw_inputs(), "w_ih": torch.randn(2, 4 * H, I, device="meta")}
+    with pytest.raises(RuntimeError, match="w_ih is on meta but x is on cpu"):
+        torch.ops.cnnlstm_ext.lstm_layer_forward(**args)
+
+
+def test_error_raw_op_backward_after_inference_forward():
+    a = raw_inputs()
+    y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(**{**a, "train": False})
+    with pytest.raises(RuntimeError, match="the forward ran with train=False and saved nothing"):
+        torch.ops.cnnlstm_ext.lstm_layer_backward(
+            torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), a["x"], a["w_ih"],
+            a["w_hh"], a["h0"], a["c0"], None, y, gates, cell)
+
+
+def test_error_autograd_through_inference_forward():
+    a = raw_inputs()
+    x = a["x"].requires_grad_()
+    y, *_ = torch.ops.cnnlstm_ext.lstm_layer_forward(**{**a, "x": x, "train": False})
+    with pytest.raises(RuntimeError, match="run lstm_layer_forward with train=True"):
+        y.sum().backward()
