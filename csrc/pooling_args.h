@@ -124,11 +124,13 @@ inline at::Tensor temporal_pool_input(const at::Tensor& x, bool batch_first, Tem
 }
 
 // Validates lengths (int64 [B], values in [1, T]) and returns it contiguous on `device`, or an
-// undefined tensor when there are none (every sequence has T valid steps). Lengths on a CUDA
-// device are checked through one small reduction and a synchronisation: a bad length would
-// otherwise go unnoticed (mean, max, attention) or read out of bounds ("last").
+// undefined tensor when there are none (every sequence has T valid steps). Values on a CUDA device
+// are read back to the host (one small copy and a synchronisation) unless check_values is false,
+// which the CUDA kernels pass while a CUDA graph is being captured (no synchronisation is allowed
+// there); the CUDA kernels clamp lengths to [1, T] so that they never read out of bounds.
 inline at::Tensor temporal_pool_lengths(const c10::optional<at::Tensor>& lengths, int64_t B, int64_t T,
-                                        const at::Device& device, const char* op = "temporal_pool") {
+                                        const at::Device& device, const char* op = "temporal_pool",
+                                        bool check_values = true) {
   if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
   const at::Tensor& l = *lengths;
   TORCH_CHECK(l.scalar_type() == at::kLong, op, ": lengths must be int64, got ", l.scalar_type());
@@ -136,24 +138,16 @@ inline at::Tensor temporal_pool_lengths(const c10::optional<at::Tensor>& lengths
               l.sizes());
   TORCH_CHECK(l.device().is_cpu() || l.device() == device, op, ": lengths must be on the CPU or on ",
               device, " (x's device), got ", l.device());
-  if (B == 0) return l.to(device);
-  int64_t lo, hi;
-  if (l.device().is_cpu()) {
-    const at::Tensor lc = l.contiguous();
-    const int64_t* p = lc.const_data_ptr<int64_t>();
-    lo = hi = p[0];
-    for (int64_t b = 1; b < B; ++b) {
-      lo = std::min(lo, p[b]);
-      hi = std::max(hi, p[b]);
+  if (check_values && B > 0) {
+    const at::Tensor host = l.device().is_cpu() ? l.contiguous() : l.to(at::kCPU);
+    const int64_t* p = host.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(p[b] >= 1, op, ": lengths[", b, "] = ", p[b],
+                  "; every length must be >= 1 (a sequence needs at least one valid step)");
+      TORCH_CHECK(p[b] <= T, op, ": lengths[", b, "] = ", p[b], "; every length must be <= T = ", T,
+                  " (x's time steps)");
     }
-  } else {
-    const auto [mn, mx] = at::aminmax(l);
-    lo = mn.item<int64_t>();
-    hi = mx.item<int64_t>();
   }
-  TORCH_CHECK(lo >= 1, op, ": every length must be >= 1 (a sequence needs at least one valid step), ",
-              "got a length of ", lo);
-  TORCH_CHECK(hi <= T, op, ": every length must be <= T = ", T, " (x's time steps), got ", hi);
   return l.to(device).contiguous();
 }
 
