@@ -35,10 +35,10 @@ def score_params(d, device, dtype=torch.float32, seed=1):
     return w.to(device=device, dtype=dtype), bias.to(device=device, dtype=dtype)
 
 
-def pool_kwargs(mode, device, dtype, bidirectional=False):
+def pool_kwargs(mode, device, dtype, bidirectional=False, d=D):
     kw = {"mode": mode, "bidirectional": bidirectional}
     if mode == "attention":
-        kw["score_weight"], kw["score_bias"] = score_params(D, device, dtype)
+        kw["score_weight"], kw["score_bias"] = score_params(d, device, dtype)
     return kw
 
 
@@ -63,14 +63,15 @@ def as_double(kw):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_lengths", [True, False])
-def test_temporal_pool_matches_reference(device, dtype, mode, batch_first, with_lengths):
-    x = lstm_outputs(T, B, D, dtype, device, mode, batch_first)
+@pytest.mark.parametrize("d", [D, 64])  # 64: 16-byte accesses on CUDA; 37: element by element
+def test_temporal_pool_matches_reference(device, dtype, mode, batch_first, with_lengths, d):
+    x = lstm_outputs(T, B, d, dtype, device, mode, batch_first)
     lengths = torch.tensor(LENGTHS, device=device) if with_lengths else None
-    kw = pool_kwargs(mode, device, dtype)
+    kw = pool_kwargs(mode, device, dtype, d=d)
     out = ops.temporal_pool(x, lengths, batch_first=batch_first, **kw)
     ref = reference.temporal_pool(x, lengths, batch_first=batch_first, **kw)
     exact = reference.temporal_pool(x.double(), lengths, batch_first=batch_first, **as_double(kw))
-    assert out.shape == (B, D) and out.dtype == dtype
+    assert out.shape == (B, d) and out.dtype == dtype
     if mode in ("max", "last"):
         assert torch.equal(out, ref)
     else:
@@ -107,8 +108,8 @@ def test_temporal_pool_ignores_padding(device, mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_temporal_pool_gradient_matches_reference(device, mode, batch_first, bidirectional):
-    d = 2 * D
+@pytest.mark.parametrize("d", [2 * D, 64])
+def test_temporal_pool_gradient_matches_reference(device, mode, batch_first, bidirectional, d):
     x = lstm_outputs(T, B, d, torch.float32, device, mode, batch_first).requires_grad_()
     lengths = torch.tensor(LENGTHS, device=device)
     grad = torch.randn(B, d, device=device)
