@@ -21,16 +21,6 @@ __all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm"]
 _HX = Tuple[Tensor, Tensor]
 
 
-def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype for x's device when autocast is on and x is floating point, else None."""
-    device_type = x.device.type
-    if device_type not in ("cuda", "cpu") or not torch.is_floating_point(x):
-        return None
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 def _cuda_kernels_built() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(
         "cnnlstm_ext::lstm_layer_forward", "CUDA")
@@ -150,7 +140,10 @@ class FusedLSTM(nn.Module):
             if tuple(t.shape) != expected:
                 raise RuntimeError(f"Expected {name} size {expected}, got {list(t.shape)}")
         weight = self.weight_ih_l0
-        autocast = _autocast_dtype(x) is not None
+        # Under autocast the op casts everything to autocast's dtype, so (as in nn.LSTM) the
+        # input may differ from the parameters, e.g. bfloat16 features from an autocast Linear.
+        autocast = (torch.amp.is_autocast_available(x.device.type)
+                    and torch.is_autocast_enabled(x.device.type))
         for name, t in (("input", x), ("hx", hx[0]), ("cx", hx[1])):
             if t.dtype != weight.dtype and not autocast:
                 raise RuntimeError(f"{name} has dtype {t.dtype} but the parameters have dtype "
@@ -168,19 +161,12 @@ class FusedLSTM(nn.Module):
     def _run(self, x: Tensor, hx: _HX, lengths: Optional[Tensor]) -> Tuple[Tensor, _HX]:
         """x: [T, B, I] -> output [T, B, D*H], (h_n, c_n) [L*D, B, H]."""
         D = 2 if self.bidirectional else 1
-        # Under autocast the whole LSTM runs in the autocast dtype, as nn.LSTM does.
-        cast = _autocast_dtype(x)
-        if cast is not None:
-            x, hx = x.to(cast), (hx[0].to(cast), hx[1].to(cast))
         h_n, c_n = [], []
         y = x
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 y = F.dropout(y, p=self.dropout, training=True)
             w_ih, w_hh, bias = self._layer_weights(layer)
-            if cast is not None:
-                w_ih, w_hh = w_ih.to(cast), w_hh.to(cast)
-                bias = None if bias is None else bias.to(cast)
             h0 = hx[0][layer * D:(layer + 1) * D]
             c0 = hx[1][layer * D:(layer + 1) * D]
             y, h, c = ops.lstm_layer(y.contiguous(), w_ih, w_hh, bias, h0.contiguous(),
