@@ -373,10 +373,10 @@ class Trainer:
                 epoch = self.epoch + 1
                 try:
                     train_stats = self._train_epoch(epoch)
-                    bad = nonfinite_tensors(self.model.state_dict().items())
-                    if bad:
-                        raise RollbackRequired("non-finite weights after epoch %d: %s"
-                                               % (epoch, ", ".join(bad[:5])))
+                    bad = self._nonfinite_state()
+                    if self._on_any_process(bool(bad)):
+                        raise RollbackRequired("non-finite weights or optimizer state after epoch "
+                                               "%d: %s" % (epoch, ", ".join(bad[:5]) or "on another process"))
                 except RollbackRequired as e:
                     if not self._rollback(str(e)):
                         stop_reason = "diverged"
@@ -437,6 +437,11 @@ class Trainer:
             else:  # the weights never see this step
                 self.optimizer.zero_grad(set_to_none=True)
                 must_roll_back = self.guard.record(False)
+                # The forward pass may already have written NaN into BatchNorm statistics.
+                bad_buffers = nonfinite_tensors(self.model.named_buffers())
+                if self._on_any_process(bool(bad_buffers)):
+                    raise RollbackRequired("a non-finite batch in epoch %d poisoned buffers: %s"
+                                           % (epoch, ", ".join(bad_buffers[:5]) or "on another process"))
                 log.warning("epoch %d: non-finite %s (loss %s, grad norm %s): step skipped "
                             "(%d in a row, %d this epoch)", epoch,
                             "loss" if not math.isfinite(float(loss)) else "gradient",
@@ -464,6 +469,18 @@ class Trainer:
                 "train_acc": float(sums[1]) / count, "epoch_time": elapsed,
                 "clips_per_s": float(sums[2]) / max(elapsed, 1e-9),
                 "skipped_steps": self.guard.skipped_epoch}
+
+    def _nonfinite_state(self) -> List[str]:
+        """Names of model and optimizer tensors holding NaN/Inf (what must never be saved)."""
+        return nonfinite_tensors(list(self.model.state_dict().items())
+                                 + list(optimizer_tensors(self.optimizer)))
+
+    def _on_any_process(self, flag: bool) -> bool:
+        """True when `flag` is set on any process: a decision all processes take together."""
+        if not self.ctx.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return float(self.ctx.all_reduce_(t)) > 0
 
     def _end_epoch(self, epoch: int, train: Dict[str, float], val: Optional[Dict[str, Any]]) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -563,10 +580,9 @@ class Trainer:
                 "classes": list(self.classes), "world_size": self.ctx.world_size}
 
     def _save(self, epoch: int, row: Dict[str, Any], improved: bool) -> None:
-        bad = nonfinite_tensors(list(self.model.state_dict().items())
-                                + list(optimizer_tensors(self.optimizer)))
-        if bad:  # never reached after the epoch-end check; kept so that no path writes NaN
-            raise RollbackRequired("refusing to save non-finite tensors: %s" % ", ".join(bad[:5]))
+        bad = self._nonfinite_state()
+        if bad:  # the epoch-end check rolls back before this; no path may write NaN
+            raise RuntimeError("refusing to save non-finite tensors: %s" % ", ".join(bad[:5]))
         if self.ctx.is_main:
             metrics = {k: row[k] for k in ("val_acc", "val_f1", "train_loss", "lr", "train_acc",
                                            "val_loss", "val_top5")}

@@ -1,0 +1,364 @@
+"""Data: temporal sampling, clip transforms, the synthetic set, video files (PyAV), VideoFolder
+(class folders, frame folders, WLASL JSON), and worker-independent loading."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cnnlstm_ext.data import (MOTIONS, ClipTransform, SyntheticVideos, VideoFolder, build_datasets,
+                              read_frame_folder, read_video_frames, sample_indices,
+                              write_frame_folder, write_video)
+from cnnlstm_ext.data.synthetic import size_phase
+from cnnlstm_ext.data.transforms import color_jitter, pad_clip, sample_generator
+from cnnlstm_ext.train.config import DataConfig
+
+
+# --- temporal sampling -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("available,frames,expected", [
+    (16, 4, [2, 6, 10, 14]),   # segment centres
+    (10, 5, [1, 3, 5, 7, 9]),
+    (7, 7, [0, 1, 2, 3, 4, 5, 6]),
+])
+def test_sample_indices_uniform_without_jitter(available, frames, expected):
+    assert sample_indices(available, frames).tolist() == expected
+
+
+def test_sample_indices_jitter_stays_in_each_segment():
+    g = torch.Generator().manual_seed(3)
+    draws = set()
+    for _ in range(50):
+        idx = sample_indices(100, 8, jitter=True, generator=g).tolist()
+        for k, i in enumerate(idx):  # segment k covers frames [12.5 k, 12.5 (k + 1))
+            assert math.floor(12.5 * k) <= i <= math.ceil(12.5 * (k + 1)) - 1
+        draws.add(tuple(idx))
+    assert len(draws) > 40  # the jitter does move the picks
+
+
+def test_sample_indices_short_clip_gives_all_frames_once():
+    assert sample_indices(3, 8).tolist() == [0, 1, 2]
+
+
+def test_sample_indices_rejects_empty_clip():
+    with pytest.raises(ValueError, match="at least one frame"):
+        sample_indices(0, 4)
+
+
+def test_pad_clip_reports_length_and_zero_pads():
+    clip = torch.rand(3, 3, 4, 4) + 1
+    padded, length = pad_clip(clip, 5)
+    assert length == 3 and padded.shape == (5, 3, 4, 4)
+    assert torch.equal(padded[:3], clip) and not padded[3:].any()
+
+
+# --- spatial transforms ------------------------------------------------------------------------
+
+def _ramp_clip(frames=4, h=40, w=48):
+    """A uint8 clip brighter on the left: [frames, 3, h, w]."""
+    ramp = torch.linspace(255, 0, w).round().to(torch.uint8)
+    return ramp.view(1, 1, 1, w).expand(frames, 3, h, w).contiguous()
+
+
+def test_clip_transform_eval_shape_and_normalisation():
+    t = ClipTransform(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    out = t(torch.full((4, 3, 40, 60), 255, dtype=torch.uint8))
+    assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
+    assert torch.allclose(out, torch.full_like(out, 2.0))  # (1 - 0.5) / 0.25
+
+
+def test_clip_transform_train_same_crop_and_colour_for_every_frame():
+    clip = torch.randint(0, 256, (1, 3, 40, 48), dtype=torch.uint8).expand(6, 3, 40, 48)
+    out = ClipTransform(size=24, train=True, color_jitter=0.4)(clip, torch.Generator().manual_seed(0))
+    assert out.shape == (6, 3, 24, 24)
+    for t in range(1, 6):
+        assert torch.equal(out[t], out[0])
+
+
+def test_clip_transform_train_is_reproducible_from_the_generator():
+    clip = torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8)
+    t = ClipTransform(size=24, train=True)
+    a = t(clip, torch.Generator().manual_seed(5))
+    b = t(clip, torch.Generator().manual_seed(5))
+    c = t(clip, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_clip_transform_never_flips_by_default():
+    # Handedness matters in sign language: the bright side must stay on the left.
+    t = ClipTransform(size=24, train=True, crop_scale=(0.8, 1.0), color_jitter=0.0)
+    for seed in range(20):
+        out = t(_ramp_clip(), torch.Generator().manual_seed(seed))
+        assert out[..., :4].mean() > out[..., -4:].mean()
+
+
+def test_clip_transform_hflip_option_flips_some_clips():
+    t = ClipTransform(size=24, train=True, crop_scale=(0.8, 1.0), color_jitter=0.0, hflip=True)
+    flipped = sum(bool(t(_ramp_clip(), torch.Generator().manual_seed(s))[..., :4].mean()
+                       < t(_ramp_clip(), torch.Generator().manual_seed(s))[..., -4:].mean())
+                  for s in range(20))
+    assert 0 < flipped < 20
+
+
+def test_color_jitter_keeps_range_and_changes_pixels():
+    clip = torch.rand(2, 3, 8, 8)
+    out = color_jitter(clip, 0.5, torch.Generator().manual_seed(1))
+    assert out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, clip)
+
+
+def test_clip_transform_rejects_bad_shape():
+    with pytest.raises(ValueError, match=r"\[T, 3, H, W\]"):
+        ClipTransform(size=8)(torch.zeros(4, 1, 16, 16, dtype=torch.uint8))
+
+
+def test_sample_generator_depends_on_seed_epoch_and_index():
+    draws = {(s, e, i): torch.rand(2, generator=sample_generator(s, e, i)).tolist()
+             for s in (0, 1) for e in (0, 1) for i in (0, 1)}
+    assert len({tuple(v) for v in draws.values()}) == 8
+    assert torch.rand(2, generator=sample_generator(1, 0, 1)).tolist() == draws[(1, 0, 1)]
+
+
+# --- the synthetic data set --------------------------------------------------------------------
+
+@pytest.mark.parametrize("motion", range(len(MOTIONS)))
+def test_synthetic_single_frame_size_is_uniform_whatever_the_class(motion):
+    # Each frame's size phase is uniform over [0, 1) for every class: a frame alone says nothing.
+    n, frames = 600, 12
+    phases = np.stack([size_phase(motion, frames, (k + 0.5) / n) for k in range(n)])  # [n, T]
+    for t in range(frames):
+        counts = np.histogram(phases[:, t], bins=10, range=(0.0, 1.0))[0]
+        assert counts.min() >= n // 10 - 1 and counts.max() <= n // 10 + 1, (t, counts)
+
+
+def test_synthetic_motion_sets_the_direction_of_size_change():
+    steps = {name: np.diff(size_phase(i, 12, 0.3)) for i, name in enumerate(MOTIONS)}
+    wrap = lambda d: (d + 0.5) % 1.0 - 0.5  # noqa: E731 (a sawtooth restart is a small step)
+    assert (wrap(steps["approach"]) > 0).all() and (wrap(steps["recede"]) < 0).all()
+    assert (wrap(steps["approach-fast"]) > wrap(steps["approach"])).all()
+    assert np.allclose(steps["still"], 0)
+    assert (steps["bounce"] > 0).any() and (steps["bounce"] < 0).any()
+
+
+def _disc_area(clip):
+    """Foreground pixels per frame of an un-normalised, noise-free clip: [T]."""
+    background = clip[:, :, 0, 0].view(-1, 3, 1, 1)
+    return ((clip - background).abs().sum(1) > 0.3).float().sum((1, 2))
+
+
+def test_synthetic_rendered_disc_follows_the_class_motion():
+    ds = SyntheticVideos(12, num_classes=6, num_frames=10, frame_size=32, noise=0.0, normalize=False)
+    for i in range(12):
+        clip, label, length = ds[i]
+        area = _disc_area(clip)
+        steps = area[1:] - area[:-1]
+        name = MOTIONS[label]
+        if name in ("approach", "approach-fast"):
+            assert (steps > 0).sum() >= 6, (name, area)
+        elif name in ("recede", "recede-fast"):
+            assert (steps < 0).sum() >= 6, (name, area)
+        elif name == "still":
+            assert (area.max() - area.min()) <= 0.15 * area.mean(), area
+
+
+def test_synthetic_is_a_function_of_seed_split_epoch_and_index():
+    a = SyntheticVideos(8, num_frames=4, frame_size=16, seed=1)
+    b = SyntheticVideos(8, num_frames=4, frame_size=16, seed=1)
+    assert torch.equal(a[3][0], b[3][0])
+    assert not torch.equal(a[3][0], SyntheticVideos(8, num_frames=4, frame_size=16, seed=2)[3][0])
+    assert not torch.equal(a[3][0], SyntheticVideos(8, num_frames=4, frame_size=16, seed=1,
+                                                    split="val")[3][0])
+    a.set_epoch(5)  # no resampling: the epoch changes nothing
+    assert torch.equal(a[3][0], b[3][0])
+    fresh = SyntheticVideos(8, num_frames=4, frame_size=16, seed=1, resample_each_epoch=True)
+    first = fresh[3][0].clone()
+    fresh.set_epoch(1)
+    assert not torch.equal(first, fresh[3][0]) and fresh[3][1] == a[3][1]
+
+
+def test_synthetic_items_shapes_and_balanced_labels():
+    ds = SyntheticVideos(18, num_classes=6, num_frames=5, frame_size=20)
+    clip, label, length = ds[7]
+    assert clip.shape == (5, 3, 20, 20) and clip.dtype == torch.float32 and length == 5
+    assert [ds[i][1] for i in range(18)] == [i % 6 for i in range(18)]
+    assert ds.classes == list(MOTIONS)
+
+
+def test_synthetic_min_frames_gives_shorter_zero_padded_clips():
+    ds = SyntheticVideos(30, num_frames=8, frame_size=16, min_frames=3)
+    lengths = [ds[i][2] for i in range(30)]
+    assert min(lengths) >= 3 and max(lengths) <= 8 and len(set(lengths)) > 1
+    for i in range(30):
+        clip, _, length = ds[i]
+        assert not clip[length:].any() and clip[length - 1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_classes": 1}, "num_classes"), ({"num_classes": 7}, "num_classes"),
+    ({"split": "dev"}, "split"), ({"num_frames": 2}, "num_frames"),
+    ({"min_frames": 20}, "min_frames"), ({"frame_size": 4}, "frame_size"),
+])
+def test_synthetic_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SyntheticVideos(**kwargs)
+
+
+def test_synthetic_index_out_of_range():
+    with pytest.raises(IndexError):
+        SyntheticVideos(4)[4]
+
+
+# --- video files -------------------------------------------------------------------------------
+
+def _frames(n, h=32, w=48, seed=0):
+    """uint8 [n, 3, h, w]: smooth random content whose brightness encodes the frame index."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.interpolate(torch.rand(1, 3, h // 8, w // 8, generator=g),
+                                           size=(h, w), mode="bilinear")[0]
+    frames = [(base * 80 + 20 * i).clamp(0, 255) for i in range(n)]
+    return torch.stack(frames).round().to(torch.uint8)
+
+
+def test_video_round_trip_through_pyav(tmp_path):
+    frames = _frames(10)
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, frames, fps=10)
+    back = read_video_frames(path)
+    assert back.shape == frames.shape and back.dtype == torch.uint8
+    assert (back.float() - frames.float()).abs().mean() < 2.0
+
+
+def test_video_frame_range_and_selection(tmp_path):
+    frames = _frames(10)
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, frames)
+    part = read_video_frames(path, start=2, end=7, select=lambda n: [0, n - 1])
+    assert part.shape[0] == 2
+    assert (part.float() - frames[[2, 6]].float()).abs().mean() < 2.0
+
+
+def test_video_missing_or_broken_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_video_frames(str(tmp_path / "none.mp4"))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    with pytest.raises(RuntimeError, match="broken.mp4"):
+        read_video_frames(str(broken))
+
+
+def test_frame_folder_round_trip_in_natural_order(tmp_path):
+    frames = _frames(12)
+    write_frame_folder(str(tmp_path / "f"), frames)
+    back = read_frame_folder(str(tmp_path / "f"))
+    assert torch.equal(back, frames)  # PNG is lossless; frame_10 sorts after frame_9
+
+
+# --- VideoFolder -------------------------------------------------------------------------------
+
+@pytest.fixture
+def class_tree(tmp_path):
+    """root/{apple,book}/: two mp4 clips per class, plus a frame folder and a 3-frame clip."""
+    root = tmp_path / "videos"
+    for c, cls in enumerate(["book", "apple"]):
+        (root / cls).mkdir(parents=True)
+        for k in range(2):
+            write_video(str(root / cls / ("clip%d.mp4" % k)), _frames(8, seed=10 * c + k))
+    write_frame_folder(str(root / "apple" / "frames_clip"), _frames(6, seed=99))
+    write_video(str(root / "book" / "short.mp4"), _frames(3, seed=7))
+    (root / "book" / "notes.txt").write_text("not a clip")
+    return root
+
+
+def test_video_folder_classes_records_and_items(class_tree):
+    ds = VideoFolder(str(class_tree), num_frames=4,
+                     transform=ClipTransform(size=16, mean=(0, 0, 0), std=(1, 1, 1)))
+    assert ds.classes == ["apple", "book"]
+    assert len(ds) == 6 and sorted(ds.labels) == [0, 0, 0, 1, 1, 1]
+    for i in range(len(ds)):
+        clip, label, length = ds[i]
+        assert clip.shape == (4, 3, 16, 16) and label == ds.records[i].label
+    short = [i for i, r in enumerate(ds.records) if r.path.endswith("short.mp4")][0]
+    clip, _, length = ds[short]
+    assert length == 3 and not clip[3:].any() and clip[:3].abs().sum() > 0
+
+
+def test_video_folder_training_items_depend_on_epoch_and_are_reproducible(class_tree):
+    ds = VideoFolder(str(class_tree), num_frames=4, transform=ClipTransform(size=16, train=True),
+                     train=True, seed=3)
+    a = ds[0][0]
+    assert torch.equal(a, ds[0][0])
+    ds.set_epoch(1)
+    assert not torch.equal(a, ds[0][0])
+
+
+def test_video_folder_rejects_unknown_class_and_empty_root(class_tree, tmp_path):
+    with pytest.raises(ValueError, match="not among"):
+        VideoFolder(str(class_tree), classes=["apple"])
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no clips"):
+        VideoFolder(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError):
+        VideoFolder(str(tmp_path / "nowhere"))
+
+
+def test_wlasl_annotations_splits_frame_ranges_and_missing_videos(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(str(videos / "00001.mp4"), _frames(10, seed=1))
+    write_video(str(videos / "00002.mp4"), _frames(10, seed=2))
+    write_frame_folder(str(videos / "00003"), _frames(5, seed=3))
+    annotations = [
+        {"gloss": "book", "instances": [
+            {"video_id": "00001", "split": "train", "frame_start": 3, "frame_end": 6},
+            {"video_id": "00404", "split": "train", "frame_start": 1, "frame_end": -1}]},
+        {"gloss": "drink", "instances": [
+            {"video_id": "00002", "split": "val", "frame_start": 1, "frame_end": -1},
+            {"video_id": "00003", "split": "train", "frame_start": 1, "frame_end": -1}]},
+        {"gloss": "computer", "instances": []},
+    ]
+    json_file = tmp_path / "WLASL.json"
+    json_file.write_text(json.dumps(annotations))
+    ds = VideoFolder.from_wlasl(str(json_file), str(videos), split="train", num_frames=4,
+                                transform=ClipTransform(size=16))
+    assert ds.classes == ["book", "drink", "computer"]
+    assert [(os.path.basename(r.path), r.label, r.start, r.end) for r in ds.records] == [
+        ("00001.mp4", 0, 2, 6), ("00003", 1, 0, None)]
+    assert ds.missing == ["00404"]
+    # frames 3..6 (1-based, inclusive) are 0-based 2..5: exactly the 4 frames sampled
+    raw = ds.load_frames(0)
+    assert (raw.float() - _frames(10, seed=1)[2:6].float()).abs().mean() < 2.0
+    val = VideoFolder.from_wlasl(str(json_file), str(videos), split="val", max_classes=2)
+    assert val.classes == ["book", "drink"] and [r.label for r in val.records] == [1]
+
+
+def test_wlasl_rejects_other_json(tmp_path):
+    f = tmp_path / "x.json"
+    f.write_text(json.dumps({"not": "wlasl"}))
+    with pytest.raises(ValueError, match="WLASL"):
+        VideoFolder.from_wlasl(str(f), str(tmp_path))
+
+
+def test_build_datasets_holds_out_a_seeded_stratified_fraction(class_tree):
+    cfg = DataConfig(dataset="folder", root=str(class_tree), val_fraction=0.34, num_frames=4,
+                     frame_size=16)
+    train, val, classes = build_datasets(cfg, seed=0)
+    assert classes == ["apple", "book"]
+    assert sorted(val.labels) == [0, 1] and len(train) == 4
+    assert not {r.path for r in train.records} & {r.path for r in val.records}
+    assert train.train and not val.train
+    again = build_datasets(cfg, seed=0)[1]
+    assert [r.path for r in again.records] == [r.path for r in val.records]
+
+
+def test_loader_workers_do_not_change_the_data(class_tree):
+    ds = VideoFolder(str(class_tree), num_frames=4, transform=ClipTransform(size=16, train=True),
+                     train=True, seed=1)
+    ds.set_epoch(2)
+    batches = []
+    for workers in (0, 2):
+        loader = DataLoader(ds, batch_size=3, num_workers=workers)
+        batches.append([b[0] for b in loader])
+    for a, b in zip(*batches):
+        assert torch.equal(a, b)
