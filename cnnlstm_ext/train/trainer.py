@@ -415,16 +415,24 @@ class Trainer:
         for clips, labels, lengths in bar:
             clips = clips.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            lens = forward_lengths(lengths, clips.shape[1])
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                logits = self.net(clips, None if lens is None else lens.to(self.device))
-            loss = self.criterion(logits.float(), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(params, clip_norm)
-            flags = torch.stack([loss.detach().float(), grad_norm.float()])
-            ok = bool(torch.isfinite(flags).all())
+            # A corrupt clip (NaN/Inf pixels) is skipped before the forward pass, which would
+            # otherwise write NaN into BatchNorm statistics; all processes skip together (one
+            # running backward alone would wait forever for the others' gradients).
+            if self._on_any_process(not bool(torch.isfinite(clips).all())):
+                what, loss, grad_norm = "input", None, None
+            else:
+                lens = forward_lengths(lengths, clips.shape[1])
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    logits = self.net(clips, None if lens is None else lens.to(self.device))
+                loss = self.criterion(logits.float(), labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(params, clip_norm)
+                loss_ok = bool(torch.isfinite(loss.detach()))
+                what = None if loss_ok and bool(torch.isfinite(grad_norm)) else (
+                    "gradient" if loss_ok else "loss")
+            ok = what is None
             if self.ctx.enabled:  # every process must take the same decision
                 bad = torch.tensor([0.0 if ok else 1.0], device=self.device)
                 ok = float(self.ctx.all_reduce_(bad)) == 0.0
@@ -440,13 +448,13 @@ class Trainer:
                 # The forward pass may already have written NaN into BatchNorm statistics.
                 bad_buffers = nonfinite_tensors(self.model.named_buffers())
                 if self._on_any_process(bool(bad_buffers)):
-                    raise RollbackRequired("a non-finite batch in epoch %d poisoned buffers: %s"
+                    raise RollbackRequired("non-finite activations in epoch %d poisoned buffers: %s"
                                            % (epoch, ", ".join(bad_buffers[:5]) or "on another process"))
                 log.warning("epoch %d: non-finite %s (loss %s, grad norm %s): step skipped "
-                            "(%d in a row, %d this epoch)", epoch,
-                            "loss" if not math.isfinite(float(loss)) else "gradient",
-                            _fmt(float(loss)), _fmt(float(grad_norm)), self.guard.consecutive,
-                            self.guard.skipped_epoch)
+                            "(%d in a row, %d this epoch)", epoch, what or "value on another process",
+                            _fmt(None if loss is None else float(loss.detach())),
+                            _fmt(None if grad_norm is None else float(grad_norm)),
+                            self.guard.consecutive, self.guard.skipped_epoch)
                 if must_roll_back:
                     raise RollbackRequired("%d consecutive non-finite steps in epoch %d"
                                            % (self.guard.consecutive, epoch))
@@ -514,7 +522,7 @@ class Trainer:
                 "optimizer": _cpu_copy(self.optimizer.state_dict()),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "history": copy.deepcopy(self.history), "early": self.early.state_dict(),
-                "rng": _cpu_copy(rng_state(self.device))}
+                "rng": _cpu_copy(rng_state(self.device)), "lr_scale": self.lr_scale}
 
     def _rollback(self, why: str) -> bool:
         if not self.guard.on_rollback():
@@ -530,8 +538,9 @@ class Trainer:
         self.history = copy.deepcopy(good["history"])
         self.early.load_state_dict(good["early"])
         set_rng_state(good["rng"], self.device)
-        factor = self.guard.lr_factor
-        self.lr_scale *= factor
+        # The restored state ran at the snapshot's learning-rate scale; cuts compound.
+        self.lr_scale *= self.guard.lr_factor
+        factor = self.lr_scale / good["lr_scale"]
         for group in self.optimizer.param_groups:
             group["lr"] *= factor
             if "initial_lr" in group:
@@ -540,7 +549,7 @@ class Trainer:
             self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
             self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         log.error("%s: rolled back to the state after epoch %d, learning rate x%g (now %.3g; "
-                  "rollback %d of %d)", why, self.epoch, factor, self.optimizer.param_groups[0]["lr"],
+                  "rollback %d of %d)", why, self.epoch, self.lr_scale, self.optimizer.param_groups[0]["lr"],
                   self.guard.rollbacks, self.guard.max_rollbacks)
         return True
 
