@@ -96,6 +96,26 @@ def test_resume_continues_in_the_same_run_folder(trained, tmp_path):
     ckpt = torch.load(latest, weights_only=True)
     assert ckpt["epoch"] == 3 and len(ckpt["history"]["val_acc"]) == 3
     assert not (tmp_path / "r-2").exists()
+    assert ckpt["scheduler_state_dict"]["T_max"] == 3 and ckpt["history"]["lr"][2] > 0
+
+
+def test_resume_a_legacy_checkpoint_from_the_command_line(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+    here = pathlib.Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("legacy_run", here / "legacy_run.py")
+    legacy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(legacy)
+    legacy.train(str(tmp_path / "legacy"), epochs=2)
+    rc = main(["train", "--resume", str(tmp_path / "legacy" / "latest_checkpoint.pth"),
+               "--output-dir", str(tmp_path), "--run-name", "cont", "--epochs", "3", "--no-progress",
+               "--set", "data.num_classes=%d" % legacy.NUM_CLASSES,
+               "--set", "data.num_frames=%d" % legacy.FRAMES, "--set", "data.frame_size=%d" % legacy.SIZE,
+               "--set", "data.train_samples=16", "--set", "data.val_samples=10"])
+    assert rc == 0
+    ckpt = torch.load(tmp_path / "cont" / "checkpoints" / "latest_checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["config"]["model"]["temporal_dim"] == legacy.HIDDEN
+    assert "lstm.weight_ih_l0" in ckpt["model_state_dict"]  # saved under CNNLSTM's names
 
 
 def test_evaluate_prints_metrics_and_writes_predictions(trained, tmp_path, capsys):

@@ -362,6 +362,8 @@ def test_resume_a_legacy_checkpoint(tmp_path):
     latest = load(tmp_path / "cont" / "checkpoints" / "latest_checkpoint.pth")
     assert latest["epoch"] == 3 and len(latest["history"]["train_loss"]) == 3
     assert latest["history"]["train_loss"][:2] == pytest.approx(ckpt["history"]["train_loss"])
+    # the legacy schedule planned 2 epochs; it now spans 3, so epoch 3 still learns
+    assert latest["history"]["lr"][2] == pytest.approx(legacy.LR * (1 + math.cos(2 * math.pi / 3)) / 2)
 
 
 def test_evaluate_model_returns_metrics_and_predictions():

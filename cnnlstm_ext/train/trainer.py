@@ -306,12 +306,14 @@ class Trainer:
             log.warning("%s holds no optimizer state: AdamW starts with fresh moments", path)
         epoch = int(ckpt.get("epoch") or 0)
         if self.scheduler is not None and not has_sched:
-            # A file without scheduler state: place the cosine schedule at this epoch.
-            self.scheduler.last_epoch = epoch
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
-                group["lr"] = lr
-            log.warning("%s holds no scheduler state: the cosine schedule is placed at epoch %d",
-                        path, epoch)
+            self._place_schedule(epoch)
+            log.warning("%s holds no scheduler state: the cosine schedule is placed at epoch %d "
+                        "of %d", path, epoch, self.cfg.train.epochs)
+        elif self.scheduler is not None and self.scheduler.T_max != self.cfg.train.epochs:
+            log.warning("%s planned %d epochs: the cosine schedule now spans train.epochs=%d",
+                        path, self.scheduler.T_max, self.cfg.train.epochs)
+            self.scheduler.T_max = self.cfg.train.epochs
+            self._place_schedule(epoch)
         self.epoch = epoch
         self.history = _history_from(ckpt.get("history"), epoch)
         state = ckpt.get("trainer_state")
@@ -333,6 +335,15 @@ class Trainer:
         log.info("resumed from %s after epoch %d (best %s at epoch %s)", path, epoch,
                  _fmt(self.best_metrics["best_val_acc"]), self.best_metrics["best_epoch"])
         return epoch
+
+    def _place_schedule(self, epoch: int) -> None:
+        """Sets the cosine schedule (and each group's lr) to where it is after `epoch` epochs."""
+        sched = self.scheduler
+        sched.last_epoch = epoch
+        progress = min(epoch, sched.T_max) / sched.T_max
+        for group, base in zip(self.optimizer.param_groups, sched.base_lrs):
+            group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * progress)) / 2
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _find_best_weights(self, path: str, ckpt: Dict[str, Any], key_map):
         """The best epoch's weights for the final evaluation: this file's when it is the best
