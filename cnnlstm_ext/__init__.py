@@ -10,6 +10,8 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 from . import ops  # noqa: E402,F401  (fake kernels and autograd)
 from .nn import FusedLSTM, FusedBiLSTM, fuse_lstm, unfuse_lstm  # noqa: E402
+from .nn import FramePool, TemporalPool  # noqa: E402
+from .models import CNNLSTM  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,5 @@ def cuda_kernels_built() -> bool:
         "cnnlstm_ext::lstm_layer_forward", "CUDA")
 
 
-__all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm", "cuda_kernels_built", "ops"]
+__all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm", "FramePool", "TemporalPool",
+           "CNNLSTM", "cuda_kernels_built", "ops"]

@@ -110,3 +110,151 @@ def _lstm_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cell):
 
 torch.library.register_autograd("cnnlstm_ext::lstm_layer_forward", _lstm_backward,
                                 setup_context=_lstm_setup_context)
+
+
+# --- pooling ------------------------------------------------------------------------------------
+
+__all__ += ["frame_pool", "temporal_pool"]
+
+FRAME_POOL_MODES = ("avg", "max")
+TEMPORAL_POOL_MODES = ("mean", "max", "last", "attention")
+_POOL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool = False,
+               out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Per-frame CNN feature maps -> frame features in the layout the LSTM consumes, in one pass.
+
+    x: [B*T, C, h, w] (frame n = b*T + t; contiguous or channels_last), float32/float64/bfloat16/
+    float16. Returns [T, B, C] ([B, T, C] when batch_first), the average ("avg") or maximum ("max")
+    over h*w, in out_dtype (default x's dtype). Same values as
+    `F.adaptive_avg_pool2d(x, 1).flatten(1).view(B, T, C).transpose(0, 1).contiguous().to(out_dtype)`
+    (see cnnlstm_ext.reference.frame_pool); the max gradient goes to the first maximum of each plane.
+    """
+    if mode not in FRAME_POOL_MODES:
+        raise ValueError("frame_pool: mode must be one of %s, got %r" % (FRAME_POOL_MODES, mode))
+    if out_dtype is not None and out_dtype not in _POOL_DTYPES:
+        raise TypeError("frame_pool: out_dtype must be one of %s, got %s" % (_POOL_DTYPES, out_dtype))
+    out, _ = torch.ops.cnnlstm_ext.frame_pool_forward(x, int(batch_size), mode, batch_first, out_dtype)
+    return out
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    # The layout the kernels read: contiguous wins when a tensor is both (C == 1 or h*w == 1).
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("cnnlstm_ext::frame_pool_forward")
+def _frame_pool_forward_fake(x, batch_size, mode, batch_first, out_dtype):
+    torch._check(x.dim() == 4, lambda: "frame_pool: x must be [B*T, C, h, w], got %s" % (x.shape,))
+    torch._check(mode in FRAME_POOL_MODES, lambda: "frame_pool: bad mode %r" % (mode,))
+    n, c = x.shape[0], x.shape[1]
+    t = n // batch_size
+    shape = (batch_size, t, c) if batch_first else (t, batch_size, c)
+    out = x.new_empty(shape, dtype=out_dtype if out_dtype is not None else x.dtype)
+    argmax = x.new_empty((n, c) if mode == "max" else (0,), dtype=torch.int32)
+    return out, argmax
+
+
+@torch.library.register_fake("cnnlstm_ext::frame_pool_backward")
+def _frame_pool_backward_fake(grad_out, argmax, x_size, x_dtype, channels_last, batch_size, mode,
+                              batch_first):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(x_size, dtype=x_dtype, device=grad_out.device, memory_format=fmt)
+
+
+def _frame_pool_setup_context(ctx, inputs, output):
+    x, batch_size, mode, batch_first, _ = inputs
+    _, argmax = output
+    ctx.save_for_backward(argmax)
+    ctx.x_size = tuple(x.shape)
+    ctx.x_dtype = x.dtype
+    ctx.channels_last = _is_channels_last(x)
+    ctx.batch_size, ctx.mode, ctx.batch_first = batch_size, mode, batch_first
+
+
+def _frame_pool_backward(ctx, grad_out, _grad_argmax):
+    (argmax,) = ctx.saved_tensors
+    grad_x = torch.ops.cnnlstm_ext.frame_pool_backward(
+        grad_out, argmax, ctx.x_size, ctx.x_dtype, ctx.channels_last, ctx.batch_size, ctx.mode,
+        ctx.batch_first)
+    return grad_x, None, None, None, None
+
+
+torch.library.register_autograd("cnnlstm_ext::frame_pool_forward", _frame_pool_backward,
+                                setup_context=_frame_pool_setup_context)
+
+
+def temporal_pool(x: Tensor, lengths: Optional[Tensor] = None, mode: str = "mean",
+                  batch_first: bool = False, bidirectional: bool = False,
+                  score_weight: Optional[Tensor] = None, score_bias: Optional[Tensor] = None) -> Tensor:
+    """LSTM outputs -> one vector per sequence, over the valid steps t < lengths[b] only.
+
+    x: [T, B, D] ([B, T, D] when batch_first); lengths: int64 [B] on the CPU or x's device, each in
+    [1, T], or None (all T). mode: "mean", "max", "last" (the last valid step; with bidirectional,
+    features [0, D/2) from step lengths[b]-1 and [D/2, D) from step 0, as a BiLSTM's classifier
+    expects) or "attention" (softmax over the valid steps of x_t . score_weight + score_bias, then
+    the weighted sum; score_weight [D] or [1, D], score_bias [1]). Returns [B, D] in x's dtype.
+    """
+    if mode not in TEMPORAL_POOL_MODES:
+        raise ValueError("temporal_pool: mode must be one of %s, got %r" % (TEMPORAL_POOL_MODES, mode))
+    if mode == "attention" and score_weight is None:
+        raise ValueError("temporal_pool: mode 'attention' needs score_weight [D]")
+    out, _ = torch.ops.cnnlstm_ext.temporal_pool_forward(x, lengths, mode, batch_first, bidirectional,
+                                                         score_weight, score_bias)
+    return out
+
+
+@torch.library.register_fake("cnnlstm_ext::temporal_pool_forward")
+def _temporal_pool_forward_fake(x, lengths, mode, batch_first, bidirectional, score_weight, score_bias):
+    torch._check(x.dim() == 3, lambda: "temporal_pool: x must be [T, B, D], got %s" % (x.shape,))
+    torch._check(mode in TEMPORAL_POOL_MODES, lambda: "temporal_pool: bad mode %r" % (mode,))
+    t, b = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+    d = x.shape[2]
+    out = x.new_empty((b, d))
+    if mode == "max":
+        aux = x.new_empty((b, d), dtype=torch.int32)
+    elif mode == "attention":
+        aux = x.new_empty((b, t), dtype=_acc_dtype(x.dtype))
+    else:
+        aux = x.new_empty((0,), dtype=torch.int32)
+    return out, aux
+
+
+@torch.library.register_fake("cnnlstm_ext::temporal_pool_backward")
+def _temporal_pool_backward_fake(grad_out, x, lengths, aux, mode, batch_first, bidirectional,
+                                 score_weight, score_bias):
+    acc = _acc_dtype(x.dtype)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if mode == "attention":
+        grad_w = torch.empty(score_weight.shape, dtype=score_weight.dtype, device=x.device)
+        grad_b = (torch.empty(score_bias.shape, dtype=score_bias.dtype, device=x.device)
+                  if score_bias is not None else x.new_empty((0,), dtype=acc))
+    else:
+        grad_w = x.new_empty((0,), dtype=acc)
+        grad_b = x.new_empty((0,), dtype=acc)
+    return grad_x, grad_w, grad_b
+
+
+def _temporal_pool_setup_context(ctx, inputs, output):
+    x, lengths, mode, batch_first, bidirectional, score_weight, score_bias = inputs
+    _, aux = output
+    ctx.mark_non_differentiable(aux)
+    ctx.save_for_backward(x, lengths, aux, score_weight, score_bias)
+    ctx.mode, ctx.batch_first, ctx.bidirectional = mode, batch_first, bidirectional
+
+
+def _temporal_pool_backward(ctx, grad_out, _grad_aux):
+    x, lengths, aux, score_weight, score_bias = ctx.saved_tensors
+    grad_x, grad_w, grad_b = torch.ops.cnnlstm_ext.temporal_pool_backward(
+        grad_out, x, lengths, aux, ctx.mode, ctx.batch_first, ctx.bidirectional, score_weight,
+        score_bias)
+    if ctx.mode != "attention":
+        grad_w = grad_b = None
+    elif score_bias is None:
+        grad_b = None
+    return grad_x, None, None, None, None, grad_w, grad_b
+
+
+torch.library.register_autograd("cnnlstm_ext::temporal_pool_forward", _temporal_pool_backward,
+                                setup_context=_temporal_pool_setup_context)

@@ -1,7 +1,9 @@
 // Every schema of the library, in one place. Kernels register in csrc/cpu/*.cpp (CPU) and
 // csrc/cuda/*.cu (CUDA); autograd and fake (meta) kernels are attached in cnnlstm_ext/ops.py.
-#include <Python.h>
 #include <torch/library.h>
+
+#ifndef CNNLSTM_EXT_NO_PYTHON
+#include <Python.h>
 
 extern "C" {
 // `import cnnlstm_ext._C` loads this library, whose static initialisers register the ops.
@@ -10,6 +12,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(cnnlstm_ext, m) {
   // One LSTM layer, D = 1 or 2 directions in one call (direction 1 runs in reverse time).
@@ -28,4 +31,37 @@ TORCH_LIBRARY(cnnlstm_ext, m) {
         "Tensor w_ih, Tensor w_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor y, "
         "Tensor gates, Tensor cell) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // POOLING SCHEMAS (frame_pool_*, temporal_pool_*) go below this line.
+  // Per-frame CNN feature maps -> frame features in the layout the LSTM consumes, in one pass.
+  //   x: [N, C, h, w] with N = B*T frames in (b, t) order (frame n = b*T + t), contiguous or
+  //   channels_last (other layouts are copied first); float32/float64/bfloat16/float16.
+  //   mode: "avg" | "max". out_dtype: dtype of out (None: x's dtype).
+  // Returns out: [T, B, C] ([B, T, C] when batch_first), and argmax: [N, C] int32, the spatial
+  // index (i*w + j) of each maximum for mode "max" (first one on ties, NaN wins), empty for "avg".
+  m.def("frame_pool_forward(Tensor x, int batch_size, str mode, bool batch_first, "
+        "ScalarType? out_dtype) -> (Tensor out, Tensor argmax)");
+  // Gradient of frame_pool_forward. grad_out: [T, B, C] ([B, T, C] when batch_first), argmax as
+  // returned by the forward (empty for "avg"). Returns grad_x: x_size, dtype x_dtype, written once
+  // (every element), in channels_last when channels_last is true.
+  m.def("frame_pool_backward(Tensor grad_out, Tensor argmax, SymInt[] x_size, ScalarType x_dtype, "
+        "bool channels_last, int batch_size, str mode, bool batch_first) -> Tensor");
+  // LSTM outputs -> one vector per sequence, over the valid steps t < lengths[b] only.
+  //   x: [T, B, D] ([B, T, D] when batch_first), last dimension contiguous.
+  //   lengths: [B] int64 (CPU or x's device), 1 <= lengths[b] <= T, or None (all T).
+  //   mode: "mean" | "max" | "last" | "attention".
+  //   "last" with bidirectional: features [0, D/2) from step lengths[b]-1 (forward direction),
+  //   [D/2, D) from step 0 (reverse direction).
+  //   "attention": softmax over valid t of x[t, b] . score_weight + score_bias, then the weighted
+  //   sum. score_weight: [D] (or [1, D]), score_bias: [1] or None; any floating dtype.
+  // Returns out: [B, D] in x's dtype, and aux: for "max" the time index of each maximum [B, D]
+  // int32, for "attention" the attention weights [B, T] (float32; float64 for float64 x; zero
+  // past each length), empty otherwise.
+  m.def("temporal_pool_forward(Tensor x, Tensor? lengths, str mode, bool batch_first, "
+        "bool bidirectional, Tensor? score_weight, Tensor? score_bias) -> (Tensor out, Tensor aux)");
+  // Gradient of temporal_pool_forward. grad_out: [B, D]; x, lengths, aux as in the forward.
+  // Returns grad_x (x's shape, dtype and layout [T, B, D] or [B, T, D], contiguous, zero on padding),
+  // and for "attention" grad_score_weight (score_weight's shape and dtype) and grad_score_bias
+  // ([1], score_bias's dtype, or empty when score_bias is None); empty tensors for other modes.
+  m.def("temporal_pool_backward(Tensor grad_out, Tensor x, Tensor? lengths, Tensor aux, str mode, "
+        "bool batch_first, bool bidirectional, Tensor? score_weight, Tensor? score_bias) "
+        "-> (Tensor grad_x, Tensor grad_score_weight, Tensor grad_score_bias)");
 }

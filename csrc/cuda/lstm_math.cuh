@@ -49,25 +49,31 @@ __device__ __forceinline__ int seq_length(const int64_t* lengths, int b, int T) 
   return L < 1 ? 1 : (L > T ? T : static_cast<int>(L));
 }
 
-// Barrier over the CTAs of one direction: every CTA adds 1 to `counter` once per step and waits
-// until all `expected` arrivals of this step are in. The counter only grows (zeroed before the
-// launch), so no reset is needed between steps. Writes made before the barrier by any thread of
-// an arriving CTA are visible after it to every thread of a waiting CTA (threadfence before the
-// arrival, threadfence after the wait, both on either side of a CTA-wide __syncthreads).
-__device__ __forceinline__ void direction_barrier(unsigned int* counter, unsigned int expected) {
-  __syncthreads();
+// Barrier over the CTAs of one direction, split in two halves so that a CTA can issue the
+// loads of its next step between them. Every CTA arrives once per step (adds 1 to `counter`,
+// with release semantics, after all its threads' writes of the step) and then waits until all
+// `expected` arrivals are in (acquire). The counter only grows (zeroed before the launch), so no
+// reset is needed between steps.
+__device__ __forceinline__ void barrier_arrive(unsigned int* counter) {
+  __syncthreads();  // all writes of this CTA happen before thread 0's release
   if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(counter, 1u);
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+  }
+}
+
+__device__ __forceinline__ void barrier_wait(unsigned int* counter, unsigned int expected) {
+  if (threadIdx.x == 0) {
     const long long start = clock64();
-    while (*reinterpret_cast<volatile unsigned int*>(counter) < expected) {
+    unsigned int seen;
+    while (true) {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+      if (seen >= expected) break;
       // Co-residency is guaranteed by the cooperative launch, so a wait this long (~30 s) is a
       // bug: fail the launch loudly instead of hanging the device.
       if (clock64() - start > (1ll << 36)) __trap();
     }
-    __threadfence();
   }
-  __syncthreads();
+  __syncthreads();  // thread 0's acquire happens before every thread's reads of the step
 }
 
 }  // namespace cnnlstm_ext

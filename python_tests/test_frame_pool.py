@@ -1,0 +1,234 @@
+"""frame_pool: [B*T, C, h, w] -> [T, B, C] (or [B, T, C]) against cnnlstm_ext.reference.frame_pool."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnlstm_ext
+from cnnlstm_ext import ops, reference
+
+# The CUDA twin of every test; conftest.py skips `cuda`-marked cases without a GPU and kernels.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+def feature_maps(n, c, h, w, dtype, device, layout, mode, seed=0):
+    """Random maps; for "max", each plane is a random permutation of distinct values that every
+    dtype represents exactly, so the maximum (and the gradient's route) is unique."""
+    g = torch.Generator().manual_seed(seed)
+    if mode == "max":
+        ranks = torch.rand(n, c, h * w, generator=g).argsort(-1)
+        x = ((ranks - h * w // 2).to(torch.float64) / 8).view(n, c, h, w)
+    else:
+        x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    x = x.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def assert_within_reference_error(fused, same_dtype_ref, exact_ref):
+    """The fused result's error is at most twice that of the unfused PyTorch sequence in the same
+    precision (plus one rounding step), measured against a float64 computation."""
+    assert fused.shape == exact_ref.shape and fused.dtype == same_dtype_ref.dtype
+    err = (fused.double() - exact_ref).abs().max().item()
+    ref_err = (same_dtype_ref.double() - exact_ref).abs().max().item()
+    # For float64 the reference is itself the exact computation: allow a few roundings.
+    roundings = 16 if fused.dtype == torch.float64 else 1
+    floor = roundings * torch.finfo(fused.dtype).eps * max(exact_ref.abs().max().item(), 1.0)
+    assert err <= 2 * ref_err + floor, (err, ref_err, floor)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_frame_pool_matches_reference(device, dtype, layout, mode, batch_first):
+    # h*w = 49 covers the vector loop and its tail, C = 19 a channel count off the vector width.
+    x = feature_maps(12, 19, 7, 7, dtype, device, layout, mode)
+    out = ops.frame_pool(x, 3, mode, batch_first)
+    ref = reference.frame_pool(x, 3, mode, batch_first)
+    exact = reference.frame_pool(x.double(), 3, mode, batch_first)
+    assert out.is_contiguous()
+    if mode == "max":
+        assert torch.equal(out, ref)
+    else:
+        assert_within_reference_error(out, ref, exact)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,out_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16), (torch.float64, torch.float32)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_frame_pool_out_dtype(device, dtype, out_dtype, layout):
+    x = feature_maps(8, 16, 3, 5, dtype, device, layout, "avg")
+    out = ops.frame_pool(x, 2, "avg", out_dtype=out_dtype)
+    ref = reference.frame_pool(x, 2, "avg", out_dtype=out_dtype)
+    exact = reference.frame_pool(x.double(), 2, "avg")
+    assert out.dtype == out_dtype
+    assert_within_reference_error(out, ref, exact)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("h,w", [(1, 1), (2, 3), (7, 7), (28, 30)])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_frame_pool_plane_sizes(device, h, w, mode):
+    # From single pixels to planes too large for the CUDA kernel's shared-memory tiles.
+    x = feature_maps(6, 5, h, w, torch.float32, device, "contiguous", mode).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = ops.frame_pool(x, 3, mode), reference.frame_pool(x_ref, 3, mode)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0],
+                               torch.autograd.grad(ref, x_ref, grad)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frame_pool_non_contiguous_input(device):
+    # A layout that is neither contiguous nor channels_last (every other channel).
+    x = feature_maps(6, 10, 4, 4, torch.float32, device, "contiguous", "avg")[:, ::2]
+    torch.testing.assert_close(ops.frame_pool(x, 2), reference.frame_pool(x, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_frame_pool_max_propagates_nan(device, layout):
+    x = feature_maps(4, 3, 3, 3, torch.float32, device, "contiguous", "max")
+    x[1, 2, 0, 1] = float("nan")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = ops.frame_pool(x, 2, "max", batch_first=True).view(4, 3)
+    assert torch.isnan(out[1, 2])
+    assert not torch.isnan(out[torch.arange(4) != 1]).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_frame_pool_gradient_matches_reference(device, dtype, layout, mode, batch_first):
+    x = feature_maps(12, 19, 7, 7, dtype, device, layout, mode).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(3, 4, 19, dtype=torch.float64).to(device=device, dtype=dtype)
+    if not batch_first:
+        grad = grad.transpose(0, 1).contiguous()
+    (gx,) = torch.autograd.grad(ops.frame_pool(x, 3, mode, batch_first), x, grad)
+    (gx_ref,) = torch.autograd.grad(reference.frame_pool(x_ref, 3, mode, batch_first), x_ref, grad)
+    assert gx.dtype == dtype and gx.shape == x.shape
+    assert gx.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    if mode == "max" or dtype == torch.float32:
+        torch.testing.assert_close(gx, gx_ref)
+    else:
+        per_frame = grad if batch_first else grad.transpose(0, 1)  # [B, T, C]
+        exact = (per_frame.double().reshape(12, 19, 1, 1) / 49).expand(12, 19, 7, 7)
+        assert_within_reference_error(gx, gx_ref, exact)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_frame_pool_gradient_with_out_dtype(device, out_dtype):
+    x = feature_maps(6, 8, 3, 3, torch.bfloat16, device, "contiguous", "avg").requires_grad_()
+    grad = torch.randn(2, 3, 8, device=device, dtype=out_dtype)
+    (gx,) = torch.autograd.grad(ops.frame_pool(x, 3, out_dtype=out_dtype), x, grad)
+    expected = (grad.double() / 9).transpose(0, 1).reshape(6, 8, 1, 1).expand(6, 8, 3, 3)
+    assert gx.dtype == torch.bfloat16
+    torch.testing.assert_close(gx.double(), expected, rtol=2 ** -8, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_frame_pool_gradcheck(device, layout, mode, batch_first):
+    x = feature_maps(4, 3, 3, 2, torch.float64, device, layout, "avg").requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ops.frame_pool(t, 2, mode, batch_first), (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_frame_pool_opcheck(device, layout, mode):
+    x = feature_maps(6, 4, 3, 3, torch.float32, device, layout, "avg").requires_grad_()
+    torch.library.opcheck(torch.ops.cnnlstm_ext.frame_pool_forward.default, (x, 3, mode, False, None))
+    torch.library.opcheck(torch.ops.cnnlstm_ext.frame_pool_forward.default,
+                          (x, 2, mode, True, torch.bfloat16))
+    out, argmax = torch.ops.cnnlstm_ext.frame_pool_forward(x.detach(), 3, mode, False, None)
+    torch.library.opcheck(torch.ops.cnnlstm_ext.frame_pool_backward.default,
+                          (torch.randn_like(out), argmax, list(x.shape), x.dtype,
+                           layout == "channels_last", 3, mode, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frame_pool_compiles_fullgraph(device):
+    def features(maps):
+        return ops.frame_pool(maps.relu(), 2, "avg").sum(-1)
+
+    x = feature_maps(4, 8, 3, 3, torch.float32, device, "contiguous", "avg").requires_grad_()
+    compiled = torch.compile(features, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = reference.frame_pool(x_ref.relu(), 2, "avg").sum(-1)
+    (gx_ref,) = torch.autograd.grad(ref.sum(), x_ref)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, gx_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_frame_pool_module_matches_reference(device, batch_first):
+    pool = cnnlstm_ext.FramePool("max", batch_first=batch_first)
+    x = feature_maps(6, 8, 4, 4, torch.float32, device, "channels_last", "max")
+    assert torch.equal(pool(x, 2), reference.frame_pool(x, 2, "max", batch_first))
+    assert "mode='max'" in repr(pool)
+    assert list(pool.parameters()) == []
+
+
+def test_frame_pool_module_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        cnnlstm_ext.FramePool("median")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad_call, message", [
+    (lambda d: ops.frame_pool(torch.randn(6, 4, 3, device=d), 2), r"\[B\*T, C, h, w\] \(4-D\)"),
+    (lambda d: ops.frame_pool(torch.randn(7, 4, 3, 3, device=d), 2), "not a multiple"),
+    (lambda d: ops.frame_pool(torch.randn(6, 4, 3, 3, device=d), 0), "batch_size must be >= 1"),
+    (lambda d: ops.frame_pool(torch.ones(6, 4, 3, 3, device=d, dtype=torch.int32), 2),
+     "float32, float64, bfloat16 or float16"),
+    (lambda d: ops.frame_pool(torch.randn(6, 4, 0, 3, device=d), 2), "h, w >= 1"),
+])
+def test_frame_pool_rejects_bad_input(device, bad_call, message):
+    with pytest.raises(RuntimeError, match=message):
+        bad_call(device)
+
+
+def test_frame_pool_rejects_bad_mode_and_dtype():
+    x = torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="mode"):
+        ops.frame_pool(x, 2, "median")
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.frame_pool(x, 2, out_dtype=torch.int64)
+    with pytest.raises(RuntimeError, match='"avg" or "max"'):
+        torch.ops.cnnlstm_ext.frame_pool_forward(x, 2, "median", False, None)
+
+
+@pytest.mark.cuda
+def test_frame_pool_cuda_matches_cpu_on_resnet_sized_maps():
+    # The kernel's production shape: ResNet-18 maps, C = 512, 7x7, bf16 in, float32 out.
+    x = torch.randn(64, 512, 7, 7).to(torch.bfloat16)
+    for layout in LAYOUTS:
+        xl = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        for mode in ("avg", "max"):
+            cpu = ops.frame_pool(xl, 8, mode, out_dtype=torch.float32)
+            gpu = ops.frame_pool(xl.cuda(), 8, mode, out_dtype=torch.float32)
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+def test_frame_pool_reference_is_the_unfused_sequence():
+    x = torch.randn(6, 4, 3, 3)
+    expected = F.adaptive_avg_pool2d(x, 1).flatten(1).view(2, 3, 4).transpose(0, 1)
+    assert torch.equal(reference.frame_pool(x, 2), expected)
