@@ -40,6 +40,8 @@ if ! stage build 150 "$RES/build.log" "$PY" setup.py build_ext --inplace; then
   printf '%s\n' "${summary[@]}"
   exit 1
 fi
+stage cuda-error-paths 60 "$RES/cuda-error-paths.log" "$PY" scripts/cuda_error_paths.py
+cat "$RES/cuda-error-paths.log"
 # One pytest process per test file, so that a crash in one file cannot hide the others' results.
 stage cuda-tests 200 "$RES/cuda-tests.log" bash -c '
   rc=0
