@@ -128,3 +128,34 @@ def test_lstm_cuda(benchmark, cudnn_info, dtype_name, case, batch, steps, impl):
         base_median, base_peak = _baseline[group]
         benchmark.extra_info["speedup_vs_baseline"] = base_median / median
         benchmark.extra_info["memory_vs_baseline"] = peak / base_peak if base_peak else None
+
+
+# The recurrence variants of the fused op against the same baseline, T=32: the persistent kernel
+# with its tensor-core product (16-bit) or its FMA product, and the per-step path. Their
+# crossover in B is what CNNLSTM_EXT_PERSISTENT_MAX_BATCH's default rests on.
+VARIANTS = {
+    "baseline": {},
+    "fused-persistent-mma": {"CNNLSTM_EXT_LSTM_PATH": "persistent", "CNNLSTM_EXT_LSTM_MMA": "1"},
+    "fused-persistent-fma": {"CNNLSTM_EXT_LSTM_PATH": "persistent", "CNNLSTM_EXT_LSTM_MMA": "0"},
+    "fused-stepwise": {"CNNLSTM_EXT_LSTM_PATH": "stepwise"},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_lstm_cuda_paths(benchmark, monkeypatch, dtype_name, case, batch, variant):
+    if dtype_name == "float32" and variant == "fused-persistent-fma":
+        pytest.skip("float32 always uses the FMA product")
+    for name, value in VARIANTS[variant].items():
+        monkeypatch.setenv(name, value)
+    impl = "baseline" if variant == "baseline" else "fused"
+    dtype, steps = DTYPES[dtype_name], 32
+    step = make_step(impl, case, dtype, batch, steps)
+    benchmark.group = f"lstm_cuda_paths:{dtype_name}:{case}:B{batch}:T{steps}"
+    benchmark.extra_info.update({"impl": impl, "variant": variant, "case": case,
+                                 "dtype": dtype_name, "batch": batch, "steps": steps,
+                                 "gpu": torch.cuda.get_device_name()})
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=3)
+    benchmark.extra_info["peak_bytes"] = peak_bytes(step)

@@ -35,22 +35,36 @@ stage() {  # stage NAME TIMEOUT LOG CMD...
 } > "$RES/device.txt" 2>&1
 cat "$RES/device.txt"
 
-if ! stage build 300 "$RES/build.log" "$PY" setup.py build_ext --inplace; then
+if ! stage build 150 "$RES/build.log" "$PY" setup.py build_ext --inplace; then
   tail -40 "$RES/build.log"
   printf '%s\n' "${summary[@]}"
   exit 1
 fi
-stage cuda-tests 240 "$RES/cuda-tests.log" "$PY" -m pytest python_tests -m cuda -q -p no:cacheprovider
-stage sanitizers 150 "$RES/sanitizers.log" bash -c "
-  compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/sanitize_ops.py &&
-  compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 $PY scripts/sanitize_ops.py"
-stage benchmarks 300 "$RES/benchmarks.log" "$PY" -m pytest benchmarks -k cuda -q -p no:cacheprovider \
+stage cuda-error-paths 60 "$RES/cuda-error-paths.log" "$PY" scripts/cuda_error_paths.py
+cat "$RES/cuda-error-paths.log"
+# One pytest process per test file, so that a crash in one file cannot hide the others' results.
+stage cuda-tests 200 "$RES/cuda-tests.log" bash -c '
+  rc=0
+  for f in python_tests/test_*.py; do
+    grep -q "cuda" "$f" || continue
+    echo "=== $f"
+    "$0" -m pytest "$f" -m cuda -v -p no:cacheprovider --durations=5 || rc=1
+  done
+  exit $rc' "$PY"
+stage benchmarks 170 "$RES/benchmarks.log" "$PY" -m pytest benchmarks -k cuda -q -p no:cacheprovider \
   --benchmark-json="$RES/benchmarks.json" --benchmark-min-rounds=5 --benchmark-max-time=0.2 \
   --benchmark-warmup=on --benchmark-columns=median,iqr,rounds
+stage sanitizers 110 "$RES/sanitizers.log" bash -c "
+  for tool in memcheck racecheck; do
+    for script in scripts/sanitize_ops.py scripts/pooling_sanitizer_workload.py; do
+      echo \"== \$tool \$script\"
+      compute-sanitizer --tool \$tool --error-exitcode 9 $PY \$script || exit 1
+    done
+  done"
 
 echo "=== test summary"
-tail -3 "$RES/cuda-tests.log"
-grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$RES/sanitizers.log"
+grep -E "FAILED|ERROR|Fatal|^=== |(passed|failed|skipped).* in " "$RES/cuda-tests.log" | head -60
+grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY" "$RES/sanitizers.log"
 echo "=== stages"
 printf '%s\n' "${summary[@]}"
 echo "=== speed and memory ratios (fused over baseline, same run, $(head -2 "$RES/device.txt" | tail -1 | cut -d, -f1))"

@@ -35,12 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ..nn import FusedBiLSTM, FusedLSTM
-
-try:
-    from ..nn import FramePool, TemporalPool
-except ImportError:  # the pooling modules are not in this build yet: same behaviour, plain PyTorch
-    FramePool = TemporalPool = None
+from ..nn import FramePool, FusedBiLSTM, FusedLSTM, TemporalPool
 
 __all__ = ["CNNLSTM", "BACKBONES", "infer_architecture", "describe_state_dict", "is_buffer_name"]
 
@@ -58,63 +53,6 @@ _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 def is_buffer_name(key: str) -> bool:
     """True for state-dict keys of BatchNorm buffers (not trained by the optimizer)."""
     return key.rsplit(".", 1)[-1] in _BUFFER_SUFFIXES
-
-
-if FramePool is None:
-    class FramePool(nn.Module):
-        """CNN feature maps [B*T, C, h, w] -> frame features [T, B, C] (or [B, T, C])."""
-
-        def __init__(self, mode="avg", batch_first=False, out_dtype=None):
-            super().__init__()
-            if mode not in FRAME_POOLS:
-                raise ValueError("FramePool mode must be one of %s, got %r" % (FRAME_POOLS, mode))
-            self.mode, self.batch_first, self.out_dtype = mode, batch_first, out_dtype
-
-        def forward(self, maps, batch_size):
-            if maps.dim() != 4 or maps.shape[0] % batch_size != 0:
-                raise ValueError("FramePool expects maps [B*T, C, h, w] with B=%d dividing the "
-                                 "first dim, got %s" % (batch_size, list(maps.shape)))
-            feats = maps.mean((2, 3)) if self.mode == "avg" else maps.amax((2, 3))  # [B*T, C]
-            feats = feats.view(batch_size, -1, feats.shape[1])                      # [B, T, C]
-            if not self.batch_first:
-                feats = feats.transpose(0, 1)                                       # [T, B, C]
-            return feats if self.out_dtype is None else feats.to(self.out_dtype)
-
-if TemporalPool is None:
-    class TemporalPool(nn.Module):
-        """LSTM outputs [T, B, D] (+ lengths [B]) -> [B, D]; padding past each length is ignored."""
-
-        def __init__(self, mode="mean", dim=None, batch_first=False, bidirectional=False):
-            super().__init__()
-            if mode not in POOLINGS:
-                raise ValueError("TemporalPool mode must be one of %s, got %r" % (POOLINGS, mode))
-            if mode == "attention" and dim is None:
-                raise ValueError("TemporalPool(mode='attention') needs dim (the feature size D)")
-            self.mode, self.batch_first, self.bidirectional = mode, batch_first, bidirectional
-            if mode == "attention":
-                self.score = nn.Linear(dim, 1)
-
-        def forward(self, x, lengths=None):
-            if self.batch_first:
-                x = x.transpose(0, 1)
-            T, B, D = x.shape
-            if lengths is None:
-                lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
-            lengths = lengths.to(x.device)
-            valid = torch.arange(T, device=x.device)[:, None] < lengths[None, :]   # [T, B]
-            if self.mode == "mean":
-                total = (x * valid[..., None]).sum(0)                               # [B, D]
-                return total / lengths[:, None].to(x.dtype)
-            if self.mode == "max":
-                return x.masked_fill(~valid[..., None], float("-inf")).amax(0)
-            if self.mode == "last":
-                last = x[lengths - 1, torch.arange(B, device=x.device)]             # [B, D]
-                if self.bidirectional:  # the reverse direction ends at t = 0
-                    last = torch.cat([last[:, :D // 2], x[0, :, D // 2:]], dim=1)
-                return last
-            scores = self.score(x).squeeze(-1).masked_fill(~valid, float("-inf"))  # [T, B]
-            weights = torch.softmax(scores, dim=0)
-            return (weights[..., None] * x).sum(0)
 
 
 def _tiny_backbone() -> nn.Sequential:
