@@ -5,7 +5,8 @@
     python benchmarks/ratios.py train_step_cpu.json
 
 Step: forward (bf16 autocast on CUDA, fp32 on the CPU), cross-entropy, backward, gradient clipping,
-AdamW (cnnlstm_ext.train.step_benchmark.train_step, what the Trainer runs per batch). Model:
+AdamW (cnnlstm_ext.train.step_benchmark.train_step, what the Trainer runs per batch; on CUDA, as
+there, NHWC convolutions and cudnn.benchmark for both implementations). Model:
 CNNLSTM() (ResNet-18, 3-layer BiLSTM 512, mean pooling, 100 classes). "fused": CNNLSTM(fused=True);
 "baseline": the same weights with torch.nn.LSTM and plain-PyTorch pooling.
 

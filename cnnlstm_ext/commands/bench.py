@@ -29,6 +29,12 @@ def add_arguments(parser):
                         help="timed rounds per variant (default 3; the median counts)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="model.KEY=VALUE", help="a CNNLSTM argument, e.g. model.num_layers=2")
+    parser.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                        help="NHWC convolutions (default: on GPUs, as the trainer runs them)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also profile 2 steps of each (torch.profiler): operator tables and "
+                             "chrome traces in DIR")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
 
 
@@ -57,18 +63,22 @@ def run(args) -> int:
     steps = args.steps or (10 if device.type == "cuda" else 2)
     try:
         r = compare_train_step(model_config, shape["batch"], shape["frames"], shape["size"], device,
-                               amp_dtype, steps=steps, rounds=args.rounds)
+                               amp_dtype, steps=steps, rounds=args.rounds,
+                               channels_last=args.channels_last, profile_dir=args.profile)
     except (ValueError, TypeError) as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
-    print("training step, B=%d T=%d %dx%d %s on %s, %s parameters (median of %d rounds x %d steps)"
-          % (r["batch"], r["frames"], r["size"], r["size"], r["dtype"], r["device"],
-             format(r["parameters"], ","), r["rounds"], r["steps_per_round"]))
+    print("training step, B=%d T=%d %dx%d %s%s on %s, %s parameters (median of %d rounds x %d "
+          "steps)" % (r["batch"], r["frames"], r["size"], r["size"], r["dtype"],
+                      ", channels_last" if r["channels_last"] else "", r["device"],
+                      format(r["parameters"], ","), r["rounds"], r["steps_per_round"]))
     print("  stock (nn.LSTM, PyTorch pooling)  %8.1f ms/step  %8.1f clips/s"
           % (r["stock_step_s"] * 1e3, r["stock_clips_per_s"]))
     print("  fused (cnnlstm_ext)               %8.1f ms/step  %8.1f clips/s"
           % (r["fused_step_s"] * 1e3, r["fused_clips_per_s"]))
     print("  fused / stock                     %8.2fx" % r["speedup"])
+    for name, path in r.get("profiles", {}).items():
+        print("  profile (%s): %s" % (name, path))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)

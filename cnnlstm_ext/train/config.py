@@ -112,7 +112,8 @@ class TrainConfig:
     tensorboard: bool = True
     sync_batchnorm: bool = True  # distributed runs on GPUs: BatchNorm statistics over all GPUs
     compile: bool = False  # torch.compile the model
-    fused: Optional[bool] = None  # override model.fused (None: the model's own default)
+    channels_last: Optional[bool] = None  # convolutions in NHWC layout (None: on GPUs only)
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution for each input shape
 
 
 @dataclass

@@ -50,8 +50,10 @@ class ReferenceTemporalPool(nn.Module):
                                        weight, bias)
 
 
-def build_pair(model_config: Dict[str, Any], device: torch.device, seed: int = 0):
-    """(fused, stock) CNNLSTMs with the same weights, on `device`."""
+def build_pair(model_config: Dict[str, Any], device: torch.device, seed: int = 0,
+               channels_last: Optional[bool] = None):
+    """(fused, stock) CNNLSTMs with the same weights, on `device`; convolutions in NHWC layout
+    when channels_last (None: on GPUs), as the Trainer runs them."""
     from ..models import CNNLSTM
 
     config = dict(model_config)
@@ -63,7 +65,13 @@ def build_pair(model_config: Dict[str, Any], device: torch.device, seed: int = 0
                                           getattr(fused.frame_pool, "out_dtype", None))
     stock.temporal_pool = ReferenceTemporalPool(stock.temporal_pool)
     stock.load_state_dict(fused.state_dict())
-    return fused.to(device), stock.to(device)
+    fused, stock = fused.to(device), stock.to(device)
+    if channels_last if channels_last is not None else device.type == "cuda":
+        fused = fused.to(memory_format=torch.channels_last)
+        stock = stock.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return fused, stock
 
 
 def make_batch(batch: int, frames: int, size: int, num_classes: int, device: torch.device,
@@ -104,9 +112,14 @@ def synchronize(device: torch.device) -> None:
 
 def compare_train_step(model_config: Dict[str, Any], batch: int, frames: int, size: int,
                        device: torch.device, amp_dtype: Optional[torch.dtype], steps: int = 3,
-                       rounds: int = 3, warmup: int = 1) -> Dict[str, Any]:
-    """Times fused and stock steps in alternating rounds; returns clips/s of each and the ratio."""
-    fused, stock = build_pair(model_config, device)
+                       rounds: int = 3, warmup: int = 1, channels_last: Optional[bool] = None,
+                       profile_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Times fused and stock steps in alternating rounds; returns clips/s of each and the ratio.
+
+    profile_dir: also profile 2 steps of each with torch.profiler after the timing, writing
+    profile_<name>.txt (operators by self time) and trace_<name>.json (chrome://tracing) there.
+    """
+    fused, stock = build_pair(model_config, device, channels_last=channels_last)
     clips, labels = make_batch(batch, frames, size, fused.config["num_classes"], device)
     runs = {"stock": train_step(stock, clips, labels, amp_dtype),
             "fused": train_step(fused, clips, labels, amp_dtype)}
@@ -132,7 +145,34 @@ def compare_train_step(model_config: Dict[str, Any], batch: int, frames: int, si
         result[name + "_step_s"] = median
         result[name + "_clips_per_s"] = batch / median
     result["speedup"] = result["stock_step_s"] / result["fused_step_s"]
+    result["channels_last"] = any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+                                  and not p.is_contiguous() for p in fused.parameters())
+    if profile_dir is not None:
+        result["profiles"] = {name: profile_steps(step, device, profile_dir, name)
+                              for name, step in runs.items()}
     return result
+
+
+def profile_steps(step: Callable[[], None], device: torch.device, out_dir: str, name: str,
+                  steps: int = 2) -> str:
+    """Profiles `steps` calls of `step`; writes the operator table and a chrome trace."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(out_dir, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = os.path.join(out_dir, "profile_%s.txt" % name)
+    with open(table, "w") as f:
+        f.write("%d training steps, %s\n\n" % (steps, describe_device(device)))
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+    prof.export_chrome_trace(os.path.join(out_dir, "trace_%s.json" % name))
+    return table
 
 
 def describe_device(device: torch.device) -> str:

@@ -221,6 +221,12 @@ class Trainer:
             from ..models import CNNLSTM
             model = CNNLSTM(**self.cfg.model)
         self.model = model.to(self.device)
+        if t.channels_last if t.channels_last is not None else self.device.type == "cuda":
+            # NHWC convolutions run on tensor cores without layout transposes; the first
+            # convolution converts the frames, and the fused frame pooling reads NHWC maps.
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = t.cudnn_benchmark
         if self.ctx.enabled and t.sync_batchnorm and self.device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.net = self.model  # what the training step calls (DDP / compiled wrappers)
