@@ -753,7 +753,7 @@ def _plot_confusion(path: str, confusion, classes) -> None:
                         color="white" if rows[i, j] > 0.5 else "black", fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("confusion matrix (rows normalised)")
+    ax.set_title("confusion matrix (rows sum to 1)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
