@@ -91,7 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const auto acc = acc_dtype(x_in.scalar_type());
   auto x = x_in.to(acc).contiguous();
   auto w_ih_a = w_ih.to(acc).reshape({D * G, d.I});
-  auto w_hh_t = w_hh.to(acc).transpose(1, 2);  // [D, H, 4H]
+  // [D, H, 4H], copied: the per-step bmm runs several times faster on a contiguous operand than
+  // on the transposed view (MKL, [2, 8, 512] x [2, 512, 2048]).
+  auto w_hh_t = w_hh.to(acc).transpose(1, 2).contiguous();
   // xproj: [T*B, D*4H], both directions in one GEMM.
   at::Tensor xproj = bias.has_value()
                          ? at::addmm(bias->to(acc).reshape({D * G}), x.view({T * B, d.I}), w_ih_a.t())
