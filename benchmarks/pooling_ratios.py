@@ -2,9 +2,11 @@
 
     python benchmarks/pooling_ratios.py pool.json [more.json ...] [--markdown]
 
-One row per benchmark: the best round of the fused op and of the unfused sequence (per call), the
-speedup (unfused / fused), and for CUDA cases the achieved bandwidth and its fraction of the copy
-bandwidth measured in the same session.
+One row per fused benchmark: median time per call of the fused op and of its baseline (the unfused
+sequence, same group, same run), the speedup (baseline / fused), and the bandwidth the fused op
+reaches counting bytes read and written once, with its share of the copy bandwidth measured in the
+same session (CUDA). benchmarks/ratios.py gives the speedups of every benchmark of the project;
+this table adds the bandwidth columns of the pooling goals.
 """
 import argparse
 import json
@@ -15,22 +17,27 @@ def rows(paths):
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        machine = data.get("machine_info", {})
-        cpu = machine.get("cpu", {}).get("brand_raw", machine.get("processor", "?"))
-        for bench in data.get("benchmarks", []):
+        cpu = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
+        benches = data.get("benchmarks", [])
+        per_call = {}  # group -> {impl: median seconds per call}
+        for bench in benches:
             info = bench.get("extra_info", {})
-            if "speedup" not in info:
+            if info.get("impl") in ("fused", "baseline"):
+                calls = info.get("calls_per_round", 1)
+                per_call.setdefault(bench["group"], {})[info["impl"]] = bench["stats"]["median"] / calls
+        for bench in benches:
+            info = bench.get("extra_info", {})
+            times = per_call.get(bench["group"], {})
+            if info.get("impl") != "fused" or "baseline" not in times:
                 continue
             device = info.get("device", "?")
-            if device.startswith("cpu"):
-                device = "%s, %s" % (cpu, device)
             yield {
-                "name": bench["name"],
-                "device": device,
-                "fused_ms": info["fused_ms"],
-                "unfused_ms": info["unfused_ms"],
-                "speedup": info["speedup"],
-                "GBps": info.get("fused_GBps", ""),
+                "name": bench["group"],
+                "device": "%s, %s" % (cpu, device) if device.startswith("cpu") else device,
+                "fused_ms": 1e3 * times["fused"],
+                "unfused_ms": 1e3 * times["baseline"],
+                "speedup": times["baseline"] / times["fused"],
+                "GBps": info.get("GBps", ""),
                 "copy": info.get("copy_fraction", ""),
             }
 
@@ -44,7 +51,7 @@ def main(argv=None):
     if not table:
         print("no fused/unfused benchmarks found", file=sys.stderr)
         return 1
-    header = ["benchmark", "fused ms", "unfused ms", "speedup", "fused GB/s", "of copy BW"]
+    header = ["case", "fused ms", "unfused ms", "speedup", "fused GB/s", "of copy BW"]
     devices = sorted({r["device"] for r in table})
     for device in devices:
         body = [[r["name"], "%.3f" % r["fused_ms"], "%.3f" % r["unfused_ms"], "%.2fx" % r["speedup"],
