@@ -11,6 +11,7 @@ except ImportError as e:  # pragma: no cover - only without a build
 from . import ops  # noqa: E402,F401  (fake kernels and autograd)
 from .nn import FusedLSTM, FusedBiLSTM, fuse_lstm, unfuse_lstm  # noqa: E402
 from .nn import FramePool, TemporalPool  # noqa: E402
+from .models import CNNLSTM  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,4 @@ def cuda_kernels_built() -> bool:
 
 
 __all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm", "FramePool", "TemporalPool",
-           "cuda_kernels_built", "ops"]
+           "CNNLSTM", "cuda_kernels_built", "ops"]

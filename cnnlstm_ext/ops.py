@@ -25,7 +25,17 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0
     x: [T, B, I]; w_ih: [D, 4H, I]; w_hh: [D, 4H, H]; bias: [D, 4H] (b_ih + b_hh) or None;
     h0, c0: [D, B, H]; lengths: [B] int64 on x's device with values in [1, T], or None.
     Returns y: [T, B, D*H] (zero past each length), h_n: [D, B, H], c_n: [D, B, H].
+
+    Inside an autocast region the floating inputs are cast to autocast's dtype for x's device
+    (so the results come out in that dtype, as nn.LSTM's do) and the op runs with autocast off.
     """
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        with torch.autocast(device_type, enabled=False):
+            return lstm_layer(cast(x), cast(w_ih), cast(w_hh), cast(bias), cast(h0), cast(c0),
+                              lengths)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_ih, w_hh, bias, h0, c0))
     y, h_n, c_n, _, _ = torch.ops.cnnlstm_ext.lstm_layer_forward(

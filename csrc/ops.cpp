@@ -1,7 +1,9 @@
 // Every schema of the library, in one place. Kernels register in csrc/cpu/*.cpp (CPU) and
 // csrc/cuda/*.cu (CUDA); autograd and fake (meta) kernels are attached in cnnlstm_ext/ops.py.
-#include <Python.h>
 #include <torch/library.h>
+
+#ifndef CNNLSTM_EXT_NO_PYTHON
+#include <Python.h>
 
 extern "C" {
 // `import cnnlstm_ext._C` loads this library, whose static initialisers register the ops.
@@ -10,6 +12,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(cnnlstm_ext, m) {
   // One LSTM layer, D = 1 or 2 directions in one call (direction 1 runs in reverse time).

@@ -344,6 +344,47 @@ def test_op_inference_call_saves_nothing(rng):
     torch.testing.assert_close(y_eval, y_train, rtol=0, atol=0)
 
 
+# --- autocast -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("input_from", ["float32_input", "autocast_linear"])
+def test_autocast_cpu_matches_nn_lstm(input_from, rng):
+    # Inside autocast nn.LSTM runs in autocast's dtype whatever its input's dtype (float32, or
+    # bfloat16 from an autocast Linear); gradients reach the float32 parameters in float32.
+    ref, fused = nn_lstm_and_fused(torch.float32, input_size=I, hidden_size=H, num_layers=2,
+                                   bidirectional=True)
+    frame = nn.Linear(I, I)
+    x = randn(T, B, I, rng=rng).float()
+    weights = [randn(T, B, 2 * H, rng=rng).float(), randn(4, B, H, rng=rng).float()]
+    results = []
+    for module in (ref, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = frame(x) if input_from == "autocast_linear" else x
+            out, (h_n, c_n) = module(features)
+            loss = (out.float() * weights[0]).sum() + (h_n.float() * weights[1]).sum()
+        grads = torch.autograd.grad(loss, list(module.parameters()))
+        results.append((out, h_n, c_n, grads))
+    (r_out, r_h, r_c, r_grads), (f_out, f_h, f_c, f_grads) = results
+    for name, f, r in (("output", f_out, r_out), ("h_n", f_h, r_h), ("c_n", f_c, r_c)):
+        assert f.dtype == r.dtype == torch.bfloat16, (name, f.dtype, r.dtype)
+        assert_close_rel(f, r, 3e-2, name)
+    for (name, _), f, r in zip(fused.named_parameters(), f_grads, r_grads):
+        assert f.dtype == r.dtype == torch.float32, (name, f.dtype, r.dtype)
+        assert_close_rel(f, r, 5e-2, f"grad of {name}")
+
+
+def test_autocast_cpu_op_returns_autocast_dtype(rng):
+    x, w_ih, w_hh, bias, h0, c0, lengths = op_inputs(2, True, True, torch.float32, rng)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h_n, c_n = ops.lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths)
+        # backward inside the region still runs (the kernels keep autocast away from their GEMMs)
+        torch.autograd.grad(y.float().sum() + c_n.float().sum(), [x, w_hh])
+    assert y.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
+    want = reference.lstm_layer(*(t.detach().to(torch.bfloat16).float() if t is not None else None
+                                  for t in (x, w_ih, w_hh, bias, h0, c0)), lengths)
+    for name, g, w in zip(("y", "h_n", "c_n"), (y, h_n, c_n), want):
+        assert_close_rel(g, w, 2e-2, name)
+
+
 # --- torch.compile --------------------------------------------------------------------------------
 
 class BiLSTMClassifier(nn.Module):

@@ -140,8 +140,12 @@ class FusedLSTM(nn.Module):
             if tuple(t.shape) != expected:
                 raise RuntimeError(f"Expected {name} size {expected}, got {list(t.shape)}")
         weight = self.weight_ih_l0
+        # Under autocast the op casts everything to autocast's dtype, so (as in nn.LSTM) the
+        # input may differ from the parameters, e.g. bfloat16 features from an autocast Linear.
+        autocast = (torch.amp.is_autocast_available(x.device.type)
+                    and torch.is_autocast_enabled(x.device.type))
         for name, t in (("input", x), ("hx", hx[0]), ("cx", hx[1])):
-            if t.dtype != weight.dtype:
+            if t.dtype != weight.dtype and not autocast:
                 raise RuntimeError(f"{name} has dtype {t.dtype} but the parameters have dtype "
                                    f"{weight.dtype}; convert one to match (e.g. module.to(dtype))")
             if t.device != weight.device:

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "lstm_layer.h"
@@ -37,6 +38,11 @@ std::vector<int64_t> host_lengths(const c10::optional<at::Tensor>& lengths, cons
   }
   return L;
 }
+
+// Rows (sequence x direction) per parallel task: about 2048 hidden units of gate math each, so a
+// small layer runs on one thread; waking the pool every step costs more than such work, and much
+// more when the cores are shared.
+inline int64_t rows_per_task(int64_t H) { return std::max<int64_t>(1, 2048 / H); }
 
 // Time index of step s for sequence b in direction dir.
 inline int64_t time_index(int64_t dir, int64_t s, int64_t len) { return dir == 0 ? s : len - 1 - s; }
@@ -64,7 +70,7 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   constexpr int64_t V = Vec::size();
   for (int64_t s = 0; s < steps; ++s) {
     at::bmm_out(rec, h, w_hh_t);
-    at::parallel_for(0, D * B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t dir = row / B, b = row % B, len = L[b];
         if (s >= len) continue;  // sequence finished: state carries to h_n/c_n unchanged
@@ -122,6 +128,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& bias, const at::Tensor& h0, const at::Tensor& c0,
     const c10::optional<at::Tensor>& lengths, bool train) {
+  // Autocast must not reach the ATen calls below (an autocast addmm would hand back a bfloat16
+  // xproj to a float kernel); the Python wrapper applies autocast's dtype before the op.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto d = check_lstm_inputs("lstm_layer_forward", x_in, w_ih, w_hh, bias, h0, c0, lengths);
   const auto L = host_lengths(lengths, d);
   const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
@@ -179,7 +188,7 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   acc_t* dsp = dG_step.data_ptr<acc_t>();
   acc_t* drp = dh_rec.data_ptr<acc_t>();
   for (int64_t s = steps - 1; s >= 0; --s) {
-    at::parallel_for(0, D * B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t dir = row / B, b = row % B, len = L[b];
         acc_t* ds_row = dsp + row * G;
@@ -226,6 +235,9 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                         const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& h0,
                         const at::Tensor& c0, const c10::optional<at::Tensor>& lengths,
                         const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cell) {
+  // Autocast must not reach the ATen calls below (an autocast addmm would hand back a bfloat16
+  // xproj to a float kernel); the Python wrapper applies autocast's dtype before the op.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "lstm_layer_backward";
   const auto d = check_lstm_inputs(op, x_in, w_ih, w_hh, c10::nullopt, h0, c0, lengths);
   check_lstm_backward_inputs(op, d, x_in, grad_y, grad_h_n, grad_c_n, y, gates, cell);
@@ -252,7 +264,8 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
     const scalar_t* yp = y_a.data_ptr<scalar_t>();
     const scalar_t* h0p = h0_a.data_ptr<scalar_t>();
     scalar_t* hp = h_prev.data_ptr<scalar_t>();
-    at::parallel_for(0, D * B, 1, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / (T * H));  // rows of T*H copies each
+    at::parallel_for(0, D * B, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t dir = row / B, b = row % B, len = L[b];
         for (int64_t s = 0; s < len; ++s) {

@@ -24,6 +24,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -50,18 +51,23 @@ __host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + 
 // (16-byte, bank-conflict-free shared loads), then a transposing butterfly reduces the BT*kRT
 // partial sums in BT*kRT - 1 + log2(32 / (BT*kRT)) shuffles instead of 5 per value.
 // ---------------------------------------------------------------------------------------------
+// One halving round: lanes whose bit `M` is set keep the upper HALF values and send the lower
+// ones to their partner (lane ^ M), which keeps the lower half; both add what they receive.
+template <int HALF, int M, int N>
+__device__ __forceinline__ void transpose_round(float (&v)[N], int lane) {
+  const bool upper = lane & M;
+#pragma unroll
+  for (int i = 0; i < HALF; ++i) {
+    const float send = upper ? v[i] : v[i + HALF];
+    const float keep = upper ? v[i + HALF] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, M);
+  }
+  if constexpr (HALF > 1) transpose_round<HALF / 2, M * 2, N>(v, lane);
+}
+
 template <int N>
 __device__ __forceinline__ float transpose_reduce(float (&v)[N], int lane) {
-#pragma unroll
-  for (int half = N / 2, m = 1; half >= 1; half /= 2, m *= 2) {
-    const bool upper = lane & m;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float send = upper ? v[i] : v[i + half];
-      const float keep = upper ? v[i + half] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, m);
-    }
-  }
+  if constexpr (N > 1) transpose_round<N / 2, 1, N>(v, lane);
   float s = v[0];
 #pragma unroll
   for (int m = N; m < 32; m *= 2) s += __shfl_xor_sync(0xffffffffu, s, m);
@@ -112,13 +118,126 @@ __device__ void recurrent_product(const float* in, const scalar_t* w, float* out
 }
 
 // Stages rows [b0, b0 + nb) of a [B, K] float matrix in global memory into in: [nbp, K] shared,
-// zero-filling rows nb..nbp-1. Reads bypass L1: another CTA wrote them since the last step.
+// zero-filling rows nb..nbp-1. Asynchronous 16-byte copies (cp.async.cg: through L2, not L1,
+// since other CTAs wrote the rows since the last step) so that all of a thread's loads are in
+// flight at once instead of paying the L2 latency once per row. Followed by a __syncthreads
+// in the caller.
 __device__ __forceinline__ void stage_rows(float* in, const float* src, int nb, int nbp, int K) {
   for (int idx = threadIdx.x * 4; idx < nbp * K; idx += blockDim.x * 4) {
-    const int b = idx / K;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (b < nb) v = __ldcg(reinterpret_cast<const float4*>(src + idx));
-    *reinterpret_cast<float4*>(in + idx) = v;
+    if (idx / K < nb) {
+      const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(in + idx));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src + idx) : "memory");
+    } else {
+      *reinterpret_cast<float4*>(in + idx) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core recurrent product for bfloat16/float16 weights (mma.sync m16n8k16, float32
+// accumulation): out[b * O + o] = sum_k in[b * ldi + k] * w[o * ldw + k].
+//   w: [Opad, ldw] (shared, rows O..Opad-1 zero), in: [nbp, ldi] (shared, 16-bit, rows nb..nbp-1
+//   zero), part: [8, nbp, Opad] float scratch, out: [nb, O] float.
+// Rows are padded by 8 elements (16 bytes), so the 8 rows a fragment load touches fall in
+// distinct banks. The weight rows are the MMA's A (M = 16 rows of w), the batch its B (N = 8
+// sequences); when there are fewer than 8 (row tile, batch tile) pairs, the warps also split K
+// and their partial sums are added in a second pass (a fixed order: deterministic).
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t ld_shared_u32(const void* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store4_16bit(scalar_t* dst, float4 v) {
+  uint2 packed;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    packed.x = *reinterpret_cast<uint32_t*>(&lo);
+    packed.y = *reinterpret_cast<uint32_t*>(&hi);
+  } else {
+    __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
+    packed.x = *reinterpret_cast<uint32_t*>(&lo);
+    packed.y = *reinterpret_cast<uint32_t*>(&hi);
+  }
+  *reinterpret_cast<uint2*>(dst) = packed;
+}
+
+// Like stage_rows, converting to the 16-bit MMA operand type into rows of stride ldi. Eight
+// 16-byte loads per thread are in flight before the first conversion.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_rows_16bit(scalar_t* in, int ldi, const float* src, int nb,
+                                                 int nbp, int K) {
+  constexpr int U = 8;
+  const int total = nbp * K, stride = blockDim.x * 4;
+  for (int base = threadIdx.x * 4; base < total; base += stride * U) {
+    float4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int idx = base + u * stride;
+      v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (idx < total && idx / K < nb) v[u] = __ldcg(reinterpret_cast<const float4*>(src + idx));
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int idx = base + u * stride;
+      if (idx < total) store4_16bit(in + (idx / K) * ldi + idx % K, v[u]);
+    }
+  }
+}
+
+template <typename scalar_t>
+__device__ void recurrent_product_mma(const scalar_t* in, int ldi, const scalar_t* w, int ldw,
+                                      float* part, float* out, int nb, int nbp, int O, int Opad,
+                                      int K) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int MT = Opad / 16, NT = nbp / 8, P = MT * NT;
+  const int S = P >= nwarps ? 1 : nwarps / P;  // K slices
+  const int ksteps = K / 16, per = (ksteps + S - 1) / S;
+  for (int work = warp; work < P * S; work += nwarps) {
+    const int pair = work % P, slice = work / P;
+    const int mt = pair % MT, nt = pair / MT;
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    const scalar_t* wa = w + (mt * 16 + g) * ldw + 2 * t;
+    const scalar_t* ib = in + (nt * 8 + g) * ldi + 2 * t;
+    const int k_end = min(ksteps, (slice + 1) * per);
+    for (int ks = slice * per; ks < k_end; ++ks) {
+      const int k0 = ks * 16;
+      const uint32_t a[4] = {ld_shared_u32(wa + k0), ld_shared_u32(wa + 8 * ldw + k0),
+                             ld_shared_u32(wa + k0 + 8), ld_shared_u32(wa + 8 * ldw + k0 + 8)};
+      const uint32_t b[2] = {ld_shared_u32(ib + k0), ld_shared_u32(ib + k0 + 8)};
+      mma_16816<scalar_t>(c, a, b);
+    }
+    // c[0]: (row mt*16+g, column nt*8+2t), c[1]: column + 1, c[2], c[3]: row + 8.
+    float* pp = part + static_cast<size_t>(slice) * nbp * Opad;
+    const int o = mt * 16 + g, b = nt * 8 + 2 * t;
+    pp[b * Opad + o] = c[0];
+    pp[(b + 1) * Opad + o] = c[1];
+    pp[b * Opad + o + 8] = c[2];
+    pp[(b + 1) * Opad + o + 8] = c[3];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < nb * O; idx += blockDim.x) {
+    const int b = idx / O, o = idx % O;
+    float sum = 0.f;
+    for (int sl = 0; sl < S; ++sl) sum += part[(static_cast<size_t>(sl) * nbp + b) * Opad + o];
+    out[b * O + o] = sum;
   }
 }
 
@@ -140,7 +259,8 @@ struct PersistentForwardParams {
   float* cell;              // [T, B, D, H] or null
   unsigned int* barrier;    // [D] arrival counters, zero on entry
   int T, B, H, D, HB, nblk, BC;
-  int off_in, off_pre, off_state;  // shared-memory byte offsets
+  int ldw, ldi;                              // row strides of w_s and in_s (elements)
+  int off_in, off_pre, off_state, off_part;  // shared-memory byte offsets
 };
 
 // What one (b, u) pair reads from global memory at one step, loaded ahead of the barrier.
@@ -164,14 +284,15 @@ __device__ __forceinline__ StepInput load_forward_input(const PersistentForwardP
   return in;
 }
 
-template <typename scalar_t, int BT>
+template <typename scalar_t, int BT, bool MMA>
 __global__ void __launch_bounds__(kThreads, 1)
     lstm_forward_persistent_kernel(const PersistentForwardParams<scalar_t> p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int dir = blockIdx.x / p.nblk, blk = blockIdx.x % p.nblk;
   const int H = p.H, HB = p.HB, O = 4 * HB, G = 4 * H, B = p.B, D = p.D, j0 = blk * HB;
-  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);                 // [O, H] rows of w_hh
-  float* in_s = reinterpret_cast<float*>(smem + p.off_in);          // [BCpad, H] h_{s-1} chunk
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);                 // [O, ldw] rows of w_hh
+  unsigned char* in_s = smem + p.off_in;                             // [BCpad, ldi] h_{s-1} chunk
+  float* part = reinterpret_cast<float*>(smem + p.off_part);        // MMA partial sums
   float* pre_s = reinterpret_cast<float*>(smem + p.off_pre);        // [B, O] h_{s-1} . w^T
   float* h_s = reinterpret_cast<float*>(smem + p.off_state);        // [B, HB] own slice of h
   float* c_s = h_s + B * HB;                                         // [B, HB] own slice of c
@@ -180,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const scalar_t* w = p.w_hh + static_cast<size_t>(dir) * G * H;
   for (int idx = threadIdx.x; idx < O * H; idx += blockDim.x) {
     const int o = idx / H, k = idx % H;
-    w_s[idx] = w[static_cast<size_t>((o / HB) * H + j0 + o % HB) * H + k];
+    w_s[o * p.ldw + k] = w[static_cast<size_t>((o / HB) * H + j0 + o % HB) * H + k];
   }
   for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
     const int b = q / HB, j = j0 + q % HB;
@@ -201,9 +322,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     float* h_out = p.hbuf + (static_cast<size_t>((s + 1) & 1) * D + dir) * B * H;
     for (int b0 = 0; b0 < B; b0 += p.BC) {
       const int nb = min(p.BC, B - b0);
-      stage_rows(in_s, h_in + static_cast<size_t>(b0) * H, nb, static_cast<int>(round_up(nb, BT)), H);
-      __syncthreads();
-      recurrent_product<scalar_t, BT>(in_s, w_s, pre_s + b0 * O, nb, O, H);
+      if constexpr (MMA) {
+        const int nbp = static_cast<int>(round_up(nb, 8));
+        stage_rows_16bit(reinterpret_cast<scalar_t*>(in_s), p.ldi, h_in + static_cast<size_t>(b0) * H, nb, nbp, H);
+        __syncthreads();
+        recurrent_product_mma(reinterpret_cast<const scalar_t*>(in_s), p.ldi, w_s, p.ldw, part,
+                              pre_s + b0 * O, nb, nbp, O, O, H);
+      } else {
+        stage_rows(reinterpret_cast<float*>(in_s), h_in + static_cast<size_t>(b0) * H, nb,
+                   static_cast<int>(round_up(nb, BT)), H);
+        __syncthreads();
+        recurrent_product<scalar_t, BT>(reinterpret_cast<const float*>(in_s), w_s, pre_s + b0 * O, nb, O, H);
+      }
       __syncthreads();
     }
     for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
@@ -275,7 +405,8 @@ struct PersistentBackwardParams {
   scalar_t* grad_c0;         // [D, B, H]
   unsigned int* barrier;     // [D], zero on entry
   int T, B, H, D, HB, nblk, BC;
-  int off_in, off_state;
+  int ldw, ldi;                    // row strides of w_s and in_s (elements)
+  int off_in, off_state, off_part; // shared-memory byte offsets
 };
 
 // For pair q = b * HB + u at step s: gates i, f, g, o, c_t, c_{t-1} (c0 at the first step),
@@ -301,22 +432,27 @@ __device__ __forceinline__ StepInput load_backward_input(const PersistentBackwar
   return in;
 }
 
-template <typename scalar_t, int BT>
+template <typename scalar_t, int BT, bool MMA>
 __global__ void __launch_bounds__(kThreads, 1)
     lstm_backward_persistent_kernel(const PersistentBackwardParams<scalar_t> p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int dir = blockIdx.x / p.nblk, blk = blockIdx.x % p.nblk;
   const int H = p.H, HB = p.HB, G = 4 * H, B = p.B, D = p.D, j0 = blk * HB;
-  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);             // [HB, 4H] = w_hh[:, j0:j0+HB]^T
-  float* in_s = reinterpret_cast<float*>(smem + p.off_in);      // [BCpad, 4H] dG chunk
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);             // [HB(pad), ldw] = w_hh[:, j0:j0+HB]^T
+  unsigned char* in_s = smem + p.off_in;                         // [BCpad, ldi] dG chunk
+  float* part = reinterpret_cast<float*>(smem + p.off_part);    // MMA partial sums
+  const int Opad = MMA ? static_cast<int>(round_up(HB, 16)) : HB;
   float* dh_s = reinterpret_cast<float*>(smem + p.off_state);   // [B, HB] recurrent dh slice
   float* dc_s = dh_s + B * HB;                                   // [B, HB] dc carried back
 
   const scalar_t* w = p.w_hh + static_cast<size_t>(dir) * G * H;
   for (int idx = threadIdx.x; idx < HB * G; idx += blockDim.x) {
     const int k = idx / HB, u = idx % HB;  // consecutive threads read consecutive columns
-    w_s[u * G + k] = w[static_cast<size_t>(k) * H + j0 + u];
+    w_s[u * p.ldw + k] = w[static_cast<size_t>(k) * H + j0 + u];
   }
+  // Rows HB..Opad-1 pad the MMA's 16-row tile with zeros.
+  for (int idx = threadIdx.x; idx < (Opad - HB) * G; idx += blockDim.x)
+    w_s[(HB + idx / G) * p.ldw + idx % G] = static_cast<scalar_t>(0.f);
   for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
     const int b = q / HB, j = j0 + q % HB;
     dh_s[q] = 0.f;
@@ -335,9 +471,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float* g_in = p.dgbuf + (static_cast<size_t>((it - 1) & 1) * D + dir) * B * G;
       for (int b0 = 0; b0 < B; b0 += p.BC) {
         const int nb = min(p.BC, B - b0);
-        stage_rows(in_s, g_in + static_cast<size_t>(b0) * G, nb, static_cast<int>(round_up(nb, BT)), G);
-        __syncthreads();
-        recurrent_product<scalar_t, BT>(in_s, w_s, dh_s + b0 * HB, nb, HB, G);
+        if constexpr (MMA) {
+          const int nbp = static_cast<int>(round_up(nb, 8));
+          stage_rows_16bit(reinterpret_cast<scalar_t*>(in_s), p.ldi, g_in + static_cast<size_t>(b0) * G, nb, nbp, G);
+          __syncthreads();
+          recurrent_product_mma(reinterpret_cast<const scalar_t*>(in_s), p.ldi, w_s, p.ldw, part,
+                                dh_s + b0 * HB, nb, nbp, HB, Opad, G);
+        } else {
+          stage_rows(reinterpret_cast<float*>(in_s), g_in + static_cast<size_t>(b0) * G, nb,
+                     static_cast<int>(round_up(nb, BT)), G);
+          __syncthreads();
+          recurrent_product<scalar_t, BT>(reinterpret_cast<const float*>(in_s), w_s, dh_s + b0 * HB, nb, HB, G);
+        }
         __syncthreads();
       }
     }
@@ -538,8 +683,9 @@ int64_t persistent_max_batch() {
 // Launch geometry of a persistent recurrence; ok=false when it cannot run co-resident.
 struct PersistentPlan {
   bool ok = false;
-  int HB = 0, nblk = 0, BC = 0, BT = 0;
-  int off_in = 0, off_pre = 0, off_state = 0;
+  bool mma = false;
+  int HB = 0, nblk = 0, BC = 0, BT = 0, ldw = 0, ldi = 0;
+  int off_in = 0, off_pre = 0, off_state = 0, off_part = 0;
   size_t smem = 0;
 };
 
@@ -555,31 +701,54 @@ bool fits_coresident(Kernel kernel, size_t smem, int grid) {
   return per_sm * prop->multiProcessorCount >= grid;
 }
 
-// forward=true: w_s [4HB, H], staging [BCpad, H], pre [B, 4HB], state [2, B, HB].
-// forward=false: w_s [HB, 4H], staging [BCpad, 4H], state [2, B, HB].
+// Tensor cores for the recurrent product of 16-bit weights unless CNNLSTM_EXT_LSTM_MMA=0.
+template <typename scalar_t>
+bool want_mma() {
+  if constexpr (sizeof(scalar_t) != 2) {
+    return false;
+  } else {
+    const char* v = std::getenv("CNNLSTM_EXT_LSTM_MMA");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }
+}
+
+// Shared memory, in order: w_s (own rows of w_hh, or own columns in backward), the staged chunk
+// of the exchanged matrix (h_{s-1}: [BC, H] forward, dG_{s+1}: [BC, 4H] backward), the forward's
+// recurrent product [B, 4HB], the own state slices [2, B, HB], and the MMA partial sums.
+// The smallest HB (most CTAs) whose grid can be co-resident wins.
 template <typename scalar_t, typename KernelFor>
-PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, KernelFor kernel_for) {
+PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, bool mma,
+                                        KernelFor kernel_for) {
   PersistentPlan plan;
   if (d.H % 32 != 0 || d.B > 1024) return plan;
-  const int BT = d.B == 1 ? 1 : 4;
-  const int64_t K = forward ? d.H : 4 * d.H;
+  const int BT = mma ? 8 : (d.B == 1 ? 1 : 4);       // batch rows per tile
+  const int64_t K = forward ? d.H : 4 * d.H;          // reduction length of the product
+  const int64_t in_elem = mma ? sizeof(scalar_t) : 4;
+  const int64_t pad = mma ? 8 : 0;                    // row padding (elements) for the MMA loads
   for (int HB : {4, 8, 16, 32, 64}) {
     if (d.H % HB != 0) continue;
     const int nblk = static_cast<int>(d.H / HB);
     const int grid = static_cast<int>(d.D) * nblk;
-    // Stage up to 64 KiB of the exchanged matrix at a time.
-    int64_t BC = std::max<int64_t>(BT, (16384 / K) / BT * BT);
+    const int64_t O = forward ? 4 * HB : HB;
+    const int64_t Opad = mma ? round_up(O, 16) : O;
+    // Stage up to 96 KiB of the exchanged matrix at a time.
+    int64_t BC = std::max<int64_t>(BT, (98304 / ((K + pad) * in_elem)) / BT * BT);
     BC = std::min<int64_t>(BC, round_up(d.B, BT));
-    const int64_t w_bytes = round_up(4 * HB * d.H * static_cast<int64_t>(sizeof(scalar_t)), 16);
-    const int64_t in_bytes = round_up(BC * K * 4, 16);
-    const int64_t pre_bytes = forward ? round_up(d.B * 4 * HB * 4, 16) : 0;
-    const int64_t state_bytes = 2 * d.B * HB * 4;
+    const int64_t w_bytes = round_up(Opad * (K + pad) * static_cast<int64_t>(sizeof(scalar_t)), 16);
+    const int64_t in_bytes = round_up(BC * (K + pad) * in_elem, 16);
+    const int64_t pre_bytes = forward ? round_up(d.B * O * 4, 16) : 0;
+    const int64_t state_bytes = round_up(2 * d.B * HB * 4, 16);
+    const int64_t part_bytes = mma ? 4 * std::max<int64_t>(1024, BC * Opad) : 0;
+    plan.ldw = static_cast<int>(K + pad);
+    plan.ldi = static_cast<int>(K + pad);
     plan.off_in = static_cast<int>(w_bytes);
     plan.off_pre = static_cast<int>(w_bytes + in_bytes);
     plan.off_state = static_cast<int>(w_bytes + in_bytes + pre_bytes);
-    plan.smem = static_cast<size_t>(w_bytes + in_bytes + pre_bytes + state_bytes);
-    if (fits_coresident(kernel_for(BT), plan.smem, grid)) {
+    plan.off_part = static_cast<int>(w_bytes + in_bytes + pre_bytes + state_bytes);
+    plan.smem = static_cast<size_t>(w_bytes + in_bytes + pre_bytes + state_bytes + part_bytes);
+    if (fits_coresident(kernel_for(BT, mma), plan.smem, grid)) {
       plan.ok = true;
+      plan.mma = mma;
       plan.HB = HB;
       plan.nblk = nblk;
       plan.BC = static_cast<int>(BC);
@@ -593,13 +762,16 @@ PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, KernelF
 // Plans are cached per device and shape: planning queries the driver (occupancy, attributes).
 template <typename scalar_t, typename KernelFor>
 PersistentPlan plan_persistent(const LstmDims& d, bool forward, KernelFor kernel_for) {
-  using Key = std::tuple<int, bool, size_t, int64_t, int64_t, int64_t>;
+  using Key = std::tuple<int, bool, bool, size_t, int64_t, int64_t, int64_t>;
   static std::mutex mutex;
   static std::map<Key, PersistentPlan> cache;
-  const Key key{c10::cuda::current_device(), forward, sizeof(scalar_t), d.B, d.H, d.D};
+  const bool mma = want_mma<scalar_t>();
+  const Key key{c10::cuda::current_device(), forward, mma, sizeof(scalar_t), d.B, d.H, d.D};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, plan_persistent_uncached<scalar_t>(d, forward, kernel_for)).first;
+  if (it == cache.end()) {
+    it = cache.emplace(key, plan_persistent_uncached<scalar_t>(d, forward, mma, kernel_for)).first;
+  }
   return it->second;
 }
 
@@ -623,9 +795,13 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const at::Te
                         const at::Tensor& h0, const at::Tensor& c0, const int64_t* lengths,
                         at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n, at::Tensor* gates,
                         at::Tensor* cell) {
-  auto kernel_for = [](int BT) {
-    return BT == 1 ? lstm_forward_persistent_kernel<scalar_t, 1>
-                   : lstm_forward_persistent_kernel<scalar_t, 4>;
+  // The instantiation for the tensor-core product, or the FMA product with batch tile BT.
+  auto kernel_for = [](int BT, bool mma) {
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (mma) return lstm_forward_persistent_kernel<scalar_t, 8, true>;
+    }
+    return BT == 1 ? lstm_forward_persistent_kernel<scalar_t, 1, false>
+                   : lstm_forward_persistent_kernel<scalar_t, 4, false>;
   };
   const auto plan = plan_persistent<scalar_t>(d, /*forward=*/true, kernel_for);
   if (!plan.ok) return false;
@@ -648,7 +824,8 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const at::Te
   p.T = d.T; p.B = d.B; p.H = d.H; p.D = d.D;
   p.HB = plan.HB; p.nblk = plan.nblk; p.BC = plan.BC;
   p.off_in = plan.off_in; p.off_pre = plan.off_pre; p.off_state = plan.off_state;
-  launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT)), d.D * plan.nblk, plan.smem, &p);
+  p.ldw = plan.ldw; p.ldi = plan.ldi; p.off_part = plan.off_part;
+  launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT, plan.mma)), d.D * plan.nblk, plan.smem, &p);
   return true;
 }
 
@@ -658,9 +835,13 @@ bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::
                          const at::Tensor& cell, const at::Tensor& c0, const at::Tensor& w_hh,
                          const int64_t* lengths, at::Tensor& dG, at::Tensor& grad_h0,
                          at::Tensor& grad_c0) {
-  auto kernel_for = [](int BT) {
-    return BT == 1 ? lstm_backward_persistent_kernel<scalar_t, 1>
-                   : lstm_backward_persistent_kernel<scalar_t, 4>;
+  // The instantiation for the tensor-core product, or the FMA product with batch tile BT.
+  auto kernel_for = [](int BT, bool mma) {
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (mma) return lstm_backward_persistent_kernel<scalar_t, 8, true>;
+    }
+    return BT == 1 ? lstm_backward_persistent_kernel<scalar_t, 1, false>
+                   : lstm_backward_persistent_kernel<scalar_t, 4, false>;
   };
   const auto plan = plan_persistent<scalar_t>(d, /*forward=*/false, kernel_for);
   if (!plan.ok) return false;
@@ -683,7 +864,8 @@ bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::
   p.T = d.T; p.B = d.B; p.H = d.H; p.D = d.D;
   p.HB = plan.HB; p.nblk = plan.nblk; p.BC = plan.BC;
   p.off_in = plan.off_in; p.off_state = plan.off_state;
-  launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT)), d.D * plan.nblk, plan.smem, &p);
+  p.ldw = plan.ldw; p.ldi = plan.ldi; p.off_part = plan.off_part;
+  launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT, plan.mma)), d.D * plan.nblk, plan.smem, &p);
   return true;
 }
 
@@ -741,6 +923,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
     const c10::optional<at::Tensor>& bias, const at::Tensor& h0_in, const at::Tensor& c0_in,
     const c10::optional<at::Tensor>& lengths, bool train) {
+  // Autocast must not reach the ATen calls below (they must run in the dtypes chosen here);
+  // the Python wrapper applies autocast's dtype before the op.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto d = check_lstm_inputs("lstm_layer_forward", x_in, w_ih_in, w_hh_in, bias, h0_in,
                                    c0_in, lengths);
   TORCH_CHECK(x_in.is_cuda(), "lstm_layer_forward: expected CUDA tensors");
@@ -792,6 +977,9 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
                          const at::Tensor& h0_in, const at::Tensor& c0_in,
                          const c10::optional<at::Tensor>& lengths, const at::Tensor& y_in,
                          const at::Tensor& gates_in, const at::Tensor& cell_in) {
+  // Autocast must not reach the ATen calls below (they must run in the dtypes chosen here);
+  // the Python wrapper applies autocast's dtype before the op.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "lstm_layer_backward";
   const auto d = check_lstm_inputs(op, x_in, w_ih_in, w_hh_in, c10::nullopt, h0_in, c0_in, lengths);
   check_lstm_backward_inputs(op, d, x_in, grad_y_in, grad_h_n_in, grad_c_n_in, y_in, gates_in,

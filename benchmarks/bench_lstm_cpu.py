@@ -1,0 +1,140 @@
+"""FusedLSTM against torch.nn.LSTM on the CPU, at the CNN-LSTM's temporal model shape.
+
+    python -m pytest benchmarks/bench_lstm_cpu.py --benchmark-json=lstm_cpu.json
+    python benchmarks/ratios.py lstm_cpu.json
+
+Shape: I = H = 512, 3 layers, bidirectional, B = 8, T = 32, float32. Cases: ``inference``
+(forward under no_grad) and ``training`` (forward + backward of a random projection of the output,
+parameter gradients freed between calls as ``zero_grad(set_to_none=True)`` does). One
+pytest-benchmark group per case, ``extra_info["impl"]`` = "baseline" | "fused" (the convention of
+benchmarks/ratios.py); the fused entry also carries ``speedup_vs_baseline`` (baseline median /
+fused median) and ``memory_vs_baseline`` (fused peak / baseline peak) of the same run.
+
+Peak memory (``extra_info["peak_bytes"]``): torch's CPU allocations are invisible to tracemalloc,
+so each (impl, case) runs in a fresh subprocess with glibc's mmap threshold fixed at 64 KiB (every
+large tensor is mmapped, its pages return to the system when freed, so resident memory follows the
+live tensors); after one warm-up call the peak-RSS mark is reset (/proc/self/clear_refs) and the
+peak of one more call is taken over the resident size before it.
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import cnnlstm_ext
+from cnnlstm_ext import FusedLSTM
+
+INPUT = HIDDEN = 512
+LAYERS = 3
+BATCH = 8
+STEPS = 32
+CASES = ["inference", "training"]
+IMPLS = ["baseline", "fused"]  # baseline first: the fused entry records the ratio against it
+ROUNDS = {"inference": 8, "training": 5}
+
+_medians = {}  # case -> baseline median (s), filled by the baseline run of this session
+_peaks = {}    # case -> baseline peak bytes
+
+
+def make_step(impl: str, case: str, seed: int = 0):
+    """The timed call for (impl, case), on fresh seeded weights and input x: [T, B, I]."""
+    torch.manual_seed(seed)
+    cls = FusedLSTM if impl == "fused" else nn.LSTM
+    model = cls(INPUT, HIDDEN, LAYERS, bidirectional=True)
+    x = torch.randn(STEPS, BATCH, INPUT, requires_grad=case == "training")
+    if case == "inference":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                return model(x)[0]
+    else:
+        proj = torch.randn(STEPS, BATCH, 2 * HIDDEN)
+
+        def step():
+            out, _ = model(x)
+            (out * proj).sum().backward()
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            return out
+    return step
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _measure_peak_here(impl: str, case: str) -> int:
+    import gc
+
+    step = make_step(impl, case)
+    step()  # warm-up: one-time allocations (oneDNN/MKL caches) are not the step's memory
+    gc.collect()
+    before = _status_bytes("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    step()
+    return _status_bytes("VmHWM:") - before
+
+
+def peak_bytes(impl: str, case: str) -> int:
+    """Peak extra resident memory of one call, measured in a fresh subprocess."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cnnlstm_ext.__file__)))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=os.pathsep.join([package_root, os.path.dirname(os.path.abspath(__file__))]))
+    out = subprocess.run(
+        [sys.executable, "-c",
+         f"import bench_lstm_cpu as b, json; print(json.dumps(b._measure_peak_here({impl!r}, {case!r})))"],
+        env=env, capture_output=True, text=True, check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),
+                    reason="the peak-memory measurement needs Linux /proc")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES)
+def test_lstm_cpu(benchmark, case, impl):
+    step = make_step(impl, case)
+    benchmark.group = f"lstm_cpu:{case}"
+    benchmark.extra_info.update({
+        "impl": impl, "case": case, "input_size": INPUT, "hidden_size": HIDDEN,
+        "num_layers": LAYERS, "bidirectional": True, "batch": BATCH, "steps": STEPS,
+        "dtype": "float32", "threads": torch.get_num_threads(), "cpu": _cpu_model(),
+        "torch": torch.__version__, "load_average_1min": os.getloadavg()[0],
+    })
+    benchmark.pedantic(step, rounds=ROUNDS[case], iterations=1, warmup_rounds=1)
+    peak = peak_bytes(impl, case)
+    benchmark.extra_info["peak_bytes"] = peak
+    median = benchmark.stats.stats.median
+    if impl == "baseline":
+        _medians[case], _peaks[case] = median, peak
+    elif case in _medians:
+        benchmark.extra_info["speedup_vs_baseline"] = _medians[case] / median
+        benchmark.extra_info["memory_vs_baseline"] = peak / _peaks[case]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lstm_cpu_fused_matches_baseline(case):
+    """The timed calls compute the same thing (same seed, same weights and input)."""
+    torch.testing.assert_close(make_step("fused", case)(), make_step("baseline", case)(),
+                               rtol=1e-4, atol=1e-5)

@@ -1,0 +1,161 @@
+"""FusedLSTM against torch.nn.LSTM (cuDNN) on one GPU, in the same run.
+
+    python -m pytest benchmarks/bench_lstm_cuda.py --benchmark-json=lstm_cuda.json
+    python benchmarks/ratios.py lstm_cuda.json
+
+Shape: I = H = 512, 3 layers, bidirectional (the CNN-LSTM's temporal model); B in {1, 8, 32, 128},
+T in {16, 32, 64}; float32 and bfloat16; ``inference`` (forward under no_grad) and ``training``
+(forward + backward with a fixed random output gradient, parameter gradients freed between calls).
+Each timed call ends with torch.cuda.synchronize(). Torch's TF32 flags are left at their defaults
+and recorded.
+
+One pytest-benchmark group per (dtype, case, B, T), ``extra_info["impl"]`` = "baseline" | "fused"
+(the convention of benchmarks/ratios.py). ``extra_info["peak_bytes"]``: torch.cuda's peak
+allocation of one call above what was allocated before it. The fused entry also records
+``speedup_vs_baseline`` and ``memory_vs_baseline`` of the same run. The baseline entries record
+the cuDNN version and whether nn.LSTM really ran cuDNN in bfloat16 (a profiler pass looks for
+aten::_cudnn_rnn and cuDNN's RNN kernels). CNNLSTM_EXT_LSTM_PATH=persistent|stepwise forces the
+fused recurrence path; it is recorded too.
+"""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import cnnlstm_ext
+from cnnlstm_ext import FusedLSTM
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and cnnlstm_ext.cuda_kernels_built()),
+    reason="needs a CUDA GPU and cnnlstm_ext built with its CUDA kernels")
+
+INPUT = HIDDEN = 512
+LAYERS = 3
+BATCHES = [1, 8, 32, 128]
+STEPS = [16, 32, 64]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CASES = ["inference", "training"]
+IMPLS = ["baseline", "fused"]  # baseline first: the fused entry records the ratio against it
+
+_baseline = {}  # group -> (median s, peak bytes) of this session's baseline run
+
+
+def make_step(impl: str, case: str, dtype: torch.dtype, batch: int, steps: int, seed: int = 0):
+    """The timed call for one benchmark: x: [T, B, I] on the GPU, weights from `seed`."""
+    torch.manual_seed(seed)
+    cls = FusedLSTM if impl == "fused" else nn.LSTM
+    model = cls(INPUT, HIDDEN, LAYERS, bidirectional=True, device="cuda", dtype=dtype)
+    x = torch.randn(steps, batch, INPUT, device="cuda", dtype=dtype,
+                    requires_grad=case == "training")
+    if case == "inference":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(x)
+            torch.cuda.synchronize()
+    else:
+        grad_out = torch.randn(steps, batch, 2 * HIDDEN, device="cuda", dtype=dtype)
+
+        def step():
+            out, _ = model(x)
+            out.backward(grad_out)
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            torch.cuda.synchronize()
+    return step
+
+
+def peak_bytes(step) -> int:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.fixture(scope="module")
+def cudnn_info():
+    """cuDNN's version and what nn.LSTM ran in bfloat16 (one profiled forward + backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step("baseline", "training", torch.bfloat16, 8, 16)
+    step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+    names = {e.name for e in prof.events()}
+    rnn_kernels = sorted(n for n in names
+                         if not n.startswith("aten::") and
+                         any(k in n.lower() for k in ("cudnn", "rnn", "lstm")))
+    return {
+        "cudnn_version": torch.backends.cudnn.version(),
+        "cudnn_enabled": torch.backends.cudnn.enabled,
+        "nn_lstm_bf16_ran_cudnn": "aten::_cudnn_rnn" in names,
+        "nn_lstm_bf16_rnn_kernels": rnn_kernels[:12],
+    }
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("steps", STEPS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_lstm_cuda(benchmark, cudnn_info, dtype_name, case, batch, steps, impl):
+    dtype = DTYPES[dtype_name]
+    step = make_step(impl, case, dtype, batch, steps)
+    group = f"lstm_cuda:{dtype_name}:{case}:B{batch}:T{steps}"
+    benchmark.group = group
+    benchmark.extra_info.update({
+        "impl": impl, "case": case, "dtype": dtype_name, "batch": batch, "steps": steps,
+        "input_size": INPUT, "hidden_size": HIDDEN, "num_layers": LAYERS, "bidirectional": True,
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+    })
+    if impl == "fused":
+        benchmark.extra_info["fused_path"] = os.environ.get("CNNLSTM_EXT_LSTM_PATH", "auto")
+    else:
+        benchmark.extra_info.update(cudnn_info)
+    benchmark.pedantic(step, rounds=30, iterations=1, warmup_rounds=3)
+    peak = peak_bytes(step)
+    benchmark.extra_info["peak_bytes"] = peak
+    median = benchmark.stats.stats.median
+    if impl == "baseline":
+        _baseline[group] = (median, peak)
+    elif group in _baseline:
+        base_median, base_peak = _baseline[group]
+        benchmark.extra_info["speedup_vs_baseline"] = base_median / median
+        benchmark.extra_info["memory_vs_baseline"] = peak / base_peak if base_peak else None
+
+
+# The recurrence variants of the fused op against the same baseline, T=32: the persistent kernel
+# with its tensor-core product (16-bit) or its FMA product, and the per-step path. Their
+# crossover in B is what CNNLSTM_EXT_PERSISTENT_MAX_BATCH's default rests on.
+VARIANTS = {
+    "baseline": {},
+    "fused-persistent-mma": {"CNNLSTM_EXT_LSTM_PATH": "persistent", "CNNLSTM_EXT_LSTM_MMA": "1"},
+    "fused-persistent-fma": {"CNNLSTM_EXT_LSTM_PATH": "persistent", "CNNLSTM_EXT_LSTM_MMA": "0"},
+    "fused-stepwise": {"CNNLSTM_EXT_LSTM_PATH": "stepwise"},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_lstm_cuda_paths(benchmark, monkeypatch, dtype_name, case, batch, variant):
+    if dtype_name == "float32" and variant == "fused-persistent-fma":
+        pytest.skip("float32 always uses the FMA product")
+    for name, value in VARIANTS[variant].items():
+        monkeypatch.setenv(name, value)
+    impl = "baseline" if variant == "baseline" else "fused"
+    dtype, steps = DTYPES[dtype_name], 32
+    step = make_step(impl, case, dtype, batch, steps)
+    benchmark.group = f"lstm_cuda_paths:{dtype_name}:{case}:B{batch}:T{steps}"
+    benchmark.extra_info.update({"impl": impl, "variant": variant, "case": case,
+                                 "dtype": dtype_name, "batch": batch, "steps": steps,
+                                 "gpu": torch.cuda.get_device_name()})
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=3)
+    benchmark.extra_info["peak_bytes"] = peak_bytes(step)

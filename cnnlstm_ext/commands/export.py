@@ -1,0 +1,65 @@
+"""Export a checkpoint's model weights, for sharing without pickle.
+
+    cnnlstm-ext export FILE --safetensors OUT.safetensors [--key-map OLD=NEW ...]
+
+Writes only the model state dict (no optimizer or scheduler state) as safetensors, with the
+epoch, best metrics, the config and the architecture read off the weights as string metadata.
+"""
+import json
+import os
+
+from ..checkpoint import (CheckpointError, apply_key_map, atomic_write, normalize_checkpoint,
+                          read_checkpoint)
+from ..models.cnnlstm import describe_state_dict
+
+
+def add_arguments(parser):
+    parser.add_argument("file", help="checkpoint file (.pth)")
+    parser.add_argument("--safetensors", required=True, metavar="OUT",
+                        help="write the weights to this .safetensors file")
+    parser.add_argument("--key-map", action="append", default=[], metavar="OLD=NEW",
+                        help="rename keys with this prefix (re:REGEX=REPL for a regex); repeatable")
+
+
+def export_safetensors(path, out, key_map=None) -> dict:
+    """Write path's model weights to `out` (safetensors); returns the metadata written."""
+    from safetensors.torch import save
+
+    ckpt = normalize_checkpoint(read_checkpoint(path, mmap=True))
+    sd = ckpt["model_state_dict"]
+    if sd is None:
+        raise CheckpointError("%s: no model state dict to export" % path)
+    sd = apply_key_map(sd, key_map)
+    tensors, seen = {}, set()
+    for k, v in sd.items():
+        v = v.detach().contiguous()
+        # safetensors refuses tensors sharing memory: give each its own copy.
+        if v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        tensors[k] = v
+    info = describe_state_dict(sd)
+    metadata = {"format": "pt", "source": os.path.basename(str(path)),
+                "param_count": str(info["param_count"])}
+    for k in ("epoch", "best_val_acc", "best_val_f1", "best_epoch", "val_acc", "val_f1"):
+        if ckpt.get(k) is not None:
+            metadata[k] = str(ckpt[k])
+    if ckpt.get("config"):
+        metadata["config"] = json.dumps(ckpt["config"], default=str)
+    if info["cnnlstm_config"]:
+        metadata["cnnlstm_config"] = json.dumps(info["cnnlstm_config"])
+    data = save(tensors, metadata=metadata)
+    atomic_write(out, lambda f: f.write(data))
+    return metadata
+
+
+def run(args) -> int:
+    try:
+        metadata = export_safetensors(args.file, args.safetensors, args.key_map or None)
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
+        print("error: %s" % e)
+        return 1
+    print("wrote %s (%s parameters, epoch %s)" % (args.safetensors,
+                                                 f"{int(metadata['param_count']):,}",
+                                                 metadata.get("epoch", "?")))
+    return 0

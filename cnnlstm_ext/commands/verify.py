@@ -1,0 +1,51 @@
+"""Check checkpoint files: exits 0 when every file is sound, 1 when any is not, saying why.
+
+A file is not sound when it is truncated or corrupt (no zip end record, a CRC error, unreadable),
+has no model or optimizer state, has optimizer moments that do not match the parameters' shapes,
+holds NaN/Inf in weights or moments, records a NaN/Inf train loss, or holds another epoch than its
+name says. For a folder, files whose size is far from their siblings' median are also noted.
+Every tensor is read once (memory-mapped, one file at a time).
+"""
+import os
+import statistics
+
+from ..checkpoint import find_checkpoints, verify_checkpoint
+
+_SIZE_TOLERANCE = 0.02
+
+
+def add_arguments(parser):
+    parser.add_argument("path", help="a checkpoint file or a folder of them")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the bad files")
+
+
+def run(args) -> int:
+    if os.path.isdir(args.path):
+        files = find_checkpoints(args.path)
+        if not files:
+            print("error: no checkpoint files (*.pth, *.pt, *.ckpt, *.tar) in %s" % args.path)
+            return 2
+    elif os.path.isfile(args.path):
+        files = [args.path]
+    else:
+        print("error: no such file or folder: %s" % args.path)
+        return 2
+    sizes = {str(f): os.path.getsize(f) for f in files}
+    median = statistics.median(sizes.values())
+    bad = 0
+    for f in files:
+        problems = verify_checkpoint(f)
+        name = os.path.basename(str(f))
+        if problems:
+            bad += 1
+            print("BAD  %s" % name)
+            for p in problems:
+                print("     - %s" % p.replace(str(f) + ": ", "", 1))
+        elif not args.quiet:
+            print("OK   %s" % name)
+        size = sizes[str(f)]
+        if len(files) > 2 and abs(size - median) > _SIZE_TOLERANCE * median:
+            print("     note: %s bytes, %+.0f%% against the median of its siblings (%s bytes)"
+                  % (f"{size:,}", 100.0 * (size - median) / median, f"{int(median):,}"))
+    print("%d file%s checked, %d bad" % (len(files), "s" if len(files) != 1 else "", bad))
+    return 1 if bad else 0

@@ -1,0 +1,101 @@
+"""The training and validation sets a DataConfig (cnnlstm_ext.train.config) describes."""
+import os
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .synthetic import SyntheticVideos
+from .transforms import ClipTransform
+from .video_folder import VideoFolder, scan_class_folders
+
+
+def clip_transform(data_cfg, train: bool) -> ClipTransform:
+    return ClipTransform(size=data_cfg.frame_size, resize_to=data_cfg.resize_to,
+                         train=train and data_cfg.augment, crop_scale=tuple(data_cfg.crop_scale),
+                         color_jitter=data_cfg.color_jitter, hflip=data_cfg.hflip,
+                         mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+
+
+def _stratified_holdout(labels: Sequence[int], fraction: float, seed: int) -> Tuple[List[int], List[int]]:
+    """(train indices, val indices): `fraction` of each class held out, chosen by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    by_class = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    train, val = [], []
+    for y in sorted(by_class):
+        idx = by_class[y]
+        order = torch.randperm(len(idx), generator=g).tolist()
+        n_val = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+        val += [idx[j] for j in order[:n_val]]
+        train += [idx[j] for j in order[n_val:]]
+    return sorted(train), sorted(val)
+
+
+def build_datasets(data_cfg, seed: int = 0):
+    """(train_set, val_set, class_names) for `data_cfg` (a DataConfig).
+
+    synthetic: SyntheticVideos, a fresh training draw every epoch, a fixed validation set.
+    folder: root/<train_split> and root/<val_split> when both exist; otherwise root/<class>/...
+        with `val_fraction` of each class held out (seeded).
+    wlasl: the annotation file's `train_split` and `val_split` instances under root.
+    """
+    d = data_cfg
+    if d.dataset == "synthetic":
+        common = dict(num_classes=d.num_classes, num_frames=d.num_frames, frame_size=d.frame_size,
+                      seed=seed, min_frames=d.min_frames, noise=d.noise)
+        train = SyntheticVideos(d.train_samples, split="train", resample_each_epoch=True, **common)
+        val = SyntheticVideos(d.val_samples, split="val", **common)
+        return train, val, list(train.classes)
+    if d.dataset == "folder":
+        train_dir, val_dir = os.path.join(d.root, d.train_split), os.path.join(d.root, d.val_split)
+        if os.path.isdir(train_dir) and os.path.isdir(val_dir):
+            train = VideoFolder(d.root, d.num_frames, clip_transform(d, True), split=d.train_split,
+                                train=True, seed=seed)
+            val = VideoFolder(d.root, d.num_frames, clip_transform(d, False), split=d.val_split,
+                              classes=train.classes, seed=seed)
+            return train, val, list(train.classes)
+        records, classes = scan_class_folders(d.root)
+        train_idx, val_idx = _stratified_holdout([r.label for r in records], d.val_fraction, seed)
+        if not val_idx:
+            raise ValueError("%s: no validation clips (val_fraction=%s of %d clips); add %s/ and %s/ "
+                             "split folders or raise data.val_fraction"
+                             % (d.root, d.val_fraction, len(records), d.train_split, d.val_split))
+        train = VideoFolder(d.root, d.num_frames, clip_transform(d, True), classes=classes,
+                            records=[records[i] for i in train_idx], train=True, seed=seed)
+        val = VideoFolder(d.root, d.num_frames, clip_transform(d, False), classes=classes,
+                          records=[records[i] for i in val_idx], seed=seed)
+        return train, val, list(classes)
+    if d.dataset == "wlasl":
+        train = VideoFolder.from_wlasl(d.annotations, d.root, split=d.train_split,
+                                       max_classes=d.max_classes, num_frames=d.num_frames,
+                                       transform=clip_transform(d, True), train=True, seed=seed)
+        val = VideoFolder.from_wlasl(d.annotations, d.root, split=d.val_split,
+                                     max_classes=d.max_classes, num_frames=d.num_frames,
+                                     transform=clip_transform(d, False), seed=seed)
+        return train, val, list(train.classes)
+    raise ValueError("unknown data.dataset %r (synthetic, folder or wlasl)" % d.dataset)
+
+
+def build_eval_dataset(data_cfg, source: str, classes=None, seed: int = 0, split=None):
+    """The data set `cnnlstm-ext evaluate` reads: "synthetic" (the run's validation draw, or
+    `split`="test" for unseen clips), a class-per-folder tree, or a WLASL JSON file (its
+    `split`, default the config's val_split; videos under data.root or next to the file)."""
+    d = data_cfg
+    if source == "synthetic":
+        return SyntheticVideos(d.val_samples, num_classes=d.num_classes, num_frames=d.num_frames,
+                               frame_size=d.frame_size, split=split or "val", seed=seed,
+                               min_frames=d.min_frames, noise=d.noise)
+    if os.path.isfile(source) and source.lower().endswith(".json"):
+        root = d.root if d.root and d.dataset == "wlasl" else os.path.join(os.path.dirname(source), "videos")
+        return VideoFolder.from_wlasl(source, root, split=split or d.val_split,
+                                      max_classes=d.max_classes, num_frames=d.num_frames,
+                                      transform=clip_transform(d, False), seed=seed)
+    if os.path.isdir(source):
+        return VideoFolder(source, d.num_frames, clip_transform(d, False), split=split,
+                           classes=classes, seed=seed)
+    raise FileNotFoundError("evaluation data %r: expected 'synthetic', a class-per-folder directory "
+                            "or a WLASL JSON file" % source)
+
+
+__all__ = ["build_datasets", "build_eval_dataset", "clip_transform"]

@@ -1,0 +1,197 @@
+"""VideoFolder: a labelled set of clips on disk, in one of two layouts.
+
+Class-per-folder (`VideoFolder(root)`)::
+
+    root/<class>/<clip>.mp4            (any of VIDEO_EXTENSIONS), or
+    root/<class>/<clip>/frame_001.jpg  (a folder of frame images, natural order)
+
+with an optional split level (`root/train/<class>/...`, `root/val/<class>/...`; pass `split`).
+Classes are the sorted sub-folder names unless `classes` fixes them (so that a validation split
+uses the training split's label numbering).
+
+WLASL-style annotations (`VideoFolder.from_wlasl(json_file, video_root, split)`): a JSON list of
+`{"gloss": ..., "instances": [{"video_id", "split", "frame_start", "frame_end", ...}]}`; the class
+index is the gloss's position in the file (so the first 100 glosses are WLASL100), frame_start is
+1-based and inclusive, frame_end inclusive or -1 for the end. Videos are
+`video_root/<video_id>.<ext>` or frame folders `video_root/<video_id>/`; missing ones are skipped
+and counted in `missing` (public copies of WLASL always lack some).
+
+Each item is `(clip [T, 3, S, S] float32, label, length)`: T frames sampled uniformly over the clip
+(with temporal jitter when training), zero-padded with `length < T` for shorter clips, then the
+ClipTransform (resize, crop, colour jitter, normalisation).
+"""
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .transforms import ClipTransform, pad_clip, sample_generator, sample_indices
+from .video_io import (is_image_file, is_video_file, read_frame_folder,
+                       read_video_frames, VIDEO_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """One clip: a video file or a frame folder, its label and frame range [start, end)."""
+    path: str
+    label: int
+    start: int = 0
+    end: Optional[int] = None  # exclusive; None: to the last frame
+
+
+def _is_frame_folder(path: str) -> bool:
+    return os.path.isdir(path) and any(is_image_file(n) for n in os.listdir(path))
+
+
+def scan_class_folders(root: str, classes: Optional[Sequence[str]] = None):
+    """(records, classes) of a class-per-folder tree; see the module docstring."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError("data folder not found: %s" % root)
+    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                   and not d.startswith("."))
+    if classes is None:
+        classes = found
+        if not classes:
+            raise ValueError("%s holds no class folders (expected root/<class>/<clip>)" % root)
+    classes = list(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(found) - set(index))
+    if unknown:
+        raise ValueError("%s has class folders that are not among the %d known classes: %s"
+                         % (root, len(classes), unknown[:10]))
+    records = []
+    for c in found:
+        folder = os.path.join(root, c)
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and is_video_file(name):
+                records.append(ClipRecord(path, index[c]))
+            elif _is_frame_folder(path):
+                records.append(ClipRecord(path, index[c]))
+    if not records:
+        raise ValueError("no clips under %s (videos: %s, or folders of frame images)"
+                         % (root, ", ".join(VIDEO_EXTENSIONS)))
+    return records, classes
+
+
+def _find_video(video_root: str, video_id: str) -> Optional[str]:
+    for ext in VIDEO_EXTENSIONS:
+        p = os.path.join(video_root, video_id + ext)
+        if os.path.isfile(p):
+            return p
+    p = os.path.join(video_root, video_id)
+    if _is_frame_folder(p):
+        return p
+    return None
+
+
+def read_wlasl(json_file: str, video_root: str, split: Optional[str] = None,
+               max_classes: Optional[int] = None):
+    """(records, classes, missing) from WLASL-style annotations; see the module docstring."""
+    with open(json_file) as f:
+        entries = json.load(f)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "gloss" in e for e in entries):
+        raise ValueError("%s is not WLASL-style: expected a JSON list of {\"gloss\", \"instances\"}"
+                         % json_file)
+    if max_classes is not None:
+        entries = entries[:max_classes]
+    classes = [str(e["gloss"]) for e in entries]
+    records, missing = [], []
+    for label, entry in enumerate(entries):
+        for inst in entry.get("instances", []):
+            if split is not None and inst.get("split") != split:
+                continue
+            video_id = str(inst["video_id"])
+            path = _find_video(video_root, video_id)
+            if path is None:
+                missing.append(video_id)
+                continue
+            start = max(int(inst.get("frame_start", 1)) - 1, 0)
+            frame_end = int(inst.get("frame_end", -1))
+            end = None if frame_end < 0 else frame_end  # 1-based inclusive == 0-based exclusive
+            records.append(ClipRecord(path, label, start, end))
+    return records, classes, missing
+
+
+class VideoFolder(Dataset):
+    """Labelled clips from disk; see the module docstring.
+
+    Args:
+        root: the class-per-folder tree (with `split`: `root/<split>` when that folder exists).
+        num_frames: T, frames per clip.
+        transform: a ClipTransform (or any callable (clip uint8 [t,3,H,W], generator) -> float
+            [t,3,S,S]); default: ClipTransform(train=train).
+        split: a split sub-folder name (e.g. "train", "val"), or None.
+        classes: the class names, in label order; default: the sorted folder names.
+        train: temporal jitter and the transform's training augmentations.
+        seed: with the epoch (set_epoch) and index, fixes every random choice of a sample.
+    """
+
+    def __init__(self, root: str, num_frames: int = 16, transform: Optional[Callable] = None,
+                 split: Optional[str] = None, classes: Optional[Sequence[str]] = None,
+                 train: bool = False, seed: int = 0, records: Optional[List[ClipRecord]] = None):
+        if num_frames < 1:
+            raise ValueError("num_frames must be >= 1, got %d" % num_frames)
+        if records is None:
+            folder = root
+            if split is not None and os.path.isdir(os.path.join(root, split)):
+                folder = os.path.join(root, split)
+            elif split is not None:
+                raise FileNotFoundError("split folder %s not found" % os.path.join(root, split))
+            records, classes = scan_class_folders(folder, classes)
+        elif classes is None:
+            raise ValueError("records need their class names (classes=...)")
+        self.root = root
+        self.records = list(records)
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.num_frames = num_frames
+        self.train = train
+        self.seed = seed
+        self.transform = transform if transform is not None else ClipTransform(train=train)
+        self.missing: List[str] = []
+        self.epoch = 0
+
+    @classmethod
+    def from_wlasl(cls, json_file: str, video_root: str, split: Optional[str] = None,
+                   max_classes: Optional[int] = None, **kwargs) -> "VideoFolder":
+        records, classes, missing = read_wlasl(json_file, video_root, split, max_classes)
+        if not records:
+            raise ValueError("no %sclips of %s found under %s (%d listed videos missing)"
+                             % ("" if split is None else split + " ", json_file, video_root,
+                                len(missing)))
+        ds = cls(video_root, records=records, classes=classes, **kwargs)
+        ds.missing = missing
+        return ds
+
+    def set_epoch(self, epoch: int) -> None:
+        """Temporal jitter and augmentations differ per epoch (and are fixed by it)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> List[int]:
+        return [r.label for r in self.records]
+
+    def load_frames(self, index: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The sampled frames of clip `index`, before the transform: uint8 `[t, 3, H, W]`, t <= T."""
+        rec = self.records[index]
+
+        def select(n):
+            return sample_indices(n, self.num_frames, jitter=self.train, generator=generator).tolist()
+
+        if os.path.isdir(rec.path):
+            return read_frame_folder(rec.path, rec.start, rec.end, select)
+        return read_video_frames(rec.path, rec.start, rec.end, select)
+
+    def __getitem__(self, index: int):
+        g = sample_generator(self.seed, self.epoch, index)
+        frames = self.load_frames(index, g)  # [t, 3, H, W] uint8
+        clip = self.transform(frames, g)  # [t, 3, S, S] float32
+        clip, length = pad_clip(clip, self.num_frames)
+        return clip, self.records[index].label, length

@@ -1,0 +1,322 @@
+"""Training configuration: defaults, config files (TOML, YAML or JSON) and command-line overrides.
+
+The configuration has four sections:
+
+    model   keyword arguments of cnnlstm_ext.models.CNNLSTM (a plain dict)
+    data    DataConfig: which data set, clip length, frame size, augmentations, loader
+    optim   OptimConfig: AdamW + CosineAnnealingLR, as in the original run
+    train   TrainConfig: epochs, batch, precision, clipping, NaN guard, early stopping, outputs
+
+A config file holds any subset of them, e.g. (TOML)::
+
+    [model]
+    backbone = "resnet18"
+    num_classes = 100
+
+    [data]
+    dataset = "wlasl"
+    annotations = "WLASL_v0.3.json"
+    root = "videos"
+
+    [train]
+    epochs = 200
+    patience = 20
+
+and `--set section.key=value` overrides any field from the command line. The resolved config (all
+fields, after overrides) is saved in every checkpoint and as `config.json` in the run folder; that
+file is itself a valid `--config`.
+"""
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+# The built-in main job's model: a small CNN-LSTM that trains on 2 CPU cores in minutes.
+SYNTHETIC_MODEL = {
+    "backbone": "tiny",
+    "num_classes": None,  # None: the number of classes of the data set
+    "spatial_dim": 64,
+    "temporal_dim": 64,
+    "num_layers": 1,
+    "bidirectional": True,
+    "pooling": "mean",
+    "dropout": 0.0,
+}
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # "synthetic" | "folder" (class-per-folder) | "wlasl"
+    root: Optional[str] = None  # folder/wlasl: the data folder (wlasl: the videos)
+    annotations: Optional[str] = None  # wlasl: the JSON annotation file
+    train_split: str = "train"  # folder: sub-folder (used when present); wlasl: the split name
+    val_split: str = "val"
+    val_fraction: float = 0.1  # folder without split sub-folders: seeded hold-out fraction
+    max_classes: Optional[int] = None  # wlasl: keep the first N glosses (100 = WLASL100)
+    num_frames: int = 12  # T
+    frame_size: int = 32  # S: frames are S x S after the crop
+    resize_to: Optional[int] = None  # short side before cropping; default round(S * 8 / 7)
+    augment: bool = True  # training augmentations (random resized crop, colour, temporal jitter)
+    crop_scale: Tuple[float, float] = (0.6, 1.0)
+    color_jitter: float = 0.2
+    hflip: bool = False  # off by default: handedness matters in sign language
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)  # video files (the synthetic set
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)  # normalises itself)
+    # synthetic data set
+    num_classes: int = 6
+    train_samples: int = 1536
+    val_samples: int = 480
+    min_frames: Optional[int] = None  # shorter clips (padded, with lengths) when set
+    noise: float = 0.04
+    # loader
+    num_workers: int = 0
+    pin_memory: Optional[bool] = None  # default: on when training on a GPU
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    scheduler: str = "cosine"  # "cosine" (CosineAnnealingLR over the planned epochs) | "none"
+    min_lr: float = 0.0  # eta_min of the cosine schedule
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "synthetic"
+    output_dir: str = "outputs"  # the run folder is output_dir/run_name
+    epochs: int = 8
+    batch_size: int = 16  # global: split evenly over the processes of a distributed run
+    seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    grad_clip: Optional[float] = 1.0  # max global gradient norm; None: no clipping
+    label_smoothing: float = 0.0
+    # NaN/Inf guard: a step with a non-finite loss or gradient norm is skipped; after
+    # `max_bad_steps` consecutive skips the run rolls back to the last good checkpoint and
+    # multiplies the learning rate by `rollback_lr_factor`; after `max_rollbacks` it stops.
+    max_bad_steps: int = 5
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+    # early stopping on `monitor` ("val_acc", "val_f1", "val_loss", "val_top5"); None: off
+    monitor: str = "val_acc"
+    patience: Optional[int] = 10
+    min_delta: float = 0.0
+    checkpoint_every: int = 5  # write checkpoint_epoch_NNNN.pth every N epochs (0: never)
+    eval_every: int = 1
+    progress: bool = True  # tqdm progress bars
+    tensorboard: bool = True
+    sync_batchnorm: bool = True  # distributed runs on GPUs: BatchNorm statistics over all GPUs
+    compile: bool = False  # torch.compile the model
+    fused: Optional[bool] = None  # override model.fused (None: the model's own default)
+
+
+@dataclass
+class Config:
+    model: Dict[str, Any] = field(default_factory=lambda: dict(SYNTHETIC_MODEL))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict (lists instead of tuples), safe for checkpoints and JSON."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Config":
+        cfg = cls()
+        apply_dict(cfg, d)
+        return cfg
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.train.output_dir, self.train.run_name)
+
+
+SECTIONS = ("model", "data", "optim", "train")
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _coerce(value, current, where: str):
+    """Converts a parsed value to the type of the default it replaces (lists -> tuples etc.)."""
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(current):
+            raise ValueError("%s expects a list of %d values, got %r" % (where, len(current), value))
+        return tuple(type(c)(v) if isinstance(c, float) else v for c, v in zip(current, value))
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError("%s expects true or false, got %r" % (where, value))
+        return value
+    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if current is not None and value is not None and not isinstance(value, type(current)):
+        raise ValueError("%s expects a %s, got %r" % (where, type(current).__name__, value))
+    return value
+
+
+def apply_dict(cfg: Config, d: Dict[str, Any]) -> Config:
+    """Merges a nested dict (from a file or a checkpoint) into `cfg`; unknown keys are errors."""
+    if not isinstance(d, dict):
+        raise ValueError("a config must be a mapping of sections, got %s" % type(d).__name__)
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise ValueError("unknown config section %r (sections: %s)" % (section, ", ".join(SECTIONS)))
+        if not isinstance(values, dict):
+            raise ValueError("config section %r must be a mapping, got %r" % (section, values))
+        if section == "model":
+            cfg.model.update(copy.deepcopy(values))
+            continue
+        target = getattr(cfg, section)
+        names = {f.name for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            if key not in names:
+                raise ValueError("unknown key %s.%s (known: %s)" % (section, key, ", ".join(sorted(names))))
+            setattr(target, key, _coerce(value, getattr(target, key), "%s.%s" % (section, key)))
+    return cfg
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Reads a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) config file into a nested dict."""
+    ext = os.path.splitext(path)[1].lower()
+    if not os.path.isfile(path):
+        raise FileNotFoundError("config file not found: %s" % path)
+    if ext == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python < 3.11
+            import tomli as tomllib
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    if ext in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ImportError("YAML config files need PyYAML: pip install pyyaml") from e
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    if ext == ".json":
+        with open(path) as f:
+            return json.load(f)
+    raise ValueError("config file %s: expected .toml, .yaml, .yml or .json" % path)
+
+
+def parse_value(text: str):
+    """A command-line value: JSON/YAML-like literals (1e-3, true, null, [1, 2]) or a plain string."""
+    low = text.strip().lower()
+    if low in ("none", "null", "~"):
+        return None
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)  # 1e-3 and similar forms json rejects
+    except ValueError:
+        return text
+
+
+def parse_override(item: str) -> Tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value)."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ValueError("override %r: expected section.key=value, e.g. optim.lr=3e-4" % item)
+    dotted, text = item.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    return section, key, parse_value(text)
+
+
+def apply_overrides(cfg: Config, overrides: List[str]) -> Config:
+    for item in overrides or []:
+        section, key, value = parse_override(item)
+        apply_dict(cfg, {section: {key: value}})
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Checks the values a run depends on; raises ValueError naming the field."""
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    if t.epochs < 1:
+        raise ValueError("train.epochs must be >= 1, got %d" % t.epochs)
+    if t.batch_size < 1:
+        raise ValueError("train.batch_size must be >= 1, got %d" % t.batch_size)
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError("train.precision must be auto, fp32 or bf16, got %r" % t.precision)
+    if t.monitor not in ("val_acc", "val_f1", "val_loss", "val_top5"):
+        raise ValueError("train.monitor must be val_acc, val_f1, val_loss or val_top5, got %r" % t.monitor)
+    if t.patience is not None and t.patience < 1:
+        raise ValueError("train.patience must be >= 1 or null, got %r" % t.patience)
+    if t.max_bad_steps < 1:
+        raise ValueError("train.max_bad_steps must be >= 1, got %d" % t.max_bad_steps)
+    if not 0 < t.rollback_lr_factor <= 1:
+        raise ValueError("train.rollback_lr_factor must be in (0, 1], got %r" % t.rollback_lr_factor)
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        raise ValueError("train.grad_clip must be > 0 or null, got %r" % t.grad_clip)
+    if not 0 <= t.label_smoothing < 1:
+        raise ValueError("train.label_smoothing must be in [0, 1), got %r" % t.label_smoothing)
+    if o.optimizer.lower() not in ("adamw", "adam", "sgd"):
+        raise ValueError("optim.optimizer must be adamw, adam or sgd, got %r" % o.optimizer)
+    if o.scheduler not in ("cosine", "none"):
+        raise ValueError("optim.scheduler must be cosine or none, got %r" % o.scheduler)
+    if o.lr <= 0:
+        raise ValueError("optim.lr must be > 0, got %r" % o.lr)
+    if d.dataset not in ("synthetic", "folder", "wlasl"):
+        raise ValueError("data.dataset must be synthetic, folder or wlasl, got %r" % d.dataset)
+    if d.dataset in ("folder", "wlasl") and not d.root:
+        raise ValueError("data.root is required for data.dataset=%s" % d.dataset)
+    if d.dataset == "wlasl" and not d.annotations:
+        raise ValueError("data.annotations (the WLASL JSON file) is required for data.dataset=wlasl")
+    if d.num_frames < 1 or d.frame_size < 8:
+        raise ValueError("data.num_frames must be >= 1 and data.frame_size >= 8")
+    if not isinstance(cfg.model, dict):
+        raise ValueError("model must be a mapping of CNNLSTM keyword arguments")
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def config_from_checkpoint(ckpt: Dict[str, Any], key_map=None) -> Tuple[Config, Any, bool]:
+    """(config, key_map, ours) for a normalised checkpoint (checkpoint.normalize_checkpoint).
+
+    A checkpoint of ours carries its resolved config. For one of another training script, the
+    model is read off its weights (backbone, LSTM layers and sizes, classes) and, unless
+    `key_map` is given, the renaming of its keys to CNNLSTM's (e.g. `rnn.` -> `lstm.`); the rest
+    of the config keeps the defaults. Raises ValueError saying what does not fit a CNNLSTM.
+    """
+    from ..models.cnnlstm import canonical_names, describe_state_dict
+
+    cfg = Config()
+    saved = ckpt.get("config")
+    if isinstance(saved, dict) and saved and set(saved) <= set(SECTIONS):
+        apply_dict(cfg, saved)
+        return cfg, key_map, True
+    info = describe_state_dict(ckpt.get("model_state_dict") or {})
+    if info["cnnlstm_config"] is None:
+        raise ValueError("cannot read a CNN-LSTM architecture off the checkpoint's weights (%s); "
+                         "give the model with --config / --set model.* and --key-map"
+                         % "; ".join(info["mismatch"]))
+    cfg.model.update(info["cnnlstm_config"])
+    if key_map is None:
+        key_map = canonical_names(info) or None
+    return cfg, key_map, False

@@ -1,0 +1,769 @@
+"""The Trainer: epochs of AdamW + cosine schedule with the guards the original run lacked.
+
+    trainer = Trainer(Config())          # the built-in synthetic job
+    result = trainer.fit()               # -> dict: run_dir, best_epoch, best_val_acc, ...
+
+Per epoch: train (mixed precision on GPUs, gradient clipping, NaN/Inf guard), validate
+(loss, accuracy, macro-F1, top-5), step the schedule, early stopping, checkpoints
+(`latest_checkpoint.pth` every epoch, `best_checkpoint.pth` on improvement,
+`checkpoint_epoch_NNNN.pth` every `checkpoint_every` epochs), history CSV and TensorBoard.
+At the end: the best weights are evaluated once more (per-class accuracy, confusion matrix) and
+the summary report with its plots is written.
+
+Run folder (`<output_dir>/<run_name>/`)::
+
+    config.json            the resolved configuration (a valid --config)
+    train.log              the log of the run
+    history.csv            one row per epoch
+    tensorboard/           TensorBoard event files
+    checkpoints/           checkpoint_epoch_NNNN.pth, best_checkpoint.pth, latest_checkpoint.pth
+    final_metrics.json     the best checkpoint's validation metrics, per class, confusion matrix
+    confusion_matrix.csv, per_class_accuracy.csv, confusion_matrix.png
+    summary/               summary.md, loss.png, accuracy.png, lr.png, summary.json
+
+Reproducibility: the data order is a function of (seed, epoch) and every sample of
+(seed, epoch, index); checkpoints carry the RNG states, so on the CPU a run stopped after any
+epoch and resumed with `resume()` ends with exactly the weights of the uninterrupted run.
+"""
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..checkpoint import (atomic_write, load_checkpoint, normalize_checkpoint, read_checkpoint,
+                          save_checkpoint)
+from .config import Config, save_config, validate
+from .distributed import DistContext, ShardSampler
+from .guards import (EarlyStopping, NonFiniteGuard, RollbackRequired, nonfinite_tensors,
+                     optimizer_tensors)
+from .metrics import ClassificationMeter
+
+log = logging.getLogger("cnnlstm_ext.train")
+
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "val_top5",
+                "lr", "epoch_time", "clips_per_s", "skipped_steps")
+CHECKPOINT_DIR = "checkpoints"
+LATEST, BEST = "latest_checkpoint.pth", "best_checkpoint.pth"
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    return "checkpoint_epoch_%04d.pth" % epoch
+
+
+def resolve_device(name: str, ctx: DistContext) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=%s but no CUDA GPU is visible" % name)
+        if ctx.enabled or device.index is None:
+            device = torch.device("cuda", ctx.local_rank if ctx.enabled else torch.cuda.current_device())
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    # auto: bf16 autocast on GPUs that support it, fp32 on the CPU (where bf16 is rarely faster)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """Every RNG a training step may draw from (plain types and tensors only)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": list(np.random.get_state())}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    if "torch" in state:
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+        np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(torch.as_tensor(state["cuda"], dtype=torch.uint8), device)
+
+
+def _cpu_copy(obj):
+    """A deep copy with every tensor cloned to the CPU (for in-memory rollback snapshots)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _cpu_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def forward_lengths(lengths: torch.Tensor, num_frames: int) -> Optional[torch.Tensor]:
+    """`lengths` when some clip is shorter than the batch's T, else None (the faster full path)."""
+    return lengths if bool((lengths < num_frames).any()) else None
+
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader, device: torch.device, num_classes: int,
+                   amp_dtype: Optional[torch.dtype] = None, criterion: Optional[nn.Module] = None,
+                   ctx: Optional[DistContext] = None, collect_predictions: bool = False,
+                   progress: bool = False, desc: str = "val"):
+    """Runs `model` over `loader`; returns (metrics dict, predictions or None).
+
+    metrics: see ClassificationMeter.compute (summed over processes when `ctx` is distributed).
+    predictions (collect_predictions, single process): one dict per sample in loader order with
+    label, prediction, confidence and the top-k classes.
+    """
+    ctx = ctx or DistContext()
+    criterion = criterion or nn.CrossEntropyLoss()
+    meter = ClassificationMeter(num_classes, device=device)
+    predictions = [] if collect_predictions else None
+    was_training = model.training
+    model.eval()
+    bar = _progress(loader, progress and ctx.is_main, desc)
+    for clips, labels, lengths in bar:
+        clips = clips.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        lens = forward_lengths(lengths, clips.shape[1])
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(clips, None if lens is None else lens.to(device))
+        logits = logits.float()
+        loss_sum = nn.functional.cross_entropy(
+            logits, labels, reduction="sum",
+            label_smoothing=getattr(criterion, "label_smoothing", 0.0))
+        meter.update(logits, labels, loss_sum)
+        if predictions is not None:
+            probs = logits.softmax(1)
+            conf, pred = probs.max(1)
+            top = probs.topk(min(5, num_classes), dim=1).indices
+            for i in range(labels.shape[0]):
+                predictions.append({"label": int(labels[i]), "prediction": int(pred[i]),
+                                    "confidence": float(conf[i]), "topk": top[i].tolist()})
+    if bar is not loader:
+        bar.close()
+    if ctx.enabled:
+        meter.all_reduce()
+    model.train(was_training)
+    return meter.compute(), predictions
+
+
+def _progress(iterable, enabled: bool, desc: str, **kwargs):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are optional
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, **kwargs)
+
+
+class Trainer:
+    """Trains a CNNLSTM on the data sets a Config describes; see the module docstring.
+
+    Args:
+        config: the resolved Config (cnnlstm_ext.train.config); validated here.
+        model: a ready nn.Module to train instead of CNNLSTM(**config.model) (tests, custom models).
+        datasets: (train_set, val_set, class_names) instead of the ones config.data describes.
+        ctx: the DistContext of a torchrun launch (default: a single process).
+    """
+
+    def __init__(self, config: Config, model: Optional[nn.Module] = None, datasets=None,
+                 ctx: Optional[DistContext] = None):
+        self.cfg = validate(config)
+        self.ctx = ctx or DistContext()
+        t = self.cfg.train
+        self.device = resolve_device(t.device, self.ctx)
+        self.amp_dtype = resolve_precision(t.precision, self.device)
+        self.run_dir = self.cfg.run_dir
+        self.ckpt_dir = os.path.join(self.run_dir, CHECKPOINT_DIR)
+        if t.batch_size % self.ctx.world_size:
+            raise ValueError("train.batch_size=%d (the global batch) must divide evenly over %d "
+                             "processes" % (t.batch_size, self.ctx.world_size))
+
+        if datasets is None:
+            from ..data.datasets import build_datasets
+            datasets = build_datasets(self.cfg.data, seed=t.seed)
+        self.train_set, self.val_set, self.classes = datasets
+        self.classes = list(self.classes)
+        num_classes = self.cfg.model.get("num_classes")
+        if num_classes is None:
+            self.cfg.model["num_classes"] = len(self.classes)
+        elif int(num_classes) != len(self.classes):
+            raise ValueError("model.num_classes=%d but the data set has %d classes (%s...); leave "
+                             "model.num_classes unset to take it from the data"
+                             % (num_classes, len(self.classes), ", ".join(self.classes[:5])))
+        self.num_classes = len(self.classes)
+
+        torch.manual_seed(t.seed)  # the initial weights are a function of the seed
+        if model is None:
+            from ..models import CNNLSTM
+            model = CNNLSTM(**self.cfg.model)
+        self.model = model.to(self.device)
+        if self.ctx.enabled and t.sync_batchnorm and self.device.type == "cuda":
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.net = self.model  # what the training step calls (DDP / compiled wrappers)
+        if self.ctx.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if t.compile:
+            self.net = torch.compile(self.net)
+
+        o = self.cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        name = o.optimizer.lower()
+        if name == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay,
+                                               betas=tuple(o.betas))
+        elif name == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay,
+                                              betas=tuple(o.betas))
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay,
+                                             momentum=o.betas[0])
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=t.epochs, eta_min=o.min_lr) if o.scheduler == "cosine" else None)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+
+        self.guard = NonFiniteGuard(t.max_bad_steps, t.rollback_lr_factor, t.max_rollbacks)
+        self.early = EarlyStopping(t.monitor, t.patience, t.min_delta)
+        self.history: Dict[str, List] = {k: [] for k in HISTORY_KEYS}
+        self.epoch = 0  # epochs completed
+        self.lr_scale = 1.0  # product of the rollback learning-rate cuts
+        self.best_metrics: Dict[str, Any] = {}
+        self._best_weights = None
+        self._good = None
+        self._writer = None
+        self._log_handler = None
+        self._build_loaders()
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def _build_loaders(self) -> None:
+        t, d = self.cfg.train, self.cfg.data
+        per_process = t.batch_size // self.ctx.world_size
+        pin = d.pin_memory if d.pin_memory is not None else self.device.type == "cuda"
+        # DistributedSampler also serves the single process: its order is a function of
+        # (seed, epoch) only, which is what makes a resumed run see the same batches.
+        self.train_sampler = DistributedSampler(self.train_set, num_replicas=self.ctx.world_size,
+                                                rank=self.ctx.rank, shuffle=True, seed=t.seed)
+        self._loader_generator = torch.Generator()
+        common = dict(num_workers=d.num_workers, pin_memory=pin,
+                      persistent_workers=False)  # workers see each epoch's set_epoch
+        self.train_loader = DataLoader(self.train_set, batch_size=per_process,
+                                       sampler=self.train_sampler, generator=self._loader_generator,
+                                       **common)
+        self.val_loader = DataLoader(self.val_set, batch_size=per_process,
+                                     sampler=ShardSampler(len(self.val_set), self.ctx.rank,
+                                                          self.ctx.world_size), **common)
+
+    def _set_epoch(self, epoch: int) -> None:
+        self.train_sampler.set_epoch(epoch)
+        self._loader_generator.manual_seed(self.cfg.train.seed * 100003 + epoch)
+        for ds in (self.train_set, self.val_set):
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+
+    # --- resume -------------------------------------------------------------------------------
+
+    def resume(self, path: str, key_map=None) -> int:
+        """Continues from a checkpoint, ours or a legacy one; returns the epoch it continues after.
+
+        Model weights must fit (key_map renames a legacy file's keys); optimizer and scheduler
+        states are loaded when the file has them (a legacy file without them restarts AdamW's
+        moments, with a warning). Our files also restore the RNG states, early stopping and the
+        guard, for an exact continuation.
+        """
+        peek = normalize_checkpoint(read_checkpoint(path, mmap=True))
+        has_opt = peek.get("optimizer_state_dict") is not None
+        has_sched = peek.get("scheduler_state_dict") is not None and self.scheduler is not None
+        del peek
+        ckpt = load_checkpoint(path, model=self.model, optimizer=self.optimizer if has_opt else None,
+                               scheduler=self.scheduler if has_sched else None, key_map=key_map,
+                               map_location="cpu")
+        if not has_opt:
+            log.warning("%s holds no optimizer state: AdamW starts with fresh moments", path)
+        epoch = int(ckpt.get("epoch") or 0)
+        if self.scheduler is not None and not has_sched:
+            # A file without scheduler state: place the cosine schedule at this epoch.
+            self.scheduler.last_epoch = epoch
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+                group["lr"] = lr
+            log.warning("%s holds no scheduler state: the cosine schedule is placed at epoch %d",
+                        path, epoch)
+        self.epoch = epoch
+        self.history = _history_from(ckpt.get("history"), epoch)
+        state = ckpt.get("trainer_state")
+        if isinstance(state, dict):
+            self.early.load_state_dict(state.get("early_stopping", {}))
+            self.guard.load_state_dict(state.get("guard", {}))
+            self.lr_scale = float(state.get("lr_scale", 1.0))
+            if "rng" in state:
+                set_rng_state(state["rng"], self.device)
+        else:  # a legacy file: take its best so far, so that patience counts from its best epoch
+            best, best_epoch = _as_fraction(ckpt.get("best_val_acc")), ckpt.get("best_epoch")
+            if self.early.monitor == "val_acc" and best is not None and best_epoch is not None:
+                self.early.best, self.early.best_epoch = best, int(best_epoch)
+                self.early.bad_epochs = max(0, epoch - int(best_epoch))
+        self.best_metrics = {"best_val_acc": _as_fraction(ckpt.get("best_val_acc")),
+                             "best_val_f1": ckpt.get("best_val_f1"),
+                             "best_epoch": ckpt.get("best_epoch")}
+        self._best_weights = self._find_best_weights(path, ckpt, key_map)
+        log.info("resumed from %s after epoch %d (best %s at epoch %s)", path, epoch,
+                 _fmt(self.best_metrics["best_val_acc"]), self.best_metrics["best_epoch"])
+        return epoch
+
+    def _find_best_weights(self, path: str, ckpt: Dict[str, Any], key_map):
+        """The best epoch's weights for the final evaluation: this file's when it is the best
+        epoch, else those of best_checkpoint.pth beside it (None when neither is known)."""
+        if ckpt.get("best_epoch") is not None and ckpt.get("best_epoch") == ckpt.get("epoch"):
+            return _cpu_copy(self.model.state_dict())
+        best_path = os.path.join(os.path.dirname(os.path.abspath(path)), BEST)
+        if os.path.isfile(best_path) and os.path.abspath(path) != best_path:
+            best = normalize_checkpoint(read_checkpoint(best_path))
+            if best.get("epoch") == ckpt.get("best_epoch"):
+                from ..checkpoint import apply_key_map
+                return _cpu_copy(apply_key_map(best["model_state_dict"], key_map))
+        return None
+
+    # --- the run ------------------------------------------------------------------------------
+
+    def fit(self, stop_at_epoch: Optional[int] = None) -> Dict[str, Any]:
+        """Trains until train.epochs, early stopping, or divergence; returns a summary dict.
+
+        stop_at_epoch: end this call after that epoch (the schedule still spans train.epochs),
+        as if the run were interrupted there; `resume` continues it. The final evaluation and
+        report are written only when the run really ends.
+        """
+        t = self.cfg.train
+        self._open_run_dir()
+        self._good = self._snapshot()
+        if self._best_weights is None:
+            self._best_weights = _cpu_copy(self.model.state_dict())
+        stop_reason, last = None, min(t.epochs, stop_at_epoch or t.epochs)
+        log.info("training %s: %d parameters, %d train / %d val clips, %d classes, device %s%s, "
+                 "%d process(es), epochs %d..%d", self.cfg.train.run_name,
+                 sum(p.numel() for p in self.model.parameters()), len(self.train_set),
+                 len(self.val_set), self.num_classes, self.device,
+                 " (%s autocast)" % str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "",
+                 self.ctx.world_size, self.epoch + 1, last)
+        try:
+            while self.epoch < last:
+                epoch = self.epoch + 1
+                try:
+                    train_stats = self._train_epoch(epoch)
+                    bad = nonfinite_tensors(self.model.state_dict().items())
+                    if bad:
+                        raise RollbackRequired("non-finite weights after epoch %d: %s"
+                                               % (epoch, ", ".join(bad[:5])))
+                except RollbackRequired as e:
+                    if not self._rollback(str(e)):
+                        stop_reason = "diverged"
+                        break
+                    continue
+                val = None
+                if epoch % max(1, t.eval_every) == 0 or epoch == t.epochs:
+                    val, _ = evaluate_model(self.net, self.val_loader, self.device, self.num_classes,
+                                            self.amp_dtype, self.criterion, self.ctx,
+                                            progress=t.progress, desc="epoch %d val" % epoch)
+                self._end_epoch(epoch, train_stats, val)
+                if self.early.should_stop:
+                    stop_reason = "early_stop"
+                    log.warning("early stop after epoch %d: %s", epoch, self.early.reason())
+                    break
+            else:
+                stop_reason = "completed" if self.epoch >= t.epochs else "paused"
+            result = self._result(stop_reason)
+            if stop_reason != "paused":
+                result.update(self._finish(stop_reason))
+            return result
+        finally:
+            self._close()
+
+    def _train_epoch(self, epoch: int) -> Dict[str, float]:
+        t = self.cfg.train
+        self._set_epoch(epoch)
+        self.net.train()
+        self.guard.start_epoch()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        clip_norm = t.grad_clip if t.grad_clip is not None else math.inf
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        bar = _progress(self.train_loader, t.progress and self.ctx.is_main,
+                        "epoch %d/%d" % (epoch, t.epochs))
+        start, seen = time.perf_counter(), 0
+        for clips, labels, lengths in bar:
+            clips = clips.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            lens = forward_lengths(lengths, clips.shape[1])
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                logits = self.net(clips, None if lens is None else lens.to(self.device))
+            loss = self.criterion(logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(params, clip_norm)
+            flags = torch.stack([loss.detach().float(), grad_norm.float()])
+            ok = bool(torch.isfinite(flags).all())
+            if self.ctx.enabled:  # every process must take the same decision
+                bad = torch.tensor([0.0 if ok else 1.0], device=self.device)
+                ok = float(self.ctx.all_reduce_(bad)) == 0.0
+            if ok:
+                self.optimizer.step()
+                n = labels.shape[0]
+                sums += torch.stack([loss.detach().double() * n,
+                                     (logits.argmax(1) == labels).sum().double(),
+                                     torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+            else:  # the weights never see this step
+                self.optimizer.zero_grad(set_to_none=True)
+                must_roll_back = self.guard.record(False)
+                log.warning("epoch %d: non-finite %s (loss %s, grad norm %s): step skipped "
+                            "(%d in a row, %d this epoch)", epoch,
+                            "loss" if not math.isfinite(float(loss)) else "gradient",
+                            _fmt(float(loss)), _fmt(float(grad_norm)), self.guard.consecutive,
+                            self.guard.skipped_epoch)
+                if must_roll_back:
+                    raise RollbackRequired("%d consecutive non-finite steps in epoch %d"
+                                           % (self.guard.consecutive, epoch))
+                continue
+            self.guard.record(True)
+            seen += labels.shape[0]
+            if bar is not self.train_loader:
+                done = max(float(sums[2]), 1.0)
+                bar.set_postfix(loss="%.4f" % (float(sums[0]) / done),
+                                acc="%.3f" % (float(sums[1]) / done),
+                                clips_s="%.0f" % (seen * self.ctx.world_size
+                                                  / max(time.perf_counter() - start, 1e-9)),
+                                skipped=self.guard.skipped_epoch, refresh=False)
+        if bar is not self.train_loader:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        self.ctx.all_reduce_(sums)
+        count = max(float(sums[2]), 1.0)
+        return {"train_loss": float(sums[0]) / count if sums[2] > 0 else float("nan"),
+                "train_acc": float(sums[1]) / count, "epoch_time": elapsed,
+                "clips_per_s": float(sums[2]) / max(elapsed, 1e-9),
+                "skipped_steps": self.guard.skipped_epoch}
+
+    def _end_epoch(self, epoch: int, train: Dict[str, float], val: Optional[Dict[str, Any]]) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        row = {"epoch": epoch, "lr": lr, **train,
+               "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
+               "val_f1": val["f1"] if val else None, "val_top5": val["top5"] if val else None}
+        for k in HISTORY_KEYS:
+            self.history.setdefault(k, []).append(row.get(k))
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.epoch = epoch
+        improved = False
+        if val is not None:
+            monitored = {"val_acc": val["acc"], "val_f1": val["f1"], "val_loss": val["loss"],
+                         "val_top5": val["top5"]}[self.early.monitor]
+            improved = self.early.step(monitored, epoch)
+            if improved:
+                self.best_metrics = {"best_val_acc": val["acc"], "best_val_f1": val["f1"],
+                                     "best_epoch": epoch}
+                self._best_weights = _cpu_copy(self.model.state_dict())
+        self._log_epoch(row, improved)
+        self._save(epoch, row, improved)
+        self._good = self._snapshot()
+
+    # --- rollback -----------------------------------------------------------------------------
+
+    def _snapshot(self) -> Dict[str, Any]:
+        """The state a rollback returns to: what latest_checkpoint.pth holds, kept in memory
+        (every process has it, also on nodes that do not share rank 0's disk)."""
+        return {"epoch": self.epoch, "model": _cpu_copy(self.model.state_dict()),
+                "optimizer": _cpu_copy(self.optimizer.state_dict()),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "history": copy.deepcopy(self.history), "early": self.early.state_dict(),
+                "rng": _cpu_copy(rng_state(self.device))}
+
+    def _rollback(self, why: str) -> bool:
+        if not self.guard.on_rollback():
+            log.error("%s; %d rollbacks used up (train.max_rollbacks): stopping, the last good "
+                      "checkpoint (epoch %d) stays", why, self.guard.max_rollbacks, self._good["epoch"])
+            return False
+        good = self._good
+        self.model.load_state_dict(good["model"])
+        self.optimizer.load_state_dict(good["optimizer"])
+        if self.scheduler is not None and good["scheduler"] is not None:
+            self.scheduler.load_state_dict(good["scheduler"])
+        self.epoch = good["epoch"]
+        self.history = copy.deepcopy(good["history"])
+        self.early.load_state_dict(good["early"])
+        set_rng_state(good["rng"], self.device)
+        factor = self.guard.lr_factor
+        self.lr_scale *= factor
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if self.scheduler is not None:
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        log.error("%s: rolled back to the state after epoch %d, learning rate x%g (now %.3g; "
+                  "rollback %d of %d)", why, self.epoch, factor, self.optimizer.param_groups[0]["lr"],
+                  self.guard.rollbacks, self.guard.max_rollbacks)
+        return True
+
+    # --- files --------------------------------------------------------------------------------
+
+    def _open_run_dir(self) -> None:
+        if self.ctx.is_main:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            save_config(self.cfg, os.path.join(self.run_dir, "config.json"))
+            self._log_handler = logging.FileHandler(os.path.join(self.run_dir, "train.log"))
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(self._log_handler)
+            if log.level == logging.NOTSET or log.level > logging.INFO:
+                log.setLevel(logging.INFO)
+            if self.cfg.train.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self._writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"),
+                                                 purge_step=self.epoch + 1)
+                except ImportError:
+                    log.warning("tensorboard is not installed: no TensorBoard logs "
+                                "(pip install tensorboard)")
+        self.ctx.barrier()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._log_handler is not None:
+            log.removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+    def _trainer_state(self) -> Dict[str, Any]:
+        return {"rng": rng_state(self.device), "early_stopping": self.early.state_dict(),
+                "guard": self.guard.state_dict(), "lr_scale": self.lr_scale,
+                "classes": list(self.classes), "world_size": self.ctx.world_size}
+
+    def _save(self, epoch: int, row: Dict[str, Any], improved: bool) -> None:
+        bad = nonfinite_tensors(list(self.model.state_dict().items())
+                                + list(optimizer_tensors(self.optimizer)))
+        if bad:  # never reached after the epoch-end check; kept so that no path writes NaN
+            raise RollbackRequired("refusing to save non-finite tensors: %s" % ", ".join(bad[:5]))
+        if self.ctx.is_main:
+            metrics = {k: row[k] for k in ("val_acc", "val_f1", "train_loss", "lr", "train_acc",
+                                           "val_loss", "val_top5")}
+            latest = os.path.join(self.ckpt_dir, LATEST)
+            save_checkpoint(latest, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, epoch=epoch, history=self.history,
+                            metrics=metrics, best=dict(self.best_metrics), config=self.cfg.to_dict(),
+                            extra={"trainer_state": self._trainer_state()})
+            copies = []
+            if improved:
+                copies.append(BEST)
+            every = self.cfg.train.checkpoint_every
+            if every and epoch % every == 0:
+                copies.append(epoch_checkpoint_name(epoch))
+            for name in copies:  # the same bytes as latest: copy the file instead of re-serialising
+                with open(latest, "rb") as src:
+                    atomic_write(os.path.join(self.ckpt_dir, name),
+                                 lambda f, src=src: shutil.copyfileobj(src, f, 1 << 20))
+            self._write_history_csv()
+            if self._writer is not None:
+                for k, v in row.items():
+                    if k != "epoch" and v is not None:
+                        self._writer.add_scalar(k, v, epoch)
+                self._writer.flush()
+        self.ctx.barrier()
+
+    def _write_history_csv(self) -> None:
+        path = os.path.join(self.run_dir, "history.csv")
+        keys = [k for k in HISTORY_KEYS if k in self.history]
+        rows = zip(*[self.history[k] for k in keys])
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(keys)
+            for r in rows:
+                w.writerow(["" if v is None else v for v in r])
+        os.replace(tmp, path)
+
+    def _log_epoch(self, row: Dict[str, Any], improved: bool) -> None:
+        t = self.cfg.train
+        msg = ("epoch %d/%d  train loss %s acc %s | val loss %s acc %s f1 %s top5 %s | lr %.3g | "
+               "%.0f clips/s, %.1f s" % (row["epoch"], t.epochs, _fmt(row["train_loss"]),
+                                        _fmt(row["train_acc"]), _fmt(row["val_loss"]),
+                                        _fmt(row["val_acc"]), _fmt(row["val_f1"]),
+                                        _fmt(row["val_top5"]), row["lr"], row["clips_per_s"],
+                                        row["epoch_time"]))
+        if improved:
+            msg += "  * new best %s" % self.early.monitor
+        elif self.early.best is not None:
+            msg += "  (best %s %s at epoch %s, %d epoch(s) ago%s)" % (
+                self.early.monitor, _fmt(self.early.best), self.early.best_epoch,
+                self.early.bad_epochs,
+                "" if t.patience is None else ", patience %d" % t.patience)
+        log.info(msg)
+        if row["skipped_steps"]:
+            log.warning("epoch %d: %d step(s) skipped for NaN/Inf loss or gradients (%d in this run)",
+                        row["epoch"], row["skipped_steps"], self.guard.skipped_total)
+        warning = _overfitting_warning(self.history)
+        if warning:
+            log.warning(warning)
+
+    def _result(self, stop_reason: str) -> Dict[str, Any]:
+        return {"run_dir": self.run_dir, "stop_reason": stop_reason, "epochs_completed": self.epoch,
+                "best_epoch": self.best_metrics.get("best_epoch"),
+                "best_val_acc": self.best_metrics.get("best_val_acc"),
+                "best_val_f1": self.best_metrics.get("best_val_f1"),
+                "skipped_steps": self.guard.skipped_total, "rollbacks": self.guard.rollbacks,
+                "lr_scale": self.lr_scale}
+
+    def _finish(self, stop_reason: str) -> Dict[str, Any]:
+        """Evaluates the best weights once more and writes the final metrics and the report."""
+        out: Dict[str, Any] = {}
+        if self._best_weights is not None:
+            self.model.load_state_dict(self._best_weights)
+        metrics, _ = evaluate_model(self.net, self.val_loader, self.device, self.num_classes,
+                                    self.amp_dtype, self.criterion, self.ctx,
+                                    progress=self.cfg.train.progress, desc="final val")
+        out["final_metrics"] = metrics
+        if self.ctx.is_main:
+            write_metrics(self.run_dir, metrics, self.classes,
+                          extra={"stop_reason": stop_reason, **self._result(stop_reason)})
+            log.info("best epoch %s: val acc %s, macro-F1 %s, top-%d %s (%d clips); stopped: %s",
+                     self.best_metrics.get("best_epoch"), _fmt(metrics["acc"]), _fmt(metrics["f1"]),
+                     metrics["topk"], _fmt(metrics["top5"]), metrics["count"], stop_reason)
+            try:
+                from ..report import summarize
+                report = summarize(self.ckpt_dir, os.path.join(self.run_dir, "summary"),
+                                   patience=self.cfg.train.patience or 10)
+                out["report"] = str(report)
+                log.info("summary report: %s", report)
+            except Exception as e:  # the run's results stand even if the report fails
+                log.error("could not write the summary report: %s", e)
+        self.ctx.barrier()
+        return out
+
+
+def write_metrics(out_dir: str, metrics: Dict[str, Any], classes: Sequence[str],
+                  extra: Optional[Dict[str, Any]] = None,
+                  json_name: str = "final_metrics.json") -> None:
+    """`json_name` (all metrics), confusion_matrix.csv, per_class_accuracy.csv and
+    confusion_matrix.png in out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    doc = dict(extra or {})
+    doc.update({"classes": list(classes), **metrics})
+    with open(os.path.join(out_dir, json_name), "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(out_dir, "confusion_matrix.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted"] + list(classes))
+        for name, row in zip(classes, metrics["confusion"]):
+            w.writerow([name] + list(row))
+    with open(os.path.join(out_dir, "per_class_accuracy.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "accuracy", "samples"])
+        for name, acc, row in zip(classes, metrics["per_class_acc"], metrics["confusion"]):
+            w.writerow([name, "" if acc is None else acc, sum(row)])
+    _plot_confusion(os.path.join(out_dir, "confusion_matrix.png"), metrics["confusion"], classes)
+
+
+def _plot_confusion(path: str, confusion, classes) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no confusion_matrix.png (pip install matplotlib)")
+        return
+    conf = np.asarray(confusion, dtype=np.float64)
+    rows = conf / np.maximum(conf.sum(1, keepdims=True), 1)  # each true class sums to 1
+    n = len(classes)
+    size = min(max(4.0, 0.35 * n + 2), 24.0)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    if n <= 40:
+        ax.set_xticks(range(n), labels=classes, rotation=90)
+        ax.set_yticks(range(n), labels=classes)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(conf[i, j]), ha="center", va="center",
+                        color="white" if rows[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (rows normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _history_from(history, epoch: int) -> Dict[str, List]:
+    """A loaded history in our layout, cut to `epoch` entries (accuracies as fractions)."""
+    out: Dict[str, List] = {k: [] for k in HISTORY_KEYS}
+    if not isinstance(history, dict):
+        return out
+    lengths = [len(v) for v in history.values() if isinstance(v, list)]
+    n = min(max(lengths, default=0), epoch) if epoch else max(lengths, default=0)
+    for k, v in history.items():
+        if isinstance(v, list):
+            out[k] = list(v[:n])
+    for k in ("train_acc", "val_acc"):  # legacy files may hold percentages
+        vals = [x for x in out.get(k, []) if isinstance(x, (int, float))]
+        if vals and max(vals) > 1.0:
+            out[k] = [x / 100.0 if isinstance(x, (int, float)) else x for x in out[k]]
+    if not out["epoch"] and n:
+        out["epoch"] = list(range(epoch - n + 1, epoch + 1))
+    for k in HISTORY_KEYS:  # pad columns the file did not have
+        if len(out[k]) < n:
+            out[k] = [None] * (n - len(out[k])) + out[k]
+    return out
+
+
+def _as_fraction(acc):
+    if acc is None:
+        return None
+    acc = float(acc)
+    return acc / 100.0 if acc > 1.0 else acc
+
+
+def _overfitting_warning(history: Dict[str, List], epochs: int = 3) -> Optional[str]:
+    """A warning when validation loss rose for `epochs` epochs in a row while training loss fell."""
+    val = [v for v in history.get("val_loss", []) if v is not None]
+    train = [v for v in history.get("train_loss", []) if v is not None]
+    if len(val) <= epochs or len(train) <= epochs:
+        return None
+    v, tr = val[-epochs - 1:], train[-epochs - 1:]
+    if all(b > a for a, b in zip(v, v[1:])) and all(b < a for a, b in zip(tr, tr[1:])):
+        return ("overfitting: validation loss has risen for %d epochs (%.4f -> %.4f) while "
+                "training loss fell (%.4f -> %.4f)" % (epochs, v[0], v[-1], tr[0], tr[-1]))
+    return None
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    try:
+        return "%.4f" % float(x)
+    except (TypeError, ValueError):
+        return str(x)

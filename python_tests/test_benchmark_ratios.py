@@ -1,0 +1,66 @@
+"""benchmarks/ratios.py pairs fused and baseline benchmarks by the convention at its top."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                     "ratios.py")
+
+
+@pytest.fixture(scope="module")
+def ratios():
+    spec = importlib.util.spec_from_file_location("benchmark_ratios", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench(name, group, median, extra=None):
+    return {"name": name, "group": group, "stats": {"median": median}, "extra_info": extra or {}}
+
+
+def test_ratios_pairs_by_extra_info_impl(ratios):
+    report = {"benchmarks": [
+        bench("test_lstm[training-baseline]", "lstm:training", 0.3,
+              {"impl": "baseline", "peak_bytes": 200}),
+        bench("test_lstm[training-fused]", "lstm:training", 0.1, {"impl": "fused", "peak_bytes": 100}),
+        bench("test_lstm[inference-fused]", "lstm:inference", 0.2, {"impl": "fused"}),
+        bench("test_lstm[inference-baseline]", "lstm:inference", 0.1, {"impl": "baseline"}),
+    ]}
+    rows = {r["group"]: r for r in ratios.ratio_rows(report, "x.json")}
+    assert rows["lstm:training"]["speedup"] == pytest.approx(3.0)
+    assert rows["lstm:training"]["memory_ratio"] == pytest.approx(0.5)
+    assert rows["lstm:inference"]["speedup"] == pytest.approx(0.5)
+    assert rows["lstm:inference"]["memory_ratio"] is None
+
+
+def test_ratios_pairs_by_parametrize_id_without_extra_info(ratios):
+    report = {"benchmarks": [
+        bench("test_pool[avg-fused]", "pool:avg", 0.5),
+        bench("test_pool[avg-baseline]", "pool:avg", 1.0),
+        bench("test_pool_other[x]", "pool:avg", 9.0),  # neither: ignored
+        bench("test_pool[max_fused]", "pool:max", 2.0),  # no baseline in its group: no row
+    ]}
+    rows = ratios.ratio_rows(report, "x.json")
+    assert [(r["group"], r["speedup"]) for r in rows] == [("pool:avg", pytest.approx(2.0))]
+
+
+def test_ratios_skips_group_with_two_baselines(ratios, capsys):
+    report = {"benchmarks": [bench("a[baseline]", "g", 1.0), bench("b[baseline]", "g", 1.0),
+                             bench("c[fused]", "g", 1.0)]}
+    assert ratios.ratio_rows(report, "x.json") == []
+    assert "2 baselines" in capsys.readouterr().err
+
+
+def test_ratios_main_prints_table(ratios, tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"machine_info": {"node": "box", "cpu": {"brand_raw": "CPU X"}},
+                                "benchmarks": [bench("t[fused]", "g", 0.002, {"peak_bytes": 2**20}),
+                                               bench("t[baseline]", "g", 0.004,
+                                                     {"peak_bytes": 2**21})]}))
+    assert ratios.main([str(path), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU X" in out
+    assert "| g | 2.000 | 4.000 | 2.00x | 1.0 | 2.0 | 0.50 |" in out

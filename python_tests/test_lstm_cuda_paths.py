@@ -1,0 +1,116 @@
+"""Both CUDA recurrence paths (persistent, stepwise) and both products of the persistent path
+(tensor-core MMA, FMA) against the float64 CPU kernels, forward and every gradient.
+
+The path is forced through CNNLSTM_EXT_LSTM_PATH / CNNLSTM_EXT_LSTM_MMA (read at every call).
+Where cuDNN can run the same case (no lengths), the fused error must also stay within twice
+cuDNN's own error in the same dtype against the same float64 reference (plus a small floor).
+"""
+import zlib
+
+import pytest
+import torch
+
+from cnnlstm_ext import FusedLSTM
+
+pytestmark = pytest.mark.cuda
+
+# (batch, steps, input, hidden, layers, bidirectional, with lengths)
+SHAPES = [
+    (1, 9, 32, 64, 1, False, False),
+    (3, 7, 48, 64, 2, True, True),
+    (8, 16, 512, 512, 1, True, False),
+    (32, 12, 512, 512, 2, True, True),
+    (40, 6, 96, 96, 1, True, True),
+]
+# Relative-norm tolerance against float64, and the floor added to 2x cuDNN's error.
+TOL = {torch.float32: (2e-5, 1e-6), torch.bfloat16: (2.5e-2, 2e-3), torch.float16: (5e-3, 3e-4)}
+
+
+def _rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _run(model, x, hx, lengths, generator_seed):
+    x = x.detach().clone().requires_grad_(True)
+    h0 = hx[0].detach().clone().requires_grad_(True)
+    c0 = hx[1].detach().clone().requires_grad_(True)
+    if lengths is None:
+        out, (h, c) = model(x, (h0, c0))
+    else:
+        out, (h, c) = model(x, (h0, c0), lengths=lengths)
+    g = torch.Generator().manual_seed(generator_seed)
+    loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.double).to(t.device)).sum()
+               for t in (out, h, c))
+    grads = torch.autograd.grad(loss, [x, h0, c0] + list(model.parameters()))
+    return [out, h, c, *grads]
+
+
+def _case(shape, dtype, seed):
+    B, T, I, H, L, bi, with_lengths = shape
+    D = 2 if bi else 1
+    g = torch.Generator().manual_seed(seed)
+    ref = FusedLSTM(I, H, L, bidirectional=bi).double()
+    for p in ref.parameters():  # weights exactly representable in dtype
+        p.data = p.data.to(dtype).double()
+    x = torch.randn(T, B, I, generator=g, dtype=torch.double).to(dtype).double()
+    hx = tuple(torch.randn(L * D, B, H, generator=g, dtype=torch.double).to(dtype).double()
+               for _ in range(2))
+    lengths = None
+    if with_lengths:
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[0] = T
+    return ref, x, hx, lengths
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-I{}-H{}-L{}-{}-{}".format(
+    s[0], s[1], s[2], s[3], s[4], "bi" if s[5] else "uni", "lengths" if s[6] else "padded"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", ["persistent-mma", "persistent-fma", "stepwise"])
+def test_cuda_path_matches_float64(monkeypatch, variant, dtype, shape):
+    path, _, product = variant.partition("-")
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", path)
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_MMA", "0" if product == "fma" else "1")
+    ref, x, hx, lengths = _case(shape, dtype, seed=zlib.crc32(repr((variant, str(dtype), shape)).encode()))
+    want = _run(ref, x, hx, lengths, 1)
+    model = FusedLSTM(ref.input_size, ref.hidden_size, ref.num_layers,
+                      bidirectional=ref.bidirectional).to("cuda", dtype)
+    model.load_state_dict(ref.state_dict())
+    args = (x.to("cuda", dtype), tuple(t.to("cuda", dtype) for t in hx),
+            None if lengths is None else lengths.cuda())
+    got = _run(model, *args, 1)
+    again = _run(model, *args, 1)
+    tol, floor = TOL[dtype]
+    names = ["output", "h_n", "c_n", "grad_input", "grad_h0", "grad_c0"] + [
+        "grad_" + n for n, _ in model.named_parameters()]
+    errors = {n: _rel(a, b) for n, a, b in zip(names, got, want)}
+    assert max(errors.values()) < tol, errors
+    assert all(torch.equal(a, b) for a, b in zip(got, again)), "not bitwise reproducible"
+    if lengths is None:
+        lstm = torch.nn.LSTM(ref.input_size, ref.hidden_size, ref.num_layers,
+                             bidirectional=ref.bidirectional).to("cuda", dtype)
+        lstm.load_state_dict(ref.state_dict())
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            base = _run(lstm, *args[:2], None, 1)
+        for n, b, w in zip(names, base, want):
+            assert errors[n] <= 2 * _rel(b, w) + floor, (n, errors[n], _rel(b, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_unplannable_shape_falls_back_to_stepwise(monkeypatch, dtype):
+    # H % 32 != 0 cannot take the persistent kernel; forcing it must still give the right answer.
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "persistent")
+    ref, x, hx, lengths = _case((4, 5, 40, 24, 1, True, True), dtype, seed=3)
+    want = _run(ref, x, hx, lengths, 2)
+    model = FusedLSTM(40, 24, 1, bidirectional=True).to("cuda", dtype)
+    model.load_state_dict(ref.state_dict())
+    got = _run(model, x.to("cuda", dtype), tuple(t.to("cuda", dtype) for t in hx), lengths.cuda(), 2)
+    tol, _ = TOL[dtype]
+    assert max(_rel(a, b) for a, b in zip(got, want)) < tol
+
+
+def test_cuda_bad_path_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "fastest")
+    model = FusedLSTM(8, 32).cuda()
+    with pytest.raises(RuntimeError, match="CNNLSTM_EXT_LSTM_PATH"):
+        model(torch.randn(3, 2, 8, device="cuda"))
