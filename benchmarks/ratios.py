@@ -16,9 +16,15 @@ Convention, followed by every benchmark in benchmarks/:
 * ``extra_info["peak_bytes"]`` (optional): the peak memory of one call of that implementation, in
   bytes, measured the same way for both; it gives the memory ratio.
 
-For every fused benchmark the table shows the median times, ``speedup = baseline / fused`` (above 1:
-fused is faster) and ``memory = fused / baseline`` peak (below 1: fused needs less). Ratios are
-formed only within one JSON file (one run, one machine), never across files.
+A benchmark may instead time its baseline itself, in the same test (bench_pooling.py does: the
+unfused sequence runs before each round of the fused op): it records ``extra_info["fused_ms"]``
+and ``extra_info["unfused_ms"]`` (or ``"baseline_ms"``), the best round of each, and is a row of
+its own (basis "best round").
+
+For every fused benchmark the table shows the times (basis "median" for pairs),
+``speedup = baseline / fused`` (above 1: fused is faster) and ``memory = fused / baseline`` peak
+(below 1: fused needs less). Ratios are formed only within one JSON file (one run, one machine),
+never across files.
 """
 import argparse
 import json
@@ -43,14 +49,36 @@ def impl_of(bench: dict) -> Optional[str]:
     return None
 
 
+def inline_row(bench: dict, source: str) -> Optional[Dict]:
+    """The row of a benchmark that timed its own baseline (fused_ms / unfused_ms), else None."""
+    info = bench.get("extra_info") or {}
+    fused_ms = info.get("fused_ms")
+    base_ms = info.get("unfused_ms", info.get("baseline_ms"))
+    if fused_ms is None or base_ms is None:
+        return None
+    group = bench.get("group") or ""
+    return {
+        "source": source, "group": group, "name": bench["name"],
+        "label": f"{group} {bench['name']}", "basis": "best round",
+        "fused_s": fused_ms / 1e3, "baseline_s": base_ms / 1e3,
+        "speedup": base_ms / fused_ms if fused_ms > 0 else float("nan"),
+        "fused_peak_bytes": None, "baseline_peak_bytes": None, "memory_ratio": None,
+    }
+
+
 def ratio_rows(report: dict, source: str) -> List[Dict]:
-    """One row per fused benchmark that has a baseline in its group."""
+    """One row per fused benchmark that has a baseline in its group, and one per benchmark that
+    timed its own baseline."""
     groups: Dict[str, Dict[str, list]] = {}
+    rows = []
     for bench in report.get("benchmarks", []):
         impl = impl_of(bench)
         if impl is not None:
             groups.setdefault(bench.get("group") or "", {"fused": [], "baseline": []})[impl].append(bench)
-    rows = []
+        else:
+            row = inline_row(bench, source)
+            if row is not None:
+                rows.append(row)
     for group, members in groups.items():
         if len(members["baseline"]) != 1:
             if members["fused"]:
@@ -69,8 +97,9 @@ def ratio_rows(report: dict, source: str) -> List[Dict]:
                 "name": fused["name"],
                 # Several fused variants in one group are told apart by their names.
                 "label": group if len(members["fused"]) == 1 else f"{group} {fused['name']}",
-                "fused_median_s": median,
-                "baseline_median_s": base_median,
+                "basis": "median",
+                "fused_s": median,
+                "baseline_s": base_median,
                 "speedup": base_median / median if median > 0 else float("nan"),
                 "fused_peak_bytes": peak,
                 "baseline_peak_bytes": base_peak,
@@ -95,11 +124,11 @@ def _mib(n: Optional[float]) -> str:
 
 
 def format_table(rows: List[Dict], markdown: bool) -> str:
-    header = ["group", "fused (ms)", "baseline (ms)", "speedup", "fused peak (MiB)",
+    header = ["group", "basis", "fused (ms)", "baseline (ms)", "speedup", "fused peak (MiB)",
               "baseline peak (MiB)", "memory"]
     body = []
     for r in rows:
-        body.append([r["label"], _ms(r["fused_median_s"]), _ms(r["baseline_median_s"]),
+        body.append([r["label"], r["basis"], _ms(r["fused_s"]), _ms(r["baseline_s"]),
                      f"{r['speedup']:.2f}x", _mib(r["fused_peak_bytes"]),
                      _mib(r["baseline_peak_bytes"]),
                      "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"])

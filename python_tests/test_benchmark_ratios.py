@@ -63,4 +63,17 @@ def test_ratios_main_prints_table(ratios, tmp_path, capsys):
     assert ratios.main([str(path), "--markdown"]) == 0
     out = capsys.readouterr().out
     assert "CPU X" in out
-    assert "| g | 2.000 | 4.000 | 2.00x | 1.0 | 2.0 | 0.50 |" in out
+    assert "| g | median | 2.000 | 4.000 | 2.00x | 1.0 | 2.0 | 0.50 |" in out
+
+
+def test_ratios_reads_benchmarks_that_time_their_own_baseline(ratios):
+    # bench_pooling.py's form: one benchmark, the unfused time beside the fused one.
+    report = {"benchmarks": [
+        bench("test_frame_pool_cpu[256-avg-contiguous]", "frame_pool cpu avg contiguous", 0.001,
+              {"fused_ms": 0.5, "unfused_ms": 1.5, "speedup": 3.0}),
+        bench("test_other[x]", "other", 0.001, {"speedup": 2.0}),  # no times: ignored
+    ]}
+    rows = ratios.ratio_rows(report, "x.json")
+    assert len(rows) == 1
+    assert rows[0]["speedup"] == pytest.approx(3.0)
+    assert rows[0]["basis"] == "best round" and rows[0]["fused_s"] == pytest.approx(5e-4)

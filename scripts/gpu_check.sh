@@ -40,8 +40,17 @@ if ! stage build 150 "$RES/build.log" "$PY" setup.py build_ext --inplace; then
   printf '%s\n' "${summary[@]}"
   exit 1
 fi
-stage cuda-tests 200 "$RES/cuda-tests.log" "$PY" -m pytest python_tests -m cuda -v -p no:cacheprovider \
-  --durations=10
+stage cuda-error-paths 60 "$RES/cuda-error-paths.log" "$PY" scripts/cuda_error_paths.py
+cat "$RES/cuda-error-paths.log"
+# One pytest process per test file, so that a crash in one file cannot hide the others' results.
+stage cuda-tests 200 "$RES/cuda-tests.log" bash -c '
+  rc=0
+  for f in python_tests/test_*.py; do
+    grep -q "cuda" "$f" || continue
+    echo "=== $f"
+    "$0" -m pytest "$f" -m cuda -v -p no:cacheprovider --durations=5 || rc=1
+  done
+  exit $rc' "$PY"
 stage benchmarks 170 "$RES/benchmarks.log" "$PY" -m pytest benchmarks -k cuda -q -p no:cacheprovider \
   --benchmark-json="$RES/benchmarks.json" --benchmark-min-rounds=5 --benchmark-max-time=0.2 \
   --benchmark-warmup=on --benchmark-columns=median,iqr,rounds
@@ -54,8 +63,7 @@ stage sanitizers 110 "$RES/sanitizers.log" bash -c "
   done"
 
 echo "=== test summary"
-grep -E "FAILED|ERROR" "$RES/cuda-tests.log" | head -30
-tail -3 "$RES/cuda-tests.log"
+grep -E "FAILED|ERROR|Fatal|^=== |(passed|failed|skipped).* in " "$RES/cuda-tests.log" | head -60
 grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY" "$RES/sanitizers.log"
 echo "=== stages"
 printf '%s\n' "${summary[@]}"
