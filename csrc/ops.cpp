@@ -46,7 +46,8 @@ TORCH_LIBRARY(cnnlstm_ext, m) {
         "bool channels_last, int batch_size, str mode, bool batch_first) -> Tensor");
   // LSTM outputs -> one vector per sequence, over the valid steps t < lengths[b] only.
   //   x: [T, B, D] ([B, T, D] when batch_first), last dimension contiguous.
-  //   lengths: [B] int64 (CPU or x's device), 1 <= lengths[b] <= T, or None (all T).
+  //   lengths: [B] int64 (CPU or x's device), 1 <= lengths[b] <= T, or None (all T); checked with
+  //   a clear error (CUDA: by the forward, outside CUDA graph capture; the kernels clamp).
   //   mode: "mean" | "max" | "last" | "attention".
   //   "last" with bidirectional: features [0, D/2) from step lengths[b]-1 (forward direction),
   //   [D/2, D) from step 0 (reverse direction).

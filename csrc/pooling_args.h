@@ -127,7 +127,8 @@ inline at::Tensor temporal_pool_input(const at::Tensor& x, bool batch_first, Tem
 // undefined tensor when there are none (every sequence has T valid steps). Values on a CUDA device
 // are read back to the host (one small copy and a synchronisation) unless check_values is false,
 // which the CUDA kernels pass while a CUDA graph is being captured (no synchronisation is allowed
-// there); the CUDA kernels clamp lengths to [1, T] so that they never read out of bounds.
+// there) and in the backward (the forward checked the same lengths); the CUDA kernels clamp
+// lengths to [1, T] so that they never read out of bounds.
 inline at::Tensor temporal_pool_lengths(const c10::optional<at::Tensor>& lengths, int64_t B, int64_t T,
                                         const at::Device& device, const char* op = "temporal_pool",
                                         bool check_values = true) {

@@ -705,3 +705,64 @@ def test_error_autograd_through_inference_forward():
     y, *_ = torch.ops.cnnlstm_ext.lstm_layer_forward(**{**a, "x": x, "train": False})
     with pytest.raises(RuntimeError, match="run lstm_layer_forward with train=True"):
         y.sum().backward()
+
+
+# --- parameter layout and CPU kernel variants ---------------------------------------------------
+
+def _directions_back_to_back(model, name):
+    a, b = getattr(model, name), getattr(model, name + "_reverse")
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.storage_offset() == a.storage_offset() + a.numel())
+
+
+def test_weights_stay_back_to_back_and_train_like_nn_lstm():
+    torch.manual_seed(3)
+    lstm = nn.LSTM(6, 5, 2, bidirectional=True)
+    fused = fuse_lstm(lstm)
+    assert fused.weight_hh_l1 is lstm.weight_hh_l1  # Parameter objects still shared
+    for name in ("weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1"):
+        assert _directions_back_to_back(fused, name), name
+    fused64 = FusedLSTM(6, 5, 2, bidirectional=True).double()
+    assert _directions_back_to_back(fused64, "weight_ih_l1")
+    reloaded = FusedBiLSTM(6, 5, 2)
+    reloaded.load_state_dict({k: v.clone() for k, v in fused.state_dict().items()}, assign=True)
+    assert _directions_back_to_back(reloaded, "weight_hh_l0")
+    baseline = nn.LSTM(6, 5, 2, bidirectional=True)
+    baseline.load_state_dict(fused.state_dict())
+    x = torch.randn(4, 3, 6)
+    for model in (fused, baseline):
+        model(x)[0].square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), baseline.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch.optim.SGD(fused.parameters(), lr=0.1).step()  # in place: the layout survives a step
+    assert _directions_back_to_back(fused, "weight_ih_l0")
+
+
+def test_baseline_instruction_set_kernels_match_reference():
+    """ATEN_CPU_CAPABILITY=default selects the non-AVX2 cell kernels (in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "from cnnlstm_ext import ops, reference\n"
+        "torch.manual_seed(0)\n"
+        "D, T, B, I, H = 2, 5, 3, 7, 13\n"  # H not a multiple of the vector width
+        "args = [torch.randn(T, B, I, dtype=torch.float64, requires_grad=True),\n"
+        "        torch.randn(D, 4 * H, I, dtype=torch.float64, requires_grad=True),\n"
+        "        torch.randn(D, 4 * H, H, dtype=torch.float64, requires_grad=True),\n"
+        "        torch.randn(D, 4 * H, dtype=torch.float64, requires_grad=True),\n"
+        "        torch.randn(D, B, H, dtype=torch.float64), torch.randn(D, B, H, dtype=torch.float64)]\n"
+        "lengths = torch.tensor([5, 2, 4])\n"
+        "out = ops.lstm_layer(*args, lengths)\n"
+        "ref = reference.lstm_layer(*args, lengths)\n"
+        "for a, b in zip(out, ref): torch.testing.assert_close(a, b)\n"
+        "g = torch.autograd.grad(sum(o.sum() for o in out), args[:4])\n"
+        "gr = torch.autograd.grad(sum(o.sum() for o in ref), args[:4])\n"
+        "for a, b in zip(g, gr): torch.testing.assert_close(a, b)\n"
+        "print(torch.backends.cpu.get_cpu_capability())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cnnlstm_ext.__file__)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", PYTHONPATH=root)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "DEFAULT"

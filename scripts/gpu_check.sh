@@ -15,6 +15,11 @@ cd "$ROOT"
 PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CNNLSTM_EXT_CUDA=1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+# The GPU image sets CXX=/opt/gcc/bin/g++; an extension built with it crashes (in std::ostream)
+# whenever an error message formats a number. Build with the system compiler when there is one.
+if [ -x /usr/bin/g++ ] && [ -z "${GPU_CHECK_KEEP_CXX:-}" ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+fi
 status=0
 summary=()
 start=$(date +%s)

@@ -21,6 +21,45 @@ __all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm"]
 _HX = Tuple[Tensor, Tensor]
 
 
+def _stored_back_to_back(params: List[Tensor]) -> bool:
+    """Whether `params` (same shape) lie one after another in one contiguous storage."""
+    p0 = params[0]
+    if p0.device.type == "meta":
+        return False
+    base = p0.untyped_storage().data_ptr()
+    for k, p in enumerate(params):
+        if (not p.is_contiguous() or p.shape != p0.shape or p.dtype != p0.dtype
+                or p.untyped_storage().data_ptr() != base
+                or p.storage_offset() != p0.storage_offset() + k * p0.numel()):
+            return False
+    return True
+
+
+class _StackedView(torch.autograd.Function):
+    """[D, *shape] view of D parameters stored back to back: torch.stack without the copy."""
+
+    @staticmethod
+    def forward(ctx, *params):
+        p0 = params[0]
+        return p0.as_strided((len(params),) + tuple(p0.shape), (p0.numel(),) + p0.stride())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.unbind(0)
+
+
+def _stack(params: List[Tensor]) -> Tensor:
+    if len(params) == 1:
+        return params[0].unsqueeze(0)
+    if not torch.compiler.is_compiling() and _stored_back_to_back(params):
+        return _StackedView.apply(*params)
+    return torch.stack(params)
+
+
+def _flatten_after_load(module: "FusedLSTM", incompatible_keys) -> None:
+    module.flatten_parameters()
+
+
 def _cuda_kernels_built() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(
         "cnnlstm_ext::lstm_layer_forward", "CUDA")
@@ -87,6 +126,9 @@ class FusedLSTM(nn.Module):
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         self.reset_parameters()
+        self.flatten_parameters()
+        # load_state_dict(assign=True) installs new tensors: store them back to back again.
+        self.register_load_state_dict_post_hook(_flatten_after_load)
 
     def reset_parameters(self) -> None:
         """nn.LSTM's initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter."""
@@ -103,7 +145,30 @@ class FusedLSTM(nn.Module):
         return [getattr(self, name) for name in self._flat_weights_names]
 
     def flatten_parameters(self) -> None:
-        """No-op, kept for nn.LSTM compatibility (the fused op reads the parameters as they are)."""
+        """Stores each layer's per-direction weights back to back in one buffer.
+
+        The op takes a layer's weights as one [D, 4H, I] / [D, 4H, H] tensor; with this layout it
+        is a view of the parameters instead of a copy made on every call. Parameter objects are
+        kept (their `.data` moves), so optimizers and modules sharing them are unaffected. Called
+        on construction, after `to()`/`cuda()`/`half()` and after `load_state_dict`; parameters
+        stored otherwise still work, with a copy per call.
+        """
+        if not self.bidirectional or torch.compiler.is_compiling():
+            return
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                for fmt in ("weight_ih_l{}{}", "weight_hh_l{}{}"):
+                    params = [getattr(self, fmt.format(layer, s)) for s in ("", "_reverse")]
+                    if params[0].device.type == "meta" or _stored_back_to_back(params):
+                        continue
+                    buf = torch.stack([p.detach() for p in params])
+                    for p, b in zip(params, buf):
+                        p.data = b
+
+    def _apply(self, fn, recurse=True):
+        ret = super()._apply(fn, recurse)
+        self.flatten_parameters()
+        return ret
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -124,8 +189,8 @@ class FusedLSTM(nn.Module):
         """Stacks one layer's directions: w_ih [D, 4H, I], w_hh [D, 4H, H], bias [D, 4H]."""
         suffixes = ["", "_reverse"] if self.bidirectional else [""]
         get = lambda fmt: [getattr(self, fmt.format(layer, s)) for s in suffixes]  # noqa: E731
-        w_ih = torch.stack(get("weight_ih_l{}{}"))
-        w_hh = torch.stack(get("weight_hh_l{}{}"))
+        w_ih = _stack(get("weight_ih_l{}{}"))
+        w_hh = _stack(get("weight_hh_l{}{}"))
         bias = None
         if self.bias:
             bias = torch.stack(get("bias_ih_l{}{}")) + torch.stack(get("bias_hh_l{}{}"))
@@ -255,6 +320,7 @@ class FusedLSTM(nn.Module):
                           device="meta", dtype=p.dtype)
         for name in fused._flat_weights_names:
             setattr(fused, name, getattr(lstm, name))
+        fused.flatten_parameters()
         fused.train(lstm.training)
         return fused
 

@@ -26,17 +26,25 @@ inline int64_t out_row(const FramePoolShape& s, bool batch_first, int64_t n) {
   return batch_first ? n : (n % s.T) * s.B + n / s.T;
 }
 
-// x: [N, C, HW] contiguous, mode "avg". One (frame, channel) plane of HW elements per output.
+// x: [N, C, HW] contiguous, mode "avg". One frame per task; its planes of HW elements are summed
+// four at a time.
 template <typename in_t, typename out_t>
 void frame_avg_pool_contiguous(const in_t* x, out_t* out, const FramePoolShape& s, bool batch_first) {
   using A = acc_t<in_t>;
   const int64_t HW = s.HW(), C = s.C;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / HW);
-  at::parallel_for(0, s.N * C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {  // i = n*C + c
-      const int64_t n = i / C, c = i % C;
-      out[out_row(s, batch_first, n) * C + c] =
-          static_cast<out_t>(sum_run(x + i * HW, HW) / static_cast<A>(HW));
+  const A inv_hw = A(1) / static_cast<A>(HW);
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * C));
+  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+    A sums[4];
+    for (int64_t n = begin; n < end; ++n) {
+      const in_t* frame = x + n * C * HW;
+      out_t* o = out + out_row(s, batch_first, n) * C;
+      int64_t c = 0;
+      for (; c + 4 <= C; c += 4) {
+        sum_runs4(frame + c * HW, HW, sums);
+        for (int j = 0; j < 4; ++j) o[c + j] = static_cast<out_t>(sums[j] * inv_hw);
+      }
+      for (; c < C; ++c) o[c] = static_cast<out_t>(sum_run(frame + c * HW, HW) * inv_hw);
     }
   });
 }
@@ -57,7 +65,7 @@ void frame_max_pool_contiguous(const in_t* x, out_t* out, int32_t* argmax, const
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / tiles, c0 = (i % tiles) * kTile, cn = std::min(kTile, C - c0);
       const in_t* src = x + (n * C + c0) * HW;
-      for (int64_t j = 0; j < cn; ++j)
+      for (int64_t j = 0; j < cn; ++j)  // reads in order; writes stay in the L1-resident tile
         for (int64_t k = 0; k < HW; ++k) tile[k * kTile + j] = static_cast<A>(src[j * HW + k]);
       max_rows(tile.data(), kTile, HW, cn, m, idx);
       out_t* o = out + out_row(s, batch_first, n) * C + c0;
@@ -100,17 +108,18 @@ void frame_pool_backward_contiguous(const g_t* grad_out, const int32_t* argmax, 
                                     const FramePoolShape& s, FrameMode mode, bool batch_first) {
   using A = acc_t<x_t>;
   const int64_t HW = s.HW(), C = s.C;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / HW);
-  at::parallel_for(0, s.N * C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / C, c = i % C;
-      const A g = static_cast<A>(grad_out[out_row(s, batch_first, n) * C + c]);
-      x_t* plane = grad_x + i * HW;
-      if (mode == FrameMode::Avg) {
-        std::fill(plane, plane + HW, static_cast<x_t>(g / static_cast<A>(HW)));
-      } else {
-        std::fill(plane, plane + HW, x_t(0));
-        plane[argmax[i]] = static_cast<x_t>(g);
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * C));
+  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const g_t* g = grad_out + out_row(s, batch_first, n) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        x_t* plane = grad_x + (n * C + c) * HW;
+        if (mode == FrameMode::Avg) {
+          std::fill(plane, plane + HW, static_cast<x_t>(static_cast<A>(g[c]) / static_cast<A>(HW)));
+        } else {
+          std::fill(plane, plane + HW, x_t(0));
+          plane[argmax[n * C + c]] = static_cast<x_t>(static_cast<A>(g[c]));
+        }
       }
     }
   });

@@ -65,7 +65,31 @@ inline acc_t<T> sum_run(const T* p, int64_t n) {
   return s;
 }
 
-// out[c] = sum_r p[r * row_stride + c] for c in [0, n), r in [0, rows)
+// out[j] = sum of p[j * n, (j + 1) * n) for j < 4: four consecutive runs with independent sums,
+// so that the additions of one run do not wait on each other.
+template <typename T>
+inline void sum_runs4(const T* p, int64_t n, acc_t<T>* out) {
+  using Vec = AccVec<T>;
+  constexpr int64_t kV = Vec::size();
+  Vec a0(0), a1(0), a2(0), a3(0);
+  int64_t i = 0;
+  for (; i + kV <= n; i += kV) {
+    a0 = a0 + load_acc(p + i);
+    a1 = a1 + load_acc(p + n + i);
+    a2 = a2 + load_acc(p + 2 * n + i);
+    a3 = a3 + load_acc(p + 3 * n + i);
+  }
+  out[0] = horizontal_sum(a0);
+  out[1] = horizontal_sum(a1);
+  out[2] = horizontal_sum(a2);
+  out[3] = horizontal_sum(a3);
+  for (; i < n; ++i)
+    for (int j = 0; j < 4; ++j) out[j] += static_cast<acc_t<T>>(p[j * n + i]);
+}
+
+// out[c] = sum_r p[r * row_stride + c] for c in [0, n), r in [0, rows). Row after row, so that
+// memory is read in order (summing column blocks over all rows in registers reads rows
+// row_stride apart and was slower).
 template <typename T>
 inline void sum_rows(const T* p, int64_t row_stride, int64_t rows, int64_t n, acc_t<T>* out) {
   using Vec = AccVec<T>;

@@ -62,6 +62,8 @@ __global__ void __launch_bounds__(kTileThreads)
   const T* src = x + (n * p.C + c0) * p.HW;
   if constexpr (kVecLoad) {
     constexpr int V = kVec16<T>;
+    // Unrolled so that each thread keeps several 16-byte loads in flight.
+#pragma unroll 4
     for (int i = threadIdx.x; i < count / V; i += blockDim.x)
       store_pack<T, V>(tile + i * V, load_pack<T, V>(src + i * V));
   } else {

@@ -1,0 +1,52 @@
+// Gate math of one LSTM step for one (sequence, direction) row, built twice: for the baseline
+// instruction set (lstm_cell_default.cpp) and with AVX2/FMA (lstm_cell_avx2.cpp, x86-64 only),
+// chosen at run time by lstm_cell_kernels() from ATen's CPU capability (which also honours
+// ATEN_CPU_CAPABILITY=default).
+#pragma once
+#include <cstdint>
+
+namespace cnnlstm_ext {
+
+// Forward of one row: gates pre-activations x_row + r_row [4H] (i, f, g, o), c_row [H] updated in
+// place to c_t, h_t written to h_row and y_row; g_row [4H] (activated gates) and cl_row [H] (c_t)
+// are written when not null (training).
+template <typename acc_t>
+using LstmCellForwardFn = void (*)(const acc_t* x_row, const acc_t* r_row, acc_t* c_row,
+                                   acc_t* h_row, acc_t* y_row, acc_t* g_row, acc_t* cl_row,
+                                   int64_t H);
+
+// Backward of one row: from the saved gates g_row [4H], c_t c_row [H], c_{t-1} cprev_row [H], the
+// output gradient gy_row [H] and the recurrent gradient dh_in [H], updates dc_row [H] (dc_t in,
+// dc_{t-1} out) and writes the pre-activation gate gradients to ds_row and dG_row [4H].
+template <typename acc_t>
+using LstmCellBackwardFn = void (*)(const acc_t* g_row, const acc_t* c_row, const acc_t* cprev_row,
+                                    const acc_t* gy_row, const acc_t* dh_in, acc_t* dc_row,
+                                    acc_t* ds_row, acc_t* dG_row, int64_t H);
+
+template <typename acc_t>
+struct LstmCellKernels {
+  LstmCellForwardFn<acc_t> forward;
+  LstmCellBackwardFn<acc_t> backward;
+};
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define CNNLSTM_EXT_CELL_AVX2 1
+#endif
+
+namespace cell_default {
+LstmCellKernels<float> kernels_float();
+LstmCellKernels<double> kernels_double();
+}  // namespace cell_default
+
+#ifdef CNNLSTM_EXT_CELL_AVX2
+namespace cell_avx2 {
+LstmCellKernels<float> kernels_float();
+LstmCellKernels<double> kernels_double();
+}  // namespace cell_avx2
+#endif
+
+// The best variant this CPU runs (decided once).
+template <typename acc_t>
+LstmCellKernels<acc_t> lstm_cell_kernels();
+
+}  // namespace cnnlstm_ext

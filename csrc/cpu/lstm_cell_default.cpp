@@ -1,0 +1,46 @@
+// LSTM cell kernels for the baseline instruction set (every CPU), and the run-time choice of
+// variant.
+#include <ATen/Version.h>
+
+#include <string>
+
+#define CNNLSTM_CELL_NS cell_default
+#include "lstm_cell_impl.h"
+
+namespace cnnlstm_ext {
+namespace {
+
+bool cpu_has_avx2() {
+#ifdef CNNLSTM_EXT_CELL_AVX2
+  // ATen's capability ("DEFAULT", "AVX2", "AVX512", ...) is what this CPU supports, lowered by
+  // ATEN_CPU_CAPABILITY=default; the CPU is asked too in case ATen was built without AVX2 kernels.
+  static const bool avx2 = [] {
+    const std::string cap = at::get_cpu_capability();
+    return (cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+  }();
+  return avx2;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+template <>
+LstmCellKernels<float> lstm_cell_kernels<float>() {
+#ifdef CNNLSTM_EXT_CELL_AVX2
+  if (cpu_has_avx2()) return cell_avx2::kernels_float();
+#endif
+  return cell_default::kernels_float();
+}
+
+template <>
+LstmCellKernels<double> lstm_cell_kernels<double>() {
+#ifdef CNNLSTM_EXT_CELL_AVX2
+  if (cpu_has_avx2()) return cell_avx2::kernels_double();
+#endif
+  return cell_default::kernels_double();
+}
+
+}  // namespace cnnlstm_ext
