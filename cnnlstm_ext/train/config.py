@@ -77,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # "adamw" (decoupled weight decay) | "adam" (L2 in the gradient)
     lr: float = 1e-3
     weight_decay: float = 1e-4
     betas: Tuple[float, float] = (0.9, 0.999)
@@ -102,7 +102,8 @@ class TrainConfig:
     max_bad_steps: int = 5
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
-    # early stopping on `monitor` ("val_acc", "val_f1", "val_loss", "val_top5"); None: off
+    # early stopping on `monitor` ("val_acc", "val_f1", "val_loss", "val_top5") after `patience`
+    # evaluations without an improvement larger than `min_delta` (patience None: never stop)
     monitor: str = "val_acc"
     patience: Optional[int] = 10
     min_delta: float = 0.0
@@ -270,8 +271,8 @@ def validate(cfg: Config) -> Config:
         raise ValueError("train.grad_clip must be > 0 or null, got %r" % t.grad_clip)
     if not 0 <= t.label_smoothing < 1:
         raise ValueError("train.label_smoothing must be in [0, 1), got %r" % t.label_smoothing)
-    if o.optimizer.lower() not in ("adamw", "adam", "sgd"):
-        raise ValueError("optim.optimizer must be adamw, adam or sgd, got %r" % o.optimizer)
+    if o.optimizer.lower() not in ("adamw", "adam"):
+        raise ValueError("optim.optimizer must be adamw or adam, got %r" % o.optimizer)
     if o.scheduler not in ("cosine", "none"):
         raise ValueError("optim.scheduler must be cosine or none, got %r" % o.scheduler)
     if o.lr <= 0:

@@ -124,7 +124,6 @@ def forward_lengths(lengths: torch.Tensor, num_frames: int) -> Optional[torch.Te
     return lengths if bool((lengths < num_frames).any()) else None
 
 
-
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, device: torch.device, num_classes: int,
                    amp_dtype: Optional[torch.dtype] = None, criterion: Optional[nn.Module] = None,
@@ -233,21 +232,18 @@ class Trainer:
         if self.ctx.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # Evaluation runs the model without DDP: its forward would broadcast buffers, a
+        # collective that processes with unequal numbers of validation batches cannot match.
+        self._eval_net = self.model
         if t.compile:
             self.net = torch.compile(self.net)
+            self._eval_net = torch.compile(self.model)
 
         o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
-        name = o.optimizer.lower()
-        if name == "adamw":
-            self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay,
-                                               betas=tuple(o.betas))
-        elif name == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay,
-                                              betas=tuple(o.betas))
-        else:
-            self.optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay,
-                                             momentum=o.betas[0])
+        optimizer_cls = torch.optim.AdamW if o.optimizer.lower() == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer_cls(params, lr=o.lr, weight_decay=o.weight_decay,
+                                       betas=tuple(o.betas))
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=t.epochs, eta_min=o.min_lr) if o.scheduler == "cosine" else None)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
@@ -337,7 +333,8 @@ class Trainer:
         self.best_metrics = {"best_val_acc": _as_fraction(ckpt.get("best_val_acc")),
                              "best_val_f1": ckpt.get("best_val_f1"),
                              "best_epoch": ckpt.get("best_epoch")}
-        self._best_weights = self._find_best_weights(path, ckpt, key_map)
+        weights = self._find_best_weights(path, ckpt, key_map)
+        self._best_weights = None if weights is None else (self.best_metrics["best_epoch"], weights)
         log.info("resumed from %s after epoch %d (best %s at epoch %s)", path, epoch,
                  _fmt(self.best_metrics["best_val_acc"]), self.best_metrics["best_epoch"])
         return epoch
@@ -371,13 +368,14 @@ class Trainer:
 
         stop_at_epoch: end this call after that epoch (the schedule still spans train.epochs),
         as if the run were interrupted there; `resume` continues it. The final evaluation and
-        report are written only when the run really ends.
+        report are written only when the run really ends; then the model holds the best weights
+        (those final_metrics.json describes), not the last ones.
         """
         t = self.cfg.train
         self._open_run_dir()
         self._good = self._snapshot()
-        if self._best_weights is None:
-            self._best_weights = _cpu_copy(self.model.state_dict())
+        if self._best_weights is None:  # until an epoch improves: the weights we start from
+            self._best_weights = (self.epoch, _cpu_copy(self.model.state_dict()))
         stop_reason, last = None, min(t.epochs, stop_at_epoch or t.epochs)
         log.info("training %s: %d parameters, %d train / %d val clips, %d classes, device %s%s, "
                  "%d process(es), epochs %d..%d", self.cfg.train.run_name,
@@ -401,7 +399,7 @@ class Trainer:
                     continue
                 val = None
                 if epoch % max(1, t.eval_every) == 0 or epoch == t.epochs:
-                    val, _ = evaluate_model(self.net, self.val_loader, self.device, self.num_classes,
+                    val, _ = evaluate_model(self._eval_net, self.val_loader, self.device, self.num_classes,
                                             self.amp_dtype, self.criterion, self.ctx,
                                             progress=t.progress, desc="epoch %d val" % epoch)
                 self._end_epoch(epoch, train_stats, val)
@@ -449,10 +447,8 @@ class Trainer:
                 loss_ok = bool(torch.isfinite(loss.detach()))
                 what = None if loss_ok and bool(torch.isfinite(grad_norm)) else (
                     "gradient" if loss_ok else "loss")
-            ok = what is None
-            if self.ctx.enabled:  # every process must take the same decision
-                bad = torch.tensor([0.0 if ok else 1.0], device=self.device)
-                ok = float(self.ctx.all_reduce_(bad)) == 0.0
+            # every process must take the same decision
+            ok = not self._on_any_process(what is not None)
             if ok:
                 self.optimizer.step()
                 n = labels.shape[0]
@@ -525,7 +521,7 @@ class Trainer:
             if improved:
                 self.best_metrics = {"best_val_acc": val["acc"], "best_val_f1": val["f1"],
                                      "best_epoch": epoch}
-                self._best_weights = _cpu_copy(self.model.state_dict())
+                self._best_weights = (epoch, _cpu_copy(self.model.state_dict()))
         self._log_epoch(row, improved)
         self._save(epoch, row, improved)
         self._good = self._snapshot()
@@ -664,7 +660,8 @@ class Trainer:
                 "" if t.patience is None else ", patience %d" % t.patience)
         log.info(msg)
         if row["skipped_steps"]:
-            log.warning("epoch %d: %d step(s) skipped for NaN/Inf loss or gradients (%d in this run)",
+            log.warning("epoch %d: %d step(s) skipped for NaN/Inf inputs, loss or gradients "
+                        "(%d in this run)",
                         row["epoch"], row["skipped_steps"], self.guard.skipped_total)
         warning = _overfitting_warning(self.history)
         if warning:
@@ -681,18 +678,19 @@ class Trainer:
     def _finish(self, stop_reason: str) -> Dict[str, Any]:
         """Evaluates the best weights once more and writes the final metrics and the report."""
         out: Dict[str, Any] = {}
-        if self._best_weights is not None:
-            self.model.load_state_dict(self._best_weights)
-        metrics, _ = evaluate_model(self.net, self.val_loader, self.device, self.num_classes,
+        weights_epoch, weights = self._best_weights
+        self.model.load_state_dict(weights)
+        metrics, _ = evaluate_model(self._eval_net, self.val_loader, self.device, self.num_classes,
                                     self.amp_dtype, self.criterion, self.ctx,
                                     progress=self.cfg.train.progress, desc="final val")
         out["final_metrics"] = metrics
         if self.ctx.is_main:
             write_metrics(self.run_dir, metrics, self.classes,
-                          extra={"stop_reason": stop_reason, **self._result(stop_reason)})
-            log.info("best epoch %s: val acc %s, macro-F1 %s, top-%d %s (%d clips); stopped: %s",
-                     self.best_metrics.get("best_epoch"), _fmt(metrics["acc"]), _fmt(metrics["f1"]),
-                     metrics["topk"], _fmt(metrics["top5"]), metrics["count"], stop_reason)
+                          extra={"weights_of_epoch": weights_epoch, **self._result(stop_reason)})
+            log.info("final evaluation of the weights of epoch %s (best %s): val acc %s, macro-F1 "
+                     "%s, top-%d %s (%d clips); stopped: %s", weights_epoch, self.early.monitor,
+                     _fmt(metrics["acc"]), _fmt(metrics["f1"]), metrics["topk"],
+                     _fmt(metrics["top5"]), metrics["count"], stop_reason)
             try:
                 from ..report import summarize
                 report = summarize(self.ckpt_dir, os.path.join(self.run_dir, "summary"),
