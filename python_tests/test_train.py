@@ -14,7 +14,7 @@ from cnnlstm_ext.checkpoint import normalize_checkpoint, read_checkpoint
 from cnnlstm_ext.data import SyntheticVideos
 from cnnlstm_ext.train import ClassificationMeter, Config, EarlyStopping, NonFiniteGuard, Trainer
 from cnnlstm_ext.train.config import (apply_overrides, config_from_checkpoint, load_config_file,
-                                      parse_value, save_config)
+                                      parse_value, save_config, validate)
 from cnnlstm_ext.train.guards import nonfinite_tensors
 from cnnlstm_ext.train.trainer import HISTORY_KEYS, evaluate_model
 
@@ -76,11 +76,17 @@ def test_config_overrides_are_typed():
 @pytest.mark.parametrize("override,match", [
     ("train.epoch=3", "unknown key train.epoch"), ("trian.epochs=3", "unknown config section"),
     ("train.epochs=many", "expects a int"), ("data.hflip=2", "true or false"),
-    ("epochs=3", "section.key=value"),
+    ("epochs=3", "section.key=value"), ("data.resize_to=big", "data.resize_to expects a int"),
 ])
 def test_config_override_errors_name_the_field(override, match):
     with pytest.raises(ValueError, match=match):
         apply_overrides(Config(), [override])
+
+
+def test_config_rejects_unknown_model_settings():
+    cfg = apply_overrides(Config(), ["model.hidden=128"])
+    with pytest.raises(ValueError, match="unknown model setting.*hidden.*temporal_dim"):
+        validate(cfg)
 
 
 def test_saved_config_is_a_valid_config_file(tmp_path):

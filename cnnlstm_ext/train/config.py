@@ -28,8 +28,10 @@ file is itself a valid `--config`.
 """
 import copy
 import dataclasses
+import inspect
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -150,8 +152,21 @@ def _plain(x):
     return x
 
 
-def _coerce(value, current, where: str):
-    """Converts a parsed value to the type of the default it replaces (lists -> tuples etc.)."""
+def _field_type(hint):
+    """int for Optional[int] and the like; None when the annotation says nothing simpler."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        hint = args[0]
+    return hint if hint in (int, float, bool, str) else None
+
+
+def _coerce(value, current, where: str, hint=None):
+    """Converts a parsed value to the type of the field (lists -> tuples, 3.0 -> 3, etc.)."""
+    if current is None and value is not None:
+        kind = _field_type(hint)
+        if kind is not None:  # an Optional field now unset: check against its annotation
+            return _coerce(value, kind(), where)
+        return value
     if isinstance(current, tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(current):
             raise ValueError("%s expects a list of %d values, got %r" % (where, len(current), value))
@@ -182,11 +197,12 @@ def apply_dict(cfg: Config, d: Dict[str, Any]) -> Config:
             cfg.model.update(copy.deepcopy(values))
             continue
         target = getattr(cfg, section)
-        names = {f.name for f in dataclasses.fields(target)}
+        hints = typing.get_type_hints(type(target))
         for key, value in values.items():
-            if key not in names:
-                raise ValueError("unknown key %s.%s (known: %s)" % (section, key, ", ".join(sorted(names))))
-            setattr(target, key, _coerce(value, getattr(target, key), "%s.%s" % (section, key)))
+            if key not in hints:
+                raise ValueError("unknown key %s.%s (known: %s)" % (section, key, ", ".join(sorted(hints))))
+            setattr(target, key, _coerce(value, getattr(target, key), "%s.%s" % (section, key),
+                                         hints[key]))
     return cfg
 
 
@@ -287,6 +303,12 @@ def validate(cfg: Config) -> Config:
         raise ValueError("data.num_frames must be >= 1 and data.frame_size >= 8")
     if not isinstance(cfg.model, dict):
         raise ValueError("model must be a mapping of CNNLSTM keyword arguments")
+    from ..models import CNNLSTM
+    known = set(inspect.signature(CNNLSTM.__init__).parameters) - {"self"}
+    unknown = sorted(set(cfg.model) - known)
+    if unknown:
+        raise ValueError("unknown model setting(s) %s (CNNLSTM takes: %s)"
+                         % (", ".join(unknown), ", ".join(sorted(known))))
     return cfg
 
 
