@@ -140,7 +140,7 @@ def test_evaluate_default_output_is_in_the_run_folder(trained):
     out, _ = trained
     best = out / "r" / "checkpoints" / "best_checkpoint.pth"
     assert main(["evaluate", str(best), "synthetic", "--split", "test", "--no-progress"]) == 0
-    assert (out / "r" / "evaluation" / "synthetic" / "predictions.csv").is_file()
+    assert (out / "r" / "evaluation" / "synthetic-test" / "predictions.csv").is_file()
 
 
 def test_evaluate_rejects_data_with_other_classes(trained, tmp_path, capsys):
@@ -150,6 +150,14 @@ def test_evaluate_rejects_data_with_other_classes(trained, tmp_path, capsys):
         write_video(str(tmp_path / "v" / cls / "c.mp4"), torch.zeros(4, 3, 16, 16, dtype=torch.uint8))
     rc = main(["evaluate", str(out / "r" / "checkpoints" / "best_checkpoint.pth"), str(tmp_path / "v")])
     assert rc == 2 and "classes" in capsys.readouterr().err
+
+
+def test_quiet_train_prints_no_epoch_lines_but_logs_them(tmp_path, capsys):
+    assert main(["train", "--output-dir", str(tmp_path), "--run-name", "q", "--epochs", "1", "-q"]
+                + TINY) == 0
+    assert "epoch 1/1" not in capsys.readouterr().err
+    assert "epoch 1/1" in (tmp_path / "q" / "train.log").read_text()
+    train_command.setup_logging(quiet=False)
 
 
 def test_train_reports_config_errors(tmp_path, capsys):

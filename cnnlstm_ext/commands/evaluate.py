@@ -10,7 +10,7 @@ class folders, or a WLASL JSON file. Clips are prepared as in the checkpoint's t
 (frames per clip, frame size, normalisation), without augmentation. A checkpoint of another
 training script works too: its architecture is read off its weights.
 
-Writes to --out (default: <run folder>/evaluation/<DATA name>/): predictions.csv (one row per
+Writes to --out (default: <run folder>/evaluation/<DATA name>[-<split>]/): predictions.csv (one row per
 clip: true class, predicted class, confidence, top-5), metrics.json, confusion_matrix.csv,
 per_class_accuracy.csv and confusion_matrix.png.
 """
@@ -37,11 +37,12 @@ def add_arguments(parser):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def default_out_dir(checkpoint: str, data: str) -> str:
+def default_out_dir(checkpoint: str, data: str, split=None) -> str:
+    """<run folder>/evaluation/<data name>[-<split>] (the run folder holds checkpoints/)."""
     ckpt_dir = os.path.dirname(os.path.abspath(checkpoint))
     run_dir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else ckpt_dir
     name = os.path.splitext(os.path.basename(os.path.normpath(data)))[0] or "data"
-    return os.path.join(run_dir, "evaluation", name)
+    return os.path.join(run_dir, "evaluation", name + ("-" + split if split else ""))
 
 
 def run(args) -> int:
@@ -58,13 +59,12 @@ def run(args) -> int:
         peek = normalize_checkpoint(read_checkpoint(args.checkpoint, mmap=True))
         cfg, key_map, _ = config_from_checkpoint(peek, list(args.key_map) or None)
         apply_overrides(cfg, args.overrides)
-        if args.videos:
-            cfg.data.root = args.videos
         state = peek.get("trainer_state") if isinstance(peek.get("trainer_state"), dict) else {}
         classes = state.get("classes")
         seed = cfg.train.seed
         del peek
-        dataset = build_eval_dataset(cfg.data, args.data, classes=classes, seed=seed, split=args.split)
+        dataset = build_eval_dataset(cfg.data, args.data, classes=classes, seed=seed,
+                                     split=args.split, video_root=args.videos)
         classes = list(getattr(dataset, "classes", None) or classes or [])
         model_cfg = dict(cfg.model)
         if model_cfg.get("num_classes") is None:
@@ -80,8 +80,11 @@ def run(args) -> int:
         print("error: %s" % e, file=sys.stderr)
         return 2
 
-    ctx = DistContext()
-    device = resolve_device(args.device, ctx)
+    try:
+        device = resolve_device(args.device, DistContext())
+    except RuntimeError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
     amp_dtype = resolve_precision(args.precision, device)
     model.to(device)
     workers = args.num_workers if args.num_workers is not None else cfg.data.num_workers
@@ -91,7 +94,7 @@ def run(args) -> int:
                                           collect_predictions=True, progress=not args.no_progress,
                                           desc="evaluate")
 
-    out = args.out or default_out_dir(args.checkpoint, args.data)
+    out = args.out or default_out_dir(args.checkpoint, args.data, args.split)
     write_metrics(out, metrics, classes, extra={"checkpoint": os.path.abspath(args.checkpoint),
                                                 "data": args.data, "split": args.split},
                   json_name="metrics.json")

@@ -81,13 +81,19 @@ class _TqdmHandler(logging.Handler):
 
 
 def setup_logging(quiet: bool = False, rank: int = 0) -> None:
+    """Console logging: INFO on rank 0 (WARNING with quiet, and on the other ranks).
+
+    The level sits on the console handler, so that train.log still gets every INFO line.
+    """
     logger = logging.getLogger("cnnlstm_ext")
-    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if isinstance(h, _TqdmHandler)), None)
+    if handler is None:
         handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else
-                                               "[rank %d] %%(message)s" % rank))
         logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet or rank != 0 else logging.INFO)
+    handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else
+                                           "[rank %d] %%(message)s" % rank))
+    handler.setLevel(logging.WARNING if quiet or rank != 0 else logging.INFO)
+    logger.setLevel(logging.INFO)
 
 
 def build_config(args):

@@ -77,18 +77,27 @@ def build_datasets(data_cfg, seed: int = 0):
     raise ValueError("unknown data.dataset %r (synthetic, folder or wlasl)" % d.dataset)
 
 
-def build_eval_dataset(data_cfg, source: str, classes=None, seed: int = 0, split=None):
-    """The data set `cnnlstm-ext evaluate` reads: "synthetic" (the run's validation draw, or
-    `split`="test" for unseen clips), a class-per-folder tree, or a WLASL JSON file (its
-    `split`, default the config's val_split; videos under data.root or next to the file)."""
+def build_eval_dataset(data_cfg, source: str, classes=None, seed: int = 0, split=None,
+                       video_root=None):
+    """The data set `cnnlstm-ext evaluate` reads, prepared as `data_cfg` says (frames, size,
+    normalisation; no augmentation):
+
+    "synthetic": the run's validation clips (`split`="test": clips never seen in training);
+    a directory: class folders (`split`: a sub-folder), labels numbered as `classes`;
+    a .json file: WLASL-style annotations, its `split` (default data_cfg.val_split), videos in
+        `video_root` (default: the training config's data.root for a WLASL run, else videos/
+        beside the file).
+    """
     d = data_cfg
     if source == "synthetic":
         return SyntheticVideos(d.val_samples, num_classes=d.num_classes, num_frames=d.num_frames,
                                frame_size=d.frame_size, split=split or "val", seed=seed,
                                min_frames=d.min_frames, noise=d.noise)
     if os.path.isfile(source) and source.lower().endswith(".json"):
-        root = d.root if d.root and d.dataset == "wlasl" else os.path.join(os.path.dirname(source), "videos")
-        return VideoFolder.from_wlasl(source, root, split=split or d.val_split,
+        if video_root is None:
+            video_root = (d.root if d.root and d.dataset == "wlasl"
+                          else os.path.join(os.path.dirname(os.path.abspath(source)), "videos"))
+        return VideoFolder.from_wlasl(source, video_root, split=split or d.val_split,
                                       max_classes=d.max_classes, num_frames=d.num_frames,
                                       transform=clip_transform(d, False), seed=seed)
     if os.path.isdir(source):
