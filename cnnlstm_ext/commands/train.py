@@ -157,8 +157,11 @@ def choose_run_dir(cfg, args, explicit: bool) -> None:
             run_dir = os.path.dirname(ckpt_dir)
             t.output_dir, t.run_name = os.path.dirname(run_dir), os.path.basename(run_dir)
             return
-    if args.resume or args.overwrite:
+    if args.overwrite:
         return
+    if args.resume and os.path.abspath(os.path.dirname(args.resume)) == \
+            os.path.abspath(os.path.join(t.output_dir, t.run_name, "checkpoints")):
+        return  # resuming into the run folder the file came from, named explicitly
     base, n = t.run_name, 1
     while os.path.isdir(os.path.join(t.output_dir, t.run_name, "checkpoints")) and \
             os.listdir(os.path.join(t.output_dir, t.run_name, "checkpoints")):
@@ -178,7 +181,6 @@ def run(args) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(args.quiet, rank)
-    log = logging.getLogger("cnnlstm_ext.train")
     try:
         cfg, key_map, explicit = build_config(args)
         validate(cfg)
@@ -195,7 +197,7 @@ def run(args) -> int:
             trainer = Trainer(cfg, ctx=ctx)
             if args.resume:
                 trainer.resume(args.resume, key_map=key_map)
-        except (ValueError, FileNotFoundError, CheckpointError) as e:
+        except (ValueError, FileNotFoundError, RuntimeError, CheckpointError) as e:
             print("error: %s" % e, file=sys.stderr)
             return 2
         try:
