@@ -5,6 +5,7 @@ Without a visible GPU, or with a build that lacks the CUDA kernels, every such t
 collection, so ``pytest -m cuda`` on a GPU machine runs all of them and elsewhere skips all of them.
 ``requires_cuda`` is the same condition as a decorator, for use next to ``pytest.mark.cuda``.
 """
+import os
 import zlib
 
 import pytest
@@ -37,3 +38,13 @@ def rng(request) -> torch.Generator:
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for a child Python that must import the same cnnlstm_ext as this process (the
+    installed package in CI, an in-place build in development). Run the child with a cwd outside
+    the source tree too: `python -m`/`-c` put the cwd first on sys.path, and the source folder has
+    no built _C."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cnnlstm_ext.__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""), **extra)

@@ -13,6 +13,7 @@ import torch
 from cnnlstm_ext.cli import main
 from cnnlstm_ext.commands import train as train_command
 from cnnlstm_ext.data import write_video
+from conftest import subprocess_env
 
 TINY = ["--set", "model.spatial_dim=16", "--set", "model.temporal_dim=8",
         "--set", "data.num_classes=3", "--set", "data.num_frames=4", "--set", "data.frame_size=16",
@@ -51,9 +52,10 @@ def test_command_help_explains_usage(capsys, command):
     assert "usage: cnnlstm-ext " + command in text and "cnnlstm-ext %s" % command in text
 
 
-def test_python_dash_m_entry_point():
+def test_python_dash_m_entry_point(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cnnlstm_ext", "train", "--help"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=subprocess_env())
     assert done.returncode == 0 and "synthetic" in done.stdout
 
 
@@ -185,12 +187,12 @@ def test_torchrun_two_processes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_port", str(port), "-m", "cnnlstm_ext", "train", "--device", "cpu",
          "--output-dir", str(tmp_path), "--run-name", "ddp", "--epochs", "1"] + TINY,
-        capture_output=True, text=True, timeout=300, env=env)
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "latest_checkpoint.pth", weights_only=True)
     assert ckpt["trainer_state"]["world_size"] == 2 and ckpt["epoch"] == 1

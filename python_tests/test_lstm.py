@@ -738,11 +738,12 @@ def test_weights_stay_back_to_back_and_train_like_nn_lstm():
     assert _directions_back_to_back(fused, "weight_ih_l0")
 
 
-def test_baseline_instruction_set_kernels_match_reference():
+def test_baseline_instruction_set_kernels_match_reference(tmp_path):
     """ATEN_CPU_CAPABILITY=default selects the non-AVX2 cell kernels (in a fresh process)."""
-    import os
     import subprocess
     import sys
+
+    from conftest import subprocess_env
     code = (
         "import torch\n"
         "from cnnlstm_ext import ops, reference\n"
@@ -761,8 +762,7 @@ def test_baseline_instruction_set_kernels_match_reference():
         "gr = torch.autograd.grad(sum(o.sum() for o in ref), args[:4])\n"
         "for a, b in zip(g, gr): torch.testing.assert_close(a, b)\n"
         "print(torch.backends.cpu.get_cpu_capability())\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(cnnlstm_ext.__file__)))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", PYTHONPATH=root)
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], env=subprocess_env(ATEN_CPU_CAPABILITY="default"),
+                         cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "DEFAULT"
