@@ -65,7 +65,7 @@ def _want_cuda():
 def _wheel_cuda_includes():
     """Headers shipped by the nvidia-* wheels torch depends on (cuBLAS, cuSPARSE, ...)."""
     dirs = []
-    for base in {os.path.dirname(os.path.dirname(torch.__file__))} | set(sys.path):
+    for base in [os.path.dirname(os.path.dirname(torch.__file__))] + sys.path:
         for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
             d = os.path.join(base, sub)
             if os.path.isdir(d) and d not in dirs:
