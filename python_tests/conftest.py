@@ -48,3 +48,12 @@ def subprocess_env(**extra) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(cnnlstm_ext.__file__)))
     path = os.environ.get("PYTHONPATH")
     return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""), **extra)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (tiny models: more threads only add contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,12 +33,8 @@ LEGACY_CONFIG = dict(num_classes=legacy.NUM_CLASSES, spatial_dim=legacy.SPATIAL,
 SMALL = dict(num_classes=4, spatial_dim=16, temporal_dim=8, num_layers=2, backbone="tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Two shared cores: more intra-op threads only add contention for these tiny models.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def truncate(path, fraction=0.8):

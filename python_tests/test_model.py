@@ -12,13 +12,8 @@ from cnnlstm_ext.models.cnnlstm import canonical_names
 SMALL = dict(num_classes=7, spatial_dim=24, temporal_dim=12, num_layers=2, backbone="tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two shared cores: more than one intra-op thread only adds contention for tiny ops.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Two shared cores: more intra-op threads only add contention for these tiny models.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clips(B=3, T=5, size=32, seed=0):
