@@ -211,4 +211,14 @@ inline void check_temporal_pool_grad(const at::Tensor& grad_out, const at::Tenso
   }
 }
 
+// The attention score's gradients, accumulated in acc_dtype as flat tensors, in the dtypes and
+// shapes of the score's parameters (an empty grad_b when the score has no bias).
+inline void shape_score_grads(at::Tensor& grad_w, at::Tensor& grad_b, const at::Tensor& score_weight,
+                              const c10::optional<at::Tensor>& score_bias, const at::TensorOptions& acc) {
+  grad_w = grad_w.to(score_weight.scalar_type()).reshape(score_weight.sizes());
+  grad_b = score_bias.has_value() && score_bias->defined()
+               ? grad_b.to(score_bias->scalar_type()).reshape(score_bias->sizes())
+               : at::empty({0}, acc);
+}
+
 }  // namespace cnnlstm_ext::pooling

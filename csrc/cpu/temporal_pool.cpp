@@ -281,10 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_pool_backward_cpu(
       const scalar_t* pb = partial_b.const_data_ptr<scalar_t>();
       for (int64_t b = 0; b < B; ++b) gb[0] += pb[b];
     });
-    grad_w = grad_w.to(score_weight->scalar_type()).reshape(score_weight->sizes());
-    grad_b = score_bias.has_value() && score_bias->defined()
-                 ? grad_b.to(score_bias->scalar_type()).reshape(score_bias->sizes())
-                 : at::empty({0}, x.options().dtype(acc_dtype));
+    pooling::shape_score_grads(grad_w, grad_b, *score_weight, score_bias, x.options().dtype(acc_dtype));
   }
   return {grad_x, grad_w, grad_b};
 }

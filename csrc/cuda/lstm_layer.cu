@@ -241,12 +241,44 @@ __device__ void recurrent_product_mma(const scalar_t* in, int ldi, const scalar_
   }
 }
 
+// The product of the matrix the CTAs of a direction exchange each step (h_{s-1}: [B, K] forward,
+// dG_{s+1}: [B, K] backward, float in global memory) with this CTA's weights w_s, staged in
+// chunks of BC rows: out[b * O + o] for all b < B. Every thread of the CTA calls it.
+template <typename scalar_t, int BT, bool MMA>
+__device__ void exchanged_product(unsigned char* in_s, int ldi, const float* src, const scalar_t* w_s,
+                                  int ldw, float* part, float* out, int B, int BC, int O, int Opad,
+                                  int K) {
+  for (int b0 = 0; b0 < B; b0 += BC) {
+    const int nb = min(BC, B - b0);
+    if constexpr (MMA) {
+      const int nbp = static_cast<int>(round_up(nb, 8));
+      stage_rows_16bit(reinterpret_cast<scalar_t*>(in_s), ldi, src + static_cast<size_t>(b0) * K, nb, nbp, K);
+      __syncthreads();
+      recurrent_product_mma(reinterpret_cast<const scalar_t*>(in_s), ldi, w_s, ldw, part, out + b0 * O,
+                            nb, nbp, O, Opad, K);
+    } else {
+      stage_rows(reinterpret_cast<float*>(in_s), src + static_cast<size_t>(b0) * K, nb,
+                 static_cast<int>(round_up(nb, BT)), K);
+      __syncthreads();
+      recurrent_product<scalar_t, BT>(reinterpret_cast<const float*>(in_s), w_s, out + b0 * O, nb, O, K);
+    }
+    __syncthreads();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Persistent forward recurrence. Grid: D * nblk CTAs; CTA (dir, blk) owns hidden units
 // j0 = blk * HB .. j0 + HB - 1 of direction dir.
 // ---------------------------------------------------------------------------------------------
+// Launch geometry shared by both persistent kernels (filled from a PersistentPlan).
+struct PersistentGeometry {
+  int T, B, H, D, HB, nblk, BC;
+  int ldw, ldi;                              // row strides of w_s and in_s (elements)
+  int off_in, off_pre, off_state, off_part;  // shared-memory byte offsets (off_pre: forward only)
+};
+
 template <typename scalar_t>
-struct PersistentForwardParams {
+struct PersistentForwardParams : PersistentGeometry {
   const scalar_t* xproj;    // [T, B, D, 4H] input projection incl. both biases
   const scalar_t* w_hh;     // [D, 4H, H]
   const scalar_t* c0;       // [D, B, H]
@@ -258,9 +290,6 @@ struct PersistentForwardParams {
   float* gates;             // [T, B, D, 4H] or null (inference)
   float* cell;              // [T, B, D, H] or null
   unsigned int* barrier;    // [D] arrival counters, zero on entry
-  int T, B, H, D, HB, nblk, BC;
-  int ldw, ldi;                              // row strides of w_s and in_s (elements)
-  int off_in, off_pre, off_state, off_part;  // shared-memory byte offsets
 };
 
 // What one (b, u) pair reads from global memory at one step, loaded ahead of the barrier.
@@ -320,22 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (s > 0) barrier_wait(p.barrier + dir, static_cast<unsigned int>(s * p.nblk));
     const float* h_in = p.hbuf + (static_cast<size_t>(s & 1) * D + dir) * B * H;
     float* h_out = p.hbuf + (static_cast<size_t>((s + 1) & 1) * D + dir) * B * H;
-    for (int b0 = 0; b0 < B; b0 += p.BC) {
-      const int nb = min(p.BC, B - b0);
-      if constexpr (MMA) {
-        const int nbp = static_cast<int>(round_up(nb, 8));
-        stage_rows_16bit(reinterpret_cast<scalar_t*>(in_s), p.ldi, h_in + static_cast<size_t>(b0) * H, nb, nbp, H);
-        __syncthreads();
-        recurrent_product_mma(reinterpret_cast<const scalar_t*>(in_s), p.ldi, w_s, p.ldw, part,
-                              pre_s + b0 * O, nb, nbp, O, O, H);
-      } else {
-        stage_rows(reinterpret_cast<float*>(in_s), h_in + static_cast<size_t>(b0) * H, nb,
-                   static_cast<int>(round_up(nb, BT)), H);
-        __syncthreads();
-        recurrent_product<scalar_t, BT>(reinterpret_cast<const float*>(in_s), w_s, pre_s + b0 * O, nb, O, H);
-      }
-      __syncthreads();
-    }
+    exchanged_product<scalar_t, BT, MMA>(in_s, p.ldi, h_in, w_s, p.ldw, part, pre_s, B, p.BC, O, O, H);
     for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
       const int b = q / HB, u = q % HB, j = j0 + u;
       const int len = seq_length(p.lengths, b, p.T);
@@ -390,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // direction by its columns, giving its slice of the gradient reaching h_{s-1}.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
-struct PersistentBackwardParams {
+struct PersistentBackwardParams : PersistentGeometry {
   const scalar_t* grad_y;    // [T, B, D*H]
   const scalar_t* grad_h_n;  // [D, B, H]
   const scalar_t* grad_c_n;  // [D, B, H]
@@ -404,9 +418,6 @@ struct PersistentBackwardParams {
   scalar_t* grad_h0;         // [D, B, H]
   scalar_t* grad_c0;         // [D, B, H]
   unsigned int* barrier;     // [D], zero on entry
-  int T, B, H, D, HB, nblk, BC;
-  int ldw, ldi;                    // row strides of w_s and in_s (elements)
-  int off_in, off_state, off_part; // shared-memory byte offsets
 };
 
 // For pair q = b * HB + u at step s: gates i, f, g, o, c_t, c_{t-1} (c0 at the first step),
@@ -469,22 +480,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       barrier_wait(p.barrier + dir, static_cast<unsigned int>(it * p.nblk));
       // dG of step s + 1 (all CTAs of this direction) -> dh_s = dG_{s+1} . w_hh[:, own units]
       const float* g_in = p.dgbuf + (static_cast<size_t>((it - 1) & 1) * D + dir) * B * G;
-      for (int b0 = 0; b0 < B; b0 += p.BC) {
-        const int nb = min(p.BC, B - b0);
-        if constexpr (MMA) {
-          const int nbp = static_cast<int>(round_up(nb, 8));
-          stage_rows_16bit(reinterpret_cast<scalar_t*>(in_s), p.ldi, g_in + static_cast<size_t>(b0) * G, nb, nbp, G);
-          __syncthreads();
-          recurrent_product_mma(reinterpret_cast<const scalar_t*>(in_s), p.ldi, w_s, p.ldw, part,
-                                dh_s + b0 * HB, nb, nbp, HB, Opad, G);
-        } else {
-          stage_rows(reinterpret_cast<float*>(in_s), g_in + static_cast<size_t>(b0) * G, nb,
-                     static_cast<int>(round_up(nb, BT)), G);
-          __syncthreads();
-          recurrent_product<scalar_t, BT>(reinterpret_cast<const float*>(in_s), w_s, dh_s + b0 * HB, nb, HB, G);
-        }
-        __syncthreads();
-      }
+      exchanged_product<scalar_t, BT, MMA>(in_s, p.ldi, g_in, w_s, p.ldw, part, dh_s, B, p.BC, HB, Opad, G);
     }
     if (s < 0) break;
     float* g_out = p.dgbuf + (static_cast<size_t>(it & 1) * D + dir) * B * G;
@@ -687,6 +683,11 @@ struct PersistentPlan {
   int HB = 0, nblk = 0, BC = 0, BT = 0, ldw = 0, ldi = 0;
   int off_in = 0, off_pre = 0, off_state = 0, off_part = 0;
   size_t smem = 0;
+
+  PersistentGeometry geometry(const LstmDims& d) const {
+    return {static_cast<int>(d.T), static_cast<int>(d.B), static_cast<int>(d.H), static_cast<int>(d.D),
+            HB, nblk, BC, ldw, ldi, off_in, off_pre, off_state, off_part};
+  }
 };
 
 template <typename Kernel>
@@ -823,10 +824,7 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const at::Te
   p.gates = gates ? gates->data_ptr<float>() : nullptr;
   p.cell = cell ? cell->data_ptr<float>() : nullptr;
   p.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
-  p.T = d.T; p.B = d.B; p.H = d.H; p.D = d.D;
-  p.HB = plan.HB; p.nblk = plan.nblk; p.BC = plan.BC;
-  p.off_in = plan.off_in; p.off_pre = plan.off_pre; p.off_state = plan.off_state;
-  p.ldw = plan.ldw; p.ldi = plan.ldi; p.off_part = plan.off_part;
+  static_cast<PersistentGeometry&>(p) = plan.geometry(d);
   launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT, plan.mma)), d.D * plan.nblk, plan.smem, &p);
   return true;
 }
@@ -863,10 +861,7 @@ bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::
   p.grad_h0 = grad_h0.data_ptr<scalar_t>();
   p.grad_c0 = grad_c0.data_ptr<scalar_t>();
   p.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
-  p.T = d.T; p.B = d.B; p.H = d.H; p.D = d.D;
-  p.HB = plan.HB; p.nblk = plan.nblk; p.BC = plan.BC;
-  p.off_in = plan.off_in; p.off_state = plan.off_state;
-  p.ldw = plan.ldw; p.ldi = plan.ldi; p.off_part = plan.off_part;
+  static_cast<PersistentGeometry&>(p) = plan.geometry(d);
   launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT, plan.mma)), d.D * plan.nblk, plan.smem, &p);
   return true;
 }
