@@ -69,16 +69,12 @@ def _lstm_layer_forward_fake(x, w_ih, w_hh, bias, h0, c0, lengths, train):
                                  "lengths": lengths})
     T, B, _ = x.shape
     D, _, H = w_hh.shape
-    acc = _acc_dtype(x.dtype)
     y = x.new_empty(T, B, D * H)
     h_n = x.new_empty(D, B, H)
     c_n = x.new_empty(D, B, H)
-    if train:
-        gates = x.new_empty(T, B, D, 4 * H, dtype=acc)
-        cell = x.new_empty(T, B, D, H, dtype=acc)
-    else:
-        gates = x.new_empty(0, dtype=acc)
-        cell = x.new_empty(0, dtype=acc)
+    # Saved for backward in x's dtype (csrc/lstm_layer.h).
+    gates = x.new_empty(T, B, D, 4 * H) if train else x.new_empty(0)
+    cell = x.new_empty(T, B, D, H) if train else x.new_empty(0)
     return y, h_n, c_n, gates, cell
 
 

@@ -115,7 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                             train ? &cell : nullptr);
   });
   const auto dt = x_in.scalar_type();
-  return {y.to(dt), h.to(dt), c.to(dt), gates, cell};
+  // Saved for backward in x's dtype, as on CUDA (see check_lstm_backward_inputs).
+  return {y.to(dt), h.to(dt), c.to(dt), gates.to(dt), cell.to(dt)};
 }
 
 template <typename acc_t>
@@ -192,8 +193,8 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
   auto dh = grad_h_n.to(acc).contiguous().clone();
   auto dc = grad_c_n.to(acc).contiguous().clone();
   auto dG = at::zeros({T, B, D, G}, gy.options());
-  auto gates_c = gates.contiguous();
-  auto cell_c = cell.contiguous();
+  auto gates_c = gates.to(acc).contiguous();
+  auto cell_c = cell.to(acc).contiguous();
   auto c0_a = c0.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "lstm_layer_backward_cpu", [&] {
     backward_steps<scalar_t>(d, L, gy, gates_c, cell_c, c0_a, w_hh_a, dh, dc, dG);

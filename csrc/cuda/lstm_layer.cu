@@ -17,7 +17,8 @@
 // Lengths: sequence b covers steps s < lengths[b], at time t = s (direction 0) or
 // t = lengths[b] - 1 - s (direction 1); padded positions get zero outputs and no compute.
 // Precision: float32 accumulation and cell state for float32/bfloat16/float16; float64 runs the
-// stepwise path in float64. GEMMs go through ATen, so torch's allow_tf32 flags apply to them; the
+// stepwise path in float64. What is saved for backward (gates, cell) and the gate gradients fed
+// to the weight GEMMs are stored in the input dtype. GEMMs go through ATen, so torch's allow_tf32 flags apply to them; the
 // persistent recurrence multiplies in exact float32 FMA.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -287,8 +288,8 @@ struct PersistentForwardParams : PersistentGeometry {
   scalar_t* y;              // [T, B, D*H]
   scalar_t* h_n;            // [D, B, H]
   scalar_t* c_n;            // [D, B, H]
-  float* gates;             // [T, B, D, 4H] or null (inference)
-  float* cell;              // [T, B, D, H] or null
+  scalar_t* gates;          // [T, B, D, 4H] or null (inference)
+  scalar_t* cell;           // [T, B, D, H] or null
   unsigned int* barrier;    // [D] arrival counters, zero on entry
 };
 
@@ -368,18 +369,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         h_s[q] = h;
         p.y[(static_cast<size_t>(t) * B + b) * D * H + dir * H + j] = static_cast<scalar_t>(h);
         if (p.gates != nullptr) {
-          float* gr = p.gates + row * G;
-          gr[j] = gi; gr[H + j] = gf; gr[2 * H + j] = gg; gr[3 * H + j] = go;
-          p.cell[row * H + j] = c;
+          scalar_t* gr = p.gates + row * G;
+          gr[j] = static_cast<scalar_t>(gi);
+          gr[H + j] = static_cast<scalar_t>(gf);
+          gr[2 * H + j] = static_cast<scalar_t>(gg);
+          gr[3 * H + j] = static_cast<scalar_t>(go);
+          p.cell[row * H + j] = static_cast<scalar_t>(c);
         }
       } else {
         // Time s is padding for b (s >= len): every padded time is visited exactly once here.
         const size_t row = (static_cast<size_t>(s) * B + b) * D + dir;
         p.y[(static_cast<size_t>(s) * B + b) * D * H + dir * H + j] = static_cast<scalar_t>(0.f);
         if (p.gates != nullptr) {
-          float* gr = p.gates + row * G;
-          gr[j] = 0.f; gr[H + j] = 0.f; gr[2 * H + j] = 0.f; gr[3 * H + j] = 0.f;
-          p.cell[row * H + j] = 0.f;
+          scalar_t* gr = p.gates + row * G;
+          gr[j] = gr[H + j] = gr[2 * H + j] = gr[3 * H + j] = static_cast<scalar_t>(0.f);
+          p.cell[row * H + j] = static_cast<scalar_t>(0.f);
         }
       }
       h_out[static_cast<size_t>(b) * H + j] = h_s[q];  // finished sequences carry their state
@@ -408,13 +412,13 @@ struct PersistentBackwardParams : PersistentGeometry {
   const scalar_t* grad_y;    // [T, B, D*H]
   const scalar_t* grad_h_n;  // [D, B, H]
   const scalar_t* grad_c_n;  // [D, B, H]
-  const float* gates;        // [T, B, D, 4H]
-  const float* cell;         // [T, B, D, H]
+  const scalar_t* gates;     // [T, B, D, 4H]
+  const scalar_t* cell;      // [T, B, D, H]
   const scalar_t* c0;        // [D, B, H]
   const scalar_t* w_hh;      // [D, 4H, H]
   const int64_t* lengths;    // [B] or null
   float* dgbuf;              // [2, D, B, 4H] gate-gradient exchange buffers
-  float* dG;                 // [T, B, D, 4H] out: pre-activation gate gradients (0 on padding)
+  scalar_t* dG;              // [T, B, D, 4H] out: pre-activation gate gradients (0 on padding)
   scalar_t* grad_h0;         // [D, B, H]
   scalar_t* grad_c0;         // [D, B, H]
   unsigned int* barrier;     // [D], zero on entry
@@ -433,10 +437,11 @@ __device__ __forceinline__ StepInput load_backward_input(const PersistentBackwar
     const size_t row = (static_cast<size_t>(t) * B + b) * D + dir;
     const size_t state = (static_cast<size_t>(dir) * B + b) * H + j;
 #pragma unroll
-    for (int g = 0; g < 4; ++g) in.v[g] = p.gates[row * 4 * H + g * H + j];
-    in.v[4] = p.cell[row * H + j];
-    in.v[5] = s == 0 ? static_cast<float>(p.c0[state])
-                     : p.cell[((static_cast<size_t>(time_index(dir, s - 1, len)) * B + b) * D + dir) * H + j];
+    for (int g = 0; g < 4; ++g) in.v[g] = static_cast<float>(p.gates[row * 4 * H + g * H + j]);
+    in.v[4] = static_cast<float>(p.cell[row * H + j]);
+    in.v[5] = static_cast<float>(
+        s == 0 ? p.c0[state]
+               : p.cell[((static_cast<size_t>(time_index(dir, s - 1, len)) * B + b) * D + dir) * H + j]);
     in.v[6] = static_cast<float>(p.grad_y[(static_cast<size_t>(t) * B + b) * D * H + dir * H + j]);
     in.v[7] = s + 1 < len ? 0.f : static_cast<float>(p.grad_h_n[state]);
   }
@@ -503,12 +508,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float dg = dc * gi * (1.f - gg * gg);
         const float d_o = dh * tc * go * (1.f - go);
         dc_s[q] = dc * gf;
-        float* dr = p.dG + row * G;
-        dr[j] = di; dr[H + j] = df; dr[2 * H + j] = dg; dr[3 * H + j] = d_o;
+        scalar_t* dr = p.dG + row * G;
+        dr[j] = static_cast<scalar_t>(di);
+        dr[H + j] = static_cast<scalar_t>(df);
+        dr[2 * H + j] = static_cast<scalar_t>(dg);
+        dr[3 * H + j] = static_cast<scalar_t>(d_o);
         go_row[j] = di; go_row[H + j] = df; go_row[2 * H + j] = dg; go_row[3 * H + j] = d_o;
       } else {
-        float* dr = p.dG + ((static_cast<size_t>(s) * B + b) * D + dir) * G;
-        dr[j] = 0.f; dr[H + j] = 0.f; dr[2 * H + j] = 0.f; dr[3 * H + j] = 0.f;
+        scalar_t* dr = p.dG + ((static_cast<size_t>(s) * B + b) * D + dir) * G;
+        dr[j] = dr[H + j] = dr[2 * H + j] = dr[3 * H + j] = static_cast<scalar_t>(0.f);
         go_row[j] = 0.f; go_row[H + j] = 0.f; go_row[2 * H + j] = 0.f; go_row[3 * H + j] = 0.f;
       }
     }
@@ -537,8 +545,8 @@ __global__ void lstm_forward_step_kernel(
     scalar_t* __restrict__ h,            // [D, B, H] h_{s-1} in, h_s out (GEMM operand)
     acc_t* __restrict__ c,               // [D, B, H]
     scalar_t* __restrict__ y,            // [T, B, D*H]
-    acc_t* __restrict__ gates,           // [T, B, D, 4H] or null
-    acc_t* __restrict__ cell) {          // [T, B, D, H] or null
+    scalar_t* __restrict__ gates,        // [T, B, D, 4H] or null
+    scalar_t* __restrict__ cell) {       // [T, B, D, H] or null
   const int64_t n = static_cast<int64_t>(D) * B * H;
   const int G = 4 * H;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
@@ -549,9 +557,9 @@ __global__ void lstm_forward_step_kernel(
       const size_t row = (static_cast<size_t>(s) * B + b) * D + dir;
       y[(static_cast<size_t>(s) * B + b) * D * H + dir * H + j] = scalar_t(0);
       if (gates != nullptr) {
-        acc_t* gr = gates + row * G;
-        gr[j] = gr[H + j] = gr[2 * H + j] = gr[3 * H + j] = acc_t(0);
-        cell[row * H + j] = acc_t(0);
+        scalar_t* gr = gates + row * G;
+        gr[j] = gr[H + j] = gr[2 * H + j] = gr[3 * H + j] = scalar_t(0);
+        cell[row * H + j] = scalar_t(0);
       }
       continue;
     }
@@ -569,9 +577,12 @@ __global__ void lstm_forward_step_kernel(
     h[idx] = static_cast<scalar_t>(hn);
     y[(static_cast<size_t>(t) * B + b) * D * H + dir * H + j] = static_cast<scalar_t>(hn);
     if (gates != nullptr) {
-      acc_t* gr = gates + row * G;
-      gr[j] = gi; gr[H + j] = gf; gr[2 * H + j] = gg; gr[3 * H + j] = go;
-      cell[row * H + j] = cn;
+      scalar_t* gr = gates + row * G;
+      gr[j] = static_cast<scalar_t>(gi);
+      gr[H + j] = static_cast<scalar_t>(gf);
+      gr[2 * H + j] = static_cast<scalar_t>(gg);
+      gr[3 * H + j] = static_cast<scalar_t>(go);
+      cell[row * H + j] = static_cast<scalar_t>(cn);
     }
   }
 }
@@ -583,12 +594,12 @@ __global__ void lstm_backward_step_kernel(
     const scalar_t* __restrict__ grad_h_n,  // [D, B, H]
     const scalar_t* __restrict__ dh_rec,    // [D, B, H] dG_{s+1} . w_hh
     acc_t* __restrict__ dc,                 // [D, B, H] grad_c_n in, carried back
-    const acc_t* __restrict__ gates,        // [T, B, D, 4H]
-    const acc_t* __restrict__ cell,         // [T, B, D, H]
+    const scalar_t* __restrict__ gates,     // [T, B, D, 4H]
+    const scalar_t* __restrict__ cell,      // [T, B, D, H]
     const scalar_t* __restrict__ c0,        // [D, B, H]
     const int64_t* __restrict__ lengths,    // [B] or null
     scalar_t* __restrict__ dG_step,         // [D, B, 4H] GEMM operand for the next step
-    acc_t* __restrict__ dG) {               // [T, B, D, 4H]
+    scalar_t* __restrict__ dG) {            // [T, B, D, 4H]
   const int64_t n = static_cast<int64_t>(D) * B * H;
   const int G = 4 * H;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
@@ -597,8 +608,8 @@ __global__ void lstm_backward_step_kernel(
     const int len = seq_length(lengths, b, T);
     scalar_t* ds = dG_step + (static_cast<size_t>(dir) * B + b) * G;
     if (s >= len) {
-      acc_t* dr = dG + ((static_cast<size_t>(s) * B + b) * D + dir) * G;
-      dr[j] = dr[H + j] = dr[2 * H + j] = dr[3 * H + j] = acc_t(0);
+      scalar_t* dr = dG + ((static_cast<size_t>(s) * B + b) * D + dir) * G;
+      dr[j] = dr[H + j] = dr[2 * H + j] = dr[3 * H + j] = scalar_t(0);
       ds[j] = ds[H + j] = ds[2 * H + j] = ds[3 * H + j] = scalar_t(0);
       continue;
     }
@@ -606,12 +617,13 @@ __global__ void lstm_backward_step_kernel(
     const size_t row = (static_cast<size_t>(t) * B + b) * D + dir;
     const acc_t dh_in = (s + 1 < len) ? acc_t(dh_rec[idx]) : acc_t(grad_h_n[idx]);
     const acc_t dh = acc_t(grad_y[(static_cast<size_t>(t) * B + b) * D * H + dir * H + j]) + dh_in;
-    const acc_t* gr = gates + row * G;
-    const acc_t gi = gr[j], gf = gr[H + j], gg = gr[2 * H + j], go = gr[3 * H + j];
-    const acc_t tc = tanh_<acc_t>(cell[row * H + j]);
-    const acc_t c_prev =
-        s == 0 ? acc_t(c0[idx])
-               : cell[((static_cast<size_t>(time_index(dir, s - 1, len)) * B + b) * D + dir) * H + j];
+    const scalar_t* gr = gates + row * G;
+    const acc_t gi = acc_t(gr[j]), gf = acc_t(gr[H + j]), gg = acc_t(gr[2 * H + j]),
+                go = acc_t(gr[3 * H + j]);
+    const acc_t tc = tanh_<acc_t>(acc_t(cell[row * H + j]));
+    const acc_t c_prev = acc_t(
+        s == 0 ? c0[idx]
+               : cell[((static_cast<size_t>(time_index(dir, s - 1, len)) * B + b) * D + dir) * H + j]);
     const acc_t one(1);
     const acc_t dcv = dc[idx] + dh * go * (one - tc * tc);
     const acc_t di = dcv * gg * gi * (one - gi);
@@ -619,10 +631,11 @@ __global__ void lstm_backward_step_kernel(
     const acc_t dg = dcv * gi * (one - gg * gg);
     const acc_t d_o = dh * tc * go * (one - go);
     dc[idx] = dcv * gf;
-    acc_t* dr = dG + row * G;
-    dr[j] = di; dr[H + j] = df; dr[2 * H + j] = dg; dr[3 * H + j] = d_o;
-    ds[j] = static_cast<scalar_t>(di); ds[H + j] = static_cast<scalar_t>(df);
-    ds[2 * H + j] = static_cast<scalar_t>(dg); ds[3 * H + j] = static_cast<scalar_t>(d_o);
+    scalar_t* dr = dG + row * G;
+    dr[j] = ds[j] = static_cast<scalar_t>(di);
+    dr[H + j] = ds[H + j] = static_cast<scalar_t>(df);
+    dr[2 * H + j] = ds[2 * H + j] = static_cast<scalar_t>(dg);
+    dr[3 * H + j] = ds[3 * H + j] = static_cast<scalar_t>(d_o);
   }
 }
 
@@ -821,8 +834,8 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const at::Te
   p.y = y.data_ptr<scalar_t>();
   p.h_n = h_n.data_ptr<scalar_t>();
   p.c_n = c_n.data_ptr<scalar_t>();
-  p.gates = gates ? gates->data_ptr<float>() : nullptr;
-  p.cell = cell ? cell->data_ptr<float>() : nullptr;
+  p.gates = gates ? gates->data_ptr<scalar_t>() : nullptr;
+  p.cell = cell ? cell->data_ptr<scalar_t>() : nullptr;
   p.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
   static_cast<PersistentGeometry&>(p) = plan.geometry(d);
   launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT, plan.mma)), d.D * plan.nblk, plan.smem, &p);
@@ -845,19 +858,19 @@ bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::
   };
   const auto plan = plan_persistent<scalar_t>(d, /*forward=*/false, kernel_for);
   if (!plan.ok) return false;
-  auto dgbuf = at::empty({2, d.D, d.B, 4 * d.H}, gates.options());
+  auto dgbuf = at::empty({2, d.D, d.B, 4 * d.H}, gates.options().dtype(at::kFloat));
   auto barrier = at::zeros({d.D}, gates.options().dtype(at::kInt));
   PersistentBackwardParams<scalar_t> p;
   p.grad_y = grad_y.data_ptr<scalar_t>();
   p.grad_h_n = grad_h_n.data_ptr<scalar_t>();
   p.grad_c_n = grad_c_n.data_ptr<scalar_t>();
-  p.gates = gates.data_ptr<float>();
-  p.cell = cell.data_ptr<float>();
+  p.gates = gates.data_ptr<scalar_t>();
+  p.cell = cell.data_ptr<scalar_t>();
   p.c0 = c0.data_ptr<scalar_t>();
   p.w_hh = w_hh.data_ptr<scalar_t>();
   p.lengths = lengths;
   p.dgbuf = dgbuf.data_ptr<float>();
-  p.dG = dG.data_ptr<float>();
+  p.dG = dG.data_ptr<scalar_t>();
   p.grad_h0 = grad_h0.data_ptr<scalar_t>();
   p.grad_c0 = grad_c0.data_ptr<scalar_t>();
   p.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
@@ -883,8 +896,8 @@ void forward_stepwise(const LstmDims& d, const at::Tensor& xproj, const at::Tens
     lstm_forward_step_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         static_cast<int>(s), d.T, d.B, d.H, d.D, xproj.data_ptr<scalar_t>(),
         rec.data_ptr<scalar_t>(), lengths, h.data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
-        y.data_ptr<scalar_t>(), gates ? gates->data_ptr<acc_t>() : nullptr,
-        cell ? cell->data_ptr<acc_t>() : nullptr);
+        y.data_ptr<scalar_t>(), gates ? gates->data_ptr<scalar_t>() : nullptr,
+        cell ? cell->data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   h_n.copy_(h);
@@ -907,8 +920,8 @@ void backward_stepwise(const LstmDims& d, const at::Tensor& grad_y, const at::Te
     lstm_backward_step_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         static_cast<int>(s), d.T, d.B, d.H, d.D, grad_y.data_ptr<scalar_t>(),
         grad_h_n.data_ptr<scalar_t>(), dh_rec.data_ptr<scalar_t>(), dc.data_ptr<acc_t>(),
-        gates.data_ptr<acc_t>(), cell.data_ptr<acc_t>(), c0.data_ptr<scalar_t>(), lengths,
-        dG_step.data_ptr<scalar_t>(), dG.data_ptr<acc_t>());
+        gates.data_ptr<scalar_t>(), cell.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), lengths,
+        dG_step.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::bmm_out(dh_rec, dG_step, w_hh);  // [D, B, 4H] x [D, 4H, H]
   }
@@ -929,7 +942,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
   const auto dt = x_in.scalar_type();
-  const auto acc = acc_dtype(dt);
   auto x = x_in.contiguous();
   auto w_ih = w_ih_in.contiguous();
   auto w_hh = w_hh_in.contiguous();
@@ -942,8 +954,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   auto y = at::empty({T, B, D * H}, x.options());
   auto h_n = at::empty({D, B, H}, x.options());
   auto c_n = at::empty({D, B, H}, x.options());
-  at::Tensor gates = at::empty({train ? T : 0, B, D, G}, x.options().dtype(acc));
-  at::Tensor cell = at::empty({train ? T : 0, B, D, H}, x.options().dtype(acc));
+  // Saved for backward in x's dtype (check_lstm_backward_inputs says why).
+  at::Tensor gates = at::empty({train ? T : 0, B, D, G}, x.options());
+  at::Tensor cell = at::empty({train ? T : 0, B, D, H}, x.options());
   if (!train) {
     gates = gates.view({0});
     cell = cell.view({0});
@@ -996,7 +1009,9 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
   auto y = y_in.contiguous();
   auto gates = gates_in.contiguous();
   auto cell = cell_in.contiguous();
-  auto dG = at::empty({T, B, D, G}, gates.options());  // every element written by the recurrence
+  // Pre-activation gate gradients in x's dtype, the dtype of the GEMMs below; every element is
+  // written by the recurrence (which exchanges them between steps in float32).
+  auto dG = at::empty({T, B, D, G}, x.options());
   auto grad_h0 = at::empty({D, B, H}, x.options());
   auto grad_c0 = at::empty({D, B, H}, x.options());
   auto h_prev = at::empty({T, B, D, H}, x.options());
@@ -1023,11 +1038,11 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
   });
   // Weight and input gradients: large GEMMs over all T*B rows, in the input dtype (tensor cores
   // for bfloat16/float16; float32 follows torch's allow_tf32 flag).
-  auto dG_mm = dG.to(dt).view({T * B, D * G});
+  auto dG_mm = dG.view({T * B, D * G});
   auto grad_w_ih = at::mm(dG_mm.t(), x.view({T * B, d.I})).view({D, G, d.I});
   auto grad_w_hh = at::bmm(dG_mm.view({T * B, D, G}).permute({1, 2, 0}),
                            h_prev.view({T * B, D, H}).transpose(0, 1));
-  auto grad_bias = dG.sum(at::IntArrayRef{0, 1}).to(dt);
+  auto grad_bias = at::sum(dG, at::IntArrayRef{0, 1}, false, acc_dtype(dt)).to(dt);
   auto grad_x = at::mm(dG_mm, w_ih.view({D * G, d.I})).view({T, B, d.I});
   return {grad_x, grad_w_ih, grad_w_hh, grad_bias, grad_h0, grad_c0};
 }
