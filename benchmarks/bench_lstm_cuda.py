@@ -194,3 +194,31 @@ def test_lstm_cuda_pipelined(benchmark, dtype_name, case, batch, impl):
                                  "steps": steps, "calls_per_round": CALLS,
                                  "gpu": torch.cuda.get_device_name()})
     benchmark.pedantic(calls, rounds=10, iterations=1, warmup_rounds=2)
+
+
+# float32 at the same precision on both sides. By default cuDNN may use TF32 for nn.LSTM
+# (torch.backends.cudnn.allow_tf32 is True) while the fused op's GEMMs follow
+# torch.backends.cuda.matmul.allow_tf32 (False) and its persistent recurrence is exact float32, so
+# the default grid compares TF32 with float32 where the stepwise path runs (B > 32). Here both
+# flags are set together: "exact" (both off) and "tf32" (both on).
+PRECISIONS = {"exact": False, "tf32": True}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch", [32, 128], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_lstm_cuda_fp32_precision(benchmark, monkeypatch, precision, case, batch, impl):
+    allow = PRECISIONS[precision]
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+    steps = 32
+    step = make_step(impl, case, torch.float32, batch, steps)
+    group = f"lstm_cuda_fp32_{precision}:{case}:B{batch}:T{steps}"
+    benchmark.group = group
+    benchmark.extra_info.update({"impl": impl, "case": case, "dtype": "float32",
+                                 "precision": precision, "batch": batch, "steps": steps,
+                                 "matmul_allow_tf32": allow, "cudnn_allow_tf32": allow,
+                                 "gpu": torch.cuda.get_device_name()})
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=3)
+    benchmark.extra_info["peak_bytes"] = peak_bytes(step)

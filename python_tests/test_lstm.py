@@ -3,6 +3,7 @@ opcheck, torch.compile, optimizer-state transfer, fuse/unfuse and input errors.
 
 Sizes are tiny (I=3, H=4, T=5, B<=4) so the whole grid runs in seconds on two cores.
 """
+import copy
 import io
 
 import pytest
@@ -736,6 +737,63 @@ def test_weights_stay_back_to_back_and_train_like_nn_lstm():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     torch.optim.SGD(fused.parameters(), lr=0.1).step()  # in place: the layout survives a step
     assert _directions_back_to_back(fused, "weight_ih_l0")
+
+
+def _no_grad_matches_nn_lstm(fused, x):
+    ref = FusedLSTM.to_lstm(fused)
+    with torch.no_grad():
+        out_f, (h_f, c_f) = fused(x)
+        out_r, (h_r, c_r) = ref(x)
+    for name, f, r in (("output", out_f, out_r), ("h_n", h_f, h_r), ("c_n", c_f, c_r)):
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_biases_back_to_back():
+    fused = FusedBiLSTM(6, 5, 2)
+    for name in ("bias_ih_l0", "bias_hh_l0", "bias_ih_l1", "bias_hh_l1"):
+        assert _directions_back_to_back(fused, name), name
+
+
+def test_no_grad_weight_cache_follows_parameter_changes():
+    """No-grad calls reuse the stacked weights; every way of changing a parameter must show."""
+    torch.manual_seed(5)
+    fused = FusedBiLSTM(6, 5, 2)
+    x = torch.randn(4, 3, 6)
+    with torch.no_grad():
+        first = fused(x)[0]
+        assert torch.equal(fused(x)[0], first)  # served from the cache
+    assert len(fused._weight_cache) == 2
+    with torch.no_grad():  # in place, as an optimizer step does
+        fused.bias_hh_l1_reverse.add_(0.25)
+        fused.weight_hh_l0.mul_(1.5)
+    _no_grad_matches_nn_lstm(fused, x)
+    fused.weight_ih_l1 = nn.Parameter(torch.randn_like(fused.weight_ih_l1))  # replaced
+    assert not fused._weight_cache
+    _no_grad_matches_nn_lstm(fused, x)
+    fused.weight_hh_l1_reverse.data = torch.randn(20, 5)  # .data swapped
+    _no_grad_matches_nn_lstm(fused, x)
+    fused.load_state_dict(FusedBiLSTM(6, 5, 2).state_dict())
+    _no_grad_matches_nn_lstm(fused, x)
+    with torch.inference_mode():
+        fused(x)
+    _no_grad_matches_nn_lstm(fused, x)
+    # Training after no-grad calls builds its own (differentiable) operands.
+    fused(x)[0].sum().backward()
+    assert all(p.grad is not None for p in fused.parameters())
+
+
+def test_weight_cache_not_carried_by_copies():
+    fused = FusedBiLSTM(6, 5, 2)
+    with torch.no_grad():
+        fused(torch.randn(4, 3, 6))
+    assert fused._weight_cache
+    assert not copy.deepcopy(fused)._weight_cache
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert not loaded._weight_cache
+    _no_grad_matches_nn_lstm(loaded, torch.randn(4, 3, 6))
 
 
 def test_baseline_instruction_set_kernels_match_reference(tmp_path):

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One run on a GPU machine: build the extension against the torch found there, run the CUDA tests,
-# compute-sanitizer (memcheck, racecheck) over a small forward+backward of every op, and the GPU
-# benchmarks; logs and pytest-benchmark JSON go to RESULTS_DIR; a short summary is printed last.
+# One run on a GPU machine: build the extension against the torch found there, check every op's
+# CUDA error path, run the CUDA tests, the GPU benchmarks, compute-sanitizer (memcheck, racecheck)
+# over a small forward+backward of every op, and a host/device profile of the LSTM calls.
 #
 #   scripts/gpu_check.sh [RESULTS_DIR]      (default: $OUT if set, else ./gpu_results)
 #
-# Every stage runs even when an earlier one fails; the exit status is non-zero if any failed.
-# Stage time limits keep the whole run under about 8 minutes on an H100.
+# RESULTS_DIR receives at most 5 files: device.txt, benchmarks.json (pytest-benchmark), ratios.txt
+# (fused over baseline), profile_lstm.txt and logs.tar.gz (every stage's full log). Stages run in order of importance and every stage runs even when an earlier
+# one failed; the exit status is non-zero if any failed. The whole run is kept within
+# GPU_CHECK_BUDGET seconds (default 540): a stage gets at most what is left of it.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RES=${1:-${OUT:-$ROOT/gpu_results}}
+BUDGET=${GPU_CHECK_BUDGET:-540}
 mkdir -p "$RES"
+LOGS=$(mktemp -d)
 cd "$ROOT"
 PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CNNLSTM_EXT_CUDA=1
@@ -23,15 +27,28 @@ fi
 status=0
 summary=()
 start=$(date +%s)
-stage() {  # stage NAME TIMEOUT LOG CMD...
-  local name=$1 limit=$2 log=$3; shift 3
+stage() {  # stage NAME LIMIT CMD...  (log: $LOGS/NAME.log)
+  local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
-  echo "=== [$(( t0 - start ))s] $name"
-  timeout "$limit" "$@" > "$log" 2>&1
+  local left=$(( BUDGET - (t0 - start) ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    summary+=("$(printf '%-18s skipped: out of time' "$name")")
+    status=1
+    return 1
+  fi
+  echo "=== [$(( t0 - start ))s] $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$(basename "$log")")")
+  summary+=("$(printf '%-18s rc=%-3s %4ss' "$name" "$rc" "$(( $(date +%s) - t0 ))")")
   [ "$rc" -ne 0 ] && status=1
   return $rc
+}
+finish() {
+  echo "=== stages (budget ${BUDGET}s)"
+  printf '%s\n' "${summary[@]}"
+  tar czf "$RES/logs.tar.gz" -C "$LOGS" .
+  exit $status
 }
 
 {
@@ -40,38 +57,29 @@ stage() {  # stage NAME TIMEOUT LOG CMD...
 } > "$RES/device.txt" 2>&1
 cat "$RES/device.txt"
 
-if ! stage build 150 "$RES/build.log" "$PY" setup.py build_ext --inplace; then
-  tail -40 "$RES/build.log"
-  printf '%s\n' "${summary[@]}"
-  exit 1
+if ! stage build 220 "$PY" setup.py build_ext --inplace; then
+  tail -40 "$LOGS/build.log"
+  finish
 fi
-stage cuda-error-paths 60 "$RES/cuda-error-paths.log" "$PY" scripts/cuda_error_paths.py
-cat "$RES/cuda-error-paths.log"
-# One pytest process per test file, so that a crash in one file cannot hide the others' results.
-stage cuda-tests 200 "$RES/cuda-tests.log" bash -c '
-  rc=0
-  for f in python_tests/test_*.py; do
-    grep -q "cuda" "$f" || continue
-    echo "=== $f"
-    "$0" -m pytest "$f" -m cuda -v -p no:cacheprovider --durations=5 || rc=1
-  done
-  exit $rc' "$PY"
-stage benchmarks 170 "$RES/benchmarks.log" "$PY" -m pytest benchmarks -k cuda -q -p no:cacheprovider \
+stage cuda-error-paths 40 "$PY" scripts/cuda_error_paths.py
+cat "$LOGS/cuda-error-paths.log"
+stage cuda-tests 180 "$PY" -m pytest python_tests -m cuda -q -p no:cacheprovider --durations=8
+echo "--- cuda tests"
+grep -E "FAILED|ERROR|Fatal|passed|failed" "$LOGS/cuda-tests.log" | tail -40
+stage benchmarks 120 "$PY" -m pytest benchmarks -k cuda -q -p no:cacheprovider \
   --benchmark-json="$RES/benchmarks.json" --benchmark-min-rounds=5 --benchmark-max-time=0.2 \
   --benchmark-warmup=on --benchmark-columns=median,iqr,rounds
-stage sanitizers 110 "$RES/sanitizers.log" bash -c "
+echo "--- speed and memory ratios (fused over baseline, same run, $(head -2 "$RES/device.txt" | tail -1 | cut -d, -f1))"
+"$PY" benchmarks/ratios.py "$RES/benchmarks.json" > "$RES/ratios.txt" 2>&1
+cat "$RES/ratios.txt"
+stage sanitizers 90 bash -c "
   for tool in memcheck racecheck; do
     for script in scripts/sanitize_ops.py scripts/pooling_sanitizer_workload.py; do
       echo \"== \$tool \$script\"
       compute-sanitizer --tool \$tool --error-exitcode 9 $PY \$script || exit 1
     done
   done"
-
-echo "=== test summary"
-grep -E "FAILED|ERROR|Fatal|^=== |(passed|failed|skipped).* in " "$RES/cuda-tests.log" | head -60
-grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY" "$RES/sanitizers.log"
-echo "=== stages"
-printf '%s\n' "${summary[@]}"
-echo "=== speed and memory ratios (fused over baseline, same run, $(head -2 "$RES/device.txt" | tail -1 | cut -d, -f1))"
-"$PY" benchmarks/ratios.py "$RES/benchmarks.json" | tee "$RES/ratios.txt"
-exit $status
+grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/sanitizers.log"
+stage profile-lstm 60 "$PY" scripts/profile_lstm_cuda.py --out "$RES/profile_lstm.txt"
+cat "$LOGS/profile-lstm.log"
+finish

@@ -109,6 +109,10 @@ class FusedLSTM(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self._flat_weights_names: List[str] = []
         self._all_weights: List[List[str]] = []
+        # Per layer: the names of [w_ih, w_hh, (b_ih, b_hh)], one per direction each.
+        self._layer_names: List[List[List[str]]] = []
+        # layer -> (key, (w_ih, w_hh, bias)): the op's weight operands for no-grad calls.
+        self._weight_cache = {}
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else hidden_size * num_directions
             for direction in range(num_directions):
@@ -125,6 +129,8 @@ class FusedLSTM(nn.Module):
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+            per_direction = self._all_weights[-num_directions:]
+            self._layer_names.append([list(kind) for kind in zip(*per_direction)])
         self.reset_parameters()
         self.flatten_parameters()
         # load_state_dict(assign=True) installs new tensors: store them back to back again.
@@ -145,7 +151,7 @@ class FusedLSTM(nn.Module):
         return [getattr(self, name) for name in self._flat_weights_names]
 
     def flatten_parameters(self) -> None:
-        """Stores each layer's per-direction weights back to back in one buffer.
+        """Stores each layer's per-direction weights (and biases) back to back in one buffer.
 
         The op takes a layer's weights as one [D, 4H, I] / [D, 4H, H] tensor; with this layout it
         is a view of the parameters instead of a copy made on every call. Parameter objects are
@@ -153,12 +159,13 @@ class FusedLSTM(nn.Module):
         on construction, after `to()`/`cuda()`/`half()` and after `load_state_dict`; parameters
         stored otherwise still work, with a copy per call.
         """
+        self._weight_cache.clear()
         if not self.bidirectional or torch.compiler.is_compiling():
             return
         with torch.no_grad():
             for layer in range(self.num_layers):
-                for fmt in ("weight_ih_l{}{}", "weight_hh_l{}{}"):
-                    params = [getattr(self, fmt.format(layer, s)) for s in ("", "_reverse")]
+                for names in self._layer_names[layer]:
+                    params = [getattr(self, name) for name in names]
                     if params[0].device.type == "meta" or _stored_back_to_back(params):
                         continue
                     buf = torch.stack([p.detach() for p in params])
@@ -169,6 +176,16 @@ class FusedLSTM(nn.Module):
         ret = super()._apply(fn, recurse)
         self.flatten_parameters()
         return ret
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        cache = self.__dict__.get("_weight_cache")
+        if cache:  # a parameter may have been replaced
+            cache.clear()
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_weight_cache": {}}
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -186,14 +203,32 @@ class FusedLSTM(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     def _layer_weights(self, layer: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Stacks one layer's directions: w_ih [D, 4H, I], w_hh [D, 4H, H], bias [D, 4H]."""
-        suffixes = ["", "_reverse"] if self.bidirectional else [""]
-        get = lambda fmt: [getattr(self, fmt.format(layer, s)) for s in suffixes]  # noqa: E731
-        w_ih = _stack(get("weight_ih_l{}{}"))
-        w_hh = _stack(get("weight_hh_l{}{}"))
-        bias = None
-        if self.bias:
-            bias = torch.stack(get("bias_ih_l{}{}")) + torch.stack(get("bias_hh_l{}{}"))
+        """Stacks one layer's directions: w_ih [D, 4H, I], w_hh [D, 4H, H], bias [D, 4H].
+
+        Without autograd the result is cached until a parameter is replaced, moved or changed in
+        place (its version counter moves): building it costs several small tensor operations per
+        layer, which at small batches is a large share of an inference call's host time.
+        """
+        found = self._parameters
+        groups = [[found[n] if n in found else getattr(self, n) for n in names]
+                  for names in self._layer_names[layer]]
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._stack_layer(groups)
+        try:
+            key = (torch.is_inference_mode_enabled(),) + tuple(
+                (id(p), p.data_ptr(), p._version, p.shape) for g in groups for p in g)
+        except RuntimeError:  # tensors without storage (meta, fake): nothing to cache
+            return self._stack_layer(groups)
+        hit = self._weight_cache.get(layer)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        weights = self._stack_layer(groups)
+        self._weight_cache[layer] = (key, weights)
+        return weights
+
+    def _stack_layer(self, groups: List[List[Tensor]]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        w_ih, w_hh = _stack(groups[0]), _stack(groups[1])
+        bias = _stack(groups[2]) + _stack(groups[3]) if self.bias else None
         return w_ih, w_hh, bias
 
     def _check_input(self, x: Tensor, hx: _HX, batch: int) -> None:

@@ -1,0 +1,107 @@
+"""Where the time of one FusedLSTM / nn.LSTM (cuDNN) call goes on a GPU: host or device.
+
+For each case prints, per implementation:
+  wall    median time of a call followed by torch.cuda.synchronize() (what the benchmarks time)
+  host    median time until the call returns, without synchronising (Python + dispatch + launches;
+          the GPU is idle at the start of each measured call)
+  device  summed CUDA kernel time of one call (torch.profiler), and its largest kernels
+A call whose wall time is close to its host time is bound by the host, not by its kernels.
+
+    python3 scripts/profile_lstm_cuda.py [--out FILE]
+"""
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from cnnlstm_ext import FusedLSTM
+
+I = H = 512
+LAYERS = 3
+CASES = [  # (dtype, case, B, T)
+    (torch.float32, "inference", 1, 32),
+    (torch.float32, "inference", 8, 32),
+    (torch.bfloat16, "inference", 1, 32),
+    (torch.bfloat16, "inference", 8, 32),
+    (torch.float32, "inference", 128, 32),
+    (torch.bfloat16, "training", 32, 32),
+    (torch.float32, "training", 128, 32),
+]
+
+
+def make_call(impl, dtype, case, batch, steps):
+    torch.manual_seed(0)
+    cls = FusedLSTM if impl == "fused" else nn.LSTM
+    model = cls(I, H, LAYERS, bidirectional=True, device="cuda", dtype=dtype)
+    x = torch.randn(steps, batch, I, device="cuda", dtype=dtype, requires_grad=case == "training")
+    grad = torch.randn(steps, batch, 2 * H, device="cuda", dtype=dtype)
+    if case == "inference":
+        model.eval()
+
+        def call():
+            with torch.no_grad():
+                model(x)
+    else:
+        def call():
+            out, _ = model(x)
+            out.backward(grad)
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+    return call
+
+
+def measure(call, rounds=40):
+    for _ in range(5):
+        call()
+    torch.cuda.synchronize()
+    wall, host = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        call()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        host.append(t1 - t0)
+        wall.append(t2 - t0)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    kernels = defaultdict(float)  # only CUDA activity was recorded: every event is device work
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0)
+        if us > 0:
+            kernels[e.key] += us
+    return statistics.median(wall), statistics.median(host), kernels
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", help="also write the report to this file")
+    args = parser.parse_args()
+    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"cuDNN {torch.backends.cudnn.version()}; I=H={I}, {LAYERS} layers, bidirectional"]
+    for dtype, case, batch, steps in CASES:
+        name = str(dtype).replace("torch.", "")
+        lines.append(f"\n== {name} {case} B={batch} T={steps}")
+        for impl in ("cudnn", "fused"):
+            wall, host, kernels = measure(make_call(impl, dtype, case, batch, steps))
+            device_us = sum(kernels.values())
+            lines.append(f"  {impl:6s} wall {wall * 1e6:8.1f} us  host {host * 1e6:8.1f} us  "
+                         f"device {device_us:8.1f} us in {len(kernels)} kernel kinds")
+            for kname, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:5]:
+                lines.append(f"           {us:8.1f} us  {kname[:100]}")
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
