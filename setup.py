@@ -5,6 +5,8 @@ is visible (CNNLSTM_EXT_CUDA=auto|0|1). Two traps of GPU-less build machines are
 `nvcc` on PATH may be a wrapper script (so the toolkit root is resolved explicitly, before
 torch.utils.cpp_extension reads it), and the cuBLAS/cuSPARSE headers may live only in the
 installed `nvidia` wheels (site-packages/nvidia/cu13/include), which is added to the include path.
+The LSTM's TF32 GEMMs call cuBLAS directly, so the extension links the libcublas torch loads (the
+wheel's, else the toolkit's).
 """
 import glob
 import os
@@ -76,6 +78,22 @@ def _wheel_cuda_includes():
     return dirs
 
 
+def _cublas_library():
+    """libcublas to link: the nvidia wheel's that torch itself loads, else the toolkit's."""
+    candidates = []
+    for base in [os.path.dirname(os.path.dirname(torch.__file__))] + sys.path:
+        for sub in ("nvidia/cu13/lib", "nvidia/cu12/lib", "nvidia/cublas/lib"):
+            candidates += sorted(glob.glob(os.path.join(base, sub, "libcublas.so*")))
+    if _CUDA_HOME:
+        candidates += [os.path.join(_CUDA_HOME, d, "libcublas.so") for d in ("lib64", "lib")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    sys.exit("cnnlstm_ext: no libcublas found (looked in the nvidia wheels next to torch and in "
+             "CUDA_HOME=%r); install torch's CUDA wheels or a CUDA toolkit, or build without the "
+             "CUDA kernels (CNNLSTM_EXT_CUDA=0)" % (_CUDA_HOME,))
+
+
 def _extension():
     use_cuda = _want_cuda()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -98,10 +116,12 @@ def _extension():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs += _wheel_cuda_includes()
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    cublas = _cublas_library()
+    print("cnnlstm_ext: linking %s" % cublas)
     return CUDAExtension("cnnlstm_ext._C", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx + ["-DCNNLSTM_EXT_WITH_CUDA"],
                                              "nvcc": nvcc + ["-DCNNLSTM_EXT_WITH_CUDA"]},
-                         py_limited_api=True)
+                         extra_link_args=[cublas], py_limited_api=True)
 
 
 setup(

@@ -16,6 +16,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """autocast's dtype where an autocast region is active for `device_type`, else None."""
+    # Some torch versions' dynamo cannot trace is_autocast_available; a device being compiled for
+    # has autocast support, so under compile is_autocast_enabled alone decides.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 # --- lstm ---------------------------------------------------------------------------------------
 
 def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0: Tensor,
@@ -30,8 +41,8 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0
     (so the results come out in that dtype, as nn.LSTM's do) and the op runs with autocast off.
     """
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_dtype(device_type)
+    if dtype is not None:
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         with torch.autocast(device_type, enabled=False):
             return lstm_layer(cast(x), cast(w_ih), cast(w_hh), cast(bias), cast(h0), cast(c0),

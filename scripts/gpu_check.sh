@@ -9,6 +9,9 @@
 # (fused over baseline), profile_lstm.txt and logs.tar.gz (every stage's full log). Stages run in order of importance and every stage runs even when an earlier
 # one failed; the exit status is non-zero if any failed. The whole run is kept within
 # GPU_CHECK_BUDGET seconds (default 540): a stage gets at most what is left of it.
+# GPU_CHECK_SKIP="sanitizers profile-lstm ..." leaves out the stages it names; GPU_CHECK_TESTS (test
+# paths, default python_tests), GPU_CHECK_BENCH (-k expression, default cuda) and
+# GPU_CHECK_SANITIZE (tools, default "memcheck racecheck") narrow the others.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RES=${1:-${OUT:-$ROOT/gpu_results}}
@@ -29,6 +32,8 @@ summary=()
 start=$(date +%s)
 stage() {  # stage NAME LIMIT CMD...  (log: $LOGS/NAME.log)
   local name=$1 limit=$2; shift 2
+  case " ${GPU_CHECK_SKIP:-} " in *" $name "*)
+    summary+=("$(printf '%-18s skipped (GPU_CHECK_SKIP)' "$name")"); return 0;; esac
   local t0=$(date +%s)
   local left=$(( BUDGET - (t0 - start) ))
   [ "$left" -lt "$limit" ] && limit=$left
@@ -63,17 +68,17 @@ if ! stage build 220 "$PY" setup.py build_ext --inplace; then
 fi
 stage cuda-error-paths 40 "$PY" scripts/cuda_error_paths.py
 cat "$LOGS/cuda-error-paths.log"
-stage cuda-tests 180 "$PY" -m pytest python_tests -m cuda -q -p no:cacheprovider --durations=8
+stage cuda-tests 180 "$PY" -m pytest ${GPU_CHECK_TESTS:-python_tests} -m cuda -q -p no:cacheprovider --durations=8
 echo "--- cuda tests"
 grep -E "FAILED|ERROR|Fatal|passed|failed" "$LOGS/cuda-tests.log" | tail -40
-stage benchmarks 120 "$PY" -m pytest benchmarks -k cuda -q -p no:cacheprovider \
+stage benchmarks 200 "$PY" -m pytest benchmarks -k "${GPU_CHECK_BENCH:-cuda}" -q -p no:cacheprovider \
   --benchmark-json="$RES/benchmarks.json" --benchmark-min-rounds=5 --benchmark-max-time=0.2 \
   --benchmark-warmup=on --benchmark-columns=median,iqr,rounds
 echo "--- speed and memory ratios (fused over baseline, same run, $(head -2 "$RES/device.txt" | tail -1 | cut -d, -f1))"
 "$PY" benchmarks/ratios.py "$RES/benchmarks.json" > "$RES/ratios.txt" 2>&1
 cat "$RES/ratios.txt"
 stage sanitizers 90 bash -c "
-  for tool in memcheck racecheck; do
+  for tool in ${GPU_CHECK_SANITIZE:-memcheck racecheck}; do
     for script in scripts/sanitize_ops.py scripts/pooling_sanitizer_workload.py; do
       echo \"== \$tool \$script\"
       compute-sanitizer --tool \$tool --error-exitcode 9 $PY \$script || exit 1

@@ -242,8 +242,7 @@ class FusedLSTM(nn.Module):
         weight = self.weight_ih_l0
         # Under autocast the op casts everything to autocast's dtype, so (as in nn.LSTM) the
         # input may differ from the parameters, e.g. bfloat16 features from an autocast Linear.
-        autocast = (torch.amp.is_autocast_available(x.device.type)
-                    and torch.is_autocast_enabled(x.device.type))
+        autocast = ops.autocast_dtype(x.device.type) is not None
         for name, t in (("input", x), ("hx", hx[0]), ("cx", hx[1])):
             if t.dtype != weight.dtype and not autocast:
                 raise RuntimeError(f"{name} has dtype {t.dtype} but the parameters have dtype "
@@ -251,7 +250,9 @@ class FusedLSTM(nn.Module):
             if t.device != weight.device:
                 raise RuntimeError(f"{name} is on {t.device} but the parameters are on "
                                    f"{weight.device}; move them to one device")
-        if x.device.type == "cuda" and not _cuda_kernels_built():
+        # (Not under compile: some torch versions' dynamo cannot trace the dispatcher query.)
+        if (x.device.type == "cuda" and not torch.compiler.is_compiling()
+                and not _cuda_kernels_built()):
             raise RuntimeError("cnnlstm_ext was built without its CUDA kernels, so FusedLSTM cannot "
                                "run on CUDA tensors; rebuild with a CUDA toolkit "
                                "(CNNLSTM_EXT_CUDA=1 pip install --no-build-isolation .)")

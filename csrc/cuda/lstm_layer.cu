@@ -18,11 +18,12 @@
 // t = lengths[b] - 1 - s (direction 1); padded positions get zero outputs and no compute.
 // Precision: float32 accumulation and cell state for float32/bfloat16/float16; float64 runs the
 // stepwise path in float64. What is saved for backward (gates, cell) and the gate gradients fed
-// to the weight GEMMs are stored in the input dtype. GEMMs go through ATen, so torch's allow_tf32 flags apply to them; the
-// persistent recurrence multiplies in exact float32 FMA.
+// to the weight GEMMs are stored in the input dtype. The persistent recurrence multiplies in
+// exact float32 FMA. float32 GEMMs use TF32 tensor cores where nn.LSTM would (see matmul_into).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -44,6 +45,75 @@ constexpr int kThreads = 256;  // 8 warps per CTA on every path
 constexpr int kRT = 4;         // weight rows per warp tile in the recurrent product
 
 __host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// GEMMs. nn.LSTM on CUDA runs cuDNN's RNN, whose float32 GEMMs use TF32 tensor cores when
+// torch.backends.cudnn.allow_tf32 is set (the default); ATen's GEMMs follow
+// torch.backends.cuda.matmul.allow_tf32 instead (off by default). So that FusedLSTM computes at
+// nn.LSTM's precision, its float32 GEMMs take the cuDNN flag: through ATen when the matmul flag
+// gives the same answer, else through cuBLAS with TF32 compute requested explicitly.
+// ---------------------------------------------------------------------------------------------
+bool tf32_gemms(at::ScalarType dt) {
+  const auto& ctx = at::globalContext();
+  return dt == at::kFloat && ctx.allowTF32CuDNN() && !ctx.allowTF32CuBLAS();
+}
+
+// One operand of a row-major GEMM as cuBLAS sees it: [batch, rows, cols] with one unit stride.
+struct GemmOperand {
+  bool transposed;  // stored column by column (stride(1) == 1)
+  int64_t ld, batch_stride;
+};
+
+GemmOperand gemm_operand(const at::Tensor& m, const char* name) {
+  TORCH_INTERNAL_ASSERT(m.dim() == 3, name, ": expected a [batch, rows, cols] view");
+  if (m.stride(2) == 1 && m.stride(1) >= std::max<int64_t>(1, m.size(2))) return {false, m.stride(1), m.stride(0)};
+  TORCH_INTERNAL_ASSERT(m.stride(1) == 1 && m.stride(2) >= std::max<int64_t>(1, m.size(1)), name,
+                        ": expected one unit stride, got strides ", m.strides());
+  return {true, m.stride(2), m.stride(0)};
+}
+
+// out[n] = a[n] . b[n] + beta * out[n] for row-major float32 views a: [N, M, K], b: [N, K, N2],
+// out: [N, M, N2] (rows contiguous), TF32 tensor cores. cuBLAS is column-major, so it computes
+// out^T = b^T . a^T, reading each row-major operand as its transpose.
+void bmm_tf32(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, float beta) {
+  const auto A = gemm_operand(a, "a"), Bm = gemm_operand(b, "b"), C = gemm_operand(out, "out");
+  TORCH_INTERNAL_ASSERT(!C.transposed);
+  const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
+  const float alpha = 1.f;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
+      handle, Bm.transposed ? CUBLAS_OP_T : CUBLAS_OP_N, A.transposed ? CUBLAS_OP_T : CUBLAS_OP_N,
+      static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha,
+      b.data_ptr<float>(), CUDA_R_32F, static_cast<int>(Bm.ld), Bm.batch_stride,
+      a.data_ptr<float>(), CUDA_R_32F, static_cast<int>(A.ld), A.batch_stride, &beta,
+      out.data_ptr<float>(), CUDA_R_32F, static_cast<int>(C.ld), C.batch_stride,
+      static_cast<int>(a.size(0)), CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+}
+
+// out = a . b (+ out when accumulate) for 2-D or batched 3-D views, at nn.LSTM's precision.
+void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false) {
+  if (tf32_gemms(a.scalar_type())) {
+    if (a.dim() == 2) {
+      auto out3 = out.unsqueeze(0);
+      bmm_tf32(a.unsqueeze(0), b.unsqueeze(0), out3, accumulate ? 1.f : 0.f);
+    } else {
+      bmm_tf32(a, b, out, accumulate ? 1.f : 0.f);
+    }
+  } else if (a.dim() == 2) {
+    accumulate ? out.addmm_(a, b) : at::mm_out(out, a, b);
+  } else {
+    accumulate ? out.baddbmm_(a, b) : at::bmm_out(out, a, b);
+  }
+}
+
+// x . w^T + bias: [M, K] x [N, K]^T (+ [N] broadcast over rows) -> [M, N], at nn.LSTM's precision.
+at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  if (!tf32_gemms(x.scalar_type())) return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+  const int64_t M = x.size(0), N = w.size(0);
+  auto out = bias ? bias->reshape({1, N}).expand({M, N}).contiguous() : at::empty({M, N}, x.options());
+  matmul_into(out, x, w.t(), /*accumulate=*/bias.has_value());
+  return out;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Recurrent product on chip: out[b * O + o] = sum_k in[b * K + k] * w[o * K + k]
@@ -778,11 +848,13 @@ PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, bool mm
 // Plans are cached per device and shape: planning queries the driver (occupancy, attributes).
 template <typename scalar_t, typename KernelFor>
 PersistentPlan plan_persistent(const LstmDims& d, bool forward, KernelFor kernel_for) {
-  using Key = std::tuple<int, bool, bool, size_t, int64_t, int64_t, int64_t>;
+  using Key = std::tuple<int, bool, bool, int, int64_t, int64_t, int64_t>;
   static std::mutex mutex;
   static std::map<Key, PersistentPlan> cache;
   const bool mma = want_mma<scalar_t>();
-  const Key key{c10::cuda::current_device(), forward, mma, sizeof(scalar_t), d.B, d.H, d.D};
+  // Keyed by dtype, not size: float16 and bfloat16 are different kernels.
+  const Key key{c10::cuda::current_device(), forward, mma,
+                static_cast<int>(c10::CppTypeToScalarType<scalar_t>::value), d.B, d.H, d.D};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it == cache.end()) {
@@ -801,6 +873,11 @@ bool use_persistent(const LstmDims& d, at::ScalarType dt) {
 }
 
 void launch_cooperative(const void* kernel, int grid, size_t smem, void* params) {
+  // The shared-memory limit is a property of the kernel function, shared by every plan that uses
+  // it: set it to this plan's size at each launch (a plan made later for another shape may have
+  // lowered it, and a too-small limit fails the launch as "too many blocks").
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
   void* args[] = {params};
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kThreads), args, smem,
                                              at::cuda::getCurrentCUDAStream()));
@@ -892,7 +969,7 @@ void forward_stepwise(const LstmDims& d, const at::Tensor& xproj, const at::Tens
   auto w_hh_t = w_hh.transpose(1, 2);                        // [D, H, 4H]
   const int grid = grid_for(d.D * d.B * d.H);
   for (int64_t s = 0; s < d.T; ++s) {
-    at::bmm_out(rec, h, w_hh_t);
+    matmul_into(rec, h, w_hh_t);
     lstm_forward_step_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         static_cast<int>(s), d.T, d.B, d.H, d.D, xproj.data_ptr<scalar_t>(),
         rec.data_ptr<scalar_t>(), lengths, h.data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
@@ -923,7 +1000,7 @@ void backward_stepwise(const LstmDims& d, const at::Tensor& grad_y, const at::Te
         gates.data_ptr<scalar_t>(), cell.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), lengths,
         dG_step.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::bmm_out(dh_rec, dG_step, w_hh);  // [D, B, 4H] x [D, 4H, H]
+    matmul_into(dh_rec, dG_step, w_hh);  // [D, B, 4H] x [D, 4H, H]
   }
   grad_h0.copy_(dh_rec);  // step 0 is valid for every sequence
   grad_c0.copy_(dc);
@@ -948,9 +1025,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   auto h0 = h0_in.contiguous();
   auto c0 = c0_in.contiguous();
   // xproj: [T*B, D*4H], every step and both directions in one GEMM.
-  at::Tensor xproj = bias.has_value()
-                         ? at::addmm(bias->reshape({D * G}), x.view({T * B, d.I}), w_ih.view({D * G, d.I}).t())
-                         : at::mm(x.view({T * B, d.I}), w_ih.view({D * G, d.I}).t());
+  const auto bias_row = bias.has_value() ? c10::optional<at::Tensor>(bias->reshape({D * G})) : c10::nullopt;
+  at::Tensor xproj = project(x.view({T * B, d.I}), w_ih.view({D * G, d.I}), bias_row);
   auto y = at::empty({T, B, D * H}, x.options());
   auto h_n = at::empty({D, B, H}, x.options());
   auto c_n = at::empty({D, B, H}, x.options());
@@ -1037,13 +1113,18 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // Weight and input gradients: large GEMMs over all T*B rows, in the input dtype (tensor cores
-  // for bfloat16/float16; float32 follows torch's allow_tf32 flag).
+  // for bfloat16/float16; TF32 for float32 where nn.LSTM would use it).
   auto dG_mm = dG.view({T * B, D * G});
-  auto grad_w_ih = at::mm(dG_mm.t(), x.view({T * B, d.I})).view({D, G, d.I});
-  auto grad_w_hh = at::bmm(dG_mm.view({T * B, D, G}).permute({1, 2, 0}),
-                           h_prev.view({T * B, D, H}).transpose(0, 1));
+  auto grad_w_ih = at::empty({D, G, d.I}, x.options());
+  auto grad_w_ih_2d = grad_w_ih.view({D * G, d.I});
+  matmul_into(grad_w_ih_2d, dG_mm.t(), x.view({T * B, d.I}));
+  auto grad_w_hh = at::empty({D, G, H}, x.options());
+  matmul_into(grad_w_hh, dG_mm.view({T * B, D, G}).permute({1, 2, 0}),
+              h_prev.view({T * B, D, H}).transpose(0, 1));
   auto grad_bias = at::sum(dG, at::IntArrayRef{0, 1}, false, acc_dtype(dt)).to(dt);
-  auto grad_x = at::mm(dG_mm, w_ih.view({D * G, d.I})).view({T, B, d.I});
+  auto grad_x = at::empty({T, B, d.I}, x.options());
+  auto grad_x_2d = grad_x.view({T * B, d.I});
+  matmul_into(grad_x_2d, dG_mm, w_ih.view({D * G, d.I}));
   return {grad_x, grad_w_ih, grad_w_hh, grad_bias, grad_h0, grad_c0};
 }
 
