@@ -30,13 +30,8 @@ I, H, T, B = 24, 32, 9, 5  # H a multiple of 32 so the persistent path can take 
 
 
 @pytest.fixture(autouse=True)
-def no_tf32():
-    """float32 GEMMs in float32 (cuBLAS and cuDNN), restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+def exact_float32(no_tf32):
+    """float32 GEMMs in float32 in every test of this file (conftest's no_tf32)."""
 
 
 @pytest.fixture(params=PATHS)

@@ -262,15 +262,6 @@ def test_backbone_weights_that_do_not_fit_raise(tmp_path):
         CNNLSTM(backbone_weights=str(path), **SMALL)
 
 
-@pytest.fixture
-def no_tf32():
-    # Full fp32 on the GPU so that it can be held to the CPU's result.
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.cuda  # skipped without a GPU and the CUDA kernels (conftest.py)
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("pooling", ["mean", "last", "attention"])
