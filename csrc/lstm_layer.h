@@ -108,4 +108,38 @@ inline void check_lstm_backward_inputs(const char* op, const LstmDims& d, const 
               ": gates and cell must be on x's device ", x.device());
 }
 
+// grad_w_hh: [D, 4H, H] = sum over valid steps of dG[t, b, d]^T . h_prev[t, b, d], where h_prev is
+// the state step t started from, without materialising h_prev ([T, B, D, H]): it is h0 at a
+// sequence's first step and otherwise the output y one time step back in the direction's order.
+//   dG: [T, B, D, 4H] (zero on padding), y: [T, B, D*H] (zero on padding), h0: [D, B, H],
+//   lengths: [B] int64 on dG's device, or undefined (every sequence has T steps).
+// Direction 0 starts at t = 0 and reads y[t - 1]; direction 1 starts at t = len - 1 and reads
+// y[t + 1], which is zero padding at t = len - 1 (that step's state is h0, added apart).
+// mm(out, a, b, accumulate) computes out = a . b (+ out): the caller's GEMM.
+template <typename Matmul>
+at::Tensor recurrent_weight_grad(const at::Tensor& dG, const at::Tensor& y, const at::Tensor& h0,
+                                 const at::Tensor& lengths, Matmul mm) {
+  const int64_t T = dG.size(0), B = dG.size(1), D = dG.size(2), G = dG.size(3), H = h0.size(2);
+  auto grad = at::empty({D, G, H}, dG.options());
+  auto y4 = y.view({T, B, D, H});
+  for (int64_t d = 0; d < D; ++d) {
+    auto out = grad[d];                 // [4H, H]
+    auto dGd = dG.select(2, d);         // [T, B, 4H]
+    auto yd = y4.select(2, d);          // [T, B, H]
+    at::Tensor first;                   // [B, 4H]: each sequence's first step in this direction
+    if (d == 0 || !lengths.defined()) {
+      first = dGd[d == 0 ? 0 : T - 1];
+    } else {
+      first = dGd.index({lengths - 1, at::arange(B, lengths.options())});
+    }
+    mm(out, first.t(), h0[d], false);
+    if (T > 1) {
+      auto later = (d == 0 ? dGd.slice(0, 1, T) : dGd.slice(0, 0, T - 1)).flatten(0, 1);
+      auto state = (d == 0 ? yd.slice(0, 0, T - 1) : yd.slice(0, 1, T)).flatten(0, 1);
+      mm(out, later.t(), state, true);  // [4H, (T-1)B] x [(T-1)B, H]
+    }
+  }
+  return grad;
+}
+
 }  // namespace cnnlstm_ext

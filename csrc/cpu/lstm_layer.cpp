@@ -91,9 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const auto acc = acc_dtype(x_in.scalar_type());
   auto x = x_in.to(acc).contiguous();
   auto w_ih_a = w_ih.to(acc).reshape({D * G, d.I});
-  // [D, H, 4H], copied: the per-step bmm runs several times faster on a contiguous operand than
-  // on the transposed view (MKL, [2, 8, 512] x [2, 512, 2048]).
-  auto w_hh_t = w_hh.to(acc).transpose(1, 2).contiguous();
+  auto w_hh_t = w_hh.to(acc).transpose(1, 2);  // [D, H, 4H] view: MKL takes it transposed
   // xproj: [T*B, D*4H], both directions in one GEMM.
   at::Tensor xproj = bias.has_value()
                          ? at::addmm(bias->to(acc).reshape({D * G}), x.view({T * B, d.I}), w_ih_a.t())
@@ -199,33 +197,14 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
   AT_DISPATCH_FLOATING_TYPES(acc, "lstm_layer_backward_cpu", [&] {
     backward_steps<scalar_t>(d, L, gy, gates_c, cell_c, c0_a, w_hh_a, dh, dc, dG);
   });
-  // h_prev: [T, B, D, H], the state each step started from (h0 at a sequence's first step),
-  // zero on padding (where dG is zero too).
-  auto y_a = y.to(acc).contiguous().view({T, B, D, H});
-  auto h0_a = h0.to(acc).contiguous();
-  auto h_prev = at::zeros({T, B, D, H}, gy.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "lstm_layer_backward_cpu_hprev", [&] {
-    const scalar_t* yp = y_a.data_ptr<scalar_t>();
-    const scalar_t* h0p = h0_a.data_ptr<scalar_t>();
-    scalar_t* hp = h_prev.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / (T * H));  // rows of T*H copies each
-    at::parallel_for(0, D * B, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t dir = row / B, b = row % B, len = L[b];
-        for (int64_t s = 0; s < len; ++s) {
-          const int64_t t = time_index(dir, s, len);
-          const scalar_t* src = s == 0 ? h0p + row * H
-                                       : yp + ((time_index(dir, s - 1, len) * B + b) * D + dir) * H;
-          std::copy(src, src + H, hp + ((t * B + b) * D + dir) * H);
-        }
-      }
-    });
-  });
   auto dG2 = dG.view({T * B, D * G});
   auto x = x_in.to(acc).contiguous().view({T * B, d.I});
-  // grad_w_hh[dir] = dG[:, :, dir]^T . h_prev[:, :, dir] over all T*B rows: [D, 4H, H].
-  auto grad_w_hh = at::bmm(dG.view({T * B, D, G}).permute({1, 2, 0}),
-                           h_prev.view({T * B, D, H}).transpose(0, 1));
+  auto grad_w_hh = recurrent_weight_grad(
+      dG, y.to(acc).contiguous(), h0.to(acc).contiguous(),
+      lengths.has_value() ? lengths->contiguous() : at::Tensor(),
+      [](at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+        accumulate ? out.addmm_(a, b) : at::mm_out(out, a, b);
+      });
   auto grad_w_ih = at::mm(dG2.t(), x).view({D, G, d.I});          // [D, 4H, I]
   auto grad_bias = dG2.sum(0).view({D, G});                         // [D, 4H]
   auto grad_x = at::mm(dG2, w_ih.to(acc).reshape({D * G, d.I}));  // [T*B, I]

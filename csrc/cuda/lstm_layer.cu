@@ -709,31 +709,6 @@ __global__ void lstm_backward_step_kernel(
   }
 }
 
-// h_prev: [T, B, D, H], the state each step started from: h0 at a sequence's first step, else y
-// at the neighbouring time; zero on padding (where dG is zero too).
-template <typename scalar_t>
-__global__ void previous_state_kernel(int T, int B, int H, int D,
-                                      const scalar_t* __restrict__ y,   // [T, B, D*H]
-                                      const scalar_t* __restrict__ h0,  // [D, B, H]
-                                      const int64_t* __restrict__ lengths,
-                                      scalar_t* __restrict__ h_prev) {  // [T, B, D, H]
-  const int64_t n = static_cast<int64_t>(T) * B * D * H;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int j = idx % H, dir = (idx / H) % D, b = (idx / (static_cast<int64_t>(H) * D)) % B;
-    const int t = idx / (static_cast<int64_t>(H) * D * B);
-    const int len = seq_length(lengths, b, T);
-    scalar_t v(0);
-    if (t < len) {
-      const bool first = dir == 0 ? t == 0 : t == len - 1;
-      const int tp = dir == 0 ? t - 1 : t + 1;
-      v = first ? h0[(static_cast<size_t>(dir) * B + b) * H + j]
-                : y[(static_cast<size_t>(tp) * B + b) * D * H + dir * H + j];
-    }
-    h_prev[idx] = v;
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
@@ -1090,10 +1065,8 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
   auto dG = at::empty({T, B, D, G}, x.options());
   auto grad_h0 = at::empty({D, B, H}, x.options());
   auto grad_c0 = at::empty({D, B, H}, x.options());
-  auto h_prev = at::empty({T, B, D, H}, x.options());
   const auto lengths_c = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   const int64_t* L = lengths_c.defined() ? lengths_c.data_ptr<int64_t>() : nullptr;
-  auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lstm_layer_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     bool done = false;
@@ -1107,10 +1080,6 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
       backward_stepwise<scalar_t, acc_t>(d, grad_y, grad_h_n, grad_c_n, gates, cell, c0, w_hh, L,
                                          dG, grad_h0, grad_c0);
     }
-    previous_state_kernel<scalar_t><<<grid_for(T * B * D * H), kThreads, 0, stream>>>(
-        d.T, d.B, d.H, d.D, y.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), L,
-        h_prev.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // Weight and input gradients: large GEMMs over all T*B rows, in the input dtype (tensor cores
   // for bfloat16/float16; TF32 for float32 where nn.LSTM would use it).
@@ -1118,9 +1087,10 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
   auto grad_w_ih = at::empty({D, G, d.I}, x.options());
   auto grad_w_ih_2d = grad_w_ih.view({D * G, d.I});
   matmul_into(grad_w_ih_2d, dG_mm.t(), x.view({T * B, d.I}));
-  auto grad_w_hh = at::empty({D, G, H}, x.options());
-  matmul_into(grad_w_hh, dG_mm.view({T * B, D, G}).permute({1, 2, 0}),
-              h_prev.view({T * B, D, H}).transpose(0, 1));
+  auto grad_w_hh = recurrent_weight_grad(
+      dG, y, h0, lengths_c, [](at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool acc) {
+        matmul_into(out, a, b, acc);
+      });
   auto grad_bias = at::sum(dG, at::IntArrayRef{0, 1}, false, acc_dtype(dt)).to(dt);
   auto grad_x = at::empty({T, B, d.I}, x.options());
   auto grad_x_2d = grad_x.view({T * B, d.I});
