@@ -796,6 +796,47 @@ def test_weight_cache_not_carried_by_copies():
     _no_grad_matches_nn_lstm(loaded, torch.randn(4, 3, 6))
 
 
+RECURRENT_PRODUCT_CASE = """
+import torch
+from cnnlstm_ext import ops, reference
+torch.manual_seed(0)
+for b, h, d in ((1, 16, 2), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
+    t, i = 6, 24
+    x64 = [torch.randn(t, b, i, dtype=torch.float64), torch.randn(d, 4 * h, i, dtype=torch.float64),
+           torch.randn(d, 4 * h, h, dtype=torch.float64) * 0.3, torch.randn(d, 4 * h, dtype=torch.float64),
+           torch.randn(d, b, h, dtype=torch.float64), torch.randn(d, b, h, dtype=torch.float64)]
+    lengths = torch.randint(1, t + 1, (b,))
+    lengths[0] = t
+    x32 = [a.float().requires_grad_() for a in x64]
+    x64 = [a.float().double().requires_grad_() for a in x64]
+    out = ops.lstm_layer(*x32, lengths)
+    ref = reference.lstm_layer(*x64, lengths)
+    proj = [torch.randn(o.shape, dtype=torch.float64) for o in ref]
+    g = torch.autograd.grad(sum((o.double() * p).sum() for o, p in zip(out, proj)), x32)
+    gr = torch.autograd.grad(sum((o * p).sum() for o, p in zip(ref, proj)), x64)
+    for a, r in zip(list(out) + list(g), list(ref) + list(gr)):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.parametrize("capability", [None, "default"], ids=["best", "baseline"])
+def test_recurrent_product_kernels_match_reference(capability, tmp_path):
+    """float32 with H a multiple of 16 takes the vector recurrent-product kernels (where the CPU
+    has AVX2), the baseline build at::bmm: batches that do not fill a row group, one and two
+    directions, lengths, forward and every gradient (in a fresh process for the capability)."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    extra = {"ATEN_CPU_CAPABILITY": capability} if capability else {}
+    run = subprocess.run([sys.executable, "-c", RECURRENT_PRODUCT_CASE],
+                         env=subprocess_env(**extra), cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    if capability:
+        assert run.stdout.strip().splitlines()[-1] == "DEFAULT"
+
+
 def test_baseline_instruction_set_kernels_match_reference(tmp_path):
     """ATEN_CPU_CAPABILITY=default selects the non-AVX2 cell kernels (in a fresh process)."""
     import subprocess

@@ -23,10 +23,25 @@ using LstmCellBackwardFn = void (*)(const acc_t* g_row, const acc_t* c_row, cons
                                     const acc_t* gy_row, const acc_t* dh_in, acc_t* dc_row,
                                     acc_t* ds_row, acc_t* dG_row, int64_t H);
 
+// The recurrent products of one step, for one direction, over a slice of the output columns:
+//   forward:  out[b, n] = sum_k a[b, k] * w[n, k]  for n in [c0, c1)   (a: h_{s-1}, w: w_hh)
+//   backward: out[b, k] = sum_n a[b, n] * w[n, k]  for k in [c0, c1)   (a: dG_s, w: w_hh)
+// a: [B, *] and out: [B, *] row-major, w: [N, K] row-major (forward) or packed by blocks of
+// kRecColumns columns, [K / kRecColumns, N, kRecColumns] (backward); scratch: rec_scratch(K, N) elements
+// of the calling thread. The caller splits the columns over threads (slices of multiples of
+// kRecColumns). Null where the variant has none (at::bmm then).
+template <typename acc_t>
+using RecurrentProductFn = void (*)(const acc_t* a, const acc_t* w, acc_t* out, int64_t B,
+                                    int64_t N, int64_t K, int64_t c0, int64_t c1, acc_t* scratch);
+inline int64_t rec_scratch(int64_t K, int64_t N) { return 8 * K > N ? 8 * K : N; }
+constexpr int64_t kRecColumns = 16;
+
 template <typename acc_t>
 struct LstmCellKernels {
   LstmCellForwardFn<acc_t> forward;
   LstmCellBackwardFn<acc_t> backward;
+  RecurrentProductFn<acc_t> rec_forward = nullptr;   // needs K % 8 == 0
+  RecurrentProductFn<acc_t> rec_backward = nullptr;  // needs K % kRecColumns == 0
 };
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))

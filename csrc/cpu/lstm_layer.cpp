@@ -38,10 +38,52 @@ inline int64_t rows_per_task(int64_t H) { return std::max<int64_t>(1, 2048 / H);
 // Time index of step s for sequence b in direction dir.
 inline int64_t time_index(int64_t dir, int64_t s, int64_t len) { return dir == 0 ? s : len - 1 - s; }
 
+// Whether the variant's recurrent-product kernel takes this layer (else at::bmm).
+template <typename acc_t>
+bool use_rec_kernel(RecurrentProductFn<acc_t> kernel, int64_t H) {
+  return kernel != nullptr && H % kRecColumns == 0;
+}
+
+// w_hh: [D, 4H, H] -> [D, H / kRecColumns, 4H, kRecColumns], the backward kernel's operand.
+at::Tensor pack_for_backward(const at::Tensor& w_hh) {
+  const int64_t D = w_hh.size(0), G = w_hh.size(1), H = w_hh.size(2);
+  return w_hh.view({D, G, H / kRecColumns, kRecColumns}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// One step's recurrent product for every direction, with the variant's kernel where it has one
+// (split over threads by column slices), else at::bmm:
+//   forward  (transposed = true):  out: [D, B, 4H] = a: [D, B, H] . w_hh[d]^T
+//   backward (transposed = false): out: [D, B, H] = a: [D, B, 4H] . w_hh[d]
+// w: w_hh [D, 4H, H] contiguous, or pack_for_backward(w_hh) when the backward kernel runs.
+template <typename acc_t>
+void recurrent_product(RecurrentProductFn<acc_t> kernel, const at::Tensor& a, const at::Tensor& w,
+                       at::Tensor& out, bool transposed, int64_t G, int64_t H) {
+  const int64_t D = w.size(0), B = a.size(1);
+  const int64_t cols = transposed ? G : H;      // output columns
+  const int64_t a_cols = transposed ? H : G;
+  if (!use_rec_kernel(kernel, H)) {
+    at::bmm_out(out, a, transposed ? w.transpose(1, 2) : w);
+    return;
+  }
+  constexpr int64_t kSlice = 8 * kRecColumns;  // columns per task
+  const int64_t slices = (cols + kSlice - 1) / kSlice;
+  const acc_t* ap = a.data_ptr<acc_t>();
+  const acc_t* wp = w.data_ptr<acc_t>();
+  acc_t* op = out.data_ptr<acc_t>();
+  at::parallel_for(0, D * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(rec_scratch(H, G));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t dir = i / slices, c0 = (i % slices) * kSlice;
+      kernel(ap + dir * B * a_cols, wp + dir * G * H, op + dir * B * cols, B, G, H, c0,
+             std::min(cols, c0 + kSlice), scratch.data());
+    }
+  });
+}
+
 template <typename acc_t>
 void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
                    const at::Tensor& xproj,  // [T, B, D, 4H] acc
-                   const at::Tensor& w_hh_t,  // [D, H, 4H] acc (transposed view)
+                   const at::Tensor& w_hh,    // [D, 4H, H] acc, contiguous
                    at::Tensor& h,             // [D, B, H] acc, h0 in, h_n out
                    at::Tensor& c,             // [D, B, H] acc, c0 in, c_n out
                    at::Tensor& y_acc,         // [T, B, D*H] acc (zeros on padding)
@@ -59,7 +101,7 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   acc_t* clp = cell ? cell->data_ptr<acc_t>() : nullptr;
   const auto cell_kernels = lstm_cell_kernels<acc_t>();
   for (int64_t s = 0; s < steps; ++s) {
-    at::bmm_out(rec, h, w_hh_t);
+    recurrent_product(cell_kernels.rec_forward, h, w_hh, rec, /*transposed=*/true, G, H);
     at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t dir = row / B, b = row % B, len = L[b];
@@ -91,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const auto acc = acc_dtype(x_in.scalar_type());
   auto x = x_in.to(acc).contiguous();
   auto w_ih_a = w_ih.to(acc).reshape({D * G, d.I});
-  auto w_hh_t = w_hh.to(acc).transpose(1, 2);  // [D, H, 4H] view: MKL takes it transposed
+  auto w_hh_a = w_hh.to(acc).contiguous();
   // xproj: [T*B, D*4H], both directions in one GEMM.
   at::Tensor xproj = bias.has_value()
                          ? at::addmm(bias->to(acc).reshape({D * G}), x.view({T * B, d.I}), w_ih_a.t())
@@ -109,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     cell = at::empty({0}, x.options());
   }
   AT_DISPATCH_FLOATING_TYPES(acc, "lstm_layer_forward_cpu", [&] {
-    forward_steps<scalar_t>(d, L, xproj, w_hh_t, h, c, y, train ? &gates : nullptr,
+    forward_steps<scalar_t>(d, L, xproj, w_hh_a, h, c, y, train ? &gates : nullptr,
                             train ? &cell : nullptr);
   });
   const auto dt = x_in.scalar_type();
@@ -143,6 +185,7 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   acc_t* dsp = dG_step.data_ptr<acc_t>();
   acc_t* drp = dh_rec.data_ptr<acc_t>();
   const auto cell_kernels = lstm_cell_kernels<acc_t>();
+  const auto w_rec = use_rec_kernel(cell_kernels.rec_backward, H) ? pack_for_backward(w_hh) : w_hh;
   for (int64_t s = steps - 1; s >= 0; --s) {
     at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
@@ -165,7 +208,7 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
         cell_kernels.backward(g_row, c_row, cprev_row, gy_row, dh_in, dc_row, ds_row, dG_row, H);
       }
     });
-    at::bmm_out(dh_rec, dG_step, w_hh);
+    recurrent_product(cell_kernels.rec_backward, dG_step, w_rec, dh_rec, /*transposed=*/false, G, H);
   }
   // Step 0 is valid for every sequence, so dh_rec now holds grad_h0 for all rows.
   dh.copy_(dh_rec);
