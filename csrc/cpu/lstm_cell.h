@@ -7,21 +7,23 @@
 
 namespace cnnlstm_ext {
 
-// Forward of one row: gates pre-activations x_row + r_row [4H] (i, f, g, o), c_row [H] updated in
-// place to c_t, h_t written to h_row and y_row; g_row [4H] (activated gates) and cl_row [H] (c_t)
-// are written when not null (training).
+// Forward of one row, for n hidden units: gates pre-activations x_row + r_row (i, f, g, o, each
+// H apart), c_row updated in place to c_t, h_t written to h_row and y_row; g_row (activated
+// gates, H apart) and cl_row (c_t) are written when not null (training). Pointers are offset to
+// the first unit; n = H for a whole row.
 template <typename acc_t>
 using LstmCellForwardFn = void (*)(const acc_t* x_row, const acc_t* r_row, acc_t* c_row,
                                    acc_t* h_row, acc_t* y_row, acc_t* g_row, acc_t* cl_row,
-                                   int64_t H);
+                                   int64_t n, int64_t H);
 
-// Backward of one row: from the saved gates g_row [4H], c_t c_row [H], c_{t-1} cprev_row [H], the
-// output gradient gy_row [H] and the recurrent gradient dh_in [H], updates dc_row [H] (dc_t in,
-// dc_{t-1} out) and writes the pre-activation gate gradients to ds_row and dG_row [4H].
+// Backward of one row, for n hidden units (pointers offset as in forward): from the saved gates
+// g_row, c_t c_row, c_{t-1} cprev_row, the output gradient gy_row and the recurrent gradient
+// dh_in, updates dc_row (dc_t in, dc_{t-1} out) and writes the pre-activation gate gradients
+// (H apart) to ds_row and dG_row.
 template <typename acc_t>
 using LstmCellBackwardFn = void (*)(const acc_t* g_row, const acc_t* c_row, const acc_t* cprev_row,
                                     const acc_t* gy_row, const acc_t* dh_in, acc_t* dc_row,
-                                    acc_t* ds_row, acc_t* dG_row, int64_t H);
+                                    acc_t* ds_row, acc_t* dG_row, int64_t n, int64_t H);
 
 // The recurrent products of one step, for one direction, over a slice of the output columns:
 //   forward:  out[b, n] = sum_k a[b, k] * w[n, k]  for n in [c0, c1)   (a: h_{s-1}, w: w_hh)

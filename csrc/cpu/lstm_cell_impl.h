@@ -26,11 +26,11 @@ inline acc_t sigmoid(acc_t v) {
 
 template <typename acc_t>
 void forward_row(const acc_t* x_row, const acc_t* r_row, acc_t* c_row, acc_t* h_row, acc_t* y_row,
-                 acc_t* g_row, acc_t* cl_row, int64_t H) {
+                 acc_t* g_row, acc_t* cl_row, int64_t n, int64_t H) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   int64_t j = 0;
-  for (; j + V <= H; j += V) {
+  for (; j + V <= n; j += V) {
     Vec i = vsigmoid(Vec::loadu(x_row + j) + Vec::loadu(r_row + j));
     Vec f = vsigmoid(Vec::loadu(x_row + H + j) + Vec::loadu(r_row + H + j));
     Vec g = (Vec::loadu(x_row + 2 * H + j) + Vec::loadu(r_row + 2 * H + j)).tanh();
@@ -48,7 +48,7 @@ void forward_row(const acc_t* x_row, const acc_t* r_row, acc_t* c_row, acc_t* h_
       cn.store(cl_row + j);
     }
   }
-  for (; j < H; ++j) {
+  for (; j < n; ++j) {
     const acc_t i = sigmoid(x_row[j] + r_row[j]);
     const acc_t f = sigmoid(x_row[H + j] + r_row[H + j]);
     const acc_t g = std::tanh(x_row[2 * H + j] + r_row[2 * H + j]);
@@ -71,12 +71,12 @@ void forward_row(const acc_t* x_row, const acc_t* r_row, acc_t* c_row, acc_t* h_
 template <typename acc_t>
 void backward_row(const acc_t* g_row, const acc_t* c_row, const acc_t* cprev_row,
                   const acc_t* gy_row, const acc_t* dh_in, acc_t* dc_row, acc_t* ds_row,
-                  acc_t* dG_row, int64_t H) {
+                  acc_t* dG_row, int64_t n, int64_t H) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const Vec one(acc_t(1));
   int64_t j = 0;
-  for (; j + V <= H; j += V) {
+  for (; j + V <= n; j += V) {
     const Vec i = Vec::loadu(g_row + j), f = Vec::loadu(g_row + H + j);
     const Vec g = Vec::loadu(g_row + 2 * H + j), o = Vec::loadu(g_row + 3 * H + j);
     const Vec tc = Vec::loadu(c_row + j).tanh();
@@ -96,7 +96,7 @@ void backward_row(const acc_t* g_row, const acc_t* c_row, const acc_t* cprev_row
     dg.store(dG_row + 2 * H + j);
     dout.store(dG_row + 3 * H + j);
   }
-  for (; j < H; ++j) {
+  for (; j < n; ++j) {
     const acc_t i = g_row[j], f = g_row[H + j], g = g_row[2 * H + j], o = g_row[3 * H + j];
     const acc_t tc = std::tanh(c_row[j]);
     const acc_t dh = gy_row[j] + dh_in[j];
@@ -125,7 +125,7 @@ inline __m256 hsum8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u, t, 0x20), _mm256_permute2f128_ps(u, t, 0x31));
 }
 
-// Forward: rows in groups of 8 (copied, zero-padded, into scratch: L1-resident), output columns
+// Forward: rows in groups of 8 (a partial group copied, zero-padded, into scratch), output columns
 // n in blocks of 32 (their w rows, 64 KiB at K = 512, stay in L2 across the row groups). Each n
 // is one dot product per row: 8 accumulators share every load of w[n, k:k+8].
 // (No std:: templates below: an instantiation compiled for AVX2 here could be the one the linker
@@ -135,7 +135,11 @@ void rec_forward_avx2(const float* a, const float* w, float* out, int64_t B, int
   constexpr int64_t kRows = 8, kBlock = 32;
   for (int64_t r0 = 0; r0 < B; r0 += kRows) {
     const int64_t nr = B - r0 < kRows ? B - r0 : kRows;
-    for (int64_t i = 0; i < kRows * K; ++i) scratch[i] = i < nr * K ? a[r0 * K + i] : 0.f;
+    const float* ap = a + r0 * K;  // a full group is read in place
+    if (nr < kRows) {
+      for (int64_t i = 0; i < kRows * K; ++i) scratch[i] = i < nr * K ? ap[i] : 0.f;
+      ap = scratch;
+    }
     for (int64_t nb = c0; nb < c1; nb += kBlock) {
       const int64_t ne = c1 < nb + kBlock ? c1 : nb + kBlock;
       for (int64_t n = nb; n < ne; ++n) {
@@ -145,7 +149,7 @@ void rec_forward_avx2(const float* a, const float* w, float* out, int64_t B, int
         for (int64_t k = 0; k < K; k += 8) {
           const __m256 wv = _mm256_loadu_ps(wr + k);
           for (int r = 0; r < kRows; ++r)
-            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(scratch + r * K + k), wv, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(ap + r * K + k), wv, acc[r]);
         }
         alignas(32) float sums[kRows];
         _mm256_store_ps(sums, hsum8(acc));

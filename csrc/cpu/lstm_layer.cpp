@@ -50,32 +50,22 @@ at::Tensor pack_for_backward(const at::Tensor& w_hh) {
   return w_hh.view({D, G, H / kRecColumns, kRecColumns}).permute({0, 2, 1, 3}).contiguous();
 }
 
-// One step's recurrent product for every direction, with the variant's kernel where it has one
-// (split over threads by column slices), else at::bmm:
-//   forward  (transposed = true):  out: [D, B, 4H] = a: [D, B, H] . w_hh[d]^T
-//   backward (transposed = false): out: [D, B, H] = a: [D, B, 4H] . w_hh[d]
-// w: w_hh [D, 4H, H] contiguous, or pack_for_backward(w_hh) when the backward kernel runs.
-template <typename acc_t>
-void recurrent_product(RecurrentProductFn<acc_t> kernel, const at::Tensor& a, const at::Tensor& w,
-                       at::Tensor& out, bool transposed, int64_t G, int64_t H) {
-  const int64_t D = w.size(0), B = a.size(1);
-  const int64_t cols = transposed ? G : H;      // output columns
-  const int64_t a_cols = transposed ? H : G;
-  if (!use_rec_kernel(kernel, H)) {
-    at::bmm_out(out, a, transposed ? w.transpose(1, 2) : w);
-    return;
-  }
-  constexpr int64_t kSlice = 8 * kRecColumns;  // columns per task
-  const int64_t slices = (cols + kSlice - 1) / kSlice;
-  const acc_t* ap = a.data_ptr<acc_t>();
-  const acc_t* wp = w.data_ptr<acc_t>();
-  acc_t* op = out.data_ptr<acc_t>();
+// With a recurrent-product kernel, a time step is one parallel region: a task owns a slice of
+// kUnits hidden units of one direction, computes their gate columns of the recurrent product
+// and runs their cell update. (A region for the product and another for the cells, the path
+// through at::bmm, pays the wake-up of the thread pool twice per step.) The state the tasks read
+// whole (h forward, the gate gradients backward) is double-buffered.
+constexpr int64_t kUnits = 4 * kRecColumns;
+
+// Runs body(dir, j0, j1, scratch) for every (direction, unit slice), spread over the threads.
+template <typename acc_t, typename Body>
+void for_unit_slices(int64_t D, int64_t H, int64_t G, const Body& body) {
+  const int64_t slices = (H + kUnits - 1) / kUnits;
   at::parallel_for(0, D * slices, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(rec_scratch(H, G));
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t dir = i / slices, c0 = (i % slices) * kSlice;
-      kernel(ap + dir * B * a_cols, wp + dir * G * H, op + dir * B * cols, B, G, H, c0,
-             std::min(cols, c0 + kSlice), scratch.data());
+      const int64_t j0 = (i % slices) * kUnits;
+      body(i / slices, j0, std::min(H, j0 + kUnits), scratch.data());
     }
   });
 }
@@ -94,30 +84,49 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   auto rec = at::empty({D, B, G}, xproj.options());  // recurrent part h_{s-1} . w_hh^T
   const acc_t* xp = xproj.data_ptr<acc_t>();
   acc_t* rp = rec.data_ptr<acc_t>();
-  acc_t* hp = h.data_ptr<acc_t>();
   acc_t* cp = c.data_ptr<acc_t>();
   acc_t* yp = y_acc.data_ptr<acc_t>();
   acc_t* gp = gates ? gates->data_ptr<acc_t>() : nullptr;
   acc_t* clp = cell ? cell->data_ptr<acc_t>() : nullptr;
   const auto cell_kernels = lstm_cell_kernels<acc_t>();
-  for (int64_t s = 0; s < steps; ++s) {
-    recurrent_product(cell_kernels.rec_forward, h, w_hh, rec, /*transposed=*/true, G, H);
-    at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t dir = row / B, b = row % B, len = L[b];
-        if (s >= len) continue;  // sequence finished: state carries to h_n/c_n unchanged
-        const int64_t t = time_index(dir, s, len);
-        const acc_t* x_row = xp + ((t * B + b) * D + dir) * G;
-        const acc_t* r_row = rp + row * G;
-        acc_t* h_row = hp + row * H;
-        acc_t* c_row = cp + row * H;
-        acc_t* y_row = yp + (t * B + b) * D * H + dir * H;
-        acc_t* g_row = gp ? gp + ((t * B + b) * D + dir) * G : nullptr;
-        acc_t* cl_row = clp ? clp + ((t * B + b) * D + dir) * H : nullptr;
-        cell_kernels.forward(x_row, r_row, c_row, h_row, y_row, g_row, cl_row, H);
-      }
-    });
+  // Cell update of units [j0, j1) of row (dir, b) at step s, reading h_{s-1} from h_in.
+  auto cell_update = [&](int64_t s, int64_t dir, int64_t b, int64_t j0, int64_t j1,
+                         const acc_t* h_in, acc_t* h_out) {
+    const int64_t row = dir * B + b, len = L[b];
+    if (s >= len) {  // sequence finished: its state carries to h_n/c_n unchanged
+      if (h_out != h_in) std::copy(h_in + row * H + j0, h_in + row * H + j1, h_out + row * H + j0);
+      return;
+    }
+    const int64_t t = time_index(dir, s, len), at_t = (t * B + b) * D + dir;
+    cell_kernels.forward(xp + at_t * G + j0, rp + row * G + j0, cp + row * H + j0,
+                         h_out + row * H + j0, yp + (t * B + b) * D * H + dir * H + j0,
+                         gp ? gp + at_t * G + j0 : nullptr, clp ? clp + at_t * H + j0 : nullptr,
+                         j1 - j0, H);
+  };
+  if (!use_rec_kernel(cell_kernels.rec_forward, H)) {
+    acc_t* hp = h.data_ptr<acc_t>();
+    for (int64_t s = 0; s < steps; ++s) {
+      at::bmm_out(rec, h, w_hh.transpose(1, 2));
+      at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) cell_update(s, row / B, row % B, 0, H, hp, hp);
+      });
+    }
+    return;
   }
+  auto h_other = h.clone();  // rows of finished sequences must match in both buffers
+  acc_t* h_in = h.data_ptr<acc_t>();
+  acc_t* h_out = h_other.data_ptr<acc_t>();
+  const acc_t* wp = w_hh.data_ptr<acc_t>();
+  for (int64_t s = 0; s < steps; ++s) {
+    for_unit_slices<acc_t>(D, H, G, [&](int64_t dir, int64_t j0, int64_t j1, acc_t* scratch) {
+      for (int64_t g = 0; g < 4; ++g)
+        cell_kernels.rec_forward(h_in + dir * B * H, wp + dir * G * H, rp + dir * B * G, B, G, H,
+                                 g * H + j0, g * H + j1, scratch);
+      for (int64_t b = 0; b < B; ++b) cell_update(s, dir, b, j0, j1, h_in, h_out);
+    });
+    std::swap(h_in, h_out);
+  }
+  if (h_in != h.data_ptr<acc_t>()) h.copy_(h_other);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
@@ -171,8 +180,8 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
                     at::Tensor& dG) {          // [T, B, D, 4H] acc, zeros in, gate grads out
   const int64_t B = d.B, D = d.D, H = d.H, G = 4 * H;
   const int64_t steps = *std::max_element(L.begin(), L.end());
-  // dG_step: [D, B, 4H] this step's gate gradients, rows of finished sequences zero;
-  // dh_rec: [D, B, H] = dG_step . w_hh, the gradient reaching h_{s-1} through the recurrence.
+  // dG_step: [D, B, 4H] one step's gate gradients, rows of finished sequences zero;
+  // dh_rec: [D, B, H] = dG_{s+1} . w_hh, the gradient reaching h_s through the recurrence.
   auto dG_step = at::zeros({D, B, G}, dG.options());
   auto dh_rec = at::zeros({D, B, H}, dG.options());
   const acc_t* gyp = grad_y.data_ptr<acc_t>();
@@ -182,35 +191,54 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   acc_t* dhp = dh.data_ptr<acc_t>();
   acc_t* dcp = dc.data_ptr<acc_t>();
   acc_t* dGp = dG.data_ptr<acc_t>();
-  acc_t* dsp = dG_step.data_ptr<acc_t>();
   acc_t* drp = dh_rec.data_ptr<acc_t>();
   const auto cell_kernels = lstm_cell_kernels<acc_t>();
-  const auto w_rec = use_rec_kernel(cell_kernels.rec_backward, H) ? pack_for_backward(w_hh) : w_hh;
-  for (int64_t s = steps - 1; s >= 0; --s) {
-    at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t dir = row / B, b = row % B, len = L[b];
-        acc_t* ds_row = dsp + row * G;
-        if (s >= len) {
-          std::fill(ds_row, ds_row + G, acc_t(0));
-          continue;
-        }
-        const int64_t t = time_index(dir, s, len);
-        // The first step processed for b takes grad_h_n; later ones the recurrent gradient.
-        const acc_t* dh_in = (s + 1 < len) ? drp + row * H : dhp + row * H;
-        acc_t* dc_row = dcp + row * H;
-        const acc_t* gy_row = gyp + (t * B + b) * D * H + dir * H;
-        const acc_t* g_row = gp + ((t * B + b) * D + dir) * G;
-        const acc_t* c_row = clp + ((t * B + b) * D + dir) * H;
-        const acc_t* cprev_row =
-            s == 0 ? c0p + row * H : clp + ((time_index(dir, s - 1, len) * B + b) * D + dir) * H;
-        acc_t* dG_row = dGp + ((t * B + b) * D + dir) * G;
-        cell_kernels.backward(g_row, c_row, cprev_row, gy_row, dh_in, dc_row, ds_row, dG_row, H);
-      }
-    });
-    recurrent_product(cell_kernels.rec_backward, dG_step, w_rec, dh_rec, /*transposed=*/false, G, H);
+  // Cell backward of units [j0, j1) of row (dir, b) at step s, writing its gate gradients to ds.
+  auto cell_update = [&](int64_t s, int64_t dir, int64_t b, int64_t j0, int64_t j1, acc_t* ds) {
+    const int64_t row = dir * B + b, len = L[b];
+    acc_t* ds_row = ds + row * G;
+    if (s >= len) {
+      for (int64_t g = 0; g < 4; ++g) std::fill(ds_row + g * H + j0, ds_row + g * H + j1, acc_t(0));
+      return;
+    }
+    const int64_t t = time_index(dir, s, len), at_t = (t * B + b) * D + dir;
+    // The first step processed for b takes grad_h_n; later ones the recurrent gradient.
+    const acc_t* dh_in = (s + 1 < len) ? drp + row * H : dhp + row * H;
+    const acc_t* cprev_row =
+        s == 0 ? c0p + row * H : clp + ((time_index(dir, s - 1, len) * B + b) * D + dir) * H;
+    cell_kernels.backward(gp + at_t * G + j0, clp + at_t * H + j0, cprev_row + j0,
+                          gyp + (t * B + b) * D * H + dir * H + j0, dh_in + j0, dcp + row * H + j0,
+                          ds_row + j0, dGp + at_t * G + j0, j1 - j0, H);
+  };
+  if (!use_rec_kernel(cell_kernels.rec_backward, H)) {
+    acc_t* dsp = dG_step.data_ptr<acc_t>();
+    for (int64_t s = steps - 1; s >= 0; --s) {
+      at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) cell_update(s, row / B, row % B, 0, H, dsp);
+      });
+      at::bmm_out(dh_rec, dG_step, w_hh);
+    }
+    dh.copy_(dh_rec);  // step 0 is valid for every sequence: dh_rec holds grad_h0 for all rows
+    return;
   }
-  // Step 0 is valid for every sequence, so dh_rec now holds grad_h0 for all rows.
+  const auto w_packed = pack_for_backward(w_hh);
+  const acc_t* wp = w_packed.data_ptr<acc_t>();
+  auto dG_other = at::zeros({D, B, G}, dG.options());
+  acc_t* ds_in = dG_step.data_ptr<acc_t>();  // dG_{s+1}
+  acc_t* ds_out = dG_other.data_ptr<acc_t>();
+  // Units [j0, j1) of dh_rec = ds_in . w_hh for direction dir.
+  auto product = [&](int64_t dir, int64_t j0, int64_t j1, acc_t* scratch) {
+    cell_kernels.rec_backward(ds_in + dir * B * G, wp + dir * G * H, drp + dir * B * H, B, G, H,
+                              j0, j1, scratch);
+  };
+  for (int64_t s = steps - 1; s >= 0; --s) {
+    for_unit_slices<acc_t>(D, H, G, [&](int64_t dir, int64_t j0, int64_t j1, acc_t* scratch) {
+      if (s + 1 < steps) product(dir, j0, j1, scratch);  // nothing flows back into the last step
+      for (int64_t b = 0; b < B; ++b) cell_update(s, dir, b, j0, j1, ds_out);
+    });
+    std::swap(ds_in, ds_out);
+  }
+  for_unit_slices<acc_t>(D, H, G, product);  // step 0 is valid for every sequence: grad_h0
   dh.copy_(dh_rec);
 }
 
