@@ -15,6 +15,9 @@ Convention, followed by every benchmark in benchmarks/:
   baseline (the words are matched as whole ``-``/``_``-separated parts of the id).
 * ``extra_info["peak_bytes"]`` (optional): the peak memory of one call of that implementation, in
   bytes, measured the same way for both; it gives the memory ratio.
+* ``extra_info["baseline_interleaved_median_s"]`` (optional, on a fused entry): the median of
+  baseline calls timed between that test's own rounds. It replaces the baseline test's median
+  (basis "interleaved"): on a shared machine the load changes between two tests.
 
 A benchmark may instead time its baseline itself, in the same test (bench_pooling.py does: the
 unfused sequence runs before each round of the fused op): it records ``extra_info["fused_ms"]``
@@ -90,17 +93,19 @@ def ratio_rows(report: dict, source: str) -> List[Dict]:
         base_peak = (base.get("extra_info") or {}).get("peak_bytes")
         for fused in members["fused"]:
             median = fused["stats"]["median"]
-            peak = (fused.get("extra_info") or {}).get("peak_bytes")
+            info = fused.get("extra_info") or {}
+            peak = info.get("peak_bytes")
+            baseline_s = info.get("baseline_interleaved_median_s", base_median)
             rows.append({
                 "source": source,
                 "group": group,
                 "name": fused["name"],
                 # Several fused variants in one group are told apart by their names.
                 "label": group if len(members["fused"]) == 1 else f"{group} {fused['name']}",
-                "basis": "median",
+                "basis": "interleaved" if "baseline_interleaved_median_s" in info else "median",
                 "fused_s": median,
-                "baseline_s": base_median,
-                "speedup": base_median / median if median > 0 else float("nan"),
+                "baseline_s": baseline_s,
+                "speedup": baseline_s / median if median > 0 else float("nan"),
                 "fused_peak_bytes": peak,
                 "baseline_peak_bytes": base_peak,
                 "memory_ratio": (peak / base_peak) if peak is not None and base_peak else None,

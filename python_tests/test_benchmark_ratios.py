@@ -36,6 +36,18 @@ def test_ratios_pairs_by_extra_info_impl(ratios):
     assert rows["lstm:inference"]["memory_ratio"] is None
 
 
+def test_ratios_prefers_the_interleaved_baseline(ratios):
+    report = {"benchmarks": [
+        bench("test_lstm[training-baseline]", "lstm:training", 0.6, {"impl": "baseline"}),
+        bench("test_lstm[training-fused]", "lstm:training", 0.2,
+              {"impl": "fused", "baseline_interleaved_median_s": 0.3}),
+    ]}
+    (row,) = ratios.ratio_rows(report, "x.json")
+    assert row["basis"] == "interleaved"
+    assert row["baseline_s"] == pytest.approx(0.3)
+    assert row["speedup"] == pytest.approx(1.5)
+
+
 def test_ratios_pairs_by_parametrize_id_without_extra_info(ratios):
     report = {"benchmarks": [
         bench("test_pool[avg-fused]", "pool:avg", 0.5),
