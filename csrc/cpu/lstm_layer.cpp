@@ -2,12 +2,14 @@
 //
 // Forward: the input projection of every step and both directions is one GEMM
 //   xproj: [T*B, D*4H] = x: [T*B, I] . w_ih^T: [I, D*4H] + bias
-// then per step s one batched GEMM for the recurrent part (both directions) and one parallel,
-// vectorised loop for gate nonlinearities and the cell update. Direction 1 runs in reverse time;
+// then per step s the recurrent product h_{s-1} . w_hh^T and the gate nonlinearities and cell
+// update: with the AVX2/FMA kernels of lstm_cell.h, in one parallel region whose tasks own slices
+// of hidden units; otherwise a batched GEMM (both directions) and a parallel, vectorised loop over
+// rows. Direction 1 runs in reverse time;
 // with `lengths`, sequence b covers steps s < lengths[b] at time t = s (forward) or
 // t = lengths[b] - 1 - s (reverse), so no work is done on padding.
 // Backward mirrors it: a reverse-time loop produces the pre-activation gate gradients dG, then the
-// weight, bias and input gradients are three large GEMMs/reductions over all T*B rows.
+// weight, bias and input gradients are large GEMMs/reductions over all T*B rows.
 // Bfloat16/float16 inputs are computed in float32 (the accumulation dtype) throughout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
