@@ -1,9 +1,8 @@
 // Vectorised reductions shared by the CPU pooling kernels (frame_pool.cpp, temporal_pool.cpp).
 // Inputs are float32/float64/bfloat16/float16; sums run in the accumulation type acc_t<T> (float,
-// or double for double inputs). Two shapes of reduction appear:
-//   - over one contiguous run (a [h*w] plane of a contiguous feature map), and
-//   - over the rows of a strided matrix, column by column (the h*w rows of a channels_last frame,
-//     the time steps of [T, B, D]); columns are contiguous, rows are `row_stride` elements apart.
+// or double for double inputs). They reduce the rows of a strided matrix, column by column (the
+// h*w rows of a transposed tile of frames, the time steps of [T, B, D]); columns are contiguous,
+// rows are `row_stride` elements apart.
 // Sums and dot products use at::vec. The maximum is written as a branch-free loop over columns,
 // which the compiler vectorises (at::vec's portable maximum/blendv branch per lane). Maxima follow
 // torch.max: NaN wins, and the first index of the maximum is reported.
@@ -50,41 +49,6 @@ inline A horizontal_sum(const at::vec::Vectorized<A>& v) {
 template <typename A>
 inline bool replaces_max(A v, A m) {
   return (v > m) | ((v != v) & (m == m));
-}
-
-// sum of p[0, n)
-template <typename T>
-inline acc_t<T> sum_run(const T* p, int64_t n) {
-  using Vec = AccVec<T>;
-  constexpr int64_t kV = Vec::size();
-  Vec acc(0);
-  int64_t i = 0;
-  for (; i + kV <= n; i += kV) acc = acc + load_acc(p + i);
-  acc_t<T> s = horizontal_sum(acc);
-  for (; i < n; ++i) s += static_cast<acc_t<T>>(p[i]);
-  return s;
-}
-
-// out[j] = sum of p[j * n, (j + 1) * n) for j < 4: four consecutive runs with independent sums,
-// so that the additions of one run do not wait on each other.
-template <typename T>
-inline void sum_runs4(const T* p, int64_t n, acc_t<T>* out) {
-  using Vec = AccVec<T>;
-  constexpr int64_t kV = Vec::size();
-  Vec a0(0), a1(0), a2(0), a3(0);
-  int64_t i = 0;
-  for (; i + kV <= n; i += kV) {
-    a0 = a0 + load_acc(p + i);
-    a1 = a1 + load_acc(p + n + i);
-    a2 = a2 + load_acc(p + 2 * n + i);
-    a3 = a3 + load_acc(p + 3 * n + i);
-  }
-  out[0] = horizontal_sum(a0);
-  out[1] = horizontal_sum(a1);
-  out[2] = horizontal_sum(a2);
-  out[3] = horizontal_sum(a3);
-  for (; i < n; ++i)
-    for (int j = 0; j < 4; ++j) out[j] += static_cast<acc_t<T>>(p[j * n + i]);
 }
 
 // out[c] = sum_r p[r * row_stride + c] for c in [0, n), r in [0, rows). Row after row, so that
