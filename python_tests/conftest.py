@@ -67,3 +67,16 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def assert_compiled_matches_eager(model, x, backend="inductor") -> None:
+    """torch.compile(model, fullgraph=True) gives the eager output and parameter gradients."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out_c = compiled(x)
+    grads_c = torch.autograd.grad(out_c.square().sum(), list(model.parameters()))
+    out_e = model(x)
+    grads_e = torch.autograd.grad(out_e.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    for (name, _), gc, ge in zip(model.named_parameters(), grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import cnnlstm_ext
+from conftest import assert_compiled_matches_eager
 from cnnlstm_ext import FusedBiLSTM, FusedLSTM, fuse_lstm, ops, reference, unfuse_lstm
 
 I, H, T, B = 3, 4, 5, 3
@@ -403,17 +404,8 @@ class BiLSTMClassifier(nn.Module):
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compile_fullgraph_matches_eager(backend, rng):
-    torch._dynamo.reset()
     model = BiLSTMClassifier(FusedBiLSTM(I, H, num_layers=2, batch_first=True))
-    x = randn(B, T, I, rng=rng).float()
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
-    out_c = compiled(x)
-    grads_c = torch.autograd.grad(out_c.square().sum(), list(model.parameters()))
-    out_e = model(x)
-    grads_e = torch.autograd.grad(out_e.square().sum(), list(model.parameters()))
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
-    for (name, _), gc, ge in zip(model.named_parameters(), grads_c, grads_e):
-        torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert_compiled_matches_eager(model, randn(B, T, I, rng=rng).float(), backend)
 
 
 # --- optimizer state, fuse/unfuse, state dicts ---------------------------------------------------

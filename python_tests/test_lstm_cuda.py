@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import cnnlstm_ext
+from conftest import assert_compiled_matches_eager
 from cnnlstm_ext import FusedBiLSTM, FusedLSTM, ops
 
 pytestmark = pytest.mark.cuda
@@ -308,17 +309,7 @@ class BiLSTMClassifier(nn.Module):
 
 
 def test_cuda_compile_fullgraph_matches_eager(rng):
-    torch._dynamo.reset()
-    model = BiLSTMClassifier().to(CUDA)
-    x = randn(B, T, I, rng=rng).float().to(CUDA)
-    compiled = torch.compile(model, fullgraph=True)
-    out_c = compiled(x)
-    grads_c = torch.autograd.grad(out_c.square().sum(), list(model.parameters()))
-    out_e = model(x)
-    grads_e = torch.autograd.grad(out_e.square().sum(), list(model.parameters()))
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
-    for (name, _), gc, ge in zip(model.named_parameters(), grads_c, grads_e):
-        torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert_compiled_matches_eager(BiLSTMClassifier().to(CUDA), randn(B, T, I, rng=rng).float().to(CUDA))
 
 
 # --- long sequences, exact float32, shapes that do not fit on chip ---------------------------------
