@@ -85,6 +85,6 @@ stage sanitizers 90 bash -c "
     done
   done"
 grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/sanitizers.log"
-stage profile-lstm 60 "$PY" scripts/profile_lstm_cuda.py --out "$RES/profile_lstm.txt"
+stage profile-lstm 90 "$PY" scripts/profile_lstm_cuda.py --out "$RES/profile_lstm.txt"
 cat "$LOGS/profile-lstm.log"
 finish

@@ -7,9 +7,14 @@ For each case prints, per implementation:
   device  summed CUDA kernel time of one call (torch.profiler), and its largest kernels
 A call whose wall time is close to its host time is bound by the host, not by its kernels.
 
+Then, for float32 inference at B=8, the host-side operators of one fused call by self CPU time,
+and a sweep of the persistent plan's hidden units per CTA (CNNLSTM_EXT_PERSISTENT_MIN_HB: the
+fused wall time with the smallest slice that fits, and with slices of at least 8 and 16 units).
+
     python3 scripts/profile_lstm_cuda.py [--out FILE]
 """
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -79,6 +84,53 @@ def measure(call, rounds=40):
     return statistics.median(wall), statistics.median(host), kernels
 
 
+SWEEP_CASES = [  # (dtype, case, B, T)
+    (torch.float32, "inference", 1, 32),
+    (torch.float32, "inference", 8, 32),
+    (torch.bfloat16, "inference", 8, 32),
+    (torch.bfloat16, "inference", 32, 32),
+    (torch.float32, "training", 8, 32),
+    (torch.bfloat16, "training", 32, 32),
+    (torch.float32, "training", 32, 32),
+]
+SWEEP_MIN_HB = ("", "8", "16")  # "": the plan's own choice
+
+
+def host_operators(dtype=torch.float32, batch=8, steps=32, top=15):
+    """Self CPU time of the operators of one fused inference call (host overhead breakdown)."""
+    call = make_call("fused", dtype, "inference", batch, steps)
+    for _ in range(5):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            call()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    return [f"\n== host operators of 10 fused calls, {str(dtype).replace('torch.', '')} inference "
+            f"B={batch} T={steps}", table]
+
+
+def sweep_min_hb():
+    lines = ["\n== fused wall us by CNNLSTM_EXT_PERSISTENT_MIN_HB (auto / 8 / 16)"]
+    before = os.environ.get("CNNLSTM_EXT_PERSISTENT_MIN_HB")
+    try:
+        for dtype, case, batch, steps in SWEEP_CASES:
+            walls = []
+            for min_hb in SWEEP_MIN_HB:
+                os.environ["CNNLSTM_EXT_PERSISTENT_MIN_HB"] = min_hb or "0"
+                wall, _, _ = measure(make_call("fused", dtype, case, batch, steps))
+                walls.append(f"{wall * 1e6:8.1f}")
+            name = str(dtype).replace("torch.", "")
+            lines.append(f"  {name:8s} {case:9s} B={batch:<3d} T={steps}: " + " / ".join(walls))
+    finally:
+        if before is None:
+            os.environ.pop("CNNLSTM_EXT_PERSISTENT_MIN_HB", None)
+        else:
+            os.environ["CNNLSTM_EXT_PERSISTENT_MIN_HB"] = before
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="also write the report to this file")
@@ -95,6 +147,8 @@ def main() -> int:
                          f"device {device_us:8.1f} us in {len(kernels)} kernel kinds")
             for kname, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:5]:
                 lines.append(f"           {us:8.1f} us  {kname[:100]}")
+    lines += host_operators()
+    lines += sweep_min_hb()
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -1,7 +1,8 @@
 // CUDA kernels of lstm_layer_forward / lstm_layer_backward.
 //
 // Forward, for one layer and both directions at once:
-//   1. xproj: [T*B, D*4H] = x . w_ih^T + bias, one cuBLAS GEMM for every step and direction.
+//   1. xproj: [T*B, D*4H] = x . w_ih^T, one cuBLAS GEMM for every step and direction (the bias
+//      is added where the recurrence reads xproj: no broadcast copy of it, no extra kernel).
 //   2. The recurrence, on one of two paths:
 //      - persistent (default where it fits): one cooperative kernel for the whole sequence. The
 //        CTAs split the hidden units of both directions (HB units, i.e. 4*HB rows of w_hh, each);
@@ -106,12 +107,10 @@ void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool
   }
 }
 
-// x . w^T + bias: [M, K] x [N, K]^T (+ [N] broadcast over rows) -> [M, N], at nn.LSTM's precision.
-at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  if (!tf32_gemms(x.scalar_type())) return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
-  const int64_t M = x.size(0), N = w.size(0);
-  auto out = bias ? bias->reshape({1, N}).expand({M, N}).contiguous() : at::empty({M, N}, x.options());
-  matmul_into(out, x, w.t(), /*accumulate=*/bias.has_value());
+// x . w^T: [M, K] x [N, K]^T -> [M, N], at nn.LSTM's precision.
+at::Tensor project(const at::Tensor& x, const at::Tensor& w) {
+  auto out = at::empty({x.size(0), w.size(0)}, x.options());
+  matmul_into(out, x, w.t());
   return out;
 }
 
@@ -350,11 +349,13 @@ struct PersistentGeometry {
 
 template <typename scalar_t>
 struct PersistentForwardParams : PersistentGeometry {
-  const scalar_t* xproj;    // [T, B, D, 4H] input projection incl. both biases
+  const scalar_t* xproj;    // [T, B, D, 4H] input projection, without the bias
+  const scalar_t* bias;     // [D, 4H] (b_ih + b_hh) or null
   const scalar_t* w_hh;     // [D, 4H, H]
+  const float* h0;          // [D, B, H] h0 in float32 (read at step 0 only)
   const scalar_t* c0;       // [D, B, H]
   const int64_t* lengths;   // [B] or null
-  float* hbuf;              // [2, D, B, H] h exchange buffers; [0] holds h0 on entry
+  float* hbuf;              // [2, D, B, H] h exchange buffers (slot 0 unused at step 0)
   scalar_t* y;              // [T, B, D*H]
   scalar_t* h_n;            // [D, B, H]
   scalar_t* c_n;            // [D, B, H]
@@ -368,7 +369,8 @@ struct StepInput {
   float v[8];
 };
 
-// Input projection of gates i, f, g, o for pair q = b * HB + u at step s (zeros past the length).
+// Input projection plus bias of gates i, f, g, o for pair q = b * HB + u at step s (zeros past
+// the length).
 template <typename scalar_t>
 __device__ __forceinline__ StepInput load_forward_input(const PersistentForwardParams<scalar_t>& p,
                                                         int q, int s) {
@@ -380,6 +382,11 @@ __device__ __forceinline__ StepInput load_forward_input(const PersistentForwardP
     const scalar_t* xr = p.xproj + ((static_cast<size_t>(t) * p.B + b) * p.D + dir) * 4 * p.H;
 #pragma unroll
     for (int g = 0; g < 4; ++g) in.v[g] = static_cast<float>(xr[g * p.H + j]);
+    if (p.bias != nullptr) {
+      const scalar_t* br = p.bias + static_cast<size_t>(dir) * 4 * p.H;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) in.v[g] += static_cast<float>(br[g * p.H + j]);
+    }
   }
   return in;
 }
@@ -405,7 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
     const int b = q / HB, j = j0 + q % HB;
-    h_s[q] = p.hbuf[(static_cast<size_t>(dir) * B + b) * H + j];
+    h_s[q] = p.h0[(static_cast<size_t>(dir) * B + b) * H + j];
     c_s[q] = static_cast<float>(p.c0[(static_cast<size_t>(dir) * B + b) * H + j]);
   }
   __syncthreads();
@@ -418,7 +425,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (own_pair && threadIdx.x < B * HB) next = load_forward_input(p, threadIdx.x, 0);
   for (int s = 0; s < p.T; ++s) {
     if (s > 0) barrier_wait(p.barrier + dir, static_cast<unsigned int>(s * p.nblk));
-    const float* h_in = p.hbuf + (static_cast<size_t>(s & 1) * D + dir) * B * H;
+    const float* h_in = (s == 0 ? p.h0 : p.hbuf + static_cast<size_t>(s & 1) * D * B * H) +
+                        static_cast<size_t>(dir) * B * H;
     float* h_out = p.hbuf + (static_cast<size_t>((s + 1) & 1) * D + dir) * B * H;
     exchanged_product<scalar_t, BT, MMA>(in_s, p.ldi, h_in, w_s, p.ldw, part, pre_s, B, p.BC, O, O, H);
     for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
@@ -609,7 +617,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename scalar_t, typename acc_t>
 __global__ void lstm_forward_step_kernel(
     int s, int T, int B, int H, int D,
-    const scalar_t* __restrict__ xproj,  // [T, B, D, 4H]
+    const scalar_t* __restrict__ xproj,  // [T, B, D, 4H] without the bias
+    const scalar_t* __restrict__ bias,   // [D, 4H] or null
     const scalar_t* __restrict__ rec,    // [D, B, 4H]
     const int64_t* __restrict__ lengths, // [B] or null
     scalar_t* __restrict__ h,            // [D, B, H] h_{s-1} in, h_s out (GEMM operand)
@@ -637,10 +646,16 @@ __global__ void lstm_forward_step_kernel(
     const size_t row = (static_cast<size_t>(t) * B + b) * D + dir;
     const scalar_t* xr = xproj + row * G;
     const scalar_t* rr = rec + (static_cast<size_t>(dir) * B + b) * G;
-    const acc_t gi = sigmoid_<acc_t>(acc_t(xr[j]) + acc_t(rr[j]));
-    const acc_t gf = sigmoid_<acc_t>(acc_t(xr[H + j]) + acc_t(rr[H + j]));
-    const acc_t gg = tanh_<acc_t>(acc_t(xr[2 * H + j]) + acc_t(rr[2 * H + j]));
-    const acc_t go = sigmoid_<acc_t>(acc_t(xr[3 * H + j]) + acc_t(rr[3 * H + j]));
+    acc_t pre[4];
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+      pre[g] = acc_t(xr[g * H + j]) + acc_t(rr[g * H + j]);
+      if (bias != nullptr) pre[g] += acc_t(bias[static_cast<size_t>(dir) * G + g * H + j]);
+    }
+    const acc_t gi = sigmoid_<acc_t>(pre[0]);
+    const acc_t gf = sigmoid_<acc_t>(pre[1]);
+    const acc_t gg = tanh_<acc_t>(pre[2]);
+    const acc_t go = sigmoid_<acc_t>(pre[3]);
     const acc_t cn = gf * c[idx] + gi * gg;
     const acc_t hn = go * tanh_<acc_t>(cn);
     c[idx] = cn;
@@ -734,6 +749,14 @@ int64_t persistent_max_batch() {
   return v ? std::atoll(v) : 32;
 }
 
+// CNNLSTM_EXT_PERSISTENT_MIN_HB: the fewest hidden units per CTA a persistent plan may use
+// (default: any). Larger slices mean fewer CTAs per barrier and less staging traffic, but more
+// product per CTA; benchmarks sweep it.
+int persistent_min_hb() {
+  const char* v = std::getenv("CNNLSTM_EXT_PERSISTENT_MIN_HB");
+  return v ? std::atoi(v) : 0;
+}
+
 // Launch geometry of a persistent recurrence; ok=false when it cannot run co-resident.
 struct PersistentPlan {
   bool ok = false;
@@ -778,7 +801,7 @@ bool want_mma() {
 // recurrent product [B, 4HB], the own state slices [2, B, HB], and the MMA partial sums.
 // The smallest HB (most CTAs) whose grid can be co-resident wins.
 template <typename scalar_t, typename KernelFor>
-PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, bool mma,
+PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, bool mma, int min_hb,
                                         KernelFor kernel_for) {
   PersistentPlan plan;
   if (d.H % 32 != 0 || d.B > 1024) return plan;
@@ -787,7 +810,7 @@ PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, bool mm
   const int64_t in_elem = mma ? sizeof(scalar_t) : 4;
   const int64_t pad = mma ? 8 : 0;                    // row padding (elements) for the MMA loads
   for (int HB : {4, 8, 16, 32, 64}) {
-    if (d.H % HB != 0) continue;
+    if (d.H % HB != 0 || HB < min_hb) continue;
     const int nblk = static_cast<int>(d.H / HB);
     const int grid = static_cast<int>(d.D) * nblk;
     const int64_t O = forward ? 4 * HB : HB;
@@ -823,17 +846,18 @@ PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, bool mm
 // Plans are cached per device and shape: planning queries the driver (occupancy, attributes).
 template <typename scalar_t, typename KernelFor>
 PersistentPlan plan_persistent(const LstmDims& d, bool forward, KernelFor kernel_for) {
-  using Key = std::tuple<int, bool, bool, int, int64_t, int64_t, int64_t>;
+  using Key = std::tuple<int, bool, bool, int, int, int64_t, int64_t, int64_t>;
   static std::mutex mutex;
   static std::map<Key, PersistentPlan> cache;
   const bool mma = want_mma<scalar_t>();
+  const int min_hb = persistent_min_hb();
   // Keyed by dtype, not size: float16 and bfloat16 are different kernels.
-  const Key key{c10::cuda::current_device(), forward, mma,
+  const Key key{c10::cuda::current_device(), forward, mma, min_hb,
                 static_cast<int>(c10::CppTypeToScalarType<scalar_t>::value), d.B, d.H, d.D};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it == cache.end()) {
-    it = cache.emplace(key, plan_persistent_uncached<scalar_t>(d, forward, mma, kernel_for)).first;
+    it = cache.emplace(key, plan_persistent_uncached<scalar_t>(d, forward, mma, min_hb, kernel_for)).first;
   }
   return it->second;
 }
@@ -845,6 +869,14 @@ bool use_persistent(const LstmDims& d, at::ScalarType dt) {
     case RecurrencePath::kPersistent: return true;
     default: return d.B <= persistent_max_batch();
   }
+}
+
+// [n] arrival counters for barrier_arrive/barrier_wait, zeroed on the current stream (a memset,
+// without the dispatch of at::zeros).
+at::Tensor zeroed_barrier(int64_t n, const at::Tensor& like) {
+  auto barrier = at::empty({n}, like.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(barrier.data_ptr(), 0, n * sizeof(int), at::cuda::getCurrentCUDAStream()));
+  return barrier;
 }
 
 void launch_cooperative(const void* kernel, int grid, size_t smem, void* params) {
@@ -859,8 +891,9 @@ void launch_cooperative(const void* kernel, int grid, size_t smem, void* params)
 }
 
 template <typename scalar_t>
-bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const at::Tensor& w_hh,
-                        const at::Tensor& h0, const at::Tensor& c0, const int64_t* lengths,
+bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const scalar_t* bias,
+                        const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+                        const int64_t* lengths,
                         at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n, at::Tensor* gates,
                         at::Tensor* cell) {
   // The instantiation for the tensor-core product, or the FMA product with batch tile BT.
@@ -873,13 +906,16 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const at::Te
   };
   const auto plan = plan_persistent<scalar_t>(d, /*forward=*/true, kernel_for);
   if (!plan.ok) return false;
-  auto opts = xproj.options().dtype(at::kFloat);
-  auto hbuf = at::empty({2, d.D, d.B, d.H}, opts);
-  hbuf[0].copy_(h0);
-  auto barrier = at::zeros({d.D}, xproj.options().dtype(at::kInt));
+  auto hbuf = at::empty({2, d.D, d.B, d.H}, xproj.options().dtype(at::kFloat));
+  // The kernel reads h0 in float32: h0 itself, or converted into slot 0 of hbuf (which the
+  // recurrence first writes at step 1, after every CTA has read step 0's input).
+  const float* h0f = h0.scalar_type() == at::kFloat ? h0.data_ptr<float>() : hbuf[0].copy_(h0).data_ptr<float>();
+  auto barrier = zeroed_barrier(d.D, xproj);
   PersistentForwardParams<scalar_t> p;
   p.xproj = xproj.data_ptr<scalar_t>();
+  p.bias = bias;
   p.w_hh = w_hh.data_ptr<scalar_t>();
+  p.h0 = h0f;
   p.c0 = c0.data_ptr<scalar_t>();
   p.lengths = lengths;
   p.hbuf = hbuf.data_ptr<float>();
@@ -911,7 +947,7 @@ bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::
   const auto plan = plan_persistent<scalar_t>(d, /*forward=*/false, kernel_for);
   if (!plan.ok) return false;
   auto dgbuf = at::empty({2, d.D, d.B, 4 * d.H}, gates.options().dtype(at::kFloat));
-  auto barrier = at::zeros({d.D}, gates.options().dtype(at::kInt));
+  auto barrier = zeroed_barrier(d.D, gates);
   PersistentBackwardParams<scalar_t> p;
   p.grad_y = grad_y.data_ptr<scalar_t>();
   p.grad_h_n = grad_h_n.data_ptr<scalar_t>();
@@ -932,8 +968,9 @@ bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_stepwise(const LstmDims& d, const at::Tensor& xproj, const at::Tensor& w_hh,
-                      const at::Tensor& h0, const at::Tensor& c0, const int64_t* lengths,
+void forward_stepwise(const LstmDims& d, const at::Tensor& xproj, const scalar_t* bias,
+                      const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+                      const int64_t* lengths,
                       at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n, at::Tensor* gates,
                       at::Tensor* cell) {
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -946,7 +983,7 @@ void forward_stepwise(const LstmDims& d, const at::Tensor& xproj, const at::Tens
   for (int64_t s = 0; s < d.T; ++s) {
     matmul_into(rec, h, w_hh_t);
     lstm_forward_step_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        static_cast<int>(s), d.T, d.B, d.H, d.D, xproj.data_ptr<scalar_t>(),
+        static_cast<int>(s), d.T, d.B, d.H, d.D, xproj.data_ptr<scalar_t>(), bias,
         rec.data_ptr<scalar_t>(), lengths, h.data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
         y.data_ptr<scalar_t>(), gates ? gates->data_ptr<scalar_t>() : nullptr,
         cell ? cell->data_ptr<scalar_t>() : nullptr);
@@ -999,9 +1036,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   auto w_hh = w_hh_in.contiguous();
   auto h0 = h0_in.contiguous();
   auto c0 = c0_in.contiguous();
-  // xproj: [T*B, D*4H], every step and both directions in one GEMM.
-  const auto bias_row = bias.has_value() ? c10::optional<at::Tensor>(bias->reshape({D * G})) : c10::nullopt;
-  at::Tensor xproj = project(x.view({T * B, d.I}), w_ih.view({D * G, d.I}), bias_row);
+  // xproj: [T*B, D*4H], every step and both directions in one GEMM; the bias [D, 4H] is added
+  // by the recurrence.
+  at::Tensor xproj = project(x.view({T * B, d.I}), w_ih.view({D * G, d.I}));
+  const auto bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   auto y = at::empty({T, B, D * H}, x.options());
   auto h_n = at::empty({D, B, H}, x.options());
   auto c_n = at::empty({D, B, H}, x.options());
@@ -1016,15 +1054,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const int64_t* L = lengths_c.defined() ? lengths_c.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lstm_layer_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* bias_p = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
     bool done = false;
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (use_persistent(d, dt)) {
-        done = forward_persistent<scalar_t>(d, xproj, w_hh, h0, c0, L, y, h_n, c_n,
+        done = forward_persistent<scalar_t>(d, xproj, bias_p, w_hh, h0, c0, L, y, h_n, c_n,
                                             train ? &gates : nullptr, train ? &cell : nullptr);
       }
     }
     if (!done) {
-      forward_stepwise<scalar_t, acc_t>(d, xproj, w_hh, h0, c0, L, y, h_n, c_n,
+      forward_stepwise<scalar_t, acc_t>(d, xproj, bias_p, w_hh, h0, c0, L, y, h_n, c_n,
                                         train ? &gates : nullptr, train ? &cell : nullptr);
     }
   });
