@@ -774,6 +774,27 @@ def test_no_grad_weight_cache_follows_parameter_changes():
     assert all(p.grad is not None for p in fused.parameters())
 
 
+def test_zero_initial_state_follows_batch_and_dtype():
+    """hx=None reuses a zero state between calls; a new batch size or dtype must get its own."""
+    torch.manual_seed(6)
+    fused = FusedBiLSTM(6, 5, 2)
+    for batch in (3, 2, 3):
+        x = torch.randn(4, batch, 6)
+        zeros = torch.zeros(4, batch, 5)
+        out, (h_n, c_n) = fused(x)
+        ref, (h_ref, c_ref) = fused(x, (zeros, zeros.clone()))
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.testing.assert_close((h_n, c_n), (h_ref, c_ref), rtol=0, atol=0)
+        out.sum().backward()  # the cached zeros are saved for backward, never written
+    assert not fused._zero_state[1][0][0].any()
+    fused.double()  # _apply drops the float32 state
+    assert fused._zero_state is None
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+    _no_grad_matches_nn_lstm(fused, x)
+    assert fused._zero_state[1][0][0].dtype == torch.float64
+    assert copy.deepcopy(fused)._zero_state is None
+
+
 def test_weight_cache_not_carried_by_copies():
     fused = FusedBiLSTM(6, 5, 2)
     with torch.no_grad():

@@ -113,6 +113,8 @@ class FusedLSTM(nn.Module):
         self._layer_names: List[List[List[str]]] = []
         # layer -> (key, (w_ih, w_hh, bias)): the op's weight operands for no-grad calls.
         self._weight_cache = {}
+        # (device, dtype, batch) -> per-layer (h0, c0) zeros: the initial state when hx is None.
+        self._zero_state = None
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else hidden_size * num_directions
             for direction in range(num_directions):
@@ -160,6 +162,7 @@ class FusedLSTM(nn.Module):
         stored otherwise still work, with a copy per call.
         """
         self._weight_cache.clear()
+        self._zero_state = None
         if not self.bidirectional or torch.compiler.is_compiling():
             return
         with torch.no_grad():
@@ -185,7 +188,7 @@ class FusedLSTM(nn.Module):
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_weight_cache": {}}
+        return {**state, "_weight_cache": {}, "_zero_state": None}
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -231,19 +234,22 @@ class FusedLSTM(nn.Module):
         bias = _stack(groups[2]) + _stack(groups[3]) if self.bias else None
         return w_ih, w_hh, bias
 
-    def _check_input(self, x: Tensor, hx: _HX, batch: int) -> None:
+    def _check_input(self, x: Tensor, hx: Optional[_HX], batch: int) -> None:
         if x.size(-1) != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {x.size(-1)}")
-        expected = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
-        for name, t in zip(("hidden[0]", "hidden[1]"), hx):
-            if tuple(t.shape) != expected:
-                raise RuntimeError(f"Expected {name} size {expected}, got {list(t.shape)}")
+        named = [("input", x)]
+        if hx is not None:
+            expected = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
+            for name, t in zip(("hidden[0]", "hidden[1]"), hx):
+                if tuple(t.shape) != expected:
+                    raise RuntimeError(f"Expected {name} size {expected}, got {list(t.shape)}")
+            named += [("hx", hx[0]), ("cx", hx[1])]
         weight = self.weight_ih_l0
         # Under autocast the op casts everything to autocast's dtype, so (as in nn.LSTM) the
         # input may differ from the parameters, e.g. bfloat16 features from an autocast Linear.
         autocast = ops.autocast_dtype(x.device.type) is not None
-        for name, t in (("input", x), ("hx", hx[0]), ("cx", hx[1])):
+        for name, t in named:
             if t.dtype != weight.dtype and not autocast:
                 raise RuntimeError(f"{name} has dtype {t.dtype} but the parameters have dtype "
                                    f"{weight.dtype}; convert one to match (e.g. module.to(dtype))")
@@ -259,17 +265,33 @@ class FusedLSTM(nn.Module):
         if not torch.is_floating_point(x):
             raise RuntimeError(f"expected a floating-point input, got {x.dtype}")
 
-    def _run(self, x: Tensor, hx: _HX, lengths: Optional[Tensor]) -> Tuple[Tensor, _HX]:
-        """x: [T, B, I] -> output [T, B, D*H], (h_n, c_n) [L*D, B, H]."""
+    def _layer_states(self, x: Tensor, hx: Optional[_HX], batch: int) -> List[_HX]:
+        """Per layer (h0, c0) [D, B, H]: views of hx, or zeros when hx is None.
+
+        The zeros are kept between calls of the same device, dtype and batch: the op only reads
+        them, and a call saves their allocation and fill.
+        """
         D = 2 if self.bidirectional else 1
+        if hx is not None:
+            return list(zip(hx[0].split(D), hx[1].split(D)))
+        if torch.compiler.is_compiling():
+            zeros = x.new_zeros(D, batch, self.hidden_size)
+            return [(zeros, zeros)] * self.num_layers
+        key = (x.device, x.dtype, batch)
+        if self._zero_state is None or self._zero_state[0] != key:
+            zeros = x.new_zeros(D, batch, self.hidden_size)
+            self._zero_state = (key, [(zeros, zeros)] * self.num_layers)
+        return self._zero_state[1]
+
+    def _run(self, x: Tensor, states: List[_HX], lengths: Optional[Tensor]) -> Tuple[Tensor, _HX]:
+        """x: [T, B, I], states: per layer (h0, c0) [D, B, H] -> output [T, B, D*H],
+        (h_n, c_n) [L*D, B, H]."""
         h_n, c_n = [], []
         y = x
-        for layer in range(self.num_layers):
+        for layer, (h0, c0) in enumerate(states):
             if layer > 0 and self.dropout > 0 and self.training:
                 y = F.dropout(y, p=self.dropout, training=True)
             w_ih, w_hh, bias = self._layer_weights(layer)
-            h0 = hx[0][layer * D:(layer + 1) * D]
-            c0 = hx[1][layer * D:(layer + 1) * D]
             y, h, c = ops.lstm_layer(y.contiguous(), w_ih, w_hh, bias, h0.contiguous(),
                                      c0.contiguous(), lengths)
             h_n.append(h)
@@ -292,8 +314,6 @@ class FusedLSTM(nn.Module):
 
     def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[_HX] = None,
                 lengths: Optional[Tensor] = None):
-        D = 2 if self.bidirectional else 1
-        num_states = self.num_layers * D
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths cannot be given with a PackedSequence (it has its own)")
@@ -302,13 +322,11 @@ class FusedLSTM(nn.Module):
             padded, seq_lengths = torch._VF._pad_packed_sequence(
                 data, batch_sizes, False, 0.0, batch_sizes.size(0))
             batch = int(batch_sizes[0])
-            if hx is None:
-                zeros = data.new_zeros(num_states, batch, self.hidden_size)
-                hx = (zeros, zeros)
-            elif sorted_indices is not None:
+            if hx is not None and sorted_indices is not None:
                 hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
             self._check_input(padded, hx, batch)
-            out, (h_n, c_n) = self._run(padded, hx, seq_lengths.to(data.device))
+            out, (h_n, c_n) = self._run(padded, self._layer_states(padded, hx, batch),
+                                        seq_lengths.to(data.device))
             out_data, _ = torch._VF._pack_padded_sequence(out, seq_lengths, False)
             output = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
@@ -331,13 +349,10 @@ class FusedLSTM(nn.Module):
                                f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
         x = input.transpose(0, 1) if self.batch_first and batched else input   # [T, B, I]
         steps, batch = x.shape[0], x.shape[1]
-        if hx is None:
-            zeros = x.new_zeros(num_states, batch, self.hidden_size)
-            hx = (zeros, zeros)
         self._check_input(x, hx, batch)
         if lengths is not None:
             lengths = self._lengths_on(lengths, batch, steps, x.device)
-        out, (h_n, c_n) = self._run(x.contiguous(), hx, lengths)
+        out, (h_n, c_n) = self._run(x.contiguous(), self._layer_states(x, hx, batch), lengths)
         if self.batch_first and batched:
             out = out.transpose(0, 1)
         if not batched:

@@ -871,12 +871,21 @@ bool use_persistent(const LstmDims& d, at::ScalarType dt) {
   }
 }
 
-// [n] arrival counters for barrier_arrive/barrier_wait, zeroed on the current stream (a memset,
-// without the dispatch of at::zeros).
-at::Tensor zeroed_barrier(int64_t n, const at::Tensor& like) {
-  auto barrier = at::empty({n}, like.options().dtype(at::kInt));
-  C10_CUDA_CHECK(cudaMemsetAsync(barrier.data_ptr(), 0, n * sizeof(int), at::cuda::getCurrentCUDAStream()));
-  return barrier;
+// The float32 exchange buffers of a persistent recurrence ([2, exchange] elements) followed by D
+// barrier counters, in one allocation; the counters are zeroed on the current stream.
+struct ExchangeBuffers {
+  at::Tensor storage;
+  float* data;
+  unsigned int* barrier;
+};
+
+ExchangeBuffers exchange_buffers(int64_t exchange, int64_t D, const at::Tensor& like) {
+  ExchangeBuffers e;
+  e.storage = at::empty({2 * exchange + D}, like.options().dtype(at::kFloat));
+  e.data = e.storage.data_ptr<float>();
+  e.barrier = reinterpret_cast<unsigned int*>(e.data + 2 * exchange);
+  C10_CUDA_CHECK(cudaMemsetAsync(e.barrier, 0, D * sizeof(unsigned int), at::cuda::getCurrentCUDAStream()));
+  return e;
 }
 
 void launch_cooperative(const void* kernel, int grid, size_t smem, void* params) {
@@ -906,11 +915,12 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const scalar
   };
   const auto plan = plan_persistent<scalar_t>(d, /*forward=*/true, kernel_for);
   if (!plan.ok) return false;
-  auto hbuf = at::empty({2, d.D, d.B, d.H}, xproj.options().dtype(at::kFloat));
-  // The kernel reads h0 in float32: h0 itself, or converted into slot 0 of hbuf (which the
-  // recurrence first writes at step 1, after every CTA has read step 0's input).
-  const float* h0f = h0.scalar_type() == at::kFloat ? h0.data_ptr<float>() : hbuf[0].copy_(h0).data_ptr<float>();
-  auto barrier = zeroed_barrier(d.D, xproj);
+  // hbuf: [2, D, B, H]. The kernel reads h0 in float32: h0 itself, or converted into slot 0 of
+  // hbuf (which the recurrence first writes at step 1, after every CTA has read step 0's input).
+  const auto buf = exchange_buffers(d.D * d.B * d.H, d.D, xproj);
+  const float* h0f = h0.scalar_type() == at::kFloat
+                         ? h0.data_ptr<float>()
+                         : buf.storage.narrow(0, 0, d.D * d.B * d.H).view(h0.sizes()).copy_(h0).data_ptr<float>();
   PersistentForwardParams<scalar_t> p;
   p.xproj = xproj.data_ptr<scalar_t>();
   p.bias = bias;
@@ -918,13 +928,13 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const scalar
   p.h0 = h0f;
   p.c0 = c0.data_ptr<scalar_t>();
   p.lengths = lengths;
-  p.hbuf = hbuf.data_ptr<float>();
+  p.hbuf = buf.data;
   p.y = y.data_ptr<scalar_t>();
   p.h_n = h_n.data_ptr<scalar_t>();
   p.c_n = c_n.data_ptr<scalar_t>();
   p.gates = gates ? gates->data_ptr<scalar_t>() : nullptr;
   p.cell = cell ? cell->data_ptr<scalar_t>() : nullptr;
-  p.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
+  p.barrier = buf.barrier;
   static_cast<PersistentGeometry&>(p) = plan.geometry(d);
   launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT, plan.mma)), d.D * plan.nblk, plan.smem, &p);
   return true;
@@ -946,8 +956,7 @@ bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::
   };
   const auto plan = plan_persistent<scalar_t>(d, /*forward=*/false, kernel_for);
   if (!plan.ok) return false;
-  auto dgbuf = at::empty({2, d.D, d.B, 4 * d.H}, gates.options().dtype(at::kFloat));
-  auto barrier = zeroed_barrier(d.D, gates);
+  const auto buf = exchange_buffers(d.D * d.B * 4 * d.H, d.D, gates);  // dgbuf: [2, D, B, 4H]
   PersistentBackwardParams<scalar_t> p;
   p.grad_y = grad_y.data_ptr<scalar_t>();
   p.grad_h_n = grad_h_n.data_ptr<scalar_t>();
@@ -957,11 +966,11 @@ bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::
   p.c0 = c0.data_ptr<scalar_t>();
   p.w_hh = w_hh.data_ptr<scalar_t>();
   p.lengths = lengths;
-  p.dgbuf = dgbuf.data_ptr<float>();
+  p.dgbuf = buf.data;
   p.dG = dG.data_ptr<scalar_t>();
   p.grad_h0 = grad_h0.data_ptr<scalar_t>();
   p.grad_c0 = grad_c0.data_ptr<scalar_t>();
-  p.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
+  p.barrier = buf.barrier;
   static_cast<PersistentGeometry&>(p) = plan.geometry(d);
   launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT, plan.mma)), d.D * plan.nblk, plan.smem, &p);
   return true;
