@@ -102,6 +102,11 @@ def _lstm_setup_context(ctx, inputs, output):
     y, _, _, gates, cell = output
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, y, gates, cell)
+    # gates and cell are saved activations, not results: no gradient flows into them. Without
+    # materialised grads, autograd passes None for them (and for unused results) instead of
+    # allocating zeros of their size ([T, B, D, 4H] and [T, B, D, H]) at the peak of backward.
+    ctx.mark_non_differentiable(gates, cell)
+    ctx.set_materialize_grads(False)
 
 
 def _lstm_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cell):

@@ -774,6 +774,41 @@ def test_no_grad_weight_cache_follows_parameter_changes():
     assert all(p.grad is not None for p in fused.parameters())
 
 
+def test_backward_allocates_nothing_of_the_saved_activations_size():
+    """Autograd must not materialise zero gradients for the saved gates and cell.
+
+    Each is as large as the layer's activations ([T, B, D, 4H] and [T, B, D, H]); zeros of their
+    size would sit at the peak of a training step for nothing.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen.update(tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    torch.manual_seed(7)
+    T, B, I, H = 5, 3, 6, 4
+    fused = FusedBiLSTM(I, H, 2)
+    x = torch.randn(T, B, I, requires_grad=True)
+    for use in ("output", "h_n"):
+        out, (h_n, _) = fused(x)
+        loss = out.square().sum() if use == "output" else h_n.square().sum()
+        shapes = Shapes()
+        with shapes:
+            loss.backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0, use
+        assert (T, B, 2, 4 * H) not in shapes.seen, use  # gates
+        assert (T, B, 2, H) not in shapes.seen, use      # cell
+        x.grad = None
+
+
 def test_zero_initial_state_follows_batch_and_dtype():
     """hx=None reuses a zero state between calls; a new batch size or dtype must get its own."""
     torch.manual_seed(6)

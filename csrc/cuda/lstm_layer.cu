@@ -1139,8 +1139,7 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
       dG, y, h0, lengths_c, [](at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool acc) {
         matmul_into(out, a, b, acc);
       });
-  // Accumulates in float32 for 16-bit dG (ATen's reduction accumulator) without the float32 copy
-  // of dG that an explicit dtype= would materialise (twice dG's size, at the peak of training).
+  // ATen's reduction accumulates 16-bit dG in float32.
   auto grad_bias = at::sum(dG, at::IntArrayRef{0, 1});
   auto grad_x = at::empty({T, B, d.I}, x.options());
   auto grad_x_2d = grad_x.view({T * B, d.I});
