@@ -97,12 +97,16 @@ def _cublas_library():
 def _extension():
     use_cuda = _want_cuda()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"]
+    # at::parallel_for is inline OpenMP: without -fopenmp it compiles to a serial loop here. The
+    # extension then shares the OpenMP runtime torch has loaded (same soname) and its threads.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3"] + openmp
     include_dirs = [os.path.join(HERE, "csrc")]
     if not use_cuda:
         print("cnnlstm_ext: building the CPU kernels only")
         return CppExtension("cnnlstm_ext._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, py_limited_api=True)
+                            extra_compile_args={"cxx": cxx}, extra_link_args=openmp,
+                            py_limited_api=True)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         visible = False
         try:
@@ -121,7 +125,7 @@ def _extension():
     return CUDAExtension("cnnlstm_ext._C", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx + ["-DCNNLSTM_EXT_WITH_CUDA"],
                                              "nvcc": nvcc + ["-DCNNLSTM_EXT_WITH_CUDA"]},
-                         extra_link_args=[cublas], py_limited_api=True)
+                         extra_link_args=[cublas] + openmp, py_limited_api=True)
 
 
 setup(
