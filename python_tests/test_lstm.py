@@ -4,7 +4,9 @@ opcheck, torch.compile, optimizer-state transfer, fuse/unfuse and input errors.
 Sizes are tiny (I=3, H=4, T=5, B<=4) so the whole grid runs in seconds on two cores.
 """
 import copy
+import importlib.util
 import io
+import sys
 
 import pytest
 import torch
@@ -913,3 +915,13 @@ def test_baseline_instruction_set_kernels_match_reference(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "DEFAULT"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP build is Linux's")
+def test_cpu_kernels_built_with_openmp():
+    """at::parallel_for is inline OpenMP: built without -fopenmp, the extension's parallel loops
+    would run on one thread whatever torch.get_num_threads() says. An OpenMP build calls the
+    runtime's GOMP_parallel."""
+    path = importlib.util.find_spec("cnnlstm_ext._C").origin
+    with open(path, "rb") as f:
+        assert b"GOMP_parallel" in f.read(), f"{path} was built without OpenMP"
