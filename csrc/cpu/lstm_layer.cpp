@@ -37,6 +37,13 @@ std::vector<int64_t> host_lengths(const c10::optional<at::Tensor>& lengths, cons
 // more when the cores are shared.
 inline int64_t rows_per_task(int64_t H) { return std::max<int64_t>(1, 2048 / H); }
 
+// A [T, B, ...] output whose valid steps the recurrence writes: zero-filled only when some steps
+// are padding (with lengths), since those are never visited.
+at::Tensor padded_output(at::IntArrayRef size, const at::TensorOptions& options,
+                         const c10::optional<at::Tensor>& lengths) {
+  return lengths.has_value() ? at::zeros(size, options) : at::empty(size, options);
+}
+
 // Time index of step s for sequence b in direction dir.
 inline int64_t time_index(int64_t dir, int64_t s, int64_t len) { return dir == 0 ? s : len - 1 - s; }
 
@@ -152,11 +159,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   xproj = xproj.view({T, B, D, G});
   auto h = h0.to(acc).contiguous().clone();
   auto c = c0.to(acc).contiguous().clone();
-  auto y = at::zeros({T, B, D * H}, x.options());
+  // The recurrence writes every valid step; padding (steps past a length) must read as zeros.
+  auto y = padded_output({T, B, D * H}, x.options(), lengths);
   at::Tensor gates, cell;
   if (train) {
-    gates = at::zeros({T, B, D, G}, x.options());
-    cell = at::zeros({T, B, D, H}, x.options());
+    gates = padded_output({T, B, D, G}, x.options(), lengths);
+    cell = padded_output({T, B, D, H}, x.options(), lengths);
   } else {
     gates = at::empty({0}, x.options());
     cell = at::empty({0}, x.options());
@@ -263,7 +271,7 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
   auto gy = grad_y.to(acc).contiguous();
   auto dh = grad_h_n.to(acc).contiguous().clone();
   auto dc = grad_c_n.to(acc).contiguous().clone();
-  auto dG = at::zeros({T, B, D, G}, gy.options());
+  auto dG = padded_output({T, B, D, G}, gy.options(), lengths);
   auto gates_c = gates.to(acc).contiguous();
   auto cell_c = cell.to(acc).contiguous();
   auto c0_a = c0.to(acc).contiguous();
