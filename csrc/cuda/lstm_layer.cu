@@ -884,7 +884,8 @@ ExchangeBuffers exchange_buffers(int64_t exchange, int64_t D, const at::Tensor& 
   e.storage = at::empty({2 * exchange + D}, like.options().dtype(at::kFloat));
   e.data = e.storage.data_ptr<float>();
   e.barrier = reinterpret_cast<unsigned int*>(e.data + 2 * exchange);
-  C10_CUDA_CHECK(cudaMemsetAsync(e.barrier, 0, D * sizeof(unsigned int), at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cudaMemsetAsync(e.barrier, 0, D * sizeof(unsigned int),
+                                 at::cuda::getCurrentCUDAStream()));
   return e;
 }
 
@@ -918,9 +919,12 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const scalar
   // hbuf: [2, D, B, H]. The kernel reads h0 in float32: h0 itself, or converted into slot 0 of
   // hbuf (which the recurrence first writes at step 1, after every CTA has read step 0's input).
   const auto buf = exchange_buffers(d.D * d.B * d.H, d.D, xproj);
-  const float* h0f = h0.scalar_type() == at::kFloat
-                         ? h0.data_ptr<float>()
-                         : buf.storage.narrow(0, 0, d.D * d.B * d.H).view(h0.sizes()).copy_(h0).data_ptr<float>();
+  const float* h0f = nullptr;
+  if (h0.scalar_type() == at::kFloat) {
+    h0f = h0.data_ptr<float>();
+  } else {
+    h0f = buf.storage.narrow(0, 0, d.D * d.B * d.H).view(h0.sizes()).copy_(h0).data_ptr<float>();
+  }
   PersistentForwardParams<scalar_t> p;
   p.xproj = xproj.data_ptr<scalar_t>();
   p.bias = bias;
