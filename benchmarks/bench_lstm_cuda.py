@@ -137,6 +137,8 @@ VARIANTS = {
     "baseline": {},
     "fused-persistent-mma": {"CNNLSTM_EXT_LSTM_PATH": "persistent", "CNNLSTM_EXT_LSTM_MMA": "1"},
     "fused-persistent-fma": {"CNNLSTM_EXT_LSTM_PATH": "persistent", "CNNLSTM_EXT_LSTM_MMA": "0"},
+    "fused-persistent-fma-tagged": {"CNNLSTM_EXT_LSTM_PATH": "persistent",
+                                    "CNNLSTM_EXT_LSTM_MMA": "0", "CNNLSTM_EXT_LSTM_EXCHANGE": "tagged"},
     "fused-stepwise": {"CNNLSTM_EXT_LSTM_PATH": "stepwise"},
 }
 

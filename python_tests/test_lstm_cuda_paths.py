@@ -1,7 +1,9 @@
-"""Both CUDA recurrence paths (persistent, stepwise) and both products of the persistent path
-(tensor-core MMA, FMA) against the float64 CPU kernels, forward and every gradient.
+"""Both CUDA recurrence paths (persistent, stepwise), both products of the persistent path
+(tensor-core MMA, FMA) and both of its exchanges (barrier, tagged) against the float64 CPU
+kernels, forward and every gradient.
 
-The path is forced through CNNLSTM_EXT_LSTM_PATH / CNNLSTM_EXT_LSTM_MMA (read at every call).
+The path is forced through CNNLSTM_EXT_LSTM_PATH / CNNLSTM_EXT_LSTM_MMA /
+CNNLSTM_EXT_LSTM_EXCHANGE (read at every call).
 Where cuDNN can run the same case (no lengths), the fused error must also stay within twice
 cuDNN's own error in the same dtype against the same float64 reference (plus a small floor).
 """
@@ -66,11 +68,13 @@ def _case(shape, dtype, seed):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-I{}-H{}-L{}-{}-{}".format(
     s[0], s[1], s[2], s[3], s[4], "bi" if s[5] else "uni", "lengths" if s[6] else "padded"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("variant", ["persistent-mma", "persistent-fma", "stepwise"])
+@pytest.mark.parametrize("variant", ["persistent-mma", "persistent-fma", "persistent-fma-tagged",
+                                     "stepwise"])
 def test_cuda_path_matches_float64(monkeypatch, variant, dtype, shape):
-    path, _, product = variant.partition("-")
+    path, product, exchange = (variant.split("-") + ["", "barrier"])[:3]
     monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", path)
     monkeypatch.setenv("CNNLSTM_EXT_LSTM_MMA", "0" if product == "fma" else "1")
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_EXCHANGE", exchange)
     ref, x, hx, lengths = _case(shape, dtype, seed=zlib.crc32(repr((variant, str(dtype), shape)).encode()))
     want = _run(ref, x, hx, lengths, 1)
     model = FusedLSTM(ref.input_size, ref.hidden_size, ref.num_layers,
@@ -114,3 +118,16 @@ def test_cuda_bad_path_setting_is_refused(monkeypatch):
     model = FusedLSTM(8, 32).cuda()
     with pytest.raises(RuntimeError, match="CNNLSTM_EXT_LSTM_PATH"):
         model(torch.randn(3, 2, 8, device="cuda"))
+
+
+def test_cuda_bad_exchange_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "persistent")
+    model = FusedLSTM(8, 32).cuda()
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_EXCHANGE", "mailbox")
+    with pytest.raises(RuntimeError, match="CNNLSTM_EXT_LSTM_EXCHANGE"):
+        model(torch.randn(3, 2, 8, device="cuda"))
+    # The tagged exchange reads float32 rows: it does not combine with the tensor-core product.
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_EXCHANGE", "tagged")
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_MMA", "1")
+    with pytest.raises(RuntimeError, match="FMA product"):
+        model.to(torch.bfloat16)(torch.randn(3, 2, 8, device="cuda", dtype=torch.bfloat16))

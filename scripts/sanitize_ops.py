@@ -1,6 +1,7 @@
 """A small forward + backward of every op on the GPU, for compute-sanitizer (memcheck, racecheck).
 
-Both LSTM recurrence paths, float32 and bfloat16, with and without lengths.
+Both LSTM recurrence paths, float32 and bfloat16, with and without lengths, and the persistent
+forward's tagged exchange.
 """
 import os
 
@@ -10,8 +11,9 @@ import cnnlstm_ext
 from cnnlstm_ext import FusedLSTM
 
 
-def lstm_case(path: str, dtype: torch.dtype, lengths: bool) -> None:
+def lstm_case(path: str, dtype: torch.dtype, lengths: bool, exchange: str = "barrier") -> None:
     os.environ["CNNLSTM_EXT_LSTM_PATH"] = path
+    os.environ["CNNLSTM_EXT_LSTM_EXCHANGE"] = exchange
     model = FusedLSTM(32, 64, num_layers=2, bidirectional=True).to("cuda", dtype)
     x = torch.randn(5, 3, 32, device="cuda", dtype=dtype, requires_grad=True)
     L = torch.tensor([5, 2, 4], device="cuda") if lengths else None
@@ -25,6 +27,8 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             for lengths in (False, True):
                 lstm_case(path, dtype, lengths)
+    for lengths in (False, True):  # the persistent forward's tagged exchange
+        lstm_case("persistent", torch.float32, lengths, exchange="tagged")
     torch.cuda.synchronize()
     print("sanitize_ops: all ops ran")
 

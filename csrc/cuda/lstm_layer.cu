@@ -204,6 +204,48 @@ __device__ __forceinline__ void stage_rows(float* in, const float* src, int nb, 
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
+// Like stage_rows, from tagged words (lstm_math.cuh) instead of floats published behind a
+// barrier: each thread keeps up to kTaggedLoads loads in flight and reloads those whose word does
+// not show `step` yet, so the wait for the other CTAs and the load are one L2 round trip.
+// Followed by a __syncthreads in the caller.
+constexpr int kTaggedLoads = 16;
+__device__ __forceinline__ void stage_rows_tagged(float* in, const unsigned long long* src, int nb,
+                                                  int nbp, int K, unsigned int step) {
+  const int total = nbp * K, valid = nb * K, stride = blockDim.x;
+  for (int base = threadIdx.x; base < total; base += stride * kTaggedLoads) {
+    unsigned long long w[kTaggedLoads];
+    unsigned int pending = 0;  // bit u: element base + u * stride still to read
+#pragma unroll
+    for (int u = 0; u < kTaggedLoads; ++u) {
+      const int idx = base + u * stride;
+      if (idx < valid) {
+        pending |= 1u << u;
+      } else if (idx < total) {
+        in[idx] = 0.f;  // rows nb..nbp-1 pad the last batch tile
+      }
+    }
+    const long long start = clock64();
+    while (pending != 0) {
+      // As in barrier_wait: co-residency is guaranteed, so a wait this long (~30 s) is a bug.
+      if (clock64() - start > (1ll << 36)) __trap();
+#pragma unroll
+      for (int u = 0; u < kTaggedLoads; ++u)
+        if (pending & (1u << u)) w[u] = load_word(src + base + u * stride);
+      const unsigned int before = pending;
+#pragma unroll
+      for (int u = 0; u < kTaggedLoads; ++u) {
+        if ((pending & (1u << u)) && word_step(w[u]) == step) {
+          in[base + u * stride] = word_value(w[u]);
+          pending &= ~(1u << u);
+        }
+      }
+      // A round that found nothing new backs off a little, so that the polling of every CTA
+      // does not crowd L2 while the last producers finish.
+      if (pending == before) __nanosleep(32);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tensor-core recurrent product for bfloat16/float16 weights (mma.sync m16n8k16, float32
 // accumulation): out[b * O + o] = sum_k in[b * ldi + k] * w[o * ldw + k].
@@ -311,24 +353,38 @@ __device__ void recurrent_product_mma(const scalar_t* in, int ldi, const scalar_
   }
 }
 
+// Where a step reads the matrix the CTAs of a direction exchange ([B, K], in global memory):
+// float rows published behind the barrier, or tagged words (forward only, FMA product) that are
+// read until they show `step`.
+struct ExchangeSource {
+  const float* rows = nullptr;
+  const unsigned long long* words = nullptr;
+  unsigned int step = 0;
+};
+
 // The product of the matrix the CTAs of a direction exchange each step (h_{s-1}: [B, K] forward,
-// dG_{s+1}: [B, K] backward, float in global memory) with this CTA's weights w_s, staged in
-// chunks of BC rows: out[b * O + o] for all b < B. Every thread of the CTA calls it.
+// dG_{s+1}: [B, K] backward) with this CTA's weights w_s, staged in chunks of BC rows:
+// out[b * O + o] for all b < B. Every thread of the CTA calls it.
 template <typename scalar_t, int BT, bool MMA>
-__device__ void exchanged_product(unsigned char* in_s, int ldi, const float* src, const scalar_t* w_s,
-                                  int ldw, float* part, float* out, int B, int BC, int O, int Opad,
-                                  int K) {
+__device__ void exchanged_product(unsigned char* in_s, int ldi, const ExchangeSource& src,
+                                  const scalar_t* w_s, int ldw, float* part, float* out, int B,
+                                  int BC, int O, int Opad, int K) {
   for (int b0 = 0; b0 < B; b0 += BC) {
     const int nb = min(BC, B - b0);
+    const size_t offset = static_cast<size_t>(b0) * K;
     if constexpr (MMA) {
       const int nbp = static_cast<int>(round_up(nb, 8));
-      stage_rows_16bit(reinterpret_cast<scalar_t*>(in_s), ldi, src + static_cast<size_t>(b0) * K, nb, nbp, K);
+      stage_rows_16bit(reinterpret_cast<scalar_t*>(in_s), ldi, src.rows + offset, nb, nbp, K);
       __syncthreads();
       recurrent_product_mma(reinterpret_cast<const scalar_t*>(in_s), ldi, w_s, ldw, part, out + b0 * O,
                             nb, nbp, O, Opad, K);
     } else {
-      stage_rows(reinterpret_cast<float*>(in_s), src + static_cast<size_t>(b0) * K, nb,
-                 static_cast<int>(round_up(nb, BT)), K);
+      const int nbp = static_cast<int>(round_up(nb, BT));
+      if (src.words != nullptr) {
+        stage_rows_tagged(reinterpret_cast<float*>(in_s), src.words + offset, nb, nbp, K, src.step);
+      } else {
+        stage_rows(reinterpret_cast<float*>(in_s), src.rows + offset, nb, nbp, K);
+      }
       __syncthreads();
       recurrent_product<scalar_t, BT>(reinterpret_cast<const float*>(in_s), w_s, out + b0 * O, nb, O, K);
     }
@@ -356,6 +412,8 @@ struct PersistentForwardParams : PersistentGeometry {
   const scalar_t* c0;       // [D, B, H]
   const int64_t* lengths;   // [B] or null
   float* hbuf;              // [2, D, B, H] h exchange buffers (slot 0 unused at step 0)
+  unsigned long long* hwords;  // [2, D, B, H] tagged exchange words instead of hbuf and the
+                               // barrier (CNNLSTM_EXT_LSTM_EXCHANGE=tagged), or null
   scalar_t* y;              // [T, B, D*H]
   scalar_t* h_n;            // [D, B, H]
   scalar_t* c_n;            // [D, B, H]
@@ -423,11 +481,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool own_pair = B * HB <= static_cast<int>(blockDim.x);
   StepInput next{};
   if (own_pair && threadIdx.x < B * HB) next = load_forward_input(p, threadIdx.x, 0);
+  // h_s goes to slot (s + 1) & 1 (tagged: with step s + 1); step s reads slot s & 1 (h0 at s = 0).
+  const bool tagged = p.hwords != nullptr;
   for (int s = 0; s < p.T; ++s) {
-    if (s > 0) barrier_wait(p.barrier + dir, static_cast<unsigned int>(s * p.nblk));
-    const float* h_in = (s == 0 ? p.h0 : p.hbuf + static_cast<size_t>(s & 1) * D * B * H) +
-                        static_cast<size_t>(dir) * B * H;
-    float* h_out = p.hbuf + (static_cast<size_t>((s + 1) & 1) * D + dir) * B * H;
+    if (s > 0 && !tagged) barrier_wait(p.barrier + dir, static_cast<unsigned int>(s * p.nblk));
+    const size_t slot_in = (static_cast<size_t>(s & 1) * D + dir) * B * H;
+    const size_t slot_out = (static_cast<size_t>((s + 1) & 1) * D + dir) * B * H;
+    ExchangeSource h_in;
+    if (s == 0) {
+      h_in.rows = p.h0 + static_cast<size_t>(dir) * B * H;
+    } else if (tagged) {
+      h_in.words = p.hwords + slot_in;
+      h_in.step = static_cast<unsigned int>(s);
+    } else {
+      h_in.rows = p.hbuf + slot_in;
+    }
     exchanged_product<scalar_t, BT, MMA>(in_s, p.ldi, h_in, w_s, p.ldw, part, pre_s, B, p.BC, O, O, H);
     for (int q = threadIdx.x; q < B * HB; q += blockDim.x) {
       const int b = q / HB, u = q % HB, j = j0 + u;
@@ -464,10 +532,16 @@ __global__ void __launch_bounds__(kThreads, 1)
           p.cell[row * H + j] = static_cast<scalar_t>(0.f);
         }
       }
-      h_out[static_cast<size_t>(b) * H + j] = h_s[q];  // finished sequences carry their state
+      // Finished sequences carry their state.
+      if (tagged) {
+        store_word(p.hwords + slot_out + static_cast<size_t>(b) * H + j,
+                   tagged_word(h_s[q], static_cast<unsigned int>(s + 1)));
+      } else {
+        p.hbuf[slot_out + static_cast<size_t>(b) * H + j] = h_s[q];
+      }
     }
     if (s + 1 < p.T) {
-      barrier_arrive(p.barrier + dir);
+      if (!tagged) barrier_arrive(p.barrier + dir);
       if (own_pair && threadIdx.x < B * HB) next = load_forward_input(p, threadIdx.x, s + 1);
     }
   }
@@ -562,7 +636,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (it > 0) {
       barrier_wait(p.barrier + dir, static_cast<unsigned int>(it * p.nblk));
       // dG of step s + 1 (all CTAs of this direction) -> dh_s = dG_{s+1} . w_hh[:, own units]
-      const float* g_in = p.dgbuf + (static_cast<size_t>((it - 1) & 1) * D + dir) * B * G;
+      ExchangeSource g_in;
+      g_in.rows = p.dgbuf + (static_cast<size_t>((it - 1) & 1) * D + dir) * B * G;
       exchanged_product<scalar_t, BT, MMA>(in_s, p.ldi, g_in, w_s, p.ldw, part, dh_s, B, p.BC, HB, Opad, G);
     }
     if (s < 0) break;
@@ -749,6 +824,18 @@ int64_t persistent_max_batch() {
   return v ? std::atoll(v) : 32;
 }
 
+// CNNLSTM_EXT_LSTM_EXCHANGE=barrier|tagged: how the CTAs of the persistent forward recurrence pass
+// h between steps. barrier (default): float rows and a per-direction flag barrier. tagged: each
+// element carries the step that wrote it in a 64-bit word, and readers wait on the data itself
+// (one L2 round trip per step instead of two, no fence); FMA product only.
+bool want_tagged_exchange() {
+  const char* v = std::getenv("CNNLSTM_EXT_LSTM_EXCHANGE");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "barrier") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "tagged") == 0,
+              "CNNLSTM_EXT_LSTM_EXCHANGE must be barrier or tagged, got '", v, "'");
+  return true;
+}
+
 // CNNLSTM_EXT_PERSISTENT_MIN_HB: the fewest hidden units per CTA a persistent plan may use
 // (default: any). Larger slices mean fewer CTAs per barrier and less staging traffic, but more
 // product per CTA; benchmarks sweep it.
@@ -871,21 +958,34 @@ bool use_persistent(const LstmDims& d, at::ScalarType dt) {
   }
 }
 
-// The float32 exchange buffers of a persistent recurrence ([2, exchange] elements) followed by D
-// barrier counters, in one allocation; the counters are zeroed on the current stream.
+// The exchange buffers of a persistent recurrence in one allocation: [2, exchange] float32
+// elements and D barrier counters (zeroed on the current stream), or, tagged, [2, exchange]
+// tagged words (all set to step 0xffffffff, which no step waits for) and [exchange] float32
+// scratch.
 struct ExchangeBuffers {
   at::Tensor storage;
-  float* data;
-  unsigned int* barrier;
+  float* data = nullptr;
+  unsigned long long* words = nullptr;
+  float* scratch = nullptr;
+  unsigned int* barrier = nullptr;
 };
 
-ExchangeBuffers exchange_buffers(int64_t exchange, int64_t D, const at::Tensor& like) {
+ExchangeBuffers exchange_buffers(int64_t exchange, int64_t D, const at::Tensor& like,
+                                 bool tagged = false) {
   ExchangeBuffers e;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (tagged) {
+    e.storage = at::empty({5 * exchange}, like.options().dtype(at::kFloat));  // 8-byte aligned
+    e.words = reinterpret_cast<unsigned long long*>(e.storage.data_ptr<float>());
+    e.scratch = e.storage.data_ptr<float>() + 4 * exchange;
+    C10_CUDA_CHECK(cudaMemsetAsync(e.words, 0xff, 2 * exchange * sizeof(unsigned long long), stream));
+    return e;
+  }
   e.storage = at::empty({2 * exchange + D}, like.options().dtype(at::kFloat));
   e.data = e.storage.data_ptr<float>();
+  e.scratch = e.data;  // slot 0, first written at step 1
   e.barrier = reinterpret_cast<unsigned int*>(e.data + 2 * exchange);
-  C10_CUDA_CHECK(cudaMemsetAsync(e.barrier, 0, D * sizeof(unsigned int),
-                                 at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cudaMemsetAsync(e.barrier, 0, D * sizeof(unsigned int), stream));
   return e;
 }
 
@@ -916,14 +1016,20 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const scalar
   };
   const auto plan = plan_persistent<scalar_t>(d, /*forward=*/true, kernel_for);
   if (!plan.ok) return false;
-  // hbuf: [2, D, B, H]. The kernel reads h0 in float32: h0 itself, or converted into slot 0 of
-  // hbuf (which the recurrence first writes at step 1, after every CTA has read step 0's input).
-  const auto buf = exchange_buffers(d.D * d.B * d.H, d.D, xproj);
+  const bool tagged = want_tagged_exchange();
+  TORCH_CHECK(!tagged || !plan.mma, "CNNLSTM_EXT_LSTM_EXCHANGE=tagged needs the FMA product of "
+              "the persistent kernel; unset CNNLSTM_EXT_LSTM_MMA");
+  // hbuf (or hwords): [2, D, B, H]. The kernel reads h0 in float32: h0 itself, or converted into
+  // the scratch (slot 0 of hbuf, which the recurrence first writes at step 1, after every CTA has
+  // read step 0's input).
+  const int64_t state = d.D * d.B * d.H;
+  const auto buf = exchange_buffers(state, d.D, xproj, tagged);
   const float* h0f = nullptr;
   if (h0.scalar_type() == at::kFloat) {
     h0f = h0.data_ptr<float>();
   } else {
-    h0f = buf.storage.narrow(0, 0, d.D * d.B * d.H).view(h0.sizes()).copy_(h0).data_ptr<float>();
+    at::from_blob(buf.scratch, h0.sizes(), xproj.options().dtype(at::kFloat)).copy_(h0);
+    h0f = buf.scratch;
   }
   PersistentForwardParams<scalar_t> p;
   p.xproj = xproj.data_ptr<scalar_t>();
@@ -933,6 +1039,7 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const scalar
   p.c0 = c0.data_ptr<scalar_t>();
   p.lengths = lengths;
   p.hbuf = buf.data;
+  p.hwords = buf.words;
   p.y = y.data_ptr<scalar_t>();
   p.h_n = h_n.data_ptr<scalar_t>();
   p.c_n = c_n.data_ptr<scalar_t>();

@@ -76,4 +76,25 @@ __device__ __forceinline__ void barrier_wait(unsigned int* counter, unsigned int
   __syncthreads();  // thread 0's acquire happens before every thread's reads of the step
 }
 
+// Tagged exchange words: a float value and the step that wrote it, in one 64-bit word written
+// and read with single 64-bit accesses (single-copy atomic), so a reader that sees the step also
+// sees its value, with no fence and no barrier. Relaxed at GPU scope: the readers are other CTAs.
+__device__ __forceinline__ unsigned long long tagged_word(float value, unsigned int step) {
+  return (static_cast<unsigned long long>(step) << 32) | __float_as_uint(value);
+}
+__device__ __forceinline__ unsigned int word_step(unsigned long long w) {
+  return static_cast<unsigned int>(w >> 32);
+}
+__device__ __forceinline__ float word_value(unsigned long long w) {
+  return __uint_as_float(static_cast<unsigned int>(w));
+}
+__device__ __forceinline__ unsigned long long load_word(const unsigned long long* p) {
+  unsigned long long w;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(w) : "l"(p) : "memory");
+  return w;
+}
+__device__ __forceinline__ void store_word(unsigned long long* p, unsigned long long w) {
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
+}
+
 }  // namespace cnnlstm_ext
