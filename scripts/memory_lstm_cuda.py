@@ -8,38 +8,22 @@ peak `benchmarks/bench_lstm_cuda.py` reports as "fused/cuDNN MiB".
     python3 scripts/memory_lstm_cuda.py [--dtype bfloat16] [--batch 128] [--steps 64] [--out FILE]
 """
 import argparse
+import os
 import sys
 from collections import defaultdict
 
 import torch
-from torch import nn
 
-from cnnlstm_ext import FusedLSTM
-
-I = H = 512
-LAYERS = 3
-
-
-def training_call(impl, dtype, batch, steps):
-    torch.manual_seed(0)
-    cls = FusedLSTM if impl == "fused" else nn.LSTM
-    model = cls(I, H, LAYERS, bidirectional=True, device="cuda", dtype=dtype)
-    x = torch.randn(steps, batch, I, device="cuda", dtype=dtype, requires_grad=True)
-    grad = torch.randn(steps, batch, 2 * H, device="cuda", dtype=dtype)
-
-    def call():
-        out, _ = model(x)
-        out.backward(grad)
-        model.zero_grad(set_to_none=True)
-        x.grad = None
-    return call
+# The benchmark's own call, so that the peak traced here is the one it reports.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from bench_lstm_cuda import INPUT, LAYERS, make_step  # noqa: E402
 
 
 def where(frames):
     """The innermost frame in this project or in torch.nn/autograd, as file:line function."""
     for f in frames:
         name = f.get("filename", "")
-        if "cnnlstm_ext" in name or "scripts/" in name or "torch/nn" in name or "autograd" in name:
+        if "cnnlstm_ext" in name or "benchmarks/" in name or "torch/nn" in name or "autograd" in name:
             return f"{name.split('/')[-1]}:{f.get('line')} {f.get('name')}"
     return frames[0].get("name", "?") if frames else "?"
 
@@ -80,9 +64,11 @@ def main() -> int:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; training call, "
-             f"{args.dtype} B={args.batch} T={args.steps}, I=H={I}, {LAYERS} layers, bidirectional"]
+             f"{args.dtype} B={args.batch} T={args.steps}, I=H={INPUT}, {LAYERS} layers, bidirectional"]
     for impl in ("cudnn", "fused"):
-        peak, sites = live_at_peak(training_call(impl, dtype, args.batch, args.steps))
+        step = make_step("fused" if impl == "fused" else "baseline", "training", dtype,
+                         args.batch, args.steps)
+        peak, sites = live_at_peak(step)
         lines.append(f"\n== {impl}: {peak / 2**20:.1f} MiB allocated during the call at its peak")
         for site, (size, count) in sites[:12]:
             lines.append(f"  {size / 2**20:8.1f} MiB in {count:3d} blocks  {site}")

@@ -114,8 +114,11 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   };
   if (!use_rec_kernel(cell_kernels.rec_forward, H)) {
     acc_t* hp = h.data_ptr<acc_t>();
+    // [D, H, 4H], copied once: MKL's per-step bmm runs several times faster on a contiguous
+    // operand than on the transposed view.
+    const auto w_hh_t = w_hh.transpose(1, 2).contiguous();
     for (int64_t s = 0; s < steps; ++s) {
-      at::bmm_out(rec, h, w_hh.transpose(1, 2));
+      at::bmm_out(rec, h, w_hh_t);
       at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) cell_update(s, row / B, row % B, 0, H, hp, hp);
       });
