@@ -6,6 +6,7 @@ Sizes are tiny (I=3, H=4, T=5, B<=4) so the whole grid runs in seconds on two co
 import copy
 import importlib.util
 import io
+import platform
 import sys
 
 import pytest
@@ -870,21 +871,70 @@ print(torch.backends.cpu.get_cpu_capability())
 """
 
 
-@pytest.mark.parametrize("capability", [None, "default"], ids=["best", "baseline"])
-def test_recurrent_product_kernels_match_reference(capability, tmp_path):
-    """float32 with H a multiple of 16 takes the vector recurrent-product kernels (where the CPU
-    has AVX2), the baseline build at::bmm: batches that do not fill a row group, one and two
-    directions, lengths, forward and every gradient (in a fresh process for the capability)."""
+def _cpu_has(capability: str) -> bool:
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    best = torch.backends.cpu.get_cpu_capability()
+    return best in order and order.index(best) >= order.index(capability)
+
+
+def _onednn_gemm_available() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("mkldnn::_linear_pointwise", "CPU")
+
+
+# (ATEN_CPU_CAPABILITY, CNNLSTM_EXT_CPU_GEMM): the recurrent product's AVX-512 kernel (where the
+# CPU has it), its AVX2 kernel, the baseline build's at::bmm; the large GEMMs through oneDNN and
+# through ATen.
+KERNEL_CHOICES = [(None, "onednn"), (None, "aten"), ("avx2", "auto"), ("default", "auto")]
+
+
+@pytest.mark.parametrize("capability,gemm", KERNEL_CHOICES,
+                         ids=["best-onednn", "best-aten", "avx2", "baseline"])
+def test_recurrent_product_kernels_match_reference(capability, gemm, tmp_path):
+    """float32 with H a multiple of 16 takes the vector recurrent-product kernels (AVX-512 or
+    AVX2), the baseline build at::bmm: batches that do not fill a row group, one and two
+    directions, gate slices of one, two and three column blocks, lengths, forward and every
+    gradient (in a fresh process for each setting)."""
     import subprocess
     import sys
 
     from conftest import subprocess_env
-    extra = {"ATEN_CPU_CAPABILITY": capability} if capability else {}
+    if capability == "avx2" and not _cpu_has("AVX2"):
+        pytest.skip("this CPU has no AVX2")
+    if gemm == "onednn" and not _onednn_gemm_available():
+        pytest.skip("this torch has no CPU mkldnn::_linear_pointwise")
+    extra = {"CNNLSTM_EXT_CPU_GEMM": gemm}
+    if capability:
+        extra["ATEN_CPU_CAPABILITY"] = capability
     run = subprocess.run([sys.executable, "-c", RECURRENT_PRODUCT_CASE],
                          env=subprocess_env(**extra), cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     if capability:
-        assert run.stdout.strip().splitlines()[-1] == "DEFAULT"
+        assert run.stdout.strip().splitlines()[-1] == capability.upper()
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="the oneDNN GEMM is checked where the CI runs: x86-64 Linux")
+def test_large_gemms_find_onednn():
+    """The CPU op runs its large GEMMs through torch's oneDNN matmul, found by name at run time
+    (a torch without it falls back to ATen's mm). Fails if this torch no longer has it, which
+    would cost 10-30% of the CPU LSTM's speed without any error."""
+    assert torch.backends.mkldnn.is_available()
+    assert _onednn_gemm_available()
+
+
+@pytest.mark.parametrize("value", ["mkl", "ONEDNN"])
+def test_cpu_gemm_setting_is_checked(value, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    code = ("import torch\nfrom cnnlstm_ext import FusedLSTM\n"
+            "FusedLSTM(4, 16)(torch.randn(3, 2, 4))\n")
+    run = subprocess.run([sys.executable, "-c", code],
+                         env=subprocess_env(CNNLSTM_EXT_CPU_GEMM=value), cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "CNNLSTM_EXT_CPU_GEMM must be auto, aten or onednn" in run.stderr
 
 
 def test_baseline_instruction_set_kernels_match_reference(tmp_path):

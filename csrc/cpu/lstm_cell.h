@@ -1,7 +1,8 @@
 // Gate math of one LSTM step for one (sequence, direction) row, built twice: for the baseline
-// instruction set (lstm_cell_default.cpp) and with AVX2/FMA (lstm_cell_avx2.cpp, x86-64 only),
-// chosen at run time by lstm_cell_kernels() from ATen's CPU capability (which also honours
-// ATEN_CPU_CAPABILITY=default).
+// instruction set (lstm_cell_default.cpp) and with AVX2/FMA (lstm_cell_avx2.cpp, x86-64 only);
+// and the recurrent product, with AVX2/FMA and with AVX-512 (lstm_rec_avx512.cpp). Chosen at run
+// time by lstm_cell_kernels() from ATen's CPU capability (which also honours
+// ATEN_CPU_CAPABILITY=default or avx2).
 #pragma once
 #include <cstdint>
 
@@ -25,25 +26,27 @@ using LstmCellBackwardFn = void (*)(const acc_t* g_row, const acc_t* c_row, cons
                                     const acc_t* gy_row, const acc_t* dh_in, acc_t* dc_row,
                                     acc_t* ds_row, acc_t* dG_row, int64_t n, int64_t H);
 
-// The recurrent products of one step, for one direction, over a slice of the output columns:
-//   forward:  out[b, n] = sum_k a[b, k] * w[n, k]  for n in [c0, c1)   (a: h_{s-1}, w: w_hh)
-//   backward: out[b, k] = sum_n a[b, n] * w[n, k]  for k in [c0, c1)   (a: dG_s, w: w_hh)
-// a: [B, *] and out: [B, *] row-major, w: [N, K] row-major (forward) or packed by blocks of
-// kRecColumns columns, [K / kRecColumns, N, kRecColumns] (backward); scratch: rec_scratch(K, N) elements
-// of the calling thread. The caller splits the columns over threads (slices of multiples of
-// kRecColumns). Null where the variant has none (at::bmm then).
+// The recurrent product of one step, for one direction, over a slice of output columns:
+//   out[b, c] = sum_j a[b, j] * w[j, c]  for c in [c0, c1)
+// forward:  a = h_{s-1}: [B, H], w = w_hh^T (c: a gate column of 4H);
+// backward: a = dG_s: [B, 4H], w = w_hh     (c: a hidden unit of H).
+// a: [B, J] and out: [B, C] row-major; w packed by blocks of kRecColumns columns,
+// [C / kRecColumns, J, kRecColumns] (pack_forward/pack_backward in lstm_layer.cpp), so that the block a tile
+// reads streams through memory in order and every j is one vector load per block (the products
+// broadcast a and keep a tile of rows x columns in registers). zeros: J zeros, the rows padding
+// the last row group. c0 and c1 are multiples of kRecColumns; the caller splits the columns over
+// threads. Null where the variant has none (at::bmm then).
 template <typename acc_t>
 using RecurrentProductFn = void (*)(const acc_t* a, const acc_t* w, acc_t* out, int64_t B,
-                                    int64_t N, int64_t K, int64_t c0, int64_t c1, acc_t* scratch);
-inline int64_t rec_scratch(int64_t K, int64_t N) { return 8 * K > N ? 8 * K : N; }
+                                    int64_t J, int64_t C, int64_t c0, int64_t c1,
+                                    const acc_t* zeros);
 constexpr int64_t kRecColumns = 16;
 
 template <typename acc_t>
 struct LstmCellKernels {
   LstmCellForwardFn<acc_t> forward;
   LstmCellBackwardFn<acc_t> backward;
-  RecurrentProductFn<acc_t> rec_forward = nullptr;   // needs K % 8 == 0
-  RecurrentProductFn<acc_t> rec_backward = nullptr;  // needs K % kRecColumns == 0
+  RecurrentProductFn<acc_t> recurrent_product = nullptr;
 };
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -60,6 +63,10 @@ namespace cell_avx2 {
 LstmCellKernels<float> kernels_float();
 LstmCellKernels<double> kernels_double();
 }  // namespace cell_avx2
+namespace cell_avx512 {
+void recurrent_product(const float* a, const float* w, float* out, int64_t B, int64_t J,
+                       int64_t C, int64_t c0, int64_t c1, const float* zeros);
+}  // namespace cell_avx512
 #endif
 
 // The best variant this CPU runs (decided once).

@@ -3,7 +3,7 @@
 // Forward: the input projection of every step and both directions is one GEMM
 //   xproj: [T*B, D*4H] = x: [T*B, I] . w_ih^T: [I, D*4H] + bias
 // then per step s the recurrent product h_{s-1} . w_hh^T and the gate nonlinearities and cell
-// update: with the AVX2/FMA kernels of lstm_cell.h, in one parallel region whose tasks own slices
+// update: with the vector kernels of lstm_cell.h, in one parallel region whose tasks own slices
 // of hidden units; otherwise a batched GEMM (both directions) and a parallel, vectorised loop over
 // rows. Direction 1 runs in reverse time;
 // with `lengths`, sequence b covers steps s < lengths[b] at time t = s (forward) or
@@ -13,8 +13,12 @@
 // Bfloat16/float16 inputs are computed in float32 (the accumulation dtype) throughout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
 
 #include "cpu/lstm_cell.h"
 #include "lstm_layer.h"
@@ -47,16 +51,88 @@ at::Tensor padded_output(at::IntArrayRef size, const at::TensorOptions& options,
 // Time index of step s for sequence b in direction dir.
 inline int64_t time_index(int64_t dir, int64_t s, int64_t len) { return dir == 0 ? s : len - 1 - s; }
 
+// The large GEMMs (input projection; input and input-weight gradients): a: [M, K] . b^T, b: [N, K]
+// (any strides) -> [M, N] (+ bias [N]), contiguous.
+// In float32 through oneDNN's matmul where this torch has it (mkldnn::_linear_pointwise, the op
+// torch.compile's CPU linear layers call): on the x86 CPUs measured it runs these shapes 10-30%
+// faster than ATen's mm (MKL's sgemm), and nn.LSTM's oneDNN RNN runs its GEMMs at that rate.
+// Otherwise, or with CNNLSTM_EXT_CPU_GEMM=aten, ATen's mm/addmm.
+at::Tensor mm_bt(const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias) {
+  using Linear = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                            c10::string_view, c10::List<c10::optional<c10::Scalar>>,
+                            c10::optional<c10::string_view>);
+  static const auto onednn = []() -> c10::optional<c10::TypedOperatorHandle<Linear>> {
+    const char* choice = std::getenv("CNNLSTM_EXT_CPU_GEMM");
+    const std::string gemm = choice && *choice ? choice : "auto";
+    TORCH_CHECK(gemm == "auto" || gemm == "aten" || gemm == "onednn",
+                "CNNLSTM_EXT_CPU_GEMM must be auto, aten or onednn, got '", gemm, "'");
+    const auto op = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+    const bool usable = op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CPU);
+    TORCH_CHECK(usable || gemm != "onednn",
+                "CNNLSTM_EXT_CPU_GEMM=onednn, but this torch has no CPU mkldnn::_linear_pointwise");
+    if (!usable || gemm == "aten") return c10::nullopt;
+    try {
+      return op->typed<Linear>();  // checks the schema against Linear
+    } catch (const c10::Error&) {
+      TORCH_CHECK(gemm != "onednn", "CNNLSTM_EXT_CPU_GEMM=onednn, but this torch's "
+                  "mkldnn::_linear_pointwise has another signature: ", op->schema());
+      return c10::nullopt;
+    }
+  }();
+  if (onednn.has_value() && a.scalar_type() == at::kFloat)
+    return onednn->call(a, b, bias, "none", c10::List<c10::optional<c10::Scalar>>(), c10::nullopt);
+  return bias.has_value() ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
+}
+
 // Whether the variant's recurrent-product kernel takes this layer (else at::bmm).
 template <typename acc_t>
 bool use_rec_kernel(RecurrentProductFn<acc_t> kernel, int64_t H) {
   return kernel != nullptr && H % kRecColumns == 0;
 }
 
-// w_hh: [D, 4H, H] -> [D, H / kRecColumns, 4H, kRecColumns], the backward kernel's operand.
-at::Tensor pack_for_backward(const at::Tensor& w_hh) {
+// The recurrent product's w operand (lstm_cell.h), packed by blocks of kRecColumns (16) output
+// columns, from w_hh: [D, 4H, H] (contiguous). Packed once per call: 4 MiB per direction at
+// H = 512, against T steps that each read all of it. (ATen's strided copy made these layouts at
+// 3 to 4 GB/s here: 5% of a training call.)
+//   forward:  columns = gate rows n, P[d][n / 16][k][n % 16] = w[d][n][k] -> [D, 4H / 16, H, 16]
+//   backward: columns = units k,     P[d][k / 16][n][k % 16] = w[d][n][k] -> [D, H / 16, 4H, 16]
+template <typename acc_t>
+at::Tensor pack_forward(const at::Tensor& w_hh) {
+  constexpr int64_t V = kRecColumns;
   const int64_t D = w_hh.size(0), G = w_hh.size(1), H = w_hh.size(2);
-  return w_hh.view({D, G, H / kRecColumns, kRecColumns}).permute({0, 2, 1, 3}).contiguous();
+  auto packed = at::empty({D, G / V, H, V}, w_hh.options());
+  const acc_t* src = w_hh.data_ptr<acc_t>();
+  acc_t* dst = packed.data_ptr<acc_t>();
+  // A task transposes blocks of 16 rows [16, H] into [H, 16] (both at blk * 16 * H).
+  at::parallel_for(0, D * G / V, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const acc_t* rows = src + blk * V * H;
+      acc_t* out = dst + blk * V * H;
+      for (int64_t k = 0; k < H; ++k)
+        for (int64_t i = 0; i < V; ++i) out[k * V + i] = rows[i * H + k];
+    }
+  });
+  return packed;
+}
+
+template <typename acc_t>
+at::Tensor pack_backward(const at::Tensor& w_hh) {
+  constexpr int64_t V = kRecColumns;
+  const int64_t D = w_hh.size(0), G = w_hh.size(1), H = w_hh.size(2);
+  auto packed = at::empty({D, H / V, G, V}, w_hh.options());
+  const acc_t* src = w_hh.data_ptr<acc_t>();
+  acc_t* dst = packed.data_ptr<acc_t>();
+  // A task reads whole rows (d, n) and scatters their 16-column pieces to the H / 16 blocks.
+  at::parallel_for(0, D * G, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t d = r / G, n = r % G;
+      const acc_t* row = src + r * H;
+      acc_t* out = dst + (d * H / V * G + n) * V;
+      for (int64_t kb = 0; kb < H / V; ++kb)
+        std::copy(row + kb * V, row + (kb + 1) * V, out + kb * G * V);
+    }
+  });
+  return packed;
 }
 
 // With a recurrent-product kernel, a time step is one parallel region: a task owns a slice of
@@ -66,15 +142,14 @@ at::Tensor pack_for_backward(const at::Tensor& w_hh) {
 // whole (h forward, the gate gradients backward) is double-buffered.
 constexpr int64_t kUnits = 4 * kRecColumns;
 
-// Runs body(dir, j0, j1, scratch) for every (direction, unit slice), spread over the threads.
-template <typename acc_t, typename Body>
-void for_unit_slices(int64_t D, int64_t H, int64_t G, const Body& body) {
+// Runs body(dir, j0, j1) for every (direction, unit slice), spread over the threads.
+template <typename Body>
+void for_unit_slices(int64_t D, int64_t H, const Body& body) {
   const int64_t slices = (H + kUnits - 1) / kUnits;
   at::parallel_for(0, D * slices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(rec_scratch(H, G));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t j0 = (i % slices) * kUnits;
-      body(i / slices, j0, std::min(H, j0 + kUnits), scratch.data());
+      body(i / slices, j0, std::min(H, j0 + kUnits));
     }
   });
 }
@@ -112,7 +187,7 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
                          gp ? gp + at_t * G + j0 : nullptr, clp ? clp + at_t * H + j0 : nullptr,
                          j1 - j0, H);
   };
-  if (!use_rec_kernel(cell_kernels.rec_forward, H)) {
+  if (!use_rec_kernel(cell_kernels.recurrent_product, H)) {
     acc_t* hp = h.data_ptr<acc_t>();
     // [D, H, 4H], copied once: MKL's per-step bmm runs several times faster on a contiguous
     // operand than on the transposed view.
@@ -128,12 +203,14 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   auto h_other = h.clone();  // rows of finished sequences must match in both buffers
   acc_t* h_in = h.data_ptr<acc_t>();
   acc_t* h_out = h_other.data_ptr<acc_t>();
-  const acc_t* wp = w_hh.data_ptr<acc_t>();
+  const at::Tensor w_packed = pack_forward<acc_t>(w_hh);
+  const acc_t* wp = w_packed.data_ptr<acc_t>();
+  const std::vector<acc_t> zeros(H, acc_t(0));
   for (int64_t s = 0; s < steps; ++s) {
-    for_unit_slices<acc_t>(D, H, G, [&](int64_t dir, int64_t j0, int64_t j1, acc_t* scratch) {
-      for (int64_t g = 0; g < 4; ++g)
-        cell_kernels.rec_forward(h_in + dir * B * H, wp + dir * G * H, rp + dir * B * G, B, G, H,
-                                 g * H + j0, g * H + j1, scratch);
+    for_unit_slices(D, H, [&](int64_t dir, int64_t j0, int64_t j1) {
+      for (int64_t g = 0; g < 4; ++g)  // gate g's columns of this slice
+        cell_kernels.recurrent_product(h_in + dir * B * H, wp + dir * G * H, rp + dir * B * G, B,
+                                       H, G, g * H + j0, g * H + j1, zeros.data());
       for (int64_t b = 0; b < B; ++b) cell_update(s, dir, b, j0, j1, h_in, h_out);
     });
     std::swap(h_in, h_out);
@@ -156,10 +233,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   auto w_ih_a = w_ih.to(acc).reshape({D * G, d.I});
   auto w_hh_a = w_hh.to(acc).contiguous();
   // xproj: [T*B, D*4H], both directions in one GEMM.
-  at::Tensor xproj = bias.has_value()
-                         ? at::addmm(bias->to(acc).reshape({D * G}), x.view({T * B, d.I}), w_ih_a.t())
-                         : at::mm(x.view({T * B, d.I}), w_ih_a.t());
-  xproj = xproj.view({T, B, D, G});
+  const auto b_a = bias.has_value() ? c10::optional<at::Tensor>(bias->to(acc).reshape({D * G}))
+                                    : c10::nullopt;
+  const auto xproj = mm_bt(x.view({T * B, d.I}), w_ih_a, b_a).view({T, B, D, G});
   auto h = h0.to(acc).contiguous().clone();
   auto c = c0.to(acc).contiguous().clone();
   // The recurrence writes every valid step; padding (steps past a length) must read as zeros.
@@ -223,7 +299,7 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
                           gyp + (t * B + b) * D * H + dir * H + j0, dh_in + j0, dcp + row * H + j0,
                           ds_row + j0, dGp + at_t * G + j0, j1 - j0, H);
   };
-  if (!use_rec_kernel(cell_kernels.rec_backward, H)) {
+  if (!use_rec_kernel(cell_kernels.recurrent_product, H)) {
     acc_t* dsp = dG_step.data_ptr<acc_t>();
     for (int64_t s = steps - 1; s >= 0; --s) {
       at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
@@ -234,24 +310,25 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
     dh.copy_(dh_rec);  // step 0 is valid for every sequence: dh_rec holds grad_h0 for all rows
     return;
   }
-  const auto w_packed = pack_for_backward(w_hh);
+  const at::Tensor w_packed = pack_backward<acc_t>(w_hh);
   const acc_t* wp = w_packed.data_ptr<acc_t>();
+  const std::vector<acc_t> zeros(G, acc_t(0));
   auto dG_other = at::zeros({D, B, G}, dG.options());
   acc_t* ds_in = dG_step.data_ptr<acc_t>();  // dG_{s+1}
   acc_t* ds_out = dG_other.data_ptr<acc_t>();
   // Units [j0, j1) of dh_rec = ds_in . w_hh for direction dir.
-  auto product = [&](int64_t dir, int64_t j0, int64_t j1, acc_t* scratch) {
-    cell_kernels.rec_backward(ds_in + dir * B * G, wp + dir * G * H, drp + dir * B * H, B, G, H,
-                              j0, j1, scratch);
+  auto product = [&](int64_t dir, int64_t j0, int64_t j1) {
+    cell_kernels.recurrent_product(ds_in + dir * B * G, wp + dir * G * H, drp + dir * B * H, B, G,
+                                   H, j0, j1, zeros.data());
   };
   for (int64_t s = steps - 1; s >= 0; --s) {
-    for_unit_slices<acc_t>(D, H, G, [&](int64_t dir, int64_t j0, int64_t j1, acc_t* scratch) {
-      if (s + 1 < steps) product(dir, j0, j1, scratch);  // nothing flows back into the last step
+    for_unit_slices(D, H, [&](int64_t dir, int64_t j0, int64_t j1) {
+      if (s + 1 < steps) product(dir, j0, j1);  // nothing flows back into the last step
       for (int64_t b = 0; b < B; ++b) cell_update(s, dir, b, j0, j1, ds_out);
     });
     std::swap(ds_in, ds_out);
   }
-  for_unit_slices<acc_t>(D, H, G, product);  // step 0 is valid for every sequence: grad_h0
+  for_unit_slices(D, H, product);  // step 0 is valid for every sequence: grad_h0
   dh.copy_(dh_rec);
 }
 
@@ -289,9 +366,9 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
       [](at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
         accumulate ? out.addmm_(a, b) : at::mm_out(out, a, b);
       });
-  auto grad_w_ih = at::mm(dG2.t(), x).view({D, G, d.I});          // [D, 4H, I]
-  auto grad_bias = dG2.sum(0).view({D, G});                         // [D, 4H]
-  auto grad_x = at::mm(dG2, w_ih.to(acc).reshape({D * G, d.I}));  // [T*B, I]
+  auto grad_w_ih = mm_bt(dG2.t(), x.t(), c10::nullopt).view({D, G, d.I});         // [D, 4H, I]
+  auto grad_bias = dG2.sum(0).view({D, G});                                        // [D, 4H]
+  auto grad_x = mm_bt(dG2, w_ih.to(acc).reshape({D * G, d.I}).t(), c10::nullopt);  // [T*B, I]
   const auto dt = x_in.scalar_type();
   return {grad_x.view({T, B, d.I}).to(dt), grad_w_ih.to(dt), grad_w_hh.to(dt), grad_bias.to(dt),
           dh.to(dt), dc.to(dt)};
