@@ -31,7 +31,7 @@ using LstmCellBackwardFn = void (*)(const acc_t* g_row, const acc_t* c_row, cons
 // forward:  a = h_{s-1}: [B, H], w = w_hh^T (c: a gate column of 4H);
 // backward: a = dG_s: [B, 4H], w = w_hh     (c: a hidden unit of H).
 // a: [B, J] and out: [B, C] row-major; w packed by blocks of kRecColumns columns,
-// [C / kRecColumns, J, kRecColumns] (pack_forward/pack_backward in lstm_layer.cpp), so that the block a tile
+// [C / kRecColumns, J, kRecColumns] (pack_w_hh in lstm_layer.cpp), so that the block a tile
 // reads streams through memory in order and every j is one vector load per block (the products
 // broadcast a and keep a tile of rows x columns in registers). zeros: J zeros, the rows padding
 // the last row group. c0 and c1 are multiples of kRecColumns; the caller splits the columns over

@@ -97,41 +97,35 @@ bool use_rec_kernel(RecurrentProductFn<acc_t> kernel, int64_t H) {
 //   forward:  columns = gate rows n, P[d][n / 16][k][n % 16] = w[d][n][k] -> [D, 4H / 16, H, 16]
 //   backward: columns = units k,     P[d][k / 16][n][k % 16] = w[d][n][k] -> [D, H / 16, 4H, 16]
 template <typename acc_t>
-at::Tensor pack_forward(const at::Tensor& w_hh) {
+at::Tensor pack_w_hh(const at::Tensor& w_hh, bool forward) {
   constexpr int64_t V = kRecColumns;
   const int64_t D = w_hh.size(0), G = w_hh.size(1), H = w_hh.size(2);
-  auto packed = at::empty({D, G / V, H, V}, w_hh.options());
+  auto packed = forward ? at::empty({D, G / V, H, V}, w_hh.options())
+                        : at::empty({D, H / V, G, V}, w_hh.options());
   const acc_t* src = w_hh.data_ptr<acc_t>();
   acc_t* dst = packed.data_ptr<acc_t>();
-  // A task transposes blocks of 16 rows [16, H] into [H, 16] (both at blk * 16 * H).
-  at::parallel_for(0, D * G / V, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const acc_t* rows = src + blk * V * H;
-      acc_t* out = dst + blk * V * H;
-      for (int64_t k = 0; k < H; ++k)
-        for (int64_t i = 0; i < V; ++i) out[k * V + i] = rows[i * H + k];
-    }
-  });
-  return packed;
-}
-
-template <typename acc_t>
-at::Tensor pack_backward(const at::Tensor& w_hh) {
-  constexpr int64_t V = kRecColumns;
-  const int64_t D = w_hh.size(0), G = w_hh.size(1), H = w_hh.size(2);
-  auto packed = at::empty({D, H / V, G, V}, w_hh.options());
-  const acc_t* src = w_hh.data_ptr<acc_t>();
-  acc_t* dst = packed.data_ptr<acc_t>();
-  // A task reads whole rows (d, n) and scatters their 16-column pieces to the H / 16 blocks.
-  at::parallel_for(0, D * G, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t d = r / G, n = r % G;
-      const acc_t* row = src + r * H;
-      acc_t* out = dst + (d * H / V * G + n) * V;
-      for (int64_t kb = 0; kb < H / V; ++kb)
-        std::copy(row + kb * V, row + (kb + 1) * V, out + kb * G * V);
-    }
-  });
+  if (forward) {
+    // A task transposes blocks of 16 rows [16, H] into [H, 16] (both at blk * 16 * H).
+    at::parallel_for(0, D * G / V, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const acc_t* rows = src + blk * V * H;
+        acc_t* out = dst + blk * V * H;
+        for (int64_t k = 0; k < H; ++k)
+          for (int64_t i = 0; i < V; ++i) out[k * V + i] = rows[i * H + k];
+      }
+    });
+  } else {
+    // A task reads whole rows (d, n) and scatters their 16-column pieces to the H / 16 blocks.
+    at::parallel_for(0, D * G, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t d = r / G, n = r % G;
+        const acc_t* row = src + r * H;
+        acc_t* out = dst + (d * H / V * G + n) * V;
+        for (int64_t kb = 0; kb < H / V; ++kb)
+          std::copy(row + kb * V, row + (kb + 1) * V, out + kb * G * V);
+      }
+    });
+  }
   return packed;
 }
 
@@ -203,7 +197,7 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   auto h_other = h.clone();  // rows of finished sequences must match in both buffers
   acc_t* h_in = h.data_ptr<acc_t>();
   acc_t* h_out = h_other.data_ptr<acc_t>();
-  const at::Tensor w_packed = pack_forward<acc_t>(w_hh);
+  const at::Tensor w_packed = pack_w_hh<acc_t>(w_hh, /*forward=*/true);
   const acc_t* wp = w_packed.data_ptr<acc_t>();
   const std::vector<acc_t> zeros(H, acc_t(0));
   for (int64_t s = 0; s < steps; ++s) {
@@ -310,7 +304,7 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
     dh.copy_(dh_rec);  // step 0 is valid for every sequence: dh_rec holds grad_h0 for all rows
     return;
   }
-  const at::Tensor w_packed = pack_backward<acc_t>(w_hh);
+  const at::Tensor w_packed = pack_w_hh<acc_t>(w_hh, /*forward=*/false);
   const acc_t* wp = w_packed.data_ptr<acc_t>();
   const std::vector<acc_t> zeros(G, acc_t(0));
   auto dG_other = at::zeros({D, B, G}, dG.options());
