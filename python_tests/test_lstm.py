@@ -917,7 +917,7 @@ def test_recurrent_product_kernels_match_reference(capability, gemm, tmp_path):
 def test_large_gemms_find_onednn():
     """The CPU op runs its large GEMMs through torch's oneDNN matmul, found by name at run time
     (a torch without it falls back to ATen's mm). Fails if this torch no longer has it, which
-    would cost 10-30% of the CPU LSTM's speed without any error."""
+    would make those GEMMs 10-30% slower without any error."""
     assert torch.backends.mkldnn.is_available()
     assert _onednn_gemm_available()
 
