@@ -94,14 +94,21 @@ def test_frame_pool_non_contiguous_input(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_frame_pool_max_propagates_nan(device, layout):
-    x = feature_maps(4, 3, 3, 3, torch.float32, device, "contiguous", "max")
-    x[1, 2, 0, 1] = float("nan")
+@pytest.mark.parametrize("channels,c", [(3, 2), (19, 10)])
+def test_frame_pool_max_propagates_nan(device, layout, channels, c):
+    """NaN wins, and the plane's first NaN is the argmax that takes the gradient (channel 10 of
+    19: a lane of the CPU's vector loops, channel 2 of 3: their scalar tail)."""
+    x = feature_maps(4, channels, 3, 3, torch.float32, device, "contiguous", "max")
+    x[1, c, 0, 1] = float("nan")
+    x[1, c, 2, 0] = float("nan")
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    out = ops.frame_pool(x, 2, "max", batch_first=True).view(4, 3)
-    assert torch.isnan(out[1, 2])
-    assert not torch.isnan(out[torch.arange(4) != 1]).any()
+    x.requires_grad_()
+    out = ops.frame_pool(x, 2, "max", batch_first=True).view(4, channels)
+    assert torch.isnan(out[1, c])
+    assert torch.isnan(out).sum() == 1
+    grad = torch.autograd.grad(out, x, torch.ones_like(out))[0]
+    assert grad[1, c, 0, 1] == 1 and grad[1, c].sum() == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,10 +6,11 @@
 //
 // On the CPU a pass over the maps is bound by memory, and ATen's reductions and copies already
 // run at that rate with the widest vector unit of the CPU (dispatched at run time; this library
-// is built for the baseline x86-64). So the average, the channels_last maximum and the
-// backward are ATen kernels that write straight into the final layout and dtype; fusion saves the
-// transposing copy of the output and the intermediate tensors. The contiguous maximum, for which
-// ATen has no faster kernel that also returns the argmax this op saves, is the loop below.
+// is built for the baseline x86-64). So the average and the backward are ATen kernels that write
+// straight into the final layout and dtype; fusion saves the transposing copy of the output and
+// the intermediate tensors. The maximum, for which ATen has no kernel that returns the int32
+// argmax this op saves, is our own: the contiguous one below, and for float32 channels_last maps
+// an AVX2 loop (ATen's kernel elsewhere, plus conversions).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,8 +19,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/cpu_capability.h"
 #include "cpu/pooling_reduce.h"
 #include "pooling_args.h"
+
+#ifdef CNNLSTM_EXT_X86_SIMD
+#include <immintrin.h>
+#endif
 
 namespace cnnlstm_ext::cpu {
 namespace {
@@ -60,6 +66,54 @@ void frame_max_pool_contiguous(const in_t* x, out_t* out, int32_t* argmax, const
   });
 }
 
+#ifdef CNNLSTM_EXT_X86_SIMD
+// x: [N, h*w, C] float32 in memory (channels_last), mode "max", float32 out. A frame's h*w rows
+// (each a contiguous run of C) are read in order and reduced into its out and argmax rows, which
+// hold the running maximum and its int32 index (L1-resident); so x is read once and out and the
+// argmax written once, where ATen's kernel plus the copies into out's layout and the int32 argmax
+// made three more passes over [N, C] and allocated an int64 [N, C].
+__attribute__((target("avx2,fma"))) void frame_max_channels_last_avx2(const float* frame,
+                                                                      int64_t HW, int64_t C,
+                                                                      float* o, int32_t* a) {
+  constexpr int64_t kV = 8;
+  const int64_t c_vec = C - C % kV;
+  for (int64_t c = 0; c < C; ++c) {
+    o[c] = frame[c];
+    a[c] = 0;
+  }
+  for (int64_t r = 1; r < HW; ++r) {
+    const float* row = frame + r * C;
+    const __m256 ri = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(r)));
+    for (int64_t c = 0; c < c_vec; c += kV) {
+      const __m256 v = _mm256_loadu_ps(row + c), m = _mm256_loadu_ps(o + c);
+      // larger, or the first NaN (torch.max: NaN wins), as replaces_max
+      const __m256 take = _mm256_or_ps(
+          _mm256_cmp_ps(v, m, _CMP_GT_OQ),
+          _mm256_and_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), _mm256_cmp_ps(m, m, _CMP_ORD_Q)));
+      _mm256_storeu_ps(o + c, _mm256_blendv_ps(m, v, take));
+      const __m256 k = _mm256_loadu_ps(reinterpret_cast<const float*>(a + c));
+      _mm256_storeu_ps(reinterpret_cast<float*>(a + c), _mm256_blendv_ps(k, ri, take));
+    }
+    for (int64_t c = c_vec; c < C; ++c) {
+      const bool take = replaces_max(row[c], o[c]);
+      o[c] = take ? row[c] : o[c];
+      a[c] = take ? static_cast<int32_t>(r) : a[c];
+    }
+  }
+}
+
+void frame_max_pool_channels_last(const float* x, float* out, int32_t* argmax,
+                                  const FramePoolShape& s, bool batch_first) {
+  const int64_t HW = s.HW(), C = s.C;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * C));
+  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      frame_max_channels_last_avx2(x + n * HW * C, HW, C, out + out_row(s, batch_first, n) * C,
+                                   argmax + n * C);
+  });
+}
+#endif  // CNNLSTM_EXT_X86_SIMD
+
 #define CNNLSTM_DISPATCH_POOLING_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
@@ -81,6 +135,13 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
     // Frame n = b*T + t, so x is [B, T, C, h, w]; the mean accumulates in float32 (float64).
     at::mean_out(out_btc, xc.view({s.B, s.T, s.C, s.H, s.W}), {3, 4}, false, odt);
   } else if (s.channels_last) {
+#ifdef CNNLSTM_EXT_X86_SIMD
+    if (xc.scalar_type() == at::kFloat && odt == at::kFloat && cpu_has_avx2()) {
+      frame_max_pool_channels_last(xc.const_data_ptr<float>(), out.data_ptr<float>(),
+                                        argmax.data_ptr<int32_t>(), s, batch_first);
+      return {out, argmax};
+    }
+#endif
     auto [values, indices] = at::adaptive_max_pool2d(xc, {1, 1});  // [N, C, 1, 1]: index in h*w
     out_btc.copy_(values.view({s.B, s.T, s.C}));
     argmax.copy_(indices.view({s.N, s.C}));

@@ -6,6 +6,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/cpu_capability.h"
+
 namespace cnnlstm_ext {
 
 // Forward of one row, for n hidden units: gates pre-activations x_row + r_row (i, f, g, o, each
@@ -49,16 +51,13 @@ struct LstmCellKernels {
   RecurrentProductFn<acc_t> recurrent_product = nullptr;
 };
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define CNNLSTM_EXT_CELL_AVX2 1
-#endif
 
 namespace cell_default {
 LstmCellKernels<float> kernels_float();
 LstmCellKernels<double> kernels_double();
 }  // namespace cell_default
 
-#ifdef CNNLSTM_EXT_CELL_AVX2
+#ifdef CNNLSTM_EXT_X86_SIMD
 namespace cell_avx2 {
 LstmCellKernels<float> kernels_float();
 LstmCellKernels<double> kernels_double();

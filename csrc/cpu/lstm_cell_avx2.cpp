@@ -7,7 +7,7 @@
 // comes after the pragma lives in capability-named namespaces (at::vec::AVX2, cell_avx2).
 #include "lstm_cell.h"
 
-#ifdef CNNLSTM_EXT_CELL_AVX2
+#ifdef CNNLSTM_EXT_X86_SIMD
 
 // Sleef declares its AVX/AVX2 functions only where __AVX__/__AVX2__ are defined, which the pragma
 // below does not do; ATen's headers include it, so it comes first, with both defined for it alone.
@@ -60,4 +60,4 @@
 #include "lstm_cell_impl.h"
 #pragma GCC pop_options
 
-#endif  // CNNLSTM_EXT_CELL_AVX2
+#endif  // CNNLSTM_EXT_X86_SIMD

@@ -8,35 +8,35 @@
 #include "lstm_cell_impl.h"
 
 namespace cnnlstm_ext {
-namespace {
 
-#ifdef CNNLSTM_EXT_CELL_AVX2
-// ATen's capability ("DEFAULT", "AVX2", "AVX512", ...) is what this CPU supports, lowered by
-// ATEN_CPU_CAPABILITY=default or avx2; the CPU is asked too in case ATen was built without the
-// kernels of that set.
 bool cpu_has_avx2() {
+#ifdef CNNLSTM_EXT_X86_SIMD
   static const bool avx2 = [] {
     const std::string cap = at::get_cpu_capability();
     return (cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2") &&
            __builtin_cpu_supports("fma");
   }();
   return avx2;
+#else
+  return false;
+#endif
 }
 
 bool cpu_has_avx512() {
+#ifdef CNNLSTM_EXT_X86_SIMD
   static const bool avx512 = [] {
     return cpu_has_avx2() && at::get_cpu_capability() == "AVX512" &&
            __builtin_cpu_supports("avx512f");
   }();
   return avx512;
-}
+#else
+  return false;
 #endif
-
-}  // namespace
+}
 
 template <>
 LstmCellKernels<float> lstm_cell_kernels<float>() {
-#ifdef CNNLSTM_EXT_CELL_AVX2
+#ifdef CNNLSTM_EXT_X86_SIMD
   if (cpu_has_avx2()) {
     auto kernels = cell_avx2::kernels_float();
     if (cpu_has_avx512()) kernels.recurrent_product = &cell_avx512::recurrent_product;
@@ -48,7 +48,7 @@ LstmCellKernels<float> lstm_cell_kernels<float>() {
 
 template <>
 LstmCellKernels<double> lstm_cell_kernels<double>() {
-#ifdef CNNLSTM_EXT_CELL_AVX2
+#ifdef CNNLSTM_EXT_X86_SIMD
   if (cpu_has_avx2()) return cell_avx2::kernels_double();
 #endif
   return cell_default::kernels_double();

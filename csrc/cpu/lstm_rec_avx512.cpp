@@ -4,7 +4,7 @@
 // the template below has internal linkage.
 #include "lstm_cell.h"
 
-#ifdef CNNLSTM_EXT_CELL_AVX2
+#ifdef CNNLSTM_EXT_X86_SIMD
 
 #include <immintrin.h>  // before the pragma, with the compiler's own macros
 
@@ -69,4 +69,4 @@ void recurrent_product(const float* a, const float* w, float* out, int64_t B, in
 
 #pragma GCC pop_options
 
-#endif  // CNNLSTM_EXT_CELL_AVX2
+#endif  // CNNLSTM_EXT_X86_SIMD
