@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
 #ifdef CNNLSTM_EXT_X86_SIMD
     if (xc.scalar_type() == at::kFloat && odt == at::kFloat && cpu_has_avx2()) {
       frame_max_pool_channels_last(xc.const_data_ptr<float>(), out.data_ptr<float>(),
-                                        argmax.data_ptr<int32_t>(), s, batch_first);
+                                   argmax.data_ptr<int32_t>(), s, batch_first);
       return {out, argmax};
     }
 #endif
