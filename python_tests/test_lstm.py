@@ -922,6 +922,24 @@ def test_large_gemms_find_onednn():
     assert _onednn_gemm_available()
 
 
+@pytest.mark.skipif(not _onednn_gemm_available(),
+                    reason="this torch has no CPU mkldnn::_linear_pointwise")
+# torch.backends.mkldnn.flags() itself warns about a GPU feature on CPU-only builds
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("enabled", [True, False])
+def test_large_gemms_follow_mkldnn_flag(enabled):
+    """The float32 forward and backward run their large GEMMs through oneDNN, unless
+    torch.backends.mkldnn is disabled (then ATen's mm, as nn.LSTM leaves oneDNN too)."""
+    from torch.profiler import profile
+    model = FusedLSTM(8, 16, bidirectional=True)
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    with torch.backends.mkldnn.flags(enabled=enabled), profile() as prof:
+        model(x)[0].sum().backward()
+    names = {e.name for e in prof.events()}
+    assert ("mkldnn::_linear_pointwise" in names) == enabled
+    assert enabled or "aten::mm" in names or "aten::addmm" in names
+
+
 @pytest.mark.parametrize("value", ["mkl", "ONEDNN"])
 def test_cpu_gemm_setting_is_checked(value, tmp_path):
     import subprocess

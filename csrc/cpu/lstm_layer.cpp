@@ -56,7 +56,8 @@ inline int64_t time_index(int64_t dir, int64_t s, int64_t len) { return dir == 0
 // In float32 through oneDNN's matmul where this torch has it (mkldnn::_linear_pointwise, the op
 // torch.compile's CPU linear layers call): on the x86 CPUs measured it runs these shapes 10-30%
 // faster than ATen's mm (MKL's sgemm), and nn.LSTM's oneDNN RNN runs its GEMMs at that rate.
-// Otherwise, or with CNNLSTM_EXT_CPU_GEMM=aten, ATen's mm/addmm.
+// Otherwise, with CNNLSTM_EXT_CPU_GEMM=aten, or while torch.backends.mkldnn is disabled (as
+// nn.LSTM then leaves oneDNN too), ATen's mm/addmm.
 at::Tensor mm_bt(const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias) {
   using Linear = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                             c10::string_view, c10::List<c10::optional<c10::Scalar>>,
@@ -79,7 +80,8 @@ at::Tensor mm_bt(const at::Tensor& a, const at::Tensor& b, const c10::optional<a
       return c10::nullopt;
     }
   }();
-  if (onednn.has_value() && a.scalar_type() == at::kFloat)
+  if (onednn.has_value() && a.scalar_type() == at::kFloat &&
+      at::globalContext().userEnabledMkldnn())
     return onednn->call(a, b, bias, "none", c10::List<c10::optional<c10::Scalar>>(), c10::nullopt);
   return bias.has_value() ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
 }
