@@ -9,14 +9,15 @@
 // is built for the baseline x86-64). So the average and the backward are ATen kernels that write
 // straight into the final layout and dtype; fusion saves the transposing copy of the output and
 // the intermediate tensors. The maximum, for which ATen has no kernel that returns the int32
-// argmax this op saves, is our own: the contiguous one below, and for float32 channels_last maps
-// an AVX2 loop (ATen's kernel elsewhere, plus conversions).
+// argmax this op saves (nor picks the first of several NaNs), is our own loops below, for
+// channels_last maps built for AVX2 where the CPU has it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_capability.h"
@@ -66,50 +67,86 @@ void frame_max_pool_contiguous(const in_t* x, out_t* out, int32_t* argmax, const
   });
 }
 
+// x: [N, h*w, C] in memory (channels_last), mode "max": each frame's h*w rows are reduced in
+// order (max_rows, the rule of torch.max and of the other kernels: NaN wins, then the first
+// index) and written to out's row and the int32 argmax. (ATen's kernel takes the last NaN.)
+template <typename in_t, typename out_t>
+void frame_max_pool_channels_last(const in_t* x, out_t* out, int32_t* argmax,
+                                  const FramePoolShape& s, bool batch_first) {
+  using A = acc_t<in_t>;
+  const int64_t HW = s.HW(), C = s.C;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * C));
+  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> m(C);
+    for (int64_t n = begin; n < end; ++n) {
+      max_rows(x + n * HW * C, C, HW, C, m.data(), argmax + n * C);
+      out_t* o = out + out_row(s, batch_first, n) * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<out_t>(m[c]);
+    }
+  });
+}
+
 #ifdef CNNLSTM_EXT_X86_SIMD
-// x: [N, h*w, C] float32 in memory (channels_last), mode "max", float32 out. A frame's h*w rows
-// (each a contiguous run of C) are read in order and reduced into its out and argmax rows, which
-// hold the running maximum and its int32 index (L1-resident); so x is read once and out and the
-// argmax written once, where ATen's kernel plus the copies into out's layout and the int32 argmax
-// made three more passes over [N, C] and allocated an int64 [N, C].
-__attribute__((target("avx2,fma"))) void frame_max_channels_last_avx2(const float* frame,
-                                                                      int64_t HW, int64_t C,
-                                                                      float* o, int32_t* a) {
+// The same with AVX2, for float32, bfloat16 and float16 maps (the baseline build's 4-lane
+// compare-and-blend made the loop above compute-bound): the running maximum (float32) and its
+// index of a frame's C channels stay in L1 while its rows stream through.
+template <typename in_t>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const in_t* p) {
+  if constexpr (std::is_same_v<in_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<in_t, c10::BFloat16>) {  // the upper half of a float32
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    static_assert(std::is_same_v<in_t, c10::Half>);
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+// frame: [h*w, C]; m: [C] float32 and a: [C] int32 receive the maximum and its row.
+template <typename in_t>
+__attribute__((target("avx2,fma,f16c"))) void frame_max_channels_last_avx2(
+    const in_t* frame, int64_t HW, int64_t C, float* m, int32_t* a) {
   constexpr int64_t kV = 8;
   const int64_t c_vec = C - C % kV;
   for (int64_t c = 0; c < C; ++c) {
-    o[c] = frame[c];
+    m[c] = static_cast<float>(frame[c]);
     a[c] = 0;
   }
   for (int64_t r = 1; r < HW; ++r) {
-    const float* row = frame + r * C;
+    const in_t* row = frame + r * C;
     const __m256 ri = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(r)));
     for (int64_t c = 0; c < c_vec; c += kV) {
-      const __m256 v = _mm256_loadu_ps(row + c), m = _mm256_loadu_ps(o + c);
+      const __m256 v = load8(row + c), mv = _mm256_loadu_ps(m + c);
       // larger, or the first NaN (torch.max: NaN wins), as replaces_max
       const __m256 take = _mm256_or_ps(
-          _mm256_cmp_ps(v, m, _CMP_GT_OQ),
-          _mm256_and_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), _mm256_cmp_ps(m, m, _CMP_ORD_Q)));
-      _mm256_storeu_ps(o + c, _mm256_blendv_ps(m, v, take));
+          _mm256_cmp_ps(v, mv, _CMP_GT_OQ),
+          _mm256_and_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), _mm256_cmp_ps(mv, mv, _CMP_ORD_Q)));
+      _mm256_storeu_ps(m + c, _mm256_blendv_ps(mv, v, take));
       const __m256 k = _mm256_loadu_ps(reinterpret_cast<const float*>(a + c));
       _mm256_storeu_ps(reinterpret_cast<float*>(a + c), _mm256_blendv_ps(k, ri, take));
     }
     for (int64_t c = c_vec; c < C; ++c) {
-      const bool take = replaces_max(row[c], o[c]);
-      o[c] = take ? row[c] : o[c];
+      const float v = static_cast<float>(row[c]);
+      const bool take = replaces_max(v, m[c]);
+      m[c] = take ? v : m[c];
       a[c] = take ? static_cast<int32_t>(r) : a[c];
     }
   }
 }
 
-void frame_max_pool_channels_last(const float* x, float* out, int32_t* argmax,
-                                  const FramePoolShape& s, bool batch_first) {
+template <typename in_t, typename out_t>
+void frame_max_pool_channels_last_avx2(const in_t* x, out_t* out, int32_t* argmax,
+                                       const FramePoolShape& s, bool batch_first) {
   const int64_t HW = s.HW(), C = s.C;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * C));
   at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      frame_max_channels_last_avx2(x + n * HW * C, HW, C, out + out_row(s, batch_first, n) * C,
-                                   argmax + n * C);
+    std::vector<float> m(C);
+    for (int64_t n = begin; n < end; ++n) {
+      frame_max_channels_last_avx2(x + n * HW * C, HW, C, m.data(), argmax + n * C);
+      out_t* o = out + out_row(s, batch_first, n) * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<out_t>(m[c]);
+    }
   });
 }
 #endif  // CNNLSTM_EXT_X86_SIMD
@@ -130,28 +167,31 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
   at::Tensor argmax = mode == FrameMode::Max ? at::empty({s.N, s.C}, x.options().dtype(at::kInt))
                                              : at::empty({0}, x.options().dtype(at::kInt));
   if (xc.numel() == 0) return {out, argmax};
-  at::Tensor out_btc = batch_first ? out : out.transpose(0, 1);  // [B, T, C] view of out
   if (mode == FrameMode::Avg) {
     // Frame n = b*T + t, so x is [B, T, C, h, w]; the mean accumulates in float32 (float64).
+    at::Tensor out_btc = batch_first ? out : out.transpose(0, 1);  // [B, T, C] view of out
     at::mean_out(out_btc, xc.view({s.B, s.T, s.C, s.H, s.W}), {3, 4}, false, odt);
-  } else if (s.channels_last) {
-#ifdef CNNLSTM_EXT_X86_SIMD
-    if (xc.scalar_type() == at::kFloat && odt == at::kFloat && cpu_has_avx2()) {
-      frame_max_pool_channels_last(xc.const_data_ptr<float>(), out.data_ptr<float>(),
-                                   argmax.data_ptr<int32_t>(), s, batch_first);
-      return {out, argmax};
-    }
-#endif
-    auto [values, indices] = at::adaptive_max_pool2d(xc, {1, 1});  // [N, C, 1, 1]: index in h*w
-    out_btc.copy_(values.view({s.B, s.T, s.C}));
-    argmax.copy_(indices.view({s.N, s.C}));
   } else {
     int32_t* idx = argmax.data_ptr<int32_t>();
+#ifdef CNNLSTM_EXT_X86_SIMD
+    const bool avx2 = s.channels_last && xc.scalar_type() != at::kDouble && cpu_has_avx2();
+#else
+    const bool avx2 = false;
+#endif
     CNNLSTM_DISPATCH_POOLING_TYPES(xc.scalar_type(), "frame_pool_forward", [&] {
       using in_t = scalar_t;
       CNNLSTM_DISPATCH_POOLING_TYPES(odt, "frame_pool_forward", [&] {
-        frame_max_pool_contiguous(xc.const_data_ptr<in_t>(), out.data_ptr<scalar_t>(), idx, s,
-                                  batch_first);
+        const in_t* xp = xc.const_data_ptr<in_t>();
+        scalar_t* op = out.data_ptr<scalar_t>();
+#ifdef CNNLSTM_EXT_X86_SIMD
+        if constexpr (!std::is_same_v<in_t, double>) {
+          if (avx2) return frame_max_pool_channels_last_avx2(xp, op, idx, s, batch_first);
+        }
+#endif
+        if (s.channels_last)
+          frame_max_pool_channels_last(xp, op, idx, s, batch_first);
+        else
+          frame_max_pool_contiguous(xp, op, idx, s, batch_first);
       });
     });
   }
