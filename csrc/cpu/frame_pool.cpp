@@ -67,29 +67,11 @@ void frame_max_pool_contiguous(const in_t* x, out_t* out, int32_t* argmax, const
   });
 }
 
-// x: [N, h*w, C] in memory (channels_last), mode "max": each frame's h*w rows are reduced in
-// order (max_rows, the rule of torch.max and of the other kernels: NaN wins, then the first
-// index) and written to out's row and the int32 argmax. (ATen's kernel takes the last NaN.)
-template <typename in_t, typename out_t>
-void frame_max_pool_channels_last(const in_t* x, out_t* out, int32_t* argmax,
-                                  const FramePoolShape& s, bool batch_first) {
-  using A = acc_t<in_t>;
-  const int64_t HW = s.HW(), C = s.C;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * C));
-  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> m(C);
-    for (int64_t n = begin; n < end; ++n) {
-      max_rows(x + n * HW * C, C, HW, C, m.data(), argmax + n * C);
-      out_t* o = out + out_row(s, batch_first, n) * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<out_t>(m[c]);
-    }
-  });
-}
-
 #ifdef CNNLSTM_EXT_X86_SIMD
-// The same with AVX2, for float32, bfloat16 and float16 maps (the baseline build's 4-lane
-// compare-and-blend made the loop above compute-bound): the running maximum (float32) and its
-// index of a frame's C channels stay in L1 while its rows stream through.
+// A frame of channels_last maps reduced with AVX2, for float32, bfloat16 and float16 (max_rows,
+// built for the baseline x86-64, is compute-bound there on its 4-lane compare-and-blend): the
+// running maximum (float32) and its index of the frame's C channels stay in L1 while its rows
+// stream through.
 template <typename in_t>
 __attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const in_t* p) {
   if constexpr (std::is_same_v<in_t, float>) {
@@ -134,22 +116,37 @@ __attribute__((target("avx2,fma,f16c"))) void frame_max_channels_last_avx2(
     }
   }
 }
+#endif  // CNNLSTM_EXT_X86_SIMD
 
+// x: [N, h*w, C] in memory (channels_last), mode "max": each frame's h*w rows are reduced in
+// order (the rule of torch.max and of the other kernels: NaN wins, then the first index) and
+// written to out's row and the int32 argmax. (ATen's kernel takes the last of several NaNs.)
+// avx2: frame_max_channels_last_avx2 instead of the portable max_rows (not for float64).
 template <typename in_t, typename out_t>
-void frame_max_pool_channels_last_avx2(const in_t* x, out_t* out, int32_t* argmax,
-                                       const FramePoolShape& s, bool batch_first) {
+void frame_max_pool_channels_last(const in_t* x, out_t* out, int32_t* argmax,
+                                  const FramePoolShape& s, bool batch_first, bool avx2) {
+  using A = acc_t<in_t>;
   const int64_t HW = s.HW(), C = s.C;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * C));
   at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> m(C);
+    std::vector<A> m(C);
     for (int64_t n = begin; n < end; ++n) {
-      frame_max_channels_last_avx2(x + n * HW * C, HW, C, m.data(), argmax + n * C);
+      const in_t* frame = x + n * HW * C;
+      bool done = false;
+#ifdef CNNLSTM_EXT_X86_SIMD
+      if constexpr (std::is_same_v<A, float>) {
+        if (avx2) {
+          frame_max_channels_last_avx2(frame, HW, C, m.data(), argmax + n * C);
+          done = true;
+        }
+      }
+#endif
+      if (!done) max_rows(frame, C, HW, C, m.data(), argmax + n * C);
       out_t* o = out + out_row(s, batch_first, n) * C;
       for (int64_t c = 0; c < C; ++c) o[c] = static_cast<out_t>(m[c]);
     }
   });
 }
-#endif  // CNNLSTM_EXT_X86_SIMD
 
 #define CNNLSTM_DISPATCH_POOLING_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
@@ -173,23 +170,13 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
     at::mean_out(out_btc, xc.view({s.B, s.T, s.C, s.H, s.W}), {3, 4}, false, odt);
   } else {
     int32_t* idx = argmax.data_ptr<int32_t>();
-#ifdef CNNLSTM_EXT_X86_SIMD
-    const bool avx2 = s.channels_last && xc.scalar_type() != at::kDouble && cpu_has_avx2();
-#else
-    const bool avx2 = false;
-#endif
     CNNLSTM_DISPATCH_POOLING_TYPES(xc.scalar_type(), "frame_pool_forward", [&] {
       using in_t = scalar_t;
       CNNLSTM_DISPATCH_POOLING_TYPES(odt, "frame_pool_forward", [&] {
         const in_t* xp = xc.const_data_ptr<in_t>();
         scalar_t* op = out.data_ptr<scalar_t>();
-#ifdef CNNLSTM_EXT_X86_SIMD
-        if constexpr (!std::is_same_v<in_t, double>) {
-          if (avx2) return frame_max_pool_channels_last_avx2(xp, op, idx, s, batch_first);
-        }
-#endif
         if (s.channels_last)
-          frame_max_pool_channels_last(xp, op, idx, s, batch_first);
+          frame_max_pool_channels_last(xp, op, idx, s, batch_first, cpu_has_avx2());
         else
           frame_max_pool_contiguous(xp, op, idx, s, batch_first);
       });
