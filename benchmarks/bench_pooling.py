@@ -6,7 +6,7 @@
     python benchmarks/pooling_ratios.py pool_cuda.json # speedups, bandwidth, share of copy bandwidth
 
 Cases: frame_pool on ResNet-18 maps [B*T, 512, 7, 7] (B*T in 256, 1024, 4096; avg and max;
-contiguous and channels_last), forward and forward + backward; temporal_pool on LSTM outputs
+contiguous and channels_last; float32, and bfloat16 at 1024 frames), forward and forward + backward; temporal_pool on LSTM outputs
 [T=64, B=32, D=1024] with lengths (a length of 1, a full length, the rest random), every mode.
 The baseline is cnnlstm_ext.reference, the unfused PyTorch sequence.
 
@@ -151,6 +151,15 @@ def temporal_bytes(x, lengths):
 def test_frame_pool_cpu(benchmark, mode, layout, frames, impl):
     step, nbytes = frame_forward(impl, frames, mode, torch.float32, "cpu", layout)
     run_case(benchmark, "frame_pool cpu %s %s %d" % (mode, layout, frames), impl, step, "cpu", nbytes)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_frame_pool_bf16_cpu(benchmark, mode, layout, impl):
+    # bfloat16 maps (a CNN run under CPU autocast), the features kept in bfloat16.
+    step, nbytes = frame_forward(impl, 1024, mode, torch.bfloat16, "cpu", layout)
+    run_case(benchmark, "frame_pool cpu bf16 %s %s 1024" % (mode, layout), impl, step, "cpu", nbytes)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -86,6 +86,53 @@ def test_frame_pool_plane_sizes(device, h, w, mode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("h,w", [(1, 3), (2, 4), (3, 5), (4, 6)])
+def test_frame_pool_avg_plane_sizes(device, dtype, layout, h, w):
+    """Planes smaller than the CPU's 8-lane vector, exactly 16 and 24 elements, and a tail of 7 (read by
+    a load that overlaps the elements already added); 11 channels: one group of 8 and a tail."""
+    x = feature_maps(4, 11, h, w, dtype, device, layout, "avg", seed=h)
+    out = ops.frame_pool(x, 2, out_dtype=torch.float32)
+    exact = reference.frame_pool(x.double(), 2)
+    # float32 sums of inputs exact in dtype: each add rounds once, at most h*w*max|x| / 2^24
+    bound = h * w * 2.0 ** -24 * x.abs().max().item()
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pos", [0, 7, 8, 14])
+def test_frame_pool_avg_propagates_non_finite(device, layout, pos):
+    """An inf or NaN at any position of a 15-element plane (in a full vector, in the overlap of the
+    tail load, in the tail) reaches that plane's average, and no other."""
+    x = feature_maps(4, 9, 3, 5, torch.float32, device, "contiguous", "avg")
+    x.view(4, 9, 15)[1, 3, pos] = float("inf")
+    x.view(4, 9, 15)[2, 8, pos] = float("nan")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = ops.frame_pool(x, 2, batch_first=True).view(4, 9)
+    torch.testing.assert_close(out, reference.frame_pool(x, 2, batch_first=True).view(4, 9), equal_nan=True)
+    assert out[1, 3] == float("inf") and torch.isnan(out[2, 8])
+    assert torch.isfinite(out).sum() == 4 * 9 - 2
+
+
+def test_frame_pool_baseline_instruction_set(tmp_path):
+    """The CPU cases of this file with ATEN_CPU_CAPABILITY=default, in a fresh process: the kernels
+    for CPUs without AVX2 (ATen's mean for the average, the portable maximum loops)."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                          "-m", "not cuda", "-k", "not baseline_instruction_set and not compiles"],
+                         env=subprocess_env(ATEN_CPU_CAPABILITY="default"), cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_frame_pool_non_contiguous_input(device):
     # A layout that is neither contiguous nor channels_last (every other channel).
     x = feature_maps(6, 10, 4, 4, torch.float32, device, "contiguous", "avg")[:, ::2]

@@ -1,7 +1,7 @@
 """Distributed training: 2 gloo processes on the CPU take the same steps as 1 process with the same
 global batch, and evaluation counts every validation clip once."""
 import os
-import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -12,10 +12,6 @@ from cnnlstm_ext.train import Config, Trainer
 from cnnlstm_ext.train.distributed import DistContext, ShardSampler, init_distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(out_dir, run):
@@ -45,8 +41,11 @@ def _model(cfg):
 
 
 def _worker(rank, world_size, port, out_dir):
+    # As under torchrun: the launcher (here the test) hosts the rendezvous store, every rank is a
+    # client of it.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     ctx = init_distributed("cpu")
     try:
@@ -63,8 +62,12 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     torch.set_num_threads(1)
     cfg = _config(tmp_path, "single")
     single = Trainer(cfg, model=_model(cfg)).fit()
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+    # The store listens on a port the system picks as it binds (no probed port another process
+    # could take before a worker binds it).
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                       timeout=timedelta(seconds=120))
+    mp.start_processes(_worker, args=(2, store.port, str(tmp_path)), nprocs=2, start_method="spawn")
+    del store
 
     a = torch.load(tmp_path / "single" / "checkpoints" / "latest_checkpoint.pth", weights_only=True)
     b = torch.load(tmp_path / "ddp" / "checkpoints" / "latest_checkpoint.pth", weights_only=True)

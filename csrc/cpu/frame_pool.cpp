@@ -2,15 +2,17 @@
 //
 // Forward: x: [N, C, h, w] (N = B*T, frame n = b*T + t) -> out: [T, B, C] (or [B, T, C]), the
 // average or maximum over h*w, written once, straight into its final row and dtype.
-// Backward: grad_out -> grad_x: [N, C, h, w] in x's layout and dtype, every element written once.
+// Backward: grad_out -> grad_x: [N, C, h, w] in x's layout and dtype.
 //
-// On the CPU a pass over the maps is bound by memory, and ATen's reductions and copies already
-// run at that rate with the widest vector unit of the CPU (dispatched at run time; this library
-// is built for the baseline x86-64). So the average and the backward are ATen kernels that write
-// straight into the final layout and dtype; fusion saves the transposing copy of the output and
-// the intermediate tensors. The maximum, for which ATen has no kernel that returns the int32
-// argmax this op saves (nor picks the first of several NaNs), is our own loops below, for
-// channels_last maps built for AVX2 where the CPU has it.
+// A pass over the maps is bound by memory. The forward is our own loops, each frame's maps read
+// once and in order. The average (either layout) and the channels_last maximum are built for AVX2
+// (F16C for float16) where the CPU has it, for float32, bfloat16 and float16 maps, and read at the
+// rate of a plain `sum` of the maps; ATen's mean and adaptive pooling read channels_last maps at
+// 2/3 of it (float32) or 1/20 (16-bit types). Elsewhere (no AVX2, float64) the average is ATen's
+// mean, written straight into out's layout and dtype, and the maximum a portable loop, as is the
+// contiguous maximum (transposed tiles). The maximum reports an int32 argmax and takes the first
+// of several NaNs (as torch.max; ATen's max pooling takes the last). The backward is ATen's copy
+// (average) or fill and scatter (maximum) into grad_x in x's layout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -85,6 +87,79 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const in_t* p) {
   }
 }
 
+// n < 8 elements from p (the rest 0) as float32: a plane smaller than a vector.
+template <typename in_t>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8_partial(const in_t* p, int64_t n) {
+  in_t buf[8] = {};  // all-zero bits: 0.0 in every dtype here
+  for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
+  return load8(buf);
+}
+
+// [s(v0), s(v1), ..., s(v7)], s = the sum of a vector's 8 lanes.
+__attribute__((target("avx2,fma"))) inline __m256 lane_sums8(const __m256* v) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // u0 = [lanes 0-3 of v0..v3 | lanes 4-7 of v0..v3], u1 likewise for v4..v7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// The 8 partial sums of one plane p: [HW].
+template <typename in_t>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 plane_sum8(const in_t* p, int64_t HW) {
+  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();  // two chains of adds in flight
+  int64_t k = 0;
+  for (; k + 16 <= HW; k += 16) {
+    a = _mm256_add_ps(a, load8(p + k));
+    b = _mm256_add_ps(b, load8(p + k + 8));
+  }
+  if (k + 8 <= HW) {
+    a = _mm256_add_ps(a, load8(p + k));
+    k += 8;
+  }
+  if (k < HW && HW >= 8) {
+    // The tail: the plane's last 8 elements, of which the first 8 - (HW - k) were added above.
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i first_new = _mm256_set1_epi32(static_cast<int>(7 - (HW - k)));
+    b = _mm256_add_ps(b, _mm256_and_ps(load8(p + HW - 8), _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, first_new))));
+  } else if (k < HW) {
+    b = _mm256_add_ps(b, load8_partial(p, HW));  // HW < 8: nothing added above
+  }
+  return _mm256_add_ps(a, b);
+}
+
+// frame: [C, h*w] (contiguous maps); m: [C] float32 receives the sums of its planes, 8 planes at
+// a time (their partial sums added across lanes together).
+template <typename in_t>
+__attribute__((target("avx2,fma,f16c"))) void frame_sum_contiguous_avx2(const in_t* frame, int64_t HW,
+                                                                        int64_t C, float* m) {
+  __m256 v[8];
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    for (int j = 0; j < 8; ++j) v[j] = plane_sum8(frame + (c + j) * HW, HW);
+    _mm256_storeu_ps(m + c, lane_sums8(v));
+  }
+  for (int j = 0; j < 8; ++j) v[j] = c + j < C ? plane_sum8(frame + (c + j) * HW, HW) : _mm256_setzero_ps();
+  alignas(32) float sums[8];
+  _mm256_store_ps(sums, lane_sums8(v));
+  for (int j = 0; c + j < C; ++j) m[c + j] = sums[j];
+}
+
+// frame: [h*w, C] (channels_last maps); m: [C] float32 receives the sums over the rows, read in
+// order into the L1-resident m, one at a time (two interleaved rows read at 3/4 of the rate).
+template <typename in_t>
+__attribute__((target("avx2,fma,f16c"))) void frame_sum_channels_last_avx2(const in_t* frame, int64_t HW,
+                                                                           int64_t C, float* m) {
+  constexpr int64_t kV = 8;
+  const int64_t c_vec = C - C % kV;
+  for (int64_t c = 0; c < C; ++c) m[c] = static_cast<float>(frame[c]);
+  for (int64_t r = 1; r < HW; ++r) {
+    const in_t* row = frame + r * C;
+    for (int64_t c = 0; c < c_vec; c += kV)
+      _mm256_storeu_ps(m + c, _mm256_add_ps(_mm256_loadu_ps(m + c), load8(row + c)));
+    for (int64_t c = c_vec; c < C; ++c) m[c] += static_cast<float>(row[c]);
+  }
+}
+
 // frame: [h*w, C]; m: [C] float32 and a: [C] int32 receive the maximum and its row.
 template <typename in_t>
 __attribute__((target("avx2,fma,f16c"))) void frame_max_channels_last_avx2(
@@ -100,10 +175,9 @@ __attribute__((target("avx2,fma,f16c"))) void frame_max_channels_last_avx2(
     const __m256 ri = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(r)));
     for (int64_t c = 0; c < c_vec; c += kV) {
       const __m256 v = load8(row + c), mv = _mm256_loadu_ps(m + c);
-      // larger, or the first NaN (torch.max: NaN wins), as replaces_max
-      const __m256 take = _mm256_or_ps(
-          _mm256_cmp_ps(v, mv, _CMP_GT_OQ),
-          _mm256_and_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), _mm256_cmp_ps(mv, mv, _CMP_ORD_Q)));
+      // larger, or the first NaN (torch.max: NaN wins), as replaces_max: where m is not NaN,
+      // !(v <= m) is v > m or v NaN
+      const __m256 take = _mm256_and_ps(_mm256_cmp_ps(v, mv, _CMP_NLE_UQ), _mm256_cmp_ps(mv, mv, _CMP_ORD_Q));
       _mm256_storeu_ps(m + c, _mm256_blendv_ps(mv, v, take));
       const __m256 k = _mm256_loadu_ps(reinterpret_cast<const float*>(a + c));
       _mm256_storeu_ps(reinterpret_cast<float*>(a + c), _mm256_blendv_ps(k, ri, take));
@@ -118,6 +192,22 @@ __attribute__((target("avx2,fma,f16c"))) void frame_max_channels_last_avx2(
 }
 #endif  // CNNLSTM_EXT_X86_SIMD
 
+// One pass over the frames of x: reduce(n, m) leaves frame n's C results in m (acc type), which
+// are divided by `divisor` and written to out's row in out's dtype.
+template <typename A, typename out_t, typename Reduce>
+void for_each_frame(out_t* out, const FramePoolShape& s, bool batch_first, A divisor, Reduce reduce) {
+  const int64_t C = s.C;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (s.HW() * C));
+  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> m(C);
+    for (int64_t n = begin; n < end; ++n) {
+      reduce(n, m.data());
+      out_t* o = out + out_row(s, batch_first, n) * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<out_t>(m[c] / divisor);
+    }
+  });
+}
+
 // x: [N, h*w, C] in memory (channels_last), mode "max": each frame's h*w rows are reduced in
 // order (the rule of torch.max and of the other kernels: NaN wins, then the first index) and
 // written to out's row and the int32 argmax. (ATen's kernel takes the last of several NaNs.)
@@ -127,26 +217,33 @@ void frame_max_pool_channels_last(const in_t* x, out_t* out, int32_t* argmax,
                                   const FramePoolShape& s, bool batch_first, bool avx2) {
   using A = acc_t<in_t>;
   const int64_t HW = s.HW(), C = s.C;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * C));
-  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> m(C);
-    for (int64_t n = begin; n < end; ++n) {
-      const in_t* frame = x + n * HW * C;
-      bool done = false;
+  for_each_frame<A>(out, s, batch_first, A(1), [&](int64_t n, A* m) {
+    const in_t* frame = x + n * HW * C;
 #ifdef CNNLSTM_EXT_X86_SIMD
-      if constexpr (std::is_same_v<A, float>) {
-        if (avx2) {
-          frame_max_channels_last_avx2(frame, HW, C, m.data(), argmax + n * C);
-          done = true;
-        }
+    if constexpr (std::is_same_v<A, float>) {
+      if (avx2) {
+        frame_max_channels_last_avx2(frame, HW, C, m, argmax + n * C);
+        return;
       }
-#endif
-      if (!done) max_rows(frame, C, HW, C, m.data(), argmax + n * C);
-      out_t* o = out + out_row(s, batch_first, n) * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<out_t>(m[c]);
     }
+#endif
+    max_rows(frame, C, HW, C, m, argmax + n * C);
   });
 }
+
+#ifdef CNNLSTM_EXT_X86_SIMD
+// Mode "avg" of float32, bfloat16 and float16 maps, either layout, with AVX2: sums in float32,
+// each frame's maps read once and in order.
+template <typename in_t, typename out_t>
+void frame_avg_pool_avx2(const in_t* x, out_t* out, const FramePoolShape& s, bool batch_first) {
+  const int64_t HW = s.HW(), C = s.C;
+  for_each_frame<float>(out, s, batch_first, static_cast<float>(HW), [&](int64_t n, float* m) {
+    const in_t* frame = x + n * HW * C;
+    if (s.channels_last) frame_sum_channels_last_avx2(frame, HW, C, m);
+    else frame_sum_contiguous_avx2(frame, HW, C, m);
+  });
+}
+#endif
 
 #define CNNLSTM_DISPATCH_POOLING_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
@@ -165,6 +262,18 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
                                              : at::empty({0}, x.options().dtype(at::kInt));
   if (xc.numel() == 0) return {out, argmax};
   if (mode == FrameMode::Avg) {
+#ifdef CNNLSTM_EXT_X86_SIMD
+    if (xc.scalar_type() != at::kDouble && cpu_has_avx2()) {
+      CNNLSTM_DISPATCH_POOLING_TYPES(xc.scalar_type(), "frame_pool_forward", [&] {
+        using in_t = scalar_t;
+        CNNLSTM_DISPATCH_POOLING_TYPES(odt, "frame_pool_forward", [&] {
+          if constexpr (!std::is_same_v<in_t, double>)
+            frame_avg_pool_avx2(xc.const_data_ptr<in_t>(), out.data_ptr<scalar_t>(), s, batch_first);
+        });
+      });
+      return {out, argmax};
+    }
+#endif
     // Frame n = b*T + t, so x is [B, T, C, h, w]; the mean accumulates in float32 (float64).
     at::Tensor out_btc = batch_first ? out : out.transpose(0, 1);  // [B, T, C] view of out
     at::mean_out(out_btc, xc.view({s.B, s.T, s.C, s.H, s.W}), {3, 4}, false, odt);
