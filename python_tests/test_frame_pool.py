@@ -161,6 +161,33 @@ def test_frame_pool_max_propagates_nan(device, layout, channels, c):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("h,w", [(2, 4), (3, 3), (3, 5), (4, 4), (3, 6), (7, 7)])
+def test_frame_pool_max_ties_nan_and_signed_zero(device, dtype, layout, h, w):
+    """torch.max's rule on every plane: NaN wins, and of equal maxima (+0 and -0 too) the first,
+    whose value is returned. Values from {-2, ..., 2} (many ties), NaNs in some planes, and planes of
+    -1 and zeros of both signs; 13 channels (a group of 8 and a tail), planes of 8, 9, 15, 16, 18
+    and 49 elements."""
+    g = torch.Generator().manual_seed(h * 10 + w)
+    flat = torch.randint(-2, 3, (6, 13, h * w), generator=g).to(torch.float64)
+    nan_at = torch.rand(flat.shape, generator=g) < 0.05
+    flat[:2][nan_at[:2]] = float("nan")  # frames 0 and 1: NaNs here and there
+    # frame 2: -1, -0 and +0, so that a plane's first 0 and the 0 met first in a vector lane differ
+    flat[2] = torch.tensor([-1.0, -0.0, 0.0], dtype=torch.float64)[torch.randint(0, 3, (13, h * w), generator=g)]
+    x = flat.view(6, 13, h, w).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out, argmax = torch.ops.cnnlstm_ext.frame_pool_forward(x, 2, "max", True, None)
+    expected, expected_index = x.float().flatten(2).cpu().max(-1)
+    out = out.view(6, 13).float().cpu()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    numbers = ~expected.isnan()  # (a NaN's sign is not kept by conversions to bfloat16)
+    assert torch.equal(torch.signbit(out[numbers]), torch.signbit(expected[numbers]))
+    assert torch.equal(argmax.cpu().long(), expected_index)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["avg", "max"])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_frame_pool_gradient_matches_reference(device, dtype, layout, mode, batch_first):

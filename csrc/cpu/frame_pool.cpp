@@ -5,13 +5,13 @@
 // Backward: grad_out -> grad_x: [N, C, h, w] in x's layout and dtype.
 //
 // A pass over the maps is bound by memory. The forward is our own loops, each frame's maps read
-// once and in order. The average (either layout) and the channels_last maximum are built for AVX2
-// (F16C for float16) where the CPU has it, for float32, bfloat16 and float16 maps, and read at the
-// rate of a plain `sum` of the maps; ATen's mean and adaptive pooling read channels_last maps at
-// 2/3 of it (float32) or 1/20 (16-bit types). Elsewhere (no AVX2, float64) the average is ATen's
-// mean, written straight into out's layout and dtype, and the maximum a portable loop, as is the
-// contiguous maximum (transposed tiles). The maximum reports an int32 argmax and takes the first
-// of several NaNs (as torch.max; ATen's max pooling takes the last). The backward is ATen's copy
+// once and in order, built for AVX2 (F16C for float16) where the CPU has it, for float32, bfloat16
+// and float16 maps: float32 maps are read at the rate of a plain `sum` of them. (ATen's mean reads
+// channels_last maps at 2/3 of that rate, 1/20 for 16-bit types; its max pooling of contiguous
+// maps at 1/7.) Elsewhere (no AVX2, float64; contiguous planes under 8 elements for the maximum)
+// the average is ATen's mean, written straight into out's layout and dtype, and the maximum
+// portable loops. The maximum follows torch.max: NaN wins, then the first index (ATen's max
+// pooling takes the last NaN); it also writes the int32 argmax. The backward is ATen's copy
 // (average) or fill and scatter (maximum) into grad_x in x's layout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -39,34 +40,6 @@ using pooling::FramePoolShape;
 // Row of out: [T, B, C] (or [B, T, C] when batch_first) that frame n = b*T + t fills.
 inline int64_t out_row(const FramePoolShape& s, bool batch_first, int64_t n) {
   return batch_first ? n : (n % s.T) * s.B + n / s.T;
-}
-
-// x: [N, C, HW] contiguous, mode "max". Tiles of kTile planes are transposed to [HW, kTile] in a
-// small buffer (L1-resident), whose columns then reduce with the vectorised max_rows.
-template <typename in_t, typename out_t>
-void frame_max_pool_contiguous(const in_t* x, out_t* out, int32_t* argmax, const FramePoolShape& s,
-                               bool batch_first) {
-  using A = acc_t<in_t>;
-  constexpr int64_t kTile = 16;
-  const int64_t HW = s.HW(), C = s.C, tiles = (C + kTile - 1) / kTile;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * kTile));
-  at::parallel_for(0, s.N * tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> tile(HW * kTile);
-    A m[kTile];
-    int32_t idx[kTile];
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / tiles, c0 = (i % tiles) * kTile, cn = std::min(kTile, C - c0);
-      const in_t* src = x + (n * C + c0) * HW;
-      for (int64_t j = 0; j < cn; ++j)  // reads in order; writes stay in the L1-resident tile
-        for (int64_t k = 0; k < HW; ++k) tile[k * kTile + j] = static_cast<A>(src[j * HW + k]);
-      max_rows(tile.data(), kTile, HW, cn, m, idx);
-      out_t* o = out + out_row(s, batch_first, n) * C + c0;
-      for (int64_t j = 0; j < cn; ++j) {
-        o[j] = static_cast<out_t>(m[j]);
-        argmax[n * C + c0 + j] = idx[j];
-      }
-    }
-  });
 }
 
 #ifdef CNNLSTM_EXT_X86_SIMD
@@ -160,6 +133,88 @@ __attribute__((target("avx2,fma,f16c"))) void frame_sum_channels_last_avx2(const
   }
 }
 
+// The running maximum of 8 lanes, m, and the index of its element, mi, updated with v, whose
+// elements have indices vi: where v is larger, or the first NaN (torch.max: NaN wins), as
+// replaces_max (where m is not NaN, !(v <= m) is v > m or v NaN).
+__attribute__((target("avx2,fma"))) inline void update_max8(__m256 v, __m256i vi, __m256& m, __m256i& mi) {
+  const __m256 take = _mm256_and_ps(_mm256_cmp_ps(v, m, _CMP_NLE_UQ), _mm256_cmp_ps(m, m, _CMP_ORD_Q));
+  m = _mm256_blendv_ps(m, v, take);
+  mi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(mi), _mm256_castsi256_ps(vi), take));
+}
+
+// r[l] := lane l of the old r[0], ..., r[7] (an 8 x 8 transpose).
+__attribute__((target("avx2,fma"))) inline void transpose8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// frame: [C, h*w] (contiguous maps, h*w >= 8); m: [C] float32 and a: [C] int32 receive each
+// plane's maximum and the index of its first occurrence. A plane reduces into 8 lanes, each
+// keeping the first occurrence of its own maximum; then 8 planes at a time across lanes, after a
+// transpose (lane j of every vector: plane j): the maximum, then its smallest index (and the value
+// there: of +0 and -0, the first).
+template <typename in_t>
+__attribute__((target("avx2,fma,f16c"))) void frame_max_contiguous_avx2(const in_t* frame, int64_t HW,
+                                                                        int64_t C, float* m, int32_t* a) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t c = 0; c < C; c += 8) {
+    const int64_t cn = std::min<int64_t>(8, C - c);
+    __m256 mv[8], mi[8];  // mi: int32 indices, as float bits for the transpose
+    for (int64_t j = 0; j < 8; ++j) {
+      const in_t* p = frame + (c + std::min(j, cn - 1)) * HW;  // past C: the last plane again
+      __m256 v = load8(p);
+      __m256i vi = lane;
+      int64_t k = 8;
+      for (; k + 8 <= HW; k += 8)
+        update_max8(load8(p + k), _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(k))), v, vi);
+      // The tail: the plane's last 8 elements. Those already seen come again with their own
+      // index, higher than any index their new lane has seen: each lane keeps a first occurrence.
+      if (k < HW)
+        update_max8(load8(p + HW - 8), _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(HW - 8))), v, vi);
+      mv[j] = v;
+      mi[j] = _mm256_castsi256_ps(vi);
+    }
+    transpose8(mv);
+    transpose8(mi);
+    __m256 best = mv[0];
+    for (int l = 1; l < 8; ++l)  // NaN wins
+      best = _mm256_blendv_ps(best, mv[l], _mm256_and_ps(_mm256_cmp_ps(mv[l], best, _CMP_NLE_UQ),
+                                                          _mm256_cmp_ps(best, best, _CMP_ORD_Q)));
+    const __m256 best_nan = _mm256_cmp_ps(best, best, _CMP_UNORD_Q);
+    __m256 value = best;
+    __m256i index = _mm256_set1_epi32(INT32_MAX);
+    for (int l = 0; l < 8; ++l) {
+      const __m256i li = _mm256_castps_si256(mi[l]);
+      const __m256 holds = _mm256_or_ps(_mm256_cmp_ps(mv[l], best, _CMP_EQ_OQ),
+                                        _mm256_and_ps(_mm256_cmp_ps(mv[l], mv[l], _CMP_UNORD_Q), best_nan));
+      const __m256 earlier = _mm256_and_ps(holds, _mm256_castsi256_ps(_mm256_cmpgt_epi32(index, li)));
+      value = _mm256_blendv_ps(value, mv[l], earlier);
+      index = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(index), mi[l], earlier));
+    }
+    alignas(32) float values[8];
+    alignas(32) int32_t indices[8];
+    _mm256_store_ps(values, value);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(indices), index);
+    for (int64_t j = 0; j < cn; ++j) {
+      m[c + j] = values[j];
+      a[c + j] = indices[j];
+    }
+  }
+}
+
 // frame: [h*w, C]; m: [C] float32 and a: [C] int32 receive the maximum and its row.
 template <typename in_t>
 __attribute__((target("avx2,fma,f16c"))) void frame_max_channels_last_avx2(
@@ -172,15 +227,13 @@ __attribute__((target("avx2,fma,f16c"))) void frame_max_channels_last_avx2(
   }
   for (int64_t r = 1; r < HW; ++r) {
     const in_t* row = frame + r * C;
-    const __m256 ri = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(r)));
+    const __m256i ri = _mm256_set1_epi32(static_cast<int32_t>(r));
     for (int64_t c = 0; c < c_vec; c += kV) {
-      const __m256 v = load8(row + c), mv = _mm256_loadu_ps(m + c);
-      // larger, or the first NaN (torch.max: NaN wins), as replaces_max: where m is not NaN,
-      // !(v <= m) is v > m or v NaN
-      const __m256 take = _mm256_and_ps(_mm256_cmp_ps(v, mv, _CMP_NLE_UQ), _mm256_cmp_ps(mv, mv, _CMP_ORD_Q));
-      _mm256_storeu_ps(m + c, _mm256_blendv_ps(mv, v, take));
-      const __m256 k = _mm256_loadu_ps(reinterpret_cast<const float*>(a + c));
-      _mm256_storeu_ps(reinterpret_cast<float*>(a + c), _mm256_blendv_ps(k, ri, take));
+      __m256 mv = _mm256_loadu_ps(m + c);
+      __m256i mi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c));
+      update_max8(load8(row + c), ri, mv, mi);
+      _mm256_storeu_ps(m + c, mv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + c), mi);
     }
     for (int64_t c = c_vec; c < C; ++c) {
       const float v = static_cast<float>(row[c]);
@@ -204,6 +257,46 @@ void for_each_frame(out_t* out, const FramePoolShape& s, bool batch_first, A div
       reduce(n, m.data());
       out_t* o = out + out_row(s, batch_first, n) * C;
       for (int64_t c = 0; c < C; ++c) o[c] = static_cast<out_t>(m[c] / divisor);
+    }
+  });
+}
+
+// x: [N, C, HW] contiguous, mode "max". With AVX2 (float32, bfloat16, float16, planes of 8
+// elements or more), frame_max_contiguous_avx2 on each frame. Otherwise tiles of kTile planes are
+// transposed to [HW, kTile] in a small buffer (L1-resident), whose columns then reduce with the
+// vectorised max_rows.
+template <typename in_t, typename out_t>
+void frame_max_pool_contiguous(const in_t* x, out_t* out, int32_t* argmax, const FramePoolShape& s,
+                               bool batch_first, bool avx2) {
+  using A = acc_t<in_t>;
+#ifdef CNNLSTM_EXT_X86_SIMD
+  if constexpr (std::is_same_v<A, float>) {
+    if (avx2 && s.HW() >= 8) {
+      for_each_frame<float>(out, s, batch_first, 1.f, [&](int64_t n, float* m) {
+        frame_max_contiguous_avx2(x + n * s.C * s.HW(), s.HW(), s.C, m, argmax + n * s.C);
+      });
+      return;
+    }
+  }
+#endif
+  constexpr int64_t kTile = 16;
+  const int64_t HW = s.HW(), C = s.C, tiles = (C + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * kTile));
+  at::parallel_for(0, s.N * tiles, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> tile(HW * kTile);
+    A m[kTile];
+    int32_t idx[kTile];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / tiles, c0 = (i % tiles) * kTile, cn = std::min(kTile, C - c0);
+      const in_t* src = x + (n * C + c0) * HW;
+      for (int64_t j = 0; j < cn; ++j)  // reads in order; writes stay in the L1-resident tile
+        for (int64_t k = 0; k < HW; ++k) tile[k * kTile + j] = static_cast<A>(src[j * HW + k]);
+      max_rows(tile.data(), kTile, HW, cn, m, idx);
+      out_t* o = out + out_row(s, batch_first, n) * C + c0;
+      for (int64_t j = 0; j < cn; ++j) {
+        o[j] = static_cast<out_t>(m[j]);
+        argmax[n * C + c0 + j] = idx[j];
+      }
     }
   });
 }
@@ -287,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
         if (s.channels_last)
           frame_max_pool_channels_last(xp, op, idx, s, batch_first, cpu_has_avx2());
         else
-          frame_max_pool_contiguous(xp, op, idx, s, batch_first);
+          frame_max_pool_contiguous(xp, op, idx, s, batch_first, cpu_has_avx2());
       });
     });
   }
