@@ -117,14 +117,17 @@ def test_frame_pool_avg_propagates_non_finite(device, layout, pos):
     assert torch.isfinite(out).sum() == 4 * 9 - 2
 
 
-def test_frame_pool_baseline_instruction_set(tmp_path):
-    """The CPU cases of this file with ATEN_CPU_CAPABILITY=default, in a fresh process: the kernels
-    for CPUs without AVX2 (ATen's mean for the average, the portable maximum loops)."""
+def test_pooling_baseline_instruction_set(tmp_path):
+    """The CPU cases of this file and of test_temporal_pool.py with ATEN_CPU_CAPABILITY=default, in
+    a fresh process: the kernels for CPUs without AVX2 (ATen's mean for the frame average, the
+    portable loops of pooling_reduce.h)."""
+    import os
     import subprocess
     import sys
 
     from conftest import subprocess_env
-    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+    files = [__file__, os.path.join(os.path.dirname(__file__), "test_temporal_pool.py")]
+    run = subprocess.run([sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
                           "-m", "not cuda", "-k", "not baseline_instruction_set and not compiles"],
                          env=subprocess_env(ATEN_CPU_CAPABILITY="default"), cwd=tmp_path,
                          capture_output=True, text=True)
@@ -172,7 +175,8 @@ def test_frame_pool_max_ties_nan_and_signed_zero(device, dtype, layout, h, w):
     nan_at = torch.rand(flat.shape, generator=g) < 0.05
     flat[:2][nan_at[:2]] = float("nan")  # frames 0 and 1: NaNs here and there
     # frame 2: -1, -0 and +0, so that a plane's first 0 and the 0 met first in a vector lane differ
-    flat[2] = torch.tensor([-1.0, -0.0, 0.0], dtype=torch.float64)[torch.randint(0, 3, (13, h * w), generator=g)]
+    choice = torch.randint(0, 3, (13, h * w), generator=g)
+    flat[2] = torch.tensor([-1.0, -0.0, 0.0], dtype=torch.float64)[choice]
     x = flat.view(6, 13, h, w).to(device=device, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)

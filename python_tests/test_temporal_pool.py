@@ -105,6 +105,25 @@ def test_temporal_pool_ignores_padding(device, mode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [D, 64])
+def test_temporal_pool_max_ties_and_nan(device, dtype, d):
+    """torch.max's rule over each sequence's valid steps: NaN wins, then the first of equal
+    maxima (values from {-2, ..., 2}: many ties; NaNs in some columns)."""
+    g = torch.Generator().manual_seed(d)
+    x = torch.randint(-2, 3, (T, B, d), generator=g).to(torch.float64)
+    x[torch.rand(T, B, d, generator=g) < 0.05] = float("nan")
+    x = x.to(device=device, dtype=dtype)
+    lengths = torch.tensor(LENGTHS)
+    out, argmax = torch.ops.cnnlstm_ext.temporal_pool_forward(x, lengths.to(device), "max", False, False,
+                                                               None, None)
+    for b, n in enumerate(LENGTHS):
+        value, index = x[:n, b].float().cpu().max(0)
+        torch.testing.assert_close(out[b].float().cpu(), value, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(argmax[b].cpu().long(), index), b
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("bidirectional", [False, True])

@@ -5,6 +5,8 @@
 // instruction set, via target attributes or pragmas) and chosen at run time.
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define CNNLSTM_EXT_X86_SIMD 1
+// A function built for AVX2, FMA and F16C, called only where cpu_has_avx2().
+#define CNNLSTM_EXT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
 namespace cnnlstm_ext {

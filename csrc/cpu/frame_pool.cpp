@@ -27,10 +27,6 @@
 #include "cpu/pooling_reduce.h"
 #include "pooling_args.h"
 
-#ifdef CNNLSTM_EXT_X86_SIMD
-#include <immintrin.h>
-#endif
-
 namespace cnnlstm_ext::cpu {
 namespace {
 
@@ -43,33 +39,21 @@ inline int64_t out_row(const FramePoolShape& s, bool batch_first, int64_t n) {
 }
 
 #ifdef CNNLSTM_EXT_X86_SIMD
-// A frame of channels_last maps reduced with AVX2, for float32, bfloat16 and float16 (max_rows,
-// built for the baseline x86-64, is compute-bound there on its 4-lane compare-and-blend): the
-// running maximum (float32) and its index of the frame's C channels stay in L1 while its rows
-// stream through.
-template <typename in_t>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const in_t* p) {
-  if constexpr (std::is_same_v<in_t, float>) {
-    return _mm256_loadu_ps(p);
-  } else if constexpr (std::is_same_v<in_t, c10::BFloat16>) {  // the upper half of a float32
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else {
-    static_assert(std::is_same_v<in_t, c10::Half>);
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-}
+// The contiguous-maps kernels with AVX2 (the channels_last ones are pooling_reduce.h's sum_rows and
+// max_rows), for float32, bfloat16 and float16 maps.
+using avx2::load8;
+using avx2::update_max8;
 
 // n < 8 elements from p (the rest 0) as float32: a plane smaller than a vector.
 template <typename in_t>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 load8_partial(const in_t* p, int64_t n) {
+CNNLSTM_EXT_AVX2 inline __m256 load8_partial(const in_t* p, int64_t n) {
   in_t buf[8] = {};  // all-zero bits: 0.0 in every dtype here
   for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
   return load8(buf);
 }
 
 // [s(v0), s(v1), ..., s(v7)], s = the sum of a vector's 8 lanes.
-__attribute__((target("avx2,fma"))) inline __m256 lane_sums8(const __m256* v) {
+CNNLSTM_EXT_AVX2 inline __m256 lane_sums8(const __m256* v) {
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
   const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
   // u0 = [lanes 0-3 of v0..v3 | lanes 4-7 of v0..v3], u1 likewise for v4..v7
@@ -78,7 +62,7 @@ __attribute__((target("avx2,fma"))) inline __m256 lane_sums8(const __m256* v) {
 
 // The 8 partial sums of one plane p: [HW].
 template <typename in_t>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 plane_sum8(const in_t* p, int64_t HW) {
+CNNLSTM_EXT_AVX2 inline __m256 plane_sum8(const in_t* p, int64_t HW) {
   __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();  // two chains of adds in flight
   int64_t k = 0;
   for (; k + 16 <= HW; k += 16) {
@@ -93,7 +77,8 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 plane_sum8(const in_t* p,
     // The tail: the plane's last 8 elements, of which the first 8 - (HW - k) were added above.
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i first_new = _mm256_set1_epi32(static_cast<int>(7 - (HW - k)));
-    b = _mm256_add_ps(b, _mm256_and_ps(load8(p + HW - 8), _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, first_new))));
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, first_new));
+    b = _mm256_add_ps(b, _mm256_and_ps(load8(p + HW - 8), keep));
   } else if (k < HW) {
     b = _mm256_add_ps(b, load8_partial(p, HW));  // HW < 8: nothing added above
   }
@@ -103,8 +88,7 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 plane_sum8(const in_t* p,
 // frame: [C, h*w] (contiguous maps); m: [C] float32 receives the sums of its planes, 8 planes at
 // a time (their partial sums added across lanes together).
 template <typename in_t>
-__attribute__((target("avx2,fma,f16c"))) void frame_sum_contiguous_avx2(const in_t* frame, int64_t HW,
-                                                                        int64_t C, float* m) {
+CNNLSTM_EXT_AVX2 void frame_sum_contiguous_avx2(const in_t* frame, int64_t HW, int64_t C, float* m) {
   __m256 v[8];
   int64_t c = 0;
   for (; c + 8 <= C; c += 8) {
@@ -117,33 +101,8 @@ __attribute__((target("avx2,fma,f16c"))) void frame_sum_contiguous_avx2(const in
   for (int j = 0; c + j < C; ++j) m[c + j] = sums[j];
 }
 
-// frame: [h*w, C] (channels_last maps); m: [C] float32 receives the sums over the rows, read in
-// order into the L1-resident m, one at a time (two interleaved rows read at 3/4 of the rate).
-template <typename in_t>
-__attribute__((target("avx2,fma,f16c"))) void frame_sum_channels_last_avx2(const in_t* frame, int64_t HW,
-                                                                           int64_t C, float* m) {
-  constexpr int64_t kV = 8;
-  const int64_t c_vec = C - C % kV;
-  for (int64_t c = 0; c < C; ++c) m[c] = static_cast<float>(frame[c]);
-  for (int64_t r = 1; r < HW; ++r) {
-    const in_t* row = frame + r * C;
-    for (int64_t c = 0; c < c_vec; c += kV)
-      _mm256_storeu_ps(m + c, _mm256_add_ps(_mm256_loadu_ps(m + c), load8(row + c)));
-    for (int64_t c = c_vec; c < C; ++c) m[c] += static_cast<float>(row[c]);
-  }
-}
-
-// The running maximum of 8 lanes, m, and the index of its element, mi, updated with v, whose
-// elements have indices vi: where v is larger, or the first NaN (torch.max: NaN wins), as
-// replaces_max (where m is not NaN, !(v <= m) is v > m or v NaN).
-__attribute__((target("avx2,fma"))) inline void update_max8(__m256 v, __m256i vi, __m256& m, __m256i& mi) {
-  const __m256 take = _mm256_and_ps(_mm256_cmp_ps(v, m, _CMP_NLE_UQ), _mm256_cmp_ps(m, m, _CMP_ORD_Q));
-  m = _mm256_blendv_ps(m, v, take);
-  mi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(mi), _mm256_castsi256_ps(vi), take));
-}
-
 // r[l] := lane l of the old r[0], ..., r[7] (an 8 x 8 transpose).
-__attribute__((target("avx2,fma"))) inline void transpose8(__m256* r) {
+CNNLSTM_EXT_AVX2 inline void transpose8(__m256* r) {
   __m256 t[8], u[8];
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
@@ -167,8 +126,8 @@ __attribute__((target("avx2,fma"))) inline void transpose8(__m256* r) {
 // transpose (lane j of every vector: plane j): the maximum, then its smallest index (and the value
 // there: of +0 and -0, the first).
 template <typename in_t>
-__attribute__((target("avx2,fma,f16c"))) void frame_max_contiguous_avx2(const in_t* frame, int64_t HW,
-                                                                        int64_t C, float* m, int32_t* a) {
+CNNLSTM_EXT_AVX2 void frame_max_contiguous_avx2(const in_t* frame, int64_t HW, int64_t C, float* m,
+                                                int32_t* a) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t c = 0; c < C; c += 8) {
     const int64_t cn = std::min<int64_t>(8, C - c);
@@ -182,8 +141,10 @@ __attribute__((target("avx2,fma,f16c"))) void frame_max_contiguous_avx2(const in
         update_max8(load8(p + k), _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(k))), v, vi);
       // The tail: the plane's last 8 elements. Those already seen come again with their own
       // index, higher than any index their new lane has seen: each lane keeps a first occurrence.
-      if (k < HW)
-        update_max8(load8(p + HW - 8), _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(HW - 8))), v, vi);
+      if (k < HW) {
+        const __m256i tail = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(HW - 8)));
+        update_max8(load8(p + HW - 8), tail, v, vi);
+      }
       mv[j] = v;
       mi[j] = _mm256_castsi256_ps(vi);
     }
@@ -215,34 +176,6 @@ __attribute__((target("avx2,fma,f16c"))) void frame_max_contiguous_avx2(const in
   }
 }
 
-// frame: [h*w, C]; m: [C] float32 and a: [C] int32 receive the maximum and its row.
-template <typename in_t>
-__attribute__((target("avx2,fma,f16c"))) void frame_max_channels_last_avx2(
-    const in_t* frame, int64_t HW, int64_t C, float* m, int32_t* a) {
-  constexpr int64_t kV = 8;
-  const int64_t c_vec = C - C % kV;
-  for (int64_t c = 0; c < C; ++c) {
-    m[c] = static_cast<float>(frame[c]);
-    a[c] = 0;
-  }
-  for (int64_t r = 1; r < HW; ++r) {
-    const in_t* row = frame + r * C;
-    const __m256i ri = _mm256_set1_epi32(static_cast<int32_t>(r));
-    for (int64_t c = 0; c < c_vec; c += kV) {
-      __m256 mv = _mm256_loadu_ps(m + c);
-      __m256i mi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c));
-      update_max8(load8(row + c), ri, mv, mi);
-      _mm256_storeu_ps(m + c, mv);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + c), mi);
-    }
-    for (int64_t c = c_vec; c < C; ++c) {
-      const float v = static_cast<float>(row[c]);
-      const bool take = replaces_max(v, m[c]);
-      m[c] = take ? v : m[c];
-      a[c] = take ? static_cast<int32_t>(r) : a[c];
-    }
-  }
-}
 #endif  // CNNLSTM_EXT_X86_SIMD
 
 // One pass over the frames of x: reduce(n, m) leaves frame n's C results in m (acc type), which
@@ -304,23 +237,13 @@ void frame_max_pool_contiguous(const in_t* x, out_t* out, int32_t* argmax, const
 // x: [N, h*w, C] in memory (channels_last), mode "max": each frame's h*w rows are reduced in
 // order (the rule of torch.max and of the other kernels: NaN wins, then the first index) and
 // written to out's row and the int32 argmax. (ATen's kernel takes the last of several NaNs.)
-// avx2: frame_max_channels_last_avx2 instead of the portable max_rows (not for float64).
 template <typename in_t, typename out_t>
 void frame_max_pool_channels_last(const in_t* x, out_t* out, int32_t* argmax,
-                                  const FramePoolShape& s, bool batch_first, bool avx2) {
+                                  const FramePoolShape& s, bool batch_first) {
   using A = acc_t<in_t>;
   const int64_t HW = s.HW(), C = s.C;
   for_each_frame<A>(out, s, batch_first, A(1), [&](int64_t n, A* m) {
-    const in_t* frame = x + n * HW * C;
-#ifdef CNNLSTM_EXT_X86_SIMD
-    if constexpr (std::is_same_v<A, float>) {
-      if (avx2) {
-        frame_max_channels_last_avx2(frame, HW, C, m, argmax + n * C);
-        return;
-      }
-    }
-#endif
-    max_rows(frame, C, HW, C, m, argmax + n * C);
+    max_rows(x + n * HW * C, C, HW, C, m, argmax + n * C);
   });
 }
 
@@ -332,7 +255,7 @@ void frame_avg_pool_avx2(const in_t* x, out_t* out, const FramePoolShape& s, boo
   const int64_t HW = s.HW(), C = s.C;
   for_each_frame<float>(out, s, batch_first, static_cast<float>(HW), [&](int64_t n, float* m) {
     const in_t* frame = x + n * HW * C;
-    if (s.channels_last) frame_sum_channels_last_avx2(frame, HW, C, m);
+    if (s.channels_last) sum_rows(frame, C, HW, C, m);
     else frame_sum_contiguous_avx2(frame, HW, C, m);
   });
 }
@@ -378,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
         const in_t* xp = xc.const_data_ptr<in_t>();
         scalar_t* op = out.data_ptr<scalar_t>();
         if (s.channels_last)
-          frame_max_pool_channels_last(xp, op, idx, s, batch_first, cpu_has_avx2());
+          frame_max_pool_channels_last(xp, op, idx, s, batch_first);
         else
           frame_max_pool_contiguous(xp, op, idx, s, batch_first, cpu_has_avx2());
       });
