@@ -6,8 +6,9 @@
     python benchmarks/pooling_ratios.py pool_cuda.json # speedups, bandwidth, share of copy bandwidth
 
 Cases: frame_pool on ResNet-18 maps [B*T, 512, 7, 7] (B*T in 256, 1024, 4096; avg and max;
-contiguous and channels_last; float32, and bfloat16 at 1024 frames), forward and forward + backward; temporal_pool on LSTM outputs
-[T=64, B=32, D=1024] with lengths (a length of 1, a full length, the rest random), every mode.
+contiguous and channels_last; float32, and bfloat16 at 1024 frames on the CPU), forward and
+forward + backward; temporal_pool on LSTM outputs [T=64, B=32, D=1024] with lengths (a length of
+1, a full length, the rest random), every mode.
 The baseline is cnnlstm_ext.reference, the unfused PyTorch sequence.
 
 One pytest-benchmark group per case, ``extra_info["impl"]`` = "baseline" | "fused" (the convention

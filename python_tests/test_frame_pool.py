@@ -90,8 +90,9 @@ def test_frame_pool_plane_sizes(device, h, w, mode):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("h,w", [(1, 3), (2, 4), (3, 5), (4, 6)])
 def test_frame_pool_avg_plane_sizes(device, dtype, layout, h, w):
-    """Planes smaller than the CPU's 8-lane vector, exactly 16 and 24 elements, and a tail of 7 (read by
-    a load that overlaps the elements already added); 11 channels: one group of 8 and a tail."""
+    """Planes smaller than the CPU's 8-lane vector, of exactly 16 and 24 elements, and a tail of 7
+    (read by a load that overlaps the elements already added); 11 channels: a group of 8 and a
+    tail."""
     x = feature_maps(4, 11, h, w, dtype, device, layout, "avg", seed=h)
     out = ops.frame_pool(x, 2, out_dtype=torch.float32)
     exact = reference.frame_pool(x.double(), 2)
@@ -112,7 +113,8 @@ def test_frame_pool_avg_propagates_non_finite(device, layout, pos):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     out = ops.frame_pool(x, 2, batch_first=True).view(4, 9)
-    torch.testing.assert_close(out, reference.frame_pool(x, 2, batch_first=True).view(4, 9), equal_nan=True)
+    ref = reference.frame_pool(x, 2, batch_first=True).view(4, 9)
+    torch.testing.assert_close(out, ref, equal_nan=True)
     assert out[1, 3] == float("inf") and torch.isnan(out[2, 8])
     assert torch.isfinite(out).sum() == 4 * 9 - 2
 

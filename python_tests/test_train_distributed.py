@@ -12,8 +12,6 @@ from cnnlstm_ext.train import Config, Trainer
 from cnnlstm_ext.train.distributed import DistContext, ShardSampler, init_distributed
 
 
-
-
 def _config(out_dir, run):
     cfg = Config()
     cfg.model.update(spatial_dim=16, temporal_dim=8, dropout=0.0)

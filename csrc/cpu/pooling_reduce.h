@@ -169,8 +169,8 @@ CNNLSTM_EXT_AVX2 float dot(const T* p, const float* w, int64_t n) {
 
 // A statement: returns the AVX2 version of a reduction where T has one and the CPU has AVX2 (the
 // portable loop follows it).
-#define CNNLSTM_EXT_REDUCE_AVX2(T, CALL) \
-  if constexpr (kAvx2Input<T>) {         \
+#define CNNLSTM_EXT_REDUCE_AVX2(T, CALL)   \
+  if constexpr (kAvx2Input<T>) {           \
     if (cpu_has_avx2()) return avx2::CALL; \
   }
 #else
