@@ -277,36 +277,29 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
   at::Tensor argmax = mode == FrameMode::Max ? at::empty({s.N, s.C}, x.options().dtype(at::kInt))
                                              : at::empty({0}, x.options().dtype(at::kInt));
   if (xc.numel() == 0) return {out, argmax};
-  if (mode == FrameMode::Avg) {
-#ifdef CNNLSTM_EXT_X86_SIMD
-    if (xc.scalar_type() != at::kDouble && cpu_has_avx2()) {
-      CNNLSTM_DISPATCH_POOLING_TYPES(xc.scalar_type(), "frame_pool_forward", [&] {
-        using in_t = scalar_t;
-        CNNLSTM_DISPATCH_POOLING_TYPES(odt, "frame_pool_forward", [&] {
-          if constexpr (!std::is_same_v<in_t, double>)
-            frame_avg_pool_avx2(xc.const_data_ptr<in_t>(), out.data_ptr<scalar_t>(), s, batch_first);
-        });
-      });
-      return {out, argmax};
-    }
-#endif
+  if (mode == FrameMode::Avg && (xc.scalar_type() == at::kDouble || !cpu_has_avx2())) {
     // Frame n = b*T + t, so x is [B, T, C, h, w]; the mean accumulates in float32 (float64).
     at::Tensor out_btc = batch_first ? out : out.transpose(0, 1);  // [B, T, C] view of out
     at::mean_out(out_btc, xc.view({s.B, s.T, s.C, s.H, s.W}), {3, 4}, false, odt);
-  } else {
-    int32_t* idx = argmax.data_ptr<int32_t>();
-    CNNLSTM_DISPATCH_POOLING_TYPES(xc.scalar_type(), "frame_pool_forward", [&] {
-      using in_t = scalar_t;
-      CNNLSTM_DISPATCH_POOLING_TYPES(odt, "frame_pool_forward", [&] {
-        const in_t* xp = xc.const_data_ptr<in_t>();
-        scalar_t* op = out.data_ptr<scalar_t>();
-        if (s.channels_last)
-          frame_max_pool_channels_last(xp, op, idx, s, batch_first);
-        else
-          frame_max_pool_contiguous(xp, op, idx, s, batch_first, cpu_has_avx2());
-      });
-    });
+    return {out, argmax};
   }
+  int32_t* idx = mode == FrameMode::Max ? argmax.data_ptr<int32_t>() : nullptr;
+  CNNLSTM_DISPATCH_POOLING_TYPES(xc.scalar_type(), "frame_pool_forward", [&] {
+    using in_t = scalar_t;
+    CNNLSTM_DISPATCH_POOLING_TYPES(odt, "frame_pool_forward", [&] {
+      const in_t* xp = xc.const_data_ptr<in_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      if (mode == FrameMode::Avg) {  // AVX2 and not float64 (above)
+#ifdef CNNLSTM_EXT_X86_SIMD
+        if constexpr (!std::is_same_v<in_t, double>) frame_avg_pool_avx2(xp, op, s, batch_first);
+#endif
+      } else if (s.channels_last) {
+        frame_max_pool_channels_last(xp, op, idx, s, batch_first);
+      } else {
+        frame_max_pool_contiguous(xp, op, idx, s, batch_first, cpu_has_avx2());
+      }
+    });
+  });
   return {out, argmax};
 }
 

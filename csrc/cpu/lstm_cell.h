@@ -51,7 +51,6 @@ struct LstmCellKernels {
   RecurrentProductFn<acc_t> recurrent_product = nullptr;
 };
 
-
 namespace cell_default {
 LstmCellKernels<float> kernels_float();
 LstmCellKernels<double> kernels_double();
