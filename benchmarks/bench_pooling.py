@@ -8,7 +8,8 @@
 Cases: frame_pool on ResNet-18 maps [B*T, 512, 7, 7] (B*T in 256, 1024, 4096; avg and max;
 contiguous and channels_last; float32, and bfloat16 at 1024 frames on the CPU), forward and
 forward + backward; temporal_pool on LSTM outputs [T=64, B=32, D=1024] with lengths (a length of
-1, a full length, the rest random), every mode.
+1, a full length, the rest random), every mode; and the cost of one call of each op on tiny inputs
+(forward, and forward + backward), which is host time.
 The baseline is cnnlstm_ext.reference, the unfused PyTorch sequence.
 
 One pytest-benchmark group per case, ``extra_info["impl"]`` = "baseline" | "fused" (the convention
@@ -254,3 +255,35 @@ def test_temporal_pool_training_cuda(benchmark, mode, impl):
         x.grad = None
         fn(x, lengths, **kw).backward(grad)
     run_case(benchmark, "temporal_pool cuda training %s" % mode, impl, step, "cuda")
+
+
+# --- cost of a call -------------------------------------------------------------------------------
+# Tiny inputs (maps [32, 64, 2, 2] with T = 16, LSTM outputs [16, 2, 64]): the kernels take next to
+# no time, so these cases time what a call costs the host (argument checks, dispatch, autograd,
+# allocation, launch). On a GPU that cost, not the kernel, bounds the 256-frame cases above.
+
+def tiny_call(op, train, impl, device):
+    g = torch.Generator().manual_seed(2)
+    if op == "frame":
+        x = torch.randn(32, 64, 2, 2, generator=g).to(device).requires_grad_(train)
+        args, grad = (2,), torch.randn(16, 2, 64, generator=g).to(device)
+    else:
+        x = torch.randn(16, 2, 64, generator=g).to(device).requires_grad_(train)
+        args, grad = (torch.tensor([16, 5], device=device),), torch.randn(2, 64, generator=g).to(device)
+    fn = IMPL_FN[op][impl]
+    if not train:
+        return lambda: fn(x, *args)
+
+    def step():
+        x.grad = None
+        fn(x, *args).backward(grad)
+    return step
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=REQUIRES_CUDA)])
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "training"])
+@pytest.mark.parametrize("op", ["frame", "temporal"])
+def test_pool_call_cost(benchmark, op, train, device, impl):
+    group = "%s_pool %s call cost %s" % (op, device, "training" if train else "forward")
+    run_case(benchmark, group, impl, tiny_call(op, train, impl, device), device)

@@ -1,8 +1,10 @@
 """Typed Python faces of `torch.ops.cnnlstm_ext.*`: fake (meta) kernels and autograd.
 
 The kernels live in csrc/ (schemas in csrc/ops.cpp). Each op gets a fake implementation so
-`torch.compile(fullgraph=True)` traces through it, and autograd through
-`torch.library.register_autograd`, whose backward calls the matching backward op.
+`torch.compile(fullgraph=True)` traces through it. Autograd calls the matching backward op: for
+lstm_layer_forward through `torch.library.register_autograd` below; for the pooling ops through a
+C++ autograd function (csrc/pooling_autograd.cpp), because they are small enough that the Python
+autograd layer's cost per call would be most of their time.
 """
 from typing import Optional, Tuple
 
@@ -175,28 +177,6 @@ def _frame_pool_backward_fake(grad_out, argmax, x_size, x_dtype, channels_last, 
     return torch.empty(x_size, dtype=x_dtype, device=grad_out.device, memory_format=fmt)
 
 
-def _frame_pool_setup_context(ctx, inputs, output):
-    x, batch_size, mode, batch_first, _ = inputs
-    _, argmax = output
-    ctx.save_for_backward(argmax)
-    ctx.x_size = tuple(x.shape)
-    ctx.x_dtype = x.dtype
-    ctx.channels_last = _is_channels_last(x)
-    ctx.batch_size, ctx.mode, ctx.batch_first = batch_size, mode, batch_first
-
-
-def _frame_pool_backward(ctx, grad_out, _grad_argmax):
-    (argmax,) = ctx.saved_tensors
-    grad_x = torch.ops.cnnlstm_ext.frame_pool_backward(
-        grad_out, argmax, ctx.x_size, ctx.x_dtype, ctx.channels_last, ctx.batch_size, ctx.mode,
-        ctx.batch_first)
-    return grad_x, None, None, None, None
-
-
-torch.library.register_autograd("cnnlstm_ext::frame_pool_forward", _frame_pool_backward,
-                                setup_context=_frame_pool_setup_context)
-
-
 def temporal_pool(x: Tensor, lengths: Optional[Tensor] = None, mode: str = "mean",
                   batch_first: bool = False, bidirectional: bool = False,
                   score_weight: Optional[Tensor] = None, score_bias: Optional[Tensor] = None) -> Tensor:
@@ -246,27 +226,3 @@ def _temporal_pool_backward_fake(grad_out, x, lengths, aux, mode, batch_first, b
         grad_w = x.new_empty((0,), dtype=acc)
         grad_b = x.new_empty((0,), dtype=acc)
     return grad_x, grad_w, grad_b
-
-
-def _temporal_pool_setup_context(ctx, inputs, output):
-    x, lengths, mode, batch_first, bidirectional, score_weight, score_bias = inputs
-    _, aux = output
-    ctx.mark_non_differentiable(aux)
-    ctx.save_for_backward(x, lengths, aux, score_weight, score_bias)
-    ctx.mode, ctx.batch_first, ctx.bidirectional = mode, batch_first, bidirectional
-
-
-def _temporal_pool_backward(ctx, grad_out, _grad_aux):
-    x, lengths, aux, score_weight, score_bias = ctx.saved_tensors
-    grad_x, grad_w, grad_b = torch.ops.cnnlstm_ext.temporal_pool_backward(
-        grad_out, x, lengths, aux, ctx.mode, ctx.batch_first, ctx.bidirectional, score_weight,
-        score_bias)
-    if ctx.mode != "attention":
-        grad_w = grad_b = None
-    elif score_bias is None:
-        grad_b = None
-    return grad_x, None, None, None, None, grad_w, grad_b
-
-
-torch.library.register_autograd("cnnlstm_ext::temporal_pool_forward", _temporal_pool_backward,
-                                setup_context=_temporal_pool_setup_context)

@@ -249,6 +249,25 @@ def test_frame_pool_opcheck(device, layout, mode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_frame_pool_records_a_graph_only_when_needed(device, mode):
+    """The autograd kernel (csrc/pooling_autograd.cpp): no node without a gradient to compute
+    (inputs without requires_grad, or no_grad), one node otherwise; argmax is never differentiable."""
+    x = feature_maps(6, 5, 3, 3, torch.float32, device, "contiguous", mode)
+    out, argmax = torch.ops.cnnlstm_ext.frame_pool_forward(x, 3, mode, False, None)
+    assert out.grad_fn is None and not out.requires_grad
+    x.requires_grad_()
+    with torch.no_grad():
+        out, _ = torch.ops.cnnlstm_ext.frame_pool_forward(x, 3, mode, False, None)
+    assert out.grad_fn is None and not out.requires_grad
+    out, argmax = torch.ops.cnnlstm_ext.frame_pool_forward(x, 3, mode, False, None)
+    assert out.requires_grad and "FramePoolFunction" in out.grad_fn.name()
+    assert not argmax.requires_grad
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert gx.shape == x.shape and gx.sum().item() == pytest.approx(out.numel(), rel=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_frame_pool_compiles_fullgraph(device):
     def features(maps):
         return ops.frame_pool(maps.relu(), 2, "avg").sum(-1)

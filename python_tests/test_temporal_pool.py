@@ -203,6 +203,32 @@ def test_temporal_pool_opcheck(device, mode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_temporal_pool_records_a_graph_only_when_needed(device):
+    """The autograd kernel (csrc/pooling_autograd.cpp) records a node when any of x, score_weight,
+    score_bias needs a gradient, and none otherwise; with x frozen, the score parameters still get
+    theirs (those of the reference)."""
+    x = lstm_outputs(T, B, D, torch.float32, device, "attention")
+    lengths = torch.tensor(LENGTHS, device=device)
+    w, bias = score_params(D, device)
+    out, aux = torch.ops.cnnlstm_ext.temporal_pool_forward(x, lengths, "attention", False, False, w, bias)
+    assert out.grad_fn is None and not out.requires_grad
+    w.requires_grad_()
+    bias.requires_grad_()
+    with torch.no_grad():
+        out, _ = torch.ops.cnnlstm_ext.temporal_pool_forward(x, lengths, "attention", False, False, w, bias)
+    assert out.grad_fn is None
+    out, aux = torch.ops.cnnlstm_ext.temporal_pool_forward(x, lengths, "attention", False, False, w, bias)
+    assert out.requires_grad and not aux.requires_grad
+    grad = torch.randn(B, D, generator=torch.Generator().manual_seed(2)).to(device)
+    gw, gb = torch.autograd.grad(out, (w, bias), grad)
+    w64, b64 = w.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    ref = reference.temporal_pool(x.double(), lengths, "attention", score_weight=w64, score_bias=b64)
+    gw_ref, gb_ref = torch.autograd.grad(ref, (w64, b64), grad.double())
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb.double(), gb_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_temporal_pool_compiles_fullgraph(device):
     pool = cnnlstm_ext.TemporalPool("attention", dim=8).to(device)
 

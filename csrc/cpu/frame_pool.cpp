@@ -44,14 +44,6 @@ inline int64_t out_row(const FramePoolShape& s, bool batch_first, int64_t n) {
 using avx2::load8;
 using avx2::update_max8;
 
-// n < 8 elements from p (the rest 0) as float32: a plane smaller than a vector.
-template <typename in_t>
-CNNLSTM_EXT_AVX2 inline __m256 load8_partial(const in_t* p, int64_t n) {
-  in_t buf[8] = {};  // all-zero bits: 0.0 in every dtype here
-  for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
-  return load8(buf);
-}
-
 // [s(v0), s(v1), ..., s(v7)], s = the sum of a vector's 8 lanes.
 CNNLSTM_EXT_AVX2 inline __m256 lane_sums8(const __m256* v) {
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
@@ -60,7 +52,7 @@ CNNLSTM_EXT_AVX2 inline __m256 lane_sums8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// The 8 partial sums of one plane p: [HW].
+// The 8 partial sums of one plane p: [HW], HW >= 8.
 template <typename in_t>
 CNNLSTM_EXT_AVX2 inline __m256 plane_sum8(const in_t* p, int64_t HW) {
   __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();  // two chains of adds in flight
@@ -73,14 +65,12 @@ CNNLSTM_EXT_AVX2 inline __m256 plane_sum8(const in_t* p, int64_t HW) {
     a = _mm256_add_ps(a, load8(p + k));
     k += 8;
   }
-  if (k < HW && HW >= 8) {
+  if (k < HW) {
     // The tail: the plane's last 8 elements, of which the first 8 - (HW - k) were added above.
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i first_new = _mm256_set1_epi32(static_cast<int>(7 - (HW - k)));
     const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, first_new));
     b = _mm256_add_ps(b, _mm256_and_ps(load8(p + HW - 8), keep));
-  } else if (k < HW) {
-    b = _mm256_add_ps(b, load8_partial(p, HW));  // HW < 8: nothing added above
   }
   return _mm256_add_ps(a, b);
 }
@@ -89,6 +79,14 @@ CNNLSTM_EXT_AVX2 inline __m256 plane_sum8(const in_t* p, int64_t HW) {
 // a time (their partial sums added across lanes together).
 template <typename in_t>
 CNNLSTM_EXT_AVX2 void frame_sum_contiguous_avx2(const in_t* frame, int64_t HW, int64_t C, float* m) {
+  if (HW < 8) {  // planes shorter than a vector: scalar sums, the frame read in order
+    for (int64_t c = 0; c < C; ++c) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < HW; ++k) sum += static_cast<float>(frame[c * HW + k]);
+      m[c] = sum;
+    }
+    return;
+  }
   __m256 v[8];
   int64_t c = 0;
   for (; c + 8 <= C; c += 8) {

@@ -1,0 +1,178 @@
+// Autograd of the pooling ops (frame_pool_forward, temporal_pool_forward), for every device: each
+// forward op is wrapped in a torch::autograd::Function whose backward calls the matching backward
+// op. Registered here in C++ rather than with torch.library.register_autograd because the Python
+// autograd layer costs more per call than a whole 256-frame CUDA forward: these ops are small and
+// run twice per training step, so their host time is their speed (benchmarks/RESULTS.md, "Pooling").
+// Fake (meta) kernels of all four ops stay in cnnlstm_ext/ops.py.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+namespace cnnlstm_ext::pooling_autograd {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// Typed handles of the ops, looked up once.
+const auto& frame_pool_forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cnnlstm_ext::frame_pool_forward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, c10::string_view,
+                                                                       bool, std::optional<at::ScalarType>)>();
+  return op;
+}
+
+const auto& temporal_pool_forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cnnlstm_ext::temporal_pool_forward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view, bool,
+                                 bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  return op;
+}
+
+const auto& frame_pool_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cnnlstm_ext::frame_pool_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+                                               at::ScalarType, bool, int64_t, c10::string_view, bool)>();
+  return op;
+}
+
+const auto& temporal_pool_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cnnlstm_ext::temporal_pool_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 const at::Tensor&, c10::string_view, bool, bool,
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  return op;
+}
+
+// The layout frame_pool's kernels read (pooling_args.h, frame_pool_input): contiguous wins when a
+// tensor is both (C == 1 or h*w == 1).
+bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+class FramePoolFunction : public torch::autograd::Function<FramePoolFunction> {
+ public:
+  // x: [N, C, h, w] -> out: [T, B, C] ([B, T, C] when batch_first), argmax: [N, C] int32 or [0].
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t batch_size,
+                               const std::string& mode, bool batch_first,
+                               std::optional<at::ScalarType> out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, argmax] = frame_pool_forward_op().call(x, batch_size, mode, batch_first, out_dtype);
+    ctx->save_for_backward({argmax});
+    ctx->mark_non_differentiable({argmax});
+    ctx->saved_data["x_size"] = x.sym_sizes();
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["channels_last"] = is_channels_last(x);
+    ctx->saved_data["batch_size"] = batch_size;
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["batch_first"] = batch_first;
+    return {out, argmax};
+  }
+
+  // grads: {grad_out, grad_argmax (unused)} -> one gradient per forward argument.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto& d = ctx->saved_data;
+    const std::vector<c10::SymInt> x_size = d.at("x_size").toSymIntVector();
+    at::Tensor grad_x = frame_pool_backward_op().call(
+        grads[0], ctx->get_saved_variables()[0], x_size, d.at("x_dtype").toScalarType(),
+        d.at("channels_last").toBool(), d.at("batch_size").toInt(), d.at("mode").toStringRef(),
+        d.at("batch_first").toBool());
+    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class TemporalPoolFunction : public torch::autograd::Function<TemporalPoolFunction> {
+ public:
+  // x: [T, B, D] ([B, T, D] when batch_first) -> out: [B, D], aux (arg-max, attention weights or
+  // empty).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const std::optional<at::Tensor>& lengths, const std::string& mode,
+                               bool batch_first, bool bidirectional,
+                               const std::optional<at::Tensor>& score_weight,
+                               const std::optional<at::Tensor>& score_bias) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, aux] = temporal_pool_forward_op().call(x, lengths, mode, batch_first, bidirectional,
+                                                      score_weight, score_bias);
+    // Undefined tensors stand for None; optional_of restores them in the backward.
+    const at::Tensor none;
+    ctx->save_for_backward({x, lengths.value_or(none), aux, score_weight.value_or(none),
+                            score_bias.value_or(none)});
+    ctx->mark_non_differentiable({aux});
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["batch_first"] = batch_first;
+    ctx->saved_data["bidirectional"] = bidirectional;
+    return {out, aux};
+  }
+
+  // grads: {grad_out, grad_aux (unused)} -> one gradient per forward argument.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &lengths = saved[1], &aux = saved[2];
+    const at::Tensor &score_weight = saved[3], &score_bias = saved[4];
+    const auto& d = ctx->saved_data;
+    const std::string& mode = d.at("mode").toStringRef();
+    auto [grad_x, grad_w, grad_b] = temporal_pool_backward_op().call(
+        grads[0], x, optional_of(lengths), aux, mode, d.at("batch_first").toBool(),
+        d.at("bidirectional").toBool(), optional_of(score_weight), optional_of(score_bias));
+    // The backward op returns empty tensors for gradients that do not exist.
+    if (mode != "attention") grad_w = grad_b = at::Tensor();
+    else if (!score_bias.defined()) grad_b = at::Tensor();
+    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), grad_w, grad_b};
+  }
+};
+
+// Whether the call records a graph node. When not, the op runs below autograd directly, without a
+// node or saved context (as torch.library.register_autograd does).
+bool records_graph(const at::Tensor& x, const std::optional<at::Tensor>& score_weight = std::nullopt,
+                   const std::optional<at::Tensor>& score_bias = std::nullopt) {
+  return at::GradMode::is_enabled() && (x.requires_grad() || (score_weight && score_weight->requires_grad()) ||
+                                        (score_bias && score_bias->requires_grad()));
+}
+
+std::tuple<at::Tensor, at::Tensor> frame_pool_forward_autograd(const at::Tensor& x, int64_t batch_size,
+                                                               c10::string_view mode, bool batch_first,
+                                                               std::optional<at::ScalarType> out_dtype) {
+  if (!records_graph(x)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return frame_pool_forward_op().call(x, batch_size, mode, batch_first, out_dtype);
+  }
+  const variable_list r = FramePoolFunction::apply(x, batch_size, std::string(mode), batch_first, out_dtype);
+  return {r[0], r[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_pool_forward_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& lengths, c10::string_view mode, bool batch_first,
+    bool bidirectional, const std::optional<at::Tensor>& score_weight,
+    const std::optional<at::Tensor>& score_bias) {
+  if (!records_graph(x, score_weight, score_bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return temporal_pool_forward_op().call(x, lengths, mode, batch_first, bidirectional, score_weight,
+                                           score_bias);
+  }
+  const variable_list r = TemporalPoolFunction::apply(x, lengths, std::string(mode), batch_first,
+                                                      bidirectional, score_weight, score_bias);
+  return {r[0], r[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnnlstm_ext, Autograd, m) {
+  m.impl("frame_pool_forward", &frame_pool_forward_autograd);
+  m.impl("temporal_pool_forward", &temporal_pool_forward_autograd);
+}
+
+}  // namespace cnnlstm_ext::pooling_autograd
