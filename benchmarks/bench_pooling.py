@@ -186,6 +186,20 @@ def test_frame_pool_cuda(benchmark, cuda_copy_bandwidth, dtype, mode, layout, fr
 @REQUIRES_CUDA
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("frames", FRAMES)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_frame_pool_pipelined_cuda(benchmark, cuda_copy_bandwidth, monkeypatch, dtype, mode, frames, impl):
+    # The opt-in kernel for contiguous maps (CNNLSTM_EXT_FRAME_POOL_KERNEL=pipelined), against the
+    # same baseline as the tile kernel's rows of test_frame_pool_cuda.
+    monkeypatch.setenv("CNNLSTM_EXT_FRAME_POOL_KERNEL", "pipelined")
+    step, nbytes = frame_forward(impl, frames, mode, dtype, "cuda", "contiguous")
+    group = "frame_pool cuda %s %s contiguous %d pipelined" % (str(dtype)[6:], mode, frames)
+    run_case(benchmark, group, impl, step, "cuda", nbytes, cuda_copy_bandwidth)
+
+
+@REQUIRES_CUDA
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("frames", FRAMES)
 def test_frame_pool_bf16_to_fp32_cuda(benchmark, cuda_copy_bandwidth, frames, impl):
     # Mixed precision: bf16 CNN maps, float32 LSTM input (the cast is part of both sides).
     step, nbytes = frame_forward(impl, frames, "avg", torch.bfloat16, "cuda", "channels_last",

@@ -334,6 +334,35 @@ def test_frame_pool_cuda_matches_cpu_on_resnet_sized_maps():
             torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("n,c,h,w", [
+    (1024, 512, 7, 7),  # ResNet-18 maps: many tiles per block, a short last tile per frame
+    (6, 24, 3, 3),      # fewer tiles than blocks
+    (40, 200, 5, 5),    # C*h*w a whole number of 16-byte vectors in every dtype
+    (12, 19, 7, 7),     # C*h*w not a whole number of vectors: the tile kernel runs instead
+])
+def test_frame_pool_pipelined_kernel_matches_tile_kernel(monkeypatch, dtype, mode, n, c, h, w):
+    """CNNLSTM_EXT_FRAME_POOL_KERNEL=pipelined (contiguous maps) against the default tile kernel:
+    the same reduction order, so the same bits, and the reference's values."""
+    x = feature_maps(n, c, h, w, dtype, "cuda", "contiguous", mode, seed=n)
+    results = {}
+    for kernel in ("tile", "pipelined"):
+        monkeypatch.setenv("CNNLSTM_EXT_FRAME_POOL_KERNEL", kernel)
+        for batch_first, out_dtype in ((False, None), (True, torch.float32)):
+            results[kernel, batch_first] = torch.ops.cnnlstm_ext.frame_pool_forward(
+                x, 2, mode, batch_first, out_dtype)
+    for batch_first in (False, True):
+        (out_t, idx_t), (out_p, idx_p) = results["tile", batch_first], results["pipelined", batch_first]
+        assert torch.equal(out_p, out_t) and torch.equal(idx_p, idx_t)
+    exact = reference.frame_pool(x.double(), 2, mode, True)
+    torch.testing.assert_close(results["pipelined", True][0].double(), exact, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("CNNLSTM_EXT_FRAME_POOL_KERNEL", "fastest")
+    with pytest.raises(RuntimeError, match="must be tile or pipelined"):
+        torch.ops.cnnlstm_ext.frame_pool_forward(x, 2, mode, False, None)
+
+
 def test_frame_pool_reference_is_the_unfused_sequence():
     x = torch.randn(6, 4, 3, 3)
     expected = F.adaptive_avg_pool2d(x, 1).flatten(1).view(2, 3, 4).transpose(0, 1)

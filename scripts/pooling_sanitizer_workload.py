@@ -5,9 +5,10 @@ compares each result with the CPU kernels. Meant to run under compute-sanitizer:
     compute-sanitizer --tool racecheck python3 scripts/pooling_sanitizer_workload.py
 
 Variants: frame_pool shared-memory tiles (16-byte and element loads, one and several tiles per
-frame), one warp per plane, channels_last (16-byte and element loads); temporal_pool every mode,
+frame), the pipelined tiles (CNNLSTM_EXT_FRAME_POOL_KERNEL=pipelined), one warp per plane, channels_last (16-byte and element loads); temporal_pool every mode,
 16-byte and element accesses, batch-first, bidirectional "last". Exits non-zero on a mismatch.
 """
+import os
 import sys
 
 import torch
@@ -48,15 +49,26 @@ def main(device="cuda"):
         (4, 19, 7, 7, torch.float16, "channels_last"),
         (2, 300, 7, 7, torch.float64, "channels_last"),
     ]
-    for n, c, h, w, dtype, layout in frame_cases:
-        x = torch.randn(n, c, h, w, dtype=dtype)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-        for mode in ("avg", "max"):
-            for out_dtype in (None, torch.float32):
-                fn = lambda t: ops.frame_pool(t, 2, mode, False, out_dtype)  # noqa: E731
-                name = "frame_pool %s %s %s %s out=%s" % ((n, c, h, w), dtype, layout, mode, out_dtype)
-                ok &= check(name, run(fn, x.to(device)), run(fn, x), atol=1e-2)
+    # The opt-in pipelined kernel: contiguous maps whose C*h*w is a whole number of 16-byte
+    # vectors; the last two have more tiles than its grid has blocks, so blocks loop.
+    pipelined_cases = [
+        (4, 16, 3, 5, torch.float32, "contiguous"),
+        (1200, 8, 2, 2, torch.float32, "contiguous"),
+        (1100, 16, 3, 3, torch.bfloat16, "contiguous"),
+    ]
+    for kernel, cases in (("tile", frame_cases), ("pipelined", pipelined_cases)):
+        os.environ["CNNLSTM_EXT_FRAME_POOL_KERNEL"] = kernel
+        for n, c, h, w, dtype, layout in cases:
+            x = torch.randn(n, c, h, w, dtype=dtype)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            for mode in ("avg", "max"):
+                for out_dtype in (None, torch.float32):
+                    fn = lambda t: ops.frame_pool(t, 2, mode, False, out_dtype)  # noqa: E731
+                    name = "frame_pool %s %s %s %s out=%s %s" % ((n, c, h, w), dtype, layout, mode,
+                                                                 out_dtype, kernel)
+                    ok &= check(name, run(fn, x.to(device)), run(fn, x), atol=1e-2)
+    os.environ.pop("CNNLSTM_EXT_FRAME_POOL_KERNEL")
     for d, dtype in ((37, torch.float32), (64, torch.float32), (64, torch.bfloat16), (64, torch.float64)):
         for batch_first in (False, True):
             x = torch.randn(9, 5, d, dtype=dtype)

@@ -6,6 +6,8 @@
 //     [channels, h*w] slab of one frame into shared memory with 16-byte loads, then each thread
 //     reduces one plane from shared memory (the slab's planes are not 16-byte aligned, so this is
 //     how the loads stay wide and coalesced).
+//     CNNLSTM_EXT_FRAME_POOL_KERNEL=pipelined (opt-in): frame_pool_pipelined_kernel, the same tiles
+//     on a persistent grid whose blocks copy their next tile (cp.async) while reducing the current.
 //   contiguous maps, larger planes: frame_pool_plane_kernel, one warp per plane.
 //   channels_last maps: frame_pool_channels_last_kernel. Threads own 16 bytes of channels and walk
 //     the h*w rows (split over threadIdx.y, combined in shared memory in a fixed order).
@@ -19,6 +21,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda/pooling_memory.cuh"
@@ -43,33 +47,16 @@ struct FrameParams {
 constexpr int kTileThreads = 128;
 constexpr int64_t kTileMaxChannels = 128;
 constexpr int64_t kTileBytes = 24 * 1024;  // a few blocks per SM stay resident
+static_assert(2 * kTileBytes <= 48 * 1024, "the pipelined kernel's two stages need no opt-in");
 constexpr int kPlaneWarps = 8;
 constexpr int kBackwardThreads = 256;
 
-// x: [N, C, HW] contiguous. Block = (frame n, channels [c0, c0 + cn)); smem: [cn, HW] of T.
-template <typename T, bool kMax, bool kVecLoad>
-__global__ void __launch_bounds__(kTileThreads)
-    frame_pool_tile_kernel(const T* __restrict__ x, void* __restrict__ out, int32_t* __restrict__ argmax,
-                           FrameParams p, int tile_channels, int tiles_per_frame) {
+// Reduces the planes of one tile held in shared memory, tile: [cn, HW] of T, the channels
+// [c0, c0 + cn) of frame n: one thread per plane, writing out (and argmax for max).
+template <typename T, bool kMax>
+__device__ __forceinline__ void reduce_tile_planes(const T* tile, int64_t n, int c0, int cn, int HW,
+                                                   const FrameParams& p, void* out, int32_t* argmax) {
   using A = acc_t<T>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* tile = reinterpret_cast<T*>(smem_raw);
-  const int64_t n = blockIdx.x / tiles_per_frame;
-  const int c0 = static_cast<int>(blockIdx.x % tiles_per_frame) * tile_channels;
-  const int cn = min(tile_channels, static_cast<int>(p.C) - c0);
-  const int HW = static_cast<int>(p.HW);
-  const int count = cn * HW;
-  const T* src = x + (n * p.C + c0) * p.HW;
-  if constexpr (kVecLoad) {
-    constexpr int V = kVec16<T>;
-    // Unrolled so that each thread keeps several 16-byte loads in flight.
-#pragma unroll 4
-    for (int i = threadIdx.x; i < count / V; i += blockDim.x)
-      store_pack<T, V>(tile + i * V, load_pack<T, V>(src + i * V));
-  } else {
-    for (int i = threadIdx.x; i < count; i += blockDim.x) tile[i] = src[i];
-  }
-  __syncthreads();
   for (int j = threadIdx.x; j < cn; j += blockDim.x) {
     const T* plane = tile + j * HW;
     // Each thread starts at its own offset: planes whose size is a multiple of the bank count
@@ -98,6 +85,96 @@ __global__ void __launch_bounds__(kTileThreads)
       argmax[n * p.C + c0 + j] = mi;
     }
   }
+}
+
+// x: [N, C, HW] contiguous. Block = (frame n, channels [c0, c0 + cn)); smem: [cn, HW] of T.
+template <typename T, bool kMax, bool kVecLoad>
+__global__ void __launch_bounds__(kTileThreads)
+    frame_pool_tile_kernel(const T* __restrict__ x, void* __restrict__ out, int32_t* __restrict__ argmax,
+                           FrameParams p, int tile_channels, int tiles_per_frame) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* tile = reinterpret_cast<T*>(smem_raw);
+  const int64_t n = blockIdx.x / tiles_per_frame;
+  const int c0 = static_cast<int>(blockIdx.x % tiles_per_frame) * tile_channels;
+  const int cn = min(tile_channels, static_cast<int>(p.C) - c0);
+  const int HW = static_cast<int>(p.HW);
+  const int count = cn * HW;
+  const T* src = x + (n * p.C + c0) * p.HW;
+  if constexpr (kVecLoad) {
+    constexpr int V = kVec16<T>;
+    // Unrolled so that each thread keeps several 16-byte loads in flight.
+#pragma unroll 4
+    for (int i = threadIdx.x; i < count / V; i += blockDim.x)
+      store_pack<T, V>(tile + i * V, load_pack<T, V>(src + i * V));
+  } else {
+    for (int i = threadIdx.x; i < count; i += blockDim.x) tile[i] = src[i];
+  }
+  __syncthreads();
+  reduce_tile_planes<T, kMax>(tile, n, c0, cn, HW, p, out, argmax);
+}
+
+// 16 bytes from global to shared memory without passing through registers (sm_80 and later;
+// a plain copy before), complete for the issuing thread after cp_async_wait.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most kPending of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// x: [N, C, HW] contiguous, each tile's slab 16-byte aligned and a whole number of 16-byte
+// vectors. The tiles of frame_pool_tile_kernel, on a persistent grid: block b reduces tiles b,
+// b + gridDim.x, ... through two shared-memory stages [tile_channels, HW] of T, so that the
+// copies of its next tile are in flight while it reduces the current one (the tile kernel's
+// blocks load nothing while they reduce). Same reduction, same results, bit for bit.
+template <typename T, bool kMax>
+__global__ void __launch_bounds__(kTileThreads)
+    frame_pool_pipelined_kernel(const T* __restrict__ x, void* __restrict__ out, int32_t* __restrict__ argmax,
+                                FrameParams p, int tile_channels, int tiles_per_frame) {
+  constexpr int V = kVec16<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int HW = static_cast<int>(p.HW);
+  const int stage_elems = tile_channels * HW;
+  T* const stages = reinterpret_cast<T*>(smem_raw);  // [2, tile_channels, HW]
+  const int64_t tiles = p.N * tiles_per_frame;
+  auto fetch = [&](int64_t t, T* dst) {  // every thread issues its share of tile t's copies
+    const int64_t n = t / tiles_per_frame;
+    const int c0 = static_cast<int>(t % tiles_per_frame) * tile_channels;
+    const int vectors = min(tile_channels, static_cast<int>(p.C) - c0) * HW / V;
+    const T* src = x + (n * p.C + c0) * p.HW;
+    for (int i = threadIdx.x; i < vectors; i += blockDim.x) cp_async16(dst + i * V, src + i * V);
+  };
+  int64_t t = blockIdx.x;
+  if (t < tiles) fetch(t, stages);
+  cp_async_commit();
+  for (int stage = 0; t < tiles; t += gridDim.x, stage ^= 1) {
+    if (t + gridDim.x < tiles) fetch(t + gridDim.x, stages + (stage ^ 1) * stage_elems);
+    cp_async_commit();   // one group per iteration, empty or not, so that the wait below counts right
+    cp_async_wait<1>();  // this thread's copies of tile t have landed (only the next tile's pend)
+    __syncthreads();     // and every thread's
+    const int64_t n = t / tiles_per_frame;
+    const int c0 = static_cast<int>(t % tiles_per_frame) * tile_channels;
+    reduce_tile_planes<T, kMax>(stages + stage * stage_elems, n, c0,
+                                min(tile_channels, static_cast<int>(p.C) - c0), HW, p, out, argmax);
+    __syncthreads();  // the next iteration refills this stage
+  }
+  cp_async_wait<0>();
 }
 
 // x: [N, C, HW] contiguous, one warp per plane (planes too large for a shared-memory tile).
@@ -245,6 +322,28 @@ __global__ void __launch_bounds__(kBackwardThreads)
   store_pack<T, V>(grad_x + n * frame_size + e, v);
 }
 
+// CNNLSTM_EXT_FRAME_POOL_KERNEL=tile|pipelined (read at every call): the kernel for contiguous
+// maps whose planes fit a shared-memory tile. tile (default) or the pipelined persistent grid,
+// opt-in until a GPU run has measured it against the tile kernel.
+bool want_pipelined_kernel() {
+  const char* v = std::getenv("CNNLSTM_EXT_FRAME_POOL_KERNEL");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "tile") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "pipelined") == 0,
+              "CNNLSTM_EXT_FRAME_POOL_KERNEL must be tile or pipelined, got '", v, "'");
+  return true;
+}
+
+// Blocks of the pipelined kernel: as many as stay resident on every SM, none more than tiles.
+int64_t pipelined_grid(int64_t tiles, size_t smem) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t by_smem =
+      static_cast<int64_t>(prop->sharedMemPerMultiprocessor / (smem + prop->reservedSharedMemPerBlock));
+  const int64_t by_threads = prop->maxThreadsPerMultiProcessor / kTileThreads;
+  const int64_t per_sm =
+      std::max<int64_t>(1, std::min({by_smem, by_threads, int64_t(prop->maxBlocksPerMultiProcessor)}));
+  return std::min<int64_t>(tiles, per_sm * prop->multiProcessorCount);
+}
+
 template <typename T, bool kMax>
 void launch_frame_pool_forward(const T* x, void* out, int32_t* argmax, const FramePoolShape& s,
                                const FrameParams& p, cudaStream_t stream) {
@@ -260,7 +359,12 @@ void launch_frame_pool_forward(const T* x, void* out, int32_t* argmax, const Fra
       const int64_t blocks = s.N * tiles;
       TORCH_CHECK(blocks <= INT_MAX, "frame_pool: too many frames for one launch (", s.N, ")");
       const size_t smem = tile_channels * s.HW() * sizeof(T);
-      if (aligned && (s.C * s.HW()) % V == 0) {
+      if (aligned && (s.C * s.HW()) % V == 0 && want_pipelined_kernel()) {
+        // Two stages of at most kTileBytes each: within the 48 KB a block gets without opting in.
+        const int64_t grid = pipelined_grid(blocks, 2 * smem);
+        frame_pool_pipelined_kernel<T, kMax><<<static_cast<unsigned>(grid), kTileThreads, 2 * smem, stream>>>(
+            x, out, argmax, p, static_cast<int>(tile_channels), static_cast<int>(tiles));
+      } else if (aligned && (s.C * s.HW()) % V == 0) {
         frame_pool_tile_kernel<T, kMax, true><<<static_cast<unsigned>(blocks), kTileThreads, smem, stream>>>(
             x, out, argmax, p, static_cast<int>(tile_channels), static_cast<int>(tiles));
       } else {
