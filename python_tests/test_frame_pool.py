@@ -237,6 +237,16 @@ def test_frame_pool_gradcheck(device, layout, mode, batch_first):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_frame_pool_gradgradcheck(device, layout, mode, batch_first):
+    """Gradients of gradients (create_graph=True): the backward op has an autograd of its own."""
+    x = feature_maps(4, 3, 3, 2, torch.float64, device, layout, "avg").requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: ops.frame_pool(t, 2, mode, batch_first), (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
 def test_frame_pool_opcheck(device, layout, mode):
     x = feature_maps(6, 4, 3, 3, torch.float32, device, layout, "avg").requires_grad_()
     torch.library.opcheck(torch.ops.cnnlstm_ext.frame_pool_forward.default, (x, 3, mode, False, None))

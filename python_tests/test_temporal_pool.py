@@ -184,6 +184,34 @@ def test_temporal_pool_gradcheck(device, mode, batch_first):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["mean", "max", "last"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_temporal_pool_gradgradcheck(device, mode, batch_first):
+    """Gradients of gradients (create_graph=True) for the modes whose backward is linear."""
+    x = lstm_outputs(4, 3, 6, torch.float64, device, "mean", batch_first).requires_grad_()
+    lengths = torch.tensor([1, 4, 2], device=device)
+    for bidirectional in (False, True):
+        fn = lambda x_: ops.temporal_pool(x_, lengths, mode, batch_first, bidirectional)  # noqa: E731
+        assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_temporal_pool_attention_refuses_double_backward(device):
+    x = lstm_outputs(4, 3, 6, torch.float64, device, "attention").requires_grad_()
+    w, bias = score_params(6, device, torch.float64)
+    w.requires_grad_()
+    lengths = torch.tensor([1, 4, 2], device=device)
+    kw = {"score_weight": w, "score_bias": bias}
+    out = ops.temporal_pool(x, lengths, "attention", **kw)
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)  # the first gradient works
+    ref = reference.temporal_pool(x, lengths, "attention", **kw)
+    (gx_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
+    torch.testing.assert_close(gx.detach(), gx_ref)
+    with pytest.raises(RuntimeError, match='double backward.*not supported for mode "attention"'):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 def test_temporal_pool_opcheck(device, mode):
     x = lstm_outputs(5, 3, 8, torch.float32, device, mode).requires_grad_()
