@@ -4,7 +4,8 @@ The kernels live in csrc/ (schemas in csrc/ops.cpp). Each op gets a fake impleme
 `torch.compile(fullgraph=True)` traces through it. Autograd calls the matching backward op: for
 lstm_layer_forward through `torch.library.register_autograd` below; for the pooling ops through a
 C++ autograd function (csrc/pooling_autograd.cpp), because they are small enough that the Python
-autograd layer's cost per call would be most of their time.
+autograd layer's cost per call would be most of their time (their backward ops are differentiable
+there too).
 """
 from typing import Optional, Tuple
 
@@ -151,11 +152,6 @@ def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool 
         raise TypeError("frame_pool: out_dtype must be one of %s, got %s" % (_POOL_DTYPES, out_dtype))
     out, _ = torch.ops.cnnlstm_ext.frame_pool_forward(x, int(batch_size), mode, batch_first, out_dtype)
     return out
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    # The layout the kernels read: contiguous wins when a tensor is both (C == 1 or h*w == 1).
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.register_fake("cnnlstm_ext::frame_pool_forward")

@@ -5,8 +5,9 @@ compares each result with the CPU kernels. Meant to run under compute-sanitizer:
     compute-sanitizer --tool racecheck python3 scripts/pooling_sanitizer_workload.py
 
 Variants: frame_pool shared-memory tiles (16-byte and element loads, one and several tiles per
-frame), the pipelined tiles (CNNLSTM_EXT_FRAME_POOL_KERNEL=pipelined), one warp per plane, channels_last (16-byte and element loads); temporal_pool every mode,
-16-byte and element accesses, batch-first, bidirectional "last". Exits non-zero on a mismatch.
+frame), the pipelined tiles (CNNLSTM_EXT_FRAME_POOL_KERNEL=pipelined, blocks looping over tiles),
+one warp per plane, channels_last (16-byte and element loads); temporal_pool every mode, 16-byte
+and element accesses, batch-first, bidirectional "last". Exits non-zero on a mismatch.
 """
 import os
 import sys
