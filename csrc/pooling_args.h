@@ -60,21 +60,19 @@ inline FramePoolShape frame_pool_shape(at::IntArrayRef x_size, int64_t batch_siz
   return {N, x_size[1], x_size[2], x_size[3], batch_size, N / batch_size, channels_last};
 }
 
+// Whether the kernels read x as channels_last: contiguous wins when a tensor is both (C == 1 or
+// h*w == 1). The backward is told the same layout (csrc/pooling_autograd.cpp).
+inline bool frame_pool_reads_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // Checks x and returns it in a layout the kernels read (contiguous or channels_last; any other
 // strides are copied to contiguous first).
 inline at::Tensor frame_pool_input(const at::Tensor& x, int64_t batch_size, FramePoolShape& shape) {
   check_pooling_dtype(x.scalar_type(), "frame_pool", "x");
-  bool channels_last = false;
-  at::Tensor xc = x;
-  if (x.dim() == 4 && !x.is_contiguous()) {
-    if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      channels_last = true;
-    } else {
-      xc = x.contiguous();
-    }
-  }
+  const bool channels_last = frame_pool_reads_channels_last(x);
   shape = frame_pool_shape(x.sizes(), batch_size, channels_last);
-  return xc;
+  return channels_last || x.is_contiguous() ? x : x.contiguous();
 }
 
 inline at::Tensor frame_pool_new_output(const FramePoolShape& s, bool batch_first,

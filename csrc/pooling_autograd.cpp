@@ -15,6 +15,8 @@
 #include <optional>
 #include <string>
 
+#include "pooling_args.h"
+
 namespace cnnlstm_ext::pooling_autograd {
 namespace {
 
@@ -61,12 +63,6 @@ const auto& temporal_pool_backward_op() {
   return op;
 }
 
-// The layout frame_pool's kernels read (pooling_args.h, frame_pool_input): contiguous wins when a
-// tensor is both (C == 1 or h*w == 1).
-bool is_channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 class FramePoolFunction : public torch::autograd::Function<FramePoolFunction> {
  public:
   // x: [N, C, h, w] -> out: [T, B, C] ([B, T, C] when batch_first), argmax: [N, C] int32 or [0].
@@ -79,7 +75,7 @@ class FramePoolFunction : public torch::autograd::Function<FramePoolFunction> {
     ctx->mark_non_differentiable({argmax});
     ctx->saved_data["x_size"] = x.sym_sizes();
     ctx->saved_data["x_dtype"] = x.scalar_type();
-    ctx->saved_data["channels_last"] = is_channels_last(x);
+    ctx->saved_data["channels_last"] = pooling::frame_pool_reads_channels_last(x);
     ctx->saved_data["batch_size"] = batch_size;
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["batch_first"] = batch_first;
