@@ -244,13 +244,14 @@ def test_temporal_pool_training_cpu(benchmark, mode, impl):
 
 @REQUIRES_CUDA
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("lengths_on", ["cuda", "none"])
+@pytest.mark.parametrize("lengths_on", ["cuda", "cpu", "none"])
 @pytest.mark.parametrize("mode", ["mean", "max", "last", "attention"])
 def test_temporal_pool_cuda(benchmark, cuda_copy_bandwidth, mode, lengths_on, impl):
     # With lengths on the GPU the fused op reads them back once to validate them (one
-    # synchronisation per call); "none" (every sequence full) shows the kernels alone.
+    # synchronisation per call); on the CPU (as a DataLoader yields them) they are checked there
+    # and copied without waiting; "none" (every sequence full) shows the kernels alone.
     x, kw = temporal_inputs(mode, "cuda")
-    lengths = sequence_lengths("cuda") if lengths_on == "cuda" else None
+    lengths = None if lengths_on == "none" else sequence_lengths(lengths_on)
     fn = IMPL_FN["temporal"][impl]
     group = "temporal_pool cuda %s lengths=%s" % (mode, lengths_on)
     run_case(benchmark, group, impl, lambda: fn(x, lengths, **kw), "cuda", temporal_bytes(x, lengths),
@@ -259,16 +260,18 @@ def test_temporal_pool_cuda(benchmark, cuda_copy_bandwidth, mode, lengths_on, im
 
 @REQUIRES_CUDA
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lengths_on", ["cuda", "cpu"])
 @pytest.mark.parametrize("mode", ["mean", "max", "last", "attention"])
-def test_temporal_pool_training_cuda(benchmark, mode, impl):
+def test_temporal_pool_training_cuda(benchmark, mode, lengths_on, impl):
     x, kw = temporal_inputs(mode, "cuda", requires_grad=True)
-    lengths, fn = sequence_lengths("cuda"), IMPL_FN["temporal"][impl]
+    lengths, fn = sequence_lengths(lengths_on), IMPL_FN["temporal"][impl]
     grad = torch.randn(SEQ_B, SEQ_D, device="cuda")
 
     def step():
         x.grad = None
         fn(x, lengths, **kw).backward(grad)
-    run_case(benchmark, "temporal_pool cuda training %s" % mode, impl, step, "cuda")
+    group = "temporal_pool cuda training %s lengths=%s" % (mode, lengths_on)
+    run_case(benchmark, group, impl, step, "cuda")
 
 
 # --- cost of a call -------------------------------------------------------------------------------

@@ -122,8 +122,9 @@ inline at::Tensor temporal_pool_input(const at::Tensor& x, bool batch_first, Tem
 }
 
 // Validates lengths (int64 [B], values in [1, T]) and returns it contiguous on `device`, or an
-// undefined tensor when there are none (every sequence has T valid steps). Values on a CUDA device
-// are read back to the host (one small copy and a synchronisation) unless check_values is false,
+// undefined tensor when there are none (every sequence has T valid steps). Values on the CPU are
+// checked there and copied to the device without a synchronisation; values on a CUDA device are
+// read back to the host (one small copy and a synchronisation) unless check_values is false,
 // which the CUDA kernels pass while a CUDA graph is being captured (no synchronisation is allowed
 // there) and in the backward (the forward checked the same lengths); the CUDA kernels clamp
 // lengths to [1, T] so that they never read out of bounds.
@@ -147,7 +148,9 @@ inline at::Tensor temporal_pool_lengths(const c10::optional<at::Tensor>& lengths
                   " (x's time steps)");
     }
   }
-  return l.to(device).contiguous();
+  // non_blocking: a copy from the CPU need not wait for the device (the host values are read
+  // before it returns; the kernels that use them are queued after it).
+  return l.to(device, at::kLong, /*non_blocking=*/true).contiguous();
 }
 
 struct ScoreParams {

@@ -80,3 +80,15 @@ def assert_compiled_matches_eager(model, x, backend="inductor") -> None:
     torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
     for (name, _), gc, ge in zip(model.named_parameters(), grads_c, grads_e):
         torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def assert_no_cuda_sync(step) -> None:
+    """step() makes no host-device synchronisation: run once to warm up (lazy initialisation may
+    synchronise), then again with every synchronising CUDA call made an error."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import cnnlstm_ext
-from conftest import assert_compiled_matches_eager
+from conftest import assert_compiled_matches_eager, assert_no_cuda_sync
 from cnnlstm_ext import FusedBiLSTM, FusedLSTM, ops
 
 pytestmark = pytest.mark.cuda
@@ -195,6 +195,13 @@ def test_cuda_lengths_keyword_equals_packing(path, rng):
     torch.testing.assert_close(c_l, c_p, rtol=1e-6, atol=1e-6)
     for b, n in enumerate(lengths.tolist()):
         assert torch.count_nonzero(out_l[n:, b]) == 0  # padding is zero
+
+
+def test_cuda_lengths_on_the_cpu_never_wait_for_the_gpu(path, rng):
+    fused = FusedBiLSTM(I, H, num_layers=2, device=CUDA)
+    x = randn(T, B, I, rng=rng).float().to(CUDA).requires_grad_()
+    lengths = torch.tensor([4, T, 1, 7, 2])
+    assert_no_cuda_sync(lambda: fused(x, lengths=lengths)[0].square().sum().backward())
 
 
 # --- ops ------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from torch import nn
 from cnnlstm_ext import CNNLSTM
 from cnnlstm_ext.models import describe_state_dict, infer_architecture
 from cnnlstm_ext.models.cnnlstm import canonical_names
+from conftest import assert_no_cuda_sync
 
 SMALL = dict(num_classes=7, spatial_dim=24, temporal_dim=12, num_layers=2, backbone="tiny")
 
@@ -280,3 +281,21 @@ def test_cuda_forward_and_backward_match_cpu(fused, pooling, no_tf32):
         out_gpu.square().sum().backward()
     for (name, p_cpu), p_gpu in zip(cpu.named_parameters(), gpu.parameters()):
         torch.testing.assert_close(p_gpu.grad.cpu(), p_cpu.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pooling", ["mean", "max", "last", "attention"])
+def test_cuda_training_step_with_cpu_lengths_never_waits_for_the_gpu(pooling):
+    torch.manual_seed(0)
+    model = CNNLSTM(pooling=pooling, **SMALL).cuda()
+    x, lengths = clips().cuda(), torch.tensor([5, 2, 4])
+    assert_no_cuda_sync(lambda: model(x, lengths).square().sum().backward())
+
+
+@pytest.mark.cuda
+def test_cuda_lengths_on_the_gpu_are_read_back():
+    # The control of the test above: its check does see a read-back.
+    model = CNNLSTM(**SMALL).cuda()
+    x, lengths = clips().cuda(), torch.tensor([5, 2, 4], device="cuda")
+    with pytest.raises(RuntimeError, match="synchronizing CUDA operation"):
+        assert_no_cuda_sync(lambda: model(x, lengths))

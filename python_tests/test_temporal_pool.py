@@ -284,6 +284,15 @@ def test_temporal_pool_accepts_cpu_lengths_for_any_device(device):
     torch.testing.assert_close(out, reference.temporal_pool(x, torch.tensor(LENGTHS), "mean"))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_temporal_pool_cpu_lengths_never_wait_for_the_gpu(mode):
+    from conftest import assert_no_cuda_sync
+    x = lstm_outputs(T, B, D, torch.float32, "cuda", mode).requires_grad_()
+    kw = pool_kwargs(mode, "cuda", torch.float32)
+    assert_no_cuda_sync(lambda: ops.temporal_pool(x, torch.tensor(LENGTHS), **kw).square().sum().backward())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 def test_temporal_pool_refuses_zero_length(device, mode):

@@ -130,7 +130,9 @@ class CNNLSTM(nn.Module):
 
     Input `clips: [B, T, 3, H, W]` float, optional `lengths: [B]` int64 with 1 <= lengths <= T
     (frames past a clip's length are not run through the backbone and are ignored by the LSTM
-    and the pooling). Output logits `[B, num_classes]`.
+    and the pooling). Output logits `[B, num_classes]`. Give `lengths` on the CPU, as a data
+    loader yields them: then the forward never waits for the GPU. Lengths on the GPU are read back
+    once, to check them.
     """
 
     def __init__(self, num_classes: int = 100, spatial_dim: int = 512, temporal_dim: int = 512,
@@ -197,24 +199,25 @@ class CNNLSTM(nn.Module):
             raise ValueError("lengths must be an int64 tensor of shape [B]=[%d], got %s" % (
                 B, "%s %s" % (lengths.dtype, tuple(lengths.shape))
                 if isinstance(lengths, torch.Tensor) else type(lengths).__name__))
+        lengths = lengths.cpu()  # the values decide the path below: one read-back if on a GPU
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > T:
             raise ValueError("lengths must lie in [1, T=%d], got min %d max %d" % (T, lo, hi))
-        return lengths
+        return lengths if lo < T else None  # every clip full: the path without lengths
 
     def forward(self, clips: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        lengths = self._check_input(clips, lengths)
-        if lengths is not None:
-            lengths = lengths.to(clips.device)  # the fused ops take lengths on x's device
+        lengths = self._check_input(clips, lengths)  # on the CPU, or None when all clips are full
         B, T = clips.shape[:2]
         frames = clips.reshape(B * T, *clips.shape[2:])                     # [B*T, 3, H, W]
-        if lengths is not None and int(lengths.min()) < T:
+        if lengths is not None:
             # Padding frames skip the backbone (and its BatchNorm statistics); their maps are 0.
-            valid = (torch.arange(T, device=clips.device)[None, :]
-                     < lengths[:, None]).reshape(-1)                     # [B*T]
-            maps_valid = self.backbone(frames[valid])                     # [N, F, h, w]
+            # The valid frames' indices are found on the CPU and copied without waiting, where a
+            # boolean mask on the GPU would synchronise (twice) to learn N.
+            valid = torch.arange(T)[None, :] < lengths[:, None]                # [B, T]
+            index = valid.reshape(-1).nonzero().squeeze(1).to(clips.device, non_blocking=True)  # [N]
+            maps_valid = self.backbone(frames.index_select(0, index))     # [N, F, h, w]
             maps = maps_valid.new_zeros((B * T,) + maps_valid.shape[1:])
-            maps[valid] = maps_valid
+            maps.index_copy_(0, index, maps_valid)
         else:
             maps = self.backbone(frames)                                  # [B*T, F, h, w]
         x = self.frame_pool(maps, B)                                      # [T, B, F]
@@ -229,7 +232,7 @@ class CNNLSTM(nn.Module):
             return self.lstm(x)[0]
         if self.fused:
             return self.lstm(x, lengths=lengths)[0]
-        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)  # lengths on the CPU
         y, _ = self.lstm(packed)
         return pad_packed_sequence(y, total_length=x.shape[0])[0]
 

@@ -74,6 +74,7 @@ class FusedLSTM(nn.Module):
     to nn.LSTM's signature) runs padded input with per-sequence lengths without packing: steps past
     a sequence's length are not computed, its output there is zero, and ``h_n``/``c_n`` hold the
     state at its last valid step (the first step for the reverse direction), as with packing.
+    ``lengths`` on the CPU cost the GPU nothing; on a GPU they are read back once to be checked.
     ``proj_size > 0`` is not supported.
     """
 
@@ -306,11 +307,14 @@ class FusedLSTM(nn.Module):
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
         if not torch.compiler.is_compiling():
-            lo, hi = int(lengths.min()), int(lengths.max())
+            # Free for lengths on the CPU; lengths on a GPU are read back (one synchronisation).
+            lo, hi = (int(v) for v in torch.aminmax(lengths))
             if lo < 1 or hi > steps:
                 raise ValueError(f"lengths must be in [1, {steps}] (the padded length); got "
                                  f"values in [{lo}, {hi}]")
-        return lengths.to(device=device, dtype=torch.long)
+        # A copy from the CPU that does not wait for the device: the host copy is read before it
+        # returns, and the kernels that use the lengths run after it on the stream.
+        return lengths.to(device=device, dtype=torch.long, non_blocking=True)
 
     def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[_HX] = None,
                 lengths: Optional[Tensor] = None):
@@ -326,7 +330,7 @@ class FusedLSTM(nn.Module):
                 hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
             self._check_input(padded, hx, batch)
             out, (h_n, c_n) = self._run(padded, self._layer_states(padded, hx, batch),
-                                        seq_lengths.to(data.device))
+                                        seq_lengths.to(data.device, non_blocking=True))
             out_data, _ = torch._VF._pack_padded_sequence(out, seq_lengths, False)
             output = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:

@@ -147,7 +147,7 @@ def evaluate_model(model: nn.Module, loader, device: torch.device, num_classes: 
         labels = labels.to(device, non_blocking=True)
         lens = forward_lengths(lengths, clips.shape[1])
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(clips, None if lens is None else lens.to(device))
+            logits = model(clips, lens)  # lengths stay on the CPU, where the model reads them
         logits = logits.float()
         loss_sum = nn.functional.cross_entropy(
             logits, labels, reduction="sum",
@@ -439,7 +439,7 @@ class Trainer:
                 lens = forward_lengths(lengths, clips.shape[1])
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
-                    logits = self.net(clips, None if lens is None else lens.to(self.device))
+                    logits = self.net(clips, lens)  # lengths stay on the CPU, where the model reads them
                 loss = self.criterion(logits.float(), labels)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
