@@ -4,7 +4,6 @@ import csv
 import importlib.util
 import json
 import math
-import os
 import pathlib
 
 import pytest
