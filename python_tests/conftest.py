@@ -92,3 +92,14 @@ def assert_no_cuda_sync(step) -> None:
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def assert_device_assert(code: str, cwd) -> None:
+    """`code` (Python, after `import torch, cnnlstm_ext`) trips a CUDA device-side assertion. It
+    runs in a child process: such an assertion leaves the CUDA context unusable."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", "import torch, cnnlstm_ext\n" + code +
+                          "\ntorch.cuda.synchronize()\n"],
+                         env=subprocess_env(), cwd=cwd, capture_output=True, text=True)
+    assert run.returncode != 0 and "device-side assert" in run.stderr, run.stdout[-2000:] + run.stderr[-2000:]

@@ -371,3 +371,33 @@ def test_frame_pool_reference_is_the_unfused_sequence():
     x = torch.randn(6, 4, 3, 3)
     expected = F.adaptive_avg_pool2d(x, 1).flatten(1).view(2, 3, 4).transpose(0, 1)
     assert torch.equal(reference.frame_pool(x, 2), expected)
+
+
+BAD_ARGMAX = [-1, 16]  # planes of 4 x 4: indices 0 to 15
+
+
+def frame_pool_backward_bad_argmax(layout, bad, device):
+    """The backward op with one arg-max out of its plane: the call, as source for a child process."""
+    return ("x = torch.randn(4, 3, 4, 4, device=%r)\n"
+            "x = x.contiguous(memory_format=torch.%s)\n"
+            "out, argmax = torch.ops.cnnlstm_ext.frame_pool_forward(x, 2, 'max', False, None)\n"
+            "argmax[1, 2] = %d\n"
+            "torch.ops.cnnlstm_ext.frame_pool_backward(torch.ones_like(out), argmax, list(x.shape), x.dtype,"
+            " %s, 2, 'max', False)\n"
+            % (device, "channels_last" if layout == "channels_last" else "contiguous_format", bad,
+               layout == "channels_last"))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bad", BAD_ARGMAX)
+def test_frame_pool_backward_refuses_a_bad_argmax(layout, bad):
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        exec(frame_pool_backward_bad_argmax(layout, bad, "cpu"), {"torch": torch})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bad", BAD_ARGMAX)
+def test_frame_pool_backward_refuses_a_bad_argmax_cuda(layout, bad, tmp_path):
+    from conftest import assert_device_assert
+    assert_device_assert(frame_pool_backward_bad_argmax(layout, bad, "cuda"), tmp_path)

@@ -377,3 +377,27 @@ def test_temporal_pool_module_rejects_bad_configuration():
         cnnlstm_ext.TemporalPool("last", dim=5, bidirectional=True)
     with pytest.raises(ValueError, match=r"D=16"):
         cnnlstm_ext.TemporalPool("mean", dim=16)(torch.randn(4, 2, 8))
+
+
+def temporal_pool_backward_bad_argmax(bad, device):
+    """The max backward with one arg-max past its sequence's last step (lengths[2] = 4): the call, as
+    source for a child process."""
+    return ("x = torch.randn(%d, %d, %d, device=%r)\n"
+            "lengths = torch.tensor(%r)\n"
+            "out, aux = torch.ops.cnnlstm_ext.temporal_pool_forward(x, lengths, 'max', False, False, None, None)\n"
+            "aux[2, 5] = %d\n"
+            "torch.ops.cnnlstm_ext.temporal_pool_backward(torch.ones_like(out), x, lengths, aux, 'max', False,"
+            " False, None, None)\n" % (T, B, D, device, LENGTHS, bad))
+
+
+@pytest.mark.parametrize("bad", [-1, 4])
+def test_temporal_pool_backward_refuses_a_bad_argmax(bad):
+    with pytest.raises(RuntimeError, match=r"aux\[2, 5\] = %d is not a valid step of sequence 2" % bad):
+        exec(temporal_pool_backward_bad_argmax(bad, "cpu"), {"torch": torch})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bad", [-1, 4])
+def test_temporal_pool_backward_refuses_a_bad_argmax_cuda(bad, tmp_path):
+    from conftest import assert_device_assert
+    assert_device_assert(temporal_pool_backward_bad_argmax(bad, "cuda"), tmp_path)

@@ -309,6 +309,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
   for (int j = 0; j < V; ++j) {
     const A g = load_as<A>(grad_out, row + c, p.out_dtype);
     if constexpr (kMax) {
+      // An index from anywhere but frame_pool_forward is refused, as ATen's scatter does.
+      CUDA_KERNEL_ASSERT(frame_argmax[c] >= 0 && frame_argmax[c] < HW);
       v.v[j] = frame_argmax[c] == s ? static_cast<T>(g) : static_cast<T>(0);
     } else {
       v.v[j] = static_cast<T>(g / static_cast<A>(HW));

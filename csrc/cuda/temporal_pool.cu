@@ -238,6 +238,8 @@ __global__ void __launch_bounds__(kLanes * kSplits)
       g[j] = to_acc(grad_out[b * p.D + d + j]);
       wv[j] = kAttention ? w[d + j] : A(0);
       am[j] = kMode == TemporalMode::Max ? argmax[b * p.D + d + j] : 0;
+      // The arg-max must be a valid step: refused otherwise (an index from anywhere but the forward).
+      if constexpr (kMode == TemporalMode::Max) CUDA_KERNEL_ASSERT(am[j] >= 0 && am[j] < L);
     }
     const int t_last = kMode == TemporalMode::Last ? p.last_step(L, d) : 0;
     const A go = kAttention ? g_dot_out : A(0);
