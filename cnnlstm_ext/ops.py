@@ -180,10 +180,11 @@ def temporal_pool(x: Tensor, lengths: Optional[Tensor] = None, mode: str = "mean
 
     x: [T, B, D] ([B, T, D] when batch_first); lengths: int64 [B] on the CPU or x's device, each in
     [1, T], or None (all T); lengths on a GPU are read back to be checked (a synchronisation),
-    lengths on the CPU are checked there and copied without waiting. mode: "mean", "max", "last" (the last valid step; with bidirectional,
-    features [0, D/2) from step lengths[b]-1 and [D/2, D) from step 0, as a BiLSTM's classifier
-    expects) or "attention" (softmax over the valid steps of x_t . score_weight + score_bias, then
-    the weighted sum; score_weight [D] or [1, D], score_bias [1]). Returns [B, D] in x's dtype.
+    lengths on the CPU are checked there and copied without waiting. mode: "mean", "max", "last"
+    (the last valid step; with bidirectional, features [0, D/2) from step lengths[b]-1 and
+    [D/2, D) from step 0, as a BiLSTM's classifier expects) or "attention" (softmax over the
+    valid steps of x_t . score_weight + score_bias, then the weighted sum; score_weight [D] or
+    [1, D], score_bias [1]). Returns [B, D] in x's dtype.
     """
     if mode not in TEMPORAL_POOL_MODES:
         raise ValueError("temporal_pool: mode must be one of %s, got %r" % (TEMPORAL_POOL_MODES, mode))

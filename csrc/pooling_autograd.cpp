@@ -2,10 +2,10 @@
 // torch::autograd::Function whose backward calls the matching backward op, and each backward op
 // (linear in grad_out) in one whose backward applies the forward's reduction to the incoming
 // gradient, so that gradients of gradients (create_graph=True) are right; the attention mode's
-// backward, not linear in x and the score parameters, refuses a second derivative. Registered here in C++ rather than with torch.library.register_autograd because the Python
-// autograd layer costs about 4 µs per call without a graph and 15 µs with one (benchmarks/
-// RESULTS.md, "Pooling"), as much as the kernel of a 256-frame CUDA forward: host time bounds these
-// small ops.
+// backward, not linear in x and the score parameters, refuses a second derivative. Registered
+// here in C++ rather than with torch.library.register_autograd because the Python autograd layer
+// costs about 4 µs per call without a graph and 15 µs with one (benchmarks/RESULTS.md,
+// "Pooling"), as much as the kernel of a 256-frame CUDA forward: host time bounds these small ops.
 // Fake (meta) kernels of all four ops stay in cnnlstm_ext/ops.py.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -134,8 +134,8 @@ void temporal_pool_backward_kernel(const acc_t<T>* grad_out, const T* x, const i
           for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(g[d]);
           const int32_t* idx = argmax + b * D;
           for (int64_t d = 0; d < D; ++d) {
-            TORCH_CHECK(idx[d] >= 0 && idx[d] < L, "temporal_pool_backward: aux[", b, ", ", d, "] = ", idx[d],
-                        " is not a valid step of sequence ", b, " (steps 0 to ", L - 1,
+            TORCH_CHECK(idx[d] >= 0 && idx[d] < L, "temporal_pool_backward: aux[", b, ", ", d, "] = ",
+                        idx[d], " is not a valid step of sequence ", b, " (steps 0 to ", L - 1,
                         "); aux must be the arg-max returned by temporal_pool_forward");
           }
           for (int64_t t = 0; t < Tn; ++t) {
