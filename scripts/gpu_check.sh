@@ -12,6 +12,8 @@
 # GPU_CHECK_SKIP="sanitizers profile-lstm ..." leaves out the stages it names; GPU_CHECK_TESTS (test
 # paths, default python_tests), GPU_CHECK_BENCH (-k expression, default cuda) and
 # GPU_CHECK_SANITIZE (tools, default "memcheck racecheck") narrow the others.
+# GPU_CHECK_LIMIT_<stage> (stage name with - as _, e.g. GPU_CHECK_LIMIT_cuda_tests=300) replaces a
+# stage's own time limit.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RES=${1:-${OUT:-$ROOT/gpu_results}}
@@ -32,6 +34,8 @@ summary=()
 start=$(date +%s)
 stage() {  # stage NAME LIMIT CMD...  (log: $LOGS/NAME.log)
   local name=$1 limit=$2; shift 2
+  local override="GPU_CHECK_LIMIT_${name//-/_}"
+  limit=${!override:-$limit}
   case " ${GPU_CHECK_SKIP:-} " in *" $name "*)
     summary+=("$(printf '%-18s skipped (GPU_CHECK_SKIP)' "$name")"); return 0;; esac
   local t0=$(date +%s)
