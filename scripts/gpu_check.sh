@@ -47,7 +47,8 @@ stage() {  # stage NAME LIMIT CMD...  (log: $LOGS/NAME.log)
     return 1
   fi
   echo "=== [$(( t0 - start ))s] $name (limit ${limit}s)"
-  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  # SIGINT first: pytest then still writes what it has (the benchmark JSON of the cases run).
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   summary+=("$(printf '%-18s rc=%-3s %4ss' "$name" "$rc" "$(( $(date +%s) - t0 ))")")
   [ "$rc" -ne 0 ] && status=1
