@@ -89,3 +89,61 @@ def test_ratios_reads_benchmarks_that_time_their_own_baseline(ratios):
     assert len(rows) == 1
     assert rows[0]["speedup"] == pytest.approx(3.0)
     assert rows[0]["basis"] == "best round" and rows[0]["fused_s"] == pytest.approx(5e-4)
+
+
+@pytest.fixture(scope="module")
+def targets():
+    path = os.path.join(os.path.dirname(_PATH), "targets.py")
+    spec = importlib.util.spec_from_file_location("benchmark_targets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lstm_pair(dtype, case, batch, steps, base_s, fused_s, base_peak=100, fused_peak=90):
+    group = "lstm_cuda:%s:%s:B%d:T%d" % (dtype, case, batch, steps)
+    return [bench("b", group, base_s, {"impl": "baseline", "peak_bytes": base_peak}),
+            bench("f", group, fused_s, {"impl": "fused", "peak_bytes": fused_peak})]
+
+
+def test_targets_checks_each_goal_on_its_worst_case(targets):
+    report = {"benchmarks": [
+        *lstm_pair("bfloat16", "training", 32, 32, 3.0, 1.0),             # 3.0x
+        *lstm_pair("float32", "training", 32, 32, 1.4, 1.0),              # 1.4x: below 1.5x
+        *lstm_pair("float32", "inference", 1, 32, 5.0, 1.0),
+        *lstm_pair("bfloat16", "inference", 8, 32, 4.5, 1.0),
+        *lstm_pair("float32", "training", 128, 64, 1.2, 1.0, 100, 101),   # memory 1.01
+        bench("b", "frame_pool cuda float32 avg contiguous 256", 2.0, {"impl": "baseline"}),
+        bench("f", "frame_pool cuda float32 avg contiguous 256", 1.0,
+              {"impl": "fused", "copy_fraction": 0.5}),
+        bench("b", "frame_pool cpu call cost forward", 1.0, {"impl": "baseline"}),
+        bench("f", "frame_pool cpu call cost forward", 2.0, {"impl": "fused"}),  # not a goal's case
+    ]}
+    verdicts = {v["goal"]: v for v in targets.check(targets.rows_of(report, "x.json"))}
+    bf16 = verdicts["LSTM CUDA training B=32 T=32 bfloat16, speedup"]
+    assert bf16["result"] == "PASS" and bf16["value"] == pytest.approx(3.0)
+    fp32 = verdicts["LSTM CUDA training B=32 T=32 float32, speedup"]
+    assert fp32["result"] == "FAIL" and fp32["value"] == pytest.approx(1.4)
+    inference = verdicts["LSTM CUDA inference B in {1, 8} T=32, speedup"]
+    assert inference["result"] == "PASS" and inference["cases"] == 2
+    assert inference["value"] == pytest.approx(4.5)
+    grid = verdicts["LSTM CUDA every point of the grid, speedup"]
+    assert grid["result"] == "PASS" and grid["cases"] == 5 and grid["value"] == pytest.approx(1.2)
+    memory = verdicts["LSTM CUDA training, peak memory / cuDNN's"]
+    assert memory["result"] == "FAIL" and memory["failing"] == 1
+    assert memory["case"] == "lstm_cuda:float32:training:B128:T64"
+    assert verdicts["pooling CUDA, speedup"]["result"] == "PASS"
+    copy = verdicts["pooling CUDA, share of copy bandwidth"]
+    assert copy["result"] == "FAIL" and copy["value"] == pytest.approx(0.5)
+    assert verdicts["pooling CPU, speedup"]["result"] == "MISSING"  # call cost counts for none
+
+
+def test_targets_main_exits_1_when_a_goal_fails(targets, tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"benchmarks": lstm_pair("float32", "training", 32, 32, 1.4, 1.0)}))
+    assert targets.main([str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL     LSTM CUDA training B=32 T=32 float32, speedup >= 1.5: worst 1.4" in out
+    assert "MISSING  pooling CPU, speedup >= 1.5" in out
+    path.write_text(json.dumps({"benchmarks": lstm_pair("float32", "training", 32, 32, 1.6, 1.0)}))
+    assert targets.main([str(path)]) == 0

@@ -6,8 +6,9 @@
 #   scripts/gpu_check.sh [RESULTS_DIR]      (default: $OUT if set, else ./gpu_results)
 #
 # RESULTS_DIR receives at most 5 files: device.txt, benchmarks.json (pytest-benchmark), ratios.txt
-# (fused over baseline), profile_lstm.txt and logs.tar.gz (every stage's full log). Stages run in order of importance and every stage runs even when an earlier
-# one failed; the exit status is non-zero if any failed. The whole run is kept within
+# (fused over baseline, then the issues' goals), profile_lstm.txt and logs.tar.gz (every stage's
+# full log). Stages run in order of importance and every stage runs even when an earlier one
+# failed; the exit status is non-zero if any failed. The whole run is kept within
 # GPU_CHECK_BUDGET seconds (default 540): a stage gets at most what is left of it.
 # GPU_CHECK_SKIP="sanitizers profile-lstm ..." leaves out the stages it names; GPU_CHECK_TESTS (test
 # paths, default python_tests), GPU_CHECK_BENCH (-k expression, default cuda) and
@@ -80,7 +81,11 @@ stage benchmarks 200 "$PY" -m pytest benchmarks -k "${GPU_CHECK_BENCH:-cuda}" -q
   --benchmark-json="$RES/benchmarks.json" --benchmark-min-rounds=5 --benchmark-max-time=0.2 \
   --benchmark-warmup=on --benchmark-columns=median,iqr,rounds
 echo "--- speed and memory ratios (fused over baseline, same run, $(head -2 "$RES/device.txt" | tail -1 | cut -d, -f1))"
-"$PY" benchmarks/ratios.py "$RES/benchmarks.json" > "$RES/ratios.txt" 2>&1
+{
+  "$PY" benchmarks/ratios.py "$RES/benchmarks.json"
+  echo "--- the issues' goals (benchmarks/targets.py)"
+  "$PY" benchmarks/targets.py "$RES/benchmarks.json"
+} > "$RES/ratios.txt" 2>&1
 cat "$RES/ratios.txt"
 stage sanitizers 90 bash -c "
   for tool in ${GPU_CHECK_SANITIZE:-memcheck racecheck}; do
