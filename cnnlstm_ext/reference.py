@@ -79,7 +79,7 @@ def temporal_pool(x: Tensor, lengths: Optional[Tensor] = None, mode: str = "mean
     t, b, d = x.shape
     if lengths is None:
         lengths = torch.full((b,), t, dtype=torch.long, device=x.device)
-    lengths = lengths.to(x.device, non_blocking=True)
+    lengths = (lengths.clone() if lengths.is_pinned() else lengths).to(x.device, non_blocking=True)
     valid = torch.arange(t, device=x.device)[:, None] < lengths[None, :]  # [T, B]
     if mode == "mean":
         return (x * valid.unsqueeze(-1).to(x.dtype)).sum(0) / lengths[:, None].to(x.dtype)

@@ -148,9 +148,11 @@ inline at::Tensor temporal_pool_lengths(const c10::optional<at::Tensor>& lengths
                   " (x's time steps)");
     }
   }
-  // non_blocking: a copy from the CPU need not wait for the device (the host values are read
-  // before it returns; the kernels that use them are queued after it).
-  return l.to(device, at::kLong, /*non_blocking=*/true).contiguous();
+  // non_blocking: a copy from the CPU need not wait for the device. From pageable memory the host
+  // values are read before it returns; pinned lengths are copied first, so that a later write to
+  // them cannot reach the transfer.
+  const at::Tensor src = l.device().is_cpu() && device.is_cuda() && l.is_pinned() ? l.clone() : l;
+  return src.to(device, at::kLong, /*non_blocking=*/true).contiguous();
 }
 
 struct ScoreParams {

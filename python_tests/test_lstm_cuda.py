@@ -204,6 +204,20 @@ def test_cuda_lengths_on_the_cpu_never_wait_for_the_gpu(path, rng):
     assert_no_cuda_sync(lambda: fused(x, lengths=lengths)[0].square().sum().backward())
 
 
+def test_cuda_pinned_lengths_are_read_at_the_call(rng):
+    # The GPU is kept busy so that the call's copies wait on the stream; a write to the pinned
+    # lengths after the call must not reach them.
+    fused = FusedBiLSTM(I, H, num_layers=2, device=CUDA)
+    x = randn(T, B, I, rng=rng).float().to(CUDA)
+    lengths = torch.tensor([4, T, 1, 7, 2])
+    expected = fused(x, lengths=lengths)[0]
+    pinned = lengths.pin_memory()
+    torch.cuda._sleep(50_000_000)
+    out = fused(x, lengths=pinned)[0]
+    pinned.fill_(T)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 # --- ops ------------------------------------------------------------------------------------------
 
 def op_args(D, with_bias, with_lengths, dtype, rng, requires_grad=True):

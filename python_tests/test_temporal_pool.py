@@ -293,6 +293,21 @@ def test_temporal_pool_cpu_lengths_never_wait_for_the_gpu(mode):
     assert_no_cuda_sync(lambda: ops.temporal_pool(x, torch.tensor(LENGTHS), **kw).square().sum().backward())
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_temporal_pool_pinned_lengths_are_read_at_the_call(mode):
+    # The GPU is kept busy so that the op's copies wait on the stream; a write to the pinned
+    # lengths after the call must not reach them.
+    x = lstm_outputs(T, B, D, torch.float32, "cuda", mode)
+    kw = pool_kwargs(mode, "cuda", torch.float32)
+    expected = ops.temporal_pool(x, torch.tensor(LENGTHS), **kw)
+    pinned = torch.tensor(LENGTHS).pin_memory()
+    torch.cuda._sleep(50_000_000)
+    out = ops.temporal_pool(x, pinned, **kw)
+    pinned.fill_(T)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 def test_temporal_pool_refuses_zero_length(device, mode):

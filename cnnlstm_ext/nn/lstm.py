@@ -312,8 +312,11 @@ class FusedLSTM(nn.Module):
             if lo < 1 or hi > steps:
                 raise ValueError(f"lengths must be in [1, {steps}] (the padded length); got "
                                  f"values in [{lo}, {hi}]")
-        # A copy from the CPU that does not wait for the device: the host copy is read before it
-        # returns, and the kernels that use the lengths run after it on the stream.
+        # A copy from the CPU that does not wait for the device. From pageable memory the host
+        # values are read before it returns; pinned lengths (a DataLoader's) are copied first, so
+        # that a later write to them cannot reach the transfer.
+        if lengths.is_pinned():
+            lengths = lengths.clone()
         return lengths.to(device=device, dtype=torch.long, non_blocking=True)
 
     def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[_HX] = None,
