@@ -66,6 +66,7 @@ def inline_row(bench: dict, source: str) -> Optional[Dict]:
         "fused_s": fused_ms / 1e3, "baseline_s": base_ms / 1e3,
         "speedup": base_ms / fused_ms if fused_ms > 0 else float("nan"),
         "fused_peak_bytes": None, "baseline_peak_bytes": None, "memory_ratio": None,
+        "extra_info": info,
     }
 
 
@@ -109,6 +110,7 @@ def ratio_rows(report: dict, source: str) -> List[Dict]:
                 "fused_peak_bytes": peak,
                 "baseline_peak_bytes": base_peak,
                 "memory_ratio": (peak / base_peak) if peak is not None and base_peak else None,
+                "extra_info": info,  # the fused entry's
             })
     rows.sort(key=lambda r: (r["source"], r["group"], r["name"]))
     return rows

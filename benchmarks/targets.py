@@ -60,7 +60,7 @@ def _memory(row: Row) -> Optional[float]:
 
 
 def _copy_fraction(row: Row) -> Optional[float]:
-    return row.get("copy_fraction")
+    return row["extra_info"].get("copy_fraction")  # bench_pooling.py's CUDA entries
 
 
 GOALS: List[Goal] = [
@@ -76,16 +76,6 @@ GOALS: List[Goal] = [
     ("pooling CUDA, speedup", _pool("cuda"), _speedup, 2.0, True),
     ("pooling CUDA, share of copy bandwidth", _pool("cuda"), _copy_fraction, 0.85, True),
 ]
-
-
-def rows_of(report: dict, source: str) -> List[Row]:
-    """ratios.py's rows, with each fused entry's share of copy bandwidth (bench_pooling.py)."""
-    fractions = {(b.get("group") or "", b["name"]): (b.get("extra_info") or {}).get("copy_fraction")
-                 for b in report.get("benchmarks", [])}
-    rows = ratio_rows(report, source)
-    for row in rows:
-        row["copy_fraction"] = fractions.get((row["group"], row["name"]))
-    return rows
 
 
 def check(rows: List[Row]) -> List[Dict]:
@@ -114,7 +104,7 @@ def main(argv=None) -> int:
         with open(path) as f:
             report = json.load(f)
         print(path)
-        for v in check(rows_of(report, path)):
+        for v in check(ratio_rows(report, path)):
             goal = "%s %s %g" % (v["goal"], ">=" if v["at_least"] else "<=", v["bound"])
             if v["result"] == "MISSING":
                 print("  MISSING  %s: no case in this file" % goal)

@@ -119,7 +119,7 @@ def test_targets_checks_each_goal_on_its_worst_case(targets):
         bench("b", "frame_pool cpu call cost forward", 1.0, {"impl": "baseline"}),
         bench("f", "frame_pool cpu call cost forward", 2.0, {"impl": "fused"}),  # not a goal's case
     ]}
-    verdicts = {v["goal"]: v for v in targets.check(targets.rows_of(report, "x.json"))}
+    verdicts = {v["goal"]: v for v in targets.check(targets.ratio_rows(report, "x.json"))}
     bf16 = verdicts["LSTM CUDA training B=32 T=32 bfloat16, speedup"]
     assert bf16["result"] == "PASS" and bf16["value"] == pytest.approx(3.0)
     fp32 = verdicts["LSTM CUDA training B=32 T=32 float32, speedup"]
