@@ -96,7 +96,8 @@ def _cublas_library():
 
 def _extension():
     use_cuda = _want_cuda()
-    sources = ["csrc/ops.cpp", "csrc/pooling_autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/lstm_autograd.cpp", "csrc/pooling_autograd.cpp"]
+    sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     # at::parallel_for is inline OpenMP: without -fopenmp it compiles to a serial loop here. The
     # extension then shares the OpenMP runtime torch has loaded (same soname) and its threads.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []

@@ -155,3 +155,68 @@ def test_lstm_cpu_fused_matches_baseline(case):
     """The timed calls compute the same thing (same seed, same weights and input)."""
     torch.testing.assert_close(make_step("fused", case)(), make_step("baseline", case)(),
                                rtol=1e-4, atol=1e-5)
+
+
+# --- cost of a call -------------------------------------------------------------------------------
+# The model's 3 bidirectional layers at a tiny size (I = H = 8, T = 2, B = 1): the kernels take next
+# to no time, so these cases time what a call costs the host (the module's Python, weight views,
+# autograd, dispatch, allocation, launches). On a GPU that cost bounds small-batch calls and, in
+# benchmarks/RESULTS.md's profile, the bfloat16 training step at B = 32.
+TINY = 8
+COST_ROUNDS = 200
+
+
+def tiny_step(impl: str, case: str, device: str):
+    torch.manual_seed(0)
+    cls = FusedLSTM if impl == "fused" else nn.LSTM
+    model = cls(TINY, TINY, LAYERS, bidirectional=True, device=device)
+    x = torch.randn(2, 1, TINY, device=device, requires_grad=case == "training")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if case == "inference":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(x)
+            sync()
+    else:
+        grad = torch.randn(2, 1, 2 * TINY, device=device)
+
+        def step():
+            out, _ = model(x)
+            out.backward(grad)
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            sync()
+    return step
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("case", CASES)
+def test_lstm_call_cost(benchmark, case, device, impl):
+    step = tiny_step(impl, case, device)
+    benchmark.group = f"lstm {device} call cost:{case}"
+    benchmark.extra_info.update({
+        "impl": impl, "case": case, "device": device, "input_size": TINY, "hidden_size": TINY,
+        "num_layers": LAYERS, "bidirectional": True, "batch": 1, "steps": 2,
+        "threads": torch.get_num_threads(), "cpu": _cpu_model(), "torch": torch.__version__,
+    })
+    # Each round times 20 calls, so the timer's own cost stays out of the figure.
+    calls = lambda: [step() for _ in range(20)]  # noqa: E731
+    setup, interleaved = None, []
+    if impl == "fused":
+        baseline_step = tiny_step("baseline", case, device)
+        baseline_step()
+
+        def setup():
+            start = time.perf_counter()
+            for _ in range(20):
+                baseline_step()
+            interleaved.append(time.perf_counter() - start)
+    benchmark.pedantic(calls, setup=setup, rounds=COST_ROUNDS, iterations=1, warmup_rounds=5)
+    if impl == "fused":
+        baseline_s = statistics.median(interleaved)
+        benchmark.extra_info["baseline_interleaved_median_s"] = baseline_s
+        benchmark.extra_info["speedup_vs_baseline"] = baseline_s / benchmark.stats.stats.median

@@ -1,11 +1,11 @@
 """Typed Python faces of `torch.ops.cnnlstm_ext.*`: fake (meta) kernels and autograd.
 
 The kernels live in csrc/ (schemas in csrc/ops.cpp). Each op gets a fake implementation so
-`torch.compile(fullgraph=True)` traces through it. Autograd calls the matching backward op: for
-lstm_layer_forward through `torch.library.register_autograd` below; for the pooling ops through a
-C++ autograd function (csrc/pooling_autograd.cpp), because they are small enough that the Python
-autograd layer's cost per call would be most of their time (their backward ops are differentiable
-there too).
+`torch.compile(fullgraph=True)` traces through it. Autograd calls the matching backward op through
+a C++ autograd function (csrc/lstm_autograd.cpp, csrc/pooling_autograd.cpp) rather than
+`torch.library.register_autograd`, whose Python layer would cost more host time per call than
+the small pooling kernels take, and bound a GPU training step of the LSTM by the host. The
+pooling ops' backward ops are differentiable there too.
 """
 from typing import Optional, Tuple
 
@@ -98,33 +98,6 @@ def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, h0, c0,
     D, G, _ = w_hh.shape
     return (torch.empty_like(x), torch.empty_like(w_ih), torch.empty_like(w_hh),
             w_hh.new_empty(D, G), torch.empty_like(h0), torch.empty_like(c0))
-
-
-def _lstm_setup_context(ctx, inputs, output):
-    x, w_ih, w_hh, bias, h0, c0, lengths, train = inputs
-    y, _, _, gates, cell = output
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, y, gates, cell)
-    # gates and cell are saved activations, not results: no gradient flows into them. Without
-    # materialised grads, autograd passes None for them (and for unused results) instead of
-    # allocating zeros of their size ([T, B, D, 4H] and [T, B, D, H]) at the peak of backward.
-    ctx.mark_non_differentiable(gates, cell)
-    ctx.set_materialize_grads(False)
-
-
-def _lstm_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cell):
-    x, w_ih, w_hh, h0, c0, lengths, y, gates, cell = ctx.saved_tensors
-    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
-    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
-    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
-    gx, gw_ih, gw_hh, gb, gh0, gc0 = torch.ops.cnnlstm_ext.lstm_layer_backward(
-        grad_y.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), x, w_ih, w_hh, h0, c0,
-        lengths, y, gates, cell)
-    return gx, gw_ih, gw_hh, (gb if ctx.has_bias else None), gh0, gc0, None, None
-
-
-torch.library.register_autograd("cnnlstm_ext::lstm_layer_forward", _lstm_backward,
-                                setup_context=_lstm_setup_context)
 
 
 # --- pooling ------------------------------------------------------------------------------------

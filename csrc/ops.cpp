@@ -1,6 +1,6 @@
 // Every schema of the library, in one place. Kernels register in csrc/cpu/*.cpp (CPU) and
-// csrc/cuda/*.cu (CUDA); fake (meta) kernels and the LSTM's autograd are attached in
-// cnnlstm_ext/ops.py, the pooling ops' autograd in csrc/pooling_autograd.cpp.
+// csrc/cuda/*.cu (CUDA), autograd in csrc/lstm_autograd.cpp and csrc/pooling_autograd.cpp; fake
+// (meta) kernels are attached in cnnlstm_ext/ops.py.
 #include <torch/library.h>
 
 #ifndef CNNLSTM_EXT_NO_PYTHON

@@ -349,6 +349,40 @@ def test_op_inference_call_saves_nothing(rng):
     torch.testing.assert_close(y_eval, y_train, rtol=0, atol=0)
 
 
+def test_op_records_a_graph_only_when_needed(rng):
+    """The autograd kernel (csrc/lstm_autograd.cpp): no node without a gradient to compute
+    (inputs without requires_grad, or no_grad), one node otherwise; the saved activations (gates,
+    cell) are never differentiable."""
+    x, w_ih, w_hh, bias, h0, c0, _ = op_inputs(2, True, False, torch.float32, rng)
+    plain = [t.detach() for t in (x, w_ih, w_hh, bias, h0, c0)]
+    y, *_ = torch.ops.cnnlstm_ext.lstm_layer_forward(*plain, None, False)
+    assert y.grad_fn is None and not y.requires_grad
+    with torch.no_grad():
+        y, *_ = torch.ops.cnnlstm_ext.lstm_layer_forward(x, w_ih, w_hh, bias, h0, c0, None, False)
+    assert y.grad_fn is None and not y.requires_grad
+    # One input needing a gradient is enough.
+    args = [*plain[:3], plain[3].clone().requires_grad_(), *plain[4:]]
+    y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(*args, None, True)
+    assert "LstmLayerFunction" in y.grad_fn.name()
+    assert h_n.requires_grad and c_n.requires_grad
+    assert not gates.requires_grad and not cell.requires_grad
+    (g_bias,) = torch.autograd.grad(c_n.sum(), args[3])
+    want = reference.lstm_layer(*plain[:3], args[3], *plain[4:])
+    (g_want,) = torch.autograd.grad(want[2].sum(), args[3])
+    assert_close_rel(g_bias, g_want, 1e-5, "grad of bias through c_n alone")
+
+
+def test_op_refuses_a_saved_input_changed_in_place(rng):
+    """Backward reads x, the weights and the states as the forward saw them: an in-place change
+    between the two is an error (autograd's version check), not a wrong gradient."""
+    x, w_ih, w_hh, bias, h0, c0, _ = op_inputs(2, True, False, torch.float32, rng)
+    y, _, _ = ops.lstm_layer(x, w_ih, w_hh, bias, h0, c0)
+    with torch.no_grad():
+        w_hh.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 # --- autocast -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("input_from", ["float32_input", "autocast_linear"])
@@ -732,6 +766,23 @@ def test_weights_stay_back_to_back_and_train_like_nn_lstm():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     torch.optim.SGD(fused.parameters(), lr=0.1).step()  # in place: the layout survives a step
     assert _directions_back_to_back(fused, "weight_ih_l0")
+
+
+def test_training_with_directions_stored_apart_matches_nn_lstm():
+    """A replaced Parameter breaks the back-to-back layout: that layer's weights are then copied
+    into the op's [D, ...] operands, with the same gradients."""
+    torch.manual_seed(4)
+    fused = FusedBiLSTM(6, 5, 2)
+    fused.weight_hh_l1_reverse = nn.Parameter(torch.randn(20, 5) * 0.3)
+    assert not _directions_back_to_back(fused, "weight_hh_l1")
+    assert _directions_back_to_back(fused, "weight_hh_l0")
+    baseline = nn.LSTM(6, 5, 2, bidirectional=True)
+    baseline.load_state_dict(fused.state_dict())
+    x = torch.randn(4, 3, 6)
+    for model in (fused, baseline):
+        model(x)[0].square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), baseline.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _no_grad_matches_nn_lstm(fused, x):
