@@ -7,7 +7,7 @@ a C++ autograd function (csrc/lstm_autograd.cpp, csrc/pooling_autograd.cpp) rath
 the small pooling kernels take, and bound a GPU training step of the LSTM by the host. The
 pooling ops' backward ops are differentiable there too.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -32,13 +32,14 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 # --- lstm ---------------------------------------------------------------------------------------
 
-def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0: Tensor,
-               c0: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
+               lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer, one or two directions (direction 1 in reverse time), differentiable.
 
-    x: [T, B, I]; w_ih: [D, 4H, I]; w_hh: [D, 4H, H]; bias: [D, 4H] (b_ih + b_hh) or None;
-    h0, c0: [D, B, H]; lengths: [B] int64 on x's device with values in [1, T], or None.
-    Returns y: [T, B, D*H] (zero past each length), h_n: [D, B, H], c_n: [D, B, H].
+    x: [T, B, I]; weights: the layer's slice of nn.LSTM's flat weights, per direction
+    w_ih [4H, I], w_hh [4H, H], then b_ih, b_hh [4H] if the layer has biases; h0, c0: [D, B, H];
+    lengths: [B] int64 on x's device with values in [1, T], or None. Returns y: [T, B, D*H]
+    (zero past each length), h_n: [D, B, H], c_n: [D, B, H].
 
     Inside an autocast region the floating inputs are cast to autocast's dtype for x's device
     (so the results come out in that dtype, as nn.LSTM's do) and the op runs with autocast off.
@@ -46,43 +47,110 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0
     device_type = x.device.type
     dtype = autocast_dtype(device_type)
     if dtype is not None:
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         with torch.autocast(device_type, enabled=False):
-            return lstm_layer(cast(x), cast(w_ih), cast(w_hh), cast(bias), cast(h0), cast(c0),
-                              lengths)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_ih, w_hh, bias, h0, c0))
+            if any(w.dtype != dtype for w in weights):
+                weights = _CastWeights.apply(dtype, len(weights) // h0.shape[0], *weights)
+            return lstm_layer(x.to(dtype), weights, h0.to(dtype), c0.to(dtype), lengths)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or h0.requires_grad or c0.requires_grad
+        or any(w.requires_grad for w in weights))
     y, h_n, c_n, _, _ = torch.ops.cnnlstm_ext.lstm_layer_forward(
-        x, w_ih, w_hh, bias, h0, c0, lengths, needs_grad)
+        x, weights, h0, c0, lengths, needs_grad)
     return y, h_n, c_n
 
 
-def _check_same_device_dtype(x: Tensor, named: dict) -> None:
-    """The device/dtype checks of csrc/lstm_layer.h, for the fake kernel.
+def _stacked(ts: Sequence[Tensor]) -> Tensor:
+    """Same-shaped tensors as one [D, *shape] tensor: a view when they lie back to back in one
+    storage (as FusedLSTM keeps its parameters), a copy otherwise."""
+    t0 = ts[0]
+    n = t0.numel()
+    if t0.is_contiguous() and all(
+            t.is_contiguous() and t.shape == t0.shape and t.dtype == t0.dtype
+            and t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr()
+            and t.storage_offset() == t0.storage_offset() + k * n for k, t in enumerate(ts)):
+        return t0.as_strided((len(ts), *t0.shape), (n, *t0.stride()))
+    return torch.stack(list(ts))
 
-    The fake kernel also serves the Meta dispatch key, which wins when a meta tensor is mixed with
-    CPU ones; without these checks such a call would return uninitialised tensors silently.
+
+class _CastWeights(torch.autograd.Function):
+    """A layer's weights cast to autocast's dtype with one copy per kind (w_ih, w_hh, b_ih, b_hh)
+    for all directions, returned as per-direction views: they reach the op back to back, so the
+    op reads them without another copy. Gradients come back in the weights' dtypes."""
+
+    @staticmethod
+    def forward(ctx, dtype, per, *weights):
+        ctx.dtypes = [w.dtype for w in weights]
+        ctx.per = per
+        ctx.set_materialize_grads(False)
+        cast = [None] * len(weights)
+        for j in range(per):
+            for d, t in enumerate(_stacked(weights[j::per]).to(dtype).unbind(0)):
+                cast[d * per + j] = t
+        return tuple(cast)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        per = ctx.per
+        out = [None] * len(grads)
+        for j in range(per):
+            kind, dtypes = grads[j::per], ctx.dtypes[j::per]
+            if all(g is not None for g in kind) and len(set(dtypes)) == 1:
+                for d, g in enumerate(_stacked(kind).to(dtypes[0]).unbind(0)):
+                    out[d * per + j] = g
+            else:
+                for d, (g, dtype) in enumerate(zip(kind, dtypes)):
+                    out[d * per + j] = None if g is None else g.to(dtype)
+        return (None, None, *out)
+
+
+_WEIGHT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh")
+
+
+def _fake_layer_weights(op: str, x: Tensor, weights, h0: Tensor) -> Tuple[int, int]:
+    """The checks of csrc/lstm_layer.h's layer_weights, for the fake kernels: (D, H).
+
+    The fake kernels also serve the Meta dispatch key, which wins when a meta tensor is mixed
+    with CPU ones; without these checks such a call would return uninitialised tensors silently.
     """
+    torch._check(x.dim() == 3, lambda: f"{op}: expected x of shape [T, B, I], got {tuple(x.shape)}")
+    torch._check(h0.dim() == 3, lambda: f"{op}: expected h0 of shape [D, B, H], got {tuple(h0.shape)}")
+    D, n = h0.shape[0], len(weights)
+    torch._check(D >= 1 and n in (2 * D, 4 * D), lambda: (
+        f"{op}: expected weights to hold 2 tensors per direction (w_ih, w_hh) or 4 (w_ih, w_hh, "
+        f"b_ih, b_hh), for D = h0.size(0) = {D} directions; got {n} tensors"))
+    per = n // D
+    for k, w in enumerate(weights):
+        name = f"weights[{k}] ({_WEIGHT_NAMES[k % per]} of direction {k // per})"
+        _check_same_device_dtype(op, x, {name: w})
+        torch._check(w.shape == weights[k % per].shape, lambda: (
+            f"{op}: {name} has shape {list(w.shape)} but direction 0's {_WEIGHT_NAMES[k % per]} "
+            f"has shape {list(weights[k % per].shape)}"))
+    w_hh = weights[1]
+    torch._check(w_hh.dim() == 2 and w_hh.shape[0] == 4 * w_hh.shape[1], lambda: (
+        f"{op}: expected w_hh of shape [D, 4H, H], got {[D, *w_hh.shape]}"))
+    return D, w_hh.shape[1]
+
+
+def _check_same_device_dtype(op: str, x: Tensor, named: dict) -> None:
+    """The device/dtype checks of csrc/lstm_layer.h, for the fake kernels."""
     for name, t in named.items():
         if t is None:
             continue
         torch._check(t.device == x.device, lambda: (
-            f"lstm_layer_forward: {name} is on {t.device} but x is on {x.device}; all tensors "
-            f"must be on one device"))
+            f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must be on one "
+            f"device"))
         if name != "lengths":
             torch._check(t.dtype == x.dtype, lambda: (
-                f"lstm_layer_forward: {name} has dtype {t.dtype} but x has dtype {x.dtype}; all "
-                f"floating tensors must share one dtype"))
+                f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}; all floating "
+                f"tensors must share one dtype"))
 
 
 @torch.library.register_fake("cnnlstm_ext::lstm_layer_forward")
-def _lstm_layer_forward_fake(x, w_ih, w_hh, bias, h0, c0, lengths, train):
-    torch._check(x.dim() == 3, lambda: f"expected x of shape [T, B, I], got {tuple(x.shape)}")
-    torch._check(w_hh.dim() == 3, lambda: f"expected w_hh of shape [D, 4H, H], got {tuple(w_hh.shape)}")
-    _check_same_device_dtype(x, {"w_ih": w_ih, "w_hh": w_hh, "bias": bias, "h0": h0, "c0": c0,
-                                 "lengths": lengths})
+def _lstm_layer_forward_fake(x, weights, h0, c0, lengths, train):
+    op = "lstm_layer_forward"
+    D, H = _fake_layer_weights(op, x, weights, h0)
+    _check_same_device_dtype(op, x, {"h0": h0, "c0": c0, "lengths": lengths})
     T, B, _ = x.shape
-    D, _, H = w_hh.shape
     y = x.new_empty(T, B, D * H)
     h_n = x.new_empty(D, B, H)
     c_n = x.new_empty(D, B, H)
@@ -93,11 +161,11 @@ def _lstm_layer_forward_fake(x, w_ih, w_hh, bias, h0, c0, lengths, train):
 
 
 @torch.library.register_fake("cnnlstm_ext::lstm_layer_backward")
-def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, h0, c0, lengths, y,
-                              gates, cell):
-    D, G, _ = w_hh.shape
-    return (torch.empty_like(x), torch.empty_like(w_ih), torch.empty_like(w_hh),
-            w_hh.new_empty(D, G), torch.empty_like(h0), torch.empty_like(c0))
+def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates,
+                              cell):
+    D, H = _fake_layer_weights("lstm_layer_backward", x, weights, h0)
+    return (torch.empty_like(x), x.new_empty(D, 4 * H, x.shape[2]), x.new_empty(D, 4 * H, H),
+            x.new_empty(D, 4 * H), torch.empty_like(h0), torch.empty_like(c0))
 
 
 # --- pooling ------------------------------------------------------------------------------------

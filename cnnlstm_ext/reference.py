@@ -1,5 +1,5 @@
 """Pure-PyTorch versions of every op: the test oracle. Never used as a silent fallback."""
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -10,16 +10,21 @@ __all__ = ["lstm_layer"]
 
 # --- lstm ---------------------------------------------------------------------------------------
 
-def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], h0: Tensor,
-               c0: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
+               lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The semantics of `torch.ops.cnnlstm_ext.lstm_layer_forward`, step by step.
 
-    x: [T, B, I]; w_ih: [D, 4H, I]; w_hh: [D, 4H, H]; bias: [D, 4H] or None; h0, c0: [D, B, H];
-    lengths: [B] (values in [1, T]) or None. Direction 1 reads sequence b backwards from step
-    lengths[b] - 1. Returns y: [T, B, D*H] (zeros past each length), h_n, c_n: [D, B, H].
+    x: [T, B, I]; weights: per direction w_ih [4H, I], w_hh [4H, H], then b_ih, b_hh [4H] if the
+    layer has biases; h0, c0: [D, B, H]; lengths: [B] (values in [1, T]) or None. Direction 1
+    reads sequence b backwards from step lengths[b] - 1. Returns y: [T, B, D*H] (zeros past each
+    length), h_n, c_n: [D, B, H].
     """
     T, B, _ = x.shape
-    D, _, H = w_hh.shape
+    D = h0.shape[0]
+    per = len(weights) // D
+    w_ih, w_hh = weights[0::per], weights[1::per]
+    bias = [weights[d * per + 2] + weights[d * per + 3] for d in range(D)] if per == 4 else None
+    H = w_hh[0].shape[1]
     lengths = (torch.full((B,), T, dtype=torch.long) if lengths is None
                else lengths.to(device="cpu", dtype=torch.long))
     rows = torch.arange(B)

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -21,12 +22,26 @@ void expect_near(double got, double want, double tol, const std::string& what) {
 double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
 
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool);
+    const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    bool);
 using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&);
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, const at::Tensor&,
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+// The op's per-direction weight list [w_ih, w_hh, (b_ih, b_hh)] x D from stacked [D, ...] tensors;
+// the bias goes to b_ih, with a zero b_hh.
+std::vector<at::Tensor> per_direction(const at::Tensor& wi, const at::Tensor& wh, const at::Tensor& b = {}) {
+  std::vector<at::Tensor> weights;
+  for (int64_t d = 0; d < wi.size(0); ++d) {
+    weights.push_back(wi[d]);
+    weights.push_back(wh[d]);
+    if (b.defined()) {
+      weights.push_back(b[d]);
+      weights.push_back(at::zeros_like(b[d]));
+    }
+  }
+  return weights;
+}
 
 auto forward_op() {
   return c10::Dispatcher::singleton().findSchemaOrThrow("cnnlstm_ext::lstm_layer_forward", "").typed<Forward>();
@@ -62,7 +77,7 @@ void test_forward_matches_hand_computation() {
     }
   }
   auto L = at::tensor(std::vector<int64_t>{lengths[0], lengths[1]});
-  auto [y, h_n, c_n, gates, cell] = forward_op().call(x, wi, wh, b, h, c, L, true);
+  auto [y, h_n, c_n, gates, cell] = forward_op().call(x, per_direction(wi, wh, b), h, c, L, true);
 
   for (int d = 0; d < 2; ++d) {
     for (int n = 0; n < 2; ++n) {
@@ -90,11 +105,11 @@ void test_forward_matches_hand_computation() {
 
   // Backward of sum(y) + sum(h_n) against central differences of the same forward.
   auto loss = [&](const at::Tensor& xx, const at::Tensor& ww) {
-    auto [yy, hh, cc, gg, ce] = forward_op().call(xx, wi, ww, b, h, c, L, false);
+    auto [yy, hh, cc, gg, ce] = forward_op().call(xx, per_direction(wi, ww, b), h, c, L, false);
     return yy.sum().item<double>() + hh.sum().item<double>();
   };
   auto ones_y = at::ones_like(y), ones_h = at::ones_like(h_n), zeros_c = at::zeros_like(c_n);
-  auto grads = backward_op().call(ones_y, ones_h, zeros_c, x, wi, wh, h, c, L, y, gates, cell);
+  auto grads = backward_op().call(ones_y, ones_h, zeros_c, x, per_direction(wi, wh, b), h, c, L, y, gates, cell);
   const double eps = 1e-6;
   for (int t = 0; t < 3; ++t) {
     for (int n = 0; n < 2; ++n) {
@@ -127,11 +142,12 @@ void test_bad_input_is_refused() {
     std::function<void()> run;
     const char* expect;
   } cases[] = {
-      {"wrong w_ih shape", [&] { forward_op().call(x, at::randn({1, 8, 4}, opt), wh, {}, h, c, {}, false); }, "w_ih"},
-      {"wrong h0 shape", [&] { forward_op().call(x, wi, wh, {}, at::zeros({1, 3, 2}, opt), c, {}, false); }, "h0"},
-      {"length 0", [&] { forward_op().call(x, wi, wh, {}, h, c, at::tensor(std::vector<int64_t>{0, 4}), false); }, "lengths"},
-      {"length > T", [&] { forward_op().call(x, wi, wh, {}, h, c, at::tensor(std::vector<int64_t>{5, 4}), false); }, "lengths"},
-      {"mixed dtype", [&] { forward_op().call(x, wi.to(at::kDouble), wh, {}, h, c, {}, false); }, "dtype"},
+      {"wrong w_ih shape", [&] { forward_op().call(x, per_direction(at::randn({1, 8, 4}, opt), wh), h, c, {}, false); }, "w_ih"},
+      {"wrong h0 shape", [&] { forward_op().call(x, per_direction(wi, wh), at::zeros({1, 3, 2}, opt), c, {}, false); }, "h0"},
+      {"3 weights", [&] { forward_op().call(x, {wi[0], wh[0], wh[0]}, h, c, {}, false); }, "2 tensors per direction"},
+      {"length 0", [&] { forward_op().call(x, per_direction(wi, wh), h, c, at::tensor(std::vector<int64_t>{0, 4}), false); }, "lengths"},
+      {"length > T", [&] { forward_op().call(x, per_direction(wi, wh), h, c, at::tensor(std::vector<int64_t>{5, 4}), false); }, "lengths"},
+      {"mixed dtype", [&] { forward_op().call(x, per_direction(wi.to(at::kDouble), wh), h, c, {}, false); }, "dtype"},
   };
   for (auto& cs : cases) {
     bool threw = false;

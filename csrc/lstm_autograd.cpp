@@ -26,8 +26,7 @@ const auto& forward_op() {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("cnnlstm_ext::lstm_layer_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const at::Tensor&,
-              const at::Tensor&, const Opt&, bool)>();
+              const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&, const Opt&, bool)>();
   return op;
 }
 
@@ -36,25 +35,26 @@ const auto& backward_op() {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("cnnlstm_ext::lstm_layer_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&)>();
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
+              const at::Tensor&, const at::Tensor&, const Opt&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&)>();
   return op;
 }
 
 class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
  public:
-  // x: [T, B, I], w_ih: [D, 4H, I], w_hh: [D, 4H, H], bias: [D, 4H] or None, h0, c0: [D, B, H]
-  // -> y: [T, B, D*H], h_n, c_n: [D, B, H], gates: [T, B, D, 4H], cell: [T, B, D, H] (saved
-  // activations, empty when train=False).
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih,
-                               const at::Tensor& w_hh, const Opt& bias, const at::Tensor& h0,
-                               const at::Tensor& c0, const Opt& lengths, bool train) {
+  // x: [T, B, I], weights: per direction w_ih [4H, I], w_hh [4H, H] (, b_ih, b_hh [4H]),
+  // h0, c0: [D, B, H] -> y: [T, B, D*H], h_n, c_n: [D, B, H], gates: [T, B, D, 4H],
+  // cell: [T, B, D, H] (saved activations, empty when train=False).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
+                               const at::Tensor& h0, const at::Tensor& c0, const Opt& lengths, bool train) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, h_n, c_n, gates, cell] = forward_op().call(x, w_ih, w_hh, bias, h0, c0, lengths, train);
-    // Undefined tensors stand for None.
-    ctx->save_for_backward({x, w_ih, w_hh, h0, c0, lengths.value_or(at::Tensor()), y, gates, cell});
-    ctx->saved_data["has_bias"] = bias.has_value();
+    auto [y, h_n, c_n, gates, cell] = forward_op().call(x, weights, h0, c0, lengths, train);
+    // Saved as given, so that autograd's version check catches an in-place change before
+    // backward; undefined tensors stand for None.
+    variable_list saved{x, h0, c0, lengths.value_or(at::Tensor()), y, gates, cell};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    ctx->save_for_backward(saved);
     // gates and cell are activations, not results: no gradient flows into them. Without
     // materialised grads autograd passes undefined tensors for them (and for unused results)
     // instead of zeros of their size ([T, B, D, 4H] and [T, B, D, H]) at the peak of backward.
@@ -63,33 +63,54 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     return {y, h_n, c_n, gates, cell};
   }
 
-  // grads: {grad_y, grad_h_n, grad_c_n, (unused) x2} -> one gradient per forward argument.
+  // grads: {grad_y, grad_h_n, grad_c_n, (unused) x2} -> one gradient per forward argument:
+  // x, each weight, h0, c0, lengths, train.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    const at::Tensor &x = s[0], &w_ih = s[1], &w_hh = s[2], &h0 = s[3], &c0 = s[4], &lengths = s[5];
-    const at::Tensor &y = s[6], &gates = s[7], &cell = s[8];
+    const at::Tensor &x = s[0], &h0 = s[1], &c0 = s[2], &lengths = s[3], &y = s[4];
+    const at::TensorList weights(s.data() + 7, s.size() - 7);
     const auto given = [](const at::Tensor& g, const at::Tensor& like) {
       return g.defined() ? g.contiguous() : at::zeros_like(like);
     };
     auto [gx, gw_ih, gw_hh, gbias, gh0, gc0] = backward_op().call(
-        given(grads[0], y), given(grads[1], h0), given(grads[2], c0), x, w_ih, w_hh, h0, c0,
-        lengths.defined() ? Opt(lengths) : std::nullopt, y, gates, cell);
-    if (!ctx->saved_data["has_bias"].toBool()) gbias = at::Tensor();
-    return {gx, gw_ih, gw_hh, gbias, gh0, gc0, at::Tensor(), at::Tensor()};
+        given(grads[0], y), given(grads[1], h0), given(grads[2], c0), x, weights, h0, c0,
+        lengths.defined() ? Opt(lengths) : std::nullopt, y, s[5], s[6]);
+    // Per direction: views of the stacked gradients. b_ih and b_hh have the same gradient, but
+    // each must get its own memory: autograd may keep a returned gradient as the parameter's
+    // .grad and accumulate later gradients into it in place.
+    const int64_t D = h0.size(0), per = static_cast<int64_t>(weights.size()) / D;
+    bool both_biases = false;  // input edge 1 + k is weights[k]
+    for (int64_t d = 0; d < D && per == 4; ++d) {
+      both_biases = both_biases || (ctx->needs_input_grad(1 + d * per + 2) && ctx->needs_input_grad(1 + d * per + 3));
+    }
+    const at::Tensor gbias_hh = both_biases ? gbias.clone() : gbias;
+    variable_list out{gx};
+    for (int64_t d = 0; d < D; ++d) {
+      out.push_back(gw_ih[d]);
+      out.push_back(gw_hh[d]);
+      if (per == 4) {
+        out.push_back(gbias[d]);
+        out.push_back(gbias_hh[d]);
+      }
+    }
+    out.insert(out.end(), {gh0, gc0, at::Tensor(), at::Tensor()});
+    return out;
   }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_autograd(
-    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const Opt& bias,
-    const at::Tensor& h0, const at::Tensor& c0, const Opt& lengths, bool train) {
-  const bool needs_grad = at::GradMode::is_enabled() &&
-                          (x.requires_grad() || w_ih.requires_grad() || w_hh.requires_grad() ||
-                           (bias && bias->requires_grad()) || h0.requires_grad() || c0.requires_grad());
+    const at::Tensor& x, at::TensorList weights, const at::Tensor& h0, const at::Tensor& c0,
+    const Opt& lengths, bool train) {
+  bool needs_grad = false;
+  if (at::GradMode::is_enabled()) {
+    needs_grad = x.requires_grad() || h0.requires_grad() || c0.requires_grad();
+    for (const auto& w : weights) needs_grad = needs_grad || w.requires_grad();
+  }
   if (!needs_grad) {  // no node and no saved context, as torch.library.register_autograd does
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return forward_op().call(x, w_ih, w_hh, bias, h0, c0, lengths, train);
+    return forward_op().call(x, weights, h0, c0, lengths, train);
   }
-  const variable_list r = LstmLayerFunction::apply(x, w_ih, w_hh, bias, h0, c0, lengths, train);
+  const variable_list r = LstmLayerFunction::apply(x, weights, h0, c0, lengths, train);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 

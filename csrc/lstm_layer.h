@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <string>
+#include <vector>
+
 namespace cnnlstm_ext {
 
 // Sizes of one LSTM layer call.
@@ -31,16 +34,74 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const cha
               shape_str(t));
 }
 
+inline void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3, op, ": expected x of shape [T, B, I], got ", shape_str(x));
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": expected x of dtype float32, float64, bfloat16 or float16, got ", dt);
+}
+
+// One layer's weights as the kernels take them: w_ih [D, 4H, I], w_hh [D, 4H, H], and
+// bias [D, 4H] = b_ih + b_hh (undefined without biases, or when not asked for).
+struct LayerWeights {
+  at::Tensor w_ih, w_hh, bias;
+};
+
+// Same-shaped tensors, one per direction, as one [D, shape] tensor: a view when they lie back to
+// back in one storage (as FusedLSTM.flatten_parameters keeps them), a copy otherwise.
+inline at::Tensor stack_directions(const std::vector<at::Tensor>& ts) {
+  const at::Tensor& t0 = ts[0];
+  bool adjacent = t0.is_contiguous();
+  for (size_t k = 1; k < ts.size() && adjacent; ++k) {
+    adjacent = ts[k].is_contiguous() && ts[k].is_alias_of(t0) &&
+               ts[k].storage_offset() == t0.storage_offset() + static_cast<int64_t>(k) * t0.numel();
+  }
+  if (!adjacent) return at::stack(ts);
+  std::vector<int64_t> sizes{static_cast<int64_t>(ts.size())}, strides{t0.numel()};
+  sizes.insert(sizes.end(), t0.sizes().begin(), t0.sizes().end());
+  strides.insert(strides.end(), t0.strides().begin(), t0.strides().end());
+  return t0.as_strided(sizes, strides, t0.storage_offset());
+}
+
+// `weights` is one layer's slice of nn.LSTM's flat weights: per direction w_ih [4H, I],
+// w_hh [4H, H], then b_ih and b_hh [4H] when the layer has biases. D = h0.size(0).
+inline LayerWeights layer_weights(const char* op, const at::Tensor& x, at::TensorList weights,
+                                  const at::Tensor& h0, bool with_bias = true) {
+  static const char* names[] = {"w_ih", "w_hh", "b_ih", "b_hh"};
+  check_x(op, x);
+  TORCH_CHECK(h0.dim() == 3, op, ": expected h0 of shape [D, B, H], got ", shape_str(h0));
+  const int64_t D = h0.size(0), n = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(D >= 1 && (n == 2 * D || n == 4 * D), op,
+              ": expected weights to hold 2 tensors per direction (w_ih, w_hh) or 4 (w_ih, w_hh, "
+              "b_ih, b_hh), for D = h0.size(0) = ", D, " directions; got ", n, " tensors");
+  const int64_t per = n / D;
+  std::vector<at::Tensor> kinds[4];
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t j = 0; j < per; ++j) {
+      const at::Tensor& t = weights[d * per + j];
+      if (t.device() != x.device() || t.scalar_type() != x.scalar_type() ||
+          t.sizes() != weights[j].sizes()) {  // the name is built only for the error
+        const std::string name =
+            c10::str("weights[", d * per + j, "] (", names[j], " of direction ", d, ")");
+        check_same(x, t, name.c_str(), op);
+        TORCH_CHECK(false, op, ": ", name, " has shape ", shape_str(t), " but direction 0's ", names[j],
+                    " has shape ", shape_str(weights[j]));
+      }
+      kinds[j].push_back(t);
+    }
+  }
+  LayerWeights w{stack_directions(kinds[0]), stack_directions(kinds[1]), at::Tensor()};
+  if (per == 4 && with_bias) w.bias = stack_directions(kinds[2]) + stack_directions(kinds[3]);
+  return w;
+}
+
 // Checks the forward inputs and returns the sizes. `lengths`, when given, must be int64 [B] on
 // x's device; its values are range-checked where they can be read without a device sync (CPU).
 inline LstmDims check_lstm_inputs(const char* op, const at::Tensor& x, const at::Tensor& w_ih,
                                   const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
                                   const at::Tensor& h0, const at::Tensor& c0,
                                   const c10::optional<at::Tensor>& lengths) {
-  TORCH_CHECK(x.dim() == 3, op, ": expected x of shape [T, B, I], got ", shape_str(x));
-  auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
-              ": expected x of dtype float32, float64, bfloat16 or float16, got ", dt);
+  check_x(op, x);
   TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(1) % 4 == 0 && w_hh.size(1) == 4 * w_hh.size(2), op,
               ": expected w_hh of shape [D, 4H, H], got ", shape_str(w_hh));
   LstmDims d{x.size(0), x.size(1), x.size(2), w_hh.size(2), w_hh.size(0)};

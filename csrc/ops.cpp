@@ -17,20 +17,23 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(cnnlstm_ext, m) {
   // One LSTM layer, D = 1 or 2 directions in one call (direction 1 runs in reverse time).
-  //   x: [T, B, I]   w_ih: [D, 4H, I]   w_hh: [D, 4H, H]   bias: [D, 4H] (b_ih + b_hh) or None
+  //   x: [T, B, I]   weights: the layer's slice of nn.LSTM's flat weights, per direction
+  //   w_ih [4H, I], w_hh [4H, H], then b_ih, b_hh [4H] if the layer has biases (2D or 4D tensors;
+  //   directions stored back to back in one storage are read in place, others copied)
   //   h0, c0: [D, B, H]   lengths: [B] int64 on x's device, 1 <= lengths[b] <= T, or None (all T)
   // Gate order i, f, g, o as in torch.nn.LSTM. Returns
   //   y: [T, B, D*H] (zero past each sequence's length)   h_n, c_n: [D, B, H]
-  //   gates: [T, B, D, 4H] activated gates, cell: [T, B, D, H] cell states, both in the
-  //   accumulation dtype (float32, or float64 for float64 inputs); empty when train=False.
-  m.def("lstm_layer_forward(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor h0, "
-        "Tensor c0, Tensor? lengths, bool train) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Gradients of lstm_layer_forward. grad_y: [T, B, D*H], grad_h_n, grad_c_n: [D, B, H].
-  // Returns grad_x [T, B, I], grad_w_ih [D, 4H, I], grad_w_hh [D, 4H, H], grad_bias [D, 4H],
-  // grad_h0 [D, B, H], grad_c0 [D, B, H].
+  //   gates: [T, B, D, 4H] activated gates, cell: [T, B, D, H] cell states, both in x's dtype,
+  //   saved for backward; empty when train=False.
+  m.def("lstm_layer_forward(Tensor x, Tensor[] weights, Tensor h0, Tensor c0, Tensor? lengths, "
+        "bool train) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of lstm_layer_forward. grad_y: [T, B, D*H], grad_h_n, grad_c_n: [D, B, H]; the
+  // other arguments as given to and returned by the forward. Returns grad_x [T, B, I], and
+  // stacked over directions grad_w_ih [D, 4H, I], grad_w_hh [D, 4H, H], grad_bias [D, 4H] (the
+  // gradient of b_ih and of b_hh alike), then grad_h0 [D, B, H], grad_c0 [D, B, H].
   m.def("lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, "
-        "Tensor w_ih, Tensor w_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor y, "
-        "Tensor gates, Tensor cell) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor[] weights, Tensor h0, Tensor c0, Tensor? lengths, Tensor y, Tensor gates, "
+        "Tensor cell) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // POOLING SCHEMAS (frame_pool_*, temporal_pool_*) go below this line.
   // Per-frame CNN feature maps -> frame features in the layout the LSTM consumes, in one pass.
   //   x: [N, C, h, w] with N = B*T frames in (b, t) order (frame n = b*T + t), contiguous or

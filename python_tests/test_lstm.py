@@ -267,17 +267,30 @@ def test_lengths_keyword_equals_packing(bidirectional, batch_first, lengths_as, 
 # --- the op against the reference ---------------------------------------------------------------
 
 def op_inputs(D, with_bias, with_lengths, dtype, rng, t=T, b=B, i=I, h=H):
-    """Random leaves for lstm_layer: x [t, b, i], w_ih [D, 4h, i], w_hh [D, 4h, h], bias [D, 4h],
-    h0, c0 [D, b, h], and lengths [b] (one sequence at full length, one of length 1) or None."""
+    """Random leaves for lstm_layer: x [t, b, i]; weights, per direction w_ih [4h, i],
+    w_hh [4h, h] (, b_ih, b_hh [4h]), each its own tensor; h0, c0 [D, b, h]; and lengths [b]
+    (one sequence at full length, one of length 1) or None."""
     mk = lambda *s: randn(*s, rng=rng).mul(0.5).to(dtype).requires_grad_()  # noqa: E731
-    x, w_ih, w_hh = mk(t, b, i), mk(D, 4 * h, i), mk(D, 4 * h, h)
-    bias = mk(D, 4 * h) if with_bias else None
+    x = mk(t, b, i)
+    shapes = [(4 * h, i), (4 * h, h)] + ([(4 * h,), (4 * h,)] if with_bias else [])
+    weights = [mk(*shape) for _ in range(D) for shape in shapes]
     h0, c0 = mk(D, b, h), mk(D, b, h)
     lengths = None
     if with_lengths:
         lengths = torch.randint(1, t + 1, (b,), generator=rng)
         lengths[0], lengths[-1] = t, 1
-    return x, w_ih, w_hh, bias, h0, c0, lengths
+    return x, weights, h0, c0, lengths
+
+
+def weight_names(weights, D):
+    kinds = ("w_ih", "w_hh", "b_ih", "b_hh")
+    per = len(weights) // D
+    return [f"{kinds[k % per]} of direction {k // per}" for k in range(len(weights))]
+
+
+def detached(*ts):
+    return [None if t is None else [w.detach() for w in t] if isinstance(t, list) else t.detach()
+            for t in ts]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -285,20 +298,19 @@ def op_inputs(D, with_bias, with_lengths, dtype, rng, t=T, b=B, i=I, h=H):
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("D", [1, 2], ids=["forward_dir", "both_dirs"])
 def test_op_matches_reference(D, with_bias, with_lengths, dtype, rng):
-    x, w_ih, w_hh, bias, h0, c0, lengths = op_inputs(D, with_bias, with_lengths, dtype, rng, b=4)
-    leaves = [t for t in (x, w_ih, w_hh, bias, h0, c0) if t is not None]
-    got = ops.lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths)
-    want = reference.lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths)
+    x, weights, h0, c0, lengths = op_inputs(D, with_bias, with_lengths, dtype, rng, b=4)
+    leaves = [x, *weights, h0, c0]
+    got = ops.lstm_layer(x, weights, h0, c0, lengths)
+    want = reference.lstm_layer(x, weights, h0, c0, lengths)
     rel = REL_TOL[dtype]
     for name, g, w in zip(("y", "h_n", "c_n"), got, want):
         assert g.shape == w.shape and g.dtype == dtype
         assert_close_rel(g, w, rel, name)
-    weights = [randn(*t.shape, rng=rng).to(dtype) for t in want]
-    loss = lambda outs: sum((o * w).sum() for o, w in zip(outs, weights))  # noqa: E731
+    proj = [randn(*t.shape, rng=rng).to(dtype) for t in want]
+    loss = lambda outs: sum((o * p).sum() for o, p in zip(outs, proj))  # noqa: E731
     g_got = torch.autograd.grad(loss(got), leaves)
     g_want = torch.autograd.grad(loss(want), leaves)
-    names = [n for n, t in zip(("x", "w_ih", "w_hh", "bias", "h0", "c0"),
-                               (x, w_ih, w_hh, bias, h0, c0)) if t is not None]
+    names = ["x", *weight_names(weights, D), "h0", "c0"]
     for name, g, w in zip(names, g_got, g_want):
         assert_close_rel(g, w, rel, f"grad of {name}")
 
@@ -306,44 +318,41 @@ def test_op_matches_reference(D, with_bias, with_lengths, dtype, rng):
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("D", [1, 2], ids=["forward_dir", "both_dirs"])
 def test_op_gradcheck_float64(D, with_lengths, rng):
-    x, w_ih, w_hh, bias, h0, c0, lengths = op_inputs(D, True, with_lengths, torch.float64, rng,
-                                                     t=3, b=2, i=2, h=2)
+    x, weights, h0, c0, lengths = op_inputs(D, True, with_lengths, torch.float64, rng,
+                                            t=3, b=2, i=2, h=2)
     if lengths is not None:
         lengths = torch.tensor([3, 2])
-    fn = lambda *a: ops.lstm_layer(*a, lengths)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, w_ih, w_hh, bias, h0, c0), eps=1e-6, atol=1e-7)
+    fn = lambda x, *w: ops.lstm_layer(x, w[:-2], w[-2], w[-1], lengths)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, *weights, h0, c0), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_op_forward_passes_opcheck(train, with_bias, with_lengths, rng):
-    x, w_ih, w_hh, bias, h0, c0, lengths = op_inputs(2, with_bias, with_lengths, torch.float32, rng)
-    args = [x, w_ih, w_hh, bias, h0, c0]
+    x, weights, h0, c0, lengths = op_inputs(2, with_bias, with_lengths, torch.float32, rng)
+    args = [x, weights, h0, c0]
     if not train:  # train=False saves nothing for backward: it is the no-grad (inference) call
-        args = [None if t is None else t.detach() for t in args]
+        args = detached(*args)
     torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_forward, (*args, lengths, train))
 
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 def test_op_backward_passes_opcheck(with_lengths, rng):
-    x, w_ih, w_hh, bias, h0, c0, lengths = (
-        None if t is None else t.detach()
-        for t in op_inputs(2, True, with_lengths, torch.float32, rng))
+    x, weights, h0, c0, lengths = detached(*op_inputs(2, True, with_lengths, torch.float32, rng))
     y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(
-        x, w_ih, w_hh, bias, h0, c0, lengths, True)
+        x, weights, h0, c0, lengths, True)
     grads = [randn(*t.shape, rng=rng).float() for t in (y, h_n, c_n)]
     torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_backward,
-                          (*grads, x, w_ih, w_hh, h0, c0, lengths, y, gates, cell))
+                          (*grads, x, weights, h0, c0, lengths, y, gates, cell))
 
 
 def test_op_inference_call_saves_nothing(rng):
-    x, w_ih, w_hh, bias, h0, c0, _ = (None if t is None else t.detach()
-                                      for t in op_inputs(2, True, False, torch.float32, rng))
+    x, weights, h0, c0, _ = detached(*op_inputs(2, True, False, torch.float32, rng))
     y_train, *_, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(
-        x, w_ih, w_hh, bias, h0, c0, None, True)
+        x, weights, h0, c0, None, True)
     y_eval, *_, no_gates, no_cell = torch.ops.cnnlstm_ext.lstm_layer_forward(
-        x, w_ih, w_hh, bias, h0, c0, None, False)
+        x, weights, h0, c0, None, False)
     assert gates.shape == (T, B, 2, 4 * H) and cell.shape == (T, B, 2, H)
     assert no_gates.numel() == 0 and no_cell.numel() == 0
     torch.testing.assert_close(y_eval, y_train, rtol=0, atol=0)
@@ -353,32 +362,32 @@ def test_op_records_a_graph_only_when_needed(rng):
     """The autograd kernel (csrc/lstm_autograd.cpp): no node without a gradient to compute
     (inputs without requires_grad, or no_grad), one node otherwise; the saved activations (gates,
     cell) are never differentiable."""
-    x, w_ih, w_hh, bias, h0, c0, _ = op_inputs(2, True, False, torch.float32, rng)
-    plain = [t.detach() for t in (x, w_ih, w_hh, bias, h0, c0)]
-    y, *_ = torch.ops.cnnlstm_ext.lstm_layer_forward(*plain, None, False)
+    x, weights, h0, c0, _ = op_inputs(2, True, False, torch.float32, rng)
+    px, pw, ph0, pc0 = detached(x, weights, h0, c0)
+    y, *_ = torch.ops.cnnlstm_ext.lstm_layer_forward(px, pw, ph0, pc0, None, False)
     assert y.grad_fn is None and not y.requires_grad
     with torch.no_grad():
-        y, *_ = torch.ops.cnnlstm_ext.lstm_layer_forward(x, w_ih, w_hh, bias, h0, c0, None, False)
+        y, *_ = torch.ops.cnnlstm_ext.lstm_layer_forward(x, weights, h0, c0, None, False)
     assert y.grad_fn is None and not y.requires_grad
-    # One input needing a gradient is enough.
-    args = [*plain[:3], plain[3].clone().requires_grad_(), *plain[4:]]
-    y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(*args, None, True)
+    # One input needing a gradient is enough: b_hh of direction 1.
+    pw[7] = pw[7].clone().requires_grad_()
+    y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(px, pw, ph0, pc0, None, True)
     assert "LstmLayerFunction" in y.grad_fn.name()
     assert h_n.requires_grad and c_n.requires_grad
     assert not gates.requires_grad and not cell.requires_grad
-    (g_bias,) = torch.autograd.grad(c_n.sum(), args[3])
-    want = reference.lstm_layer(*plain[:3], args[3], *plain[4:])
-    (g_want,) = torch.autograd.grad(want[2].sum(), args[3])
-    assert_close_rel(g_bias, g_want, 1e-5, "grad of bias through c_n alone")
+    (g_bias,) = torch.autograd.grad(c_n.sum(), pw[7])
+    want = reference.lstm_layer(px, pw, ph0, pc0)
+    (g_want,) = torch.autograd.grad(want[2].sum(), pw[7])
+    assert_close_rel(g_bias, g_want, 1e-5, "grad of b_hh through c_n alone")
 
 
 def test_op_refuses_a_saved_input_changed_in_place(rng):
     """Backward reads x, the weights and the states as the forward saw them: an in-place change
     between the two is an error (autograd's version check), not a wrong gradient."""
-    x, w_ih, w_hh, bias, h0, c0, _ = op_inputs(2, True, False, torch.float32, rng)
-    y, _, _ = ops.lstm_layer(x, w_ih, w_hh, bias, h0, c0)
+    x, weights, h0, c0, _ = op_inputs(2, True, False, torch.float32, rng)
+    y, _, _ = ops.lstm_layer(x, weights, h0, c0)
     with torch.no_grad():
-        w_hh.mul_(2)
+        weights[5].mul_(2)  # w_hh of direction 1
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
 
@@ -412,16 +421,42 @@ def test_autocast_cpu_matches_nn_lstm(input_from, rng):
 
 
 def test_autocast_cpu_op_returns_autocast_dtype(rng):
-    x, w_ih, w_hh, bias, h0, c0, lengths = op_inputs(2, True, True, torch.float32, rng)
+    x, weights, h0, c0, lengths = op_inputs(2, True, True, torch.float32, rng)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, h_n, c_n = ops.lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths)
+        y, h_n, c_n = ops.lstm_layer(x, weights, h0, c0, lengths)
         # backward inside the region still runs (the kernels keep autocast away from their GEMMs)
-        torch.autograd.grad(y.float().sum() + c_n.float().sum(), [x, w_hh])
+        torch.autograd.grad(y.float().sum() + c_n.float().sum(), [x, weights[1]])
     assert y.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
-    want = reference.lstm_layer(*(t.detach().to(torch.bfloat16).float() if t is not None else None
-                                  for t in (x, w_ih, w_hh, bias, h0, c0)), lengths)
+    rounded = lambda t: t.detach().to(torch.bfloat16).float()  # noqa: E731
+    want = reference.lstm_layer(rounded(x), [rounded(w) for w in weights], rounded(h0),
+                                rounded(c0), lengths)
     for name, g, w in zip(("y", "h_n", "c_n"), (y, h_n, c_n), want):
         assert_close_rel(g, w, 2e-2, name)
+
+
+@pytest.mark.parametrize("layout", ["back_to_back", "apart"])
+def test_autocast_casts_each_kind_of_weight_once(layout):
+    """Under autocast a layer's weights are cast with one copy per kind (w_ih, w_hh, b_ih, b_hh)
+    for both directions, into per-direction views that lie back to back (so the op reads them
+    without copying again); gradients return in each parameter's dtype."""
+    torch.manual_seed(7)
+    fused = FusedBiLSTM(6, 5, 1)
+    if layout == "apart":
+        fused.weight_ih_l0_reverse = nn.Parameter(torch.randn(20, 6))
+    weights = fused._layer_weights(0)
+    cast = ops._CastWeights.apply(torch.bfloat16, 4, *weights)
+    for j in range(4):
+        a, b = cast[j], cast[4 + j]
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        assert b.storage_offset() == a.storage_offset() + a.numel()
+    for c, w in zip(cast, weights):
+        assert torch.equal(c, w.detach().to(torch.bfloat16))
+    proj = [torch.randn(w.shape) for w in weights]
+    grads = torch.autograd.grad(sum((c.float() * p).sum() for c, p in zip(cast, proj)), weights)
+    for g, p in zip(grads, proj):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, p.to(torch.bfloat16).float())
 
 
 # --- torch.compile --------------------------------------------------------------------------------
@@ -683,40 +718,59 @@ def test_error_proj_size_not_supported():
         FusedLSTM.from_lstm(nn.LSTM(I, H, proj_size=2))
 
 
-def raw_inputs(D=2):
-    """Valid lstm_layer_forward arguments (float32, bias, no lengths, train=True)."""
-    return dict(x=torch.randn(T, B, I), w_ih=torch.randn(D, 4 * H, I),
-                w_hh=torch.randn(D, 4 * H, H), bias=torch.randn(D, 4 * H),
-                h0=torch.randn(D, B, H), c0=torch.randn(D, B, H), lengths=None, train=True)
+def raw_inputs(D=2, **shapes):
+    """Valid lstm_layer_forward arguments (float32, biases, no lengths, train=True); `shapes`
+    gives other shapes to weights of every direction by kind (w_ih, w_hh, b_ih, b_hh)."""
+    kinds = {"w_ih": (4 * H, I), "w_hh": (4 * H, H), "b_ih": (4 * H,), "b_hh": (4 * H,), **shapes}
+    weights = [torch.randn(*shape) for _ in range(D) for shape in kinds.values()]
+    return dict(x=torch.randn(T, B, I), weights=weights, h0=torch.randn(D, B, H),
+                c0=torch.randn(D, B, H), lengths=None, train=True)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(w_hh=torch.randn(2, 12, 4)), r"expected w_hh of shape \[D, 4H, H\], got \[2, 12, 4\]"),
-    (dict(w_ih=torch.randn(2, 16, 5)), r"expected w_ih of shape \[2, 16, 3\], got \[2, 16, 5\]"),
-    (dict(bias=torch.randn(2, 15)), r"expected bias of shape \[2, 16\], got \[2, 15\]"),
-    (dict(h0=torch.randn(1, B, H)), r"expected h0 of shape \[2, 3, 4\], got \[1, 3, 4\]"),
-    (dict(x=torch.randn(T, I)), r"expected x of shape \[T, B, I\], got \[5, 3\]"),
-    (dict(c0=torch.randn(2, B, H, dtype=torch.float64)),
+def with_weight(k, t):
+    """raw_inputs() with weights[k] replaced by t."""
+    a = raw_inputs()
+    a["weights"][k] = t
+    return a
+
+
+@pytest.mark.parametrize("args, message", [
+    (raw_inputs(w_hh=(12, 4)), r"expected w_hh of shape \[D, 4H, H\], got \[2, 12, 4\]"),
+    (raw_inputs(w_ih=(16, 5)), r"expected w_ih of shape \[2, 16, 3\], got \[2, 16, 5\]"),
+    (raw_inputs(b_ih=(15,), b_hh=(15,)), r"expected bias of shape \[2, 16\], got \[2, 15\]"),
+    (with_weight(5, torch.randn(16, 5)), r"weights\[5\] \(w_hh of direction 1\) has shape \[16, 5\] "
+                                         r"but direction 0's w_hh has shape \[16, 4\]"),
+    (with_weight(2, torch.randn(16, dtype=torch.float64)),
+     r"weights\[2\] \(b_ih of direction 0\) has dtype Double but x has dtype Float"),
+    ({**raw_inputs(), "weights": raw_inputs()["weights"][:3]},
+     r"expected weights to hold 2 tensors per direction \(w_ih, w_hh\) or 4 \(w_ih, w_hh, b_ih, "
+     r"b_hh\), for D = h0.size\(0\) = 2 directions; got 3 tensors"),
+    ({**raw_inputs(), "h0": torch.randn(1, B, H)},
+     r"expected weights to hold .* for D = h0.size\(0\) = 1 directions; got 8 tensors"),
+    ({**raw_inputs(), "c0": torch.randn(1, B, H)}, r"expected c0 of shape \[2, 3, 4\], got \[1, 3, 4\]"),
+    ({**raw_inputs(), "x": torch.randn(T, I)}, r"expected x of shape \[T, B, I\], got \[5, 3\]"),
+    ({**raw_inputs(), "c0": torch.randn(2, B, H, dtype=torch.float64)},
      r"c0 has dtype Double but x has dtype Float"),
-    (dict(lengths=torch.tensor([1, 2, 3], dtype=torch.int32)),
+    ({**raw_inputs(), "lengths": torch.tensor([1, 2, 3], dtype=torch.int32)},
      r"expected lengths of dtype int64, got Int"),
-    (dict(lengths=torch.tensor([1, 2])), r"expected lengths of shape \[3\], got \[2\]"),
-    (dict(lengths=torch.tensor([1, 0, 3])), r"lengths\[1\] = 0 is out of range; every length must "
-                                            r"be in \[1, T=5\]"),
-    (dict(lengths=torch.tensor([1, 6, 3])), r"lengths\[1\] = 6 is out of range"),
-    (dict(x=torch.randn(T, B, I).int()), r"expected x of dtype float32, float64, bfloat16 or "
-                                         r"float16, got Int"),
-], ids=["w_hh_shape", "w_ih_shape", "bias_shape", "h0_shape", "x_2d", "c0_dtype",
-        "lengths_dtype", "lengths_shape", "lengths_zero", "lengths_over_T", "x_int"])
-def test_error_raw_op_checks(change, message):
-    args = {**raw_inputs(), **change}
+    ({**raw_inputs(), "lengths": torch.tensor([1, 2])}, r"expected lengths of shape \[3\], got \[2\]"),
+    ({**raw_inputs(), "lengths": torch.tensor([1, 0, 3])},
+     r"lengths\[1\] = 0 is out of range; every length must be in \[1, T=5\]"),
+    ({**raw_inputs(), "lengths": torch.tensor([1, 6, 3])}, r"lengths\[1\] = 6 is out of range"),
+    ({**raw_inputs(), "x": torch.randn(T, B, I).int()},
+     r"expected x of dtype float32, float64, bfloat16 or float16, got Int"),
+], ids=["w_hh_shape", "w_ih_shape", "bias_shape", "directions_differ", "weight_dtype",
+        "weight_count", "h0_directions", "c0_shape", "x_2d", "c0_dtype", "lengths_dtype",
+        "lengths_shape", "lengths_zero", "lengths_over_T", "x_int"])
+def test_error_raw_op_checks(args, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.cnnlstm_ext.lstm_layer_forward(**args)
 
 
 def test_error_raw_op_mixed_meta_and_cpu():
-    args = {**raw_inputs(), "w_ih": torch.randn(2, 4 * H, I, device="meta")}
-    with pytest.raises(RuntimeError, match="w_ih is on meta but x is on cpu"):
+    args = with_weight(0, torch.randn(4 * H, I, device="meta"))
+    with pytest.raises(RuntimeError, match=r"weights\[0\] \(w_ih of direction 0\) is on meta but x "
+                                           r"is on cpu"):
         torch.ops.cnnlstm_ext.lstm_layer_forward(**args)
 
 
@@ -725,8 +779,8 @@ def test_error_raw_op_backward_after_inference_forward():
     y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(**{**a, "train": False})
     with pytest.raises(RuntimeError, match="the forward ran with train=False and saved nothing"):
         torch.ops.cnnlstm_ext.lstm_layer_backward(
-            torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), a["x"], a["w_ih"],
-            a["w_hh"], a["h0"], a["c0"], None, y, gates, cell)
+            torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), a["x"], a["weights"],
+            a["h0"], a["c0"], None, y, gates, cell)
 
 
 def test_error_autograd_through_inference_forward():
@@ -768,6 +822,27 @@ def test_weights_stay_back_to_back_and_train_like_nn_lstm():
     assert _directions_back_to_back(fused, "weight_ih_l0")
 
 
+@pytest.mark.parametrize("how", ["two_backward_passes", "two_calls_in_one_graph"])
+def test_gradients_accumulate_like_nn_lstm(how):
+    """Gradients that add up in .grad (accumulation over backward passes, or the module used
+    twice in one graph) must match nn.LSTM's: b_ih and b_hh get the same gradient from the op,
+    and neither may alias the other's .grad, or the second addition would reach both."""
+    torch.manual_seed(6)
+    fused = FusedBiLSTM(6, 5, 2)
+    baseline = nn.LSTM(6, 5, 2, bidirectional=True)
+    baseline.load_state_dict(fused.state_dict())
+    x1, x2 = torch.randn(4, 3, 6), torch.randn(4, 3, 6)
+    for model in (fused, baseline):
+        if how == "two_backward_passes":
+            model(x1)[0].square().sum().backward()
+            model(x2)[0].square().sum().backward()
+        else:
+            (model(x1)[0].square().sum() + model(x2)[0].sin().sum()).backward()
+    assert fused.bias_ih_l0.grad.data_ptr() != fused.bias_hh_l0.grad.data_ptr()
+    for (name, p), q in zip(fused.named_parameters(), baseline.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_training_with_directions_stored_apart_matches_nn_lstm():
     """A replaced Parameter breaks the back-to-back layout: that layer's weights are then copied
     into the op's [D, ...] operands, with the same gradients."""
@@ -800,21 +875,19 @@ def test_biases_back_to_back():
         assert _directions_back_to_back(fused, name), name
 
 
-def test_no_grad_weight_cache_follows_parameter_changes():
-    """No-grad calls reuse the stacked weights; every way of changing a parameter must show."""
+def test_no_grad_calls_follow_parameter_changes():
+    """The op views the parameters in place; every way of changing one must show."""
     torch.manual_seed(5)
     fused = FusedBiLSTM(6, 5, 2)
     x = torch.randn(4, 3, 6)
     with torch.no_grad():
         first = fused(x)[0]
-        assert torch.equal(fused(x)[0], first)  # served from the cache
-    assert len(fused._weight_cache) == 2
+        assert torch.equal(fused(x)[0], first)
     with torch.no_grad():  # in place, as an optimizer step does
         fused.bias_hh_l1_reverse.add_(0.25)
         fused.weight_hh_l0.mul_(1.5)
     _no_grad_matches_nn_lstm(fused, x)
     fused.weight_ih_l1 = nn.Parameter(torch.randn_like(fused.weight_ih_l1))  # replaced
-    assert not fused._weight_cache
     _no_grad_matches_nn_lstm(fused, x)
     fused.weight_hh_l1_reverse.data = torch.randn(20, 5)  # .data swapped
     _no_grad_matches_nn_lstm(fused, x)
@@ -884,18 +957,21 @@ def test_zero_initial_state_follows_batch_and_dtype():
     assert copy.deepcopy(fused)._zero_state is None
 
 
-def test_weight_cache_not_carried_by_copies():
+def test_copies_run_on_their_own_parameters():
     fused = FusedBiLSTM(6, 5, 2)
+    x = torch.randn(4, 3, 6)
     with torch.no_grad():
-        fused(torch.randn(4, 3, 6))
-    assert fused._weight_cache
-    assert not copy.deepcopy(fused)._weight_cache
+        fused(x)
+    copied = copy.deepcopy(fused)
     buf = io.BytesIO()
     torch.save(fused, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    assert not loaded._weight_cache
-    _no_grad_matches_nn_lstm(loaded, torch.randn(4, 3, 6))
+    with torch.no_grad():
+        fused.weight_hh_l0.mul_(2)  # the original changes; the copies must not follow
+    for model in (copied, loaded):
+        assert not torch.equal(model.weight_hh_l0, fused.weight_hh_l0)
+        _no_grad_matches_nn_lstm(model, x)
 
 
 RECURRENT_PRODUCT_CASE = """
@@ -904,15 +980,16 @@ from cnnlstm_ext import ops, reference
 torch.manual_seed(0)
 for b, h, d in ((1, 16, 2), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
     t, i = 6, 24
-    x64 = [torch.randn(t, b, i, dtype=torch.float64), torch.randn(d, 4 * h, i, dtype=torch.float64),
-           torch.randn(d, 4 * h, h, dtype=torch.float64) * 0.3, torch.randn(d, 4 * h, dtype=torch.float64),
+    shapes = [(4 * h, i), (4 * h, h), (4 * h,), (4 * h,)] * d
+    x64 = [torch.randn(t, b, i, dtype=torch.float64),
+           *(torch.randn(s, dtype=torch.float64) * (0.3 if k % 4 == 1 else 1) for k, s in enumerate(shapes)),
            torch.randn(d, b, h, dtype=torch.float64), torch.randn(d, b, h, dtype=torch.float64)]
     lengths = torch.randint(1, t + 1, (b,))
     lengths[0] = t
     x32 = [a.float().requires_grad_() for a in x64]
     x64 = [a.float().double().requires_grad_() for a in x64]
-    out = ops.lstm_layer(*x32, lengths)
-    ref = reference.lstm_layer(*x64, lengths)
+    out = ops.lstm_layer(x32[0], x32[1:-2], x32[-2], x32[-1], lengths)
+    ref = reference.lstm_layer(x64[0], x64[1:-2], x64[-2], x64[-1], lengths)
     proj = [torch.randn(o.shape, dtype=torch.float64) for o in ref]
     g = torch.autograd.grad(sum((o.double() * p).sum() for o, p in zip(out, proj)), x32)
     gr = torch.autograd.grad(sum((o * p).sum() for o, p in zip(ref, proj)), x64)
@@ -1017,17 +1094,16 @@ def test_baseline_instruction_set_kernels_match_reference(tmp_path):
         "from cnnlstm_ext import ops, reference\n"
         "torch.manual_seed(0)\n"
         "D, T, B, I, H = 2, 5, 3, 7, 13\n"  # H not a multiple of the vector width
-        "args = [torch.randn(T, B, I, dtype=torch.float64, requires_grad=True),\n"
-        "        torch.randn(D, 4 * H, I, dtype=torch.float64, requires_grad=True),\n"
-        "        torch.randn(D, 4 * H, H, dtype=torch.float64, requires_grad=True),\n"
-        "        torch.randn(D, 4 * H, dtype=torch.float64, requires_grad=True),\n"
-        "        torch.randn(D, B, H, dtype=torch.float64), torch.randn(D, B, H, dtype=torch.float64)]\n"
+        "x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)\n"
+        "weights = [torch.randn(s, dtype=torch.float64, requires_grad=True)\n"
+        "           for s in [(4 * H, I), (4 * H, H), (4 * H,), (4 * H,)] * D]\n"
+        "h0, c0 = torch.randn(D, B, H, dtype=torch.float64), torch.randn(D, B, H, dtype=torch.float64)\n"
         "lengths = torch.tensor([5, 2, 4])\n"
-        "out = ops.lstm_layer(*args, lengths)\n"
-        "ref = reference.lstm_layer(*args, lengths)\n"
+        "out = ops.lstm_layer(x, weights, h0, c0, lengths)\n"
+        "ref = reference.lstm_layer(x, weights, h0, c0, lengths)\n"
         "for a, b in zip(out, ref): torch.testing.assert_close(a, b)\n"
-        "g = torch.autograd.grad(sum(o.sum() for o in out), args[:4])\n"
-        "gr = torch.autograd.grad(sum(o.sum() for o in ref), args[:4])\n"
+        "g = torch.autograd.grad(sum(o.sum() for o in out), [x, *weights])\n"
+        "gr = torch.autograd.grad(sum(o.sum() for o in ref), [x, *weights])\n"
         "for a, b in zip(g, gr): torch.testing.assert_close(a, b)\n"
         "print(torch.backends.cpu.get_cpu_capability())\n")
     run = subprocess.run([sys.executable, "-c", code], env=subprocess_env(ATEN_CPU_CAPABILITY="default"),

@@ -221,10 +221,12 @@ def test_cuda_pinned_lengths_are_read_at_the_call(rng):
 # --- ops ------------------------------------------------------------------------------------------
 
 def op_args(D, with_bias, with_lengths, dtype, rng, requires_grad=True):
+    """x, weights (per direction w_ih, w_hh (, b_ih, b_hh)), h0, c0, lengths for the raw op."""
     mk = lambda *s: randn(*s, rng=rng).mul(0.5).to(CUDA, dtype).requires_grad_(requires_grad)  # noqa: E731
     lengths = torch.tensor([T, 3, 1, 8, 5], device=CUDA) if with_lengths else None
-    return (mk(T, B, I), mk(D, 4 * H, I), mk(D, 4 * H, H), mk(D, 4 * H) if with_bias else None,
-            mk(D, B, H), mk(D, B, H), lengths)
+    shapes = [(4 * H, I), (4 * H, H)] + ([(4 * H,), (4 * H,)] if with_bias else [])
+    weights = [mk(*shape) for _ in range(D) for shape in shapes]
+    return mk(T, B, I), weights, mk(D, B, H), mk(D, B, H), lengths
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -239,26 +241,26 @@ def test_cuda_op_forward_passes_opcheck(train, with_bias, with_lengths, dtype, p
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 def test_cuda_op_backward_passes_opcheck(with_lengths, dtype, path, rng):
-    x, w_ih, w_hh, bias, h0, c0, lengths = op_args(2, True, with_lengths, dtype, rng,
-                                                   requires_grad=False)
+    x, weights, h0, c0, lengths = op_args(2, True, with_lengths, dtype, rng, requires_grad=False)
     y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(
-        x, w_ih, w_hh, bias, h0, c0, lengths, True)
+        x, weights, h0, c0, lengths, True)
     grads = [randn(*t.shape, rng=rng).to(CUDA, dtype) for t in (y, h_n, c_n)]
     torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_backward,
-                          (*grads, x, w_ih, w_hh, h0, c0, lengths, y, gates, cell))
+                          (*grads, x, weights, h0, c0, lengths, y, gates, cell))
 
 
 def test_cuda_float64_matches_or_raises_clearly(rng):
     # The CUDA kernels target float32/bfloat16/float16; float64 must either be exact or refuse.
-    *tensors, lengths = op_args(2, True, True, torch.float32, rng)
-    tensors = [t.detach().double().requires_grad_() for t in tensors]
+    x, weights, h0, c0, lengths = op_args(2, True, True, torch.float32, rng)
+    tensors = [t.detach().double().requires_grad_() for t in (x, *weights, h0, c0)]
+    call = lambda ts, lengths: ops.lstm_layer(ts[0], ts[1:-2], ts[-2], ts[-1], lengths)  # noqa: E731
     try:
-        got = ops.lstm_layer(*tensors, lengths)
+        got = call(tensors, lengths)
     except RuntimeError as e:
         assert "float64" in str(e) or "Double" in str(e), f"unclear error for float64: {e}"
         return
     cpu = [t.detach().cpu().requires_grad_() for t in tensors]
-    want = ops.lstm_layer(*cpu, lengths.cpu())
+    want = call(cpu, lengths.cpu())
     for g, w in zip(got, want):
         assert g.dtype == torch.float64
         torch.testing.assert_close(g.cpu(), w, rtol=1e-10, atol=1e-12)
@@ -397,13 +399,13 @@ def test_cuda_large_batch_and_hidden_match_cudnn(dtype, path, rng):
 # --- errors on CUDA -------------------------------------------------------------------------------
 
 def test_cuda_error_mixed_devices_raw_op(rng):
-    x, w_ih, w_hh, bias, h0, c0, _ = op_args(2, True, False, torch.float32, rng,
-                                             requires_grad=False)
-    with pytest.raises(RuntimeError, match=r"w_ih is on cpu but x is on cuda"):
-        torch.ops.cnnlstm_ext.lstm_layer_forward(x, w_ih.cpu(), w_hh, bias, h0, c0, None, False)
+    x, weights, h0, c0, _ = op_args(2, True, False, torch.float32, rng, requires_grad=False)
+    with pytest.raises(RuntimeError, match=r"weights\[4\] \(w_ih of direction 1\) is on cpu but x "
+                                           r"is on cuda"):
+        torch.ops.cnnlstm_ext.lstm_layer_forward(
+            x, [*weights[:4], weights[4].cpu(), *weights[5:]], h0, c0, None, False)
     with pytest.raises(RuntimeError, match=r"lengths is on cpu but x is on cuda"):
-        torch.ops.cnnlstm_ext.lstm_layer_forward(x, w_ih, w_hh, bias, h0, c0,
-                                                 torch.full((B,), T), False)
+        torch.ops.cnnlstm_ext.lstm_layer_forward(x, weights, h0, c0, torch.full((B,), T), False)
 
 
 def test_cuda_error_module_input_on_other_device():

@@ -10,13 +10,13 @@ import sys
 CASES = {
     "lstm_layer_forward: wrong w_hh shape": """
 x = torch.randn(4, 2, 8, device="cuda")
-torch.ops.cnnlstm_ext.lstm_layer_forward(x, torch.randn(1, 64, 8, device="cuda"),
-    torch.randn(1, 64, 15, device="cuda"), None, torch.zeros(1, 2, 16, device="cuda"),
+torch.ops.cnnlstm_ext.lstm_layer_forward(x, [torch.randn(64, 8, device="cuda"),
+    torch.randn(64, 15, device="cuda")], torch.zeros(1, 2, 16, device="cuda"),
     torch.zeros(1, 2, 16, device="cuda"), None, False)""",
     "lstm_layer_forward: lengths int32": """
 x = torch.randn(4, 2, 8, device="cuda")
-torch.ops.cnnlstm_ext.lstm_layer_forward(x, torch.randn(1, 64, 8, device="cuda"),
-    torch.randn(1, 64, 16, device="cuda"), None, torch.zeros(1, 2, 16, device="cuda"),
+torch.ops.cnnlstm_ext.lstm_layer_forward(x, [torch.randn(64, 8, device="cuda"),
+    torch.randn(64, 16, device="cuda")], torch.zeros(1, 2, 16, device="cuda"),
     torch.zeros(1, 2, 16, device="cuda"), torch.tensor([4, 2], device="cuda", dtype=torch.int32), False)""",
     "FusedLSTM: wrong feature size": """
 cnnlstm_ext.FusedLSTM(8, 16).cuda()(torch.randn(4, 2, 9, device="cuda"))""",

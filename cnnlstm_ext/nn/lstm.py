@@ -35,35 +35,6 @@ def _stored_back_to_back(params: List[Tensor]) -> bool:
     return True
 
 
-class _StackedViews(torch.autograd.Function):
-    """[D, *shape] views of groups of D parameters, each stored back to back: torch.stack without
-    the copy. One call for all of a layer's groups, because each call of a Python autograd
-    Function costs several µs of host time, forward and backward."""
-
-    @staticmethod
-    def forward(ctx, D, *params):
-        ctx.set_materialize_grads(False)
-        return tuple(p0.as_strided((D,) + tuple(p0.shape), (p0.numel(),) + p0.stride())
-                     for p0 in params[::D])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        D = len(ctx.needs_input_grad) - 1
-        per_param = []
-        for g in grads:
-            per_param += [None] * D if g is None else list(g.unbind(0))
-        return (None, *per_param)
-
-
-def _stack_groups(groups: List[List[Tensor]]) -> List[Tensor]:
-    """Each group of D same-shaped tensors as one [D, *shape] tensor."""
-    if len(groups[0]) == 1:
-        return [g[0].unsqueeze(0) for g in groups]
-    if not torch.compiler.is_compiling() and all(_stored_back_to_back(g) for g in groups):
-        return list(_StackedViews.apply(len(groups[0]), *(p for g in groups for p in g)))
-    return [torch.stack(g) for g in groups]
-
-
 def _flatten_after_load(module: "FusedLSTM", incompatible_keys) -> None:
     module.flatten_parameters()
 
@@ -118,10 +89,8 @@ class FusedLSTM(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self._flat_weights_names: List[str] = []
         self._all_weights: List[List[str]] = []
-        # Per layer: the names of [w_ih, w_hh, (b_ih, b_hh)], one per direction each.
-        self._layer_names: List[List[List[str]]] = []
-        # layer -> (key, (w_ih, w_hh, bias)): the op's weight operands for no-grad calls.
-        self._weight_cache = {}
+        # Per layer: the names of its slice of the flat weights (the op's `weights` argument).
+        self._layer_names: List[List[str]] = []
         # (device, dtype, batch) -> per-layer (h0, c0) zeros: the initial state when hx is None.
         self._zero_state = None
         for layer in range(num_layers):
@@ -140,8 +109,8 @@ class FusedLSTM(nn.Module):
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
-            per_direction = self._all_weights[-num_directions:]
-            self._layer_names.append([list(kind) for kind in zip(*per_direction)])
+            self._layer_names.append([n for names in self._all_weights[-num_directions:]
+                                      for n in names])
         self.reset_parameters()
         self.flatten_parameters()
         # load_state_dict(assign=True) installs new tensors: store them back to back again.
@@ -164,19 +133,19 @@ class FusedLSTM(nn.Module):
     def flatten_parameters(self) -> None:
         """Stores each layer's per-direction weights (and biases) back to back in one buffer.
 
-        The op takes a layer's weights as one [D, 4H, I] / [D, 4H, H] tensor; with this layout it
-        is a view of the parameters instead of a copy made on every call. Parameter objects are
-        kept (their `.data` moves), so optimizers and modules sharing them are unaffected. Called
-        on construction, after `to()`/`cuda()`/`half()` and after `load_state_dict`; parameters
-        stored otherwise still work, with a copy per call.
+        The kernels read a layer's weights as one [D, 4H, I] / [D, 4H, H] tensor; with this
+        layout the op views the parameters instead of copying them on every call. Parameter
+        objects are kept (their `.data` moves), so optimizers and modules sharing them are
+        unaffected. Called on construction, after `to()`/`cuda()`/`half()` and after
+        `load_state_dict`; parameters stored otherwise still work, with a copy per call.
         """
-        self._weight_cache.clear()
         self._zero_state = None
         if not self.bidirectional or torch.compiler.is_compiling():
             return
         with torch.no_grad():
             for layer in range(self.num_layers):
-                for names in self._layer_names[layer]:
+                per_direction = self._all_weights[2 * layer:2 * layer + 2]
+                for names in zip(*per_direction):
                     params = [getattr(self, name) for name in names]
                     if params[0].device.type == "meta" or _stored_back_to_back(params):
                         continue
@@ -189,15 +158,9 @@ class FusedLSTM(nn.Module):
         self.flatten_parameters()
         return ret
 
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        cache = self.__dict__.get("_weight_cache")
-        if cache:  # a parameter may have been replaced
-            cache.clear()
-
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_weight_cache": {}, "_zero_state": None}
+        return {**state, "_zero_state": None}
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -214,34 +177,10 @@ class FusedLSTM(nn.Module):
         return s.format(**self.__dict__)
 
     # ----------------------------------------------------------------------------------------
-    def _layer_weights(self, layer: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Stacks one layer's directions: w_ih [D, 4H, I], w_hh [D, 4H, H], bias [D, 4H].
-
-        Without autograd the result is cached until a parameter is replaced, moved or changed in
-        place (its version counter moves): building it costs several small tensor operations per
-        layer, which at small batches is a large share of an inference call's host time.
-        """
+    def _layer_weights(self, layer: int) -> List[Tensor]:
+        """The layer's slice of the flat weights: per direction w_ih, w_hh (, b_ih, b_hh)."""
         found = self._parameters
-        groups = [[found[n] if n in found else getattr(self, n) for n in names]
-                  for names in self._layer_names[layer]]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._stack_layer(groups)
-        try:
-            key = (torch.is_inference_mode_enabled(),) + tuple(
-                (id(p), p.data_ptr(), p._version, p.shape) for g in groups for p in g)
-        except RuntimeError:  # tensors without storage (meta, fake): nothing to cache
-            return self._stack_layer(groups)
-        hit = self._weight_cache.get(layer)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        weights = self._stack_layer(groups)
-        self._weight_cache[layer] = (key, weights)
-        return weights
-
-    def _stack_layer(self, groups: List[List[Tensor]]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        stacked = _stack_groups(groups)
-        bias = stacked[2] + stacked[3] if self.bias else None
-        return stacked[0], stacked[1], bias
+        return [found[n] if n in found else getattr(self, n) for n in self._layer_names[layer]]
 
     def _check_input(self, x: Tensor, hx: Optional[_HX], batch: int) -> None:
         if x.size(-1) != self.input_size:
@@ -300,8 +239,7 @@ class FusedLSTM(nn.Module):
         for layer, (h0, c0) in enumerate(states):
             if layer > 0 and self.dropout > 0 and self.training:
                 y = F.dropout(y, p=self.dropout, training=True)
-            w_ih, w_hh, bias = self._layer_weights(layer)
-            y, h, c = ops.lstm_layer(y.contiguous(), w_ih, w_hh, bias, h0.contiguous(),
+            y, h, c = ops.lstm_layer(y.contiguous(), self._layer_weights(layer), h0.contiguous(),
                                      c0.contiguous(), lengths)
             h_n.append(h)
             c_n.append(c)

@@ -216,13 +216,15 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
-    const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& x_in, at::TensorList weights, const at::Tensor& h0, const at::Tensor& c0,
     const c10::optional<at::Tensor>& lengths, bool train) {
   // Autocast must not reach the ATen calls below (an autocast addmm would hand back a bfloat16
   // xproj to a float kernel); the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const auto d = check_lstm_inputs("lstm_layer_forward", x_in, w_ih, w_hh, bias, h0, c0, lengths);
+  const char* op = "lstm_layer_forward";
+  const auto [w_ih, w_hh, bias_t] = layer_weights(op, x_in, weights, h0);
+  const auto bias = bias_t.defined() ? c10::optional<at::Tensor>(bias_t) : c10::nullopt;
+  const auto d = check_lstm_inputs(op, x_in, w_ih, w_hh, bias, h0, c0, lengths);
   const auto L = host_lengths(lengths, d);
   const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
   const auto acc = acc_dtype(x_in.scalar_type());
@@ -332,13 +334,14 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                         const at::Tensor& grad_c_n, const at::Tensor& x_in,
-                        const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& h0,
-                        const at::Tensor& c0, const c10::optional<at::Tensor>& lengths,
-                        const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cell) {
+                        at::TensorList weights, const at::Tensor& h0, const at::Tensor& c0,
+                        const c10::optional<at::Tensor>& lengths, const at::Tensor& y,
+                        const at::Tensor& gates, const at::Tensor& cell) {
   // Autocast must not reach the ATen calls below (an autocast addmm would hand back a bfloat16
   // xproj to a float kernel); the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "lstm_layer_backward";
+  const auto [w_ih, w_hh, no_bias] = layer_weights(op, x_in, weights, h0, /*with_bias=*/false);
   const auto d = check_lstm_inputs(op, x_in, w_ih, w_hh, c10::nullopt, h0, c0, lengths);
   check_lstm_backward_inputs(op, d, x_in, grad_y, grad_h_n, grad_c_n, y, gates, cell);
   const auto L = host_lengths(lengths, d);

@@ -1139,14 +1139,15 @@ void backward_stepwise(const LstmDims& d, const at::Tensor& grad_y, const at::Te
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
-    const at::Tensor& x_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& h0_in, const at::Tensor& c0_in,
-    const c10::optional<at::Tensor>& lengths, bool train) {
+    const at::Tensor& x_in, at::TensorList weights, const at::Tensor& h0_in,
+    const at::Tensor& c0_in, const c10::optional<at::Tensor>& lengths, bool train) {
   // Autocast must not reach the ATen calls below (they must run in the dtypes chosen here);
   // the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const auto d = check_lstm_inputs("lstm_layer_forward", x_in, w_ih_in, w_hh_in, bias, h0_in,
-                                   c0_in, lengths);
+  const char* op = "lstm_layer_forward";
+  const auto [w_ih_in, w_hh_in, bias_t] = layer_weights(op, x_in, weights, h0_in);
+  const auto bias = bias_t.defined() ? c10::optional<at::Tensor>(bias_t) : c10::nullopt;
+  const auto d = check_lstm_inputs(op, x_in, w_ih_in, w_hh_in, bias, h0_in, c0_in, lengths);
   TORCH_CHECK(x_in.is_cuda(), "lstm_layer_forward: expected CUDA tensors");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
@@ -1193,14 +1194,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n_in,
                          const at::Tensor& grad_c_n_in, const at::Tensor& x_in,
-                         const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
-                         const at::Tensor& h0_in, const at::Tensor& c0_in,
+                         at::TensorList weights, const at::Tensor& h0_in, const at::Tensor& c0_in,
                          const c10::optional<at::Tensor>& lengths, const at::Tensor& y_in,
                          const at::Tensor& gates_in, const at::Tensor& cell_in) {
   // Autocast must not reach the ATen calls below (they must run in the dtypes chosen here);
   // the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "lstm_layer_backward";
+  const auto [w_ih_in, w_hh_in, no_bias] = layer_weights(op, x_in, weights, h0_in, /*with_bias=*/false);
   const auto d = check_lstm_inputs(op, x_in, w_ih_in, w_hh_in, c10::nullopt, h0_in, c0_in, lengths);
   check_lstm_backward_inputs(op, d, x_in, grad_y_in, grad_h_n_in, grad_c_n_in, y_in, gates_in,
                              cell_in);
