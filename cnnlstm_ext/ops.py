@@ -37,19 +37,19 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     """One LSTM layer, one or two directions (direction 1 in reverse time), differentiable.
 
     x: [T, B, I]; weights: the layer's slice of nn.LSTM's flat weights, per direction
-    w_ih [4H, I], w_hh [4H, H], then b_ih, b_hh [4H] if the layer has biases; h0, c0: [D, B, H];
-    lengths: [B] int64 on x's device with values in [1, T], or None. Returns y: [T, B, D*H]
-    (zero past each length), h_n: [D, B, H], c_n: [D, B, H].
+    w_ih [4H, I], w_hh [4H, H], then b_ih, b_hh [4H] if the layer has biases, in one floating
+    dtype (cast to x's by the op when it differs); h0, c0: [D, B, H]; lengths: [B] int64 on x's
+    device with values in [1, T], or None. Returns y: [T, B, D*H] (zero past each length),
+    h_n: [D, B, H], c_n: [D, B, H].
 
-    Inside an autocast region the floating inputs are cast to autocast's dtype for x's device
-    (so the results come out in that dtype, as nn.LSTM's do) and the op runs with autocast off.
+    Inside an autocast region x, h0 and c0 are cast to autocast's dtype for x's device (so the
+    results come out in that dtype, as nn.LSTM's do), the op casts the weights (one copy per kind
+    for both directions; their gradients come back in their own dtype) and runs with autocast off.
     """
     device_type = x.device.type
     dtype = autocast_dtype(device_type)
     if dtype is not None:
         with torch.autocast(device_type, enabled=False):
-            if any(w.dtype != dtype for w in weights):
-                weights = _CastWeights.apply(dtype, len(weights) // h0.shape[0], *weights)
             return lstm_layer(x.to(dtype), weights, h0.to(dtype), c0.to(dtype), lengths)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or h0.requires_grad or c0.requires_grad
@@ -57,50 +57,6 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     y, h_n, c_n, _, _ = torch.ops.cnnlstm_ext.lstm_layer_forward(
         x, weights, h0, c0, lengths, needs_grad)
     return y, h_n, c_n
-
-
-def _stacked(ts: Sequence[Tensor]) -> Tensor:
-    """Same-shaped tensors as one [D, *shape] tensor: a view when they lie back to back in one
-    storage (as FusedLSTM keeps its parameters), a copy otherwise."""
-    t0 = ts[0]
-    n = t0.numel()
-    if t0.is_contiguous() and all(
-            t.is_contiguous() and t.shape == t0.shape and t.dtype == t0.dtype
-            and t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr()
-            and t.storage_offset() == t0.storage_offset() + k * n for k, t in enumerate(ts)):
-        return t0.as_strided((len(ts), *t0.shape), (n, *t0.stride()))
-    return torch.stack(list(ts))
-
-
-class _CastWeights(torch.autograd.Function):
-    """A layer's weights cast to autocast's dtype with one copy per kind (w_ih, w_hh, b_ih, b_hh)
-    for all directions, returned as per-direction views: they reach the op back to back, so the
-    op reads them without another copy. Gradients come back in the weights' dtypes."""
-
-    @staticmethod
-    def forward(ctx, dtype, per, *weights):
-        ctx.dtypes = [w.dtype for w in weights]
-        ctx.per = per
-        ctx.set_materialize_grads(False)
-        cast = [None] * len(weights)
-        for j in range(per):
-            for d, t in enumerate(_stacked(weights[j::per]).to(dtype).unbind(0)):
-                cast[d * per + j] = t
-        return tuple(cast)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        per = ctx.per
-        out = [None] * len(grads)
-        for j in range(per):
-            kind, dtypes = grads[j::per], ctx.dtypes[j::per]
-            if all(g is not None for g in kind) and len(set(dtypes)) == 1:
-                for d, g in enumerate(_stacked(kind).to(dtypes[0]).unbind(0)):
-                    out[d * per + j] = g
-            else:
-                for d, (g, dtype) in enumerate(zip(kind, dtypes)):
-                    out[d * per + j] = None if g is None else g.to(dtype)
-        return (None, None, *out)
 
 
 _WEIGHT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh")
@@ -121,10 +77,17 @@ def _fake_layer_weights(op: str, x: Tensor, weights, h0: Tensor) -> Tuple[int, i
     per = n // D
     for k, w in enumerate(weights):
         name = f"weights[{k}] ({_WEIGHT_NAMES[k % per]} of direction {k // per})"
-        _check_same_device_dtype(op, x, {name: w})
+        torch._check(w.device == x.device, lambda: (
+            f"{op}: {name} is on {w.device} but x is on {x.device}; all tensors must be on one "
+            f"device"))
+        torch._check(w.dtype == weights[0].dtype, lambda: (
+            f"{op}: {name} has dtype {w.dtype} but weights[0] has dtype {weights[0].dtype}; the "
+            f"weights must share one dtype"))
         torch._check(w.shape == weights[k % per].shape, lambda: (
             f"{op}: {name} has shape {list(w.shape)} but direction 0's {_WEIGHT_NAMES[k % per]} "
             f"has shape {list(weights[k % per].shape)}"))
+    torch._check(weights[0].dtype.is_floating_point, lambda: (
+        f"{op}: expected floating-point weights, got {weights[0].dtype}"))
     w_hh = weights[1]
     torch._check(w_hh.dim() == 2 and w_hh.shape[0] == 4 * w_hh.shape[1], lambda: (
         f"{op}: expected w_hh of shape [D, 4H, H], got {[D, *w_hh.shape]}"))
@@ -164,8 +127,9 @@ def _lstm_layer_forward_fake(x, weights, h0, c0, lengths, train):
 def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates,
                               cell):
     D, H = _fake_layer_weights("lstm_layer_backward", x, weights, h0)
-    return (torch.empty_like(x), x.new_empty(D, 4 * H, x.shape[2]), x.new_empty(D, 4 * H, H),
-            x.new_empty(D, 4 * H), torch.empty_like(h0), torch.empty_like(c0))
+    w = weights[0]  # weight gradients come in the weights' dtype
+    return (torch.empty_like(x), w.new_empty(D, 4 * H, x.shape[2]), w.new_empty(D, 4 * H, H),
+            w.new_empty(D, 4 * H), torch.empty_like(h0), torch.empty_like(c0))
 
 
 # --- pooling ------------------------------------------------------------------------------------

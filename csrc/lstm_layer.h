@@ -41,10 +41,12 @@ inline void check_x(const char* op, const at::Tensor& x) {
               ": expected x of dtype float32, float64, bfloat16 or float16, got ", dt);
 }
 
-// One layer's weights as the kernels take them: w_ih [D, 4H, I], w_hh [D, 4H, H], and
-// bias [D, 4H] = b_ih + b_hh (undefined without biases, or when not asked for).
+// One layer's weights as the kernels take them, in x's dtype: w_ih [D, 4H, I], w_hh [D, 4H, H],
+// and bias [D, 4H] = b_ih + b_hh (undefined without biases, or when not asked for); dtype is the
+// dtype the weights were given in (their gradients are returned in it).
 struct LayerWeights {
   at::Tensor w_ih, w_hh, bias;
+  at::ScalarType dtype;
 };
 
 // Same-shaped tensors, one per direction, as one [D, shape] tensor: a view when they lie back to
@@ -64,7 +66,9 @@ inline at::Tensor stack_directions(const std::vector<at::Tensor>& ts) {
 }
 
 // `weights` is one layer's slice of nn.LSTM's flat weights: per direction w_ih [4H, I],
-// w_hh [4H, H], then b_ih and b_hh [4H] when the layer has biases. D = h0.size(0).
+// w_hh [4H, H], then b_ih and b_hh [4H] when the layer has biases. D = h0.size(0). They share one
+// floating dtype; weights in another dtype than x's (float32 master weights with bfloat16
+// activations, as under autocast) are cast to x's, one copy per kind for all directions.
 inline LayerWeights layer_weights(const char* op, const at::Tensor& x, at::TensorList weights,
                                   const at::Tensor& h0, bool with_bias = true) {
   static const char* names[] = {"w_ih", "w_hh", "b_ih", "b_hh"};
@@ -79,19 +83,29 @@ inline LayerWeights layer_weights(const char* op, const at::Tensor& x, at::Tenso
   for (int64_t d = 0; d < D; ++d) {
     for (int64_t j = 0; j < per; ++j) {
       const at::Tensor& t = weights[d * per + j];
-      if (t.device() != x.device() || t.scalar_type() != x.scalar_type() ||
+      if (t.device() != x.device() || t.scalar_type() != weights[0].scalar_type() ||
           t.sizes() != weights[j].sizes()) {  // the name is built only for the error
         const std::string name =
             c10::str("weights[", d * per + j, "] (", names[j], " of direction ", d, ")");
-        check_same(x, t, name.c_str(), op);
+        TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+                    x.device(), "; all tensors must be on one device");
+        TORCH_CHECK(t.scalar_type() == weights[0].scalar_type(), op, ": ", name, " has dtype ",
+                    t.scalar_type(), " but weights[0] has dtype ", weights[0].scalar_type(),
+                    "; the weights must share one dtype");
         TORCH_CHECK(false, op, ": ", name, " has shape ", shape_str(t), " but direction 0's ", names[j],
                     " has shape ", shape_str(weights[j]));
       }
       kinds[j].push_back(t);
     }
   }
-  LayerWeights w{stack_directions(kinds[0]), stack_directions(kinds[1]), at::Tensor()};
-  if (per == 4 && with_bias) w.bias = stack_directions(kinds[2]) + stack_directions(kinds[3]);
+  const auto wdt = weights[0].scalar_type();
+  TORCH_CHECK(at::isFloatingType(wdt), op, ": expected floating-point weights, got ", wdt);
+  const auto in_x_dtype = [&](const at::Tensor& t) { return t.to(x.scalar_type()); };
+  LayerWeights w{in_x_dtype(stack_directions(kinds[0])), in_x_dtype(stack_directions(kinds[1])),
+                 at::Tensor(), wdt};
+  if (per == 4 && with_bias) {
+    w.bias = in_x_dtype(stack_directions(kinds[2]) + stack_directions(kinds[3]));
+  }
   return w;
 }
 

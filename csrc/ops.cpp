@@ -19,7 +19,8 @@ TORCH_LIBRARY(cnnlstm_ext, m) {
   // One LSTM layer, D = 1 or 2 directions in one call (direction 1 runs in reverse time).
   //   x: [T, B, I]   weights: the layer's slice of nn.LSTM's flat weights, per direction
   //   w_ih [4H, I], w_hh [4H, H], then b_ih, b_hh [4H] if the layer has biases (2D or 4D tensors;
-  //   directions stored back to back in one storage are read in place, others copied)
+  //   directions stored back to back in one storage are read in place, others copied), in one
+  //   floating dtype: cast to x's when it differs (float32 master weights under autocast)
   //   h0, c0: [D, B, H]   lengths: [B] int64 on x's device, 1 <= lengths[b] <= T, or None (all T)
   // Gate order i, f, g, o as in torch.nn.LSTM. Returns
   //   y: [T, B, D*H] (zero past each sequence's length)   h_n, c_n: [D, B, H]
@@ -29,8 +30,8 @@ TORCH_LIBRARY(cnnlstm_ext, m) {
         "bool train) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients of lstm_layer_forward. grad_y: [T, B, D*H], grad_h_n, grad_c_n: [D, B, H]; the
   // other arguments as given to and returned by the forward. Returns grad_x [T, B, I], and
-  // stacked over directions grad_w_ih [D, 4H, I], grad_w_hh [D, 4H, H], grad_bias [D, 4H] (the
-  // gradient of b_ih and of b_hh alike), then grad_h0 [D, B, H], grad_c0 [D, B, H].
+  // stacked over directions in the weights' dtype grad_w_ih [D, 4H, I], grad_w_hh [D, 4H, H],
+  // grad_bias [D, 4H] (the gradient of b_ih and of b_hh alike), then grad_h0, grad_c0 [D, B, H].
   m.def("lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, "
         "Tensor[] weights, Tensor h0, Tensor c0, Tensor? lengths, Tensor y, Tensor gates, "
         "Tensor cell) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -434,29 +434,34 @@ def test_autocast_cpu_op_returns_autocast_dtype(rng):
         assert_close_rel(g, w, 2e-2, name)
 
 
-@pytest.mark.parametrize("layout", ["back_to_back", "apart"])
-def test_autocast_casts_each_kind_of_weight_once(layout):
-    """Under autocast a layer's weights are cast with one copy per kind (w_ih, w_hh, b_ih, b_hh)
-    for both directions, into per-direction views that lie back to back (so the op reads them
-    without copying again); gradients return in each parameter's dtype."""
-    torch.manual_seed(7)
-    fused = FusedBiLSTM(6, 5, 1)
-    if layout == "apart":
-        fused.weight_ih_l0_reverse = nn.Parameter(torch.randn(20, 6))
-    weights = fused._layer_weights(0)
-    cast = ops._CastWeights.apply(torch.bfloat16, 4, *weights)
-    for j in range(4):
-        a, b = cast[j], cast[4 + j]
-        assert a.dtype == b.dtype == torch.bfloat16
-        assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-        assert b.storage_offset() == a.storage_offset() + a.numel()
-    for c, w in zip(cast, weights):
-        assert torch.equal(c, w.detach().to(torch.bfloat16))
-    proj = [torch.randn(w.shape) for w in weights]
-    grads = torch.autograd.grad(sum((c.float() * p).sum() for c, p in zip(cast, proj)), weights)
-    for g, p in zip(grads, proj):
-        assert g.dtype == torch.float32
-        torch.testing.assert_close(g, p.to(torch.bfloat16).float())
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_op_casts_weights_of_another_dtype(with_lengths, rng):
+    """float32 weights with bfloat16 activations (autocast's case): the op computes with the
+    weights rounded to bfloat16 (b_ih + b_hh summed in float32, then rounded), exactly as if they
+    had been cast first, and returns their gradients in float32."""
+    x, weights, h0, c0, lengths = detached(*op_inputs(2, True, with_lengths, torch.float32, rng))
+    x, h0, c0 = (t.to(torch.bfloat16).requires_grad_() for t in (x, h0, c0))
+    master = [w.requires_grad_() for w in weights]
+    rounded = []
+    for d in range(2):
+        w_ih, w_hh, b_ih, b_hh = (w.detach() for w in weights[4 * d:4 * d + 4])
+        rounded += [w_ih.to(torch.bfloat16), w_hh.to(torch.bfloat16),
+                    (b_ih + b_hh).to(torch.bfloat16), torch.zeros(b_hh.shape, dtype=torch.bfloat16)]
+    rounded = [w.requires_grad_() for w in rounded]
+    got = ops.lstm_layer(x, master, h0, c0, lengths)
+    want = ops.lstm_layer(x, rounded, h0, c0, lengths)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    proj = [randn(*t.shape, rng=rng).to(torch.bfloat16) for t in want]
+    loss = lambda outs: sum((o * p).sum() for o, p in zip(outs, proj))  # noqa: E731
+    g_got = torch.autograd.grad(loss(got), master)
+    g_want = torch.autograd.grad(loss(want), rounded)
+    for name, g, w in zip(weight_names(weights, 2), g_got, g_want):
+        assert g.dtype == torch.float32, name
+        assert_close_rel(g, w.float(), 1e-2, f"grad of {name}")
+    args = [x.detach(), [w.detach() for w in master], h0.detach(), c0.detach()]
+    torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_forward, (*args, lengths, False))
 
 
 # --- torch.compile --------------------------------------------------------------------------------
@@ -741,7 +746,8 @@ def with_weight(k, t):
     (with_weight(5, torch.randn(16, 5)), r"weights\[5\] \(w_hh of direction 1\) has shape \[16, 5\] "
                                          r"but direction 0's w_hh has shape \[16, 4\]"),
     (with_weight(2, torch.randn(16, dtype=torch.float64)),
-     r"weights\[2\] \(b_ih of direction 0\) has dtype Double but x has dtype Float"),
+     r"weights\[2\] \(b_ih of direction 0\) has dtype Double but weights\[0\] has dtype Float; "
+     r"the weights must share one dtype"),
     ({**raw_inputs(), "weights": raw_inputs()["weights"][:3]},
      r"expected weights to hold 2 tensors per direction \(w_ih, w_hh\) or 4 \(w_ih, w_hh, b_ih, "
      r"b_hh\), for D = h0.size\(0\) = 2 directions; got 3 tensors"),

@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   // xproj to a float kernel); the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "lstm_layer_forward";
-  const auto [w_ih, w_hh, bias_t] = layer_weights(op, x_in, weights, h0);
+  const auto [w_ih, w_hh, bias_t, wdt] = layer_weights(op, x_in, weights, h0);
   const auto bias = bias_t.defined() ? c10::optional<at::Tensor>(bias_t) : c10::nullopt;
   const auto d = check_lstm_inputs(op, x_in, w_ih, w_hh, bias, h0, c0, lengths);
   const auto L = host_lengths(lengths, d);
@@ -341,7 +341,8 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
   // xproj to a float kernel); the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "lstm_layer_backward";
-  const auto [w_ih, w_hh, no_bias] = layer_weights(op, x_in, weights, h0, /*with_bias=*/false);
+  const auto [w_ih, w_hh, no_bias, wdt] =
+      layer_weights(op, x_in, weights, h0, /*with_bias=*/false);
   const auto d = check_lstm_inputs(op, x_in, w_ih, w_hh, c10::nullopt, h0, c0, lengths);
   check_lstm_backward_inputs(op, d, x_in, grad_y, grad_h_n, grad_c_n, y, gates, cell);
   const auto L = host_lengths(lengths, d);
@@ -370,7 +371,8 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
   auto grad_bias = dG2.sum(0).view({D, G});                                        // [D, 4H]
   auto grad_x = mm_bt(dG2, w_ih.to(acc).reshape({D * G, d.I}).t(), c10::nullopt);  // [T*B, I]
   const auto dt = x_in.scalar_type();
-  return {grad_x.view({T, B, d.I}).to(dt), grad_w_ih.to(dt), grad_w_hh.to(dt), grad_bias.to(dt),
+  // Weight gradients in the dtype the weights came in (float32 master weights under autocast).
+  return {grad_x.view({T, B, d.I}).to(dt), grad_w_ih.to(wdt), grad_w_hh.to(wdt), grad_bias.to(wdt),
           dh.to(dt), dc.to(dt)};
 }
 

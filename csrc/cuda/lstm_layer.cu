@@ -1145,7 +1145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   // the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "lstm_layer_forward";
-  const auto [w_ih_in, w_hh_in, bias_t] = layer_weights(op, x_in, weights, h0_in);
+  const auto [w_ih_in, w_hh_in, bias_t, wdt] = layer_weights(op, x_in, weights, h0_in);
   const auto bias = bias_t.defined() ? c10::optional<at::Tensor>(bias_t) : c10::nullopt;
   const auto d = check_lstm_inputs(op, x_in, w_ih_in, w_hh_in, bias, h0_in, c0_in, lengths);
   TORCH_CHECK(x_in.is_cuda(), "lstm_layer_forward: expected CUDA tensors");
@@ -1201,7 +1201,8 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
   // the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "lstm_layer_backward";
-  const auto [w_ih_in, w_hh_in, no_bias] = layer_weights(op, x_in, weights, h0_in, /*with_bias=*/false);
+  const auto [w_ih_in, w_hh_in, no_bias, wdt] =
+      layer_weights(op, x_in, weights, h0_in, /*with_bias=*/false);
   const auto d = check_lstm_inputs(op, x_in, w_ih_in, w_hh_in, c10::nullopt, h0_in, c0_in, lengths);
   check_lstm_backward_inputs(op, d, x_in, grad_y_in, grad_h_n_in, grad_c_n_in, y_in, gates_in,
                              cell_in);
@@ -1251,12 +1252,13 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
       dG, y, h0, lengths_c, [](at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool acc) {
         matmul_into(out, a, b, acc);
       });
-  // ATen's reduction accumulates 16-bit dG in float32.
-  auto grad_bias = at::sum(dG, at::IntArrayRef{0, 1});
+  // ATen's reduction accumulates 16-bit dG in float32 (and writes the weights' dtype).
+  auto grad_bias = at::sum(dG, at::IntArrayRef{0, 1}, /*keepdim=*/false, wdt);
   auto grad_x = at::empty({T, B, d.I}, x.options());
   auto grad_x_2d = grad_x.view({T * B, d.I});
   matmul_into(grad_x_2d, dG_mm, w_ih.view({D * G, d.I}));
-  return {grad_x, grad_w_ih, grad_w_hh, grad_bias, grad_h0, grad_c0};
+  // Weight gradients in the dtype the weights came in (float32 master weights under autocast).
+  return {grad_x, grad_w_ih.to(wdt), grad_w_hh.to(wdt), grad_bias, grad_h0, grad_c0};
 }
 
 }  // namespace
