@@ -817,15 +817,20 @@ def test_weights_stay_back_to_back_and_train_like_nn_lstm():
     reloaded = FusedBiLSTM(6, 5, 2)
     reloaded.load_state_dict({k: v.clone() for k, v in fused.state_dict().items()}, assign=True)
     assert _directions_back_to_back(reloaded, "weight_hh_l0")
-    baseline = nn.LSTM(6, 5, 2, bidirectional=True)
-    baseline.load_state_dict(fused.state_dict())
     x = torch.randn(4, 3, 6)
-    for model in (fused, baseline):
-        model(x)[0].square().sum().backward()
-    for (name, p), q in zip(fused.named_parameters(), baseline.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_grads_match_nn_lstm(fused, lambda model: model(x)[0].square().sum().backward())
     torch.optim.SGD(fused.parameters(), lr=0.1).step()  # in place: the layout survives a step
     assert _directions_back_to_back(fused, "weight_ih_l0")
+
+
+def _assert_grads_match_nn_lstm(fused, backward, atol=1e-6):
+    """Runs backward(model) for `fused` and for an nn.LSTM with its state; compares the .grad."""
+    baseline = nn.LSTM(fused.input_size, fused.hidden_size, fused.num_layers, bidirectional=True)
+    baseline.load_state_dict(fused.state_dict())
+    for model in (fused, baseline):
+        backward(model)
+    for (name, p), q in zip(fused.named_parameters(), baseline.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("how", ["two_backward_passes", "two_calls_in_one_graph"])
@@ -835,18 +840,16 @@ def test_gradients_accumulate_like_nn_lstm(how):
     and neither may alias the other's .grad, or the second addition would reach both."""
     torch.manual_seed(6)
     fused = FusedBiLSTM(6, 5, 2)
-    baseline = nn.LSTM(6, 5, 2, bidirectional=True)
-    baseline.load_state_dict(fused.state_dict())
     x1, x2 = torch.randn(4, 3, 6), torch.randn(4, 3, 6)
-    for model in (fused, baseline):
+
+    def backward(model):
         if how == "two_backward_passes":
             model(x1)[0].square().sum().backward()
             model(x2)[0].square().sum().backward()
         else:
             (model(x1)[0].square().sum() + model(x2)[0].sin().sum()).backward()
+    _assert_grads_match_nn_lstm(fused, backward, atol=1e-5)
     assert fused.bias_ih_l0.grad.data_ptr() != fused.bias_hh_l0.grad.data_ptr()
-    for (name, p), q in zip(fused.named_parameters(), baseline.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_training_with_directions_stored_apart_matches_nn_lstm():
@@ -857,13 +860,8 @@ def test_training_with_directions_stored_apart_matches_nn_lstm():
     fused.weight_hh_l1_reverse = nn.Parameter(torch.randn(20, 5) * 0.3)
     assert not _directions_back_to_back(fused, "weight_hh_l1")
     assert _directions_back_to_back(fused, "weight_hh_l0")
-    baseline = nn.LSTM(6, 5, 2, bidirectional=True)
-    baseline.load_state_dict(fused.state_dict())
     x = torch.randn(4, 3, 6)
-    for model in (fused, baseline):
-        model(x)[0].square().sum().backward()
-    for (name, p), q in zip(fused.named_parameters(), baseline.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_grads_match_nn_lstm(fused, lambda model: model(x)[0].square().sum().backward())
 
 
 def _no_grad_matches_nn_lstm(fused, x):
