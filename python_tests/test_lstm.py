@@ -485,6 +485,23 @@ def test_compile_fullgraph_matches_eager(backend, rng):
     assert_compiled_matches_eager(model, randn(B, T, I, rng=rng).float(), backend)
 
 
+class Autocast(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
+def test_compile_fullgraph_under_autocast_matches_eager(rng):
+    """float32 parameters, bfloat16 activations: the fake kernels follow the op's cast of the
+    weights, and the gradients reach the parameters in float32 as in eager mode."""
+    model = Autocast(BiLSTMClassifier(FusedBiLSTM(I, H, num_layers=2, batch_first=True)))
+    assert_compiled_matches_eager(model, randn(B, T, I, rng=rng).float(), "aot_eager")
+
+
 # --- optimizer state, fuse/unfuse, state dicts ---------------------------------------------------
 
 def adamw_steps(model, opt, batches):
