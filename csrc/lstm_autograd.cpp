@@ -26,7 +26,8 @@ const auto& forward_op() {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("cnnlstm_ext::lstm_layer_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&, const Opt&, bool)>();
+              const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&, const Opt&,
+              bool)>();
   return op;
 }
 
@@ -47,7 +48,8 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
   // h0, c0: [D, B, H] -> y: [T, B, D*H], h_n, c_n: [D, B, H], gates: [T, B, D, 4H],
   // cell: [T, B, D, H] (saved activations, empty when train=False).
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
-                               const at::Tensor& h0, const at::Tensor& c0, const Opt& lengths, bool train) {
+                               const at::Tensor& h0, const at::Tensor& c0, const Opt& lengths,
+                               bool train) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, h_n, c_n, gates, cell] = forward_op().call(x, weights, h0, c0, lengths, train);
     // Saved as given, so that autograd's version check catches an in-place change before
@@ -81,7 +83,8 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     const int64_t D = h0.size(0), per = static_cast<int64_t>(weights.size()) / D;
     bool both_biases = false;  // input edge 1 + k is weights[k]
     for (int64_t d = 0; d < D && per == 4; ++d) {
-      both_biases = both_biases || (ctx->needs_input_grad(1 + d * per + 2) && ctx->needs_input_grad(1 + d * per + 3));
+      const int64_t b_ih = 1 + d * per + 2, b_hh = b_ih + 1;
+      both_biases = both_biases || (ctx->needs_input_grad(b_ih) && ctx->needs_input_grad(b_hh));
     }
     const at::Tensor gbias_hh = both_biases ? gbias.clone() : gbias;
     variable_list out{gx};

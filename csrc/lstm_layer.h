@@ -87,13 +87,13 @@ inline LayerWeights layer_weights(const char* op, const at::Tensor& x, at::Tenso
           t.sizes() != weights[j].sizes()) {  // the name is built only for the error
         const std::string name =
             c10::str("weights[", d * per + j, "] (", names[j], " of direction ", d, ")");
-        TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-                    x.device(), "; all tensors must be on one device");
+        TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
+                    " but x is on ", x.device(), "; all tensors must be on one device");
         TORCH_CHECK(t.scalar_type() == weights[0].scalar_type(), op, ": ", name, " has dtype ",
                     t.scalar_type(), " but weights[0] has dtype ", weights[0].scalar_type(),
                     "; the weights must share one dtype");
-        TORCH_CHECK(false, op, ": ", name, " has shape ", shape_str(t), " but direction 0's ", names[j],
-                    " has shape ", shape_str(weights[j]));
+        TORCH_CHECK(false, op, ": ", name, " has shape ", shape_str(t), " but direction 0's ",
+                    names[j], " has shape ", shape_str(weights[j]));
       }
       kinds[j].push_back(t);
     }

@@ -18,9 +18,9 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(cnnlstm_ext, m) {
   // One LSTM layer, D = 1 or 2 directions in one call (direction 1 runs in reverse time).
   //   x: [T, B, I]   weights: the layer's slice of nn.LSTM's flat weights, per direction
-  //   w_ih [4H, I], w_hh [4H, H], then b_ih, b_hh [4H] if the layer has biases (2D or 4D tensors;
-  //   directions stored back to back in one storage are read in place, others copied), in one
-  //   floating dtype: cast to x's when it differs (float32 master weights under autocast)
+  //   w_ih [4H, I], w_hh [4H, H], then b_ih, b_hh [4H] if the layer has biases (2*D or 4*D
+  //   tensors; directions stored back to back in one storage are read in place, others copied),
+  //   in one floating dtype: cast to x's when it differs (float32 master weights under autocast)
   //   h0, c0: [D, B, H]   lengths: [B] int64 on x's device, 1 <= lengths[b] <= T, or None (all T)
   // Gate order i, f, g, o as in torch.nn.LSTM. Returns
   //   y: [T, B, D*H] (zero past each sequence's length)   h_n, c_n: [D, B, H]

@@ -371,7 +371,8 @@ def test_op_records_a_graph_only_when_needed(rng):
     assert y.grad_fn is None and not y.requires_grad
     # One input needing a gradient is enough: b_hh of direction 1.
     pw[7] = pw[7].clone().requires_grad_()
-    y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(px, pw, ph0, pc0, None, True)
+    y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(
+        px, pw, ph0, pc0, None, True)
     assert "LstmLayerFunction" in y.grad_fn.name()
     assert h_n.requires_grad and c_n.requires_grad
     assert not gates.requires_grad and not cell.requires_grad
@@ -760,8 +761,9 @@ def with_weight(k, t):
     (raw_inputs(w_hh=(12, 4)), r"expected w_hh of shape \[D, 4H, H\], got \[2, 12, 4\]"),
     (raw_inputs(w_ih=(16, 5)), r"expected w_ih of shape \[2, 16, 3\], got \[2, 16, 5\]"),
     (raw_inputs(b_ih=(15,), b_hh=(15,)), r"expected bias of shape \[2, 16\], got \[2, 15\]"),
-    (with_weight(5, torch.randn(16, 5)), r"weights\[5\] \(w_hh of direction 1\) has shape \[16, 5\] "
-                                         r"but direction 0's w_hh has shape \[16, 4\]"),
+    (with_weight(5, torch.randn(16, 5)),
+     r"weights\[5\] \(w_hh of direction 1\) has shape \[16, 5\] but direction 0's w_hh has shape "
+     r"\[16, 4\]"),
     (with_weight(2, torch.randn(16, dtype=torch.float64)),
      r"weights\[2\] \(b_ih of direction 0\) has dtype Double but weights\[0\] has dtype Float; "
      r"the weights must share one dtype"),
@@ -770,13 +772,15 @@ def with_weight(k, t):
      r"b_hh\), for D = h0.size\(0\) = 2 directions; got 3 tensors"),
     ({**raw_inputs(), "h0": torch.randn(1, B, H)},
      r"expected weights to hold .* for D = h0.size\(0\) = 1 directions; got 8 tensors"),
-    ({**raw_inputs(), "c0": torch.randn(1, B, H)}, r"expected c0 of shape \[2, 3, 4\], got \[1, 3, 4\]"),
+    ({**raw_inputs(), "c0": torch.randn(1, B, H)},
+     r"expected c0 of shape \[2, 3, 4\], got \[1, 3, 4\]"),
     ({**raw_inputs(), "x": torch.randn(T, I)}, r"expected x of shape \[T, B, I\], got \[5, 3\]"),
     ({**raw_inputs(), "c0": torch.randn(2, B, H, dtype=torch.float64)},
      r"c0 has dtype Double but x has dtype Float"),
     ({**raw_inputs(), "lengths": torch.tensor([1, 2, 3], dtype=torch.int32)},
      r"expected lengths of dtype int64, got Int"),
-    ({**raw_inputs(), "lengths": torch.tensor([1, 2])}, r"expected lengths of shape \[3\], got \[2\]"),
+    ({**raw_inputs(), "lengths": torch.tensor([1, 2])},
+     r"expected lengths of shape \[3\], got \[2\]"),
     ({**raw_inputs(), "lengths": torch.tensor([1, 0, 3])},
      r"lengths\[1\] = 0 is out of range; every length must be in \[1, T=5\]"),
     ({**raw_inputs(), "lengths": torch.tensor([1, 6, 3])}, r"lengths\[1\] = 6 is out of range"),
@@ -1003,7 +1007,8 @@ for b, h, d in ((1, 16, 2), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
     t, i = 6, 24
     shapes = [(4 * h, i), (4 * h, h), (4 * h,), (4 * h,)] * d
     x64 = [torch.randn(t, b, i, dtype=torch.float64),
-           *(torch.randn(s, dtype=torch.float64) * (0.3 if k % 4 == 1 else 1) for k, s in enumerate(shapes)),
+           *(torch.randn(s, dtype=torch.float64) * (0.3 if k % 4 == 1 else 1)
+             for k, s in enumerate(shapes)),
            torch.randn(d, b, h, dtype=torch.float64), torch.randn(d, b, h, dtype=torch.float64)]
     lengths = torch.randint(1, t + 1, (b,))
     lengths[0] = t
