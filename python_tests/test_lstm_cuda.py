@@ -291,6 +291,48 @@ def test_cuda_runs_are_bitwise_reproducible(dtype, path, rng):
         assert torch.equal(a, b), f"result {i} differs between two identical runs"
 
 
+def test_cuda_gradients_accumulate_over_backward_passes(path, rng):
+    """Two identical backward passes leave exactly twice one pass's .grad (the kernels are
+    deterministic): b_ih and b_hh get their own gradient memory, so the second addition to one
+    does not reach the other."""
+    fused = FusedBiLSTM(I, H, num_layers=2, device=CUDA)
+    x = randn(T, B, I, rng=rng).float().to(CUDA)
+
+    def backward():
+        fused(x)[0].square().sum().backward()
+    backward()
+    once = [p.grad.clone() for p in fused.parameters()]
+    backward()
+    for (name, p), g in zip(fused.named_parameters(), once):
+        assert torch.equal(p.grad, 2 * g), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_cuda_op_casts_weights_of_another_dtype(dtype, path, rng):
+    """float32 weights with 16-bit activations (autocast's case) compute exactly as weights cast
+    first (b_ih + b_hh summed in float32, then rounded); their gradients come back in float32."""
+    x, weights, h0, c0, lengths = op_args(2, True, True, torch.float32, rng, requires_grad=False)
+    x, h0, c0 = (t.to(dtype) for t in (x, h0, c0))
+    master = [w.requires_grad_() for w in weights]
+    rounded = []
+    for d in range(2):
+        w_ih, w_hh, b_ih, b_hh = (w.detach() for w in weights[4 * d:4 * d + 4])
+        rounded += [w_ih.to(dtype), w_hh.to(dtype), (b_ih + b_hh).to(dtype),
+                    torch.zeros_like(b_hh, dtype=dtype)]
+    rounded = [w.requires_grad_() for w in rounded]
+    got = ops.lstm_layer(x, master, h0, c0, lengths)
+    want = ops.lstm_layer(x, rounded, h0, c0, lengths)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and torch.equal(g, w)
+    proj = [randn(*t.shape, rng=rng).to(CUDA, dtype) for t in want]
+    loss = lambda outs: sum((o * p).sum() for o, p in zip(outs, proj))  # noqa: E731
+    for g, w in zip(torch.autograd.grad(loss(got), master),
+                    torch.autograd.grad(loss(want), rounded)):
+        assert g.dtype == torch.float32
+        scale = w.float().abs().max().item()
+        torch.testing.assert_close(g, w.float(), rtol=2e-2, atol=2e-2 * scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 def test_cuda_autocast_matches_nn_lstm(dtype, path, rng):
     ref = nn.LSTM(I, H, num_layers=2, bidirectional=True, device=CUDA)
