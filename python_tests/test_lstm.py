@@ -999,6 +999,21 @@ def test_copies_run_on_their_own_parameters():
         _no_grad_matches_nn_lstm(model, x)
 
 
+def test_unpickles_modules_saved_by_earlier_versions():
+    """torch.save(module) of an earlier version held the per-layer names grouped by kind and a
+    cache of stacked weights; loading rebuilds the names and drops the cache."""
+    fused = FusedBiLSTM(6, 5, 2)
+    fused._layer_names = [[list(kind) for kind in zip(*fused._all_weights[2 * layer:2 * layer + 2])]
+                          for layer in range(2)]
+    fused._weight_cache = {}
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert not hasattr(loaded, "_weight_cache")
+    _no_grad_matches_nn_lstm(loaded, torch.randn(4, 3, 6))
+
+
 RECURRENT_PRODUCT_CASE = """
 import torch
 from cnnlstm_ext import ops, reference

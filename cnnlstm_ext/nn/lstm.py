@@ -162,6 +162,15 @@ class FusedLSTM(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {**state, "_zero_state": None}
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # Rebuilt, not trusted: modules pickled by earlier versions grouped these names by kind
+        # and kept a cache of stacked weights.
+        self.__dict__.pop("_weight_cache", None)
+        D = 2 if self.bidirectional else 1
+        self._layer_names = [[n for names in self._all_weights[D * layer:D * (layer + 1)]
+                              for n in names] for layer in range(self.num_layers)]
+
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
         if self.num_layers != 1:
