@@ -503,6 +503,22 @@ def test_compile_fullgraph_under_autocast_matches_eager(rng):
     assert_compiled_matches_eager(model, randn(B, T, I, rng=rng).float(), "aot_eager")
 
 
+def test_torch_export_keeps_the_fused_op(rng):
+    """torch.export traces the module through the op's fake kernel: one lstm_layer_forward node
+    per layer in the exported graph, and the exported program computes what the module does."""
+    torch.manual_seed(8)
+    fused = FusedBiLSTM(I, H, num_layers=2).eval()
+    x = randn(T, B, I, rng=rng).float()
+    lengths = torch.tensor([T, 2, 1])
+    exported = torch.export.export(fused, (x,), {"lengths": lengths})
+    ops_called = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert ops_called.count(torch.ops.cnnlstm_ext.lstm_layer_forward.default) == 2
+    out, (h_n, c_n) = exported.module()(x, lengths=lengths)
+    want, (h_want, c_want) = fused(x, lengths=lengths)
+    for got, ref in ((out, want), (h_n, h_want), (c_n, c_want)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
 # --- optimizer state, fuse/unfuse, state dicts ---------------------------------------------------
 
 def adamw_steps(model, opt, batches):
