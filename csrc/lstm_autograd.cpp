@@ -1,5 +1,6 @@
-// Autograd of lstm_layer_forward, for every device: the forward op wrapped in a
-// torch::autograd::Function whose backward calls lstm_layer_backward. Registered here in C++
+// Autograd of the LSTM op, for every device: lstm_layer_forward wrapped in a
+// torch::autograd::Function whose backward calls lstm_layer_backward (which itself refuses to be
+// differentiated, with a clear error). Registered here in C++
 // rather than with torch.library.register_autograd, whose Python layer cost about 20 µs of host
 // time per layer call without a graph and 80 µs with one (benchmarks/RESULTS.md, "The cost of an
 // LSTM call"): host time bounds the GPU calls of the model's shape at small batches and in
@@ -117,10 +118,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
+// lstm_layer_backward under a graph (create_graph=True): the first-order gradients are computed
+// as usual, and differentiating them again is refused with a clear error instead of failing
+// inside the kernel's ATen calls.
+class LstmLayerBackwardFunction : public torch::autograd::Function<LstmLayerBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                               const at::Tensor& grad_c_n, const at::Tensor& x, at::TensorList weights,
+                               const at::Tensor& h0, const at::Tensor& c0, const Opt& lengths,
+                               const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cell) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [gx, gw_ih, gw_hh, gbias, gh0, gc0] =
+        backward_op().call(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates, cell);
+    return {gx, gw_ih, gw_hh, gbias, gh0, gc0};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(false, "lstm_layer: the gradient of the gradient (double backward, e.g. a gradient "
+                       "penalty through FusedLSTM) is not supported; first-order gradients are");
+    return {};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward_autograd(
+    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x,
+    at::TensorList weights, const at::Tensor& h0, const at::Tensor& c0, const Opt& lengths, const at::Tensor& y,
+    const at::Tensor& gates, const at::Tensor& cell) {
+  bool needs_grad = false;
+  if (at::GradMode::is_enabled()) {
+    for (const auto* t : {&grad_y, &grad_h_n, &grad_c_n, &x, &h0, &c0, &y}) {
+      needs_grad = needs_grad || t->requires_grad();
+    }
+    for (const auto& w : weights) needs_grad = needs_grad || w.requires_grad();
+  }
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return backward_op().call(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates, cell);
+  }
+  const variable_list r = LstmLayerBackwardFunction::apply(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0,
+                                                           lengths, y, gates, cell);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnnlstm_ext, Autograd, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward_autograd);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_autograd);
 }
 
 }  // namespace cnnlstm_ext::lstm_autograd

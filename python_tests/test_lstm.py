@@ -382,6 +382,20 @@ def test_op_records_a_graph_only_when_needed(rng):
     assert_close_rel(g_bias, g_want, 1e-5, "grad of b_hh through c_n alone")
 
 
+def test_double_backward_is_refused_clearly():
+    """create_graph=True gives the first-order gradients as usual; differentiating them again
+    raises a clear error (the op has no second derivative)."""
+    torch.manual_seed(9)
+    fused = FusedBiLSTM(I, H)
+    x = torch.randn(T, B, I, requires_grad=True)
+    (plain,) = torch.autograd.grad(fused(x)[0].sum(), x)
+    (first,) = torch.autograd.grad(fused(x)[0].sum(), x, create_graph=True)
+    torch.testing.assert_close(first, plain, rtol=0, atol=0)
+    assert first.requires_grad
+    with pytest.raises(RuntimeError, match=r"gradient of the gradient \(double backward"):
+        first.square().sum().backward()
+
+
 def test_op_refuses_a_saved_input_changed_in_place(rng):
     """Backward reads x, the weights and the states as the forward saw them: an in-place change
     between the two is an error (autograd's version check), not a wrong gradient."""
