@@ -11,6 +11,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -102,15 +103,24 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
   }
 };
 
+// Whether a call records a graph node: grad mode is on and some tensor argument needs a gradient.
+// When not, the op runs below autograd directly, without a node or saved context (as
+// torch.library.register_autograd does).
+bool records_graph(std::initializer_list<const at::Tensor*> tensors, at::TensorList weights) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const auto* t : tensors) {
+    if (t->requires_grad()) return true;
+  }
+  for (const auto& w : weights) {
+    if (w.requires_grad()) return true;
+  }
+  return false;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_autograd(
     const at::Tensor& x, at::TensorList weights, const at::Tensor& h0, const at::Tensor& c0,
     const Opt& lengths, bool train) {
-  bool needs_grad = false;
-  if (at::GradMode::is_enabled()) {
-    needs_grad = x.requires_grad() || h0.requires_grad() || c0.requires_grad();
-    for (const auto& w : weights) needs_grad = needs_grad || w.requires_grad();
-  }
-  if (!needs_grad) {  // no node and no saved context, as torch.library.register_autograd does
+  if (!records_graph({&x, &h0, &c0}, weights)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_op().call(x, weights, h0, c0, lengths, train);
   }
@@ -123,10 +133,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 // inside the kernel's ATen calls.
 class LstmLayerBackwardFunction : public torch::autograd::Function<LstmLayerBackwardFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
-                               const at::Tensor& grad_c_n, const at::Tensor& x, at::TensorList weights,
-                               const at::Tensor& h0, const at::Tensor& c0, const Opt& lengths,
-                               const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cell) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_y,
+                               const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                               const at::Tensor& x, at::TensorList weights, const at::Tensor& h0,
+                               const at::Tensor& c0, const Opt& lengths, const at::Tensor& y,
+                               const at::Tensor& gates, const at::Tensor& cell) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [gx, gw_ih, gw_hh, gbias, gh0, gc0] =
         backward_op().call(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates, cell);
@@ -140,23 +151,17 @@ class LstmLayerBackwardFunction : public torch::autograd::Function<LstmLayerBack
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward_autograd(
-    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x,
-    at::TensorList weights, const at::Tensor& h0, const at::Tensor& c0, const Opt& lengths, const at::Tensor& y,
-    const at::Tensor& gates, const at::Tensor& cell) {
-  bool needs_grad = false;
-  if (at::GradMode::is_enabled()) {
-    for (const auto* t : {&grad_y, &grad_h_n, &grad_c_n, &x, &h0, &c0, &y}) {
-      needs_grad = needs_grad || t->requires_grad();
-    }
-    for (const auto& w : weights) needs_grad = needs_grad || w.requires_grad();
-  }
-  if (!needs_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_autograd(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                             const at::Tensor& grad_c_n, const at::Tensor& x, at::TensorList weights,
+                             const at::Tensor& h0, const at::Tensor& c0, const Opt& lengths,
+                             const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cell) {
+  if (!records_graph({&grad_y, &grad_h_n, &grad_c_n, &x, &h0, &c0, &y}, weights)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return backward_op().call(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates, cell);
   }
-  const variable_list r = LstmLayerBackwardFunction::apply(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0,
-                                                           lengths, y, gates, cell);
+  const variable_list r = LstmLayerBackwardFunction::apply(grad_y, grad_h_n, grad_c_n, x, weights,
+                                                           h0, c0, lengths, y, gates, cell);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
