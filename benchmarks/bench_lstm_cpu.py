@@ -46,26 +46,32 @@ _medians = {}  # case -> baseline median (s), filled by the baseline run of this
 _peaks = {}    # case -> baseline peak bytes
 
 
-def make_step(impl: str, case: str, seed: int = 0):
-    """The timed call for (impl, case), on fresh seeded weights and input x: [T, B, I]."""
+def make_step(impl: str, case: str, seed: int = 0, size: int = INPUT, batch: int = BATCH,
+              steps: int = STEPS, device: str = "cpu"):
+    """The timed call for (impl, case), on fresh seeded weights and input x: [T, B, I] with
+    I = H = size; on CUDA the call ends with a synchronisation."""
     torch.manual_seed(seed)
     cls = FusedLSTM if impl == "fused" else nn.LSTM
-    model = cls(INPUT, HIDDEN, LAYERS, bidirectional=True)
-    x = torch.randn(STEPS, BATCH, INPUT, requires_grad=case == "training")
+    model = cls(size, size, LAYERS, bidirectional=True, device=device)
+    x = torch.randn(steps, batch, size, device=device, requires_grad=case == "training")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if case == "inference":
         model.eval()
 
         def step():
             with torch.no_grad():
-                return model(x)[0]
+                out = model(x)[0]
+            sync()
+            return out
     else:
-        proj = torch.randn(STEPS, BATCH, 2 * HIDDEN)
+        proj = torch.randn(steps, batch, 2 * size, device=device)
 
         def step():
             out, _ = model(x)
-            (out * proj).sum().backward()
+            out.backward(proj)  # the gradient of (out * proj).sum()
             model.zero_grad(set_to_none=True)
             x.grad = None
+            sync()
             return out
     return step
 
@@ -167,28 +173,7 @@ COST_ROUNDS = 200
 
 
 def tiny_step(impl: str, case: str, device: str):
-    torch.manual_seed(0)
-    cls = FusedLSTM if impl == "fused" else nn.LSTM
-    model = cls(TINY, TINY, LAYERS, bidirectional=True, device=device)
-    x = torch.randn(2, 1, TINY, device=device, requires_grad=case == "training")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if case == "inference":
-        model.eval()
-
-        def step():
-            with torch.no_grad():
-                model(x)
-            sync()
-    else:
-        grad = torch.randn(2, 1, 2 * TINY, device=device)
-
-        def step():
-            out, _ = model(x)
-            out.backward(grad)
-            model.zero_grad(set_to_none=True)
-            x.grad = None
-            sync()
-    return step
+    return make_step(impl, case, size=TINY, batch=1, steps=2, device=device)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
