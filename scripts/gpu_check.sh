@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One run on a GPU machine: build the extension against the torch found there, check every op's
+# One run on a GPU machine: build the extension against the torch found there (or take the one
+# scripts/gpu_prebuild.sh built elsewhere for it, in .gpu/prebuilt), check every op's
 # CUDA error path, run the CUDA tests, the GPU benchmarks, compute-sanitizer (memcheck, racecheck)
 # over a small forward+backward of every op, and a host/device profile of the LSTM calls.
 #
@@ -68,9 +69,27 @@ finish() {
 } > "$RES/device.txt" 2>&1
 cat "$RES/device.txt"
 
-if ! stage build 220 "$PY" setup.py build_ext --inplace; then
-  tail -40 "$LOGS/build.log"
-  finish
+# A library built elsewhere for this machine (scripts/gpu_prebuild.sh) saves the build, when it
+# was built for this torch and arch from these sources and imports with its CUDA kernels.
+export PY PREBUILT=${GPU_CHECK_PREBUILT:-$ROOT/.gpu/prebuilt}
+prebuilt_ok() {
+  [ -f "$PREBUILT/stamp" ] && [ -f "$PREBUILT/_C.abi3.so" ] || { echo "no library in $PREBUILT"; return 1; }
+  local want
+  want=$(printf 'torch=%s\narch=%s\nsources=%s' \
+    "$("$PY" -c 'import torch; print(torch.__version__)')" "$TORCH_CUDA_ARCH_LIST" "$(scripts/source_hash.sh)")
+  [ "$(cat "$PREBUILT/stamp")" = "$want" ] || { printf 'stamp differs; wanted:\n%s\n' "$want"; return 1; }
+  cp "$PREBUILT/_C.abi3.so" cnnlstm_ext/_C.abi3.so &&
+    "$PY" -c "import cnnlstm_ext, sys; sys.exit(not cnnlstm_ext.cuda_kernels_built())"
+}
+export -f prebuilt_ok
+if ! stage prebuilt 30 bash -c prebuilt_ok; then
+  status=0  # not a failure of the check: the build below decides
+  rm -f cnnlstm_ext/_C.abi3.so
+  cat "$LOGS/prebuilt.log"
+  if ! stage build 220 "$PY" setup.py build_ext --inplace; then
+    tail -40 "$LOGS/build.log"
+    finish
+  fi
 fi
 stage cuda-error-paths 40 "$PY" scripts/cuda_error_paths.py
 cat "$LOGS/cuda-error-paths.log"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds the extension with its CUDA kernels here, for the GPU machine, so that
+# scripts/gpu_check.sh there can skip its build stage (the longest stage before the tests: nvcc
+# on lstm_layer.cu alone takes over a minute).
+#
+#   scripts/gpu_prebuild.sh PYTHON [DIR]      (default DIR: .gpu/prebuilt)
+#
+# PYTHON's torch must be the version the GPU machine has (KINDS.md of the device tool lists it;
+# gpu_check.sh writes it to device.txt): the library links torch's C++ ABI. It builds from a
+# copy of the sources (the checkout's own build is left alone) and writes DIR/_C.abi3.so, without
+# debug information, and DIR/stamp: torch's version, the CUDA arch and scripts/source_hash.sh's
+# hash. gpu_check.sh uses the library only when all three match there, and builds otherwise.
+# Carry DIR to the machine (an ignored folder: .gpu/ is in .git/info/exclude here).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${1:?usage: scripts/gpu_prebuild.sh PYTHON [DIR]}
+DIR=$(mkdir -p "${2:-$ROOT/.gpu/prebuilt}" && cd "${2:-$ROOT/.gpu/prebuilt}" && pwd)
+ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
+SRC=$(mktemp -d)
+trap 'rm -rf "$SRC"' EXIT
+cp -r "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/cnnlstm_ext" "$SRC/"
+rm -f "$SRC"/cnnlstm_ext/*.so
+(cd "$SRC" && CNNLSTM_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH "$PY" setup.py build_ext --inplace) \
+  > "$DIR/build.log" 2>&1 || { tail -30 "$DIR/build.log"; exit 1; }
+strip --strip-debug -o "$DIR/_C.abi3.so" "$SRC/cnnlstm_ext/_C.abi3.so"
+{
+  echo "torch=$("$PY" -c 'import torch; print(torch.__version__)')"
+  echo "arch=$ARCH"
+  echo "sources=$("$ROOT/scripts/source_hash.sh")"
+} > "$DIR/stamp"
+cat "$DIR/stamp"
+ls -l "$DIR/_C.abi3.so"
