@@ -5,11 +5,12 @@ from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from cnnlstm_ext.train import Config, Trainer
-from cnnlstm_ext.train.distributed import DistContext, ShardSampler, init_distributed
+from cnnlstm_ext.train.distributed import DistContext, ShardSampler, data_parallel, init_distributed
 
 
 def _config(out_dir, run):
@@ -79,6 +80,29 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     for rank in (0, 1):  # every process saw the summed metrics of all 13 clips
         assert torch.load(tmp_path / ("rank%d.pt" % rank))["count"] == 13
     assert single["final_metrics"]["count"] == 13
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_data_parallel_keeps_lengths_on_the_cpu(device):
+    """The trainer's DDP wrapper hands the model its inputs as given: the CPU lengths stay on
+    the CPU (DDP with a device id would copy them to the GPU, and the model reads them back)."""
+    cfg = _config(".", "unused")
+    model = _model(cfg).to(device)
+    g = torch.Generator().manual_seed(0)
+    clips = torch.randn(2, 4, 3, 16, 16, generator=g).to(device)
+    lengths = torch.tensor([4, 2])
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[1].device))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        net = data_parallel(model)
+        with torch.no_grad():
+            out = net(clips, lengths)
+            expected = model(clips, lengths)
+    finally:
+        dist.destroy_process_group()
+    assert seen == [torch.device("cpu")] * 2
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_shard_sampler_covers_every_index_once():

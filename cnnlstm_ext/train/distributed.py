@@ -94,6 +94,16 @@ def shutdown_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (on one device) under DistributedDataParallel.
+
+    `device_ids` stays None, also for a model on a GPU: with a device id, DDP copies every input
+    to that device, the `lengths` too, which the model reads on the host: a copy there and a
+    read-back, which waits for the GPU, every step. The trainer moves the clips itself.
+    """
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=None)
+
+
 class ShardSampler(Sampler):
     """Indices rank, rank + world, rank + 2 world, ... of a data set: every sample exactly once
     over all processes (no padding, unlike DistributedSampler), for evaluation."""

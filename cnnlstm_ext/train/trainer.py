@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..checkpoint import (atomic_write, load_checkpoint, normalize_checkpoint, read_checkpoint,
                           save_checkpoint)
 from .config import Config, save_config, validate
-from .distributed import DistContext, ShardSampler
+from .distributed import DistContext, ShardSampler, data_parallel
 from .guards import (EarlyStopping, NonFiniteGuard, RollbackRequired, nonfinite_tensors,
                      optimizer_tensors)
 from .metrics import ClassificationMeter
@@ -230,8 +230,7 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.net = self.model  # what the training step calls (DDP / compiled wrappers)
         if self.ctx.enabled:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.net = data_parallel(self.model)
         # Evaluation runs the model without DDP: its forward would broadcast buffers, a
         # collective that processes with unequal numbers of validation batches cannot match.
         self._eval_net = self.model
