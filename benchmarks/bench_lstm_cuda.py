@@ -198,6 +198,49 @@ def test_lstm_cuda_pipelined(benchmark, dtype_name, case, batch, impl):
     benchmark.pedantic(calls, rounds=10, iterations=1, warmup_rounds=2)
 
 
+# Both implementations replayed from a CUDA graph: no host time on either side, so the figure is
+# the kernels' own time (and the gaps between them). One round is one replay and a synchronisation.
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch", [1, 8, 32], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_lstm_cuda_graphed(benchmark, dtype_name, case, batch, impl):
+    dtype, steps = DTYPES[dtype_name], 32
+    torch.manual_seed(0)
+    cls = FusedLSTM if impl == "fused" else nn.LSTM
+    model = cls(INPUT, HIDDEN, LAYERS, bidirectional=True, device="cuda", dtype=dtype)
+    x = torch.randn(steps, batch, INPUT, device="cuda", dtype=dtype, requires_grad=case == "training")
+    grad_out = torch.randn(steps, batch, 2 * HIDDEN, device="cuda", dtype=dtype)
+
+    def call():
+        if case == "inference":
+            with torch.no_grad():
+                model(x)
+        else:
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            model(x)[0].backward(grad_out)
+
+    side = torch.cuda.Stream()  # warm-up off the capture stream, as torch.cuda.graphs asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+
+    def replay():
+        graph.replay()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"lstm_cuda_graphed:{dtype_name}:{case}:B{batch}:T{steps}"
+    benchmark.extra_info.update({"impl": impl, "case": case, "dtype": dtype_name, "batch": batch,
+                                 "steps": steps, "gpu": torch.cuda.get_device_name()})
+    benchmark.pedantic(replay, rounds=30, iterations=1, warmup_rounds=3)
+
+
 # float32 at the same precision on both sides. By default cuDNN may use TF32 for nn.LSTM
 # (torch.backends.cudnn.allow_tf32 is True) while the fused op's GEMMs follow
 # torch.backends.cuda.matmul.allow_tf32 (False) and its persistent recurrence is exact float32, so

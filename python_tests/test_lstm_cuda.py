@@ -218,6 +218,83 @@ def test_cuda_pinned_lengths_are_read_at_the_call(rng):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+# --- CUDA graphs -----------------------------------------------------------------------------------
+
+def captured(fn):
+    """fn captured in a CUDA graph, after two warm-up calls on a side stream (torch.cuda.graphs'
+    recipe: the first calls plan the kernels and allocate the cached state). Returns the graph
+    and the outputs of the captured call, which each replay rewrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_cuda_graph_replay_matches_eager_inference(with_lengths, dtype, path, rng):
+    fused = FusedBiLSTM(I, H, num_layers=2, device=CUDA, dtype=dtype).eval()
+    x = randn(T, B, I, rng=rng).to(CUDA, dtype)  # static input: refilled before each replay
+    lengths = torch.tensor([4, T, 1, 7, 2], device=CUDA) if with_lengths else None
+
+    def forward():
+        with torch.no_grad():
+            out, (h_n, c_n) = fused(x, lengths=lengths)
+        return out, h_n, c_n
+    graph, static = captured(forward)
+    for _ in range(2):  # new inputs each time: a replay that reused old values would differ
+        x.copy_(randn(T, B, I, rng=rng))
+        graph.replay()
+        for name, got, want in zip(["out", "h_n", "c_n"], static, forward()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    if with_lengths:
+        assert torch.count_nonzero(static[0][1:, 2]) == 0  # padding after length 1 stays zero
+
+
+def test_cuda_graph_replay_matches_eager_training(path, rng):
+    fused = FusedBiLSTM(I, H, num_layers=2, device=CUDA)
+    params = list(fused.parameters())
+    x = randn(T, B, I, rng=rng).float().to(CUDA).requires_grad_()
+    grad_out = randn(T, B, 2 * H, rng=rng).float().to(CUDA)
+
+    def step():
+        # .grad set to None before the backward: the captured backward allocates the gradients
+        # from the graph's memory, and each replay rewrites them there.
+        fused.zero_grad(set_to_none=True)
+        x.grad = None
+        out, _ = fused(x)
+        out.backward(grad_out)
+        return out
+    graph, out = captured(step)
+    with torch.no_grad():
+        x.copy_(randn(T, B, I, rng=rng))
+        grad_out.copy_(randn(T, B, 2 * H, rng=rng))
+    graph.replay()
+    got = [out] + [p.grad for p in params] + [x.grad]
+    want_out, _ = fused(x)
+    want = [want_out] + list(torch.autograd.grad(want_out, params + [x], grad_out))
+    names = ["out"] + [n for n, _ in fused.named_parameters()] + ["x"]
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_cuda_graph_capture_refuses_lengths_on_the_cpu(rng):
+    fused = FusedBiLSTM(I, H, device=CUDA).eval()
+    x = randn(T, B, I, rng=rng).float().to(CUDA)
+    with torch.no_grad():
+        fused(x)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=r"lengths must already be on cuda.*got lengths on cpu"):
+        with torch.cuda.graph(graph), torch.no_grad():
+            fused(x, lengths=torch.tensor([4, T, 1, 7, 2]))
+
+
 # --- ops ------------------------------------------------------------------------------------------
 
 def op_args(D, with_bias, with_lengths, dtype, rng, requires_grad=True):

@@ -261,8 +261,18 @@ class FusedLSTM(nn.Module):
                              f"{list(lengths.shape)}")
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-        if not torch.compiler.is_compiling():
-            # Free for lengths on the CPU; lengths on a GPU are read back (one synchronisation).
+        compiling = torch.compiler.is_compiling()
+        capturing = (not compiling and device.type == "cuda"
+                     and torch.cuda.is_current_stream_capturing())
+        if capturing and lengths.device != device:
+            # A host-to-device copy in a CUDA graph would read the host memory at each replay.
+            raise RuntimeError(f"FusedLSTM: while a CUDA graph is captured, lengths must already be "
+                               f"on {device} (a static input of the graph), got lengths on "
+                               f"{lengths.device}")
+        if not compiling and not capturing:
+            # Free for lengths on the CPU; lengths on a GPU are read back (one synchronisation),
+            # except while a CUDA graph is captured, which forbids it: their values are then
+            # not checked (the forward kernels clamp each length to [1, T]).
             lo, hi = (int(v) for v in torch.aminmax(lengths))
             if lo < 1 or hi > steps:
                 raise ValueError(f"lengths must be in [1, {steps}] (the padded length); got "
