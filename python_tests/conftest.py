@@ -94,6 +94,22 @@ def assert_no_cuda_sync(step) -> None:
         torch.cuda.set_sync_debug_mode("default")
 
 
+def captured(fn):
+    """fn captured in a CUDA graph, after two warm-up calls on a side stream (torch.cuda.graphs'
+    recipe: the first calls plan the kernels and allocate cached state). Returns the graph and
+    the outputs of the captured call, which each replay rewrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def assert_device_assert(code: str, cwd) -> None:
     """`code` (Python, after `import torch, cnnlstm_ext`) trips a CUDA device-side assertion. It
     runs in a child process: such an assertion leaves the CUDA context unusable."""

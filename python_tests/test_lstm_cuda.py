@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import cnnlstm_ext
-from conftest import assert_compiled_matches_eager, assert_no_cuda_sync
+from conftest import assert_compiled_matches_eager, assert_no_cuda_sync, captured
 from cnnlstm_ext import FusedBiLSTM, FusedLSTM, ops
 
 pytestmark = pytest.mark.cuda
@@ -219,22 +219,6 @@ def test_cuda_pinned_lengths_are_read_at_the_call(rng):
 
 
 # --- CUDA graphs -----------------------------------------------------------------------------------
-
-def captured(fn):
-    """fn captured in a CUDA graph, after two warm-up calls on a side stream (torch.cuda.graphs'
-    recipe: the first calls plan the kernels and allocate the cached state). Returns the graph
-    and the outputs of the captured call, which each replay rewrites."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])

@@ -293,6 +293,25 @@ def test_cuda_training_step_with_cpu_lengths_never_waits_for_the_gpu(pooling):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_cuda_graph_replay_matches_eager(pooling):
+    # Inference of the whole model (trunk, frame pooling, fused LSTM, temporal pooling, head)
+    # replayed from a CUDA graph, every clip full length.
+    from conftest import captured
+    torch.manual_seed(0)
+    model = CNNLSTM(pooling=pooling, **SMALL).cuda().eval()
+    x = clips().cuda()
+
+    def forward():
+        with torch.no_grad():
+            return model(x)
+    graph, out = captured(forward)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, forward(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
 def test_cuda_lengths_on_the_gpu_are_read_back():
     # The control of the test above: its check does see a read-back.
     model = CNNLSTM(**SMALL).cuda()

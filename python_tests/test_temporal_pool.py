@@ -308,6 +308,30 @@ def test_temporal_pool_pinned_lengths_are_read_at_the_call(mode):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_temporal_pool_cuda_graph_replay_matches_eager(mode):
+    # Lengths on the GPU: a static input of the graph, not read back while it is captured.
+    from conftest import captured
+    x = lstm_outputs(T, B, D, torch.float32, "cuda", mode)
+    lengths = torch.tensor(LENGTHS, device="cuda")
+    kw = pool_kwargs(mode, "cuda", torch.float32)
+    graph, out = captured(lambda: ops.temporal_pool(x, lengths, **kw))
+    x.copy_(lstm_outputs(T, B, D, torch.float32, "cuda", mode, seed=1))
+    graph.replay()
+    torch.testing.assert_close(out, ops.temporal_pool(x, lengths, **kw), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_temporal_pool_cuda_graph_capture_refuses_lengths_on_the_cpu():
+    x = lstm_outputs(T, B, D, torch.float32, "cuda", "mean")
+    ops.temporal_pool(x, None, "mean")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=r"lengths must already be on cuda.*got lengths on cpu"):
+        with torch.cuda.graph(graph):
+            ops.temporal_pool(x, torch.tensor(LENGTHS), "mean")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 def test_temporal_pool_refuses_zero_length(device, mode):

@@ -388,8 +388,13 @@ std::tuple<at::Tensor, at::Tensor> temporal_pool_forward_cuda(
               "temporal_pool: bidirectional \"last\" needs an even feature size D (two directions), got D = ",
               s.D);
   TORCH_CHECK(s.T <= INT_MAX / 2, "temporal_pool: T = ", s.T, " is too large");
+  const bool capturing = capturing_graph();
+  // A copy from the host cannot be captured safely: each replay would read that host memory again.
+  TORCH_CHECK(!(capturing && lengths_in.has_value() && lengths_in->defined() && lengths_in->is_cpu()),
+              "temporal_pool: while a CUDA graph is captured, lengths must already be on ", x.device(),
+              " (a static input of the graph), got lengths on ", lengths_in->device());
   const at::Tensor lengths =
-      pooling::temporal_pool_lengths(lengths_in, s.B, s.T, x.device(), "temporal_pool", !capturing_graph());
+      pooling::temporal_pool_lengths(lengths_in, s.B, s.T, x.device(), "temporal_pool", !capturing);
   const at::ScalarType acc_dtype = pooling::accumulation_dtype(x.scalar_type());
   pooling::ScoreParams score;
   if (mode == TemporalMode::Attention)
