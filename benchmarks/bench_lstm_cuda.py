@@ -41,13 +41,22 @@ IMPLS = ["baseline", "fused"]  # baseline first: the fused entry records the rat
 _baseline = {}  # group -> (median s, peak bytes) of this session's baseline run
 
 
-def make_step(impl: str, case: str, dtype: torch.dtype, batch: int, steps: int, seed: int = 0):
-    """The timed call for one benchmark: x: [T, B, I] on the GPU, weights from `seed`."""
+def lstm_and_inputs(impl: str, case: str, dtype: torch.dtype, batch: int, steps: int,
+                    seed: int = 0):
+    """The LSTM of one benchmark (fused or cuDNN's, weights from `seed`), its input
+    x: [T, B, I] (requiring grad for training) and a fixed output gradient [T, B, 2H]."""
     torch.manual_seed(seed)
     cls = FusedLSTM if impl == "fused" else nn.LSTM
     model = cls(INPUT, HIDDEN, LAYERS, bidirectional=True, device="cuda", dtype=dtype)
     x = torch.randn(steps, batch, INPUT, device="cuda", dtype=dtype,
                     requires_grad=case == "training")
+    grad_out = torch.randn(steps, batch, 2 * HIDDEN, device="cuda", dtype=dtype)
+    return model, x, grad_out
+
+
+def make_step(impl: str, case: str, dtype: torch.dtype, batch: int, steps: int, seed: int = 0):
+    """The timed call for one benchmark: x: [T, B, I] on the GPU, weights from `seed`."""
+    model, x, grad_out = lstm_and_inputs(impl, case, dtype, batch, steps, seed)
     if case == "inference":
         model.eval()
 
@@ -56,8 +65,6 @@ def make_step(impl: str, case: str, dtype: torch.dtype, batch: int, steps: int, 
                 model(x)
             torch.cuda.synchronize()
     else:
-        grad_out = torch.randn(steps, batch, 2 * HIDDEN, device="cuda", dtype=dtype)
-
         def step():
             out, _ = model(x)
             out.backward(grad_out)
@@ -174,12 +181,8 @@ CALLS = 10
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_lstm_cuda_pipelined(benchmark, dtype_name, case, batch, impl):
-    dtype, steps = DTYPES[dtype_name], 32
-    torch.manual_seed(0)
-    cls = FusedLSTM if impl == "fused" else nn.LSTM
-    model = cls(INPUT, HIDDEN, LAYERS, bidirectional=True, device="cuda", dtype=dtype)
-    x = torch.randn(steps, batch, INPUT, device="cuda", dtype=dtype, requires_grad=case == "training")
-    grad_out = torch.randn(steps, batch, 2 * HIDDEN, device="cuda", dtype=dtype)
+    steps = 32
+    model, x, grad_out = lstm_and_inputs(impl, case, DTYPES[dtype_name], batch, steps)
 
     def calls():
         for _ in range(CALLS):
@@ -205,12 +208,8 @@ def test_lstm_cuda_pipelined(benchmark, dtype_name, case, batch, impl):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_lstm_cuda_graphed(benchmark, dtype_name, case, batch, impl):
-    dtype, steps = DTYPES[dtype_name], 32
-    torch.manual_seed(0)
-    cls = FusedLSTM if impl == "fused" else nn.LSTM
-    model = cls(INPUT, HIDDEN, LAYERS, bidirectional=True, device="cuda", dtype=dtype)
-    x = torch.randn(steps, batch, INPUT, device="cuda", dtype=dtype, requires_grad=case == "training")
-    grad_out = torch.randn(steps, batch, 2 * HIDDEN, device="cuda", dtype=dtype)
+    steps = 32
+    model, x, grad_out = lstm_and_inputs(impl, case, DTYPES[dtype_name], batch, steps)
 
     def call():
         if case == "inference":
