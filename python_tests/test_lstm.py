@@ -1139,6 +1139,64 @@ def test_large_gemms_follow_mkldnn_flag(enabled):
     assert enabled or "aten::mm" in names or "aten::addmm" in names
 
 
+# bfloat16 inputs: where the CPU has AVX512-BF16 the op runs both products in bfloat16 (float32
+# sums); else in float32. The same shapes as RECURRENT_PRODUCT_CASE; writes the outputs and
+# gradients to the file named by argv[1].
+BF16_CASE = """
+import sys
+import torch
+from cnnlstm_ext import ops, reference
+torch.manual_seed(0)
+results = []
+for b, h, d in ((1, 16, 2), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
+    t, i = 6, 24
+    shapes = [(4 * h, i), (4 * h, h), (4 * h,), (4 * h,)] * d
+    x64 = [torch.randn(t, b, i, dtype=torch.float64),
+           *(torch.randn(s, dtype=torch.float64) * (0.3 if k % 4 == 1 else 1)
+             for k, s in enumerate(shapes)),
+           torch.randn(d, b, h, dtype=torch.float64), torch.randn(d, b, h, dtype=torch.float64)]
+    lengths = torch.randint(1, t + 1, (b,))
+    lengths[0] = t
+    x16 = [a.bfloat16().requires_grad_() for a in x64]
+    x64 = [a.bfloat16().double().requires_grad_() for a in x64]
+    out = ops.lstm_layer(x16[0], x16[1:-2], x16[-2], x16[-1], lengths)
+    ref = reference.lstm_layer(x64[0], x64[1:-2], x64[-2], x64[-1], lengths)
+    proj = [torch.randn(o.shape, dtype=torch.float64) for o in ref]
+    g = torch.autograd.grad(sum((o.double() * p).sum() for o, p in zip(out, proj)), x16)
+    gr = torch.autograd.grad(sum((o * p).sum() for o, p in zip(ref, proj)), x64)
+    for a, r in zip(list(out) + list(g), list(ref) + list(gr)):
+        assert a.dtype == torch.bfloat16
+        scale = r.abs().max().item()
+        torch.testing.assert_close(a.double(), r, rtol=2e-2, atol=2e-2 * scale)
+    results += [a.detach() for a in list(out) + list(g)]
+torch.save(results, sys.argv[1])
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+def test_bfloat16_kernels_match_reference(tmp_path):
+    """bfloat16 through the AVX512-BF16 products (where this CPU has them) and through the float32
+    computation (ATEN_CPU_CAPABILITY=avx2): both match the float64 reference on the same rounded
+    inputs, forward and every gradient; on an AVX512-BF16 CPU they differ (the bfloat16 kernels
+    ran), elsewhere they are the same computation."""
+    import subprocess
+
+    from conftest import subprocess_env
+    if not _cpu_has("AVX2"):
+        pytest.skip("this CPU has no AVX2")
+    results = {}
+    for capability in (None, "avx2"):
+        path = tmp_path / f"{capability}.pt"
+        env = subprocess_env(**({"ATEN_CPU_CAPABILITY": capability} if capability else {}))
+        run = subprocess.run([sys.executable, "-c", BF16_CASE, str(path)], env=env, cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        results[capability] = torch.load(path)
+    bf16_kernels = _cpu_has("AVX512") and torch.cpu._is_avx512_bf16_supported()
+    same = all(torch.equal(a, b) for a, b in zip(results[None], results["avx2"]))
+    assert same != bf16_kernels
+
+
 @pytest.mark.parametrize("value", ["mkl", "ONEDNN"])
 def test_cpu_gemm_setting_is_checked(value, tmp_path):
     import subprocess

@@ -16,5 +16,6 @@ namespace cnnlstm_ext {
 // false where CNNLSTM_EXT_X86_SIMD is not defined. (lstm_cell_default.cpp)
 bool cpu_has_avx2();     // AVX2 and FMA
 bool cpu_has_avx512();   // and AVX-512F
+bool cpu_has_avx512_bf16();  // and AVX512-BF16
 
 }  // namespace cnnlstm_ext

@@ -1,8 +1,8 @@
 // Gate math of one LSTM step for one (sequence, direction) row, built twice: for the baseline
 // instruction set (lstm_cell_default.cpp) and with AVX2/FMA (lstm_cell_avx2.cpp, x86-64 only);
-// and the recurrent product, with AVX2/FMA and with AVX-512 (lstm_rec_avx512.cpp). Chosen at run
-// time by lstm_cell_kernels() from ATen's CPU capability (which also honours
-// ATEN_CPU_CAPABILITY=default or avx2).
+// and the recurrent product, with AVX2/FMA and with AVX-512 (lstm_rec_avx512.cpp; for bfloat16
+// inputs with AVX512-BF16 too). Chosen at run time by lstm_cell_kernels() from ATen's CPU
+// capability (which also honours ATEN_CPU_CAPABILITY=default or avx2).
 #pragma once
 #include <cstdint>
 
@@ -44,11 +44,23 @@ using RecurrentProductFn = void (*)(const acc_t* a, const acc_t* w, acc_t* out, 
                                     const acc_t* zeros);
 constexpr int64_t kRecColumns = 16;
 
+// The forward recurrent product with bfloat16 operands (raw bits) and float32 sums, for bfloat16
+// inputs: dot products of pairs along j (AVX512-BF16). a: [B, J] bfloat16; w packed by blocks of
+// kRecColumns columns and pairs of j, [C / kRecColumns, J / 2, kRecColumns, 2] (pack_w_hh_bf16);
+// J even; out, c0, c1 as above.
+using RecurrentProductBf16Fn = void (*)(const uint16_t* a, const uint16_t* w, float* out,
+                                        int64_t B, int64_t J, int64_t C, int64_t c0, int64_t c1);
+// float32 -> bfloat16 bits, rounded to nearest even, n elements.
+using ToBf16Fn = void (*)(const float* src, uint16_t* dst, int64_t n);
+
 template <typename acc_t>
 struct LstmCellKernels {
   LstmCellForwardFn<acc_t> forward;
   LstmCellBackwardFn<acc_t> backward;
   RecurrentProductFn<acc_t> recurrent_product = nullptr;
+  // Where the CPU has AVX512-BF16 (float32 variants only): the product of bfloat16 inputs.
+  RecurrentProductBf16Fn recurrent_product_bf16 = nullptr;
+  ToBf16Fn to_bf16 = nullptr;
 };
 
 namespace cell_default {
@@ -64,6 +76,9 @@ LstmCellKernels<double> kernels_double();
 namespace cell_avx512 {
 void recurrent_product(const float* a, const float* w, float* out, int64_t B, int64_t J,
                        int64_t C, int64_t c0, int64_t c1, const float* zeros);
+void recurrent_product_bf16(const uint16_t* a, const uint16_t* w, float* out, int64_t B,
+                            int64_t J, int64_t C, int64_t c0, int64_t c1);
+void to_bf16(const float* src, uint16_t* dst, int64_t n);
 }  // namespace cell_avx512
 #endif
 
