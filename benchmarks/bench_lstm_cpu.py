@@ -3,7 +3,8 @@
     python -m pytest benchmarks/bench_lstm_cpu.py --benchmark-json=lstm_cpu.json
     python benchmarks/ratios.py lstm_cpu.json
 
-Shape: I = H = 512, 3 layers, bidirectional, B = 8, T = 32, float32. Cases: ``inference``
+Shape: I = H = 512, 3 layers, bidirectional, B = 8, T = 32, float32 (and bfloat16:
+``test_lstm_cpu_bfloat16``, without the memory figure). Cases: ``inference``
 (forward under no_grad) and ``training`` (forward + backward of a random projection of the output,
 parameter gradients freed between calls as ``zero_grad(set_to_none=True)`` does). One
 pytest-benchmark group per case, ``extra_info["impl"]`` = "baseline" | "fused" (the convention of
@@ -47,27 +48,34 @@ _peaks = {}    # case -> baseline peak bytes
 
 
 def make_step(impl: str, case: str, seed: int = 0, size: int = INPUT, batch: int = BATCH,
-              steps: int = STEPS, device: str = "cpu"):
+              steps: int = STEPS, device: str = "cpu", precision: str = "float32"):
     """The timed call for (impl, case), on fresh seeded weights and input x: [T, B, I] with
-    I = H = size; on CUDA the call ends with a synchronisation."""
+    I = H = size; on CUDA the call ends with a synchronisation. precision: "float32",
+    "bfloat16" (module and input) or "autocast" (float32 module under bfloat16 autocast)."""
     torch.manual_seed(seed)
     cls = FusedLSTM if impl == "fused" else nn.LSTM
-    model = cls(size, size, LAYERS, bidirectional=True, device=device)
-    x = torch.randn(steps, batch, size, device=device, requires_grad=case == "training")
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    model = cls(size, size, LAYERS, bidirectional=True, device=device, dtype=dtype)
+    x = torch.randn(steps, batch, size, device=device, dtype=dtype, requires_grad=case == "training")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def forward():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "autocast"):
+            return model(x)[0]
     if case == "inference":
         model.eval()
 
         def step():
             with torch.no_grad():
-                out = model(x)[0]
+                out = forward()
             sync()
             return out
     else:
-        proj = torch.randn(steps, batch, 2 * size, device=device)
+        out_dtype = torch.float32 if precision == "float32" else torch.bfloat16
+        proj = torch.randn(steps, batch, 2 * size, device=device, dtype=out_dtype)
 
         def step():
-            out, _ = model(x)
+            out = forward()
             out.backward(proj)  # the gradient of (out * proj).sum()
             model.zero_grad(set_to_none=True)
             x.grad = None
@@ -120,6 +128,26 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def time_interleaved(benchmark, step, baseline_step, rounds: int) -> None:
+    """Times `step`. For the fused entry (baseline_step given) a baseline call runs before each
+    round, outside the timed call, and is timed apart: the ratio of the two medians compares
+    calls made under the same machine load."""
+    interleaved = []
+
+    def setup():
+        start = time.perf_counter()
+        baseline_step()
+        interleaved.append(time.perf_counter() - start)
+    if baseline_step is not None:
+        baseline_step()  # warm-up
+    benchmark.pedantic(step, setup=setup if baseline_step is not None else None, rounds=rounds,
+                       iterations=1, warmup_rounds=1)
+    if baseline_step is not None:
+        baseline_s = statistics.median(interleaved)
+        benchmark.extra_info["baseline_interleaved_median_s"] = baseline_s
+        benchmark.extra_info["speedup_vs_baseline"] = baseline_s / benchmark.stats.stats.median
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),
                     reason="the peak-memory measurement needs Linux /proc")
 @pytest.mark.parametrize("impl", IMPLS)
@@ -133,27 +161,38 @@ def test_lstm_cpu(benchmark, case, impl):
         "dtype": "float32", "threads": torch.get_num_threads(), "cpu": _cpu_model(),
         "torch": torch.__version__, "load_average_1min": os.getloadavg()[0],
     })
-    setup, interleaved = None, []
-    if impl == "fused":
-        baseline_step = make_step("baseline", case)
-        baseline_step()  # warm-up
-
-        def setup():
-            start = time.perf_counter()
-            baseline_step()
-            interleaved.append(time.perf_counter() - start)
-    benchmark.pedantic(step, setup=setup, rounds=ROUNDS[case], iterations=1, warmup_rounds=1)
+    time_interleaved(benchmark, step, make_step("baseline", case) if impl == "fused" else None,
+                     ROUNDS[case])
     peak = peak_bytes(impl, case)
     benchmark.extra_info["peak_bytes"] = peak
     median = benchmark.stats.stats.median
     if impl == "baseline":
         _medians[case], _peaks[case] = median, peak
     else:
-        benchmark.extra_info["baseline_interleaved_median_s"] = statistics.median(interleaved)
-        benchmark.extra_info["speedup_vs_baseline"] = statistics.median(interleaved) / median
         if case in _medians:
             benchmark.extra_info["speedup_separate_runs"] = _medians[case] / median
             benchmark.extra_info["memory_vs_baseline"] = peak / _peaks[case]
+
+
+# bfloat16 at the same shape: the module and input in bfloat16, and a float32 module under CPU
+# autocast (where nn.LSTM runs oneDNN's bfloat16 RNN). On a CPU with AVX512-BF16 the fused
+# forward runs its products in bfloat16 too.
+PRECISIONS = ["bfloat16", "autocast"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_lstm_cpu_bfloat16(benchmark, precision, case, impl):
+    step = make_step(impl, case, precision=precision)
+    benchmark.group = f"lstm_cpu_{precision}:{case}"
+    benchmark.extra_info.update({
+        "impl": impl, "case": case, "precision": precision, "batch": BATCH, "steps": STEPS,
+        "threads": torch.get_num_threads(), "cpu": _cpu_model(), "torch": torch.__version__,
+        "load_average_1min": os.getloadavg()[0],
+    })
+    baseline = make_step("baseline", case, precision=precision) if impl == "fused" else None
+    time_interleaved(benchmark, step, baseline, ROUNDS[case])
 
 
 @pytest.mark.parametrize("case", CASES)
