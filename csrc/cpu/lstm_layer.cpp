@@ -181,7 +181,7 @@ void for_unit_slices(int64_t D, int64_t H, const Body& body) {
 template <typename acc_t>
 void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
                    const at::Tensor& xproj,  // [T, B, D, 4H] acc
-                   const at::Tensor& w_hh,    // [D, 4H, H] acc (bfloat16 with bf16_product), contiguous
+                   const at::Tensor& w_hh,    // [D, 4H, H] acc, contiguous (bfloat16 if:)
                    bool bf16_product,         // the product in bfloat16 (float32 acc only)
                    at::Tensor& h,             // [D, B, H] acc, h0 in, h_n out
                    at::Tensor& c,             // [D, B, H] acc, c0 in, c_n out
@@ -245,7 +245,8 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
             cell_kernels.to_bf16(h_in + dir * B * H, hb, B * H);
             h_bf16_step[slot] = s;
           }
-          const auto* wp = reinterpret_cast<const uint16_t*>(w_packed.const_data_ptr<at::BFloat16>());
+          const auto* wp =
+              reinterpret_cast<const uint16_t*>(w_packed.const_data_ptr<at::BFloat16>());
           for (int64_t g = 0; g < 4; ++g)
             cell_kernels.recurrent_product_bf16(hb, wp + dir * G * H, rp + dir * B * G, B, H, G,
                                                 g * H + j0, g * H + j1);
@@ -288,8 +289,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   auto w_ih_g = w_ih.to(gemm_dtype).reshape({D * G, d.I});
   auto w_hh_g = w_hh.to(gemm_dtype).contiguous();
   // xproj: [T*B, D*4H], both directions in one GEMM.
-  const auto b_g = bias.has_value() ? c10::optional<at::Tensor>(bias->to(gemm_dtype).reshape({D * G}))
-                                    : c10::nullopt;
+  const auto b_g = bias.has_value()
+                       ? c10::optional<at::Tensor>(bias->to(gemm_dtype).reshape({D * G}))
+                       : c10::nullopt;
   const auto xproj = mm_bt(x.view({T * B, d.I}), w_ih_g, b_g).to(acc).view({T, B, D, G});
   auto h = h0.to(acc).contiguous().clone();
   auto c = c0.to(acc).contiguous().clone();

@@ -138,7 +138,8 @@ void to_bf16(const float* src, uint16_t* dst, int64_t n) {
     float in[32] = {};
     uint16_t bits[32];
     for (int64_t k = i; k < n; ++k) in[k - i] = src[k];
-    _mm512_storeu_si512(bits, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + 16), _mm512_loadu_ps(in)));
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + 16), _mm512_loadu_ps(in));
+    _mm512_storeu_si512(bits, (__m512i)v);
     for (int64_t k = i; k < n; ++k) dst[k] = bits[k - i];
   }
 }
