@@ -10,8 +10,8 @@
 // t = lengths[b] - 1 - s (reverse), so no work is done on padding.
 // Backward mirrors it: a reverse-time loop produces the pre-activation gate gradients dG, then the
 // weight, bias and input gradients are large GEMMs/reductions over all T*B rows.
-// Bfloat16/float16 inputs are computed in float32 (the accumulation dtype), except the forward's
-// two products for bfloat16 on a CPU with AVX512-BF16: bfloat16 operands, float32 sums.
+// Bfloat16/float16 inputs are computed in float32 (the accumulation dtype), except the large
+// products of bfloat16 on a CPU with AVX512-BF16 (bf16_products).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -88,6 +88,15 @@ at::Tensor mm_bt(const at::Tensor& a, const at::Tensor& b, const c10::optional<a
       at::globalContext().userEnabledMkldnn())
     return onednn->call(a, b, bias, "none", c10::List<c10::optional<c10::Scalar>>(), c10::nullopt);
   return bias.has_value() ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
+}
+
+// bfloat16 inputs on a CPU with AVX512-BF16 run the large products with bfloat16 operands and
+// float32 sums: the forward's input projection and recurrent product, the backward's GEMMs (of
+// dG rounded once to bfloat16), at twice the multiply-adds per instruction of float32, as
+// nn.LSTM's oneDNN RNN runs them. Everything else is computed in float32.
+bool bf16_products(const at::Tensor& x, int64_t H) {
+  return x.scalar_type() == at::kBFloat16 && H % kRecColumns == 0 &&
+         lstm_cell_kernels<float>().recurrent_product_bf16 != nullptr;
 }
 
 // Whether the variant's recurrent-product kernel takes this layer (else at::bmm).
@@ -278,11 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const auto L = host_lengths(lengths, d);
   const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
   const auto acc = acc_dtype(x_in.scalar_type());
-  // bfloat16 inputs on a CPU with AVX512-BF16: both products in bfloat16 with float32 sums (the
-  // input projection's GEMM, then rounded once; the recurrent product), at twice the
-  // multiply-adds per instruction of float32. Otherwise everything in acc.
-  const bool bf16_product = x_in.scalar_type() == at::kBFloat16 && H % kRecColumns == 0 &&
-                            lstm_cell_kernels<float>().recurrent_product_bf16 != nullptr;
+  // The projection is rounded to bfloat16 once, with the bfloat16 products.
+  const bool bf16_product = bf16_products(x_in, H);
   const auto gemm_dtype = bf16_product ? at::kBFloat16 : acc;
   const auto opts = x_in.options().dtype(acc);
   auto x = x_in.to(gemm_dtype).contiguous();
@@ -406,6 +412,7 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
   const auto L = host_lengths(lengths, d);
   const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
   const auto acc = acc_dtype(x_in.scalar_type());
+  const auto gemm_dtype = bf16_products(x_in, H) ? at::kBFloat16 : acc;
   auto w_hh_a = w_hh.to(acc).contiguous();
   auto gy = grad_y.to(acc).contiguous();
   auto dh = grad_h_n.to(acc).contiguous().clone();
@@ -417,17 +424,19 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
   AT_DISPATCH_FLOATING_TYPES(acc, "lstm_layer_backward_cpu", [&] {
     backward_steps<scalar_t>(d, L, gy, gates_c, cell_c, c0_a, w_hh_a, dh, dc, dG);
   });
-  auto dG2 = dG.view({T * B, D * G});
-  auto x = x_in.to(acc).contiguous().view({T * B, d.I});
+  auto dG_g = dG.to(gemm_dtype);
+  auto dG2 = dG_g.view({T * B, D * G});
+  auto x = x_in.to(gemm_dtype).contiguous().view({T * B, d.I});
   auto grad_w_hh = recurrent_weight_grad(
-      dG, y.to(acc).contiguous(), h0.to(acc).contiguous(),
+      dG_g, y.to(gemm_dtype).contiguous(), h0.to(gemm_dtype).contiguous(),
       lengths.has_value() ? lengths->contiguous() : at::Tensor(),
       [](at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
         accumulate ? out.addmm_(a, b) : at::mm_out(out, a, b);
       });
-  auto grad_w_ih = mm_bt(dG2.t(), x.t(), c10::nullopt).view({D, G, d.I});         // [D, 4H, I]
-  auto grad_bias = dG2.sum(0).view({D, G});                                        // [D, 4H]
-  auto grad_x = mm_bt(dG2, w_ih.to(acc).reshape({D * G, d.I}).t(), c10::nullopt);  // [T*B, I]
+  auto w_ih_g = w_ih.to(gemm_dtype).reshape({D * G, d.I});
+  auto grad_w_ih = mm_bt(dG2.t(), x.t(), c10::nullopt).view({D, G, d.I});  // [D, 4H, I]
+  auto grad_bias = dG.view({T * B, D * G}).sum(0).view({D, G});            // [D, 4H], from acc
+  auto grad_x = mm_bt(dG2, w_ih_g.t(), c10::nullopt);                       // [T*B, I]
   const auto dt = x_in.scalar_type();
   // Weight gradients in the dtype the weights came in (float32 master weights under autocast).
   return {grad_x.view({T, B, d.I}).to(dt), grad_w_ih.to(wdt), grad_w_hh.to(wdt), grad_bias.to(wdt),
