@@ -20,13 +20,14 @@ SRC=$(mktemp -d)
 trap 'rm -rf "$SRC"' EXIT
 cp -r "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/cnnlstm_ext" "$SRC/"
 rm -f "$SRC"/cnnlstm_ext/*.so
+SOURCES=$("$ROOT/scripts/source_hash.sh" "$SRC")  # of the copy built, whatever changes meanwhile
 (cd "$SRC" && CNNLSTM_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH "$PY" setup.py build_ext --inplace) \
   > "$DIR/build.log" 2>&1 || { tail -30 "$DIR/build.log"; exit 1; }
 strip --strip-debug -o "$DIR/_C.abi3.so" "$SRC/cnnlstm_ext/_C.abi3.so"
 {
   echo "torch=$("$PY" -c 'import torch; print(torch.__version__)')"
   echo "arch=$ARCH"
-  echo "sources=$("$ROOT/scripts/source_hash.sh")"
+  echo "sources=$SOURCES"
 } > "$DIR/stamp"
 cat "$DIR/stamp"
 ls -l "$DIR/_C.abi3.so"
