@@ -184,8 +184,9 @@ def temporal_pool(x: Tensor, lengths: Optional[Tensor] = None, mode: str = "mean
     """LSTM outputs -> one vector per sequence, over the valid steps t < lengths[b] only.
 
     x: [T, B, D] ([B, T, D] when batch_first); lengths: int64 [B] on the CPU or x's device, each in
-    [1, T], or None (all T); lengths on a GPU are read back to be checked (a synchronisation),
-    lengths on the CPU are checked there and copied without waiting. mode: "mean", "max", "last"
+    [1, T], or None (all T); lengths on a GPU are read back to be checked (a synchronisation;
+    not while a CUDA graph is captured, which takes them only on the GPU, unchecked), lengths on
+    the CPU are checked there and copied without waiting. mode: "mean", "max", "last"
     (the last valid step; with bidirectional, features [0, D/2) from step lengths[b]-1 and
     [D/2, D) from step 0, as a BiLSTM's classifier expects) or "attention" (softmax over the
     valid steps of x_t . score_weight + score_bias, then the weighted sum; score_weight [D] or

@@ -53,7 +53,8 @@ class FusedLSTM(nn.Module):
     to nn.LSTM's signature) runs padded input with per-sequence lengths without packing: steps past
     a sequence's length are not computed, its output there is zero, and ``h_n``/``c_n`` hold the
     state at its last valid step (the first step for the reverse direction), as with packing.
-    ``lengths`` on the CPU cost the GPU nothing; on a GPU they are read back once to be checked.
+    ``lengths`` on the CPU cost the GPU nothing; on a GPU they are read back once to be checked
+    (except while a CUDA graph is captured, which takes them only on the GPU, unchecked).
     ``proj_size > 0`` is not supported.
     """
 
