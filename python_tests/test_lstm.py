@@ -162,6 +162,22 @@ def test_forward_backward_match_nn_lstm_unbatched(num_layers, bidirectional, wit
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+def test_forward_backward_match_nn_lstm_empty_batch(batch_first, with_hx, dtype, rng):
+    """A batch of size 0, which nn.LSTM accepts: empty outputs that a backward goes through,
+    giving every parameter a zero gradient."""
+    ref, fused = nn_lstm_and_fused(dtype, input_size=I, hidden_size=H, num_layers=2,
+                                   batch_first=batch_first, bidirectional=True)
+    x = randn(*((0, T, I) if batch_first else (T, 0, I)), rng=rng)
+    hx = random_hx(4, 0, rng) if with_hx else None
+    check_parity(ref, fused, x, hx, dtype, rng)
+    out, (h_n, c_n) = fused(x.to(dtype), lengths=torch.zeros(0, dtype=torch.long))
+    assert out.shape == ((0, T, 2 * H) if batch_first else (T, 0, 2 * H))
+    assert h_n.shape == c_n.shape == (4, 0, H)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bidirectional", DIRECTIONS)
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_forward_backward_match_nn_lstm_without_bias(num_layers, bidirectional, dtype, rng):

@@ -218,6 +218,17 @@ def test_cuda_pinned_lengths_are_read_at_the_call(rng):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def test_cuda_empty_batch_like_nn_lstm():
+    # nn.LSTM's shapes (as on the CPU: test_lstm.py checks them against nn.LSTM there).
+    fused = FusedBiLSTM(I, H, num_layers=2, device=CUDA)
+    x = torch.randn(T, 0, I, device=CUDA, requires_grad=True)
+    out, (h_n, c_n) = fused(x, lengths=torch.zeros(0, dtype=torch.long, device=CUDA))
+    assert out.shape == (T, 0, 2 * H) and h_n.shape == c_n.shape == (4, 0, H)
+    (out.sum() + h_n.sum() + c_n.sum()).backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in fused.parameters())
+
+
 # --- CUDA graphs -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

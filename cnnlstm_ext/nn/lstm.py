@@ -270,7 +270,7 @@ class FusedLSTM(nn.Module):
             raise RuntimeError(f"FusedLSTM: while a CUDA graph is captured, lengths must already be "
                                f"on {device} (a static input of the graph), got lengths on "
                                f"{lengths.device}")
-        if not compiling and not capturing:
+        if not compiling and not capturing and batch > 0:
             # Free for lengths on the CPU; lengths on a GPU are read back (one synchronisation),
             # except while a CUDA graph is captured, which forbids it: their values are then
             # not checked (the forward kernels clamp each length to [1, T]).
