@@ -8,6 +8,7 @@ import importlib.util
 import io
 import platform
 import sys
+import warnings
 
 import pytest
 import torch
@@ -658,6 +659,18 @@ def test_fuse_lstm_of_bare_lstm_returns_fused_module(rng):
     x = randn(T, B, I, rng=rng).float()
     torch.testing.assert_close(fused(x)[0], lstm(x)[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(back(x)[0], lstm(x)[0], rtol=0, atol=0)
+
+
+def test_dropout_of_one_layer_warns_as_nn_lstm_does():
+    with pytest.warns(UserWarning, match="dropout option adds dropout") as nn_warned:
+        lstm = nn.LSTM(I, H, num_layers=1, dropout=0.5)
+    with pytest.warns(UserWarning, match="dropout option adds dropout") as warned:
+        FusedLSTM(I, H, num_layers=1, dropout=0.5)
+    assert str(warned[0].message) == str(nn_warned[0].message)
+    with warnings.catch_warnings():  # converting a module does not warn a second time
+        warnings.simplefilter("error")
+        unfuse_lstm(fuse_lstm(lstm))
+        FusedLSTM(I, H, num_layers=2, dropout=0.5)
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])

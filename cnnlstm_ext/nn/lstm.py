@@ -5,8 +5,10 @@ Parameters carry `nn.LSTM`'s names, shapes, initialisation and registration orde
 `bias_hh_l{k}[_reverse]`), so state dicts and optimizer states move between the two unchanged.
 Each layer runs both directions in one op call; inter-layer dropout is applied as nn.LSTM does.
 """
+import contextlib
 import math
 import numbers
+import warnings
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -71,6 +73,10 @@ class FusedLSTM(nn.Module):
             raise ValueError("hidden_size must be greater than zero")
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError("num_layers must be an integer greater than zero")
+        if dropout > 0 and num_layers == 1:  # nn.LSTM's warning
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          f"non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
         if proj_size < 0:
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size > 0:
@@ -339,9 +345,10 @@ class FusedLSTM(nn.Module):
         if lstm.proj_size > 0:
             raise NotImplementedError("cannot fuse an nn.LSTM with proj_size > 0")
         p = lstm.weight_ih_l0
-        fused = FusedLSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias,
-                          lstm.batch_first, lstm.dropout, lstm.bidirectional,
-                          device="meta", dtype=p.dtype)
+        with _source_warned():
+            fused = FusedLSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias,
+                              lstm.batch_first, lstm.dropout, lstm.bidirectional,
+                              device="meta", dtype=p.dtype)
         for name in fused._flat_weights_names:
             setattr(fused, name, getattr(lstm, name))
         fused.flatten_parameters()
@@ -351,14 +358,23 @@ class FusedLSTM(nn.Module):
     def to_lstm(self) -> nn.LSTM:
         """An nn.LSTM sharing this module's Parameter objects."""
         p = self.weight_ih_l0
-        lstm = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, self.bias,
-                       self.batch_first, self.dropout, self.bidirectional,
-                       device="meta", dtype=p.dtype)
+        with _source_warned():
+            lstm = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, self.bias,
+                           self.batch_first, self.dropout, self.bidirectional,
+                           device="meta", dtype=p.dtype)
         for name in self._flat_weights_names:
             setattr(lstm, name, getattr(self, name))
         lstm._init_flat_weights()
         lstm.train(self.training)
         return lstm
+
+
+@contextlib.contextmanager
+def _source_warned():
+    """Silences the dropout warning while a module is converted: its source warned already."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="dropout option adds dropout")
+        yield
 
 
 class FusedBiLSTM(FusedLSTM):
