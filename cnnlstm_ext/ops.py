@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import reference
+
 __all__ = ["lstm_layer"]
 
 
@@ -54,7 +56,6 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     if x.dim() == 3 and x.shape[1] == 0:
         # An empty batch, which nn.LSTM accepts and the kernels do not: the step-by-step
         # reference gives the empty outputs, still functions of the weights (zero gradients).
-        from . import reference
         return reference.lstm_layer(x, [w.to(x.dtype) for w in weights], h0, c0, lengths)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or h0.requires_grad or c0.requires_grad
