@@ -1,10 +1,14 @@
 // C++ checks of the CPU LSTM layer op through the dispatcher, against values computed by hand
 // from the LSTM equations (no PyTorch autograd, no Python).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <cstdio>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <string>
 #include <vector>
 
@@ -164,11 +168,41 @@ void test_bad_input_is_refused() {
   }
 }
 
+// The op called from a parallel region of the caller's, with more threads than torch's pool
+// (bfloat16, whose forward keeps buffers per thread of at::parallel_for): every thread's result
+// matches the serial one (to bfloat16 rounding: the GEMMs may split their sums otherwise there).
+void test_bfloat16_from_a_larger_parallel_region() {
+#ifdef _OPENMP
+  const auto opt = at::TensorOptions().dtype(at::kBFloat16);
+  at::manual_seed(0);
+  const int64_t T = 4, B = 5, I = 8, H = 32, D = 2;
+  auto x = at::randn({T, B, I}, opt), wi = at::randn({D, 4 * H, I}, opt) * 0.3;
+  auto wh = at::randn({D, 4 * H, H}, opt) * 0.3, b = at::randn({D, 4 * H}, opt);
+  auto h = at::randn({D, B, H}, opt), c = at::randn({D, B, H}, opt);
+  const auto weights = per_direction(wi, wh, b);
+  const at::Tensor serial = std::get<0>(forward_op().call(x, weights, h, c, {}, false));
+  const int threads = 2 * at::get_num_threads() + 2;
+  std::vector<int> equal(threads, 0);
+#pragma omp parallel num_threads(threads)
+  {
+    const at::Tensor y = std::get<0>(forward_op().call(x, weights, h, c, {}, false));
+    equal[omp_get_thread_num()] = at::allclose(y, serial, 2e-2, 2e-2) ? 1 : 0;
+  }
+  for (int t = 0; t < threads; ++t) {
+    if (!equal[t]) {
+      std::printf("FAIL bfloat16 forward from thread %d of a caller's parallel region\n", t);
+      ++failures;
+    }
+  }
+#endif
+}
+
 }  // namespace
 
 int main() {
   test_forward_matches_hand_computation();
   test_bad_input_is_refused();
+  test_bfloat16_from_a_larger_parallel_region();
   if (failures == 0) std::printf("all C++ LSTM layer checks passed\n");
   return failures == 0 ? 0 : 1;
 }

@@ -248,7 +248,11 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
     for_unit_slices(D, H, [&](int64_t dir, int64_t j0, int64_t j1) {
       if constexpr (std::is_same_v<acc_t, float>) {
         if (bf16_product) {
-          const int64_t slot = at::get_thread_num() * D + dir;
+          // at::parallel_for numbers its threads from 0 (0 when it runs inline, as inside a
+          // caller's parallel region).
+          const int64_t thread = at::get_thread_num();
+          TORCH_INTERNAL_ASSERT(thread < threads, "thread ", thread, " of ", threads);
+          const int64_t slot = thread * D + dir;
           uint16_t* hb = h_bf16.data() + slot * B * H;
           if (h_bf16_step[slot] != s) {
             cell_kernels.to_bf16(h_in + dir * B * H, hb, B * H);
