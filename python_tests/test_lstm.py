@@ -1073,10 +1073,17 @@ def test_unpickles_modules_saved_by_earlier_versions():
     _no_grad_matches_nn_lstm(loaded, torch.randn(4, 3, 6))
 
 
-RECURRENT_PRODUCT_CASE = """
+# The vector kernels against the reference: batches that do not fill a row group, one and two
+# directions, gate slices of one, two and three column blocks, lengths, forward and every
+# gradient. argv: the dtype, the tolerance (relative to each tensor's largest magnitude) and
+# optionally a file for the results.
+KERNEL_CASE = """
+import sys
 import torch
 from cnnlstm_ext import ops, reference
+dtype, tol = getattr(torch, sys.argv[1]), float(sys.argv[2])
 torch.manual_seed(0)
+results = []
 for b, h, d in ((1, 16, 2), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
     t, i = 6, 24
     shapes = [(4 * h, i), (4 * h, h), (4 * h,), (4 * h,)] * d
@@ -1086,15 +1093,19 @@ for b, h, d in ((1, 16, 2), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
            torch.randn(d, b, h, dtype=torch.float64), torch.randn(d, b, h, dtype=torch.float64)]
     lengths = torch.randint(1, t + 1, (b,))
     lengths[0] = t
-    x32 = [a.float().requires_grad_() for a in x64]
-    x64 = [a.float().double().requires_grad_() for a in x64]
-    out = ops.lstm_layer(x32[0], x32[1:-2], x32[-2], x32[-1], lengths)
+    xs = [a.to(dtype).requires_grad_() for a in x64]
+    x64 = [a.to(dtype).double().requires_grad_() for a in x64]
+    out = ops.lstm_layer(xs[0], xs[1:-2], xs[-2], xs[-1], lengths)
     ref = reference.lstm_layer(x64[0], x64[1:-2], x64[-2], x64[-1], lengths)
     proj = [torch.randn(o.shape, dtype=torch.float64) for o in ref]
-    g = torch.autograd.grad(sum((o.double() * p).sum() for o, p in zip(out, proj)), x32)
+    g = torch.autograd.grad(sum((o.double() * p).sum() for o, p in zip(out, proj)), xs)
     gr = torch.autograd.grad(sum((o * p).sum() for o, p in zip(ref, proj)), x64)
     for a, r in zip(list(out) + list(g), list(ref) + list(gr)):
-        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * r.abs().max().item())
+    results += [a.detach() for a in list(out) + list(g)]
+if len(sys.argv) > 3:
+    torch.save(results, sys.argv[3])
 print(torch.backends.cpu.get_cpu_capability())
 """
 
@@ -1133,7 +1144,7 @@ def test_recurrent_product_kernels_match_reference(capability, gemm, tmp_path):
     extra = {"CNNLSTM_EXT_CPU_GEMM": gemm}
     if capability:
         extra["ATEN_CPU_CAPABILITY"] = capability
-    run = subprocess.run([sys.executable, "-c", RECURRENT_PRODUCT_CASE],
+    run = subprocess.run([sys.executable, "-c", KERNEL_CASE, "float32", "1e-5"],
                          env=subprocess_env(**extra), cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     if capability:
@@ -1168,41 +1179,6 @@ def test_large_gemms_follow_mkldnn_flag(enabled):
     assert enabled or "aten::mm" in names or "aten::addmm" in names
 
 
-# bfloat16 inputs: where the CPU has AVX512-BF16 the op runs both products in bfloat16 (float32
-# sums); else in float32. The same shapes as RECURRENT_PRODUCT_CASE; writes the outputs and
-# gradients to the file named by argv[1].
-BF16_CASE = """
-import sys
-import torch
-from cnnlstm_ext import ops, reference
-torch.manual_seed(0)
-results = []
-for b, h, d in ((1, 16, 2), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
-    t, i = 6, 24
-    shapes = [(4 * h, i), (4 * h, h), (4 * h,), (4 * h,)] * d
-    x64 = [torch.randn(t, b, i, dtype=torch.float64),
-           *(torch.randn(s, dtype=torch.float64) * (0.3 if k % 4 == 1 else 1)
-             for k, s in enumerate(shapes)),
-           torch.randn(d, b, h, dtype=torch.float64), torch.randn(d, b, h, dtype=torch.float64)]
-    lengths = torch.randint(1, t + 1, (b,))
-    lengths[0] = t
-    x16 = [a.bfloat16().requires_grad_() for a in x64]
-    x64 = [a.bfloat16().double().requires_grad_() for a in x64]
-    out = ops.lstm_layer(x16[0], x16[1:-2], x16[-2], x16[-1], lengths)
-    ref = reference.lstm_layer(x64[0], x64[1:-2], x64[-2], x64[-1], lengths)
-    proj = [torch.randn(o.shape, dtype=torch.float64) for o in ref]
-    g = torch.autograd.grad(sum((o.double() * p).sum() for o, p in zip(out, proj)), x16)
-    gr = torch.autograd.grad(sum((o * p).sum() for o, p in zip(ref, proj)), x64)
-    for a, r in zip(list(out) + list(g), list(ref) + list(gr)):
-        assert a.dtype == torch.bfloat16
-        scale = r.abs().max().item()
-        torch.testing.assert_close(a.double(), r, rtol=2e-2, atol=2e-2 * scale)
-    results += [a.detach() for a in list(out) + list(g)]
-torch.save(results, sys.argv[1])
-print(torch.backends.cpu.get_cpu_capability())
-"""
-
-
 def test_bfloat16_kernels_match_reference(tmp_path):
     """bfloat16 through the AVX512-BF16 products (where this CPU has them) and through the float32
     computation (ATEN_CPU_CAPABILITY=avx2): both match the float64 reference on the same rounded
@@ -1217,8 +1193,8 @@ def test_bfloat16_kernels_match_reference(tmp_path):
     for capability in (None, "avx2"):
         path = tmp_path / f"{capability}.pt"
         env = subprocess_env(**({"ATEN_CPU_CAPABILITY": capability} if capability else {}))
-        run = subprocess.run([sys.executable, "-c", BF16_CASE, str(path)], env=env, cwd=tmp_path,
-                             capture_output=True, text=True)
+        run = subprocess.run([sys.executable, "-c", KERNEL_CASE, "bfloat16", "2e-2", str(path)],
+                             env=env, cwd=tmp_path, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         results[capability] = torch.load(path)
     bf16_kernels = _cpu_has("AVX512") and torch.cpu._is_avx512_bf16_supported()
