@@ -128,7 +128,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def time_interleaved(benchmark, step, baseline_step, rounds: int) -> None:
+def time_interleaved(benchmark, step, baseline_step, rounds: int, warmup_rounds: int = 1) -> None:
     """Times `step`. For the fused entry (baseline_step given) a baseline call runs before each
     round, outside the timed call, and is timed apart: the ratio of the two medians compares
     calls made under the same machine load."""
@@ -141,7 +141,7 @@ def time_interleaved(benchmark, step, baseline_step, rounds: int) -> None:
     if baseline_step is not None:
         baseline_step()  # warm-up
     benchmark.pedantic(step, setup=setup if baseline_step is not None else None, rounds=rounds,
-                       iterations=1, warmup_rounds=1)
+                       iterations=1, warmup_rounds=warmup_rounds)
     if baseline_step is not None:
         baseline_s = statistics.median(interleaved)
         benchmark.extra_info["baseline_interleaved_median_s"] = baseline_s
@@ -215,6 +215,11 @@ def tiny_step(impl: str, case: str, device: str):
     return make_step(impl, case, size=TINY, batch=1, steps=2, device=device)
 
 
+def twenty_calls(step):
+    """A round of 20 calls, so that the timer's own cost stays out of the figure."""
+    return lambda: [step() for _ in range(20)]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
@@ -227,20 +232,5 @@ def test_lstm_call_cost(benchmark, case, device, impl):
         "num_layers": LAYERS, "bidirectional": True, "batch": 1, "steps": 2,
         "threads": torch.get_num_threads(), "cpu": _cpu_model(), "torch": torch.__version__,
     })
-    # Each round times 20 calls, so the timer's own cost stays out of the figure.
-    calls = lambda: [step() for _ in range(20)]  # noqa: E731
-    setup, interleaved = None, []
-    if impl == "fused":
-        baseline_step = tiny_step("baseline", case, device)
-        baseline_step()
-
-        def setup():
-            start = time.perf_counter()
-            for _ in range(20):
-                baseline_step()
-            interleaved.append(time.perf_counter() - start)
-    benchmark.pedantic(calls, setup=setup, rounds=COST_ROUNDS, iterations=1, warmup_rounds=5)
-    if impl == "fused":
-        baseline_s = statistics.median(interleaved)
-        benchmark.extra_info["baseline_interleaved_median_s"] = baseline_s
-        benchmark.extra_info["speedup_vs_baseline"] = baseline_s / benchmark.stats.stats.median
+    baseline = twenty_calls(tiny_step("baseline", case, device)) if impl == "fused" else None
+    time_interleaved(benchmark, twenty_calls(step), baseline, COST_ROUNDS, warmup_rounds=5)
