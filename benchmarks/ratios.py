@@ -148,15 +148,26 @@ def format_table(rows: List[Dict], markdown: bool) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(row) for row in body])
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def json_files_cli(description: str, argv=None, markdown: bool = False):
+    """The command line of this script and of targets.py: the parsed arguments, and (path,
+    report) for each pytest-benchmark JSON file named."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("json_files", nargs="+", help="pytest-benchmark --benchmark-json output")
-    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    if markdown:
+        parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
+
+    def reports():
+        for path in args.json_files:
+            with open(path) as f:
+                yield path, json.load(f)
+    return args, reports()
+
+
+def main(argv=None) -> int:
+    args, reports = json_files_cli(__doc__.split("\n")[0], argv, markdown=True)
     status = 0
-    for path in args.json_files:
-        with open(path) as f:
-            report = json.load(f)
+    for path, report in reports:
         rows = ratio_rows(report, path)
         print(f"{path} ({machine_line(report)})")
         if not rows:

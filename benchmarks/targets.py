@@ -16,14 +16,12 @@ Goals of the pooling ops (bench_pooling.py, against the unfused PyTorch sequence
 call cases are host time on tiny inputs and count for none): >= 1.5x on the CPU; >= 2x on a GPU,
 and >= 85% of the card's copy bandwidth (bytes read and written once) where a case counts them.
 """
-import argparse
-import json
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ratios import ratio_rows  # noqa: E402
+from ratios import json_files_cli, ratio_rows  # noqa: E402
 
 Row = Dict
 # (goal, the rows it covers, the value of a row, the bound, True if the value must be at least it)
@@ -96,13 +94,9 @@ def check(rows: List[Row]) -> List[Dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("json_files", nargs="+", help="pytest-benchmark --benchmark-json output")
-    args = parser.parse_args(argv)
+    _, reports = json_files_cli(__doc__.split("\n")[0], argv)
     status = 0
-    for path in args.json_files:
-        with open(path) as f:
-            report = json.load(f)
+    for path, report in reports:
         print(path)
         for v in check(ratio_rows(report, path)):
             goal = "%s %s %g" % (v["goal"], ">=" if v["at_least"] else "<=", v["bound"])
