@@ -176,22 +176,26 @@ def test_lstm_cpu(benchmark, case, impl):
 
 # bfloat16 at the same shape: the module and input in bfloat16, and a float32 module under CPU
 # autocast (where nn.LSTM runs oneDNN's bfloat16 RNN). On a CPU with AVX512-BF16 the fused
-# forward runs its products in bfloat16 too.
+# forward and backward run their products in bfloat16 too. Also at B = 32, where the large GEMMs
+# (the same on both sides) take most of a call.
 PRECISIONS = ["bfloat16", "autocast"]
+BF16_BATCHES = [BATCH, 32]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("batch", BF16_BATCHES, ids=[f"B{b}" for b in BF16_BATCHES])
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_lstm_cpu_bfloat16(benchmark, precision, case, impl):
-    step = make_step(impl, case, precision=precision)
-    benchmark.group = f"lstm_cpu_{precision}:{case}"
+def test_lstm_cpu_bfloat16(benchmark, precision, batch, case, impl):
+    step = make_step(impl, case, batch=batch, precision=precision)
+    benchmark.group = f"lstm_cpu_{precision}:B{batch}:{case}"
     benchmark.extra_info.update({
-        "impl": impl, "case": case, "precision": precision, "batch": BATCH, "steps": STEPS,
+        "impl": impl, "case": case, "precision": precision, "batch": batch, "steps": STEPS,
         "threads": torch.get_num_threads(), "cpu": _cpu_model(), "torch": torch.__version__,
         "load_average_1min": os.getloadavg()[0],
     })
-    baseline = make_step("baseline", case, precision=precision) if impl == "fused" else None
+    baseline = (make_step("baseline", case, batch=batch, precision=precision)
+                if impl == "fused" else None)
     time_interleaved(benchmark, step, baseline, ROUNDS[case])
 
 

@@ -229,6 +229,30 @@ def test_forward_backward_match_nn_lstm_dropout_in_train_mode_same_seed(bidirect
     check_parity(seeded(ref), seeded(fused), x, None, torch.float64, rng)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_nan_spreads_as_in_nn_lstm(dtype, rng):
+    """A NaN in one input step reaches the same outputs and gradients as in nn.LSTM (all of its
+    sequence after two bidirectional layers, no other sequence). H = 32: the vector kernels, and
+    for bfloat16 on AVX512-BF16 CPUs the bfloat16 products and loads/stores of the cell kernels."""
+    ref, fused = nn_lstm_and_fused(dtype, input_size=8, hidden_size=32, num_layers=2,
+                                   bidirectional=True)
+    x = randn(6, 3, 8, rng=rng)
+    x[2, 1, 5] = float("nan")
+    weights = randn(6, 3, 64, rng=rng)
+    results = []
+    for module, inputs in ((ref, x.to(dtype).float()), (fused, x.to(dtype))):
+        leaf = inputs.clone().requires_grad_()
+        out, (h_n, c_n) = module(leaf)
+        (out.float() * weights.float()).nan_to_num().sum().backward()
+        results.append([out, h_n, c_n, leaf.grad] + [p.grad for p in module.parameters()])
+    names = ["output", "h_n", "c_n", "grad of input"] + [n for n, _ in fused.named_parameters()]
+    for name, r, f in zip(names, *results):
+        assert torch.equal(f.isnan(), r.isnan()), name
+    out, grad_x = results[1][0], results[1][3]
+    assert out[:, 1].isnan().all() and not out[:, [0, 2]].isnan().any()
+    assert grad_x[:, 1].isnan().all() and not grad_x[:, [0, 2]].isnan().any()
+
+
 def test_from_lstm_shares_parameters_and_matches(rng):
     ref = nn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True).double()
     fused = FusedLSTM.from_lstm(ref)

@@ -52,6 +52,19 @@ using RecurrentProductBf16Fn = void (*)(const uint16_t* a, const uint16_t* w, fl
                                         int64_t B, int64_t J, int64_t C, int64_t c0, int64_t c1);
 // float32 -> bfloat16 bits, rounded to nearest even, n elements.
 using ToBf16Fn = void (*)(const float* src, uint16_t* dst, int64_t n);
+// The forward of one row (as LstmCellForwardFn) for bfloat16 layers with bfloat16 products:
+// x_row (the projection), y_row, g_row and cl_row are bfloat16 bits, so that those [T, B, ...]
+// tensors are never made in float32 and converted; the state (r_row, c_row, h_row) and all math
+// stay float32. Rounds where the float32 kernel's caller rounded its outputs: same results.
+using LstmCellForwardBf16Fn = void (*)(const uint16_t* x_row, const float* r_row, float* c_row,
+                                       float* h_row, uint16_t* y_row, uint16_t* g_row,
+                                       uint16_t* cl_row, int64_t n, int64_t H);
+// The backward of one row (as LstmCellBackwardFn) for those layers: g_row, c_row, cprev_row,
+// gy_row and dG_row are bfloat16 bits; the recurrent state (dh_in, dc_row, ds_row) is float32.
+using LstmCellBackwardBf16Fn = void (*)(const uint16_t* g_row, const uint16_t* c_row,
+                                        const uint16_t* cprev_row, const uint16_t* gy_row,
+                                        const float* dh_in, float* dc_row, float* ds_row,
+                                        uint16_t* dG_row, int64_t n, int64_t H);
 
 template <typename acc_t>
 struct LstmCellKernels {
@@ -61,6 +74,8 @@ struct LstmCellKernels {
   // Where the CPU has AVX512-BF16 (float32 variants only): the product of bfloat16 inputs.
   RecurrentProductBf16Fn recurrent_product_bf16 = nullptr;
   ToBf16Fn to_bf16 = nullptr;
+  LstmCellForwardBf16Fn forward_bf16 = nullptr;
+  LstmCellBackwardBf16Fn backward_bf16 = nullptr;
 };
 
 namespace cell_default {

@@ -33,66 +33,112 @@ inline acc_t sigmoid(acc_t v) {
   return acc_t(1) / (acc_t(1) + std::exp(-v));
 }
 
+// Loads and stores of the [T, B, ...] tensors a row reads and writes: acc_t itself, or bfloat16
+// bits (forward_bf16, backward_bf16), converted to and from float32 on the way.
 template <typename acc_t>
-void forward_row(const acc_t* x_row, const acc_t* r_row, acc_t* c_row, acc_t* h_row, acc_t* y_row,
-                 acc_t* g_row, acc_t* cl_row, int64_t n, int64_t H) {
+inline Vectorized<acc_t> load_io(const acc_t* p) {
+  return Vectorized<acc_t>::loadu(p);
+}
+template <typename acc_t>
+inline void store_io(Vectorized<acc_t> v, acc_t* p) {
+  v.store(p);
+}
+template <typename acc_t>
+inline acc_t scalar_in(acc_t v) {
+  return v;
+}
+template <typename acc_t>
+inline void scalar_out(acc_t v, acc_t* p) {
+  *p = v;
+}
+inline float scalar_in(uint16_t bits) { return c10::BFloat16(bits, c10::BFloat16::from_bits()); }
+inline void scalar_out(float v, uint16_t* p) { *p = c10::BFloat16(v).x; }
+
+#ifdef CPU_CAPABILITY_AVX2
+// 8 bfloat16 -> float32: the bits become the high half of each lane.
+inline Vectorized<float> load_io(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+// 8 float32 -> bfloat16, rounded to nearest even and NaN to 0x7fc0, as c10::BFloat16.
+inline void store_io(Vectorized<float> v, uint16_t* p) {
+  const __m256 f = v;
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  r = _mm256_srli_epi32(r, 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  // 32 -> 16 bits per lane: packus works within 128-bit halves, [r0-3 r0-3 | r4-7 r4-7]; then
+  // quadwords 0 and 2.
+  r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(r));
+}
+#endif
+
+// io_t: acc_t, or bfloat16 bits (uint16_t; AVX2 build) for x_row, y_row, g_row and cl_row.
+template <typename acc_t, typename io_t>
+void forward_row(const io_t* x_row, const acc_t* r_row, acc_t* c_row, acc_t* h_row, io_t* y_row,
+                 io_t* g_row, io_t* cl_row, int64_t n, int64_t H) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   int64_t j = 0;
   for (; j + V <= n; j += V) {
-    Vec i = vsigmoid(Vec::loadu(x_row + j) + Vec::loadu(r_row + j));
-    Vec f = vsigmoid(Vec::loadu(x_row + H + j) + Vec::loadu(r_row + H + j));
-    Vec g = vtanh(Vec::loadu(x_row + 2 * H + j) + Vec::loadu(r_row + 2 * H + j));
-    Vec o = vsigmoid(Vec::loadu(x_row + 3 * H + j) + Vec::loadu(r_row + 3 * H + j));
+    Vec i = vsigmoid(load_io(x_row + j) + Vec::loadu(r_row + j));
+    Vec f = vsigmoid(load_io(x_row + H + j) + Vec::loadu(r_row + H + j));
+    Vec g = vtanh(load_io(x_row + 2 * H + j) + Vec::loadu(r_row + 2 * H + j));
+    Vec o = vsigmoid(load_io(x_row + 3 * H + j) + Vec::loadu(r_row + 3 * H + j));
     Vec cn = f * Vec::loadu(c_row + j) + i * g;
     Vec hn = o * vtanh(cn);
     cn.store(c_row + j);
     hn.store(h_row + j);
-    hn.store(y_row + j);
+    store_io(hn, y_row + j);
     if (g_row) {
-      i.store(g_row + j);
-      f.store(g_row + H + j);
-      g.store(g_row + 2 * H + j);
-      o.store(g_row + 3 * H + j);
-      cn.store(cl_row + j);
+      store_io(i, g_row + j);
+      store_io(f, g_row + H + j);
+      store_io(g, g_row + 2 * H + j);
+      store_io(o, g_row + 3 * H + j);
+      store_io(cn, cl_row + j);
     }
   }
   for (; j < n; ++j) {
-    const acc_t i = sigmoid(x_row[j] + r_row[j]);
-    const acc_t f = sigmoid(x_row[H + j] + r_row[H + j]);
-    const acc_t g = std::tanh(x_row[2 * H + j] + r_row[2 * H + j]);
-    const acc_t o = sigmoid(x_row[3 * H + j] + r_row[3 * H + j]);
+    const acc_t i = sigmoid(scalar_in(x_row[j]) + r_row[j]);
+    const acc_t f = sigmoid(scalar_in(x_row[H + j]) + r_row[H + j]);
+    const acc_t g = std::tanh(scalar_in(x_row[2 * H + j]) + r_row[2 * H + j]);
+    const acc_t o = sigmoid(scalar_in(x_row[3 * H + j]) + r_row[3 * H + j]);
     const acc_t cn = f * c_row[j] + i * g;
     const acc_t hn = o * std::tanh(cn);
     c_row[j] = cn;
     h_row[j] = hn;
-    y_row[j] = hn;
+    scalar_out(hn, y_row + j);
     if (g_row) {
-      g_row[j] = i;
-      g_row[H + j] = f;
-      g_row[2 * H + j] = g;
-      g_row[3 * H + j] = o;
-      cl_row[j] = cn;
+      scalar_out(i, g_row + j);
+      scalar_out(f, g_row + H + j);
+      scalar_out(g, g_row + 2 * H + j);
+      scalar_out(o, g_row + 3 * H + j);
+      scalar_out(cn, cl_row + j);
     }
   }
 }
 
-template <typename acc_t>
-void backward_row(const acc_t* g_row, const acc_t* c_row, const acc_t* cprev_row,
-                  const acc_t* gy_row, const acc_t* dh_in, acc_t* dc_row, acc_t* ds_row,
-                  acc_t* dG_row, int64_t n, int64_t H) {
+// io_t: acc_t, or bfloat16 bits (uint16_t; AVX2 build) for g_row, c_row, cprev_row, gy_row and
+// dG_row; the recurrent state (dh_in, dc_row, ds_row) is acc_t.
+template <typename acc_t, typename io_t>
+void backward_row(const io_t* g_row, const io_t* c_row, const io_t* cprev_row, const io_t* gy_row,
+                  const acc_t* dh_in, acc_t* dc_row, acc_t* ds_row, io_t* dG_row, int64_t n,
+                  int64_t H) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const Vec one(acc_t(1));
   int64_t j = 0;
   for (; j + V <= n; j += V) {
-    const Vec i = Vec::loadu(g_row + j), f = Vec::loadu(g_row + H + j);
-    const Vec g = Vec::loadu(g_row + 2 * H + j), o = Vec::loadu(g_row + 3 * H + j);
-    const Vec tc = vtanh(Vec::loadu(c_row + j));
-    const Vec dh = Vec::loadu(gy_row + j) + Vec::loadu(dh_in + j);
+    const Vec i = load_io(g_row + j), f = load_io(g_row + H + j);
+    const Vec g = load_io(g_row + 2 * H + j), o = load_io(g_row + 3 * H + j);
+    const Vec tc = vtanh(load_io(c_row + j));
+    const Vec dh = load_io(gy_row + j) + Vec::loadu(dh_in + j);
     const Vec dc = Vec::loadu(dc_row + j) + dh * o * (one - tc * tc);
     const Vec di = dc * g * i * (one - i);
-    const Vec df = dc * Vec::loadu(cprev_row + j) * f * (one - f);
+    const Vec df = dc * load_io(cprev_row + j) * f * (one - f);
     const Vec dg = dc * i * (one - g * g);
     const Vec dout = dh * tc * o * (one - o);
     (dc * f).store(dc_row + j);
@@ -100,25 +146,30 @@ void backward_row(const acc_t* g_row, const acc_t* c_row, const acc_t* cprev_row
     df.store(ds_row + H + j);
     dg.store(ds_row + 2 * H + j);
     dout.store(ds_row + 3 * H + j);
-    di.store(dG_row + j);
-    df.store(dG_row + H + j);
-    dg.store(dG_row + 2 * H + j);
-    dout.store(dG_row + 3 * H + j);
+    store_io(di, dG_row + j);
+    store_io(df, dG_row + H + j);
+    store_io(dg, dG_row + 2 * H + j);
+    store_io(dout, dG_row + 3 * H + j);
   }
   for (; j < n; ++j) {
-    const acc_t i = g_row[j], f = g_row[H + j], g = g_row[2 * H + j], o = g_row[3 * H + j];
-    const acc_t tc = std::tanh(c_row[j]);
-    const acc_t dh = gy_row[j] + dh_in[j];
+    const acc_t i = scalar_in(g_row[j]), f = scalar_in(g_row[H + j]);
+    const acc_t g = scalar_in(g_row[2 * H + j]), o = scalar_in(g_row[3 * H + j]);
+    const acc_t tc = std::tanh(scalar_in(c_row[j]));
+    const acc_t dh = scalar_in(gy_row[j]) + dh_in[j];
     const acc_t dc = dc_row[j] + dh * o * (acc_t(1) - tc * tc);
     const acc_t di = dc * g * i * (acc_t(1) - i);
-    const acc_t df = dc * cprev_row[j] * f * (acc_t(1) - f);
+    const acc_t df = dc * scalar_in(cprev_row[j]) * f * (acc_t(1) - f);
     const acc_t dg = dc * i * (acc_t(1) - g * g);
     const acc_t dout = dh * tc * o * (acc_t(1) - o);
     dc_row[j] = dc * f;
-    ds_row[j] = dG_row[j] = di;
-    ds_row[H + j] = dG_row[H + j] = df;
-    ds_row[2 * H + j] = dG_row[2 * H + j] = dg;
-    ds_row[3 * H + j] = dG_row[3 * H + j] = dout;
+    ds_row[j] = di;
+    ds_row[H + j] = df;
+    ds_row[2 * H + j] = dg;
+    ds_row[3 * H + j] = dout;
+    scalar_out(di, dG_row + j);
+    scalar_out(df, dG_row + H + j);
+    scalar_out(dg, dG_row + 2 * H + j);
+    scalar_out(dout, dG_row + 3 * H + j);
   }
 }
 
@@ -163,12 +214,20 @@ void recurrent_product_avx2(const float* a, const float* w, float* out, int64_t 
 
 #ifdef CPU_CAPABILITY_AVX2
 LstmCellKernels<float> kernels_float() {
-  return {&forward_row<float>, &backward_row<float>, &recurrent_product_avx2};
+  LstmCellKernels<float> kernels{&forward_row<float, float>, &backward_row<float, float>,
+                                 &recurrent_product_avx2};
+  kernels.forward_bf16 = &forward_row<float, uint16_t>;
+  kernels.backward_bf16 = &backward_row<float, uint16_t>;
+  return kernels;
 }
 #else
-LstmCellKernels<float> kernels_float() { return {&forward_row<float>, &backward_row<float>}; }
+LstmCellKernels<float> kernels_float() {
+  return {&forward_row<float, float>, &backward_row<float, float>};
+}
 #endif
-LstmCellKernels<double> kernels_double() { return {&forward_row<double>, &backward_row<double>}; }
+LstmCellKernels<double> kernels_double() {
+  return {&forward_row<double, double>, &backward_row<double, double>};
+}
 
 }  // namespace CNNLSTM_CELL_NS
 }  // namespace cnnlstm_ext
