@@ -95,8 +95,11 @@ at::Tensor mm_bt(const at::Tensor& a, const at::Tensor& b, const c10::optional<a
 // dG rounded once to bfloat16), at twice the multiply-adds per instruction of float32, as
 // nn.LSTM's oneDNN RNN runs them. Everything else is computed in float32.
 bool bf16_products(const at::Tensor& x, int64_t H) {
-  return x.scalar_type() == at::kBFloat16 && H % kRecColumns == 0 &&
-         lstm_cell_kernels<float>().recurrent_product_bf16 != nullptr;
+  static const bool available = [] {
+    const auto k = lstm_cell_kernels<float>();
+    return k.recurrent_product_bf16 && k.to_bf16 && k.forward_bf16 && k.backward_bf16;
+  }();
+  return x.scalar_type() == at::kBFloat16 && H % kRecColumns == 0 && available;
 }
 
 // Whether the variant's recurrent-product kernel takes this layer (else at::bmm).
