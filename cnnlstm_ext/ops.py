@@ -5,7 +5,8 @@ The kernels live in csrc/ (schemas in csrc/ops.cpp). Each op gets a fake impleme
 a C++ autograd function (csrc/lstm_autograd.cpp, csrc/pooling_autograd.cpp) rather than
 `torch.library.register_autograd`, whose Python layer would cost more host time per call than
 the small pooling kernels take, and bound a GPU training step of the LSTM by the host. The
-pooling ops' backward ops are differentiable there too.
+pooling ops' backward ops are differentiable there too. The torch.func transforms cannot go
+through a C++ autograd function: under them the ops run cnnlstm_ext.reference (functorch_active).
 """
 from typing import Optional, Sequence, Tuple
 
@@ -32,6 +33,28 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) is running. The ops'
+    autograd is a C++ autograd function, which these transforms cannot go through, so the ops
+    then run the step-by-step reference of cnnlstm_ext.reference: the same semantics, slower."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def _reference_lengths(op: str, lengths: Optional[Tensor], batch: int, steps: int) -> None:
+    """The kernels' checks of lengths, for a call that runs the reference instead (which would
+    take an out-of-range length silently)."""
+    if lengths is None:
+        return
+    if lengths.dtype != torch.long or tuple(lengths.shape) != (batch,):
+        raise RuntimeError(f"{op}: lengths must be int64 of shape [{batch}], got {lengths.dtype} "
+                           f"of shape {list(lengths.shape)}")
+    if batch > 0:
+        lo, hi = (int(v) for v in torch.aminmax(lengths))
+        if lo < 1 or hi > steps:
+            raise RuntimeError(f"{op}: every length must be in [1, T={steps}], got values in "
+                               f"[{lo}, {hi}]")
+
+
 # --- lstm ---------------------------------------------------------------------------------------
 
 def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
@@ -56,6 +79,10 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     if x.dim() == 3 and x.shape[1] == 0:
         # An empty batch, which nn.LSTM accepts and the kernels do not: the step-by-step
         # reference gives the empty outputs, still functions of the weights (zero gradients).
+        return reference.lstm_layer(x, [w.to(x.dtype) for w in weights], h0, c0, lengths)
+    if functorch_active():
+        if x.dim() == 3:
+            _reference_lengths("lstm_layer", lengths, x.shape[1], x.shape[0])
         return reference.lstm_layer(x, [w.to(x.dtype) for w in weights], h0, c0, lengths)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or h0.requires_grad or c0.requires_grad
@@ -161,6 +188,11 @@ def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool 
         raise ValueError("frame_pool: mode must be one of %s, got %r" % (FRAME_POOL_MODES, mode))
     if out_dtype is not None and out_dtype not in _POOL_DTYPES:
         raise TypeError("frame_pool: out_dtype must be one of %s, got %s" % (_POOL_DTYPES, out_dtype))
+    if functorch_active():
+        if x.dim() != 4 or batch_size < 1 or x.shape[0] % batch_size:
+            raise RuntimeError(f"frame_pool: x must be [B*T, C, h, w] with B = batch_size = "
+                               f"{batch_size} dividing its first dimension, got {list(x.shape)}")
+        return reference.frame_pool(x, int(batch_size), mode, batch_first, out_dtype)
     out, _ = torch.ops.cnnlstm_ext.frame_pool_forward(x, int(batch_size), mode, batch_first, out_dtype)
     return out
 
@@ -202,6 +234,12 @@ def temporal_pool(x: Tensor, lengths: Optional[Tensor] = None, mode: str = "mean
         raise ValueError("temporal_pool: mode must be one of %s, got %r" % (TEMPORAL_POOL_MODES, mode))
     if mode == "attention" and score_weight is None:
         raise ValueError("temporal_pool: mode 'attention' needs score_weight [D]")
+    if functorch_active():
+        if x.dim() == 3:
+            _reference_lengths("temporal_pool", lengths, x.shape[0 if batch_first else 1],
+                               x.shape[1 if batch_first else 0])
+        return reference.temporal_pool(x, lengths, mode, batch_first, bidirectional, score_weight,
+                                       score_bias)
     out, _ = torch.ops.cnnlstm_ext.temporal_pool_forward(x, lengths, mode, batch_first, bidirectional,
                                                          score_weight, score_bias)
     return out

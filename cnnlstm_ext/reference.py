@@ -1,4 +1,6 @@
-"""Pure-PyTorch versions of every op: the test oracle. Never used as a silent fallback."""
+"""Pure-PyTorch versions of every op: the test oracle. Never a silent fallback for a failing
+kernel; the ops call it only for what the kernels do not serve: an empty batch (lstm_layer) and
+the torch.func transforms (cnnlstm_ext.ops.functorch_active)."""
 from typing import Optional, Sequence, Tuple
 
 import torch

@@ -233,12 +233,13 @@ class FusedLSTM(nn.Module):
         """Per layer (h0, c0) [D, B, H]: views of hx, or zeros when hx is None.
 
         The zeros are kept between calls of the same device, dtype and batch: the op only reads
-        them, and a call saves their allocation and fill.
+        them, and a call saves their allocation and fill. (Not under compile, nor under a
+        torch.func transform, whose tensors must not outlive it.)
         """
         D = 2 if self.bidirectional else 1
         if hx is not None:
             return list(zip(hx[0].split(D), hx[1].split(D)))
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or ops.functorch_active():
             zeros = x.new_zeros(D, batch, self.hidden_size)
             return [(zeros, zeros)] * self.num_layers
         key = (x.device, x.dtype, batch)
