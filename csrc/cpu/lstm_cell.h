@@ -66,6 +66,10 @@ using LstmCellBackwardBf16Fn = void (*)(const uint16_t* g_row, const uint16_t* c
                                         const float* dh_in, float* dc_row, float* ds_row,
                                         uint16_t* dG_row, int64_t n, int64_t H);
 
+// The packing of w_hh's blocks (pack_w_hh, pack_w_hh_bf16 in lstm_layer.cpp): 16 rows of 32-bit
+// words [16, cols] (row stride ld) -> [cols, 16]; cols a multiple of 8.
+using Transpose16Fn = void (*)(const uint32_t* src, int64_t ld, uint32_t* dst, int64_t cols);
+
 template <typename acc_t>
 struct LstmCellKernels {
   LstmCellForwardFn<acc_t> forward;
@@ -76,6 +80,7 @@ struct LstmCellKernels {
   ToBf16Fn to_bf16 = nullptr;
   LstmCellForwardBf16Fn forward_bf16 = nullptr;
   LstmCellBackwardBf16Fn backward_bf16 = nullptr;
+  Transpose16Fn transpose16 = nullptr;
 };
 
 namespace cell_default {

@@ -208,6 +208,38 @@ void recurrent_product_avx2(const float* a, const float* w, float* out, int64_t 
     }
   }
 }
+
+// Transpose16Fn (lstm_cell.h): 8 x 8 blocks of words transposed in registers, where a scalar loop
+// moved one word per load and store (w_hh is packed at every call: a one-step call of 3 layers at
+// H = 512, B = 1, float32, took 3.7-4.4 ms here against 4.4-4.6). Only moves bits: the words may
+// be float32 or pairs of bfloat16.
+void transpose16_avx2(const uint32_t* src, int64_t ld, uint32_t* dst, int64_t cols) {
+  for (int64_t k0 = 0; k0 < cols; k0 += 8) {
+    for (int64_t i0 = 0; i0 < 16; i0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(src + (i0 + i) * ld + k0));
+      // Pairs of rows interleaved, then quads, then the 128-bit halves: c[j] holds word k0 + j of
+      // rows i0 .. i0 + 7.
+      __m256 t[8], q[8];
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        q[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        q[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        q[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        q[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int j = 0; j < 4; ++j) {
+        float* out = reinterpret_cast<float*>(dst + (k0 + j) * 16 + i0);
+        _mm256_storeu_ps(out, _mm256_permute2f128_ps(q[j], q[j + 4], 0x20));
+        _mm256_storeu_ps(out + 4 * 16, _mm256_permute2f128_ps(q[j], q[j + 4], 0x31));
+      }
+    }
+  }
+}
 #endif  // CPU_CAPABILITY_AVX2
 
 }  // namespace
@@ -218,6 +250,7 @@ LstmCellKernels<float> kernels_float() {
                                  &recurrent_product_avx2};
   kernels.forward_bf16 = &forward_row<float, uint16_t>;
   kernels.backward_bf16 = &backward_row<float, uint16_t>;
+  kernels.transpose16 = &transpose16_avx2;
   return kernels;
 }
 #else

@@ -124,10 +124,17 @@ at::Tensor pack_w_hh(const at::Tensor& w_hh, bool forward) {
   acc_t* dst = packed.data_ptr<acc_t>();
   if (forward) {
     // A task transposes blocks of 16 rows [16, H] into [H, 16] (both at blk * 16 * H).
+    Transpose16Fn transpose16 = nullptr;
+    if constexpr (std::is_same_v<acc_t, float>) transpose16 = lstm_cell_kernels<float>().transpose16;
     at::parallel_for(0, D * G / V, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         const acc_t* rows = src + blk * V * H;
         acc_t* out = dst + blk * V * H;
+        if (transpose16 && H % 8 == 0) {
+          transpose16(reinterpret_cast<const uint32_t*>(rows), H, reinterpret_cast<uint32_t*>(out),
+                      H);
+          continue;
+        }
         for (int64_t k = 0; k < H; ++k)
           for (int64_t i = 0; i < V; ++i) out[k * V + i] = rows[i * H + k];
       }
@@ -156,11 +163,18 @@ at::Tensor pack_w_hh_bf16(const at::Tensor& w_hh) {
   auto packed = at::empty({D, G / V, H / 2, V, 2}, w_hh.options());
   const auto* src = reinterpret_cast<const uint16_t*>(w_hh.const_data_ptr<at::BFloat16>());
   auto* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
-  // A task packs blocks of 16 rows [16, H] into [H / 2, 16, 2] (both at blk * 16 * H).
+  // A task packs blocks of 16 rows [16, H] into [H / 2, 16, 2] (both at blk * 16 * H): a
+  // transpose of the rows' 32-bit words (pairs of units).
+  const Transpose16Fn transpose16 = lstm_cell_kernels<float>().transpose16;
   at::parallel_for(0, D * G / V, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const uint16_t* rows = src + blk * V * H;
       uint16_t* out = dst + blk * V * H;
+      if (transpose16 && H % 16 == 0) {
+        transpose16(reinterpret_cast<const uint32_t*>(rows), H / 2,
+                    reinterpret_cast<uint32_t*>(out), H / 2);
+        continue;
+      }
       for (int64_t k = 0; k < H; k += 2)
         for (int64_t i = 0; i < V; ++i) {
           out[k * V + 2 * i] = rows[i * H + k];
