@@ -3,8 +3,8 @@
     python -m pytest benchmarks/bench_lstm_cpu.py --benchmark-json=lstm_cpu.json
     python benchmarks/ratios.py lstm_cpu.json
 
-Shape: I = H = 512, 3 layers, bidirectional, B = 8, T = 32, float32 (and bfloat16:
-``test_lstm_cpu_bfloat16``, without the memory figure). Cases: ``inference``
+Shape: I = H = 512, 3 layers, bidirectional, B = 8, T = 32, float32 (and bfloat16 at B = 8 and
+32: ``test_lstm_cpu_bfloat16``, without the memory figure). Cases: ``inference``
 (forward under no_grad) and ``training`` (forward + backward of a random projection of the output,
 parameter gradients freed between calls as ``zero_grad(set_to_none=True)`` does). One
 pytest-benchmark group per case, ``extra_info["impl"]`` = "baseline" | "fused" (the convention of
