@@ -108,6 +108,26 @@ bool use_rec_kernel(RecurrentProductFn<acc_t> kernel, int64_t H) {
   return kernel != nullptr && H % kRecColumns == 0;
 }
 
+// Blocks of 16 rows of 32-bit words, [blocks, 16, cols] -> [blocks, cols, 16]: the packing of
+// float32 w_hh (words = units) and of bfloat16 w_hh (words = pairs of units). With the variant's
+// register transposes where it has them.
+void transpose_word_blocks(const uint32_t* src, uint32_t* dst, int64_t blocks, int64_t cols) {
+  constexpr int64_t V = kRecColumns;
+  const Transpose16Fn transpose16 = lstm_cell_kernels<float>().transpose16;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const uint32_t* rows = src + blk * V * cols;
+      uint32_t* out = dst + blk * V * cols;
+      if (transpose16 && cols % 8 == 0) {
+        transpose16(rows, cols, out, cols);
+        continue;
+      }
+      for (int64_t k = 0; k < cols; ++k)
+        for (int64_t i = 0; i < V; ++i) out[k * V + i] = rows[i * cols + k];
+    }
+  });
+}
+
 // The recurrent product's w operand (lstm_cell.h), packed by blocks of kRecColumns (16) output
 // columns, from w_hh: [D, 4H, H] (contiguous). Packed once per call: 4 MiB per direction at
 // H = 512, against T steps that each read all of it. (ATen's strided copy made these layouts at
@@ -122,19 +142,15 @@ at::Tensor pack_w_hh(const at::Tensor& w_hh, bool forward) {
                         : at::empty({D, H / V, G, V}, w_hh.options());
   const acc_t* src = w_hh.data_ptr<acc_t>();
   acc_t* dst = packed.data_ptr<acc_t>();
-  if (forward) {
+  if (forward && sizeof(acc_t) == sizeof(uint32_t)) {
+    transpose_word_blocks(reinterpret_cast<const uint32_t*>(src), reinterpret_cast<uint32_t*>(dst),
+                          D * G / V, H);
+  } else if (forward) {
     // A task transposes blocks of 16 rows [16, H] into [H, 16] (both at blk * 16 * H).
-    Transpose16Fn transpose16 = nullptr;
-    if constexpr (std::is_same_v<acc_t, float>) transpose16 = lstm_cell_kernels<float>().transpose16;
     at::parallel_for(0, D * G / V, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         const acc_t* rows = src + blk * V * H;
         acc_t* out = dst + blk * V * H;
-        if (transpose16 && H % 8 == 0) {
-          transpose16(reinterpret_cast<const uint32_t*>(rows), H, reinterpret_cast<uint32_t*>(out),
-                      H);
-          continue;
-        }
         for (int64_t k = 0; k < H; ++k)
           for (int64_t i = 0; i < V; ++i) out[k * V + i] = rows[i * H + k];
       }
@@ -161,27 +177,10 @@ at::Tensor pack_w_hh_bf16(const at::Tensor& w_hh) {
   constexpr int64_t V = kRecColumns;
   const int64_t D = w_hh.size(0), G = w_hh.size(1), H = w_hh.size(2);
   auto packed = at::empty({D, G / V, H / 2, V, 2}, w_hh.options());
-  const auto* src = reinterpret_cast<const uint16_t*>(w_hh.const_data_ptr<at::BFloat16>());
-  auto* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
-  // A task packs blocks of 16 rows [16, H] into [H / 2, 16, 2] (both at blk * 16 * H): a
-  // transpose of the rows' 32-bit words (pairs of units).
-  const Transpose16Fn transpose16 = lstm_cell_kernels<float>().transpose16;
-  at::parallel_for(0, D * G / V, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const uint16_t* rows = src + blk * V * H;
-      uint16_t* out = dst + blk * V * H;
-      if (transpose16 && H % 16 == 0) {
-        transpose16(reinterpret_cast<const uint32_t*>(rows), H / 2,
-                    reinterpret_cast<uint32_t*>(out), H / 2);
-        continue;
-      }
-      for (int64_t k = 0; k < H; k += 2)
-        for (int64_t i = 0; i < V; ++i) {
-          out[k * V + 2 * i] = rows[i * H + k];
-          out[k * V + 2 * i + 1] = rows[i * H + k + 1];
-        }
-    }
-  });
+  // Blocks of 16 rows [16, H] into [H / 2, 16, 2]: the rows' pairs of units are 32-bit words.
+  transpose_word_blocks(reinterpret_cast<const uint32_t*>(w_hh.const_data_ptr<at::BFloat16>()),
+                        reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()), D * G / V,
+                        H / 2);
   return packed;
 }
 
@@ -204,15 +203,6 @@ void for_unit_slices(int64_t D, int64_t H, const Body& body) {
   });
 }
 
-// The data pointer of a [T, B, ...] tensor of the recurrence: acc_t, or bfloat16 bits.
-template <typename io_t>
-io_t* io_data(const at::Tensor& t) {
-  if constexpr (std::is_same_v<io_t, uint16_t>)
-    return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
-  else
-    return t.data_ptr<io_t>();
-}
-
 template <typename acc_t>
 void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
                    const at::Tensor& xproj,  // [T, B, D, 4H] io (see bf16_product)
@@ -229,6 +219,13 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   auto rec = at::empty({D, B, G}, c.options());  // recurrent part h_{s-1} . w_hh^T
   acc_t* rp = rec.data_ptr<acc_t>();
   acc_t* cp = c.data_ptr<acc_t>();
+  // The io tensors' data, as io_t (acc_t, or bfloat16 bits) in cell_update_with.
+  TORCH_INTERNAL_ASSERT(xproj.scalar_type() == (bf16_product ? at::kBFloat16 : c.scalar_type()) &&
+                        y.scalar_type() == xproj.scalar_type());
+  const void* xp = xproj.const_data_ptr();
+  void* yp = y.data_ptr();
+  void* gp = gates ? gates->data_ptr() : nullptr;
+  void* clp = cell ? cell->data_ptr() : nullptr;
   const auto cell_kernels = lstm_cell_kernels<acc_t>();
   // Cell update of units [j0, j1) of row (dir, b) at step s, reading h_{s-1} from h_in, with
   // kernel(x_row, r_row, c_row, h_row, y_row, g_row, cl_row, n, H) on io_t tensors.
@@ -241,11 +238,10 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
       return;
     }
     const int64_t t = time_index(dir, s, len), at_t = (t * B + b) * D + dir;
-    io_t* gp = gates ? io_data<io_t>(*gates) + at_t * G + j0 : nullptr;
-    io_t* clp = cell ? io_data<io_t>(*cell) + at_t * H + j0 : nullptr;
-    kernel(io_data<io_t>(xproj) + at_t * G + j0, rp + row * G + j0, cp + row * H + j0,
-           h_out + row * H + j0, io_data<io_t>(y) + (t * B + b) * D * H + dir * H + j0, gp, clp,
-           j1 - j0, H);
+    kernel(static_cast<const io_t*>(xp) + at_t * G + j0, rp + row * G + j0, cp + row * H + j0,
+           h_out + row * H + j0, static_cast<io_t*>(yp) + (t * B + b) * D * H + dir * H + j0,
+           gp ? static_cast<io_t*>(gp) + at_t * G + j0 : nullptr,
+           clp ? static_cast<io_t*>(clp) + at_t * H + j0 : nullptr, j1 - j0, H);
   };
   auto cell_update = [&](int64_t s, int64_t dir, int64_t b, int64_t j0, int64_t j1,
                          const acc_t* h_in, acc_t* h_out) {
@@ -382,6 +378,16 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   acc_t* dhp = dh.data_ptr<acc_t>();
   acc_t* dcp = dc.data_ptr<acc_t>();
   acc_t* drp = dh_rec.data_ptr<acc_t>();
+  // The io tensors' data, as io_t (acc_t, or bfloat16 bits) in cell_update_with.
+  const auto io = dG.scalar_type();
+  TORCH_INTERNAL_ASSERT(io == (bf16_io ? at::kBFloat16 : dh.scalar_type()) &&
+                        grad_y.scalar_type() == io && gates.scalar_type() == io &&
+                        cell.scalar_type() == io && c0.scalar_type() == io);
+  const void* gyp = grad_y.const_data_ptr();
+  const void* gp = gates.const_data_ptr();
+  const void* clp = cell.const_data_ptr();
+  const void* c0p = c0.const_data_ptr();
+  void* dGp = dG.data_ptr();
   const auto cell_kernels = lstm_cell_kernels<acc_t>();
   // Cell backward of units [j0, j1) of row (dir, b) at step s, writing its gate gradients to ds,
   // with kernel(g_row, c_row, cprev_row, gy_row, dh_in, dc_row, ds_row, dG_row, n, H) on io_t
@@ -396,14 +402,14 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
       return;
     }
     const int64_t t = time_index(dir, s, len), at_t = (t * B + b) * D + dir;
-    const io_t* clp = io_data<io_t>(cell);
+    const io_t* cl = static_cast<const io_t*>(clp);
     // The first step processed for b takes grad_h_n; later ones the recurrent gradient.
     const acc_t* dh_in = (s + 1 < len) ? drp + row * H : dhp + row * H;
-    const io_t* cprev_row = s == 0 ? io_data<io_t>(c0) + row * H
-                                   : clp + ((time_index(dir, s - 1, len) * B + b) * D + dir) * H;
-    kernel(io_data<io_t>(gates) + at_t * G + j0, clp + at_t * H + j0, cprev_row + j0,
-           io_data<io_t>(grad_y) + (t * B + b) * D * H + dir * H + j0, dh_in + j0,
-           dcp + row * H + j0, ds_row + j0, io_data<io_t>(dG) + at_t * G + j0, j1 - j0, H);
+    const io_t* cprev_row = s == 0 ? static_cast<const io_t*>(c0p) + row * H
+                                   : cl + ((time_index(dir, s - 1, len) * B + b) * D + dir) * H;
+    kernel(static_cast<const io_t*>(gp) + at_t * G + j0, cl + at_t * H + j0, cprev_row + j0,
+           static_cast<const io_t*>(gyp) + (t * B + b) * D * H + dir * H + j0, dh_in + j0,
+           dcp + row * H + j0, ds_row + j0, static_cast<io_t*>(dGp) + at_t * G + j0, j1 - j0, H);
   };
   auto cell_update = [&](int64_t s, int64_t dir, int64_t b, int64_t j0, int64_t j1, acc_t* ds) {
     if constexpr (std::is_same_v<acc_t, float>) {
