@@ -188,12 +188,12 @@ def test_frame_pool_cuda(benchmark, cuda_copy_bandwidth, dtype, mode, layout, fr
 @pytest.mark.parametrize("frames", FRAMES)
 @pytest.mark.parametrize("mode", ["avg", "max"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_frame_pool_pipelined_cuda(benchmark, cuda_copy_bandwidth, monkeypatch, dtype, mode, frames, impl):
-    # The opt-in kernel for contiguous maps (CNNLSTM_EXT_FRAME_POOL_KERNEL=pipelined), against the
-    # same baseline as the tile kernel's rows of test_frame_pool_cuda.
-    monkeypatch.setenv("CNNLSTM_EXT_FRAME_POOL_KERNEL", "pipelined")
+def test_frame_pool_tile_cuda(benchmark, cuda_copy_bandwidth, monkeypatch, dtype, mode, frames, impl):
+    # The other kernel for contiguous maps (CNNLSTM_EXT_FRAME_POOL_KERNEL=tile: one block per tile),
+    # against the same baseline as the default pipelined kernel's rows of test_frame_pool_cuda.
+    monkeypatch.setenv("CNNLSTM_EXT_FRAME_POOL_KERNEL", "tile")
     step, nbytes = frame_forward(impl, frames, mode, dtype, "cuda", "contiguous")
-    group = "frame_pool cuda %s %s contiguous %d pipelined" % (str(dtype)[6:], mode, frames)
+    group = "frame_pool cuda %s %s contiguous %d tile" % (str(dtype)[6:], mode, frames)
     run_case(benchmark, group, impl, step, "cuda", nbytes, cuda_copy_bandwidth)
 
 

@@ -345,11 +345,12 @@ def test_frame_pool_cuda_matches_cpu_on_resnet_sized_maps():
     (1024, 512, 7, 7),  # ResNet-18 maps: many tiles per block, a short last tile per frame
     (6, 24, 3, 3),      # fewer tiles than blocks
     (40, 200, 5, 5),    # C*h*w a whole number of 16-byte vectors in every dtype
-    (12, 19, 7, 7),     # C*h*w not a whole number of vectors: the tile kernel runs instead
+    (12, 19, 7, 7),     # C*h*w not a whole number of vectors: the tile kernel runs either way
 ])
 def test_frame_pool_pipelined_kernel_matches_tile_kernel(monkeypatch, dtype, mode, n, c, h, w):
-    """CNNLSTM_EXT_FRAME_POOL_KERNEL=pipelined (contiguous maps) against the default tile kernel:
-    the same reduction order, so the same bits, and the reference's values."""
+    """The default pipelined kernel for contiguous maps against CNNLSTM_EXT_FRAME_POOL_KERNEL=tile:
+    the same reduction order, so the same bits, and the reference's values. A bad value of the
+    variable is refused for either layout, whichever kernel the shape would take."""
     x = feature_maps(n, c, h, w, dtype, "cuda", "contiguous", mode, seed=n)
     results = {}
     for kernel in ("tile", "pipelined"):
@@ -363,8 +364,9 @@ def test_frame_pool_pipelined_kernel_matches_tile_kernel(monkeypatch, dtype, mod
     exact = reference.frame_pool(x.double(), 2, mode, True)
     torch.testing.assert_close(results["pipelined", True][0].double(), exact, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("CNNLSTM_EXT_FRAME_POOL_KERNEL", "fastest")
-    with pytest.raises(RuntimeError, match="must be tile or pipelined"):
-        torch.ops.cnnlstm_ext.frame_pool_forward(x, 2, mode, False, None)
+    for maps in (x, x.contiguous(memory_format=torch.channels_last)):
+        with pytest.raises(RuntimeError, match="must be pipelined or tile, got 'fastest'"):
+            torch.ops.cnnlstm_ext.frame_pool_forward(maps, 2, mode, False, None)
 
 
 def test_frame_pool_reference_is_the_unfused_sequence():

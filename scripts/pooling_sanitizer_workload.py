@@ -4,8 +4,9 @@ compares each result with the CPU kernels. Meant to run under compute-sanitizer:
     compute-sanitizer --tool memcheck python3 scripts/pooling_sanitizer_workload.py
     compute-sanitizer --tool racecheck python3 scripts/pooling_sanitizer_workload.py
 
-Variants: frame_pool shared-memory tiles (16-byte and element loads, one and several tiles per
-frame), the pipelined tiles (CNNLSTM_EXT_FRAME_POOL_KERNEL=pipelined, blocks looping over tiles),
+Variants: frame_pool shared-memory tiles one block per tile (CNNLSTM_EXT_FRAME_POOL_KERNEL=tile;
+16-byte and element loads, one and several tiles per frame), the default pipelined tiles (blocks
+looping over tiles),
 one warp per plane, channels_last (16-byte and element loads); temporal_pool every mode, 16-byte
 and element accesses, batch-first, bidirectional "last". Exits non-zero on a mismatch.
 """
@@ -50,7 +51,7 @@ def main(device="cuda"):
         (4, 19, 7, 7, torch.float16, "channels_last"),
         (2, 300, 7, 7, torch.float64, "channels_last"),
     ]
-    # The opt-in pipelined kernel: contiguous maps whose C*h*w is a whole number of 16-byte
+    # The default pipelined kernel: contiguous maps whose C*h*w is a whole number of 16-byte
     # vectors; the last two have more tiles than its grid has blocks, so blocks loop.
     pipelined_cases = [
         (4, 16, 3, 5, torch.float32, "contiguous"),
