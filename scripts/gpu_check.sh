@@ -15,7 +15,7 @@
 # paths, default python_tests), GPU_CHECK_BENCH (-k expression, default cuda) and
 # GPU_CHECK_SANITIZE (tools, default "memcheck racecheck") narrow the others.
 # GPU_CHECK_LIMIT_<stage> (stage name with - as _, e.g. GPU_CHECK_LIMIT_cuda_tests=300) replaces a
-# stage's own time limit.
+# stage's own time limit. GPU_CHECK_ARCH (default 9.0) is the CUDA arch the extension is built for.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RES=${1:-${OUT:-$ROOT/gpu_results}}
@@ -24,7 +24,10 @@ mkdir -p "$RES"
 LOGS=$(mktemp -d)
 cd "$ROOT"
 PY=${PYTHON:-python3}
-export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CNNLSTM_EXT_CUDA=1
+# Arch 9.0 (DESIGN.md), as scripts/gpu_prebuild.sh builds by default. The GPU image sets
+# TORCH_CUDA_ARCH_LIST=9.0a, which a prebuilt library's stamp would never match; GPU_CHECK_ARCH
+# picks another.
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${GPU_CHECK_ARCH:-9.0} CNNLSTM_EXT_CUDA=1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 # The GPU image sets CXX=/opt/gcc/bin/g++; an extension built with it crashes (in std::ostream)
 # whenever an error message formats a number. Build with the system compiler when there is one.
