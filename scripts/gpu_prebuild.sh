@@ -15,7 +15,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${1:?usage: scripts/gpu_prebuild.sh PYTHON [DIR]}
 DIR=$(mkdir -p "${2:-$ROOT/.gpu/prebuilt}" && cd "${2:-$ROOT/.gpu/prebuilt}" && pwd)
-ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
+ARCH=${GPU_CHECK_ARCH:-9.0}  # the arch gpu_check.sh builds for, set the same way
 SRC=$(mktemp -d)
 trap 'rm -rf "$SRC"' EXIT
 cp -r "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/cnnlstm_ext" "$SRC/"

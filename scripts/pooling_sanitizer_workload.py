@@ -4,11 +4,11 @@ compares each result with the CPU kernels. Meant to run under compute-sanitizer:
     compute-sanitizer --tool memcheck python3 scripts/pooling_sanitizer_workload.py
     compute-sanitizer --tool racecheck python3 scripts/pooling_sanitizer_workload.py
 
-Variants: frame_pool shared-memory tiles one block per tile (CNNLSTM_EXT_FRAME_POOL_KERNEL=tile;
+Variants: frame_pool shared-memory tiles, one block per tile (CNNLSTM_EXT_FRAME_POOL_KERNEL=tile;
 16-byte and element loads, one and several tiles per frame), the default pipelined tiles (blocks
-looping over tiles),
-one warp per plane, channels_last (16-byte and element loads); temporal_pool every mode, 16-byte
-and element accesses, batch-first, bidirectional "last". Exits non-zero on a mismatch.
+looping over tiles), one warp per plane, channels_last (16-byte and element loads); temporal_pool
+every mode, 16-byte and element accesses, batch-first, bidirectional "last". Exits non-zero on a
+mismatch.
 """
 import os
 import sys
