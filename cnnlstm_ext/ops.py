@@ -76,12 +76,12 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     if dtype is not None:
         with torch.autocast(device_type, enabled=False):
             return lstm_layer(x.to(dtype), weights, h0.to(dtype), c0.to(dtype), lengths)
-    if x.dim() == 3 and x.shape[1] == 0:
-        # An empty batch, which nn.LSTM accepts and the kernels do not: the step-by-step
-        # reference gives the empty outputs, still functions of the weights (zero gradients).
-        return reference.lstm_layer(x, [w.to(x.dtype) for w in weights], h0, c0, lengths)
-    if functorch_active():
-        if x.dim() == 3:
+    # The step-by-step reference serves what the kernels do not: an empty batch, which nn.LSTM
+    # accepts (empty outputs, still functions of the weights: zero gradients), and the torch.func
+    # transforms (with the kernels' checks of lengths).
+    empty = x.dim() == 3 and x.shape[1] == 0
+    if empty or functorch_active():
+        if not empty and x.dim() == 3:
             _reference_lengths("lstm_layer", lengths, x.shape[1], x.shape[0])
         return reference.lstm_layer(x, [w.to(x.dtype) for w in weights], h0, c0, lengths)
     needs_grad = torch.is_grad_enabled() and (
