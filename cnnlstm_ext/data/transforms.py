@@ -90,11 +90,13 @@ def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
     return clip[..., top:top + size, left:left + size]
 
 
-def random_resized_crop(clip: torch.Tensor, size: int, scale: Tuple[float, float],
-                        ratio: Tuple[float, float], generator: torch.Generator) -> torch.Tensor:
-    """One random crop (area fraction in `scale`, aspect in `ratio`) for all frames, resized to size."""
-    _check_clip(clip)
-    h, w = clip.shape[-2:]
+def random_resized_crop_params(h: int, w: int, scale: Tuple[float, float],
+                               ratio: Tuple[float, float],
+                               generator: torch.Generator) -> Tuple[int, int, int, int]:
+    """(top, left, height, width) of one random crop of an `h x w` frame, as torchvision's
+    RandomResizedCrop.get_params draws it (from `generator`): area fraction uniform in `scale`,
+    log aspect ratio (width / height) uniform in log `ratio`, position uniform over the frame;
+    after 10 draws that do not fit, the largest central crop within `ratio`."""
     area = h * w
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -107,33 +109,73 @@ def random_resized_crop(clip: torch.Tensor, size: int, scale: Tuple[float, float
             pos = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
             top = int(pos[0] * (h - ch + 1))
             left = int(pos[1] * (w - cw + 1))
-            break
-    else:  # no valid draw: fall back to the largest central crop within `ratio`
-        ch, cw = h, w
-        if w / h < ratio[0]:
-            ch = int(round(w / ratio[0]))
-        elif w / h > ratio[1]:
-            cw = int(round(h * ratio[1]))
-        top, left = (h - ch) // 2, (w - cw) // 2
+            return top, left, ch, cw
+    # no valid draw: fall back to the largest central crop within `ratio`
+    ch, cw = h, w
+    if w / h < ratio[0]:
+        ch = int(round(w / ratio[0]))
+    elif w / h > ratio[1]:
+        cw = int(round(h * ratio[1]))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def random_resized_crop(clip: torch.Tensor, size: int, scale: Tuple[float, float],
+                        ratio: Tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """One random crop (area fraction in `scale`, aspect in `ratio`) for all frames, resized to size.
+
+    The box is random_resized_crop_params'; the resize is bilinear, antialiased where it shrinks
+    (torchvision's resized_crop with antialias=True).
+    """
+    _check_clip(clip)
+    top, left, ch, cw = random_resized_crop_params(clip.shape[-2], clip.shape[-1], scale, ratio,
+                                                   generator)
     crop = clip[..., top:top + ch, left:left + cw]
     return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=min(ch, cw) > size)
+                         antialias=max(ch, cw) > size)
+
+
+def _grey(clip: torch.Tensor) -> torch.Tensor:
+    """Luma `[..., 1, H, W]` of RGB `clip: [..., 3, H, W]` (torchvision's rgb_to_grayscale weights)."""
+    r, g, b = clip.unbind(dim=-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def adjust_brightness(clip: torch.Tensor, factor: float) -> torch.Tensor:
+    """`clip * factor`, clamped to [0, 1] (torchvision's adjust_brightness for float images)."""
+    return (clip * factor).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(clip: torch.Tensor, factor: float) -> torch.Tensor:
+    """Blends each frame with its mean grey level (the mean of its luma), clamped to [0, 1]
+    (torchvision's adjust_contrast for float images)."""
+    mean = _grey(clip).mean(dim=(-3, -2, -1), keepdim=True)  # per frame: [T, 1, 1, 1]
+    return (clip * factor + mean * (1.0 - factor)).clamp_(0.0, 1.0)
+
+
+def adjust_saturation(clip: torch.Tensor, factor: float) -> torch.Tensor:
+    """Blends each pixel with its luma, clamped to [0, 1] (torchvision's adjust_saturation for
+    float images)."""
+    return (clip * factor + _grey(clip) * (1.0 - factor)).clamp_(0.0, 1.0)
+
+
+def color_jitter_factors(strength: float, generator: torch.Generator) -> Tuple[float, float, float]:
+    """The (brightness, contrast, saturation) factors color_jitter draws from `generator`, each
+    uniform in [1 - strength, 1 + strength]."""
+    b, c, s = (1 + strength * (2 * torch.rand(3, generator=generator, dtype=torch.float64) - 1)).tolist()
+    return b, c, s
 
 
 def color_jitter(clip: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """Random brightness, contrast and saturation in [1 - strength, 1 + strength], same for all frames.
 
-    `clip: [T, 3, H, W]` float in [0, 1]; the result is clamped to [0, 1].
+    `clip: [T, 3, H, W]` float in [0, 1]. The factors are color_jitter_factors'; they are applied in
+    that order with adjust_brightness, adjust_contrast and adjust_saturation (torchvision's, each
+    clamped to [0, 1]).
     """
     if strength <= 0:
         return clip
-    b, c, s = (1 + strength * (2 * torch.rand(3, generator=generator, dtype=torch.float64) - 1)).tolist()
-    out = clip * b
-    mean = out.mean(dim=(-3, -2, -1), keepdim=True)  # per-frame grey level: [T, 1, 1, 1]
-    out = (out - mean) * c + mean
-    grey = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3])  # [T, 1, H, W]
-    out = (out - grey) * s + grey
-    return out.clamp_(0.0, 1.0)
+    b, c, s = color_jitter_factors(strength, generator)
+    return adjust_saturation(adjust_contrast(adjust_brightness(clip, b), c), s)
 
 
 def normalize(clip: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
