@@ -7,13 +7,19 @@ import os
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader
 
 from cnnlstm_ext.data import (MOTIONS, ClipTransform, SyntheticVideos, VideoFolder, build_datasets,
                               read_frame_folder, read_video_frames, sample_indices,
                               write_frame_folder, write_video)
+from cnnlstm_ext.data import video_folder
 from cnnlstm_ext.data.synthetic import size_phase
-from cnnlstm_ext.data.transforms import color_jitter, pad_clip, sample_generator
+from cnnlstm_ext.data.transforms import (adjust_brightness, adjust_contrast, adjust_saturation,
+                                         color_jitter, color_jitter_factors, pad_clip,
+                                         random_resized_crop, random_resized_crop_params,
+                                         resize_short_side, sample_generator, to_float)
+from cnnlstm_ext.data.video_folder import ClipRecord
 from cnnlstm_ext.train.config import DataConfig
 
 
@@ -37,6 +43,72 @@ def test_sample_indices_jitter_stays_in_each_segment():
             assert math.floor(12.5 * k) <= i <= math.ceil(12.5 * (k + 1)) - 1
         draws.add(tuple(idx))
     assert len(draws) > 40  # the jitter does move the picks
+
+
+# Segment k of a clip of a (`available`) frames cut into f (`frames`) segments covers
+# [k a / f, (k+1) a / f); the frames it can pick are those that interval touches:
+# floor(k a / f) .. ceil((k+1) a / f) - 1.
+SEGMENT_GRID = [(100, 8), (16, 4), (30, 7), (9, 8), (50, 3), (100, 7)]
+
+
+def _segment_frames(available, frames, k):
+    return set(range(k * available // frames, -(-(k + 1) * available // frames)))
+
+
+@pytest.mark.parametrize("available,frames", SEGMENT_GRID)
+def test_sample_indices_jitter_reaches_every_frame_of_every_segment(available, frames):
+    # Over many draws each segment's picks are exactly its frames: all of them, the second half
+    # of the segment included, and none of another segment's.
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_indices(available, frames, jitter=True, generator=g)
+                         for _ in range(3000)])  # [draws, frames]
+    for k in range(frames):
+        assert set(draws[:, k].tolist()) == _segment_frames(available, frames, k), k
+
+
+@pytest.mark.parametrize("available,frames", SEGMENT_GRID)
+def test_sample_indices_without_jitter_picks_each_segment_centre(available, frames):
+    # The centre of segment k is (k + 1/2) a / f; the pick is the frame that contains it.
+    expected = [(2 * k + 1) * available // (2 * frames) for k in range(frames)]
+    assert sample_indices(available, frames).tolist() == expected
+
+
+def test_sample_indices_without_jitter_ignores_the_generator():
+    picks = {tuple(sample_indices(100, 8, generator=torch.Generator().manual_seed(s)).tolist())
+             for s in range(5)}
+    assert len(picks) == 1
+
+
+def _index_folder(monkeypatch, tmp_path, available, frames, train):
+    """One-clip VideoFolder whose frame i reads as the value i: items show the indices picked."""
+    def read_indices(path, start, end, select):
+        idx = torch.tensor(select(available), dtype=torch.float32)
+        return idx.view(-1, 1, 1, 1).expand(-1, 3, 1, 1)
+
+    monkeypatch.setattr(video_folder, "read_frame_folder", read_indices)
+    return VideoFolder(str(tmp_path), frames, transform=lambda clip, g: clip, classes=["c"],
+                       records=[ClipRecord(str(tmp_path), 0)], train=train, seed=7)
+
+
+def test_video_folder_training_jitter_reaches_every_frame_of_every_segment(monkeypatch, tmp_path):
+    available, frames = 30, 7
+    ds = _index_folder(monkeypatch, tmp_path, available, frames, train=True)
+    picks = []
+    for epoch in range(400):
+        ds.set_epoch(epoch)
+        picks.append(ds[0][0][:, 0, 0, 0].long())
+    picks = torch.stack(picks)
+    for k in range(frames):
+        assert set(picks[:, k].tolist()) == _segment_frames(available, frames, k), k
+
+
+def test_video_folder_eval_picks_segment_centres_in_every_epoch(monkeypatch, tmp_path):
+    available, frames = 30, 7
+    ds = _index_folder(monkeypatch, tmp_path, available, frames, train=False)
+    expected = [(2 * k + 1) * available // (2 * frames) for k in range(frames)]
+    for epoch in range(5):
+        ds.set_epoch(epoch)
+        assert ds[0][0][:, 0, 0, 0].long().tolist() == expected
 
 
 def test_sample_indices_short_clip_gives_all_frames_once():
@@ -107,6 +179,172 @@ def test_color_jitter_keeps_range_and_changes_pixels():
     clip = torch.rand(2, 3, 8, 8)
     out = color_jitter(clip, 0.5, torch.Generator().manual_seed(1))
     assert out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, clip)
+
+
+def _noise_clip(frames, h, w, seed=0):
+    """Float clip [frames, 3, h, w] of independent uniform pixels: all of its detail is fine."""
+    return torch.rand(frames, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("h,w,size,expected_hw", [
+    (64, 80, 16, (16, 20)), (60, 90, 40, (40, 60)), (47, 33, 20, (28, 20)), (20, 30, 36, (36, 54)),
+])
+def test_resize_short_side_sets_the_short_side_and_keeps_the_aspect_ratio(h, w, size, expected_hw):
+    assert resize_short_side(_noise_clip(1, h, w), size).shape[-2:] == expected_hw
+
+
+@pytest.mark.parametrize("h,w,size", [(64, 80, 16), (60, 90, 40), (47, 33, 20), (20, 30, 36)])
+def test_resize_short_side_matches_torchvision_antialiased_resize(h, w, size):
+    clip = _noise_clip(2, h, w)
+    out = resize_short_side(clip, size)
+    expected = TF.resize(clip, list(out.shape[-2:]), antialias=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("h,w,size", [(64, 80, 16), (60, 90, 40), (47, 33, 20)])
+def test_resize_short_side_downscale_is_not_the_aliased_resize(h, w, size):
+    # On fine detail, plain bilinear sampling keeps a few input pixels; antialiasing averages them.
+    clip = _noise_clip(2, h, w)
+    out = resize_short_side(clip, size)
+    aliased = TF.resize(clip, list(out.shape[-2:]), antialias=False)
+    assert (out - aliased).abs().mean() > 0.03
+
+
+def test_random_resized_crop_params_reach_every_origin():
+    # A crop of fixed size (20 x 20 out of 40 x 56) lies anywhere in the frame: every top in
+    # 0..20 and every left in 0..36, not only the central one.
+    h, w = 40, 56
+    scale = (400 / (h * w),) * 2
+    g = torch.Generator().manual_seed(0)
+    boxes = [random_resized_crop_params(h, w, scale, (1.0, 1.0), g) for _ in range(1500)]
+    assert {(ch, cw) for _, _, ch, cw in boxes} == {(20, 20)}
+    assert {top for top, _, _, _ in boxes} == set(range(h - 20 + 1))
+    assert {left for _, left, _, _ in boxes} == set(range(w - 20 + 1))
+
+
+CROP_GRID = [  # (h, w, scale, ratio)
+    (40, 56, (0.3, 1.0), (3 / 4, 4 / 3)),
+    (27, 38, (0.6, 1.0), (3 / 4, 4 / 3)),
+    (64, 48, (0.08, 1.0), (0.5, 2.0)),
+    (48, 56, (0.2, 0.5), (1.0, 1.5)),
+]
+
+
+def _draw_boxes(h, w, scale, ratio, n=1000):
+    g = torch.Generator().manual_seed(0)
+    return [random_resized_crop_params(h, w, scale, ratio, g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("h,w,scale,ratio", CROP_GRID)
+def test_random_resized_crop_params_fit_the_frame_with_area_and_aspect_in_range(h, w, scale, ratio):
+    # Sides are rounded to whole pixels, so area and aspect are within range up to half a pixel.
+    for top, left, ch, cw in _draw_boxes(h, w, scale, ratio):
+        assert 0 <= top <= h - ch and 0 <= left <= w - cw
+        assert (ch + 0.5) * (cw + 0.5) >= scale[0] * h * w
+        assert (ch - 0.5) * (cw - 0.5) <= scale[1] * h * w
+        assert (cw + 0.5) / (ch - 0.5) >= ratio[0] and (cw - 0.5) / (ch + 0.5) <= ratio[1]
+
+
+@pytest.mark.parametrize("h,w,scale,ratio", [
+    (64, 48, (0.08, 1.0), (0.5, 2.0)),
+    (48, 56, (0.2, 0.5), (1.0, 1.5)),
+    (40, 40, (0.3, 1.0), (3 / 4, 4 / 3)),
+])
+def test_random_resized_crop_params_span_the_configured_ranges(h, w, scale, ratio):
+    # The frame's own aspect is within `ratio`, so every area fraction in `scale` can be drawn.
+    boxes = _draw_boxes(h, w, scale, ratio)
+    areas = [ch * cw / (h * w) for _, _, ch, cw in boxes]
+    aspects = [cw / ch for _, _, ch, cw in boxes]
+    slack = 0.05 * (scale[1] - scale[0])
+    assert min(areas) <= scale[0] + slack and max(areas) >= scale[1] - slack
+    assert min(aspects) <= ratio[0] * 1.05 and max(aspects) >= ratio[1] / 1.05
+
+
+def test_random_resized_crop_params_fall_back_to_the_largest_central_crop_in_ratio():
+    # No area fraction of 2 to 3 fits: the crop is central, as large as the ratio allows.
+    g = torch.Generator().manual_seed(0)
+    assert random_resized_crop_params(40, 80, (2.0, 3.0), (0.75, 4 / 3), g) == (0, 13, 40, 53)
+    assert random_resized_crop_params(80, 40, (2.0, 3.0), (0.75, 4 / 3), g) == (13, 0, 53, 40)
+
+
+@pytest.mark.parametrize("h,w,size,scale,ratio", [
+    pytest.param(64, 64, 16, (0.5, 1.0), (3 / 4, 4 / 3), id="shrinks"),
+    pytest.param(24, 30, 32, (0.3, 1.0), (3 / 4, 4 / 3), id="grows"),
+    pytest.param(48, 48, 24, (0.15, 0.35), (0.5, 2.0), id="mostly-one-side-shrinks-one-grows"),
+])
+def test_random_resized_crop_equals_torchvision_resized_crop_of_its_box(h, w, size, scale, ratio):
+    clip = _noise_clip(2, h, w)
+    for seed in range(20):
+        box = random_resized_crop_params(h, w, scale, ratio, torch.Generator().manual_seed(seed))
+        out = random_resized_crop(clip, size, scale, ratio, torch.Generator().manual_seed(seed))
+        expected = TF.resized_crop(clip, *box, [size, size], antialias=True)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5,
+                                   msg=lambda m: "box %s: %s" % (box, m))
+
+
+def test_clip_transform_train_crop_is_torchvision_resized_crop_of_a_random_box():
+    # Short side 40 -> round(24 * 8 / 7) = 27 (so 56 -> 38), then the random box resized to 24.
+    clip = torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
+    t = ClipTransform(size=24, train=True, color_jitter=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+    resized = TF.resize(to_float(clip), [27, 38], antialias=True)
+    for seed in range(20):
+        box = random_resized_crop_params(27, 38, t.crop_scale, t.crop_ratio,
+                                         torch.Generator().manual_seed(seed))
+        expected = TF.resized_crop(resized, *box, [24, 24], antialias=True)
+        out = t(clip, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5,
+                                   msg=lambda m: "box %s: %s" % (box, m))
+
+
+def _colour_clip(seed=0):
+    """Float clip [3, 3, 16, 16] in [0, 1] with unequal channel means (reddish), random pixels."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.tensor([0.5, 0.2, 0.0]).view(1, 3, 1, 1)
+    return low + 0.5 * torch.rand(3, 3, 16, 16, generator=g)
+
+
+COLOUR_FACTORS = [0.0, 0.5, 0.8, 1.0, 1.3, 1.7]
+
+
+@pytest.mark.parametrize("factor", COLOUR_FACTORS)
+def test_adjust_brightness_matches_torchvision(factor):
+    clip = _colour_clip()
+    torch.testing.assert_close(adjust_brightness(clip, factor), TF.adjust_brightness(clip, factor),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("factor", COLOUR_FACTORS)
+def test_adjust_contrast_matches_torchvision(factor):
+    # Each frame is blended with the mean of its luma (grey level), not with per-channel means.
+    clip = _colour_clip()
+    torch.testing.assert_close(adjust_contrast(clip, factor), TF.adjust_contrast(clip, factor),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("factor", COLOUR_FACTORS)
+def test_adjust_saturation_matches_torchvision(factor):
+    clip = _colour_clip()
+    torch.testing.assert_close(adjust_saturation(clip, factor), TF.adjust_saturation(clip, factor),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("strength", [0.2, 0.5])
+def test_color_jitter_factors_span_one_plus_or_minus_strength(strength):
+    draws = torch.tensor([color_jitter_factors(strength, torch.Generator().manual_seed(s))
+                          for s in range(500)])  # [500, 3]: brightness, contrast, saturation
+    assert draws.min() >= 1 - strength and draws.max() <= 1 + strength
+    assert (draws.amin(0) < 1 - 0.9 * strength).all() and (draws.amax(0) > 1 + 0.9 * strength).all()
+
+
+@pytest.mark.parametrize("strength", [0.2, 0.5])
+def test_color_jitter_is_torchvision_brightness_contrast_saturation_with_its_factors(strength):
+    clip = _colour_clip()
+    for seed in range(20):
+        b, c, s = color_jitter_factors(strength, torch.Generator().manual_seed(seed))
+        expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(clip, b), c), s)
+        out = color_jitter(clip, strength, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
 def test_clip_transform_rejects_bad_shape():
