@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import stat
 import subprocess
 import sys
 import zipfile
@@ -14,7 +15,7 @@ from torch import nn
 
 from cnnlstm_ext import CNNLSTM
 from cnnlstm_ext.checkpoint import (CheckpointError, CheckpointMismatchError, apply_key_map,
-                                    find_checkpoints, inspect_checkpoint, invert_key_map,
+                                    atomic_write, find_checkpoints, inspect_checkpoint, invert_key_map,
                                     load_checkpoint, save_checkpoint, verify_checkpoint)
 from cnnlstm_ext.cli import main as cli
 
@@ -287,6 +288,84 @@ def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
         save_checkpoint(path, model=model, epoch=2)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]  # no temp file left
+
+
+class DurabilityLog:
+    """Monkeypatches os.fsync and os.replace to record, in order, what each did: ("fsync",
+    "file"|"dir", inode, size) for the descriptor synced, ("replace", src inode, dst name)."""
+
+    def __init__(self, monkeypatch):
+        self.events = []
+        fsync, replace = os.fsync, os.replace
+
+        def recording_fsync(fd):
+            st = os.fstat(fd)
+            kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+            self.events.append(("fsync", kind, st.st_ino, st.st_size))
+            return fsync(fd)
+
+        def recording_replace(src, dst, *args, **kwargs):
+            self.events.append(("replace", os.stat(src).st_ino, pathlib.Path(dst).name))
+            return replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        monkeypatch.setattr(os, "replace", recording_replace)
+
+    def index(self, kind, inode):
+        found = [i for i, e in enumerate(self.events) if e[:3] == ("fsync", kind, inode)]
+        assert found, "no fsync of the %s (inode %d): %s" % (kind, inode, self.events)
+        return found[0]
+
+    def replace_index(self):
+        found = [i for i, e in enumerate(self.events) if e[0] == "replace"]
+        assert len(found) == 1, self.events
+        return found[0]
+
+
+def random_payload(n=4096):
+    return bytes(torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n),
+                               dtype=torch.uint8).tolist())
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_atomic_write_fsyncs_the_whole_file_before_the_rename(tmp_path, monkeypatch, exists):
+    path = tmp_path / "run" / "latest.pth"
+    if exists:
+        path.parent.mkdir()
+        path.write_bytes(b"old")
+    payload = random_payload()
+    log = DurabilityLog(monkeypatch)
+    atomic_write(path, lambda f: f.write(payload))
+    inode = path.stat().st_ino  # the temp file, renamed
+    synced = log.index("file", inode)
+    assert synced < log.replace_index() and log.events[synced][3] == len(payload)
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_atomic_write_fsyncs_the_folder_after_the_rename(tmp_path, monkeypatch, exists):
+    path = tmp_path / "run" / "latest.pth"
+    if exists:
+        path.parent.mkdir()
+        path.write_bytes(b"old")
+    log = DurabilityLog(monkeypatch)
+    atomic_write(path, lambda f: f.write(random_payload()))
+    assert log.index("dir", path.parent.stat().st_ino) > log.replace_index()
+
+
+def test_atomic_write_renames_its_temp_file_over_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pth"
+    payload = random_payload()
+    log = DurabilityLog(monkeypatch)
+    atomic_write(path, lambda f: f.write(payload))
+    assert log.events[log.replace_index()][1:] == (path.stat().st_ino, "latest.pth")
+    assert path.read_bytes() == payload and [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
+
+
+def test_save_checkpoint_goes_through_the_durable_write(tmp_path, monkeypatch):
+    log = DurabilityLog(monkeypatch)
+    path = save_checkpoint(tmp_path / "latest.pth", model=CNNLSTM(**SMALL), epoch=1)
+    file_synced, dir_synced = log.index("file", path.stat().st_ino), log.index("dir", tmp_path.stat().st_ino)
+    assert file_synced < log.replace_index() < dir_synced
 
 
 def test_save_key_map_collision_raises(tmp_path):

@@ -727,6 +727,48 @@ def test_initialisation_matches_nn_lstm_range(rng):
         assert p.abs().max() <= bound and p.std() > bound / 4  # U(-1/sqrt(H), 1/sqrt(H))
 
 
+@pytest.mark.parametrize("seed", [0, 1234])
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("bidirectional", DIRECTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_initialisation_equals_nn_lstm_under_one_seed(seed, layers, bias, bidirectional, dtype):
+    kwargs = dict(input_size=I, hidden_size=H, num_layers=layers, bias=bias,
+                  bidirectional=bidirectional, dtype=dtype)
+    torch.manual_seed(seed)
+    ref = nn.LSTM(**kwargs)
+    torch.manual_seed(seed)
+    fused = FusedLSTM(**kwargs)
+    expected = dict(ref.named_parameters())
+    got = dict(fused.named_parameters())
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[name], expected[name]) for name in expected), \
+        [name for name in expected if not torch.equal(got[name], expected[name])]
+
+
+@pytest.mark.parametrize("seed", [0, 1234])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bilstm_initialisation_equals_nn_lstm_under_one_seed(seed, layers, bias):
+    torch.manual_seed(seed)
+    ref = nn.LSTM(I, H, layers, bias=bias, bidirectional=True)
+    torch.manual_seed(seed)
+    fused = FusedBiLSTM(I, H, layers, bias=bias)
+    expected = dict(ref.named_parameters())
+    got = dict(fused.named_parameters())
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[name], expected[name]) for name in expected), \
+        [name for name in expected if not torch.equal(got[name], expected[name])]
+
+
+def test_reset_parameters_equals_nn_lstm_under_one_seed():
+    ref, fused = nn.LSTM(I, H, 2, bidirectional=True), FusedLSTM(I, H, 2, bidirectional=True)
+    torch.manual_seed(7)
+    ref.reset_parameters()
+    torch.manual_seed(7)
+    fused.reset_parameters()
+    assert all(torch.equal(p, q) for p, q in zip(fused.parameters(), ref.parameters()))
+
 # --- errors --------------------------------------------------------------------------------------
 
 @pytest.fixture

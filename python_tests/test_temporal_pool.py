@@ -78,6 +78,152 @@ def test_temporal_pool_matches_reference(device, dtype, mode, batch_first, with_
         assert_within_reference_error(out, ref, exact)
 
 
+# --- hand-computed oracles, independent of reference.py -------------------------------------------
+# Written per sequence with slices and loops in float64, so that a scaling bug shared by the
+# kernels and reference.py (dividing by T, or by lengths + 1) still shows.
+
+def mean_oracle(x, lengths):
+    """x: [T, B, D] float64 -> [B, D]: each sequence's mean over its first lengths[b] steps."""
+    return torch.stack([x[:n, b].mean(0) for b, n in enumerate(lengths)])
+
+
+def attention_oracle(x, lengths, w, bias):
+    """x: [T, B, D] float64 -> ([B, D], weights [B, T]): per sequence, scores x_t . w + bias over
+    its valid steps only, their softmax, the weighted sum of those steps; weights zero past the
+    length."""
+    steps = x.shape[0]
+    outs, weights = [], []
+    for b, n in enumerate(lengths):
+        valid = x[:n, b]  # [n, D]
+        scores = torch.stack([valid[t] @ w.reshape(-1) + bias.reshape(()) for t in range(n)])
+        e = torch.exp(scores - scores.max())
+        p = e / e.sum()
+        outs.append(sum(p[t] * valid[t] for t in range(n)))
+        weights.append(torch.cat([p, p.new_zeros(steps - n)]))
+    return torch.stack(outs), torch.stack(weights)
+
+
+def oracle_inputs(batch_first, device, dtype, lengths, d=D, seed=3):
+    """Random x ([T, B, D], or [B, T, D]), score weight [1, D], score bias [1], and the lengths
+    tensor (None for all T) with the per-sequence lengths the oracle uses."""
+    x = lstm_outputs(T, B, d, dtype, device, "mean", batch_first, seed=seed)
+    w, bias = score_params(d, device, dtype, seed=seed + 1)
+    as_tensor = None if lengths is None else torch.tensor(lengths, device=device)
+    return x, w, bias, as_tensor, (lengths or [T] * B)
+
+
+def time_major_double(x, batch_first):
+    return (x.transpose(0, 1) if batch_first else x).double()
+
+
+ORACLE_TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+ORACLE_LENGTHS = [pytest.param(LENGTHS, id="lengths"), pytest.param([3, 1, 7, 2, 5], id="no_full"),
+                  pytest.param(None, id="all_T")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("lengths", ORACLE_LENGTHS)
+def test_temporal_pool_mean_equals_per_sequence_mean(device, dtype, batch_first, bidirectional, lengths):
+    x, _, _, lens, per_seq = oracle_inputs(batch_first, device, dtype, lengths)
+    out = ops.temporal_pool(x, lens, "mean", batch_first, bidirectional)
+    expected = mean_oracle(time_major_double(x, batch_first).cpu(), per_seq)
+    torch.testing.assert_close(out.double().cpu(), expected, **ORACLE_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("lengths", ORACLE_LENGTHS)
+def test_temporal_pool_attention_equals_per_sequence_softmax(device, dtype, batch_first, bidirectional,
+                                                             lengths):
+    x, w, bias, lens, per_seq = oracle_inputs(batch_first, device, dtype, lengths)
+    out = ops.temporal_pool(x, lens, "attention", batch_first, bidirectional, w, bias)
+    expected, _ = attention_oracle(time_major_double(x, batch_first).cpu(), per_seq,
+                                   w.double().cpu(), bias.double().cpu())
+    torch.testing.assert_close(out.double().cpu(), expected, **ORACLE_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("lengths", ORACLE_LENGTHS)
+def test_temporal_pool_attention_weights_are_the_per_sequence_softmax(device, dtype, batch_first, lengths):
+    """The op's aux output: the attention weights [B, T], zero past each length."""
+    x, w, bias, lens, per_seq = oracle_inputs(batch_first, device, dtype, lengths)
+    _, aux = torch.ops.cnnlstm_ext.temporal_pool_forward(x, lens, "attention", batch_first, False,
+                                                         w, bias)
+    _, expected = attention_oracle(time_major_double(x, batch_first).cpu(), per_seq,
+                                   w.double().cpu(), bias.double().cpu())
+    assert aux.shape == (B, T)
+    torch.testing.assert_close(aux.double().cpu(), expected, **ORACLE_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_temporal_pool_attention_weights_are_zero_past_each_length(device, batch_first):
+    x, w, bias, lens, per_seq = oracle_inputs(batch_first, device, torch.float32, LENGTHS)
+    _, aux = torch.ops.cnnlstm_ext.temporal_pool_forward(x, lens, "attention", batch_first, False,
+                                                         w, bias)
+    pad = torch.arange(T)[None, :] >= torch.tensor(per_seq)[:, None]  # [B, T]
+    assert pad.any() and torch.all(aux.cpu()[pad] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("lengths", ORACLE_LENGTHS)
+def test_temporal_pool_mean_gradient_equals_per_sequence_oracle(device, dtype, batch_first, bidirectional,
+                                                                 lengths):
+    x, _, _, lens, per_seq = oracle_inputs(batch_first, device, dtype, lengths)
+    x.requires_grad_()
+    grad = torch.randn(B, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (gx,) = torch.autograd.grad(ops.temporal_pool(x, lens, "mean", batch_first, bidirectional), x,
+                                grad.to(device=device, dtype=dtype))
+    x64 = x.detach().double().cpu().requires_grad_()
+    (gx_oracle,) = torch.autograd.grad(mean_oracle(time_major_double(x64, batch_first), per_seq), x64, grad)
+    torch.testing.assert_close(gx.double().cpu(), gx_oracle, **ORACLE_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("lengths", ORACLE_LENGTHS)
+def test_temporal_pool_attention_gradients_equal_per_sequence_oracle(device, dtype, batch_first,
+                                                                     bidirectional, lengths):
+    """Gradients of x, the score weight and the score bias (the bias's is zero: softmax ignores a
+    shift)."""
+    x, w, bias, lens, per_seq = oracle_inputs(batch_first, device, dtype, lengths)
+    inputs = [x.requires_grad_(), w.requires_grad_(), bias.requires_grad_()]
+    grad = torch.randn(B, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = ops.temporal_pool(x, lens, "attention", batch_first, bidirectional, w, bias)
+    grads = torch.autograd.grad(out, inputs, grad.to(device=device, dtype=dtype))
+    leaves = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    expected, _ = attention_oracle(time_major_double(leaves[0], batch_first), per_seq, *leaves[1:])
+    oracle_grads = torch.autograd.grad(expected, leaves, grad)
+    for name, g, g_oracle in zip(("x", "score_weight", "score_bias"), grads, oracle_grads):
+        torch.testing.assert_close(g.double().cpu(), g_oracle, **ORACLE_TOL[dtype],
+                                   msg=lambda m: "%s: %s" % (name, m))
+
+
+@pytest.mark.parametrize("mode", ["mean", "attention"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_temporal_pool_module_equals_per_sequence_oracle(mode, batch_first):
+    pool = cnnlstm_ext.TemporalPool(mode, dim=2 * D, batch_first=batch_first, bidirectional=True).double()
+    x, _, _, lens, per_seq = oracle_inputs(batch_first, "cpu", torch.float64, LENGTHS, d=2 * D)
+    xt = time_major_double(x, batch_first)
+    if mode == "mean":
+        expected = mean_oracle(xt, per_seq)
+    else:
+        expected, _ = attention_oracle(xt, per_seq, pool.score.weight.detach(), pool.score.bias.detach())
+    torch.testing.assert_close(pool(x, lens).detach(), expected, **ORACLE_TOL[torch.float64])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_temporal_pool_last_bidirectional(device, batch_first):

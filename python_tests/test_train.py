@@ -146,6 +146,46 @@ def test_guard_asks_for_rollback_after_k_consecutive_bad_steps():
     assert guard.on_rollback() is True and guard.on_rollback() is False
 
 
+# "B" a bad step, "G" a good one; the steps (1-based) at which record() asks for a rollback.
+@pytest.mark.parametrize("steps,asks_at", [
+    ("BBB", [3]),
+    ("BBGBB", []),
+    ("BBGBBB", [6]),
+    ("GBBGBBGBBG", []),
+    ("BGBGBGBGB", []),
+    ("BBBB", [3, 4]),
+])
+def test_guard_asks_for_rollback_only_after_max_bad_steps_in_a_row(steps, asks_at):
+    guard = NonFiniteGuard(max_bad_steps=3)
+    asked = [guard.record(step == "G") for step in steps]
+    assert [i for i, ask in enumerate(asked, 1) if ask] == asks_at
+
+
+def test_guard_good_step_resets_the_consecutive_count():
+    guard = NonFiniteGuard(max_bad_steps=3)
+    for ok in (False, False, True):
+        guard.record(ok)
+    assert guard.consecutive == 0
+
+
+@pytest.mark.parametrize("steps", ["BBGBB", "BGBGB", "GBBBG"])
+def test_guard_skipped_counts_include_every_bad_step(steps):
+    guard = NonFiniteGuard(max_bad_steps=10)
+    guard.start_epoch()
+    for step in steps:
+        guard.record(step == "G")
+    assert (guard.skipped_total, guard.skipped_epoch) == (steps.count("B"), steps.count("B"))
+
+
+def test_guard_skipped_total_spans_epochs_and_the_epoch_count_restarts():
+    guard = NonFiniteGuard(max_bad_steps=10)
+    for epoch_steps in ("BGB", "GBG"):
+        guard.start_epoch()
+        for step in epoch_steps:
+            guard.record(step == "G")
+    assert (guard.skipped_total, guard.skipped_epoch) == (3, 1)
+
+
 @pytest.mark.parametrize("monitor,values,stop_after", [
     ("val_acc", [0.5, 0.6, 0.6, 0.55], 4),     # patience 2: no gain in epochs 3 and 4
     ("val_loss", [1.0, 0.9, 0.95, 0.8, 0.85, 0.9], 6),
@@ -166,6 +206,59 @@ def test_early_stopping_min_delta_and_nan():
     early = EarlyStopping("val_acc", patience=5, min_delta=0.05)
     assert early.step(0.5, 1) and not early.step(0.54, 2) and early.step(0.56, 3)
     assert not early.step(float("nan"), 4) and early.best_epoch == 3
+
+
+# best 0.5, min_delta 0.25 (both exact in binary): the boundary is 0.75 ("max") or 0.25 ("min");
+# the boundary itself is not an improvement, the next float beyond it is.
+@pytest.mark.parametrize("monitor,mode,value,improves", [
+    ("val_acc", "max", math.nextafter(0.75, math.inf), True),
+    ("val_acc", "max", 0.75, False),
+    ("val_acc", "max", 0.625, False),
+    ("val_acc", "max", 0.375, False),
+    ("val_loss", "min", math.nextafter(0.25, -math.inf), True),
+    ("val_loss", "min", 0.25, False),
+    ("val_loss", "min", 0.375, False),
+    ("val_loss", "min", 0.625, False),
+    ("val_f1", "min", 0.125, True),     # an explicit mode wins over the name
+    ("val_loss", "max", 0.875, True),
+])
+def test_early_stopping_improvement_must_beat_best_by_more_than_min_delta(monitor, mode, value, improves):
+    early = EarlyStopping(monitor, patience=5, min_delta=0.25, mode=mode)
+    early.step(0.5, 1)
+    assert early.step(value, 2) is improves
+
+
+@pytest.mark.parametrize("monitor,mode", [("val_acc", "max"), ("val_loss", "min"), ("val_top5", "max")])
+def test_early_stopping_mode_follows_the_monitored_metric(monitor, mode):
+    assert EarlyStopping(monitor).mode == mode
+
+
+def test_early_stopping_state_dict_round_trip_keeps_the_count_and_the_best():
+    early = EarlyStopping("val_loss", patience=4, min_delta=0.01)
+    for epoch, value in enumerate([0.9, 0.7, 0.71, 0.8], 1):
+        early.step(value, epoch)
+    again = EarlyStopping("val_loss", patience=4, min_delta=0.01)
+    again.load_state_dict(early.state_dict())
+    assert (again.best, again.best_epoch, again.bad_epochs) == (0.7, 2, 2)
+
+
+def _first_stop(early, values, first_epoch):
+    """The epoch after which `early` asks to stop, stepping values from first_epoch on (or None)."""
+    for epoch, value in enumerate(values, first_epoch):
+        early.step(value, epoch)
+        if early.should_stop:
+            return epoch
+    return None
+
+
+def test_early_stopping_restored_state_stops_at_the_same_epoch():
+    values = [0.5, 0.625, 0.5, 0.5625, 0.625, 0.5, 0.5]  # patience 3: stops after epoch 5
+    part = EarlyStopping("val_acc", patience=3)
+    assert _first_stop(part, values[:3], 1) is None
+    resumed = EarlyStopping("val_acc", patience=3)
+    resumed.load_state_dict(part.state_dict())
+    assert _first_stop(resumed, values[3:], 4) == _first_stop(EarlyStopping("val_acc", patience=3),
+                                                              values, 1) == 5
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -341,6 +434,25 @@ def test_early_stopping_ends_the_run_and_keeps_the_best(tmp_path):
     assert "early stop after epoch 3" in (tmp_path / "run" / "train.log").read_text()
     best = load(tmp_path / "run" / "checkpoints" / "best_checkpoint.pth")
     assert best["epoch"] == 1
+
+
+def test_resumed_run_early_stops_where_the_uninterrupted_run_does(tmp_path):
+    """Patience 2 and an improvement that no epoch reaches: the uninterrupted run stops after
+    epoch 3; a run paused after epoch 2 (one epoch without improvement counted) and resumed must
+    stop there too, with the same early-stopping state."""
+    def config(run):
+        return tiny_config(tmp_path, run=run, epochs=5, patience=2, min_delta=10.0)
+
+    whole = Trainer(config("whole")).fit()
+    assert whole["stop_reason"] == "early_stop" and whole["epochs_completed"] == 3
+    assert Trainer(config("parts")).fit(stop_at_epoch=2)["stop_reason"] == "paused"
+    resumed = Trainer(config("parts"))
+    resumed.resume(str(tmp_path / "parts" / "checkpoints" / "latest_checkpoint.pth"))
+    parts = resumed.fit()
+    assert (parts["stop_reason"], parts["epochs_completed"]) == ("early_stop", 3)
+    states = [load(tmp_path / run / "checkpoints" / "latest_checkpoint.pth")["trainer_state"]
+              ["early_stopping"] for run in ("whole", "parts")]
+    assert states[0] == states[1] and states[0]["bad_epochs"] == 2
 
 
 def test_resume_a_legacy_checkpoint(tmp_path):
