@@ -8,7 +8,8 @@ the small pooling kernels take, and bound a GPU training step of the LSTM by the
 pooling ops' backward ops are differentiable there too. The torch.func transforms cannot go
 through a C++ autograd function: under them the ops run cnnlstm_ext.reference (functorch_active).
 """
-from typing import Optional, Sequence, Tuple
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -274,3 +275,47 @@ def _temporal_pool_backward_fake(grad_out, x, lengths, aux, mode, batch_first, b
         grad_w = x.new_empty((0,), dtype=acc)
         grad_b = x.new_empty((0,), dtype=acc)
     return grad_x, grad_w, grad_b
+
+
+# --- kernel trace (tests) -----------------------------------------------------------------------
+
+__all__ += ["recorded_kernels"]
+
+_recorders: List[List[str]] = []  # the lists of the recorded_kernels blocks now open
+
+
+def _drain_kernel_trace() -> None:
+    """Hands what the op recorded to every open block; records on while one is open."""
+    names = torch.ops.cnnlstm_ext.kernel_trace(False)
+    for recorder in _recorders:
+        recorder.extend(names)
+    if _recorders:
+        torch.ops.cnnlstm_ext.kernel_trace(True)
+
+
+@contextlib.contextmanager
+def recorded_kernels() -> Iterator[List[str]]:
+    """The kernel variants the ops launch inside the block, for tests that force a variant and
+    must prove it ran (a silent fallback would otherwise pass them):
+
+        with ops.recorded_kernels() as ran:
+            model(x).sum().backward()
+        assert "cuda:lstm_forward:persistent:fma:barrier" in ran
+
+    The list fills when the block exits, one name per launch decision ("cpu:gemm:onednn",
+    "cpu:lstm_forward:avx512:cell-avx2", "cuda:lstm_backward:stepwise", ...; csrc/kernel_trace.h),
+    in order, repeats included. Blocks may nest. Launches replayed from a CUDA graph are not seen.
+    """
+    names: List[str] = []
+    if _recorders:
+        _drain_kernel_trace()
+    else:
+        torch.ops.cnnlstm_ext.kernel_trace(True)
+    _recorders.append(names)
+    try:
+        yield names
+    finally:
+        _drain_kernel_trace()
+        del _recorders[next(i for i, r in enumerate(_recorders) if r is names)]
+        if not _recorders:
+            torch.ops.cnnlstm_ext.kernel_trace(False)

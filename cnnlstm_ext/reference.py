@@ -13,14 +13,31 @@ __all__ = ["lstm_layer"]
 # --- lstm ---------------------------------------------------------------------------------------
 
 def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
-               lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+               lengths: Optional[Tensor] = None,
+               round_to: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The semantics of `torch.ops.cnnlstm_ext.lstm_layer_forward`, step by step.
 
     x: [T, B, I]; weights: per direction w_ih [4H, I], w_hh [4H, H], then b_ih, b_hh [4H] if the
     layer has biases; h0, c0: [D, B, H]; lengths: [B] (values in [1, T]) or None. Direction 1
     reads sequence b backwards from step lengths[b] - 1. Returns y: [T, B, D*H] (zeros past each
     length), h_n, c_n: [D, B, H].
+
+    round_to (a 16-bit dtype, with float32 x): what the ops promise for 16-bit layers, computed in
+    float32: the recurrent product's operand h_{s-1} and the outputs are rounded to round_to,
+    while the sums, the gate math and the cell state stay float32; under autograd, the gradients
+    are rounded where the values were, and so are the pre-activation gate gradients (the operand
+    of the gradient GEMMs). The accuracy tests' bar for 16-bit kernels.
     """
+    if round_to is not None:
+        def rnd(t: Tensor) -> Tensor:
+            return t.to(round_to).to(t.dtype)
+
+        def rnd_grad(t: Tensor) -> Tensor:
+            return _RoundGrad.apply(t, round_to)
+    else:
+        def rnd(t: Tensor) -> Tensor:
+            return t
+        rnd_grad = rnd
     T, B, _ = x.shape
     D = h0.shape[0]
     per = len(weights) // D
@@ -37,21 +54,36 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
         for s in range(T):
             valid = s < lengths                                           # [B]
             t = torch.full((B,), s) if d == 0 else (lengths - 1 - s).clamp(min=0)
-            gates = x[t, rows] @ w_ih[d].t() + h @ w_hh[d].t()             # [B, 4H]
+            gates = x[t, rows] @ w_ih[d].t() + rnd(h) @ w_hh[d].t()        # [B, 4H]
             if bias is not None:
                 gates = gates + bias[d]
-            i, f, g, o = gates.chunk(4, dim=1)
+            i, f, g, o = rnd_grad(gates).chunk(4, dim=1)
             c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h_new = torch.sigmoid(o) * torch.tanh(c_new)
             m = valid[:, None].to(x.device)
             c = torch.where(m, c_new, c)
             h = torch.where(m, h_new, h)
             keep = out[t, rows]
-            out = out.index_put((t.to(x.device), rows.to(x.device)), torch.where(m, h_new, keep))
+            out = out.index_put((t.to(x.device), rows.to(x.device)),
+                                torch.where(m, rnd(h_new), keep))
         outputs.append(out)
-        h_n.append(h)
-        c_n.append(c)
+        h_n.append(rnd(h))
+        c_n.append(rnd(c))
     return torch.cat(outputs, dim=2), torch.stack(h_n), torch.stack(c_n)
+
+
+class _RoundGrad(torch.autograd.Function):
+    """Identity whose gradient is rounded to `dtype`: the 16-bit kernels keep the pre-activation
+    gate gradients in the layer's dtype, the operand of the gradient GEMMs."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.dtype = dtype
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.to(ctx.dtype).to(grad.dtype), None
 
 
 # --- pooling ------------------------------------------------------------------------------------

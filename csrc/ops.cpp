@@ -3,6 +3,8 @@
 // (meta) kernels are attached in cnnlstm_ext/ops.py.
 #include <torch/library.h>
 
+#include "kernel_trace.h"
+
 #ifndef CNNLSTM_EXT_NO_PYTHON
 #include <Python.h>
 
@@ -70,4 +72,7 @@ TORCH_LIBRARY(cnnlstm_ext, m) {
   m.def("temporal_pool_backward(Tensor grad_out, Tensor x, Tensor? lengths, Tensor aux, str mode, "
         "bool batch_first, bool bidirectional, Tensor? score_weight, Tensor? score_bias) "
         "-> (Tensor grad_x, Tensor grad_score_weight, Tensor grad_score_bias)");
+  // For tests: enable=True clears the record of kernel variants and starts recording (returns
+  // []); enable=False stops and returns the names recorded since (csrc/kernel_trace.h).
+  m.def("kernel_trace(bool enable) -> str[]", &cnnlstm_ext::kernel_trace);
 }

@@ -353,11 +353,16 @@ def test_frame_pool_pipelined_kernel_matches_tile_kernel(monkeypatch, dtype, mod
     variable is refused for either layout, whichever kernel the shape would take."""
     x = feature_maps(n, c, h, w, dtype, "cuda", "contiguous", mode, seed=n)
     results = {}
+    # The pipelined kernel takes maps of a whole number of 16-byte vectors; others the tile kernel.
+    vectors = (c * h * w * x.element_size()) % 16 == 0
     for kernel in ("tile", "pipelined"):
         monkeypatch.setenv("CNNLSTM_EXT_FRAME_POOL_KERNEL", kernel)
-        for batch_first, out_dtype in ((False, None), (True, torch.float32)):
-            results[kernel, batch_first] = torch.ops.cnnlstm_ext.frame_pool_forward(
-                x, 2, mode, batch_first, out_dtype)
+        with ops.recorded_kernels() as ran:
+            for batch_first, out_dtype in ((False, None), (True, torch.float32)):
+                results[kernel, batch_first] = torch.ops.cnnlstm_ext.frame_pool_forward(
+                    x, 2, mode, batch_first, out_dtype)
+        expected = kernel if vectors else "tile-unaligned"
+        assert set(ran) == {f"cuda:frame_pool_forward:{expected}"}, ran
     for batch_first in (False, True):
         (out_t, idx_t), (out_p, idx_p) = results["tile", batch_first], results["pipelined", batch_first]
         assert torch.equal(out_p, out_t) and torch.equal(idx_p, idx_t)

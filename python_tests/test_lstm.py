@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import cnnlstm_ext
-from conftest import assert_compiled_matches_eager
+from conftest import assert_compiled_matches_eager, low_precision_errors, low_precision_verdict
 from cnnlstm_ext import FusedBiLSTM, FusedLSTM, fuse_lstm, ops, reference, unfuse_lstm
 
 I, H, T, B = 3, 4, 5, 3
@@ -1150,6 +1150,8 @@ from cnnlstm_ext import ops, reference
 dtype, tol = getattr(torch, sys.argv[1]), float(sys.argv[2])
 torch.manual_seed(0)
 results = []
+trace = ops.recorded_kernels()
+ran = trace.__enter__()
 for b, h, d in ((1, 16, 2), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
     t, i = 6, 24
     shapes = [(4 * h, i), (4 * h, h), (4 * h,), (4 * h,)] * d
@@ -1170,8 +1172,10 @@ for b, h, d in ((1, 16, 2), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * r.abs().max().item())
     results += [a.detach() for a in list(out) + list(g)]
+trace.__exit__(None, None, None)
 if len(sys.argv) > 3:
     torch.save(results, sys.argv[3])
+print(" ".join(sorted(set(ran))))
 print(torch.backends.cpu.get_cpu_capability())
 """
 
@@ -1190,6 +1194,17 @@ def _onednn_gemm_available() -> bool:
 # CPU has it), its AVX2 kernel, the baseline build's at::bmm; the large GEMMs through oneDNN and
 # through ATen.
 KERNEL_CHOICES = [(None, "onednn"), (None, "aten"), ("avx2", "auto"), ("default", "auto")]
+
+
+def _expected_cpu_kernels(capability, gemm):
+    """The kernel names (ops.recorded_kernels) a float32 layer with H a multiple of 16 must run
+    under ATEN_CPU_CAPABILITY=capability (None: this CPU's best) and CNNLSTM_EXT_CPU_GEMM=gemm."""
+    best = capability.upper() if capability else torch.backends.cpu.get_cpu_capability()
+    product = {"AVX512": "avx512", "AVX2": "avx2"}.get(best, "bmm")
+    cell = "avx2" if best in ("AVX512", "AVX2") else "default"
+    library = "aten" if gemm == "aten" or not _onednn_gemm_available() else "onednn"
+    return {f"cpu:gemm:{library}", f"cpu:lstm_forward:{product}:cell-{cell}",
+            f"cpu:lstm_backward:{product}:cell-{cell}"}
 
 
 @pytest.mark.parametrize("capability,gemm", KERNEL_CHOICES,
@@ -1213,8 +1228,10 @@ def test_recurrent_product_kernels_match_reference(capability, gemm, tmp_path):
     run = subprocess.run([sys.executable, "-c", KERNEL_CASE, "float32", "1e-5"],
                          env=subprocess_env(**extra), cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    kernels, ran_capability = run.stdout.strip().splitlines()[-2:]
     if capability:
-        assert run.stdout.strip().splitlines()[-1] == capability.upper()
+        assert ran_capability == capability.upper()
+    assert set(kernels.split()) == _expected_cpu_kernels(capability, gemm)
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
@@ -1245,6 +1262,19 @@ def test_large_gemms_follow_mkldnn_flag(enabled):
     assert enabled or "aten::mm" in names or "aten::addmm" in names
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_low_precision_error_at_most_twice_float32_accumulation(dtype, bidirectional):
+    """16-bit layers keep the README's promise (float32 sums and cell state): over T=40 steps the
+    error against float64 is at most twice that of the float32-accumulating reference, forward and
+    gradients, where an LSTM computed entirely in the 16-bit dtype fails the same rule."""
+    torch.manual_seed(7)
+    model = FusedLSTM(32, 32, 2, bidirectional=bidirectional).to(dtype)
+    errors = low_precision_errors(model, dtype, steps=40, batch=4, seed=11)
+    assert low_precision_verdict(errors, "fused") == {}
+    assert low_precision_verdict(errors, "all_low") != {}, "the rule does not bite"
+
+
 def test_bfloat16_kernels_match_reference(tmp_path):
     """bfloat16 through the AVX512-BF16 products (where this CPU has them) and through the float32
     computation (ATEN_CPU_CAPABILITY=avx2): both match the float64 reference on the same rounded
@@ -1255,7 +1285,7 @@ def test_bfloat16_kernels_match_reference(tmp_path):
     from conftest import subprocess_env
     if not _cpu_has("AVX2"):
         pytest.skip("this CPU has no AVX2")
-    results = {}
+    results, kernels = {}, {}
     for capability in (None, "avx2"):
         path = tmp_path / f"{capability}.pt"
         env = subprocess_env(**({"ATEN_CPU_CAPABILITY": capability} if capability else {}))
@@ -1263,9 +1293,15 @@ def test_bfloat16_kernels_match_reference(tmp_path):
                              env=env, cwd=tmp_path, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         results[capability] = torch.load(path)
+        kernels[capability] = set(run.stdout.strip().splitlines()[-2].split())
     bf16_kernels = _cpu_has("AVX512") and torch.cpu._is_avx512_bf16_supported()
     same = all(torch.equal(a, b) for a, b in zip(results[None], results["avx2"]))
     assert same != bf16_kernels
+    # The bfloat16 product ran where the CPU has it, and never under ATEN_CPU_CAPABILITY=avx2,
+    # whose backward runs the float32 kernels on float32 copies.
+    assert ("cpu:lstm_forward:bf16-avx512:cell-avx2" in kernels[None]) == bf16_kernels
+    assert ("cpu:lstm_backward:avx512:cell-avx2:io-bf16" in kernels[None]) == bf16_kernels
+    assert kernels["avx2"] >= {"cpu:lstm_forward:avx2:cell-avx2", "cpu:lstm_backward:avx2:cell-avx2"}
 
 
 @pytest.mark.parametrize("value", ["mkl", "ONEDNN"])

@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import cnnlstm_ext
-from conftest import assert_compiled_matches_eager, assert_no_cuda_sync, captured
+from conftest import (assert_compiled_matches_eager, assert_no_cuda_sync, captured,
+                      low_precision_errors, low_precision_verdict)
 from cnnlstm_ext import FusedBiLSTM, FusedLSTM, ops
 
 pytestmark = pytest.mark.cuda
@@ -25,7 +26,8 @@ FLOOR = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.bfloat16, id="bfloat16"),
           pytest.param(torch.float16, id="float16")]
 # The recurrence has two CUDA paths; CNNLSTM_EXT_LSTM_PATH forces one (csrc/cuda/lstm_layer.cu).
-# A forced persistent path falls back to the stepwise one where the shape cannot stay on chip.
+# A forced persistent path that cannot plan is an error (test_lstm_cuda_paths.py), and every test
+# that forces a path proves, through ops.recorded_kernels, that only that path ran.
 PATHS = ["persistent", "stepwise"]
 I, H, T, B = 24, 32, 9, 5  # H a multiple of 32 so the persistent path can take it; B not of 4
 
@@ -38,7 +40,10 @@ def exact_float32(no_tf32):
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", request.param)
-    return request.param
+    with ops.recorded_kernels() as ran:
+        yield request.param
+    recurrences = {name.split(":")[2] for name in ran if name.startswith("cuda:lstm_")}
+    assert recurrences == {request.param}, f"forced {request.param}, ran {sorted(set(ran))}"
 
 
 def randn(*shape, rng):
@@ -151,10 +156,26 @@ def test_cuda_matches_cudnn_without_bias(dtype, path, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_matches_cudnn_hidden_not_multiple_of_32(dtype, path, rng):
-    # H = 20 cannot take the persistent path: the stepwise path serves it whatever is requested.
+def test_cuda_matches_cudnn_hidden_not_multiple_of_32(dtype, rng):
+    # H = 20 cannot take the persistent path: automatic selection gives it to the stepwise path.
     lstms = four_lstms(dtype, input_size=13, hidden_size=20, num_layers=2, bidirectional=True)
-    check_against_all(lstms, randn(T, 3, 13, rng=rng), None, dtype, rng)
+    with ops.recorded_kernels() as ran:
+        check_against_all(lstms, randn(T, 3, 13, rng=rng), None, dtype, rng)
+    assert {n for n in ran if n.startswith("cuda:lstm_")} == {
+        "cuda:lstm_forward:stepwise", "cuda:lstm_backward:stepwise"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_cuda_low_precision_error_at_most_twice_float32_accumulation(dtype, bidirectional, path):
+    """16-bit layers keep the README's promise (float32 sums and cell state): over T=40 steps the
+    error against float64 is at most twice that of the float32-accumulating reference, forward and
+    gradients, where an LSTM computed entirely in the 16-bit dtype fails the same rule."""
+    torch.manual_seed(7)
+    model = FusedLSTM(32, 32, 2, bidirectional=bidirectional, device=CUDA, dtype=dtype)
+    errors = low_precision_errors(model, dtype, steps=40, batch=4, seed=11)
+    assert low_precision_verdict(errors, "fused") == {}
+    assert low_precision_verdict(errors, "all_low") != {}, "the rule does not bite"
 
 
 @pytest.mark.parametrize("inputs", ["padded", "packed_unsorted"])
@@ -492,9 +513,9 @@ def test_cuda_float32_without_tf32_matches_float64(path, rng):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_cuda_large_batch_and_hidden_match_cudnn(dtype, path, rng):
+def test_cuda_large_batch_and_hidden_match_cudnn(dtype, rng):
     # B = 256, H = 1024: one direction's w_hh is 16 MiB in float32, more than the chip holds for
-    # both directions, so the stepwise path must serve it (also when persistent is requested).
+    # both directions, so automatic selection gives it to the stepwise path.
     kwargs = dict(input_size=256, hidden_size=1024, bidirectional=True)
     fused = FusedLSTM(**kwargs, dtype=dtype, device=CUDA)
     cudnn = nn.LSTM(**kwargs, dtype=dtype, device=CUDA)
@@ -508,6 +529,9 @@ def test_cuda_large_batch_and_hidden_match_cudnn(dtype, path, rng):
     ref, _ = run(cudnn, x, None, lambda t: t, weights, rng)
     assert all(dt == dtype for dt in dtypes.values())
     assert_within_2x(got, want, {"cudnn": ref}, FLOOR[dtype])
+    with ops.recorded_kernels() as ran:
+        fused(x.to(CUDA))
+    assert "cuda:lstm_forward:stepwise" in ran
 
 
 # --- errors on CUDA -------------------------------------------------------------------------------

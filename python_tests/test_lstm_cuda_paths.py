@@ -3,7 +3,8 @@
 kernels, forward and every gradient.
 
 The path is forced through CNNLSTM_EXT_LSTM_PATH / CNNLSTM_EXT_LSTM_MMA /
-CNNLSTM_EXT_LSTM_EXCHANGE (read at every call).
+CNNLSTM_EXT_LSTM_EXCHANGE (read at every call), and every case proves that the forced variant
+ran (ops.recorded_kernels): a forced variant that cannot plan is an error, never a fallback.
 Where cuDNN can run the same case (no lengths), the fused error must also stay within twice
 cuDNN's own error in the same dtype against the same float64 reference (plus a small floor).
 """
@@ -12,7 +13,7 @@ import zlib
 import pytest
 import torch
 
-from cnnlstm_ext import FusedLSTM
+from cnnlstm_ext import FusedLSTM, ops
 
 # (batch, steps, input, hidden, layers, bidirectional, with lengths)
 SHAPES = [
@@ -65,11 +66,25 @@ def _case(shape, dtype, seed):
     return ref, x, hx, lengths
 
 
+# The tensor-core product is for 16-bit weights (float32 always takes the FMA product).
+VARIANTS = [pytest.param(v, dt, id=f"{v}-{dt}".replace("torch.", ""))
+            for v in ["persistent-mma", "persistent-fma", "persistent-fma-tagged", "stepwise"]
+            for dt in [torch.float32, torch.bfloat16, torch.float16]
+            if not (v == "persistent-mma" and dt == torch.float32)]
+
+
+def expected_kernels(variant):
+    """The names ops.recorded_kernels gives for the forward and backward of `variant`."""
+    if variant == "stepwise":
+        return {"cuda:lstm_forward:stepwise", "cuda:lstm_backward:stepwise"}
+    _, product, *tagged = variant.split("-")
+    return {f"cuda:lstm_forward:persistent:{product}:{'tagged' if tagged else 'barrier'}",
+            f"cuda:lstm_backward:persistent:{product}:barrier"}
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-I{}-H{}-L{}-{}-{}".format(
     s[0], s[1], s[2], s[3], s[4], "bi" if s[5] else "uni", "lengths" if s[6] else "padded"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("variant", ["persistent-mma", "persistent-fma", "persistent-fma-tagged",
-                                     "stepwise"])
+@pytest.mark.parametrize("variant,dtype", VARIANTS)
 def test_cuda_path_matches_float64(monkeypatch, variant, dtype, shape):
     path, product, exchange = (variant.split("-") + ["", "barrier"])[:3]
     monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", path)
@@ -82,8 +97,10 @@ def test_cuda_path_matches_float64(monkeypatch, variant, dtype, shape):
     model.load_state_dict(ref.state_dict())
     args = (x.to("cuda", dtype), tuple(t.to("cuda", dtype) for t in hx),
             None if lengths is None else lengths.cuda())
-    got = _run(model, *args, 1)
+    with ops.recorded_kernels() as ran:
+        got = _run(model, *args, 1)
     again = _run(model, *args, 1)
+    assert set(ran) == expected_kernels(variant)
     tol, floor = TOL[dtype]
     names = ["output", "h_n", "c_n", "grad_input", "grad_h0", "grad_c0"] + [
         "grad_" + n for n, _ in model.named_parameters()]
@@ -101,16 +118,40 @@ def test_cuda_path_matches_float64(monkeypatch, variant, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_unplannable_shape_falls_back_to_stepwise(monkeypatch, dtype):
-    # H % 32 != 0 cannot take the persistent kernel; forcing it must still give the right answer.
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "persistent")
+def test_cuda_auto_path_takes_stepwise_for_unplannable_shape(monkeypatch, dtype):
+    # H % 32 != 0 cannot take the persistent kernel: automatic selection falls back to the
+    # per-step path, with the right answer.
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "auto")
     ref, x, hx, lengths = _case((4, 5, 40, 24, 1, True, True), dtype, seed=3)
     want = _run(ref, x, hx, lengths, 2)
     model = FusedLSTM(40, 24, 1, bidirectional=True).to("cuda", dtype)
     model.load_state_dict(ref.state_dict())
-    got = _run(model, x.to("cuda", dtype), tuple(t.to("cuda", dtype) for t in hx), lengths.cuda(), 2)
+    with ops.recorded_kernels() as ran:
+        got = _run(model, x.to("cuda", dtype), tuple(t.to("cuda", dtype) for t in hx),
+                   lengths.cuda(), 2)
+    assert set(ran) == expected_kernels("stepwise")
     tol, _ = TOL[dtype]
     assert max(_rel(a, b) for a, b in zip(got, want)) < tol
+
+
+@pytest.mark.parametrize("hidden,batch,why", [
+    (24, 4, "the hidden size 24 is not a multiple of 32"),
+    (64, 1040, "the batch 1040 exceeds 1024"),
+    (1024, 256, "no slice of hidden units"),  # 2 x 16 MiB of float32 w_hh: more than the chip
+])
+def test_cuda_forced_persistent_path_refuses_unplannable_shape(monkeypatch, hidden, batch, why):
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "persistent")
+    model = FusedLSTM(16, hidden, bidirectional=True, device="cuda")
+    with pytest.raises(RuntimeError, match="CNNLSTM_EXT_LSTM_PATH=persistent, but the persistent "
+                                           "kernel cannot run this layer: " + why):
+        model(torch.randn(3, batch, 16, device="cuda"))
+
+
+def test_cuda_forced_persistent_path_refuses_float64(monkeypatch):
+    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "persistent")
+    model = FusedLSTM(16, 32, device="cuda", dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="the persistent kernel has no float64 version"):
+        model(torch.randn(3, 2, 16, device="cuda", dtype=torch.float64))
 
 
 def test_cuda_bad_path_setting_is_refused(monkeypatch):

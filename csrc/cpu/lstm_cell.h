@@ -81,6 +81,10 @@ struct LstmCellKernels {
   LstmCellForwardBf16Fn forward_bf16 = nullptr;
   LstmCellBackwardBf16Fn backward_bf16 = nullptr;
   Transpose16Fn transpose16 = nullptr;
+  // Instruction sets of the variant's cell update and recurrent product ("bmm" where it has no
+  // product kernel), for the kernel trace (kernel_trace.h).
+  const char* cell_isa = "default";
+  const char* product_isa = "bmm";
 };
 
 namespace cell_default {

@@ -48,7 +48,10 @@ LstmCellKernels<float> lstm_cell_kernels<float>() {
 #ifdef CNNLSTM_EXT_X86_SIMD
   if (cpu_has_avx2()) {
     auto kernels = cell_avx2::kernels_float();
-    if (cpu_has_avx512()) kernels.recurrent_product = &cell_avx512::recurrent_product;
+    if (cpu_has_avx512()) {
+      kernels.recurrent_product = &cell_avx512::recurrent_product;
+      kernels.product_isa = "avx512";
+    }
     if (cpu_has_avx512_bf16()) {
       kernels.recurrent_product_bf16 = &cell_avx512::recurrent_product_bf16;
       kernels.to_bf16 = &cell_avx512::to_bf16;

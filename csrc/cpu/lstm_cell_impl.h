@@ -251,6 +251,7 @@ LstmCellKernels<float> kernels_float() {
   kernels.forward_bf16 = &forward_row<float, uint16_t>;
   kernels.backward_bf16 = &backward_row<float, uint16_t>;
   kernels.transpose16 = &transpose16_avx2;
+  kernels.cell_isa = kernels.product_isa = "avx2";
   return kernels;
 }
 #else
@@ -259,7 +260,11 @@ LstmCellKernels<float> kernels_float() {
 }
 #endif
 LstmCellKernels<double> kernels_double() {
-  return {&forward_row<double, double>, &backward_row<double, double>};
+  LstmCellKernels<double> kernels{&forward_row<double, double>, &backward_row<double, double>};
+#ifdef CPU_CAPABILITY_AVX2
+  kernels.cell_isa = "avx2";
+#endif
+  return kernels;
 }
 
 }  // namespace CNNLSTM_CELL_NS

@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "cpu/lstm_cell.h"
+#include "kernel_trace.h"
 #include "lstm_layer.h"
 
 namespace cnnlstm_ext {
@@ -85,8 +86,11 @@ at::Tensor mm_bt(const at::Tensor& a, const at::Tensor& b, const c10::optional<a
     }
   }();
   if (onednn.has_value() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) &&
-      at::globalContext().userEnabledMkldnn())
+      at::globalContext().userEnabledMkldnn()) {
+    record_kernel("cpu:gemm:onednn");
     return onednn->call(a, b, bias, "none", c10::List<c10::optional<c10::Scalar>>(), c10::nullopt);
+  }
+  record_kernel("cpu:gemm:aten");
   return bias.has_value() ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
 }
 
@@ -227,6 +231,10 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   void* gp = gates ? gates->data_ptr() : nullptr;
   void* clp = cell ? cell->data_ptr() : nullptr;
   const auto cell_kernels = lstm_cell_kernels<acc_t>();
+  const bool rec_kernel = use_rec_kernel(cell_kernels.recurrent_product, H);
+  record_kernel(std::string("cpu:lstm_forward:") +
+                (bf16_product ? "bf16-avx512" : rec_kernel ? cell_kernels.product_isa : "bmm") +
+                ":cell-" + cell_kernels.cell_isa);
   // Cell update of units [j0, j1) of row (dir, b) at step s, reading h_{s-1} from h_in, with
   // kernel(x_row, r_row, c_row, h_row, y_row, g_row, cl_row, n, H) on io_t tensors.
   auto cell_update_with = [&](auto kernel, auto io, int64_t s, int64_t dir, int64_t b,
@@ -253,7 +261,7 @@ void forward_steps(const LstmDims& d, const std::vector<int64_t>& L,
     }
     cell_update_with(cell_kernels.forward, acc_t(0), s, dir, b, j0, j1, h_in, h_out);
   };
-  if (!use_rec_kernel(cell_kernels.recurrent_product, H)) {
+  if (!rec_kernel) {
     TORCH_INTERNAL_ASSERT(!bf16_product, "the bfloat16 product needs the recurrent kernels");
     acc_t* hp = h.data_ptr<acc_t>();
     // [D, H, 4H], copied once: MKL's per-step bmm runs several times faster on a contiguous
@@ -389,6 +397,10 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
   const void* c0p = c0.const_data_ptr();
   void* dGp = dG.data_ptr();
   const auto cell_kernels = lstm_cell_kernels<acc_t>();
+  const bool rec_kernel = use_rec_kernel(cell_kernels.recurrent_product, H);
+  record_kernel(std::string("cpu:lstm_backward:") +
+                (rec_kernel ? cell_kernels.product_isa : "bmm") + ":cell-" +
+                cell_kernels.cell_isa + (bf16_io ? ":io-bf16" : ""));
   // Cell backward of units [j0, j1) of row (dir, b) at step s, writing its gate gradients to ds,
   // with kernel(g_row, c_row, cprev_row, gy_row, dh_in, dc_row, ds_row, dG_row, n, H) on io_t
   // tensors.
@@ -420,7 +432,7 @@ void backward_steps(const LstmDims& d, const std::vector<int64_t>& L,
     }
     cell_update_with(cell_kernels.backward, acc_t(0), s, dir, b, j0, j1, ds);
   };
-  if (!use_rec_kernel(cell_kernels.recurrent_product, H)) {
+  if (!rec_kernel) {
     TORCH_INTERNAL_ASSERT(!bf16_io, "the bfloat16 products need the recurrent kernels");
     acc_t* dsp = dG_step.data_ptr<acc_t>();
     for (int64_t s = steps - 1; s >= 0; --s) {

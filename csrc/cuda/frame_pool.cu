@@ -26,6 +26,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "kernel_trace.h"
 #include "cuda/pooling_memory.cuh"
 #include "pooling_args.h"
 
@@ -370,12 +371,15 @@ void launch_frame_pool_forward(const T* x, void* out, int32_t* argmax, const Fra
         const int64_t grid = pipelined_grid(blocks, 2 * smem);
         frame_pool_pipelined_kernel<T, kMax><<<static_cast<unsigned>(grid), kTileThreads, 2 * smem, stream>>>(
             x, out, argmax, p, static_cast<int>(tile_channels), static_cast<int>(tiles));
+        record_kernel("cuda:frame_pool_forward:pipelined");
       } else if (aligned && (s.C * s.HW()) % V == 0) {
         frame_pool_tile_kernel<T, kMax, true><<<static_cast<unsigned>(blocks), kTileThreads, smem, stream>>>(
             x, out, argmax, p, static_cast<int>(tile_channels), static_cast<int>(tiles));
+        record_kernel("cuda:frame_pool_forward:tile");
       } else {
         frame_pool_tile_kernel<T, kMax, false><<<static_cast<unsigned>(blocks), kTileThreads, smem, stream>>>(
             x, out, argmax, p, static_cast<int>(tile_channels), static_cast<int>(tiles));
+        record_kernel("cuda:frame_pool_forward:tile-unaligned");
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
@@ -383,6 +387,7 @@ void launch_frame_pool_forward(const T* x, void* out, int32_t* argmax, const Fra
       TORCH_CHECK(blocks <= INT_MAX, "frame_pool: too many planes for one launch (", s.N * s.C, ")");
       frame_pool_plane_kernel<T, kMax><<<static_cast<unsigned>(blocks), kPlaneWarps * 32, 0, stream>>>(x, out, argmax, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      record_kernel("cuda:frame_pool_forward:plane");
     }
     return;
   }
@@ -398,6 +403,7 @@ void launch_frame_pool_forward(const T* x, void* out, int32_t* argmax, const Fra
     frame_pool_channels_last_kernel<T, kMax, W><<<static_cast<unsigned>(blocks), dim3(lanes, splits), smem, stream>>>(
         x, out, argmax, p, static_cast<int>(chunks));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    record_kernel("cuda:frame_pool_forward:channels_last");
   };
   if (aligned && s.C % V == 0) launch(std::integral_constant<int, V>());
   else launch(std::integral_constant<int, 1>());

@@ -34,8 +34,10 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 
+#include "kernel_trace.h"
 #include "lstm_layer.h"
 #include "lstm_math.cuh"
 
@@ -844,9 +846,11 @@ int persistent_min_hb() {
   return v ? std::atoi(v) : 0;
 }
 
-// Launch geometry of a persistent recurrence; ok=false when it cannot run co-resident.
+// Launch geometry of a persistent recurrence; ok=false when it cannot run co-resident, and then
+// why_not says why (the error of a forced persistent path).
 struct PersistentPlan {
   bool ok = false;
+  std::string why_not;
   bool mma = false;
   int HB = 0, nblk = 0, BC = 0, BT = 0, ldw = 0, ldi = 0;
   int off_in = 0, off_pre = 0, off_state = 0, off_part = 0;
@@ -891,7 +895,14 @@ template <typename scalar_t, typename KernelFor>
 PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, bool mma, int min_hb,
                                         KernelFor kernel_for) {
   PersistentPlan plan;
-  if (d.H % 32 != 0 || d.B > 1024) return plan;
+  if (d.H % 32 != 0) {
+    plan.why_not = "the hidden size " + std::to_string(d.H) + " is not a multiple of 32";
+    return plan;
+  }
+  if (d.B > 1024) {
+    plan.why_not = "the batch " + std::to_string(d.B) + " exceeds 1024";
+    return plan;
+  }
   const int BT = mma ? 8 : (d.B == 1 ? 1 : 4);       // batch rows per tile
   const int64_t K = forward ? d.H : 4 * d.H;          // reduction length of the product
   const int64_t in_elem = mma ? sizeof(scalar_t) : 4;
@@ -927,6 +938,12 @@ PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, bool mm
       return plan;
     }
   }
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  plan.why_not = std::string("no slice of hidden units (4 to 64 units per block, at least ") +
+                 std::to_string(min_hb) + ") fits " + std::to_string(d.D) + " x H/slice blocks of " +
+                 (mma ? "the tensor-core" : "the FMA") + " kernel co-resident on this GPU (" +
+                 std::to_string(prop->multiProcessorCount) + " SMs, " +
+                 std::to_string(prop->sharedMemPerBlockOptin) + " bytes of shared memory per block)";
   return plan;
 }
 
@@ -950,12 +967,26 @@ PersistentPlan plan_persistent(const LstmDims& d, bool forward, KernelFor kernel
 }
 
 bool use_persistent(const LstmDims& d, at::ScalarType dt) {
+  const auto path = requested_path();
+  TORCH_CHECK(dt != at::kDouble || path != RecurrencePath::kPersistent,
+              "CNNLSTM_EXT_LSTM_PATH=persistent, but the persistent kernel has no float64 "
+              "version; unset it (float64 takes the per-step path)");
   if (dt == at::kDouble) return false;
-  switch (requested_path()) {
+  switch (path) {
     case RecurrencePath::kStepwise: return false;
     case RecurrencePath::kPersistent: return true;
     default: return d.B <= persistent_max_batch();
   }
+}
+
+// A plan that cannot run falls back to the per-step path when the path was chosen automatically;
+// a forced persistent path is an error that says why, never a silent fallback.
+bool persistent_plan_usable(const PersistentPlan& plan, const char* op) {
+  if (plan.ok) return true;
+  TORCH_CHECK(requested_path() != RecurrencePath::kPersistent, op,
+              ": CNNLSTM_EXT_LSTM_PATH=persistent, but the persistent kernel cannot run this layer: ",
+              plan.why_not, "; unset it to let the per-step path take this shape");
+  return false;
 }
 
 // The exchange buffers of a persistent recurrence in one allocation: [2, exchange] float32
@@ -1015,7 +1046,7 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const scalar
                    : lstm_forward_persistent_kernel<scalar_t, 4, false>;
   };
   const auto plan = plan_persistent<scalar_t>(d, /*forward=*/true, kernel_for);
-  if (!plan.ok) return false;
+  if (!persistent_plan_usable(plan, "lstm_layer_forward")) return false;
   const bool tagged = want_tagged_exchange();
   TORCH_CHECK(!tagged || !plan.mma, "CNNLSTM_EXT_LSTM_EXCHANGE=tagged needs the FMA product of "
               "the persistent kernel; unset CNNLSTM_EXT_LSTM_MMA");
@@ -1048,6 +1079,8 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const scalar
   p.barrier = buf.barrier;
   static_cast<PersistentGeometry&>(p) = plan.geometry(d);
   launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT, plan.mma)), d.D * plan.nblk, plan.smem, &p);
+  record_kernel(std::string("cuda:lstm_forward:persistent:") + (plan.mma ? "mma" : "fma") + ":" +
+                (tagged ? "tagged" : "barrier"));
   return true;
 }
 
@@ -1066,7 +1099,7 @@ bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::
                    : lstm_backward_persistent_kernel<scalar_t, 4, false>;
   };
   const auto plan = plan_persistent<scalar_t>(d, /*forward=*/false, kernel_for);
-  if (!plan.ok) return false;
+  if (!persistent_plan_usable(plan, "lstm_layer_backward")) return false;
   const auto buf = exchange_buffers(d.D * d.B * 4 * d.H, d.D, gates);  // dgbuf: [2, D, B, 4H]
   PersistentBackwardParams<scalar_t> p;
   p.grad_y = grad_y.data_ptr<scalar_t>();
@@ -1084,6 +1117,8 @@ bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::
   p.barrier = buf.barrier;
   static_cast<PersistentGeometry&>(p) = plan.geometry(d);
   launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT, plan.mma)), d.D * plan.nblk, plan.smem, &p);
+  record_kernel(std::string("cuda:lstm_backward:persistent:") + (plan.mma ? "mma" : "fma") +
+                ":barrier");
   return true;
 }
 
@@ -1093,6 +1128,7 @@ void forward_stepwise(const LstmDims& d, const at::Tensor& xproj, const scalar_t
                       const int64_t* lengths,
                       at::Tensor& y, at::Tensor& h_n, at::Tensor& c_n, at::Tensor* gates,
                       at::Tensor* cell) {
+  record_kernel("cuda:lstm_forward:stepwise");
   auto stream = at::cuda::getCurrentCUDAStream();
   auto h = h0.clone();                                        // [D, B, H] GEMM operand
   at::Tensor c = c0.to(c10::CppTypeToScalarType<acc_t>::value);  // [D, B, H]
@@ -1119,6 +1155,7 @@ void backward_stepwise(const LstmDims& d, const at::Tensor& grad_y, const at::Te
                        const at::Tensor& cell, const at::Tensor& c0, const at::Tensor& w_hh,
                        const int64_t* lengths, at::Tensor& dG, at::Tensor& grad_h0,
                        at::Tensor& grad_c0) {
+  record_kernel("cuda:lstm_backward:stepwise");
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor dc = grad_c_n.to(c10::CppTypeToScalarType<acc_t>::value);
   if (dc.data_ptr() == grad_c_n.data_ptr()) dc = dc.clone();
