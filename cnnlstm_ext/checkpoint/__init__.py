@@ -33,7 +33,7 @@ from typing import Iterable, List, Optional
 
 import torch
 
-from .models.cnnlstm import canonical_names, describe_state_dict, is_buffer_name
+from ..models.cnnlstm import canonical_names, describe_state_dict, is_buffer_name
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "save_checkpoint", "load_checkpoint",
            "normalize_checkpoint", "read_checkpoint", "verify_checkpoint", "inspect_checkpoint",
