@@ -17,10 +17,9 @@ import math
 import pathlib
 import statistics
 
-from .checkpoint import (CheckpointError, HISTORY_FIELDS, epoch_from_name, expected_file_bytes,
-                         find_checkpoints, normalize_checkpoint, read_checkpoint,
-                         verify_checkpoint)
-from .models.cnnlstm import describe_state_dict, is_buffer_name
+from .checkpoint import (CheckpointError, HISTORY_FIELDS, describe_state_dict, epoch_from_name,
+                         expected_file_bytes, find_checkpoints, is_buffer_name,
+                         normalize_checkpoint, read_checkpoint, verify_checkpoint)
 
 __all__ = ["summarize", "scan_folder", "analyse"]
 

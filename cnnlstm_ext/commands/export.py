@@ -8,9 +8,8 @@ epoch, best metrics, the config and the architecture read off the weights as str
 import json
 import os
 
-from ..checkpoint import (CheckpointError, apply_key_map, atomic_write, normalize_checkpoint,
-                          read_checkpoint)
-from ..models.cnnlstm import describe_state_dict
+from ..checkpoint import (CheckpointError, apply_key_map, atomic_write, describe_state_dict,
+                          normalize_checkpoint, read_checkpoint)
 
 
 def add_arguments(parser):

@@ -6,8 +6,7 @@ Tensor data is memory-mapped, not read: inspecting a large file is fast.
 """
 import json
 
-from ..checkpoint import CheckpointError, inspect_checkpoint
-from ..models.cnnlstm import canonical_names
+from ..checkpoint import CheckpointError, canonical_names, inspect_checkpoint
 
 
 def add_arguments(parser):

@@ -328,7 +328,7 @@ def config_from_checkpoint(ckpt: Dict[str, Any], key_map=None) -> Tuple[Config, 
     `key_map` is given, the renaming of its keys to CNNLSTM's (e.g. `rnn.` -> `lstm.`); the rest
     of the config keeps the defaults. Raises ValueError saying what does not fit a CNNLSTM.
     """
-    from ..models.cnnlstm import canonical_names, describe_state_dict
+    from ..checkpoint import canonical_names, describe_state_dict
 
     cfg = Config()
     saved = ckpt.get("config")

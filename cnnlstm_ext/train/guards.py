@@ -1,6 +1,6 @@
 """What keeps a run from going quietly wrong: the NaN/Inf guard and early stopping.
 
-The original run (DESIGN.md section 1) overfitted from epoch 33 on and trained on NaN from epoch
+The existing run (docs/checkpoint_format.md) overfitted from epoch 33 and trained on NaN from epoch
 600 with its weights poisoned, and nothing stopped it. Here:
 
 - `NonFiniteGuard`: a step whose loss or gradient norm is NaN/Inf is skipped (the weights never
@@ -11,9 +11,11 @@ The original run (DESIGN.md section 1) overfitted from epoch 33 on and trained o
   checkpoint never holds NaN/Inf.
 """
 import math
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
+
+from ..checkpoint.verify import nonfinite_tensors  # noqa: F401  (the check, shared with verify)
 
 
 class RollbackRequired(RuntimeError):
@@ -121,16 +123,6 @@ class EarlyStopping:
         self.best = state.get("best")
         self.best_epoch = state.get("best_epoch")
         self.bad_epochs = int(state.get("bad_epochs", 0))
-
-
-def nonfinite_tensors(named: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
-    """Names of the floating-point tensors that hold NaN or Inf."""
-    bad = []
-    for name, t in named:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() \
-                and not bool(torch.isfinite(t).all()):
-            bad.append(name)
-    return bad
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer):
