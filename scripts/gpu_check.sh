@@ -24,9 +24,9 @@ mkdir -p "$RES"
 LOGS=$(mktemp -d)
 cd "$ROOT"
 PY=${PYTHON:-python3}
-# Arch 9.0 (DESIGN.md), as scripts/gpu_prebuild.sh builds by default. The GPU image sets
-# TORCH_CUDA_ARCH_LIST=9.0a, which a prebuilt library's stamp would never match; GPU_CHECK_ARCH
-# picks another.
+# Arch 9.0, the H100/H200 of docs/architecture.md ("Build and machines"), as
+# scripts/gpu_prebuild.sh builds by default. The GPU image sets TORCH_CUDA_ARCH_LIST=9.0a, which a
+# prebuilt library's stamp would never match; GPU_CHECK_ARCH picks another.
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${GPU_CHECK_ARCH:-9.0} CNNLSTM_EXT_CUDA=1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 # The GPU image sets CXX=/opt/gcc/bin/g++; an extension built with it crashes (in std::ostream)
