@@ -96,8 +96,8 @@ def _cublas_library():
 
 def _extension():
     use_cuda = _want_cuda()
-    sources = ["csrc/ops.cpp", "csrc/lstm_autograd.cpp", "csrc/pooling_autograd.cpp"]
-    sources += sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/*.cpp (schemas, options, CPU capability) and each op's folder: CPU kernels, autograd.
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*.cpp"))
     # at::parallel_for is inline OpenMP: without -fopenmp it compiles to a serial loop here. The
     # extension then shares the OpenMP runtime torch has loaded (same soname) and its threads.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
@@ -118,7 +118,7 @@ def _extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     print("cnnlstm_ext: building CPU and CUDA kernels (CUDA_HOME=%s, arch=%s)"
           % (_CUDA_HOME, os.environ.get("TORCH_CUDA_ARCH_LIST", "from visible GPU")))
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    sources += sorted(glob.glob("csrc/*/*.cu"))
     include_dirs += _wheel_cuda_includes()
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     cublas = _cublas_library()

@@ -17,7 +17,6 @@ the cuDNN version and whether nn.LSTM really ran cuDNN in bfloat16 (a profiler p
 aten::_cudnn_rnn and cuDNN's RNN kernels). CNNLSTM_EXT_LSTM_PATH=persistent|stepwise forces the
 fused recurrence path; it is recorded too.
 """
-import os
 
 import pytest
 import torch
@@ -122,7 +121,7 @@ def test_lstm_cuda(benchmark, cudnn_info, dtype_name, case, batch, steps, impl):
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
     })
     if impl == "fused":
-        benchmark.extra_info["fused_path"] = os.environ.get("CNNLSTM_EXT_LSTM_PATH", "auto")
+        benchmark.extra_info["fused_path"] = cnnlstm_ext.backends.lstm.path
     else:
         benchmark.extra_info.update(cudnn_info)
     benchmark.pedantic(step, rounds=30, iterations=1, warmup_rounds=3)
@@ -139,14 +138,15 @@ def test_lstm_cuda(benchmark, cudnn_info, dtype_name, case, batch, steps, impl):
 
 # The recurrence variants of the fused op against the same baseline, T=32: the persistent kernel
 # with its tensor-core product (16-bit) or its FMA product, and the per-step path. Their
-# crossover in B is what CNNLSTM_EXT_PERSISTENT_MAX_BATCH's default rests on.
+# crossover in B is what backends.lstm.persistent_max_batch's default rests on. Values: keywords
+# of cnnlstm_ext.backends.flags.
 VARIANTS = {
     "baseline": {},
-    "fused-persistent-mma": {"CNNLSTM_EXT_LSTM_PATH": "persistent", "CNNLSTM_EXT_LSTM_MMA": "1"},
-    "fused-persistent-fma": {"CNNLSTM_EXT_LSTM_PATH": "persistent", "CNNLSTM_EXT_LSTM_MMA": "0"},
-    "fused-persistent-fma-tagged": {"CNNLSTM_EXT_LSTM_PATH": "persistent",
-                                    "CNNLSTM_EXT_LSTM_MMA": "0", "CNNLSTM_EXT_LSTM_EXCHANGE": "tagged"},
-    "fused-stepwise": {"CNNLSTM_EXT_LSTM_PATH": "stepwise"},
+    "fused-persistent-mma": {"lstm_path": "persistent", "lstm_mma": True},
+    "fused-persistent-fma": {"lstm_path": "persistent", "lstm_mma": False},
+    "fused-persistent-fma-tagged": {"lstm_path": "persistent", "lstm_mma": False,
+                                    "lstm_exchange": "tagged"},
+    "fused-stepwise": {"lstm_path": "stepwise"},
 }
 
 
@@ -154,11 +154,14 @@ VARIANTS = {
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_lstm_cuda_paths(benchmark, monkeypatch, dtype_name, case, batch, variant):
+def test_lstm_cuda_paths(benchmark, dtype_name, case, batch, variant):
     if dtype_name == "float32" and variant == "fused-persistent-fma":
         pytest.skip("float32 always uses the FMA product")
-    for name, value in VARIANTS[variant].items():
-        monkeypatch.setenv(name, value)
+    with cnnlstm_ext.backends.flags(**VARIANTS[variant]):
+        _time_path(benchmark, dtype_name, case, batch, variant)
+
+
+def _time_path(benchmark, dtype_name, case, batch, variant):
     impl = "baseline" if variant == "baseline" else "fused"
     dtype, steps = DTYPES[dtype_name], 32
     step = make_step(impl, case, dtype, batch, steps)

@@ -23,6 +23,7 @@ session (``copy_fraction``). Goals (issue): CPU >= 1.5x; GPU >= 2x and >= 85% of
 import pytest
 import torch
 
+import cnnlstm_ext
 from cnnlstm_ext import ops, reference
 
 REQUIRES_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -188,13 +189,14 @@ def test_frame_pool_cuda(benchmark, cuda_copy_bandwidth, dtype, mode, layout, fr
 @pytest.mark.parametrize("frames", FRAMES)
 @pytest.mark.parametrize("mode", ["avg", "max"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_frame_pool_tile_cuda(benchmark, cuda_copy_bandwidth, monkeypatch, dtype, mode, frames, impl):
-    # The other kernel for contiguous maps (CNNLSTM_EXT_FRAME_POOL_KERNEL=tile: one block per tile),
-    # against the same baseline as the default pipelined kernel's rows of test_frame_pool_cuda.
-    monkeypatch.setenv("CNNLSTM_EXT_FRAME_POOL_KERNEL", "tile")
-    step, nbytes = frame_forward(impl, frames, mode, dtype, "cuda", "contiguous")
-    group = "frame_pool cuda %s %s contiguous %d tile" % (str(dtype)[6:], mode, frames)
-    run_case(benchmark, group, impl, step, "cuda", nbytes, cuda_copy_bandwidth)
+def test_frame_pool_tile_cuda(benchmark, cuda_copy_bandwidth, dtype, mode, frames, impl):
+    # The other kernel for contiguous maps (backends.frame_pool.kernel = "tile": one block per
+    # tile), against the same baseline as the default pipelined kernel's rows of
+    # test_frame_pool_cuda.
+    with cnnlstm_ext.backends.flags(frame_pool_kernel="tile"):
+        step, nbytes = frame_forward(impl, frames, mode, dtype, "cuda", "contiguous")
+        group = "frame_pool cuda %s %s contiguous %d tile" % (str(dtype)[6:], mode, frames)
+        run_case(benchmark, group, impl, step, "cuda", nbytes, cuda_copy_bandwidth)
 
 
 @REQUIRES_CUDA

@@ -9,6 +9,7 @@ except ImportError as e:  # pragma: no cover - only without a build
         "`pip install --no-build-isolation .` against the installed torch." % e) from e
 
 from . import ops  # noqa: E402,F401  (fake kernels and autograd)
+from . import backends  # noqa: E402,F401  (run-time options of the kernels)
 from .nn import FusedLSTM, FusedBiLSTM, fuse_lstm, unfuse_lstm  # noqa: E402
 from .nn import FramePool, TemporalPool  # noqa: E402
 from .models import CNNLSTM  # noqa: E402
@@ -23,4 +24,4 @@ def cuda_kernels_built() -> bool:
 
 
 __all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm", "FramePool", "TemporalPool",
-           "CNNLSTM", "cuda_kernels_built", "ops"]
+           "CNNLSTM", "cuda_kernels_built", "ops", "backends"]

@@ -1,9 +1,10 @@
-// Every schema of the library, in one place. Kernels register in csrc/cpu/*.cpp (CPU) and
-// csrc/cuda/*.cu (CUDA), autograd in csrc/lstm_autograd.cpp and csrc/pooling_autograd.cpp; fake
-// (meta) kernels are attached in cnnlstm_ext/ops.py.
+// Every schema of the library, in one place. Each op's kernels register in its folder:
+// csrc/lstm/ and csrc/pooling/ hold the CPU kernels (*_cpu.cpp), the CUDA kernels (*_cuda.cu) and
+// the autograd (*_autograd.cpp); fake (meta) kernels are attached in cnnlstm_ext/ops.py.
 #include <torch/library.h>
 
 #include "kernel_trace.h"
+#include "options.h"
 
 #ifndef CNNLSTM_EXT_NO_PYTHON
 #include <Python.h>
@@ -75,4 +76,9 @@ TORCH_LIBRARY(cnnlstm_ext, m) {
   // For tests: enable=True clears the record of kernel variants and starts recording (returns
   // []); enable=False stops and returns the names recorded since (csrc/kernel_trace.h).
   m.def("kernel_trace(bool enable) -> str[]", &cnnlstm_ext::kernel_trace);
+  // The run-time options of the kernels (csrc/options.h), all at once; cnnlstm_ext.backends
+  // holds them on the Python side and calls this whenever one changes.
+  m.def("set_options(str lstm_path, bool lstm_mma, str lstm_exchange, int persistent_max_batch, "
+        "int persistent_min_hb, str frame_pool_kernel, str cpu_gemm) -> ()",
+        &cnnlstm_ext::set_options);
 }

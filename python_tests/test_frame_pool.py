@@ -347,17 +347,16 @@ def test_frame_pool_cuda_matches_cpu_on_resnet_sized_maps():
     (40, 200, 5, 5),    # C*h*w a whole number of 16-byte vectors in every dtype
     (12, 19, 7, 7),     # C*h*w not a whole number of vectors: the tile kernel runs either way
 ])
-def test_frame_pool_pipelined_kernel_matches_tile_kernel(monkeypatch, dtype, mode, n, c, h, w):
-    """The default pipelined kernel for contiguous maps against CNNLSTM_EXT_FRAME_POOL_KERNEL=tile:
-    the same reduction order, so the same bits, and the reference's values. A bad value of the
-    variable is refused for either layout, whichever kernel the shape would take."""
+def test_frame_pool_pipelined_kernel_matches_tile_kernel(dtype, mode, n, c, h, w):
+    """The default pipelined kernel for contiguous maps against backends.frame_pool.kernel='tile':
+    the same reduction order, so the same bits, and the reference's values; each run proves which
+    kernel it launched."""
     x = feature_maps(n, c, h, w, dtype, "cuda", "contiguous", mode, seed=n)
     results = {}
     # The pipelined kernel takes maps of a whole number of 16-byte vectors; others the tile kernel.
     vectors = (c * h * w * x.element_size()) % 16 == 0
     for kernel in ("tile", "pipelined"):
-        monkeypatch.setenv("CNNLSTM_EXT_FRAME_POOL_KERNEL", kernel)
-        with ops.recorded_kernels() as ran:
+        with cnnlstm_ext.backends.flags(frame_pool_kernel=kernel), ops.recorded_kernels() as ran:
             for batch_first, out_dtype in ((False, None), (True, torch.float32)):
                 results[kernel, batch_first] = torch.ops.cnnlstm_ext.frame_pool_forward(
                     x, 2, mode, batch_first, out_dtype)
@@ -368,10 +367,6 @@ def test_frame_pool_pipelined_kernel_matches_tile_kernel(monkeypatch, dtype, mod
         assert torch.equal(out_p, out_t) and torch.equal(idx_p, idx_t)
     exact = reference.frame_pool(x.double(), 2, mode, True)
     torch.testing.assert_close(results["pipelined", True][0].double(), exact, rtol=1e-5, atol=1e-5)
-    monkeypatch.setenv("CNNLSTM_EXT_FRAME_POOL_KERNEL", "fastest")
-    for maps in (x, x.contiguous(memory_format=torch.channels_last)):
-        with pytest.raises(RuntimeError, match="must be pipelined or tile, got 'fastest'"):
-            torch.ops.cnnlstm_ext.frame_pool_forward(maps, 2, mode, False, None)
 
 
 def test_frame_pool_reference_is_the_unfused_sequence():

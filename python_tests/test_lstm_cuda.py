@@ -25,7 +25,7 @@ CUDA = "cuda"
 FLOOR = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.bfloat16, id="bfloat16"),
           pytest.param(torch.float16, id="float16")]
-# The recurrence has two CUDA paths; CNNLSTM_EXT_LSTM_PATH forces one (csrc/cuda/lstm_layer.cu).
+# The recurrence has two CUDA paths; backends.lstm.path forces one (csrc/lstm/lstm_cuda_plan.cuh).
 # A forced persistent path that cannot plan is an error (test_lstm_cuda_paths.py), and every test
 # that forces a path proves, through ops.recorded_kernels, that only that path ran.
 PATHS = ["persistent", "stepwise"]
@@ -38,9 +38,8 @@ def exact_float32(no_tf32):
 
 
 @pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", request.param)
-    with ops.recorded_kernels() as ran:
+def path(request):
+    with cnnlstm_ext.backends.flags(lstm_path=request.param), ops.recorded_kernels() as ran:
         yield request.param
     recurrences = {name.split(":")[2] for name in ran if name.startswith("cuda:lstm_")}
     assert recurrences == {request.param}, f"forced {request.param}, ran {sorted(set(ran))}"

@@ -2,9 +2,9 @@
 (tensor-core MMA, FMA) and both of its exchanges (barrier, tagged) against the float64 CPU
 kernels, forward and every gradient.
 
-The path is forced through CNNLSTM_EXT_LSTM_PATH / CNNLSTM_EXT_LSTM_MMA /
-CNNLSTM_EXT_LSTM_EXCHANGE (read at every call), and every case proves that the forced variant
-ran (ops.recorded_kernels): a forced variant that cannot plan is an error, never a fallback.
+The path is forced through cnnlstm_ext.backends.flags (lstm_path, lstm_mma, lstm_exchange), and
+every case proves that the forced variant ran (ops.recorded_kernels): a forced variant that cannot
+plan is an error, never a fallback.
 Where cuDNN can run the same case (no lengths), the fused error must also stay within twice
 cuDNN's own error in the same dtype against the same float64 reference (plus a small floor).
 """
@@ -13,6 +13,7 @@ import zlib
 import pytest
 import torch
 
+import cnnlstm_ext
 from cnnlstm_ext import FusedLSTM, ops
 
 # (batch, steps, input, hidden, layers, bidirectional, with lengths)
@@ -85,11 +86,14 @@ def expected_kernels(variant):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-I{}-H{}-L{}-{}-{}".format(
     s[0], s[1], s[2], s[3], s[4], "bi" if s[5] else "uni", "lengths" if s[6] else "padded"))
 @pytest.mark.parametrize("variant,dtype", VARIANTS)
-def test_cuda_path_matches_float64(monkeypatch, variant, dtype, shape):
+def test_cuda_path_matches_float64(variant, dtype, shape):
     path, product, exchange = (variant.split("-") + ["", "barrier"])[:3]
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", path)
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_MMA", "0" if product == "fma" else "1")
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_EXCHANGE", exchange)
+    with cnnlstm_ext.backends.flags(lstm_path=path, lstm_mma=product == "mma",
+                                    lstm_exchange=exchange):
+        _check_path(variant, dtype, shape)
+
+
+def _check_path(variant, dtype, shape):
     ref, x, hx, lengths = _case(shape, dtype, seed=zlib.crc32(repr((variant, str(dtype), shape)).encode()))
     want = _run(ref, x, hx, lengths, 1)
     model = FusedLSTM(ref.input_size, ref.hidden_size, ref.num_layers,
@@ -118,10 +122,10 @@ def test_cuda_path_matches_float64(monkeypatch, variant, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_auto_path_takes_stepwise_for_unplannable_shape(monkeypatch, dtype):
+def test_cuda_auto_path_takes_stepwise_for_unplannable_shape(dtype):
     # H % 32 != 0 cannot take the persistent kernel: automatic selection falls back to the
     # per-step path, with the right answer.
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "auto")
+    assert cnnlstm_ext.backends.lstm.path == "auto"
     ref, x, hx, lengths = _case((4, 5, 40, 24, 1, True, True), dtype, seed=3)
     want = _run(ref, x, hx, lengths, 2)
     model = FusedLSTM(40, 24, 1, bidirectional=True).to("cuda", dtype)
@@ -139,36 +143,24 @@ def test_cuda_auto_path_takes_stepwise_for_unplannable_shape(monkeypatch, dtype)
     (64, 1040, "the batch 1040 exceeds 1024"),
     (1024, 256, "no slice of hidden units"),  # 2 x 16 MiB of float32 w_hh: more than the chip
 ])
-def test_cuda_forced_persistent_path_refuses_unplannable_shape(monkeypatch, hidden, batch, why):
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "persistent")
+def test_cuda_forced_persistent_path_refuses_unplannable_shape(hidden, batch, why):
     model = FusedLSTM(16, hidden, bidirectional=True, device="cuda")
-    with pytest.raises(RuntimeError, match="CNNLSTM_EXT_LSTM_PATH=persistent, but the persistent "
-                                           "kernel cannot run this layer: " + why):
+    with cnnlstm_ext.backends.flags(lstm_path="persistent"), pytest.raises(
+            RuntimeError, match="backends.lstm.path is 'persistent', but the persistent kernel "
+                                "cannot run this layer: " + why):
         model(torch.randn(3, batch, 16, device="cuda"))
 
 
-def test_cuda_forced_persistent_path_refuses_float64(monkeypatch):
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "persistent")
+def test_cuda_forced_persistent_path_refuses_float64():
     model = FusedLSTM(16, 32, device="cuda", dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="the persistent kernel has no float64 version"):
+    with cnnlstm_ext.backends.flags(lstm_path="persistent"), pytest.raises(
+            RuntimeError, match="the persistent kernel has no float64 version"):
         model(torch.randn(3, 2, 16, device="cuda", dtype=torch.float64))
 
 
-def test_cuda_bad_path_setting_is_refused(monkeypatch):
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "fastest")
-    model = FusedLSTM(8, 32).cuda()
-    with pytest.raises(RuntimeError, match="CNNLSTM_EXT_LSTM_PATH"):
-        model(torch.randn(3, 2, 8, device="cuda"))
-
-
-def test_cuda_bad_exchange_setting_is_refused(monkeypatch):
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_PATH", "persistent")
-    model = FusedLSTM(8, 32).cuda()
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_EXCHANGE", "mailbox")
-    with pytest.raises(RuntimeError, match="CNNLSTM_EXT_LSTM_EXCHANGE"):
-        model(torch.randn(3, 2, 8, device="cuda"))
+def test_cuda_tagged_exchange_refuses_the_tensor_core_product():
     # The tagged exchange reads float32 rows: it does not combine with the tensor-core product.
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_EXCHANGE", "tagged")
-    monkeypatch.setenv("CNNLSTM_EXT_LSTM_MMA", "1")
-    with pytest.raises(RuntimeError, match="FMA product"):
-        model.to(torch.bfloat16)(torch.randn(3, 2, 8, device="cuda", dtype=torch.bfloat16))
+    model = FusedLSTM(8, 32, device="cuda", dtype=torch.bfloat16)
+    with cnnlstm_ext.backends.flags(lstm_path="persistent", lstm_exchange="tagged", lstm_mma=True):
+        with pytest.raises(RuntimeError, match="needs the FMA product"):
+            model(torch.randn(3, 2, 8, device="cuda", dtype=torch.bfloat16))

@@ -10,11 +10,11 @@ looping over tiles), one warp per plane, channels_last (16-byte and element load
 every mode, 16-byte and element accesses, batch-first, bidirectional "last". Exits non-zero on a
 mismatch.
 """
-import os
 import sys
 
 import torch
 
+import cnnlstm_ext
 from cnnlstm_ext import ops
 
 
@@ -59,7 +59,7 @@ def main(device="cuda"):
         (1100, 16, 3, 3, torch.bfloat16, "contiguous"),
     ]
     for kernel, cases in (("tile", frame_cases), ("pipelined", pipelined_cases)):
-        os.environ["CNNLSTM_EXT_FRAME_POOL_KERNEL"] = kernel
+        cnnlstm_ext.backends.frame_pool.kernel = kernel
         for n, c, h, w, dtype, layout in cases:
             x = torch.randn(n, c, h, w, dtype=dtype)
             if layout == "channels_last":
@@ -70,7 +70,7 @@ def main(device="cuda"):
                     name = "frame_pool %s %s %s %s out=%s %s" % ((n, c, h, w), dtype, layout, mode,
                                                                  out_dtype, kernel)
                     ok &= check(name, run(fn, x.to(device)), run(fn, x), atol=1e-2)
-    os.environ.pop("CNNLSTM_EXT_FRAME_POOL_KERNEL")
+    cnnlstm_ext.backends.frame_pool.kernel = "pipelined"
     for d, dtype in ((37, torch.float32), (64, torch.float32), (64, torch.bfloat16), (64, torch.float64)):
         for batch_first in (False, True):
             x = torch.randn(9, 5, d, dtype=dtype)

@@ -16,7 +16,6 @@ float32 inference at B=8, by self CPU time. Lines are printed as they are measur
     python3 scripts/profile_lstm_cuda.py [--out FILE]
 """
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+import cnnlstm_ext
 from cnnlstm_ext import FusedLSTM
 
 I = H = 512
@@ -127,22 +127,15 @@ def runs_ahead():
 
 
 def sweep_min_hb():
-    lines = ["\n== fused wall us by CNNLSTM_EXT_PERSISTENT_MIN_HB (auto / 8 / 16)"]
-    before = os.environ.get("CNNLSTM_EXT_PERSISTENT_MIN_HB")
-    try:
-        for dtype, case, batch, steps in SWEEP_CASES:
-            walls = []
-            for min_hb in SWEEP_MIN_HB:
-                os.environ["CNNLSTM_EXT_PERSISTENT_MIN_HB"] = min_hb or "0"
+    lines = ["\n== fused wall us by backends.lstm.persistent_min_hb (auto / 8 / 16)"]
+    for dtype, case, batch, steps in SWEEP_CASES:
+        walls = []
+        for min_hb in SWEEP_MIN_HB:
+            with cnnlstm_ext.backends.flags(persistent_min_hb=int(min_hb or 0)):
                 wall, _, _ = measure(make_call("fused", dtype, case, batch, steps))
-                walls.append(f"{wall * 1e6:8.1f}")
-            name = str(dtype).replace("torch.", "")
-            lines.append(f"  {name:8s} {case:9s} B={batch:<3d} T={steps}: " + " / ".join(walls))
-    finally:
-        if before is None:
-            os.environ.pop("CNNLSTM_EXT_PERSISTENT_MIN_HB", None)
-        else:
-            os.environ["CNNLSTM_EXT_PERSISTENT_MIN_HB"] = before
+            walls.append(f"{wall * 1e6:8.1f}")
+        name = str(dtype).replace("torch.", "")
+        lines.append(f"  {name:8s} {case:9s} B={batch:<3d} T={steps}: " + " / ".join(walls))
     return lines
 
 

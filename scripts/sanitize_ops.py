@@ -3,7 +3,6 @@
 Both LSTM recurrence paths, float32 and bfloat16, with and without lengths, and the persistent
 forward's tagged exchange.
 """
-import os
 
 import torch
 
@@ -12,8 +11,8 @@ from cnnlstm_ext import FusedLSTM
 
 
 def lstm_case(path: str, dtype: torch.dtype, lengths: bool, exchange: str = "barrier") -> None:
-    os.environ["CNNLSTM_EXT_LSTM_PATH"] = path
-    os.environ["CNNLSTM_EXT_LSTM_EXCHANGE"] = exchange
+    cnnlstm_ext.backends.lstm.path = path
+    cnnlstm_ext.backends.lstm.exchange = exchange
     model = FusedLSTM(32, 64, num_layers=2, bidirectional=True).to("cuda", dtype)
     x = torch.randn(5, 3, 32, device="cuda", dtype=dtype, requires_grad=True)
     L = torch.tensor([5, 2, 4], device="cuda") if lengths else None

@@ -2,7 +2,7 @@
 // AVX512, and its bfloat16 variant for AVX512-BF16. Raw intrinsics and no ATen header, so that no
 // inline function shared with the other translation units is compiled for AVX-512 here (the
 // linker could keep that copy for all callers); the templates below have internal linkage.
-#include "lstm_cell.h"
+#include "lstm/lstm_cpu_cell.h"
 
 #ifdef CNNLSTM_EXT_X86_SIMD
 
@@ -11,8 +11,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
 
-namespace cnnlstm_ext {
-namespace cell_avx512 {
+namespace cnnlstm_ext::lstm {
+namespace isa_avx512 {
 namespace {
 
 constexpr int64_t kRows = 4;
@@ -64,8 +64,8 @@ void recurrent_product(const float* a, const float* w, float* out, int64_t B, in
   }
 }
 
-}  // namespace cell_avx512
-}  // namespace cnnlstm_ext
+}  // namespace isa_avx512
+}  // namespace cnnlstm_ext::lstm
 
 #pragma GCC pop_options
 
@@ -76,8 +76,8 @@ void recurrent_product(const float* a, const float* w, float* out, int64_t B, in
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bf16")
 
-namespace cnnlstm_ext {
-namespace cell_avx512 {
+namespace cnnlstm_ext::lstm {
+namespace isa_avx512 {
 namespace {
 
 // Up to 8 rows per tile (16 accumulators for two blocks): each w vector loaded serves 16
@@ -144,8 +144,8 @@ void to_bf16(const float* src, uint16_t* dst, int64_t n) {
   }
 }
 
-}  // namespace cell_avx512
-}  // namespace cnnlstm_ext
+}  // namespace isa_avx512
+}  // namespace cnnlstm_ext::lstm
 
 #pragma GCC pop_options
 

@@ -128,7 +128,7 @@ inline at::Tensor temporal_pool_input(const at::Tensor& x, bool batch_first, Tem
 // which the CUDA kernels pass while a CUDA graph is being captured (no synchronisation is allowed
 // there) and in the backward (the forward checked the same lengths); the CUDA kernels clamp
 // lengths to [1, T] so that they never read out of bounds.
-inline at::Tensor temporal_pool_lengths(const c10::optional<at::Tensor>& lengths, int64_t B, int64_t T,
+inline at::Tensor temporal_pool_lengths(const std::optional<at::Tensor>& lengths, int64_t B, int64_t T,
                                         const at::Device& device, const char* op = "temporal_pool",
                                         bool check_values = true) {
   if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
@@ -160,8 +160,8 @@ struct ScoreParams {
   at::Tensor bias;    // [1], accumulation dtype, or undefined
 };
 
-inline ScoreParams temporal_pool_score(const c10::optional<at::Tensor>& weight,
-                                       const c10::optional<at::Tensor>& bias, const at::Tensor& x,
+inline ScoreParams temporal_pool_score(const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& bias, const at::Tensor& x,
                                        int64_t D, at::ScalarType acc_dtype,
                                        const char* op = "temporal_pool") {
   TORCH_CHECK(weight.has_value() && weight->defined(), op,
@@ -217,7 +217,7 @@ inline void check_temporal_pool_grad(const at::Tensor& grad_out, const at::Tenso
 // The attention score's gradients, accumulated in acc_dtype as flat tensors, in the dtypes and
 // shapes of the score's parameters (an empty grad_b when the score has no bias).
 inline void shape_score_grads(at::Tensor& grad_w, at::Tensor& grad_b, const at::Tensor& score_weight,
-                              const c10::optional<at::Tensor>& score_bias, const at::TensorOptions& acc) {
+                              const std::optional<at::Tensor>& score_bias, const at::TensorOptions& acc) {
   grad_w = grad_w.to(score_weight.scalar_type()).reshape(score_weight.sizes());
   grad_b = score_bias.has_value() && score_bias->defined()
                ? grad_b.to(score_bias->scalar_type()).reshape(score_bias->sizes())

@@ -23,11 +23,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/cpu_capability.h"
-#include "cpu/pooling_reduce.h"
-#include "pooling_args.h"
+#include "cpu_capability.h"
+#include "pooling/pooling_cpu_reduce.h"
+#include "pooling/pooling.h"
 
-namespace cnnlstm_ext::cpu {
+namespace cnnlstm_ext::pooling {
 namespace {
 
 using pooling::FrameMode;
@@ -340,4 +340,4 @@ TORCH_LIBRARY_IMPL(cnnlstm_ext, CPU, m) {
   m.impl("frame_pool_backward", &frame_pool_backward_cpu);
 }
 
-}  // namespace cnnlstm_ext::cpu
+}  // namespace cnnlstm_ext::pooling

@@ -1,12 +1,12 @@
 // Input checks and shapes shared by the CPU and CUDA implementations of the LSTM layer ops.
 #pragma once
 #include <ATen/ATen.h>
-#include <c10/util/Optional.h>
+#include <optional>
 
 #include <string>
 #include <vector>
 
-namespace cnnlstm_ext {
+namespace cnnlstm_ext::lstm {
 
 // Sizes of one LSTM layer call.
 struct LstmDims {
@@ -112,9 +112,9 @@ inline LayerWeights layer_weights(const char* op, const at::Tensor& x, at::Tenso
 // Checks the forward inputs and returns the sizes. `lengths`, when given, must be int64 [B] on
 // x's device; its values are range-checked where they can be read without a device sync (CPU).
 inline LstmDims check_lstm_inputs(const char* op, const at::Tensor& x, const at::Tensor& w_ih,
-                                  const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
+                                  const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
                                   const at::Tensor& h0, const at::Tensor& c0,
-                                  const c10::optional<at::Tensor>& lengths) {
+                                  const std::optional<at::Tensor>& lengths) {
   check_x(op, x);
   TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(1) % 4 == 0 && w_hh.size(1) == 4 * w_hh.size(2), op,
               ": expected w_hh of shape [D, 4H, H], got ", shape_str(w_hh));
@@ -183,6 +183,40 @@ inline void check_lstm_backward_inputs(const char* op, const LstmDims& d, const 
               ": gates and cell must be on x's device ", x.device());
 }
 
+// One checked call of lstm_layer_forward or lstm_layer_backward: what the CPU and CUDA kernels
+// both take, filled once by lstm_forward_args / lstm_backward_args.
+struct LstmLayerArgs {
+  LstmDims d;
+  at::Tensor w_ih;                 // [D, 4H, I] in x's dtype
+  at::Tensor w_hh;                 // [D, 4H, H] in x's dtype
+  std::optional<at::Tensor> bias;  // [D, 4H] = b_ih + b_hh in x's dtype (forward, with biases)
+  at::ScalarType weight_dtype;     // the weights' own dtype, that of their gradients
+};
+
+inline LstmLayerArgs lstm_forward_args(const at::Tensor& x, at::TensorList weights,
+                                       const at::Tensor& h0, const at::Tensor& c0,
+                                       const std::optional<at::Tensor>& lengths) {
+  const char* op = "lstm_layer_forward";
+  auto w = layer_weights(op, x, weights, h0);
+  const auto bias = w.bias.defined() ? std::optional<at::Tensor>(w.bias) : std::nullopt;
+  const auto d = check_lstm_inputs(op, x, w.w_ih, w.w_hh, bias, h0, c0, lengths);
+  return {d, w.w_ih, w.w_hh, bias, w.dtype};
+}
+
+inline LstmLayerArgs lstm_backward_args(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                                        const at::Tensor& grad_c_n, const at::Tensor& x,
+                                        at::TensorList weights, const at::Tensor& h0,
+                                        const at::Tensor& c0,
+                                        const std::optional<at::Tensor>& lengths,
+                                        const at::Tensor& y, const at::Tensor& gates,
+                                        const at::Tensor& cell) {
+  const char* op = "lstm_layer_backward";
+  auto w = layer_weights(op, x, weights, h0, /*with_bias=*/false);
+  const auto d = check_lstm_inputs(op, x, w.w_ih, w.w_hh, std::nullopt, h0, c0, lengths);
+  check_lstm_backward_inputs(op, d, x, grad_y, grad_h_n, grad_c_n, y, gates, cell);
+  return {d, w.w_ih, w.w_hh, std::nullopt, w.dtype};
+}
+
 // grad_w_hh: [D, 4H, H] = sum over valid steps of dG[t, b, d]^T . h_prev[t, b, d], where h_prev is
 // the state step t started from, without materialising h_prev ([T, B, D, H]): it is h0 at a
 // sequence's first step and otherwise the output y one time step back in the direction's order.
@@ -217,4 +251,4 @@ at::Tensor recurrent_weight_grad(const at::Tensor& dG, const at::Tensor& y, cons
   return grad;
 }
 
-}  // namespace cnnlstm_ext
+}  // namespace cnnlstm_ext::lstm

@@ -1,14 +1,14 @@
 // Gate math of one LSTM step for one (sequence, direction) row, built twice: for the baseline
-// instruction set (lstm_cell_default.cpp) and with AVX2/FMA (lstm_cell_avx2.cpp, x86-64 only);
+// instruction set (lstm_isa_default.cpp) and with AVX2/FMA (lstm_isa_avx2.cpp, x86-64 only);
 // and the recurrent product, with AVX2/FMA and with AVX-512 (lstm_rec_avx512.cpp; for bfloat16
 // inputs with AVX512-BF16 too). Chosen at run time by lstm_cell_kernels() from ATen's CPU
 // capability (which also honours ATEN_CPU_CAPABILITY=default or avx2).
 #pragma once
 #include <cstdint>
 
-#include "cpu/cpu_capability.h"
+#include "cpu_capability.h"
 
-namespace cnnlstm_ext {
+namespace cnnlstm_ext::lstm {
 
 // Forward of one row, for n hidden units: gates pre-activations x_row + r_row (i, f, g, o, each
 // H apart), c_row updated in place to c_t, h_t written to h_row and y_row; g_row (activated
@@ -87,27 +87,27 @@ struct LstmCellKernels {
   const char* product_isa = "bmm";
 };
 
-namespace cell_default {
+namespace isa_default {
 LstmCellKernels<float> kernels_float();
 LstmCellKernels<double> kernels_double();
-}  // namespace cell_default
+}  // namespace isa_default
 
 #ifdef CNNLSTM_EXT_X86_SIMD
-namespace cell_avx2 {
+namespace isa_avx2 {
 LstmCellKernels<float> kernels_float();
 LstmCellKernels<double> kernels_double();
-}  // namespace cell_avx2
-namespace cell_avx512 {
+}  // namespace isa_avx2
+namespace isa_avx512 {
 void recurrent_product(const float* a, const float* w, float* out, int64_t B, int64_t J,
                        int64_t C, int64_t c0, int64_t c1, const float* zeros);
 void recurrent_product_bf16(const uint16_t* a, const uint16_t* w, float* out, int64_t B,
                             int64_t J, int64_t C, int64_t c0, int64_t c1);
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
-}  // namespace cell_avx512
+}  // namespace isa_avx512
 #endif
 
 // The best variant this CPU runs (decided once).
 template <typename acc_t>
 LstmCellKernels<acc_t> lstm_cell_kernels();
 
-}  // namespace cnnlstm_ext
+}  // namespace cnnlstm_ext::lstm

@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace cnnlstm_ext::pooling_cuda {
+namespace cnnlstm_ext::pooling {
 
 template <typename T>
 using acc_t = at::opmath_type<T>;
@@ -142,4 +142,4 @@ __device__ __forceinline__ void warp_max_index(A& m, int& mi) {
   }
 }
 
-}  // namespace cnnlstm_ext::pooling_cuda
+}  // namespace cnnlstm_ext::pooling

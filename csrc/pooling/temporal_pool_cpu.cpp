@@ -15,10 +15,10 @@
 #include <limits>
 #include <vector>
 
-#include "cpu/pooling_reduce.h"
-#include "pooling_args.h"
+#include "pooling/pooling_cpu_reduce.h"
+#include "pooling/pooling.h"
 
-namespace cnnlstm_ext::cpu {
+namespace cnnlstm_ext::pooling {
 namespace {
 
 using pooling::TemporalMode;
@@ -298,4 +298,4 @@ TORCH_LIBRARY_IMPL(cnnlstm_ext, CPU, m) {
   m.impl("temporal_pool_backward", &temporal_pool_backward_cpu);
 }
 
-}  // namespace cnnlstm_ext::cpu
+}  // namespace cnnlstm_ext::pooling

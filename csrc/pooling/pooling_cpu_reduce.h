@@ -20,13 +20,13 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cpu/cpu_capability.h"
+#include "cpu_capability.h"
 
 #ifdef CNNLSTM_EXT_X86_SIMD
 #include <immintrin.h>
 #endif
 
-namespace cnnlstm_ext::cpu {
+namespace cnnlstm_ext::pooling {
 
 template <typename T>
 using acc_t = at::opmath_type<T>;
@@ -249,4 +249,4 @@ inline acc_t<T> dot(const T* p, const acc_t<T>* w, int64_t n) {
   return s;
 }
 
-}  // namespace cnnlstm_ext::cpu
+}  // namespace cnnlstm_ext::pooling

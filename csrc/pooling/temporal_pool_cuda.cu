@@ -19,10 +19,10 @@
 
 #include <type_traits>
 
-#include "cuda/pooling_memory.cuh"
-#include "pooling_args.h"
+#include "pooling/pooling_cuda_memory.cuh"
+#include "pooling/pooling.h"
 
-namespace cnnlstm_ext::pooling_cuda {
+namespace cnnlstm_ext::pooling {
 namespace {
 
 using pooling::TemporalMode;
@@ -508,4 +508,4 @@ TORCH_LIBRARY_IMPL(cnnlstm_ext, CUDA, m) {
   m.impl("temporal_pool_backward", &temporal_pool_backward_cuda);
 }
 
-}  // namespace cnnlstm_ext::pooling_cuda
+}  // namespace cnnlstm_ext::pooling

@@ -4,8 +4,8 @@
 // `#pragma GCC target` rather than -mavx2 -mfma. Everything that is not specific to the vector
 // width is included first, outside the pragma, so that no inline function shared with the other
 // translation units is compiled with AVX2 (the linker could keep that copy for all callers). What
-// comes after the pragma lives in capability-named namespaces (at::vec::AVX2, cell_avx2).
-#include "lstm_cell.h"
+// comes after the pragma lives in capability-named namespaces (at::vec::AVX2, isa_avx2).
+#include "lstm/lstm_cpu_cell.h"
 
 #ifdef CNNLSTM_EXT_X86_SIMD
 
@@ -56,8 +56,8 @@
 #pragma GCC target("avx2,fma")
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
-#define CNNLSTM_CELL_NS cell_avx2
-#include "lstm_cell_impl.h"
+#define CNNLSTM_CELL_NS isa_avx2
+#include "lstm/lstm_cpu_cell_impl.h"
 #pragma GCC pop_options
 
 #endif  // CNNLSTM_EXT_X86_SIMD

@@ -13,7 +13,7 @@ namespace cnnlstm_ext {
 
 // ATen's capability ("DEFAULT", "AVX2", "AVX512"), which ATEN_CPU_CAPABILITY=default or avx2
 // lowers, confirmed by the CPU itself in case ATen was built without that set's kernels. Always
-// false where CNNLSTM_EXT_X86_SIMD is not defined. (lstm_cell_default.cpp)
+// false where CNNLSTM_EXT_X86_SIMD is not defined.
 bool cpu_has_avx2();     // AVX2 and FMA
 bool cpu_has_avx512();   // and AVX-512F
 bool cpu_has_avx512_bf16();  // and AVX512-BF16

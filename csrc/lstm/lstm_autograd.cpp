@@ -11,11 +11,12 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <initializer_list>
 #include <optional>
 #include <tuple>
 
-namespace cnnlstm_ext::lstm_autograd {
+#include "autograd_graph.h"
+
+namespace cnnlstm_ext::lstm {
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -103,24 +104,10 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
   }
 };
 
-// Whether a call records a graph node: grad mode is on and some tensor argument needs a gradient.
-// When not, the op runs below autograd directly, without a node or saved context (as
-// torch.library.register_autograd does).
-bool records_graph(std::initializer_list<const at::Tensor*> tensors, at::TensorList weights) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const auto* t : tensors) {
-    if (t->requires_grad()) return true;
-  }
-  for (const auto& w : weights) {
-    if (w.requires_grad()) return true;
-  }
-  return false;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_autograd(
     const at::Tensor& x, at::TensorList weights, const at::Tensor& h0, const at::Tensor& c0,
     const Opt& lengths, bool train) {
-  if (!records_graph({&x, &h0, &c0}, weights)) {
+  if (!records_graph(x, h0, c0, weights)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_op().call(x, weights, h0, c0, lengths, train);
   }
@@ -156,7 +143,7 @@ lstm_layer_backward_autograd(const at::Tensor& grad_y, const at::Tensor& grad_h_
                              const at::Tensor& grad_c_n, const at::Tensor& x, at::TensorList weights,
                              const at::Tensor& h0, const at::Tensor& c0, const Opt& lengths,
                              const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cell) {
-  if (!records_graph({&grad_y, &grad_h_n, &grad_c_n, &x, &h0, &c0, &y}, weights)) {
+  if (!records_graph(grad_y, grad_h_n, grad_c_n, x, h0, c0, y, weights)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return backward_op().call(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates, cell);
   }
@@ -172,4 +159,4 @@ TORCH_LIBRARY_IMPL(cnnlstm_ext, Autograd, m) {
   m.impl("lstm_layer_backward", &lstm_layer_backward_autograd);
 }
 
-}  // namespace cnnlstm_ext::lstm_autograd
+}  // namespace cnnlstm_ext::lstm

@@ -5,9 +5,9 @@
 
 #include <cmath>
 
-#include "lstm_cell.h"
+#include "lstm/lstm_cpu_cell.h"
 
-namespace cnnlstm_ext {
+namespace cnnlstm_ext::lstm {
 namespace CNNLSTM_CELL_NS {
 namespace {
 
@@ -268,4 +268,4 @@ LstmCellKernels<double> kernels_double() {
 }
 
 }  // namespace CNNLSTM_CELL_NS
-}  // namespace cnnlstm_ext
+}  // namespace cnnlstm_ext::lstm

@@ -15,9 +15,10 @@
 #include <optional>
 #include <string>
 
-#include "pooling_args.h"
+#include "autograd_graph.h"
+#include "pooling/pooling.h"
 
-namespace cnnlstm_ext::pooling_autograd {
+namespace cnnlstm_ext::pooling {
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -223,14 +224,6 @@ class TemporalPoolBackwardFunction : public torch::autograd::Function<TemporalPo
   }
 };
 
-// Whether the call records a graph node. When not, the op runs below autograd directly, without a
-// node or saved context (as torch.library.register_autograd does).
-bool records_graph(const at::Tensor& x, const std::optional<at::Tensor>& score_weight = std::nullopt,
-                   const std::optional<at::Tensor>& score_bias = std::nullopt) {
-  return at::GradMode::is_enabled() && (x.requires_grad() || (score_weight && score_weight->requires_grad()) ||
-                                        (score_bias && score_bias->requires_grad()));
-}
-
 std::tuple<at::Tensor, at::Tensor> frame_pool_forward_autograd(const at::Tensor& x, int64_t batch_size,
                                                                c10::string_view mode, bool batch_first,
                                                                std::optional<at::ScalarType> out_dtype) {
@@ -294,4 +287,4 @@ TORCH_LIBRARY_IMPL(cnnlstm_ext, Autograd, m) {
   m.impl("temporal_pool_backward", &temporal_pool_backward_autograd);
 }
 
-}  // namespace cnnlstm_ext::pooling_autograd
+}  // namespace cnnlstm_ext::pooling

@@ -7,7 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-namespace cnnlstm_ext {
+namespace cnnlstm_ext::lstm {
 
 // Four consecutive elements (16- or 8-byte aligned) widened to float.
 __device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
@@ -97,4 +97,4 @@ __device__ __forceinline__ void store_word(unsigned long long* p, unsigned long 
   asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
 }
 
-}  // namespace cnnlstm_ext
+}  // namespace cnnlstm_ext::lstm

@@ -8,7 +8,7 @@
 //     how the loads stay wide and coalesced). frame_pool_pipelined_kernel (the default where the
 //     slabs are whole 16-byte vectors) runs the tiles on a persistent grid whose blocks copy their
 //     next tile (cp.async) while reducing the current; frame_pool_tile_kernel, one block per tile,
-//     runs the other shapes, or every shape with CNNLSTM_EXT_FRAME_POOL_KERNEL=tile.
+//     runs the other shapes, or every shape with backends.frame_pool.kernel = "tile".
 //   contiguous maps, larger planes: frame_pool_plane_kernel, one warp per plane.
 //   channels_last maps: frame_pool_channels_last_kernel. Threads own 16 bytes of channels and walk
 //     the h*w rows (split over threadIdx.y, combined in shared memory in a fixed order).
@@ -22,15 +22,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "kernel_trace.h"
-#include "cuda/pooling_memory.cuh"
-#include "pooling_args.h"
+#include "options.h"
+#include "pooling/pooling_cuda_memory.cuh"
+#include "pooling/pooling.h"
 
-namespace cnnlstm_ext::pooling_cuda {
+namespace cnnlstm_ext::pooling {
 namespace {
 
 using pooling::FrameMode;
@@ -326,18 +325,12 @@ __global__ void __launch_bounds__(kBackwardThreads)
   store_pack<T, V>(grad_x + n * frame_size + e, v);
 }
 
-// CNNLSTM_EXT_FRAME_POOL_KERNEL=pipelined|tile (read and checked at every call): the kernel for
-// contiguous maps whose planes fit a shared-memory tile: pipelined (default) or one block per tile.
-// Same results, bit for bit. On ResNet-18 maps from 1024 frames (H200, benchmarks/RESULTS.md) the
-// pipelined kernel averages float32 1.2x to 1.3x as fast, and bfloat16 at 4096 frames 1.2x; the
-// maxima take about the same time either way.
-bool want_pipelined_kernel() {
-  const char* v = std::getenv("CNNLSTM_EXT_FRAME_POOL_KERNEL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "pipelined") == 0) return true;
-  TORCH_CHECK(std::strcmp(v, "tile") == 0,
-              "CNNLSTM_EXT_FRAME_POOL_KERNEL must be pipelined or tile, got '", v, "'");
-  return false;
-}
+// cnnlstm_ext.backends.frame_pool.kernel (options.h): the kernel for contiguous maps whose planes
+// fit a shared-memory tile: pipelined (default) or one block per tile. Same results, bit for bit.
+// On ResNet-18 maps from 1024 frames (H200, benchmarks/RESULTS.md) the pipelined kernel averages
+// float32 1.2x to 1.3x as fast, and bfloat16 at 4096 frames 1.2x; the maxima take about the same
+// time either way.
+bool want_pipelined_kernel() { return options().frame_pool_kernel == FramePoolKernel::kPipelined; }
 
 // Blocks of the pipelined kernel: as many as stay resident on every SM, none more than tiles.
 int64_t pipelined_grid(int64_t tiles, size_t smem) {
@@ -356,7 +349,7 @@ void launch_frame_pool_forward(const T* x, void* out, int32_t* argmax, const Fra
   using A = acc_t<T>;
   constexpr int V = kVec16<T>;
   const bool aligned = is_aligned_16(x);
-  const bool pipelined = want_pipelined_kernel();  // checked whatever the layout: a bad value fails
+  const bool pipelined = want_pipelined_kernel();
   if (!s.channels_last) {
     int64_t tile_channels = std::min<int64_t>(kTileMaxChannels, kTileBytes / (s.HW() * int64_t(sizeof(T))));
     tile_channels = tile_channels / 8 * 8;  // tiles start 16-byte aligned when C*HW allows it
@@ -503,4 +496,4 @@ TORCH_LIBRARY_IMPL(cnnlstm_ext, CUDA, m) {
   m.impl("frame_pool_backward", &frame_pool_backward_cuda);
 }
 
-}  // namespace cnnlstm_ext::pooling_cuda
+}  // namespace cnnlstm_ext::pooling
