@@ -1,12 +1,12 @@
 // Which of our vector kernels this CPU may run, decided once at run time.
 #pragma once
 
-// x86-64 with GCC or Clang: the AVX2/FMA and AVX-512 kernels are compiled (each for its own
-// instruction set, via target attributes or pragmas) and chosen at run time.
+// x86-64 with GCC or Clang: the AVX2/FMA and AVX-512 kernels are compiled, each instruction set
+// in translation units of its own built under `#pragma GCC target` (setuptools gives every source
+// the same flags), and each op's table of kernels is filled once from the functions below
+// (lstm/lstm_cpu_cell.h, pooling/pooling_cpu_kernels.h).
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define CNNLSTM_EXT_X86_SIMD 1
-// A function built for AVX2, FMA and F16C, called only where cpu_has_avx2().
-#define CNNLSTM_EXT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
 namespace cnnlstm_ext {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One run on a GPU machine: build the extension against the torch found there (or take the one
-# scripts/gpu_prebuild.sh built elsewhere for it, in .gpu/prebuilt), check every op's
-# CUDA error path, run the CUDA tests, the GPU benchmarks, compute-sanitizer (memcheck, racecheck)
-# over a small forward+backward of every op, and a host/device profile of the LSTM calls.
+# scripts/gpu_prebuild.sh built elsewhere for it, in .gpu/prebuilt), run the CUDA tests (the CUDA
+# error paths among them), the GPU benchmarks, compute-sanitizer (memcheck, racecheck) over the
+# workloads of validation/ (a small forward+backward of every op), and a host/device profile of
+# the LSTM calls.
 #
 #   scripts/gpu_check.sh [RESULTS_DIR]      (default: $OUT if set, else ./gpu_results)
 #
@@ -94,8 +95,6 @@ if ! stage prebuilt 30 bash -c prebuilt_ok; then
     finish
   fi
 fi
-stage cuda-error-paths 40 "$PY" scripts/cuda_error_paths.py
-cat "$LOGS/cuda-error-paths.log"
 stage cuda-tests 180 "$PY" -m pytest ${GPU_CHECK_TESTS:-python_tests} -m cuda -q -p no:cacheprovider --durations=8
 echo "--- cuda tests"
 grep -E "FAILED|ERROR|Fatal|passed|failed" "$LOGS/cuda-tests.log" | tail -40
@@ -111,7 +110,7 @@ echo "--- speed and memory ratios (fused over baseline, same run, $(head -2 "$RE
 cat "$RES/ratios.txt"
 stage sanitizers 90 bash -c "
   for tool in ${GPU_CHECK_SANITIZE:-memcheck racecheck}; do
-    for script in scripts/sanitize_ops.py scripts/pooling_sanitizer_workload.py; do
+    for script in validation/sanitize_lstm.py validation/sanitize_pooling.py; do
       echo \"== \$tool \$script\"
       compute-sanitizer --tool \$tool --error-exitcode 9 $PY \$script || exit 1
     done

@@ -8,7 +8,8 @@
 // once and in order, built for AVX2 (F16C for float16) where the CPU has it, for float32, bfloat16
 // and float16 maps: float32 maps are read at the rate of a plain `sum` of them. (ATen's mean reads
 // channels_last maps at 2/3 of that rate, 1/20 for 16-bit types; its max pooling of contiguous
-// maps at 1/7.) Elsewhere (no AVX2, float64; contiguous planes under 8 elements for the maximum)
+// maps at 1/7.) The vector kernels are pooling_cpu_kernels.h's. Elsewhere (no AVX2, float64;
+// contiguous planes under 8 elements for the maximum)
 // the average is ATen's mean, written straight into out's layout and dtype, and the maximum
 // portable loops. The maximum follows torch.max: NaN wins, then the first index (ATen's max
 // pooling takes the last NaN); it also writes the int32 argmax. The backward is ATen's copy
@@ -23,7 +24,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_capability.h"
+#include "pooling/pooling_cpu_kernels.h"
 #include "pooling/pooling_cpu_reduce.h"
 #include "pooling/pooling.h"
 
@@ -37,144 +38,6 @@ using pooling::FramePoolShape;
 inline int64_t out_row(const FramePoolShape& s, bool batch_first, int64_t n) {
   return batch_first ? n : (n % s.T) * s.B + n / s.T;
 }
-
-#ifdef CNNLSTM_EXT_X86_SIMD
-// The contiguous-maps kernels with AVX2 (the channels_last ones are pooling_reduce.h's sum_rows and
-// max_rows), for float32, bfloat16 and float16 maps.
-using avx2::load8;
-using avx2::update_max8;
-
-// [s(v0), s(v1), ..., s(v7)], s = the sum of a vector's 8 lanes.
-CNNLSTM_EXT_AVX2 inline __m256 lane_sums8(const __m256* v) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-  // u0 = [lanes 0-3 of v0..v3 | lanes 4-7 of v0..v3], u1 likewise for v4..v7
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-// The 8 partial sums of one plane p: [HW], HW >= 8.
-template <typename in_t>
-CNNLSTM_EXT_AVX2 inline __m256 plane_sum8(const in_t* p, int64_t HW) {
-  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();  // two chains of adds in flight
-  int64_t k = 0;
-  for (; k + 16 <= HW; k += 16) {
-    a = _mm256_add_ps(a, load8(p + k));
-    b = _mm256_add_ps(b, load8(p + k + 8));
-  }
-  if (k + 8 <= HW) {
-    a = _mm256_add_ps(a, load8(p + k));
-    k += 8;
-  }
-  if (k < HW) {
-    // The tail: the plane's last 8 elements, of which the first 8 - (HW - k) were added above.
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i first_new = _mm256_set1_epi32(static_cast<int>(7 - (HW - k)));
-    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, first_new));
-    b = _mm256_add_ps(b, _mm256_and_ps(load8(p + HW - 8), keep));
-  }
-  return _mm256_add_ps(a, b);
-}
-
-// frame: [C, h*w] (contiguous maps); m: [C] float32 receives the sums of its planes, 8 planes at
-// a time (their partial sums added across lanes together).
-template <typename in_t>
-CNNLSTM_EXT_AVX2 void frame_sum_contiguous_avx2(const in_t* frame, int64_t HW, int64_t C, float* m) {
-  if (HW < 8) {  // planes shorter than a vector: scalar sums, the frame read in order
-    for (int64_t c = 0; c < C; ++c) {
-      float sum = 0.f;
-      for (int64_t k = 0; k < HW; ++k) sum += static_cast<float>(frame[c * HW + k]);
-      m[c] = sum;
-    }
-    return;
-  }
-  __m256 v[8];
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) {
-    for (int j = 0; j < 8; ++j) v[j] = plane_sum8(frame + (c + j) * HW, HW);
-    _mm256_storeu_ps(m + c, lane_sums8(v));
-  }
-  for (int j = 0; j < 8; ++j) v[j] = c + j < C ? plane_sum8(frame + (c + j) * HW, HW) : _mm256_setzero_ps();
-  alignas(32) float sums[8];
-  _mm256_store_ps(sums, lane_sums8(v));
-  for (int j = 0; c + j < C; ++j) m[c + j] = sums[j];
-}
-
-// r[l] := lane l of the old r[0], ..., r[7] (an 8 x 8 transpose).
-CNNLSTM_EXT_AVX2 inline void transpose8(__m256* r) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-  }
-}
-
-// frame: [C, h*w] (contiguous maps, h*w >= 8); m: [C] float32 and a: [C] int32 receive each
-// plane's maximum and the index of its first occurrence. A plane reduces into 8 lanes, each
-// keeping the first occurrence of its own maximum; then 8 planes at a time across lanes, after a
-// transpose (lane j of every vector: plane j): the maximum, then its smallest index (and the value
-// there: of +0 and -0, the first).
-template <typename in_t>
-CNNLSTM_EXT_AVX2 void frame_max_contiguous_avx2(const in_t* frame, int64_t HW, int64_t C, float* m,
-                                                int32_t* a) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t c = 0; c < C; c += 8) {
-    const int64_t cn = std::min<int64_t>(8, C - c);
-    __m256 mv[8], mi[8];  // mi: int32 indices, as float bits for the transpose
-    for (int64_t j = 0; j < 8; ++j) {
-      const in_t* p = frame + (c + std::min(j, cn - 1)) * HW;  // past C: the last plane again
-      __m256 v = load8(p);
-      __m256i vi = lane;
-      int64_t k = 8;
-      for (; k + 8 <= HW; k += 8)
-        update_max8(load8(p + k), _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(k))), v, vi);
-      // The tail: the plane's last 8 elements. Those already seen come again with their own
-      // index, higher than any index their new lane has seen: each lane keeps a first occurrence.
-      if (k < HW) {
-        const __m256i tail = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(HW - 8)));
-        update_max8(load8(p + HW - 8), tail, v, vi);
-      }
-      mv[j] = v;
-      mi[j] = _mm256_castsi256_ps(vi);
-    }
-    transpose8(mv);
-    transpose8(mi);
-    __m256 best = mv[0];
-    for (int l = 1; l < 8; ++l)  // NaN wins
-      best = _mm256_blendv_ps(best, mv[l], _mm256_and_ps(_mm256_cmp_ps(mv[l], best, _CMP_NLE_UQ),
-                                                          _mm256_cmp_ps(best, best, _CMP_ORD_Q)));
-    const __m256 best_nan = _mm256_cmp_ps(best, best, _CMP_UNORD_Q);
-    __m256 value = best;
-    __m256i index = _mm256_set1_epi32(INT32_MAX);
-    for (int l = 0; l < 8; ++l) {
-      const __m256i li = _mm256_castps_si256(mi[l]);
-      const __m256 holds = _mm256_or_ps(_mm256_cmp_ps(mv[l], best, _CMP_EQ_OQ),
-                                        _mm256_and_ps(_mm256_cmp_ps(mv[l], mv[l], _CMP_UNORD_Q), best_nan));
-      const __m256 earlier = _mm256_and_ps(holds, _mm256_castsi256_ps(_mm256_cmpgt_epi32(index, li)));
-      value = _mm256_blendv_ps(value, mv[l], earlier);
-      index = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(index), mi[l], earlier));
-    }
-    alignas(32) float values[8];
-    alignas(32) int32_t indices[8];
-    _mm256_store_ps(values, value);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(indices), index);
-    for (int64_t j = 0; j < cn; ++j) {
-      m[c + j] = values[j];
-      a[c + j] = indices[j];
-    }
-  }
-}
-
-#endif  // CNNLSTM_EXT_X86_SIMD
 
 // One pass over the frames of x: reduce(n, m) leaves frame n's C results in m (acc type), which
 // are divided by `divisor` and written to out's row in out's dtype.
@@ -192,24 +55,23 @@ void for_each_frame(out_t* out, const FramePoolShape& s, bool batch_first, A div
   });
 }
 
-// x: [N, C, HW] contiguous, mode "max". With AVX2 (float32, bfloat16, float16, planes of 8
-// elements or more), frame_max_contiguous_avx2 on each frame. Otherwise tiles of kTile planes are
+// x: [N, C, HW] contiguous, mode "max". With a vector kernel (float32, bfloat16, float16, planes
+// of 8 elements or more), frame_max_contiguous on each frame. Otherwise tiles of kTile planes are
 // transposed to [HW, kTile] in a small buffer (L1-resident), whose columns then reduce with the
 // vectorised max_rows.
 template <typename in_t, typename out_t>
 void frame_max_pool_contiguous(const in_t* x, out_t* out, int32_t* argmax, const FramePoolShape& s,
-                               bool batch_first, bool avx2) {
+                               bool batch_first) {
   using A = acc_t<in_t>;
-#ifdef CNNLSTM_EXT_X86_SIMD
-  if constexpr (std::is_same_v<A, float>) {
-    if (avx2 && s.HW() >= 8) {
+  if constexpr (kVectorKernelInput<in_t>) {
+    const auto kernel = pooling_cpu_kernels<in_t>().frame_max_contiguous;
+    if (kernel && s.HW() >= 8) {
       for_each_frame<float>(out, s, batch_first, 1.f, [&](int64_t n, float* m) {
-        frame_max_contiguous_avx2(x + n * s.C * s.HW(), s.HW(), s.C, m, argmax + n * s.C);
+        kernel(x + n * s.C * s.HW(), s.HW(), s.C, m, argmax + n * s.C);
       });
       return;
     }
   }
-#endif
   constexpr int64_t kTile = 16;
   const int64_t HW = s.HW(), C = s.C, tiles = (C + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (HW * kTile));
@@ -245,19 +107,28 @@ void frame_max_pool_channels_last(const in_t* x, out_t* out, int32_t* argmax,
   });
 }
 
-#ifdef CNNLSTM_EXT_X86_SIMD
-// Mode "avg" of float32, bfloat16 and float16 maps, either layout, with AVX2: sums in float32,
-// each frame's maps read once and in order.
+// Mode "avg" of float32, bfloat16 and float16 maps, either layout, with the vector kernels: sums
+// in float32, each frame's maps read once and in order.
 template <typename in_t, typename out_t>
-void frame_avg_pool_avx2(const in_t* x, out_t* out, const FramePoolShape& s, bool batch_first) {
+void frame_avg_pool_vector(const in_t* x, out_t* out, const FramePoolShape& s, bool batch_first) {
   const int64_t HW = s.HW(), C = s.C;
+  const auto& kernels = pooling_cpu_kernels<in_t>();
   for_each_frame<float>(out, s, batch_first, static_cast<float>(HW), [&](int64_t n, float* m) {
     const in_t* frame = x + n * HW * C;
-    if (s.channels_last) sum_rows(frame, C, HW, C, m);
-    else frame_sum_contiguous_avx2(frame, HW, C, m);
+    if (s.channels_last) kernels.sum_rows(frame, C, HW, C, m);
+    else kernels.frame_sum_contiguous(frame, HW, C, m);
   });
 }
-#endif
+
+// Whether the average of maps of this dtype has vector kernels on this CPU.
+bool avg_has_vector_kernels(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return pooling_cpu_kernels<float>().frame_sum_contiguous != nullptr;
+    case at::kBFloat16: return pooling_cpu_kernels<c10::BFloat16>().frame_sum_contiguous != nullptr;
+    case at::kHalf: return pooling_cpu_kernels<c10::Half>().frame_sum_contiguous != nullptr;
+    default: return false;
+  }
+}
 
 #define CNNLSTM_DISPATCH_POOLING_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
@@ -275,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
   at::Tensor argmax = mode == FrameMode::Max ? at::empty({s.N, s.C}, x.options().dtype(at::kInt))
                                              : at::empty({0}, x.options().dtype(at::kInt));
   if (xc.numel() == 0) return {out, argmax};
-  if (mode == FrameMode::Avg && (xc.scalar_type() == at::kDouble || !cpu_has_avx2())) {
+  if (mode == FrameMode::Avg && !avg_has_vector_kernels(xc.scalar_type())) {
     // Frame n = b*T + t, so x is [B, T, C, h, w]; the mean accumulates in float32 (float64).
     at::Tensor out_btc = batch_first ? out : out.transpose(0, 1);  // [B, T, C] view of out
     at::mean_out(out_btc, xc.view({s.B, s.T, s.C, s.H, s.W}), {3, 4}, false, odt);
@@ -287,14 +158,12 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
     CNNLSTM_DISPATCH_POOLING_TYPES(odt, "frame_pool_forward", [&] {
       const in_t* xp = xc.const_data_ptr<in_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
-      if (mode == FrameMode::Avg) {  // AVX2 and not float64 (above)
-#ifdef CNNLSTM_EXT_X86_SIMD
-        if constexpr (!std::is_same_v<in_t, double>) frame_avg_pool_avx2(xp, op, s, batch_first);
-#endif
+      if (mode == FrameMode::Avg) {  // with vector kernels (above)
+        if constexpr (kVectorKernelInput<in_t>) frame_avg_pool_vector(xp, op, s, batch_first);
       } else if (s.channels_last) {
         frame_max_pool_channels_last(xp, op, idx, s, batch_first);
       } else {
-        frame_max_pool_contiguous(xp, op, idx, s, batch_first, cpu_has_avx2());
+        frame_max_pool_contiguous(xp, op, idx, s, batch_first);
       }
     });
   });

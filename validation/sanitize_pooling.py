@@ -1,10 +1,10 @@
 """Runs every CUDA pooling kernel variant once, forward and backward, on small odd shapes, and
 compares each result with the CPU kernels. Meant to run under compute-sanitizer:
 
-    compute-sanitizer --tool memcheck python3 scripts/pooling_sanitizer_workload.py
-    compute-sanitizer --tool racecheck python3 scripts/pooling_sanitizer_workload.py
+    compute-sanitizer --tool memcheck python3 validation/sanitize_pooling.py
+    compute-sanitizer --tool racecheck python3 validation/sanitize_pooling.py
 
-Variants: frame_pool shared-memory tiles, one block per tile (CNNLSTM_EXT_FRAME_POOL_KERNEL=tile;
+Variants: frame_pool shared-memory tiles, one block per tile (backends.frame_pool.kernel "tile";
 16-byte and element loads, one and several tiles per frame), the default pipelined tiles (blocks
 looping over tiles), one warp per plane, channels_last (16-byte and element loads); temporal_pool
 every mode, 16-byte and element accesses, batch-first, bidirectional "last". Exits non-zero on a

@@ -1,4 +1,6 @@
-"""A small forward + backward of every op on the GPU, for compute-sanitizer (memcheck, racecheck).
+"""A small forward + backward of the LSTM op on the GPU, for compute-sanitizer (memcheck, racecheck):
+
+    compute-sanitizer --tool memcheck python3 validation/sanitize_lstm.py
 
 Both LSTM recurrence paths, float32 and bfloat16, with and without lengths, and the persistent
 forward's tagged exchange.
@@ -29,7 +31,7 @@ def main() -> None:
     for lengths in (False, True):  # the persistent forward's tagged exchange
         lstm_case("persistent", torch.float32, lengths, exchange="tagged")
     torch.cuda.synchronize()
-    print("sanitize_ops: all ops ran")
+    print("sanitize_lstm: all ops ran")
 
 
 if __name__ == "__main__":
