@@ -16,7 +16,7 @@ from cnnlstm_ext.data import (MOTIONS, ClipTransform, SyntheticVideos, VideoFold
 from cnnlstm_ext.data import video_folder
 from cnnlstm_ext.data.synthetic import size_phase
 from cnnlstm_ext.data.transforms import (adjust_brightness, adjust_contrast, adjust_saturation,
-                                         color_jitter, color_jitter_factors, pad_clip,
+                                         center_crop, color_jitter, color_jitter_factors, pad_clip,
                                          random_resized_crop, random_resized_crop_params,
                                          resize_short_side, sample_generator, to_float)
 from cnnlstm_ext.data.video_folder import ClipRecord
@@ -115,6 +115,17 @@ def test_sample_indices_short_clip_gives_all_frames_once():
     assert sample_indices(3, 8).tolist() == [0, 1, 2]
 
 
+
+@pytest.mark.parametrize("available,frames,expected", [(1, 4, [0]), (7, 1, [3]), (1, 1, [0])])
+def test_sample_indices_takes_one_frame_or_one_pick(available, frames, expected):
+    assert sample_indices(available, frames).tolist() == expected
+
+
+def test_sample_indices_rejects_zero_picks():
+    with pytest.raises(ValueError) as e:
+        sample_indices(5, 0)
+    assert str(e.value) == "num_frames must be >= 1, got 0"
+
 def test_sample_indices_rejects_empty_clip():
     with pytest.raises(ValueError, match="at least one frame"):
         sample_indices(0, 4)
@@ -126,6 +137,13 @@ def test_pad_clip_reports_length_and_zero_pads():
     assert length == 3 and padded.shape == (5, 3, 4, 4)
     assert torch.equal(padded[:3], clip) and not padded[3:].any()
 
+
+
+def test_pad_clip_refuses_a_clip_longer_than_num_frames():
+    clip = torch.rand(6, 3, 4, 4) + 1
+    with pytest.raises(ValueError) as e:
+        pad_clip(clip, 5)
+    assert str(e.value) == "clip has 6 frames, more than num_frames=5"
 
 # --- spatial transforms ------------------------------------------------------------------------
 
@@ -267,6 +285,26 @@ def test_random_resized_crop_params_fall_back_to_the_largest_central_crop_in_rat
     assert random_resized_crop_params(80, 40, (2.0, 3.0), (0.75, 4 / 3), g) == (13, 0, 53, 40)
 
 
+
+def test_random_resized_crop_params_fall_back_to_the_whole_frame_when_its_ratio_fits():
+    g = torch.Generator().manual_seed(0)
+    assert random_resized_crop_params(40, 44, (2.0, 3.0), (0.75, 4 / 3), g) == (0, 0, 40, 44)
+
+
+@pytest.mark.parametrize("h,w", [(20, 10), (10, 20)])
+def test_random_resized_crop_params_take_a_crop_as_high_or_as_wide_as_the_frame(h, w):
+    # Half the area at aspect 1: a 10 x 10 crop, the frame's full width (or height), placed
+    # anywhere along the other side, not only at the centre of the fallback.
+    boxes = _draw_boxes(h, w, (0.5, 0.5), (1.0, 1.0), n=200)
+    assert {(ch, cw) for _, _, ch, cw in boxes} == {(10, 10)}
+    assert {(top, left) for top, left, _, _ in boxes} == {(t * (h > w), t * (w > h)) for t in range(11)}
+
+
+def test_random_resized_crop_params_draw_top_and_left_independently():
+    boxes = _draw_boxes(40, 40, (0.25, 0.25), (1.0, 1.0), n=200)
+    assert {(ch, cw) for _, _, ch, cw in boxes} == {(20, 20)}
+    assert len({(top, left) for top, left, _, _ in boxes}) > 21
+
 @pytest.mark.parametrize("h,w,size,scale,ratio", [
     pytest.param(64, 64, 16, (0.5, 1.0), (3 / 4, 4 / 3), id="shrinks"),
     pytest.param(24, 30, 32, (0.3, 1.0), (3 / 4, 4 / 3), id="grows"),
@@ -347,10 +385,55 @@ def test_color_jitter_is_torchvision_brightness_contrast_saturation_with_its_fac
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
+
+def test_to_float_converts_float_clips_to_float32(rng):
+    clip = torch.rand(3, 3, 5, 6, generator=rng, dtype=torch.float64)
+    out = to_float(clip)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, clip.float(), rtol=0, atol=0)
+
+
+def test_to_float_refuses_integer_clips_other_than_uint8():
+    with pytest.raises(TypeError) as e:
+        to_float(torch.randint(1, 255, (3, 3, 5, 6), dtype=torch.int16))
+    assert str(e.value) == "clip must be uint8 or floating point, got torch.int16"
+
+
+def test_clip_transform_for_training_needs_a_generator():
+    with pytest.raises(ValueError) as e:
+        ClipTransform(size=8, train=True)(_ramp_clip(h=12, w=12))
+    assert str(e.value) == "a training transform needs a torch.Generator (for reproducible draws)"
+
+
+def test_clip_transform_flip_draws_from_the_generator_only():
+    """Same generator seed, different global RNG states: the same clip, flipped or not alike."""
+    transform = ClipTransform(size=8, train=True, hflip=True, color_jitter=0.0)
+    clip = _ramp_clip(h=12, w=12)
+    for seed in range(4):
+        outs = []
+        for global_seed in range(8):
+            torch.manual_seed(global_seed)
+            outs.append(transform(clip, torch.Generator().manual_seed(seed)))
+        assert all(torch.equal(o, outs[0]) for o in outs[1:]), seed
+
 def test_clip_transform_rejects_bad_shape():
     with pytest.raises(ValueError, match=r"\[T, 3, H, W\]"):
         ClipTransform(size=8)(torch.zeros(4, 1, 16, 16, dtype=torch.uint8))
 
+
+
+@pytest.mark.parametrize("h,w", [(20, 32), (8, 20), (20, 8), (8, 8)])
+def test_center_crop_matches_torchvision(h, w):
+    """Even margins (torchvision rounds half a pixel to even), including none on either side."""
+    clip = torch.rand(3, 3, h, w) + 0.5
+    torch.testing.assert_close(center_crop(clip, 8), TF.center_crop(clip, [8, 8]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("h,w", [(7, 20), (20, 7)])
+def test_center_crop_refuses_frames_smaller_than_the_crop_on_either_side(h, w):
+    with pytest.raises(ValueError) as e:
+        center_crop(torch.rand(3, 3, h, w) + 0.5, 8)
+    assert str(e.value) == "cannot crop 8x8 out of %dx%d frames" % (h, w)
 
 def test_sample_generator_depends_on_seed_epoch_and_index():
     draws = {(s, e, i): torch.rand(2, generator=sample_generator(s, e, i)).tolist()

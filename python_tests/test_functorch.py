@@ -163,6 +163,26 @@ def test_transforms_refuse_lengths_out_of_range(rng):
         torch.func.grad(lambda m: ops.frame_pool(m, 4).sum())(rand(B * T, 7, 2, 2, rng=rng))
 
 
+
+def test_transforms_refuse_a_single_sequence_with_length_zero(rng):
+    x = rand(T, 1, 10, rng=rng)
+    with pytest.raises(RuntimeError, match=r"temporal_pool: every length must be in \[1, T=5\]"):
+        torch.func.grad(lambda t: ops.temporal_pool(t, torch.tensor([0])).sum())(x)
+
+
+def test_transforms_refuse_lengths_that_are_not_int64(rng):
+    x = rand(T, B, 10, rng=rng)
+    lengths = torch.tensor(LENGTHS, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"temporal_pool: lengths must be int64 of shape \[3\], "
+                                           r"got torch.int32 of shape \[3\]"):
+        torch.func.grad(lambda t: ops.temporal_pool(t, lengths).sum())(x)
+
+
+def test_temporal_pool_func_grad_of_an_empty_batch_is_empty(rng):
+    x = rand(T, 0, 10, rng=rng)
+    g = torch.func.grad(lambda t: ops.temporal_pool(t, torch.zeros(0, dtype=torch.long)).sum())(x)
+    assert g.shape == x.shape
+
 def test_model_func_grad_matches_autograd(rng):
     """The whole CNN-LSTM (tiny trunk, eval mode) with lengths: func.grad over the parameters."""
     model = CNNLSTM(num_classes=7, spatial_dim=24, temporal_dim=12, num_layers=2,

@@ -82,6 +82,17 @@ def test_temporal_pool_matches_reference(device, dtype, mode, batch_first, with_
 # Written per sequence with slices and loops in float64, so that a scaling bug shared by the
 # kernels and reference.py (dividing by T, or by lengths + 1) still shows.
 
+
+def test_reference_temporal_pool_defaults_to_the_mean_over_every_step():
+    x = lstm_outputs(T, B, D, torch.float64, "cpu", "mean")
+    torch.testing.assert_close(reference.temporal_pool(x), x.mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_temporal_pool_last_without_lengths_is_the_last_step():
+    """Not bidirectional by default: the last step for all D features."""
+    x = lstm_outputs(T, B, D, torch.float64, "cpu", "last")
+    torch.testing.assert_close(reference.temporal_pool(x, mode="last"), x[-1], rtol=0, atol=0)
+
 def mean_oracle(x, lengths):
     """x: [T, B, D] float64 -> [B, D]: each sequence's mean over its first lengths[b] steps."""
     return torch.stack([x[:n, b].mean(0) for b, n in enumerate(lengths)])

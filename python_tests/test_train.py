@@ -13,7 +13,7 @@ from cnnlstm_ext.checkpoint import normalize_checkpoint, read_checkpoint
 from cnnlstm_ext.data import SyntheticVideos
 from cnnlstm_ext.train import ClassificationMeter, Config, EarlyStopping, NonFiniteGuard, Trainer
 from cnnlstm_ext.train.config import (apply_overrides, config_from_checkpoint, load_config_file,
-                                      parse_value, save_config, validate)
+                                      parse_override, parse_value, save_config, validate)
 from cnnlstm_ext.train.guards import nonfinite_tensors
 from cnnlstm_ext.train.trainer import HISTORY_KEYS, evaluate_model
 
@@ -95,6 +95,111 @@ def test_saved_config_is_a_valid_config_file(tmp_path):
     assert again.to_dict() == cfg.to_dict()
 
 
+@pytest.mark.parametrize("text,value", [
+    ("None", None), ("NULL", None), ("~", None), ("True", True), ("YES", True), ("On", True),
+    ("false", False), ("No", False), ("OFF", False), ("2.5e-4", 2.5e-4), ("1e-3", 1e-3),
+])
+def test_config_parse_value_reads_the_words_in_any_case(text, value):
+    assert parse_value(" %s " % text) == value and type(parse_value(text)) is type(value)
+
+
+@pytest.mark.parametrize("item,parsed", [
+    ("data.root=/clips/a=b.c", ("data", "root", "/clips/a=b.c")),
+    (" model.head.bias = 7", ("model", "head.bias", 7)),
+])
+def test_config_parse_override_splits_at_the_first_equals_and_dot(item, parsed):
+    assert parse_override(item) == parsed
+
+
+@pytest.mark.parametrize("item", ["epochs=1.5", "epochs=a.b=c", "train.epochs"])
+def test_config_parse_override_needs_a_dot_before_the_equals(item):
+    with pytest.raises(ValueError) as e:
+        parse_override(item)
+    assert str(e.value) == "override %r: expected section.key=value, e.g. optim.lr=3e-4" % item
+
+
+def test_config_override_none_is_a_word_for_string_fields_and_null_for_optional_ones():
+    cfg = apply_overrides(Config(), ["optim.scheduler=none", "train.patience=none"])
+    assert cfg.optim.scheduler == "none" and cfg.train.patience is None
+    assert validate(cfg) is cfg
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.epochs=1"], ["train.batch_size=1"], ["train.patience=1"], ["train.patience=null"],
+    ["train.max_bad_steps=1"], ["train.rollback_lr_factor=1"], ["train.grad_clip=null"],
+    ["train.label_smoothing=0"], ["train.precision=fp32"], ["train.precision=bf16"],
+    ["train.monitor=val_f1"], ["train.monitor=val_loss"], ["train.monitor=val_top5"],
+    ["optim.optimizer=Adam"], ["optim.scheduler=none"],
+    ["data.dataset=folder", "data.root=/videos"],
+    ["data.dataset=wlasl", "data.root=/videos", "data.annotations=/videos/WLASL_v0.3.json"],
+    ["data.num_frames=1", "data.frame_size=8"],
+])
+def test_config_validate_accepts_the_edge_of_every_range(overrides):
+    cfg = apply_overrides(Config(), overrides)
+    assert validate(cfg) is cfg
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.epochs=0"], "train.epochs must be >= 1, got 0"),
+    (["train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+    (["train.precision=fp16"], "train.precision must be auto, fp32 or bf16, got 'fp16'"),
+    (["train.monitor=train_loss"],
+     "train.monitor must be val_acc, val_f1, val_loss or val_top5, got 'train_loss'"),
+    (["train.patience=0"], "train.patience must be >= 1 or null, got 0"),
+    (["train.max_bad_steps=0"], "train.max_bad_steps must be >= 1, got 0"),
+    (["train.rollback_lr_factor=0"], "train.rollback_lr_factor must be in (0, 1], got 0.0"),
+    (["train.rollback_lr_factor=1.5"], "train.rollback_lr_factor must be in (0, 1], got 1.5"),
+    (["train.grad_clip=0"], "train.grad_clip must be > 0 or null, got 0.0"),
+    (["train.label_smoothing=1"], "train.label_smoothing must be in [0, 1), got 1.0"),
+    (["train.label_smoothing=-0.1"], "train.label_smoothing must be in [0, 1), got -0.1"),
+    (["optim.optimizer=sgd"], "optim.optimizer must be adamw or adam, got 'sgd'"),
+    (["optim.scheduler=step"], "optim.scheduler must be cosine or none, got 'step'"),
+    (["optim.lr=0"], "optim.lr must be > 0, got 0.0"),
+    (["data.dataset=kinetics"], "data.dataset must be synthetic, folder or wlasl, got 'kinetics'"),
+    (["data.dataset=folder"], "data.root is required for data.dataset=folder"),
+    (["data.dataset=wlasl", "data.root=/videos"],
+     "data.annotations (the WLASL JSON file) is required for data.dataset=wlasl"),
+    (["data.num_frames=0"], "data.num_frames must be >= 1 and data.frame_size >= 8"),
+    (["data.frame_size=7"], "data.num_frames must be >= 1 and data.frame_size >= 8"),
+])
+def test_config_validate_rejects_the_value_past_every_range(overrides, message):
+    cfg = apply_overrides(Config(), overrides)
+    with pytest.raises(ValueError) as e:
+        validate(cfg)
+    assert str(e.value) == message
+
+
+def test_config_validate_rejects_a_model_that_is_not_a_mapping():
+    cfg = Config()
+    cfg.model = [("num_layers", 2)]
+    with pytest.raises(ValueError, match="^model must be a mapping of CNNLSTM keyword arguments$"):
+        validate(cfg)
+
+
+
+def test_config_file_that_does_not_exist_is_named(tmp_path):
+    path = str(tmp_path / "run.toml")
+    with pytest.raises(FileNotFoundError) as e:
+        load_config_file(path)
+    assert str(e.value) == "config file not found: %s" % path
+
+
+def test_config_from_our_checkpoint_is_its_saved_config():
+    cfg = apply_overrides(Config(), ["optim.lr=5e-4", "model.num_layers=2", "train.epochs=3"])
+    key_map = {"rnn.": "lstm."}
+    got, got_key_map, ours = config_from_checkpoint({"config": cfg.to_dict(), "model_state_dict": {}},
+                                                    key_map)
+    assert ours is True and got_key_map is key_map and got.to_dict() == cfg.to_dict()
+
+
+def test_config_from_checkpoint_of_other_weights_says_what_does_not_fit(rng):
+    """A `config` entry that is not ours (another script's hyper-parameters) is not read."""
+    ckpt = {"config": {"hidden_size": 512}, "model_state_dict": {"fc.weight": torch.randn(3, 4, generator=rng)}}
+    with pytest.raises(ValueError, match=r"^cannot read a CNN-LSTM architecture off the checkpoint's "
+                                         r"weights \(no LSTM weights [^;]*; no convolution weights [^;]*\); "
+                                         r"give the model with --config / --set model\.\* and --key-map$"):
+        config_from_checkpoint(ckpt)
+
 # --- metrics -----------------------------------------------------------------------------------
 
 def test_meter_matches_hand_computed_metrics():
@@ -138,6 +243,14 @@ def test_meter_rejects_wrong_shapes():
 
 
 # --- guards ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), torch.tensor(-float("inf"))])
+def test_guard_is_finite_only_when_every_value_is(bad, rng):
+    values = [torch.randn((), generator=rng), float(torch.randn((), generator=rng)), 3]
+    assert NonFiniteGuard.is_finite(*values)
+    for i in range(len(values) + 1):
+        assert not NonFiniteGuard.is_finite(*values[:i], bad, *values[i:])
+
 
 def test_guard_asks_for_rollback_after_k_consecutive_bad_steps():
     guard = NonFiniteGuard(max_bad_steps=3, max_rollbacks=1)
