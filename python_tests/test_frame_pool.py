@@ -122,7 +122,7 @@ def test_frame_pool_avg_propagates_non_finite(device, layout, pos):
 def test_pooling_baseline_instruction_set(tmp_path):
     """The CPU cases of this file and of test_temporal_pool.py with ATEN_CPU_CAPABILITY=default, in
     a fresh process: the kernels for CPUs without AVX2 (ATen's mean for the frame average, the
-    portable loops of pooling_reduce.h)."""
+    portable loops of pooling_cpu_reduce.h)."""
     import os
     import subprocess
     import sys

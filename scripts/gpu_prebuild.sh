@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the extension with its CUDA kernels here, for the GPU machine, so that
 # scripts/gpu_check.sh there can skip its build stage, device time spent on no GPU work (here the
-# whole build takes about 2 minutes on 2 cores, nvcc on lstm_layer.cu alone about 40 s).
+# whole build takes about 2 minutes on 2 cores, nvcc on lstm_cuda.cu alone about 40 s).
 #
 #   scripts/gpu_prebuild.sh PYTHON [DIR]      (default DIR: .gpu/prebuilt)
 #

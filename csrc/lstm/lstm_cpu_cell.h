@@ -1,6 +1,6 @@
 // Gate math of one LSTM step for one (sequence, direction) row, built twice: for the baseline
-// instruction set (lstm_isa_default.cpp) and with AVX2/FMA (lstm_isa_avx2.cpp, x86-64 only);
-// and the recurrent product, with AVX2/FMA and with AVX-512 (lstm_rec_avx512.cpp; for bfloat16
+// instruction set (lstm_cpu_cell_default.cpp) and with AVX2/FMA (lstm_cpu_cell_avx2.cpp, x86-64 only);
+// and the recurrent product, with AVX2/FMA and with AVX-512 (lstm_cpu_rec_avx512.cpp; for bfloat16
 // inputs with AVX512-BF16 too). Chosen at run time by lstm_cell_kernels() from ATen's CPU
 // capability (which also honours ATEN_CPU_CAPABILITY=default or avx2).
 #pragma once
@@ -33,7 +33,7 @@ using LstmCellBackwardFn = void (*)(const acc_t* g_row, const acc_t* c_row, cons
 // forward:  a = h_{s-1}: [B, H], w = w_hh^T (c: a gate column of 4H);
 // backward: a = dG_s: [B, 4H], w = w_hh     (c: a hidden unit of H).
 // a: [B, J] and out: [B, C] row-major; w packed by blocks of kRecColumns columns,
-// [C / kRecColumns, J, kRecColumns] (pack_w_hh in lstm_layer.cpp), so that the block a tile
+// [C / kRecColumns, J, kRecColumns] (pack_w_hh in lstm_cpu_recurrence.h), so that the block a tile
 // reads streams through memory in order and every j is one vector load per block (the products
 // broadcast a and keep a tile of rows x columns in registers). zeros: J zeros, the rows padding
 // the last row group. c0 and c1 are multiples of kRecColumns; the caller splits the columns over
@@ -66,7 +66,7 @@ using LstmCellBackwardBf16Fn = void (*)(const uint16_t* g_row, const uint16_t* c
                                         const float* dh_in, float* dc_row, float* ds_row,
                                         uint16_t* dG_row, int64_t n, int64_t H);
 
-// The packing of w_hh's blocks (pack_w_hh, pack_w_hh_bf16 in lstm_layer.cpp): 16 rows of 32-bit
+// The packing of w_hh's blocks (pack_w_hh, pack_w_hh_bf16 in lstm_cpu_recurrence.h): 16 rows of 32-bit
 // words [16, cols] (row stride ld) -> [cols, 16]; cols a multiple of 8.
 using Transpose16Fn = void (*)(const uint32_t* src, int64_t ld, uint32_t* dst, int64_t cols);
 

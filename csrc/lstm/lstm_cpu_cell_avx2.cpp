@@ -1,4 +1,4 @@
-// LSTM cell kernels built for AVX2/FMA (used only where the CPU has them; see lstm_cell.h).
+// LSTM cell kernels built for AVX2/FMA (used only where the CPU has them; see lstm_cpu_cell.h).
 //
 // setuptools gives every source the same flags, so the instruction set is raised here with
 // `#pragma GCC target` rather than -mavx2 -mfma. Everything that is not specific to the vector

@@ -1,4 +1,4 @@
-// Body of the LSTM cell kernels declared in lstm_cell.h. Included once per instruction set by a
+// Body of the LSTM cell kernels declared in lstm_cpu_cell.h. Included once per instruction set by a
 // translation unit that first defines CNNLSTM_CELL_NS (the namespace of that variant) and, for a
 // vector variant, the ATen CPU_CAPABILITY macros, so at::vec::Vectorized is that set's vector.
 #include <ATen/cpu/vec/vec.h>
@@ -174,7 +174,7 @@ void backward_row(const io_t* g_row, const io_t* c_row, const io_t* cprev_row, c
 }
 
 #ifdef CPU_CAPABILITY_AVX2
-// AVX2/FMA recurrent product (lstm_cell.h). MKL runs these small-M GEMMs ([8, 512] x [512, 2048]
+// AVX2/FMA recurrent product (lstm_cpu_cell.h). MKL runs these small-M GEMMs ([8, 512] x [512, 2048]
 // per direction and step) at about half of the FMA rate. Here output columns go in blocks of 16,
 // rows in groups of 4: 8 accumulators, and per j two loads of w and four broadcasts of a. The
 // block's w (128 KiB at J = 2048) stays in L2 for the next row group.
@@ -209,7 +209,7 @@ void recurrent_product_avx2(const float* a, const float* w, float* out, int64_t 
   }
 }
 
-// Transpose16Fn (lstm_cell.h): 8 x 8 blocks of words transposed in registers, where a scalar loop
+// Transpose16Fn (lstm_cpu_cell.h): 8 x 8 blocks of words transposed in registers, where a scalar loop
 // moved one word per load and store (w_hh is packed at every call: a one-step call of 3 layers at
 // H = 512, B = 1, float32, took 3.7-4.4 ms here against 4.4-4.6). Only moves bits: the words may
 // be float32 or pairs of bfloat16.

@@ -1,4 +1,4 @@
-// The recurrent product (lstm_cell.h) built for AVX-512F, used where ATen's CPU capability is
+// The recurrent product (lstm_cpu_cell.h) built for AVX-512F, used where ATen's CPU capability is
 // AVX512, and its bfloat16 variant for AVX512-BF16. Raw intrinsics and no ATen header, so that no
 // inline function shared with the other translation units is compiled for AVX-512 here (the
 // linker could keep that copy for all callers); the templates below have internal linkage.

@@ -60,7 +60,7 @@ void transpose_word_blocks(const uint32_t* src, uint32_t* dst, int64_t blocks, i
   });
 }
 
-// The recurrent product's w operand (lstm_cell.h), packed by blocks of kRecColumns (16) output
+// The recurrent product's w operand (lstm_cpu_cell.h), packed by blocks of kRecColumns (16) output
 // columns, from w_hh: [D, 4H, H] (contiguous). Packed once per call: 4 MiB per direction at
 // H = 512, against T steps that each read all of it. (ATen's strided copy made these layouts at
 // 3 to 4 GB/s here: 5% of a training call.)
@@ -102,7 +102,7 @@ at::Tensor pack_w_hh(const at::Tensor& w_hh, bool forward) {
   return packed;
 }
 
-// The bfloat16 product's w operand (lstm_cell.h) from w_hh: [D, 4H, H] bfloat16 (contiguous), by
+// The bfloat16 product's w operand (lstm_cpu_cell.h) from w_hh: [D, 4H, H] bfloat16 (contiguous), by
 // blocks of kRecColumns gate columns n and pairs of units k:
 //   P[d][n / 16][k / 2][n % 16][k % 2] = w[d][n][k] -> [D, 4H / 16, H / 2, 16, 2]
 at::Tensor pack_w_hh_bf16(const at::Tensor& w_hh) {

@@ -97,7 +97,7 @@ __device__ __forceinline__ void stage_rows(float* in, const float* src, int nb, 
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
-// Like stage_rows, from tagged words (lstm_math.cuh) instead of floats published behind a
+// Like stage_rows, from tagged words (lstm_cuda_math.cuh) instead of floats published behind a
 // barrier: each thread keeps up to kTaggedLoads loads in flight and reloads those whose word does
 // not show `step` yet, so the wait for the other CTAs and the load are one L2 round trip.
 // Followed by a __syncthreads in the caller.

@@ -31,8 +31,6 @@
 namespace cnnlstm_ext::pooling {
 namespace {
 
-using pooling::FrameMode;
-using pooling::FramePoolShape;
 
 // Row of out: [T, B, C] (or [B, T, C] when batch_first) that frame n = b*T + t fills.
 inline int64_t out_row(const FramePoolShape& s, bool batch_first, int64_t n) {
@@ -136,15 +134,13 @@ bool avg_has_vector_kernels(at::ScalarType dtype) {
 std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, int64_t batch_size,
                                                           c10::string_view mode_name, bool batch_first,
                                                           std::optional<at::ScalarType> out_dtype) {
-  const FrameMode mode = pooling::parse_frame_mode(mode_name);
   TORCH_CHECK(x.device().is_cpu(), "frame_pool: x must be a CPU tensor here, got ", x.device());
-  FramePoolShape s;
-  const at::Tensor xc = pooling::frame_pool_input(x, batch_size, s);
-  const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
-  pooling::check_pooling_dtype(odt, "frame_pool", "out_dtype");
-  at::Tensor out = pooling::frame_pool_new_output(s, batch_first, x.options().dtype(odt));
-  at::Tensor argmax = mode == FrameMode::Max ? at::empty({s.N, s.C}, x.options().dtype(at::kInt))
-                                             : at::empty({0}, x.options().dtype(at::kInt));
+  const FramePoolCall call = pooling::frame_pool_call(x, batch_size, mode_name, batch_first, out_dtype);
+  const FrameMode mode = call.mode;
+  const FramePoolShape& s = call.s;
+  const at::Tensor& xc = call.x;
+  const at::ScalarType odt = call.out_dtype;
+  at::Tensor out = call.out, argmax = call.argmax;
   if (xc.numel() == 0) return {out, argmax};
   if (mode == FrameMode::Avg && !avg_has_vector_kernels(xc.scalar_type())) {
     // Frame n = b*T + t, so x is [B, T, C, h, w]; the mean accumulates in float32 (float64).
@@ -173,15 +169,13 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cpu(const at::Tensor& x, i
 at::Tensor frame_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& argmax,
                                    at::IntArrayRef x_size, at::ScalarType x_dtype, bool channels_last,
                                    int64_t batch_size, c10::string_view mode_name, bool batch_first) {
-  const FrameMode mode = pooling::parse_frame_mode(mode_name);
   TORCH_CHECK(grad_out.device().is_cpu(), "frame_pool_backward: grad_out must be a CPU tensor here, got ",
               grad_out.device());
-  pooling::check_pooling_dtype(x_dtype, "frame_pool_backward", "x_dtype");
-  const FramePoolShape s = pooling::frame_pool_shape(x_size, batch_size, channels_last);
-  pooling::check_frame_pool_grad(grad_out, argmax, s, mode, batch_first);
-  at::Tensor grad_x = at::empty(x_size, grad_out.options().dtype(x_dtype).memory_format(
-                                            channels_last ? at::MemoryFormat::ChannelsLast
-                                                          : at::MemoryFormat::Contiguous));
+  const FramePoolBackwardCall call = pooling::frame_pool_backward_call(
+      grad_out, argmax, x_size, x_dtype, channels_last, batch_size, mode_name, batch_first);
+  const FrameMode mode = call.mode;
+  const FramePoolShape& s = call.s;
+  at::Tensor grad_x = call.grad_x;
   if (grad_x.numel() == 0) return grad_x;
   // g: [N, C] in frame order (n = b*T + t), in the accumulation dtype.
   const auto acc = x_dtype == at::kDouble ? at::kDouble : at::kFloat;

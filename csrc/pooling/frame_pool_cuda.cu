@@ -32,8 +32,6 @@
 namespace cnnlstm_ext::pooling {
 namespace {
 
-using pooling::FrameMode;
-using pooling::FramePoolShape;
 
 struct FrameParams {
   int64_t N, C, HW, B, T;
@@ -433,16 +431,14 @@ void launch_frame_pool_backward(const void* grad_out, const int32_t* argmax, T* 
 std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cuda(const at::Tensor& x, int64_t batch_size,
                                                            c10::string_view mode_name, bool batch_first,
                                                            std::optional<at::ScalarType> out_dtype) {
-  const FrameMode mode = pooling::parse_frame_mode(mode_name);
   TORCH_CHECK(x.is_cuda(), "frame_pool: x must be a CUDA tensor here, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  FramePoolShape s;
-  const at::Tensor xc = pooling::frame_pool_input(x, batch_size, s);
-  const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
-  pooling::check_pooling_dtype(odt, "frame_pool", "out_dtype");
-  at::Tensor out = pooling::frame_pool_new_output(s, batch_first, x.options().dtype(odt));
-  at::Tensor argmax = mode == FrameMode::Max ? at::empty({s.N, s.C}, x.options().dtype(at::kInt))
-                                             : at::empty({0}, x.options().dtype(at::kInt));
+  const FramePoolCall call = pooling::frame_pool_call(x, batch_size, mode_name, batch_first, out_dtype);
+  const FrameMode mode = call.mode;
+  const FramePoolShape& s = call.s;
+  const at::Tensor& xc = call.x;
+  const at::ScalarType odt = call.out_dtype;
+  at::Tensor out = call.out, argmax = call.argmax;
   if (xc.numel() == 0) return {out, argmax};
   TORCH_CHECK(s.HW() <= INT_MAX / 2 && s.C <= INT_MAX / 2, "frame_pool: h*w and C must be below 2^30");
   const FrameParams p{s.N, s.C, s.HW(), s.B, s.T, batch_first, to_dtype(odt)};
@@ -462,16 +458,14 @@ std::tuple<at::Tensor, at::Tensor> frame_pool_forward_cuda(const at::Tensor& x, 
 at::Tensor frame_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& argmax,
                                     at::IntArrayRef x_size, at::ScalarType x_dtype, bool channels_last,
                                     int64_t batch_size, c10::string_view mode_name, bool batch_first) {
-  const FrameMode mode = pooling::parse_frame_mode(mode_name);
   TORCH_CHECK(grad_out.is_cuda(), "frame_pool_backward: grad_out must be a CUDA tensor here, got ",
               grad_out.device());
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  pooling::check_pooling_dtype(x_dtype, "frame_pool_backward", "x_dtype");
-  const FramePoolShape s = pooling::frame_pool_shape(x_size, batch_size, channels_last);
-  pooling::check_frame_pool_grad(grad_out, argmax, s, mode, batch_first);
-  at::Tensor grad_x = at::empty(x_size, grad_out.options().dtype(x_dtype).memory_format(
-                                            channels_last ? at::MemoryFormat::ChannelsLast
-                                                          : at::MemoryFormat::Contiguous));
+  const FramePoolBackwardCall call = pooling::frame_pool_backward_call(
+      grad_out, argmax, x_size, x_dtype, channels_last, batch_size, mode_name, batch_first);
+  const FrameMode mode = call.mode;
+  const FramePoolShape& s = call.s;
+  at::Tensor grad_x = call.grad_x;
   if (grad_x.numel() == 0) return grad_x;
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor idx = mode == FrameMode::Max ? argmax.contiguous() : argmax;

@@ -1,12 +1,15 @@
 // Argument checking, modes and output allocation of the pooling ops (frame_pool_*,
-// temporal_pool_*), shared by the CPU (csrc/cpu/*_pool.cpp) and CUDA (csrc/cuda/*_pool.cu) kernels
+// temporal_pool_*), shared by the CPU (*_pool_cpu.cpp) and CUDA (*_pool_cuda.cu) kernels
 // so that both devices refuse the same inputs with the same messages.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <string_view>
+#include <tuple>
+#include <vector>
 
 namespace cnnlstm_ext::pooling {
 
@@ -61,7 +64,7 @@ inline FramePoolShape frame_pool_shape(at::IntArrayRef x_size, int64_t batch_siz
 }
 
 // Whether the kernels read x as channels_last: contiguous wins when a tensor is both (C == 1 or
-// h*w == 1). The backward is told the same layout (csrc/pooling_autograd.cpp).
+// h*w == 1). The backward is told the same layout (pooling_autograd.cpp).
 inline bool frame_pool_reads_channels_last(const at::Tensor& x) {
   return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
@@ -96,6 +99,56 @@ inline void check_frame_pool_grad(const at::Tensor& grad_out, const at::Tensor& 
     TORCH_CHECK(argmax.device() == grad_out.device(), "frame_pool_backward: argmax must be on ",
                 grad_out.device(), " (grad_out's device), got ", argmax.device());
   }
+}
+
+// One checked call of frame_pool_forward, with its outputs allocated: what both devices' kernels
+// take. out: [T, B, C] ([B, T, C] when batch_first) in out_dtype (x's by default); argmax: [N, C]
+// int32 for "max", empty for "avg".
+struct FramePoolCall {
+  FrameMode mode;
+  FramePoolShape s;
+  at::Tensor x;  // contiguous or channels_last
+  at::ScalarType out_dtype;
+  at::Tensor out, argmax;
+};
+
+inline FramePoolCall frame_pool_call(const at::Tensor& x, int64_t batch_size,
+                                     c10::string_view mode_name, bool batch_first,
+                                     std::optional<at::ScalarType> out_dtype) {
+  FramePoolCall c;
+  c.mode = parse_frame_mode(mode_name);
+  c.x = frame_pool_input(x, batch_size, c.s);
+  c.out_dtype = out_dtype.value_or(x.scalar_type());
+  check_pooling_dtype(c.out_dtype, "frame_pool", "out_dtype");
+  c.out = frame_pool_new_output(c.s, batch_first, x.options().dtype(c.out_dtype));
+  c.argmax = c.mode == FrameMode::Max ? at::empty({c.s.N, c.s.C}, x.options().dtype(at::kInt))
+                                      : at::empty({0}, x.options().dtype(at::kInt));
+  return c;
+}
+
+// One checked call of frame_pool_backward, with grad_x allocated (x_size, x_dtype, in x's layout).
+struct FramePoolBackwardCall {
+  FrameMode mode;
+  FramePoolShape s;
+  at::Tensor grad_x;
+};
+
+inline FramePoolBackwardCall frame_pool_backward_call(const at::Tensor& grad_out,
+                                                      const at::Tensor& argmax,
+                                                      at::IntArrayRef x_size,
+                                                      at::ScalarType x_dtype, bool channels_last,
+                                                      int64_t batch_size,
+                                                      c10::string_view mode_name,
+                                                      bool batch_first) {
+  FramePoolBackwardCall c;
+  c.mode = parse_frame_mode(mode_name);
+  check_pooling_dtype(x_dtype, "frame_pool_backward", "x_dtype");
+  c.s = frame_pool_shape(x_size, batch_size, channels_last);
+  check_frame_pool_grad(grad_out, argmax, c.s, c.mode, batch_first);
+  c.grad_x = at::empty(x_size, grad_out.options().dtype(x_dtype).memory_format(
+                                   channels_last ? at::MemoryFormat::ChannelsLast
+                                                 : at::MemoryFormat::Contiguous));
+  return c;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -212,6 +265,49 @@ inline void check_temporal_pool_grad(const at::Tensor& grad_out, const at::Tenso
                 " returned by temporal_pool_forward, got ", aux.scalar_type(), " ", aux.sizes(),
                 " on ", aux.device());
   }
+}
+
+// One checked call of temporal_pool_forward (op "temporal_pool") or temporal_pool_backward: what
+// both devices' kernels take. check_length_values as in temporal_pool_lengths.
+struct TemporalPoolCall {
+  TemporalMode mode;
+  TemporalPoolShape s;
+  at::Tensor x;                // x with a contiguous last dimension
+  at::Tensor lengths;          // [B] int64 on x's device, or undefined (all T)
+  at::ScalarType acc_dtype;    // float32, or float64 for float64 x
+  ScoreParams score;           // "attention" only
+};
+
+inline TemporalPoolCall temporal_pool_call(const char* op, const at::Tensor& x_in,
+                                           const std::optional<at::Tensor>& lengths,
+                                           c10::string_view mode_name, bool batch_first,
+                                           bool bidirectional,
+                                           const std::optional<at::Tensor>& score_weight,
+                                           const std::optional<at::Tensor>& score_bias,
+                                           bool check_length_values = true) {
+  TemporalPoolCall a;
+  a.mode = parse_temporal_mode(mode_name);
+  a.x = temporal_pool_input(x_in, batch_first, a.s, op);
+  TORCH_CHECK(!(bidirectional && a.mode == TemporalMode::Last && a.s.D % 2 != 0), op,
+              ": bidirectional \"last\" needs an even feature size D (two directions), got D = ",
+              a.s.D);
+  a.lengths = temporal_pool_lengths(lengths, a.s.B, a.s.T, a.x.device(), op, check_length_values);
+  a.acc_dtype = accumulation_dtype(a.x.scalar_type());
+  if (a.mode == TemporalMode::Attention)
+    a.score = temporal_pool_score(score_weight, score_bias, a.x, a.s.D, a.acc_dtype, op);
+  return a;
+}
+
+// The forward's outputs, allocated: out [B, D] in x's dtype, and aux: the int32 [B, D] time
+// indices of "max", the [B, T] attention weights in acc_dtype, else empty.
+inline std::tuple<at::Tensor, at::Tensor> temporal_pool_new_outputs(const TemporalPoolCall& a) {
+  const auto& s = a.s;
+  at::Tensor out = at::empty({s.B, s.D}, a.x.options());
+  at::Tensor aux;
+  if (a.mode == TemporalMode::Max) aux = at::empty({s.B, s.D}, a.x.options().dtype(at::kInt));
+  else if (a.mode == TemporalMode::Attention) aux = at::empty({s.B, s.T}, a.x.options().dtype(a.acc_dtype));
+  else aux = at::empty({0}, a.x.options().dtype(at::kInt));
+  return {out, aux};
 }
 
 // The attention score's gradients, accumulated in acc_dtype as flat tensors, in the dtypes and

@@ -1,4 +1,4 @@
-// Vectorised reductions shared by the CPU pooling kernels (frame_pool.cpp, temporal_pool.cpp).
+// Vectorised reductions shared by the CPU pooling kernels (frame_pool_cpu.cpp, temporal_pool_cpu.cpp).
 // Inputs are float32/float64/bfloat16/float16; sums run in the accumulation type acc_t<T> (float,
 // or double for double inputs). They reduce the rows of a strided matrix, column by column (the
 // h*w rows of a frame of channels_last maps, the time steps of [T, B, D]); columns are contiguous,

@@ -1,4 +1,4 @@
-// Device functions shared by the pooling kernels (frame_pool.cu, temporal_pool.cu): 16-byte vector
+// Device functions shared by the pooling kernels (frame_pool_cuda.cu, temporal_pool_cuda.cu): 16-byte vector
 // access, loads and stores in a dtype chosen at run time, deterministic warp reductions, and the
 // ordering that makes max pooling agree with torch.max (NaN wins, then the first index).
 #pragma once

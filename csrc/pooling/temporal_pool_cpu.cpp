@@ -21,8 +21,6 @@
 namespace cnnlstm_ext::pooling {
 namespace {
 
-using pooling::TemporalMode;
-using pooling::TemporalPoolShape;
 
 // Features per task for the (sequence, feature block) parallel loops.
 constexpr int64_t kFeatureBlock = 256;
@@ -191,24 +189,18 @@ std::tuple<at::Tensor, at::Tensor> temporal_pool_forward_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& lengths_in, c10::string_view mode_name,
     bool batch_first, bool bidirectional, const std::optional<at::Tensor>& score_weight,
     const std::optional<at::Tensor>& score_bias) {
-  const TemporalMode mode = pooling::parse_temporal_mode(mode_name);
   TORCH_CHECK(x_in.device().is_cpu(), "temporal_pool: x must be a CPU tensor here, got ", x_in.device());
-  TemporalPoolShape s;
-  const at::Tensor x = pooling::temporal_pool_input(x_in, batch_first, s);
-  TORCH_CHECK(!(bidirectional && mode == TemporalMode::Last && s.D % 2 != 0),
-              "temporal_pool: bidirectional \"last\" needs an even feature size D (two directions), got D = ",
-              s.D);
-  const at::Tensor lengths = pooling::temporal_pool_lengths(lengths_in, s.B, s.T, x.device());
-  const at::ScalarType acc_dtype = pooling::accumulation_dtype(x.scalar_type());
-  pooling::ScoreParams score;
-  if (mode == TemporalMode::Attention)
-    score = pooling::temporal_pool_score(score_weight, score_bias, x, s.D, acc_dtype);
-
-  at::Tensor out = at::empty({s.B, s.D}, x.options());
-  at::Tensor aux;
-  if (mode == TemporalMode::Max) aux = at::empty({s.B, s.D}, x.options().dtype(at::kInt));
-  else if (mode == TemporalMode::Attention) aux = at::empty({s.B, s.T}, x.options().dtype(acc_dtype));
-  else aux = at::empty({0}, x.options().dtype(at::kInt));
+  const TemporalPoolCall call = pooling::temporal_pool_call(
+      "temporal_pool", x_in, lengths_in, mode_name, batch_first, bidirectional, score_weight,
+      score_bias);
+  const TemporalMode mode = call.mode;
+  const TemporalPoolShape& s = call.s;
+  const at::Tensor& x = call.x;
+  const at::Tensor& lengths = call.lengths;
+  const at::ScalarType acc_dtype = call.acc_dtype;
+  const pooling::ScoreParams& score = call.score;
+  at::Tensor out, aux;
+  std::tie(out, aux) = pooling::temporal_pool_new_outputs(call);
   if (s.B == 0) return {out, aux};
 
   const TemporalPoolArgs args{s, lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr, mode,
@@ -230,18 +222,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_pool_backward_cpu(
     const at::Tensor& aux, c10::string_view mode_name, bool batch_first, bool bidirectional,
     const std::optional<at::Tensor>& score_weight, const std::optional<at::Tensor>& score_bias) {
   const char* op = "temporal_pool_backward";
-  const TemporalMode mode = pooling::parse_temporal_mode(mode_name);
   TORCH_CHECK(x_in.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x_in.device());
-  TemporalPoolShape s;
-  const at::Tensor x = pooling::temporal_pool_input(x_in, batch_first, s, op);
-  TORCH_CHECK(!(bidirectional && mode == TemporalMode::Last && s.D % 2 != 0), op,
-              ": bidirectional \"last\" needs an even feature size D, got D = ", s.D);
+  const TemporalPoolCall call = pooling::temporal_pool_call(
+      op, x_in, lengths_in, mode_name, batch_first, bidirectional, score_weight, score_bias);
+  const TemporalMode mode = call.mode;
+  const TemporalPoolShape& s = call.s;
+  const at::Tensor& x = call.x;
+  const at::Tensor& lengths = call.lengths;
+  const at::ScalarType acc_dtype = call.acc_dtype;
+  const pooling::ScoreParams& score = call.score;
   pooling::check_temporal_pool_grad(grad_out, aux, s, mode, x);
-  const at::Tensor lengths = pooling::temporal_pool_lengths(lengths_in, s.B, s.T, x.device(), op);
-  const at::ScalarType acc_dtype = pooling::accumulation_dtype(x.scalar_type());
-  pooling::ScoreParams score;
-  if (mode == TemporalMode::Attention)
-    score = pooling::temporal_pool_score(score_weight, score_bias, x, s.D, acc_dtype, op);
 
   // grad_x in x's logical shape, contiguous.
   at::Tensor grad_x = at::empty(x.sizes(), x.options());

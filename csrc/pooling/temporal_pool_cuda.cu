@@ -25,8 +25,6 @@
 namespace cnnlstm_ext::pooling {
 namespace {
 
-using pooling::TemporalMode;
-using pooling::TemporalPoolShape;
 
 constexpr int kLanes = 32;   // threadIdx.x: packs of V features
 constexpr int kSplits = 8;   // threadIdx.y: interleaved time steps
@@ -379,32 +377,25 @@ std::tuple<at::Tensor, at::Tensor> temporal_pool_forward_cuda(
     const at::Tensor& x_in, const std::optional<at::Tensor>& lengths_in, c10::string_view mode_name,
     bool batch_first, bool bidirectional, const std::optional<at::Tensor>& score_weight,
     const std::optional<at::Tensor>& score_bias) {
-  const TemporalMode mode = pooling::parse_temporal_mode(mode_name);
   TORCH_CHECK(x_in.is_cuda(), "temporal_pool: x must be a CUDA tensor here, got ", x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
-  TemporalPoolShape s;
-  const at::Tensor x = pooling::temporal_pool_input(x_in, batch_first, s);
-  TORCH_CHECK(!(bidirectional && mode == TemporalMode::Last && s.D % 2 != 0),
-              "temporal_pool: bidirectional \"last\" needs an even feature size D (two directions), got D = ",
-              s.D);
-  TORCH_CHECK(s.T <= INT_MAX / 2, "temporal_pool: T = ", s.T, " is too large");
   const bool capturing = capturing_graph();
   // A copy from the host cannot be captured safely: each replay would read that host memory again.
   TORCH_CHECK(!(capturing && lengths_in.has_value() && lengths_in->defined() && lengths_in->is_cpu()),
-              "temporal_pool: while a CUDA graph is captured, lengths must already be on ", x.device(),
+              "temporal_pool: while a CUDA graph is captured, lengths must already be on ", x_in.device(),
               " (a static input of the graph), got lengths on ", lengths_in->device());
-  const at::Tensor lengths =
-      pooling::temporal_pool_lengths(lengths_in, s.B, s.T, x.device(), "temporal_pool", !capturing);
-  const at::ScalarType acc_dtype = pooling::accumulation_dtype(x.scalar_type());
-  pooling::ScoreParams score;
-  if (mode == TemporalMode::Attention)
-    score = pooling::temporal_pool_score(score_weight, score_bias, x, s.D, acc_dtype);
-
-  at::Tensor out = at::empty({s.B, s.D}, x.options());
-  at::Tensor aux;
-  if (mode == TemporalMode::Max) aux = at::empty({s.B, s.D}, x.options().dtype(at::kInt));
-  else if (mode == TemporalMode::Attention) aux = at::empty({s.B, s.T}, x.options().dtype(acc_dtype));
-  else aux = at::empty({0}, x.options().dtype(at::kInt));
+  const TemporalPoolCall call = pooling::temporal_pool_call(
+      "temporal_pool", x_in, lengths_in, mode_name, batch_first, bidirectional, score_weight,
+      score_bias, /*check_length_values=*/!capturing);
+  const TemporalMode mode = call.mode;
+  const TemporalPoolShape& s = call.s;
+  const at::Tensor& x = call.x;
+  const at::Tensor& lengths = call.lengths;
+  const at::ScalarType acc_dtype = call.acc_dtype;
+  const pooling::ScoreParams& score = call.score;
+  TORCH_CHECK(s.T <= INT_MAX / 2, "temporal_pool: T = ", s.T, " is too large");
+  at::Tensor out, aux;
+  std::tie(out, aux) = pooling::temporal_pool_new_outputs(call);
   if (s.B == 0) return {out, aux};
 
   const TemporalParams p{s.T, s.B, s.D, s.stride_t, s.stride_b,
@@ -433,22 +424,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_pool_backward_cuda(
     const at::Tensor& aux, c10::string_view mode_name, bool batch_first, bool bidirectional,
     const std::optional<at::Tensor>& score_weight, const std::optional<at::Tensor>& score_bias) {
   const char* op = "temporal_pool_backward";
-  const TemporalMode mode = pooling::parse_temporal_mode(mode_name);
   TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor here, got ", x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
-  TemporalPoolShape s;
-  const at::Tensor x = pooling::temporal_pool_input(x_in, batch_first, s, op);
-  TORCH_CHECK(!(bidirectional && mode == TemporalMode::Last && s.D % 2 != 0), op,
-              ": bidirectional \"last\" needs an even feature size D, got D = ", s.D);
-  TORCH_CHECK(s.T <= INT_MAX / 2, op, ": T = ", s.T, " is too large");
-  pooling::check_temporal_pool_grad(grad_out, aux, s, mode, x);
   // The forward has validated these lengths; reading them back again would cost a second
   // synchronisation per training step (the kernels clamp them to [1, T] regardless).
-  const at::Tensor lengths = pooling::temporal_pool_lengths(lengths_in, s.B, s.T, x.device(), op, false);
-  const at::ScalarType acc_dtype = pooling::accumulation_dtype(x.scalar_type());
-  pooling::ScoreParams score;
-  if (mode == TemporalMode::Attention)
-    score = pooling::temporal_pool_score(score_weight, score_bias, x, s.D, acc_dtype, op);
+  const TemporalPoolCall call = pooling::temporal_pool_call(
+      op, x_in, lengths_in, mode_name, batch_first, bidirectional, score_weight, score_bias,
+      /*check_length_values=*/false);
+  const TemporalMode mode = call.mode;
+  const TemporalPoolShape& s = call.s;
+  const at::Tensor& x = call.x;
+  const at::Tensor& lengths = call.lengths;
+  const at::ScalarType acc_dtype = call.acc_dtype;
+  const pooling::ScoreParams& score = call.score;
+  TORCH_CHECK(s.T <= INT_MAX / 2, op, ": T = ", s.T, " is too large");
+  pooling::check_temporal_pool_grad(grad_out, aux, s, mode, x);
 
   at::Tensor grad_x = at::empty(x.sizes(), x.options());  // x's logical shape, contiguous
   const int64_t gs_t = grad_x.stride(batch_first ? 1 : 0), gs_b = grad_x.stride(batch_first ? 0 : 1);
