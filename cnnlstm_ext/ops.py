@@ -9,6 +9,7 @@ pooling ops' backward ops are differentiable there too. The torch.func transform
 through a C++ autograd function: under them the ops run cnnlstm_ext.reference (functorch_active).
 """
 import contextlib
+import operator
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -189,6 +190,7 @@ def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool 
         raise ValueError("frame_pool: mode must be one of %s, got %r" % (FRAME_POOL_MODES, mode))
     if out_dtype is not None and out_dtype not in _POOL_DTYPES:
         raise TypeError("frame_pool: out_dtype must be one of %s, got %s" % (_POOL_DTYPES, out_dtype))
+    batch_size = _int_argument("frame_pool", "batch_size", batch_size)
     if functorch_active():
         if x.dim() != 4 or batch_size < 1 or x.shape[0] % batch_size:
             raise RuntimeError(f"frame_pool: x must be [B*T, C, h, w] with B = batch_size = "
@@ -198,10 +200,80 @@ def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool 
     return out
 
 
+def _int_argument(op: str, name: str, value):
+    """`value` as an int (a SymInt passes as it is); a float, bool or other type is a TypeError
+    naming the argument, rather than a silent truncation."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError("%s: %s must be an int, got %s %r" % (op, name, type(value).__name__, value))
+
+
+def _fake_on_device(op: str, name: str, t: Optional[Tensor], device: torch.device,
+                    what: str = "x's device") -> None:
+    """The kernels' device check of one tensor argument, for the fake kernels (which also serve
+    the Meta key: a meta tensor mixed with CPU ones would otherwise yield uninitialised memory)."""
+    if t is not None:
+        torch._check(t.device == device, lambda: (
+            f"{op}: {name} must be on {device} ({what}), got {t.device}"))
+
+
+def _values_known(t: Tensor) -> bool:
+    """Whether `t`'s values can be read: not a meta tensor, not a fake one of a trace."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return t.device.type != "meta" and not isinstance(t, FakeTensor)
+
+
+def _fake_lengths(op: str, lengths: Optional[Tensor], batch, steps, device: torch.device) -> None:
+    """The checks of csrc/pooling/pooling.h's temporal_pool_lengths, for the fake kernels: int64
+    [B] on the CPU or x's device, values in [1, T] where they are known."""
+    if lengths is None:
+        return
+    torch._check(lengths.dtype == torch.long, lambda: (
+        f"{op}: lengths must be int64, got {lengths.dtype}"))
+    torch._check(lengths.dim() == 1 and lengths.shape[0] == batch, lambda: (
+        f"{op}: lengths must be [B] = [{batch}], got shape {list(lengths.shape)}"))
+    torch._check(lengths.device.type == "cpu" or lengths.device == device, lambda: (
+        f"{op}: lengths must be on the CPU or on {device} (x's device), got {lengths.device}"))
+    if _values_known(lengths) and lengths.numel() > 0:
+        values = lengths.tolist()
+        for b, v in enumerate(values):
+            torch._check(v >= 1, lambda: (
+                f"{op}: lengths[{b}] = {v}; every length must be >= 1 (a sequence needs at least "
+                f"one valid step)"))
+            torch._check(v <= steps, lambda: (
+                f"{op}: lengths[{b}] = {v}; every length must be <= T = {steps} (x's time steps)"))
+
+
+def _fake_score(op: str, x: Tensor, score_weight: Optional[Tensor],
+                score_bias: Optional[Tensor]) -> None:
+    """The checks of csrc/pooling/pooling.h's temporal_pool_score, for the fake kernels."""
+    d = x.shape[2]
+    torch._check(score_weight is not None, lambda: (
+        f"{op}: mode \"attention\" needs score_weight [D] = [{d}]"))
+    torch._check(score_weight.numel() == d and (
+        score_weight.dim() == 1 or (score_weight.dim() == 2 and score_weight.shape[0] == 1)),
+        lambda: (f"{op}: score_weight must be [D] or [1, D] with D = {d}, got shape "
+                 f"{list(score_weight.shape)}"))
+    _fake_on_device(op, "score_weight", score_weight, x.device)
+    if score_bias is not None:
+        torch._check(score_bias.numel() == 1, lambda: (
+            f"{op}: score_bias must have one element ([1]), got shape {list(score_bias.shape)}"))
+        _fake_on_device(op, "score_bias", score_bias, x.device)
+
+
 @torch.library.register_fake("cnnlstm_ext::frame_pool_forward")
 def _frame_pool_forward_fake(x, batch_size, mode, batch_first, out_dtype):
     torch._check(x.dim() == 4, lambda: "frame_pool: x must be [B*T, C, h, w], got %s" % (x.shape,))
     torch._check(mode in FRAME_POOL_MODES, lambda: "frame_pool: bad mode %r" % (mode,))
+    torch._check(batch_size >= 1, lambda: "frame_pool: batch_size must be >= 1, got %s" % batch_size)
+    torch._check(x.shape[0] % batch_size == 0, lambda: (
+        "frame_pool: x must be [B*T, C, h, w] with B = batch_size = %s, but its first dimension %s "
+        "is not a multiple of it" % (batch_size, x.shape[0])))
     n, c = x.shape[0], x.shape[1]
     t = n // batch_size
     shape = (batch_size, t, c) if batch_first else (t, batch_size, c)
@@ -213,6 +285,22 @@ def _frame_pool_forward_fake(x, batch_size, mode, batch_first, out_dtype):
 @torch.library.register_fake("cnnlstm_ext::frame_pool_backward")
 def _frame_pool_backward_fake(grad_out, argmax, x_size, x_dtype, channels_last, batch_size, mode,
                               batch_first):
+    op = "frame_pool_backward"
+    torch._check(len(x_size) == 4, lambda: f"{op}: x_size must be [B*T, C, h, w], got {x_size}")
+    torch._check(batch_size >= 1, lambda: f"{op}: batch_size must be >= 1, got {batch_size}")
+    torch._check(x_size[0] % batch_size == 0, lambda: (
+        f"{op}: x_size[0] = {x_size[0]} is not a multiple of batch_size = {batch_size}"))
+    n, c, t = x_size[0], x_size[1], x_size[0] // batch_size
+    expected = [batch_size, t, c] if batch_first else [t, batch_size, c]
+    torch._check(grad_out.dim() == 3 and all(a == b for a, b in zip(grad_out.shape, expected)),
+                 lambda: (f"{op}: grad_out must be {'[B, T, C]' if batch_first else '[T, B, C]'} "
+                          f"= {expected}, got {list(grad_out.shape)}"))
+    if mode == "max":
+        torch._check(argmax.dtype == torch.int32 and argmax.dim() == 2 and argmax.shape[0] == n
+                     and argmax.shape[1] == c, lambda: (
+            f"{op}: argmax must be int32 [N, C] = [{n}, {c}] as returned by frame_pool_forward, "
+            f"got {argmax.dtype} {list(argmax.shape)}"))
+        _fake_on_device(op, "argmax", argmax, grad_out.device, "grad_out's device")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(x_size, dtype=x_dtype, device=grad_out.device, memory_format=fmt)
 
@@ -252,6 +340,9 @@ def _temporal_pool_forward_fake(x, lengths, mode, batch_first, bidirectional, sc
     torch._check(mode in TEMPORAL_POOL_MODES, lambda: "temporal_pool: bad mode %r" % (mode,))
     t, b = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
     d = x.shape[2]
+    _fake_lengths("temporal_pool", lengths, b, t, x.device)
+    if mode == "attention":
+        _fake_score("temporal_pool", x, score_weight, score_bias)
     out = x.new_empty((b, d))
     if mode == "max":
         aux = x.new_empty((b, d), dtype=torch.int32)
@@ -265,7 +356,19 @@ def _temporal_pool_forward_fake(x, lengths, mode, batch_first, bidirectional, sc
 @torch.library.register_fake("cnnlstm_ext::temporal_pool_backward")
 def _temporal_pool_backward_fake(grad_out, x, lengths, aux, mode, batch_first, bidirectional,
                                  score_weight, score_bias):
+    op = "temporal_pool_backward"
+    torch._check(x.dim() == 3, lambda: f"{op}: x must be [T, B, D], got {list(x.shape)}")
     acc = _acc_dtype(x.dtype)
+    t, b = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+    d = x.shape[2]
+    torch._check(grad_out.dim() == 2 and grad_out.shape[0] == b and grad_out.shape[1] == d,
+                 lambda: f"{op}: grad_out must be [B, D] = [{b}, {d}], got {list(grad_out.shape)}")
+    _fake_on_device(op, "grad_out", grad_out, x.device)
+    _fake_lengths(op, lengths, b, t, x.device)
+    if mode in ("max", "attention"):
+        _fake_on_device(op, "aux", aux, x.device)
+    if mode == "attention":
+        _fake_score(op, x, score_weight, score_bias)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if mode == "attention":
         grad_w = torch.empty(score_weight.shape, dtype=score_weight.dtype, device=x.device)

@@ -294,6 +294,15 @@ class FusedLSTM(nn.Module):
 
     def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[_HX] = None,
                 lengths: Optional[Tensor] = None):
+        if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2
+                                   and all(isinstance(t, Tensor) for t in hx)):
+            # nn.LSTM's RuntimeError ("lstm expects two hidden states"), with what was given.
+            got = ("a %s of %d: (%s)" % (type(hx).__name__, len(hx),
+                                         ", ".join(type(t).__name__ for t in hx))
+                   if isinstance(hx, (tuple, list))
+                   else "a %s" % type(hx).__name__)
+            raise RuntimeError("FusedLSTM: hx must be a tuple of two tensors (h_0, c_0), got %s"
+                               % got)
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths cannot be given with a PackedSequence (it has its own)")
