@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -270,9 +271,32 @@ def apply_overrides(cfg: Config, overrides: List[str]) -> Config:
     return cfg
 
 
+# Upper bounds that keep a typo from asking for more memory than any machine has (a frame of
+# 100000 x 100000 pixels); far above what a video classifier uses.
+MAX_FRAME_SIZE = 4096
+MAX_NUM_FRAMES = 100000
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every float field (and float in a tuple field) must be a finite number: NaN compares
+    false with everything, so it would slip through every range check below."""
+    for section in ("data", "optim", "train"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError("%s.%s must be %s, got %r" % (
+                        section, f.name, "finite numbers" if values is value else "a finite number",
+                        list(value) if values is value else value))
+
+
 def validate(cfg: Config) -> Config:
-    """Checks the values a run depends on; raises ValueError naming the field."""
+    """Checks every value a run depends on against its range, and the rules between fields;
+    raises ValueError naming the field. The one place where a config is checked: the train
+    command and the Trainer call it before any data, model or file is made."""
     t, o, d = cfg.train, cfg.optim, cfg.data
+    _check_finite(cfg)
     if t.epochs < 1:
         raise ValueError("train.epochs must be >= 1, got %d" % t.epochs)
     if t.batch_size < 1:
@@ -297,6 +321,21 @@ def validate(cfg: Config) -> Config:
         raise ValueError("optim.scheduler must be cosine or none, got %r" % o.scheduler)
     if o.lr <= 0:
         raise ValueError("optim.lr must be > 0, got %r" % o.lr)
+    if not 0 <= o.min_lr <= o.lr:
+        raise ValueError("optim.min_lr (the end of the cosine schedule) must be in [0, optim.lr = "
+                         "%r], got %r" % (o.lr, o.min_lr))
+    if o.weight_decay < 0:
+        raise ValueError("optim.weight_decay must be >= 0, got %r" % o.weight_decay)
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ValueError("optim.betas must both be in [0, 1), got %r" % (list(o.betas),))
+    if t.min_delta < 0:
+        raise ValueError("train.min_delta must be >= 0, got %r" % t.min_delta)
+    if t.max_rollbacks < 0:
+        raise ValueError("train.max_rollbacks must be >= 0, got %d" % t.max_rollbacks)
+    if t.checkpoint_every < 0:
+        raise ValueError("train.checkpoint_every must be >= 0 (0: never), got %d" % t.checkpoint_every)
+    if t.eval_every < 1:
+        raise ValueError("train.eval_every must be >= 1, got %d" % t.eval_every)
     if d.dataset not in ("synthetic", "folder", "wlasl"):
         raise ValueError("data.dataset must be synthetic, folder or wlasl, got %r" % d.dataset)
     if d.dataset in ("folder", "wlasl") and not d.root:
@@ -305,6 +344,41 @@ def validate(cfg: Config) -> Config:
         raise ValueError("data.annotations (the WLASL JSON file) is required for data.dataset=wlasl")
     if d.num_frames < 1 or d.frame_size < 8:
         raise ValueError("data.num_frames must be >= 1 and data.frame_size >= 8")
+    if d.frame_size > MAX_FRAME_SIZE:
+        raise ValueError("data.frame_size must be <= %d, got %d" % (MAX_FRAME_SIZE, d.frame_size))
+    if d.num_frames > MAX_NUM_FRAMES:
+        raise ValueError("data.num_frames must be <= %d, got %d" % (MAX_NUM_FRAMES, d.num_frames))
+    if d.resize_to is not None and not d.frame_size <= d.resize_to <= MAX_FRAME_SIZE:
+        raise ValueError("data.resize_to (the short side before the %d-pixel crop) must be in "
+                         "[data.frame_size = %d, %d] or null, got %d"
+                         % (d.frame_size, d.frame_size, MAX_FRAME_SIZE, d.resize_to))
+    if not 0 < d.val_fraction < 1:
+        raise ValueError("data.val_fraction must be in (0, 1), got %r" % d.val_fraction)
+    lo, hi = d.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError("data.crop_scale must be [min, max] with 0 < min <= max <= 1, got %r"
+                         % (list(d.crop_scale),))
+    if d.color_jitter < 0:
+        raise ValueError("data.color_jitter must be >= 0, got %r" % d.color_jitter)
+    if d.noise < 0:
+        raise ValueError("data.noise must be >= 0, got %r" % d.noise)
+    if not all(s > 0 for s in d.std):
+        raise ValueError("data.std must be > 0 in every channel (it divides), got %r" % (list(d.std),))
+    if d.dataset == "synthetic":
+        from ..data.synthetic import MOTIONS
+        if not 2 <= d.num_classes <= len(MOTIONS):
+            raise ValueError("data.num_classes (synthetic motions) must be in [2, %d], got %d"
+                             % (len(MOTIONS), d.num_classes))
+    if d.max_classes is not None and d.max_classes < 2:
+        raise ValueError("data.max_classes must be >= 2 or null, got %d" % d.max_classes)
+    if d.train_samples < 1 or d.val_samples < 1:
+        raise ValueError("data.train_samples and data.val_samples must be >= 1, got %d and %d"
+                         % (d.train_samples, d.val_samples))
+    if d.min_frames is not None and not 3 <= d.min_frames <= d.num_frames:
+        raise ValueError("data.min_frames must be in [3, data.num_frames = %d] or null, got %d"
+                         % (d.num_frames, d.min_frames))
+    if d.num_workers < 0:
+        raise ValueError("data.num_workers must be >= 0, got %d" % d.num_workers)
     if not isinstance(cfg.model, dict):
         raise ValueError("model must be a mapping of CNNLSTM keyword arguments")
     from ..models import CNNLSTM
