@@ -46,7 +46,14 @@ def main(argv=None):
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(parser)
         args = parser.parse_args(argv[1:])
-        return int(module.run(args) or 0)
+        try:
+            return int(module.run(args) or 0)
+        except (OSError, MemoryError) as e:
+            # What a command did not foresee of the machine (a full disk, a folder that is a
+            # file, no memory left): one line, not a traceback.
+            text = " ".join(str(e).split()) or type(e).__name__
+            print("error: %s" % text, file=sys.stderr)
+            return 1
     if not argv:
         parser.print_help()
         return 0

@@ -51,14 +51,23 @@ def run(args) -> int:
     from ..checkpoint import CheckpointError, load_checkpoint, normalize_checkpoint, read_checkpoint
     from ..data.datasets import build_eval_dataset
     from ..models import CNNLSTM
-    from ..train.config import apply_overrides, config_from_checkpoint
+    from ..train.config import apply_overrides, check_output_dir, config_from_checkpoint, validate
     from ..train.distributed import DistContext
     from ..train.trainer import evaluate_model, resolve_device, resolve_precision, write_metrics
 
+    if args.batch_size < 1:
+        print("error: --batch-size must be >= 1, got %d" % args.batch_size, file=sys.stderr)
+        return 2
+    if args.num_workers is not None and args.num_workers < 0:
+        print("error: --num-workers must be >= 0, got %d" % args.num_workers, file=sys.stderr)
+        return 2
+    out = args.out or default_out_dir(args.checkpoint, args.data, args.split)
     try:
+        check_output_dir(out, "output folder")
         peek = normalize_checkpoint(read_checkpoint(args.checkpoint, mmap=True))
         cfg, key_map, _ = config_from_checkpoint(peek, list(args.key_map) or None)
         apply_overrides(cfg, args.overrides)
+        validate(cfg)
         state = peek.get("trainer_state") if isinstance(peek.get("trainer_state"), dict) else {}
         classes = state.get("classes")
         seed = cfg.train.seed
@@ -76,8 +85,8 @@ def run(args) -> int:
             classes = [str(i) for i in range(model_cfg["num_classes"])]
         model = CNNLSTM(**model_cfg)
         load_checkpoint(args.checkpoint, model=model, key_map=key_map)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print("error: %s" % e, file=sys.stderr)
+    except (ValueError, OSError, MemoryError, CheckpointError) as e:
+        print("error: %s" % " ".join(str(e).split()), file=sys.stderr)
         return 2
 
     try:
@@ -94,7 +103,6 @@ def run(args) -> int:
                                           collect_predictions=True, progress=not args.no_progress,
                                           desc="evaluate")
 
-    out = args.out or default_out_dir(args.checkpoint, args.data, args.split)
     write_metrics(out, metrics, classes, extra={"checkpoint": os.path.abspath(args.checkpoint),
                                                 "data": args.data, "split": args.split},
                   json_name="metrics.json")

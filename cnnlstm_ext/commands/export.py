@@ -53,10 +53,13 @@ def export_safetensors(path, out, key_map=None) -> dict:
 
 
 def run(args) -> int:
+    from ..train.config import check_output_dir
+
     try:
+        check_output_dir(os.path.dirname(os.path.abspath(args.safetensors)), "--safetensors")
         metadata = export_safetensors(args.file, args.safetensors, args.key_map or None)
-    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
-        print("error: %s" % e)
+    except (CheckpointError, OSError, ValueError, TypeError) as e:
+        print("error: %s" % " ".join(str(e).split()))
         return 1
     print("wrote %s (%s parameters, epoch %s)" % (args.safetensors,
                                                  f"{int(metadata['param_count']):,}",

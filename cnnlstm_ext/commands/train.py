@@ -174,6 +174,8 @@ def choose_run_dir(cfg, args, explicit: bool) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from ..checkpoint import CheckpointError
     from ..train.config import validate
     from ..train.distributed import init_distributed, shutdown_distributed
@@ -184,7 +186,7 @@ def run(args) -> int:
     try:
         cfg, key_map, explicit = build_config(args)
         validate(cfg)
-    except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
+    except (ValueError, OSError, CheckpointError, ImportError) as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
     ctx = init_distributed(cfg.train.device)
@@ -197,8 +199,8 @@ def run(args) -> int:
             trainer = Trainer(cfg, ctx=ctx)
             if args.resume:
                 trainer.resume(args.resume, key_map=key_map)
-        except (ValueError, FileNotFoundError, RuntimeError, CheckpointError) as e:
-            print("error: %s" % e, file=sys.stderr)
+        except (ValueError, OSError, MemoryError, RuntimeError, CheckpointError) as e:
+            print("error: %s" % _one_line(e), file=sys.stderr)
             return 2
         try:
             result = trainer.fit()
@@ -207,11 +209,25 @@ def run(args) -> int:
             print("\ninterrupted after epoch %d; continue with: cnnlstm-ext train --resume %s"
                   % (trainer.epoch, latest), file=sys.stderr)
             return 130
+        except (OSError, MemoryError, torch.OutOfMemoryError) as e:
+            # Disk full, a vanished folder, out of memory: the files written before stay whole
+            # (every file is written to a temporary name and renamed).
+            latest = os.path.join(trainer.ckpt_dir, "latest_checkpoint.pth")
+            saved = trainer.saved_epoch
+            hint = ("; the checkpoint of epoch %d stays: continue with: cnnlstm-ext train "
+                    "--resume %s" % (saved, latest)) if saved and os.path.isfile(latest) else ""
+            print("error: %s%s" % (_one_line(e), hint), file=sys.stderr)
+            return 1
         if ctx.is_main:
             _print_result(result)
         return 1 if result["stop_reason"] == "diverged" else 0
     finally:
         shutdown_distributed(ctx)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
 
 
 def _print_result(result) -> None:

@@ -212,24 +212,49 @@ def load_config_file(path: str) -> Dict[str, Any]:
     ext = os.path.splitext(path)[1].lower()
     if not os.path.isfile(path):
         raise FileNotFoundError("config file not found: %s" % path)
+    if ext not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError("config file %s: expected .toml, .yaml, .yml or .json" % path)
     if ext == ".toml":
         try:
             import tomllib
         except ImportError:  # Python < 3.11
             import tomli as tomllib
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    if ext in (".yaml", ".yml"):
+        read, errors, mode = tomllib.load, (tomllib.TOMLDecodeError,), "rb"
+    elif ext == ".json":
+        read, errors, mode = json.load, (ValueError,), "r"
+    else:
         try:
             import yaml
         except ImportError as e:
             raise ImportError("YAML config files need PyYAML: pip install pyyaml") from e
-        with open(path) as f:
-            return yaml.safe_load(f) or {}
-    if ext == ".json":
-        with open(path) as f:
-            return json.load(f)
-    raise ValueError("config file %s: expected .toml, .yaml, .yml or .json" % path)
+        read, errors, mode = (lambda f: yaml.safe_load(f) or {}), (yaml.YAMLError,), "r"
+    try:
+        with open(path, mode) as f:
+            return read(f)
+    except errors as e:  # a syntax error: where it is, in one line
+        raise ValueError("config file %s is not valid %s: %s"
+                         % (path, ext[1:].upper().replace("YML", "YAML"),
+                            " ".join(str(e).split()))) from e
+    except UnicodeDecodeError as e:
+        raise ValueError("config file %s is not text: %s" % (path, e)) from e
+
+
+def check_output_dir(path: str, what: str) -> None:
+    """Raises ValueError when `path` cannot become a folder this process writes in: some part
+    of it is a regular file, or the nearest existing folder is on a read-only file system or not
+    writable. Called before data and model are built, so that a run fails at once, not after."""
+    p = os.path.abspath(path)
+    while not os.path.lexists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ValueError("%s %s: %s is a file, not a folder" % (what, path, p))
+    if not os.access(p, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):
+            read_only = False
+        raise ValueError("%s %s: cannot write in %s (%s)" % (
+            what, path, p, "read-only file system" if read_only else "permission denied"))
 
 
 def parse_value(text: str):

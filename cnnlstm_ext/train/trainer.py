@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..checkpoint import (atomic_write, load_checkpoint, normalize_checkpoint, read_checkpoint,
                           save_checkpoint)
-from .config import Config, save_config, validate
+from .config import Config, check_output_dir, save_config, validate
 from .distributed import DistContext, ShardSampler, data_parallel
 from .guards import (EarlyStopping, NonFiniteGuard, RollbackRequired, nonfinite_tensors,
                      optimizer_tensors)
@@ -200,6 +200,8 @@ class Trainer:
         if t.batch_size % self.ctx.world_size:
             raise ValueError("train.batch_size=%d (the global batch) must divide evenly over %d "
                              "processes" % (t.batch_size, self.ctx.world_size))
+        if self.ctx.is_main:  # before the data and the model: a run fails at once, not after
+            check_output_dir(self.ckpt_dir, "run folder")
 
         if datasets is None:
             from ..data.datasets import build_datasets
@@ -251,6 +253,7 @@ class Trainer:
         self.early = EarlyStopping(t.monitor, t.patience, t.min_delta)
         self.history: Dict[str, List] = {k: [] for k in HISTORY_KEYS}
         self.epoch = 0  # epochs completed
+        self.saved_epoch: Optional[int] = None  # the epoch latest_checkpoint.pth holds
         self.lr_scale = 1.0  # product of the rollback learning-rate cuts
         self.best_metrics: Dict[str, Any] = {}
         self._best_weights = None
@@ -612,6 +615,7 @@ class Trainer:
                             scheduler=self.scheduler, epoch=epoch, history=self.history,
                             metrics=metrics, best=dict(self.best_metrics), config=self.cfg.to_dict(),
                             extra={"trainer_state": self._trainer_state()})
+            self.saved_epoch = epoch
             copies = []
             if improved:
                 copies.append(BEST)
