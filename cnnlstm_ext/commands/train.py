@@ -27,10 +27,18 @@ several GPUs or nodes, launch with torchrun:
 The guards: steps with a NaN/Inf loss or gradient are skipped; after train.max_bad_steps in a
 row the run rolls back to its last good checkpoint with a lower learning rate; training stops
 early when train.monitor (val_acc) has not improved for train.patience epochs.
+
+Ctrl-C, or SIGTERM (what a cluster scheduler sends before it kills a job), stops the run: the
+epoch under way is abandoned (a step is never half-applied), latest_checkpoint.pth keeps the last
+completed epoch, and the command prints the --resume line that continues the run (exit code 130
+for Ctrl-C, 143 for SIGTERM).
 """
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 
 def add_arguments(parser):
@@ -179,7 +187,7 @@ def run(args) -> int:
     from ..checkpoint import CheckpointError
     from ..train.config import validate
     from ..train.distributed import init_distributed, shutdown_distributed
-    from ..train.trainer import Trainer
+    from ..train.trainer import StopRequested, Trainer
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(args.quiet, rank)
@@ -203,7 +211,12 @@ def run(args) -> int:
             print("error: %s" % _one_line(e), file=sys.stderr)
             return 2
         try:
-            result = trainer.fit()
+            with _stop_on_sigterm(trainer):
+                result = trainer.fit()
+        except StopRequested as e:
+            print("\n%s" % _resume_hint("terminated (%s)" % e.reason, trainer, args),
+                  file=sys.stderr)
+            return 128 + signal.SIGTERM
         except KeyboardInterrupt:
             latest = os.path.join(trainer.ckpt_dir, "latest_checkpoint.pth")
             print("\ninterrupted after epoch %d; continue with: cnnlstm-ext train --resume %s"
@@ -223,6 +236,37 @@ def run(args) -> int:
         return 1 if result["stop_reason"] == "diverged" else 0
     finally:
         shutdown_distributed(ctx)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(trainer):
+    """SIGTERM (what a cluster scheduler sends before it kills a job) asks the trainer to stop at
+    the next step boundary; a second SIGTERM acts as the signal's default (ends the process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        trainer.request_stop("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _resume_hint(what: str, trainer, args) -> str:
+    """`what` after epoch N, and the command that continues the run."""
+    latest = os.path.join(trainer.ckpt_dir, "latest_checkpoint.pth")
+    if trainer.saved_epoch is not None and os.path.isfile(latest):
+        return ("%s after epoch %d; continue with: cnnlstm-ext train --resume %s"
+                % (what, trainer.saved_epoch, latest))
+    if args.resume:
+        return ("%s before an epoch ended; continue with: cnnlstm-ext train --resume %s"
+                % (what, args.resume))
+    return "%s before the first epoch ended; nothing to resume: start the run again" % what
 
 
 def _one_line(e: BaseException) -> str:

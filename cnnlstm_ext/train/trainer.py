@@ -178,6 +178,15 @@ def _progress(iterable, enabled: bool, desc: str, **kwargs):
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, **kwargs)
 
 
+class StopRequested(Exception):
+    """Raised by `fit` at a step boundary once `request_stop` was called (e.g. on SIGTERM): the
+    current epoch is abandoned; latest_checkpoint.pth keeps the last completed one."""
+
+    def __init__(self, reason: str, epoch: int):
+        super().__init__("%s: stopped after epoch %d" % (reason, epoch))
+        self.reason, self.epoch = reason, epoch
+
+
 class Trainer:
     """Trains a CNNLSTM on the data sets a Config describes; see the module docstring.
 
@@ -254,6 +263,7 @@ class Trainer:
         self.history: Dict[str, List] = {k: [] for k in HISTORY_KEYS}
         self.epoch = 0  # epochs completed
         self.saved_epoch: Optional[int] = None  # the epoch latest_checkpoint.pth holds
+        self.stop_reason: Optional[str] = None  # set by request_stop (a signal handler)
         self.lr_scale = 1.0  # product of the rollback learning-rate cuts
         self.best_metrics: Dict[str, Any] = {}
         self._best_weights = None
@@ -365,6 +375,20 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------------
 
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Asks a running `fit` to stop at the next step boundary (safe from a signal handler: it
+        only sets a flag). The step under way finishes or is abandoned, never half-applied; the
+        epoch under way is abandoned, and fit raises StopRequested. latest_checkpoint.pth, written
+        atomically at the end of every epoch, then holds the last completed epoch."""
+        self.stop_reason = reason
+
+    def _check_stop(self) -> None:
+        if self._on_any_process(self.stop_reason is not None):
+            reason = self.stop_reason or "stop requested on another process"
+            log.warning("%s: stopping; the epoch under way is abandoned, latest_checkpoint.pth "
+                        "holds epoch %s", reason, self.saved_epoch)
+            raise StopRequested(reason, self.epoch)
+
     def fit(self, stop_at_epoch: Optional[int] = None) -> Dict[str, Any]:
         """Trains until train.epochs, early stopping, or divergence; returns a summary dict.
 
@@ -387,6 +411,7 @@ class Trainer:
                  self.ctx.world_size, self.epoch + 1, last)
         try:
             while self.epoch < last:
+                self._check_stop()
                 epoch = self.epoch + 1
                 try:
                     train_stats = self._train_epoch(epoch)
@@ -430,6 +455,7 @@ class Trainer:
                         "epoch %d/%d" % (epoch, t.epochs))
         start, seen = time.perf_counter(), 0
         for clips, labels, lengths in bar:
+            self._check_stop()
             clips = clips.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             # A corrupt clip (NaN/Inf pixels) is skipped before the forward pass, which would
