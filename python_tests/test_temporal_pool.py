@@ -360,11 +360,12 @@ def test_temporal_pool_attention_refuses_double_backward(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", MODES)
-def test_temporal_pool_opcheck(device, mode):
-    x = lstm_outputs(5, 3, 8, torch.float32, device, mode).requires_grad_()
+@pytest.mark.parametrize("mode,dtype", [(m, torch.float32) for m in MODES] + [("attention", torch.float64)])
+def test_temporal_pool_opcheck(device, mode, dtype):
+    """Attention in float64 too: its weights (aux) are float64 there, float32 for the others."""
+    x = lstm_outputs(5, 3, 8, dtype, device, mode).requires_grad_()
     lengths = torch.tensor([2, 5, 1], device=device)
-    w, bias = score_params(8, device) if mode == "attention" else (None, None)
+    w, bias = score_params(8, device, dtype) if mode == "attention" else (None, None)
     if w is not None:
         w.requires_grad_()
         bias.requires_grad_()

@@ -48,6 +48,8 @@ CONFIG_TEXTS = {
              '[data]\ncrop_scale = [0.5, 1.0]\n',
     ".yaml": "model:\n  num_layers: 2\noptim:\n  lr: 3.0e-4\ntrain:\n  epochs: 7\n  grad_clip: 0.5\n"
              "data:\n  crop_scale: [0.5, 1.0]\n",
+    ".yml": "model: {num_layers: 2}\noptim: {lr: 3.0e-4}\ntrain: {epochs: 7, grad_clip: 0.5}\n"
+            "data: {crop_scale: [0.5, 1.0]}\n",
     ".json": json.dumps({"model": {"num_layers": 2}, "optim": {"lr": 3e-4},
                          "train": {"epochs": 7, "grad_clip": 0.5}, "data": {"crop_scale": [0.5, 1]}}),
 }
@@ -97,7 +99,7 @@ def test_saved_config_is_a_valid_config_file(tmp_path):
 
 @pytest.mark.parametrize("text,value", [
     ("None", None), ("NULL", None), ("~", None), ("True", True), ("YES", True), ("On", True),
-    ("false", False), ("No", False), ("OFF", False), ("2.5e-4", 2.5e-4), ("1e-3", 1e-3),
+    ("False", False), ("No", False), ("OFF", False), ("2.5e-4", 2.5e-4), ("1e-3", 1e-3),
 ])
 def test_config_parse_value_reads_the_words_in_any_case(text, value):
     assert parse_value(" %s " % text) == value and type(parse_value(text)) is type(value)
@@ -182,6 +184,14 @@ def test_config_file_that_does_not_exist_is_named(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load_config_file(path)
     assert str(e.value) == "config file not found: %s" % path
+
+
+def test_config_file_of_another_format_is_refused(tmp_path):
+    path = tmp_path / "run.ini"
+    path.write_text("[train]\nepochs = 7\n")
+    with pytest.raises(ValueError) as e:
+        load_config_file(str(path))
+    assert str(e.value) == "config file %s: expected .toml, .yaml, .yml or .json" % path
 
 
 def test_config_from_our_checkpoint_is_its_saved_config():

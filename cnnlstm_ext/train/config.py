@@ -288,7 +288,7 @@ def parse_override(item: str) -> Tuple[str, str, Any]:
 def apply_overrides(cfg: Config, overrides: List[str]) -> Config:
     for item in overrides or []:
         section, key, value = parse_override(item)
-        target = getattr(cfg, section, None) if section in SECTIONS else None
+        target = getattr(cfg, section, None)
         if value is None and dataclasses.is_dataclass(target) \
                 and typing.get_type_hints(type(target)).get(key) is str:
             value = item.split("=", 1)[1].strip()  # e.g. optim.scheduler=none: the word, not null
