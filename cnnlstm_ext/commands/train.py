@@ -155,6 +155,22 @@ def build_config(args):
     return cfg, key_map, explicit
 
 
+def _optim_fields_set(args):
+    """The optim.* fields the user set (--lr, --set optim.KEY=..., an optim section of --config):
+    on --resume of a file without a config of ours, these replace what its optimizer holds."""
+    from ..train.config import load_config_file, parse_override
+
+    fields = {"lr"} if args.lr is not None else set()
+    if args.config:
+        optim = load_config_file(args.config).get("optim")
+        fields |= set(optim) if isinstance(optim, dict) else set()
+    for item in args.overrides:
+        section, key, _ = parse_override(item)
+        if section == "optim":
+            fields.add(key)
+    return fields
+
+
 def choose_run_dir(cfg, args, explicit: bool) -> None:
     """Where the run writes: a resumed run stays in its folder; a new run never mixes its
     checkpoints with an older run's (unless --overwrite)."""
@@ -206,7 +222,7 @@ def run(args) -> int:
         try:
             trainer = Trainer(cfg, ctx=ctx)
             if args.resume:
-                trainer.resume(args.resume, key_map=key_map)
+                trainer.resume(args.resume, key_map=key_map, optim_changes=_optim_fields_set(args))
         except (ValueError, OSError, MemoryError, RuntimeError, CheckpointError) as e:
             print("error: %s" % _one_line(e), file=sys.stderr)
             return 2

@@ -301,13 +301,20 @@ class Trainer:
 
     # --- resume -------------------------------------------------------------------------------
 
-    def resume(self, path: str, key_map=None) -> int:
+    def resume(self, path: str, key_map=None, optim_changes=None) -> int:
         """Continues from a checkpoint, ours or a legacy one; returns the epoch it continues after.
 
         Model weights must fit (key_map renames a legacy file's keys); optimizer and scheduler
         states are loaded when the file has them (a legacy file without them restarts AdamW's
         moments, with a warning). Our files also restore the RNG states, early stopping and the
         guard, for an exact continuation.
+
+        Optimizer hyper-parameters (optim.lr, weight_decay, betas, min_lr) that the config sets
+        differently from the file's own config are applied to the restored optimizer and
+        schedule (the cosine re-based on the new lr, placed at the epoch resumed), with a
+        warning; the config then records what runs. A file without a config of ours: the fields
+        named in `optim_changes` are applied, the others are taken from the restored optimizer
+        into the config.
         """
         peek = normalize_checkpoint(read_checkpoint(path, mmap=True))
         has_opt = peek.get("optimizer_state_dict") is not None
@@ -342,6 +349,8 @@ class Trainer:
             if self.early.monitor == "val_acc" and best is not None and best_epoch is not None:
                 self.early.best, self.early.best_epoch = best, int(best_epoch)
                 self.early.bad_epochs = max(0, epoch - int(best_epoch))
+        if has_opt:
+            self._apply_optim_config(path, ckpt, epoch, optim_changes)
         self.best_metrics = {"best_val_acc": _as_fraction(ckpt.get("best_val_acc")),
                              "best_val_f1": ckpt.get("best_val_f1"),
                              "best_epoch": ckpt.get("best_epoch")}
@@ -350,6 +359,54 @@ class Trainer:
         log.info("resumed from %s after epoch %d (best %s at epoch %s)", path, epoch,
                  _fmt(self.best_metrics["best_val_acc"]), self.best_metrics["best_epoch"])
         return epoch
+
+    def _apply_optim_config(self, path: str, ckpt: Dict[str, Any], epoch: int,
+                            optim_changes=None) -> None:
+        """See resume: the config's optimizer hyper-parameters onto the restored optimizer."""
+        o, groups = self.cfg.optim, self.optimizer.param_groups
+        scale = self.lr_scale or 1.0
+        restored = {"lr": float(groups[0].get("initial_lr", groups[0]["lr"])) / scale,
+                    "weight_decay": float(groups[0]["weight_decay"]),
+                    "betas": tuple(float(b) for b in groups[0]["betas"]),
+                    "min_lr": float(self.scheduler.eta_min) if self.scheduler is not None else o.min_lr}
+        saved = ckpt.get("config")
+        saved = saved.get("optim") if isinstance(saved, dict) else None
+        current = {k: (tuple(float(b) for b in getattr(o, k)) if k == "betas" else float(getattr(o, k)))
+                   for k in restored}
+        if isinstance(saved, dict):
+            before = {k: (tuple(float(b) for b in saved[k]) if k == "betas" else float(saved[k]))
+                      for k in restored if k in saved}
+            changed = [k for k in restored if k in before and current[k] != before[k]]
+        else:  # not our file: what it ran is what its optimizer holds
+            before = restored
+            changed = [k for k in restored if k in set(optim_changes or ())
+                       and current[k] != restored[k]]
+            for k in restored:
+                if k not in changed:
+                    setattr(o, k, restored[k])
+        if not changed:
+            return
+        for g in groups:
+            if "lr" in changed:
+                g["lr"] = o.lr * scale
+                if "initial_lr" in g:
+                    g["initial_lr"] = o.lr * scale
+            if "weight_decay" in changed:
+                g["weight_decay"] = o.weight_decay
+            if "betas" in changed:
+                g["betas"] = tuple(o.betas)
+        if self.scheduler is not None:
+            if "lr" in changed:
+                self.scheduler.base_lrs = [o.lr * scale for _ in groups]
+            if "min_lr" in changed:
+                self.scheduler.eta_min = o.min_lr
+            if "lr" in changed or "min_lr" in changed:
+                self._place_schedule(epoch)
+        log.warning("%s ran with %s; resumed with %s: applied to the restored optimizer%s", path,
+                    ", ".join("optim.%s=%s" % (k, _plain_value(before[k])) for k in changed),
+                    ", ".join("optim.%s=%s" % (k, _plain_value(current[k])) for k in changed),
+                    " (learning rate now %.3g)" % groups[0]["lr"] if "lr" in changed
+                    or "min_lr" in changed else "")
 
     def _place_schedule(self, epoch: int) -> None:
         """Sets the cosine schedule (and each group's lr) to where it is after `epoch` epochs."""
@@ -827,6 +884,10 @@ def _overfitting_warning(history: Dict[str, List], epochs: int = 3) -> Optional[
         return ("overfitting: validation loss has risen for %d epochs (%.4f -> %.4f) while "
                 "training loss fell (%.4f -> %.4f)" % (epochs, v[0], v[-1], tr[0], tr[-1]))
     return None
+
+
+def _plain_value(v) -> str:
+    return "[%s]" % ", ".join("%g" % b for b in v) if isinstance(v, tuple) else "%g" % v
 
 
 def _fmt(x) -> str:

@@ -1,0 +1,106 @@
+"""--resume with changed optimizer hyper-parameters: they are applied to the restored optimizer
+and schedule, said in a warning, and the config recorded (config.json, every new checkpoint) is
+what ran."""
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from cnnlstm_ext.cli import main
+from cnnlstm_ext.train.config import Config
+from cnnlstm_ext.train.trainer import Trainer
+
+TINY = ["--set", "model.spatial_dim=16", "--set", "model.temporal_dim=8",
+        "--set", "data.num_classes=3", "--set", "data.num_frames=4", "--set", "data.frame_size=16",
+        "--set", "data.train_samples=16", "--set", "data.val_samples=9",
+        "--batch-size", "8", "--no-progress", "-q", "--set", "train.tensorboard=false"]
+
+
+def tiny_config(tmp_path, **optim):
+    cfg = Config()
+    cfg.model.update(spatial_dim=16, temporal_dim=8)
+    d, t = cfg.data, cfg.train
+    d.num_classes, d.num_frames, d.frame_size, d.train_samples, d.val_samples = 3, 4, 16, 16, 9
+    t.output_dir, t.run_name, t.epochs, t.batch_size = str(tmp_path), "r", 3, 8
+    t.progress, t.tensorboard = False, False
+    for k, v in optim.items():
+        setattr(cfg.optim, k, v)
+    return cfg
+
+
+@pytest.fixture
+def one_epoch(tmp_path):
+    """latest_checkpoint.pth after epoch 1 of 3 (lr 1e-3, cosine)."""
+    Trainer(tiny_config(tmp_path)).fit(stop_at_epoch=1)
+    return tmp_path / "r" / "checkpoints" / "latest_checkpoint.pth"
+
+
+def cosine(base, epoch, epochs=3, eta_min=0.0):
+    return eta_min + (base - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def test_resume_with_a_new_lr_applies_it_to_the_restored_optimizer(tmp_path, one_epoch):
+    trainer = Trainer(tiny_config(tmp_path, lr=5e-4))
+    trainer.resume(str(one_epoch))
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(cosine(5e-4, 1))
+    assert group["initial_lr"] == pytest.approx(5e-4)
+    assert trainer.scheduler.base_lrs == [pytest.approx(5e-4)]
+
+
+def test_resume_with_a_new_lr_says_so(tmp_path, one_epoch, caplog):
+    trainer = Trainer(tiny_config(tmp_path, lr=5e-4))
+    with caplog.at_level(logging.WARNING, logger="cnnlstm_ext.train"):
+        trainer.resume(str(one_epoch))
+    assert ("%s ran with optim.lr=0.001; resumed with optim.lr=0.0005: applied to the restored "
+            "optimizer (learning rate now 0.000375)" % one_epoch) in caplog.messages
+
+
+def test_resume_with_a_new_weight_decay_and_betas_applies_them(tmp_path, one_epoch):
+    trainer = Trainer(tiny_config(tmp_path, weight_decay=0.05, betas=(0.8, 0.99)))
+    trainer.resume(str(one_epoch))
+    group = trainer.optimizer.param_groups[0]
+    assert (group["weight_decay"], tuple(group["betas"])) == (0.05, (0.8, 0.99))
+    assert group["lr"] == pytest.approx(cosine(1e-3, 1))  # the lr is the file's
+
+
+def test_resume_without_changes_keeps_the_restored_optimizer(tmp_path, one_epoch):
+    trainer = Trainer(tiny_config(tmp_path))
+    trainer.resume(str(one_epoch))
+    saved = torch.load(one_epoch, map_location="cpu", weights_only=False)
+    assert trainer.optimizer.param_groups[0]["lr"] == saved["optimizer_state_dict"][
+        "param_groups"][0]["lr"]
+
+
+def test_resume_cli_with_lr_records_and_runs_the_new_lr(tmp_path, one_epoch):
+    assert main(["train", "--resume", str(one_epoch), "--lr", "5e-4"] + TINY) == 0
+    ckpt = torch.load(one_epoch, map_location="cpu", weights_only=False)  # now after epoch 3
+    assert ckpt["epoch"] == 3 and ckpt["config"]["optim"]["lr"] == 5e-4
+    assert ckpt["optimizer_state_dict"]["param_groups"][0]["initial_lr"] == pytest.approx(5e-4)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["optim"]["lr"] == 5e-4
+    assert ckpt["history"]["lr"][1:] == [pytest.approx(cosine(5e-4, 1)),
+                                         pytest.approx(cosine(5e-4, 2))]
+
+
+def test_resume_of_a_file_without_our_config_records_the_restored_lr(tmp_path, one_epoch):
+    ckpt = torch.load(one_epoch, map_location="cpu", weights_only=False)
+    del ckpt["config"]
+    ckpt.pop("integrity", None)  # the checksum covers the config it no longer holds
+    torch.save(ckpt, tmp_path / "other.pth")
+    trainer = Trainer(tiny_config(tmp_path / "b", lr=0.02))  # a default, not set by the user
+    trainer.resume(str(tmp_path / "other.pth"))
+    assert trainer.cfg.optim.lr == pytest.approx(1e-3)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cosine(1e-3, 1))
+
+
+def test_resume_of_a_file_without_our_config_applies_the_lr_the_user_set(tmp_path, one_epoch):
+    ckpt = torch.load(one_epoch, map_location="cpu", weights_only=False)
+    del ckpt["config"]
+    ckpt.pop("integrity", None)  # the checksum covers the config it no longer holds
+    torch.save(ckpt, tmp_path / "other.pth")
+    trainer = Trainer(tiny_config(tmp_path / "b", lr=0.02))
+    trainer.resume(str(tmp_path / "other.pth"), optim_changes={"lr"})
+    assert trainer.cfg.optim.lr == 0.02
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cosine(0.02, 1))
