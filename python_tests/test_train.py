@@ -159,6 +159,8 @@ def test_config_validate_accepts_the_edge_of_every_range(overrides):
     (["optim.lr=0"], "optim.lr must be > 0, got 0.0"),
     (["data.dataset=kinetics"], "data.dataset must be synthetic, folder or wlasl, got 'kinetics'"),
     (["data.dataset=folder"], "data.root is required for data.dataset=folder"),
+    (["data.dataset=wlasl", "data.annotations=/videos/WLASL_v0.3.json"],
+     "data.root is required for data.dataset=wlasl"),
     (["data.dataset=wlasl", "data.root=/videos"],
      "data.annotations (the WLASL JSON file) is required for data.dataset=wlasl"),
     (["data.num_frames=0"], "data.num_frames must be >= 1 and data.frame_size >= 8"),
