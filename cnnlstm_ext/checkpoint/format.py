@@ -6,13 +6,17 @@ that `torch.load(path, weights_only=True)` reads it in a script that knows nothi
     epoch, model_state_dict, optimizer_state_dict, scheduler_state_dict, history,
     best_val_acc, best_val_f1, best_epoch, val_acc, val_f1, train_loss, lr, config
 
-- `read_checkpoint`: torch.load(weights_only=True), with errors that say what is wrong with a file.
-- `atomic_write`: temp file in the same folder, fsync, rename.
+- `read_checkpoint`: torch.load(weights_only=True), with errors that say what is wrong with a file,
+  and the checks of integrity.py (the file's checksum record, or the zip CRCs of a file without
+  one). Every failure to read a file is a CheckpointError naming the file.
+- `atomic_write`: temp file in the same folder, fsync, rename; removes stale temp files of its
+  own naming; a failed write is a CheckpointWriteError (also an OSError).
 - `epoch_from_name`, `find_checkpoints`: a run's files by the existing run's names.
 """
 import collections
 import dataclasses
 import enum
+import errno as errno_module
 import os
 import pathlib
 import pickle
@@ -22,6 +26,13 @@ import zipfile
 from typing import List, Optional
 
 import torch
+
+from .integrity import integrity_problems
+
+try:
+    import fcntl
+except ImportError:  # Windows: stale temp files are recognised by age instead of by lock
+    fcntl = None
 
 HISTORY_FIELDS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr")
 METRIC_FIELDS = ("val_acc", "val_f1", "train_loss", "lr", "train_acc", "val_loss")
@@ -41,6 +52,12 @@ class CheckpointMismatchError(CheckpointError):
         super().__init__(message)
         self.missing, self.unexpected, self.wrong_shape = list(missing), list(unexpected), \
             list(wrong_shape)
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint (or any atomic_write) that could not be written: disk full, permissions, a
+    failure inside torch's writer. The previous file is unchanged and the partial one removed.
+    Also an OSError, with `errno` set when the cause had one."""
 
 
 # --- plain types ---------------------------------------------------------------------------------
@@ -121,29 +138,86 @@ def _file_kind(path):
     return "unknown"
 
 
-def read_checkpoint(path, map_location="cpu", mmap=False):
+def _one_line(e) -> str:
+    text = str(e).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return "%s: %s" % (type(e).__name__, first) if first else type(e).__name__
+
+
+def _storage_member(name) -> bool:
+    """A zip member holding tensor bytes (`<archive>/data/<key>`)."""
+    parts = name.split("/")
+    return len(parts) == 3 and parts[1] == "data"
+
+
+def _check_zip(path, storages):
+    """Read the pickle and the small records of a torch zip file (and every tensor's bytes when
+    `storages`) through zipfile, which checks each member's CRC-32; raises CheckpointError."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not storages and _storage_member(info.filename):
+                    continue
+                with zf.open(info) as member:
+                    while member.read(1 << 22):
+                        pass
+    except Exception as e:  # BadZipFile (CRC, headers), UnicodeDecodeError (a name), OSError...
+        raise CheckpointError("%s: corrupt: %s" % (path, _one_line(e))) from None
+
+
+def _is_zipfile(path):
+    """zipfile.is_zipfile, which raises BadZipFile for some damaged end records."""
+    try:
+        return zipfile.is_zipfile(path)
+    except Exception as e:
+        raise CheckpointError("%s: corrupt: its zip end record is damaged (%s)"
+                              % (path, _one_line(e))) from None
+
+
+def _is_legacy_unsigned_error(e):
+    return isinstance(e, AttributeError) and "UntypedStorage" in str(e) and "dtype" in str(e)
+
+
+def read_checkpoint(path, map_location="cpu", mmap=False, check_integrity=True):
     """torch.load(path, weights_only=True), with errors that say what is wrong with the file.
 
     mmap=True maps tensor data instead of reading it (pages load on access), for looking at many
     large files; it applies to zip-format files (torch >= 1.6), others are read normally.
+
+    check_integrity=True (the default) checks the file against the checksum record that
+    save_checkpoint writes (integrity.py): every tensor's bytes and all other content. A zip file
+    also has the CRC-32 of its pickle checked, and one without a record (written by other code)
+    the CRC-32 of every member. The check reads every tensor's bytes once more;
+    check_integrity=False skips it and only reads the file.
+    Raises FileNotFoundError for a missing file, CheckpointError naming the file and what is
+    wrong for anything else.
     """
+    return _read(path, map_location=map_location, mmap=mmap, check_integrity=check_integrity)
+
+
+def _read(path, map_location="cpu", mmap=False, check_integrity=True, crc=True):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError("no checkpoint file at %s" % path)
-    size = os.path.getsize(path)
+    try:
+        size = os.path.getsize(path)
+        kind = _file_kind(path)
+    except OSError as e:
+        raise CheckpointError("%s: cannot be read: %s" % (path, _one_line(e))) from None
     if size == 0:
         raise CheckpointError("%s: empty file (0 bytes)" % path)
-    kind = _file_kind(path)
-    if kind == "zip" and not zipfile.is_zipfile(path):
+    if kind == "zip" and not _is_zipfile(path):
         raise CheckpointError("%s: truncated (%s bytes): its zip archive has no end record, so "
                               "the write stopped before the file was complete"
                               % (path, f"{size:,}"))
     if kind == "unknown":
         raise CheckpointError("%s: not a torch.save file (it starts with neither a zip nor a "
                               "pickle header)" % path)
+    if kind == "zip" and check_integrity and crc:
+        _check_zip(path, storages=False)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True,
-                          mmap=mmap and kind == "zip")
+        raw = torch.load(path, map_location=map_location, weights_only=True,
+                         mmap=mmap and kind == "zip")
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         if "weights only" in str(e).lower() or "weights_only" in str(e):
@@ -154,33 +228,175 @@ def read_checkpoint(path, map_location="cpu", mmap=False):
                 "(weights_only=True): %s. Re-save it with plain types (numbers, strings, lists, "
                 "dicts, tensors) from the code that wrote it." % (path, detail.strip())) from None
         raise CheckpointError("%s: corrupt (%s bytes): %s" % (path, f"{size:,}", e)) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except Exception as e:  # a damaged file makes torch.load raise about anything
+        if kind == "legacy" and _is_legacy_unsigned_error(e):
+            raise CheckpointError(
+                "%s: written in torch's legacy (non-zip) format, whose uint16/uint32/uint64 "
+                "tensors (e.g. a NumPy RNG state) torch.load(weights_only=True) cannot read; "
+                "re-save it with torch.save's default zip format" % path) from None
         raise CheckpointError("%s: unreadable (%s bytes; truncated or corrupt): %s"
-                              % (path, f"{size:,}", str(e).strip().splitlines()[0]
-                                 if str(e).strip() else type(e).__name__)) from None
+                              % (path, f"{size:,}", _one_line(e))) from None
+    if check_integrity:
+        try:
+            problems = integrity_problems(raw)
+        except Exception as e:  # a damaged record of an unexpected shape
+            problems = ["the checksum record cannot be checked (%s)" % _one_line(e)]
+        if problems:
+            raise CheckpointError("%s: corrupt: %s" % (path, "; ".join(problems)))
+        if problems is None and kind == "zip" and crc:  # no record: the zip's own CRCs
+            _check_zip(path, storages=True)
+    return raw
 
 
 # --- writing -------------------------------------------------------------------------------------
 
-def atomic_write(path, write) -> pathlib.Path:
-    """Call write(f) on a temp file in path's folder, fsync, rename over path: a crash leaves
-    either the old file or the new one, never a partial one."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (".%s.%s.tmp" % (path.name, uuid.uuid4().hex[:8]))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+_STALE_AGE_S = 3600.0  # without file locks (Windows): a temp file this old is stale
+
+
+def _temp_name(path):
+    return path.parent / (".%s.%s.tmp" % (path.name, uuid.uuid4().hex[:8]))
+
+
+def _remove_if_stale(path) -> bool:
+    """Remove a temp file unless a live atomic_write holds it (it keeps an exclusive flock on it
+    while writing; without flock, a file younger than an hour counts as live)."""
+    if fcntl is None:
+        import time
         try:
-            os.unlink(tmp)
+            if time.time() - os.path.getmtime(path) < _STALE_AGE_S:
+                return False
+            os.unlink(path)
+            return True
+        except OSError:
+            return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)  # while the lock is ours, so no writer can be holding it
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(directory) -> List[pathlib.Path]:
+    """Remove the temp files (`.NAME.<8 hex>.tmp`) that interrupted atomic_writes left in a
+    folder; a temp file another process is still writing is kept. Returns those removed.
+    Every atomic_write (so every save) calls it on its own folder first."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if _TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False) \
+                    and _remove_if_stale(entry.path):
+                removed.append(pathlib.Path(entry.path))
+        except OSError:
+            continue
+    return removed
+
+
+def _open_locked_temp(path):
+    """Create and lock a fresh temp file; returns (tmp path, fd, lock fd)."""
+    while True:
+        tmp = _temp_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask
+        if fcntl is None:
+            return tmp, fd, None
+        lock_fd = os.dup(fd)  # the lock lives until this is closed, after the rename
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system (ENOLCK): write unlocked
+            os.close(lock_fd)
+            return tmp, fd, None
+        try:  # a cleaner may have taken the name between the create and the lock
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return tmp, fd, lock_fd
         except FileNotFoundError:
             pass
-        raise
+        os.close(lock_fd)
+        os.close(fd)
+
+
+class _WriteRecorder:
+    """The temp file as write() sees it: remembers the first OSError of its writes (disk full),
+    which torch's zip writer replaces with a RuntimeError of its own."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            if self.error is None:
+                self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _write_error(path, e):
+    code = getattr(e, "errno", None)
+    if code == errno_module.ENOSPC or "No space left" in str(e):
+        reason = "no space left on device"
+    else:
+        reason = _one_line(e)
+    err = CheckpointWriteError("%s: not written (%s); the previous file is unchanged and the "
+                               "partial one was removed" % (path, reason))
+    err.errno = code if code is not None else (errno_module.ENOSPC
+                                                if reason == "no space left on device" else None)
+    return err
+
+
+def atomic_write(path, write) -> pathlib.Path:
+    """Call write(f) on a temp file in path's folder, fsync, rename over path: a crash leaves
+    either the old file or the new one, never a partial one.
+
+    The temp file (`.NAME.<8 hex>.tmp`) is locked while it is written; stale ones of that naming
+    that crashed writes left in the folder are removed first, so a crash leaves at most one, until
+    the next write. An OSError or RuntimeError from the write (disk full, torch's writer) becomes
+    a CheckpointWriteError naming the file; the temp file is removed in every case.
+    """
+    path = pathlib.Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path.parent)
+        tmp, fd, lock_fd = _open_locked_temp(path)
+    except OSError as e:
+        raise _write_error(path, e) from e
+    recorder = None
+    try:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                recorder = _WriteRecorder(f)
+                write(recorder)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError):
+                # torch's zip writer turns the OSError of a write into its own RuntimeError
+                # ("enforce fail at inline_container.cc"): report the write's error instead.
+                cause = recorder.error if recorder is not None and recorder.error is not None \
+                    and not isinstance(e, OSError) else e
+                raise _write_error(path, cause) from e
+            raise
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

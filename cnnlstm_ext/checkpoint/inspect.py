@@ -12,7 +12,8 @@ import re
 
 import torch
 
-from .format import BEST_FIELDS, METRIC_FIELDS, _file_kind, read_checkpoint
+from .format import BEST_FIELDS, METRIC_FIELDS, CheckpointError, _file_kind, read_checkpoint
+from .integrity import INTEGRITY_KEY
 from .legacy import normalize_checkpoint, strip_prefixes
 
 # State-dict entries that are buffers rather than parameters (BatchNorm statistics).
@@ -346,11 +347,18 @@ def expected_file_bytes(info, moments=2) -> int:
     return info["state_bytes"] + moments * 4 * info["param_count"]
 
 
-def inspect_checkpoint(path) -> dict:
-    """What a checkpoint holds, as a plain dict (tensor data is mapped, not read)."""
+def inspect_checkpoint(path, check_integrity=True) -> dict:
+    """What a checkpoint holds, as a plain dict (tensor data is mapped, and read only to check
+    the file's checksum; check_integrity=False skips that)."""
     path = os.fspath(path)
-    raw = read_checkpoint(path, mmap=True)
-    ckpt = normalize_checkpoint(raw)
+    raw = read_checkpoint(path, mmap=True, check_integrity=check_integrity)
+    try:
+        ckpt = normalize_checkpoint(raw)
+    except CheckpointError as e:
+        raise CheckpointError("%s: %s" % (path, e)) from None
+    except Exception as e:  # content of an unexpected shape (a file without a checksum)
+        raise CheckpointError("%s: malformed content: %s: %s"
+                              % (path, type(e).__name__, e)) from None
     size = os.path.getsize(path)
     sd = ckpt["model_state_dict"]
     info = describe_state_dict(sd) if sd else None
@@ -387,6 +395,11 @@ def inspect_checkpoint(path) -> dict:
             "fields": sorted(k for k, v in history.items() if isinstance(v, list)),
             "epochs": max((len(v) for v in history.values() if isinstance(v, list)), default=0)},
         "config": ckpt["config"],
+        # "sha256 (checked)", "sha256 (not checked)" or None: written without a checksum.
+        "integrity": (None if not isinstance(raw, dict) or not isinstance(
+            raw.get(INTEGRITY_KEY), dict) else "%s (%s)" % (
+                raw[INTEGRITY_KEY].get("algorithm"),
+                "checked" if check_integrity else "not checked")),
     }
     if info:
         result["expected_size_bytes"] = expected_file_bytes(info)

@@ -1,6 +1,7 @@
 """Saving a model, optimizer and scheduler to a checkpoint, and loading one back into them.
 
-- `save_checkpoint` writes the format of format.py atomically, keys optionally renamed.
+- `save_checkpoint` writes the format of format.py atomically, keys optionally renamed, with the
+  checksum record of integrity.py under the reserved key `integrity`.
 - `load_checkpoint` reads any layout legacy.py knows, renames keys with `key_map` rules, says
   exactly which keys do not fit, and places optimizer moments by parameter name.
 
@@ -18,6 +19,7 @@ import torch
 
 from .format import (BEST_FIELDS, CheckpointError, CheckpointMismatchError, _scalar, _to_plain,
                      atomic_write, read_checkpoint)
+from .integrity import INTEGRITY_KEY, compute_integrity
 from .inspect import _architecture_line, canonical_names, describe_state_dict, is_buffer_name
 from .legacy import _map_key, apply_key_map, normalize_checkpoint, parse_key_map
 
@@ -83,7 +85,11 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, epoch, histo
             was loaded with, so the old code that wrote it loads this one).
         key_order: the order of the (renamed) keys in the file, e.g. the `source_keys` that
             load_checkpoint returned; the optimizer state follows the same order.
-    Raises TypeError naming the field when something is not a plain type.
+    The file also holds `integrity`, the checksum of its tensors and of everything else
+    (integrity.py), which every load checks.
+    Raises TypeError naming the field when something is not a plain type, CheckpointWriteError
+    (a CheckpointError and an OSError) when the file cannot be written (disk full...): the
+    previous file is then unchanged and no partial one is left.
     """
     if epoch is None or isinstance(epoch, bool) or _scalar(epoch) is None:
         raise TypeError("epoch must be an int, got %r" % (epoch,))
@@ -125,11 +131,12 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, epoch, histo
     # Further metrics (train_acc, val_loss, ...), best values and extra keys go top-level too.
     for source, values in (("metrics", metrics), ("best", best), ("extra", extra or {})):
         for k, v in values.items():
-            if k in ckpt:
+            if k in ckpt or k == INTEGRITY_KEY:
                 raise ValueError("%s key %r would overwrite the checkpoint field of that name"
                                  % (source, k))
             ckpt[k] = v
     plain = _to_plain(ckpt, "checkpoint")
+    plain[INTEGRITY_KEY] = compute_integrity(plain)
     return atomic_write(path, lambda f: torch.save(plain, f))
 
 
@@ -293,7 +300,7 @@ def _load_scheduler(scheduler, sched_sd, path):
 
 
 def load_checkpoint(path, model=None, optimizer=None, scheduler=None, key_map=None, strict=True,
-                    map_location="cpu") -> dict:
+                    map_location="cpu", check_integrity=True) -> dict:
     """Read a checkpoint (any common layout) and load it into what is given.
 
     Args:
@@ -307,9 +314,21 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, key_map=No
         strict: as in nn.Module.load_state_dict; also requires optimizer state for every
             parameter of `optimizer`.
         map_location: passed to torch.load.
+        check_integrity: check the file's checksum record (every tensor's bytes and the rest),
+            or the zip CRCs of a file written without one, before anything is loaded;
+            False skips it (faster on large files).
     Returns the normalised checkpoint dict (see normalize_checkpoint), model_state_dict renamed.
+    Raises FileNotFoundError, CheckpointError naming the file and what failed (damaged,
+    truncated, unreadable, a checksum mismatch), CheckpointMismatchError when it does not fit.
     """
-    ckpt = normalize_checkpoint(read_checkpoint(path, map_location=map_location))
+    raw = read_checkpoint(path, map_location=map_location, check_integrity=check_integrity)
+    try:
+        ckpt = normalize_checkpoint(raw)
+    except CheckpointError as e:
+        raise CheckpointError("%s: %s" % (path, e)) from None
+    except Exception as e:  # content of an unexpected shape (a file without a checksum)
+        raise CheckpointError("%s: malformed content: %s: %s"
+                              % (path, type(e).__name__, e)) from None
     if ckpt["model_state_dict"] is None:
         raise CheckpointError("%s: no model state dict (keys: %s)"
                               % (path, sorted(k for k in ckpt if ckpt[k] is not None)))

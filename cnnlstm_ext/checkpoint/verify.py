@@ -7,7 +7,7 @@ from typing import Iterable, List, Tuple
 
 import torch
 
-from .format import CheckpointError, _file_kind, epoch_from_name, read_checkpoint
+from .format import CheckpointError, _file_kind, _one_line, _read, epoch_from_name
 from .inspect import is_buffer_name
 from .io import _check_moments, _saved_param_names, _UnmatchedOptimizer
 from .legacy import normalize_checkpoint
@@ -32,23 +32,36 @@ def _names(keys, limit=6):
 def verify_checkpoint(path) -> List[str]:
     """What is wrong with a checkpoint file, one sentence each; empty when it is sound.
 
-    Checks: readable and complete (zip end record, CRC of every member), a model state dict,
-    optimizer state with moments shaped like the parameters, no NaN/Inf in weights or moments,
-    a finite train loss, and an epoch that agrees with the file name.
+    Checks: readable and complete (zip end record, CRC of every member), its checksum record
+    (integrity.py) when it has one, a model state dict, optimizer state with moments shaped like
+    the parameters, no NaN/Inf in weights or moments, a finite train loss, and an epoch that
+    agrees with the file name. Never raises: a file that cannot be read or checked gets one line
+    saying why.
     """
     path = os.fspath(path)
     try:
+        return _verify(path)
+    except Exception as e:
+        text = str(e) if isinstance(e, CheckpointError) else \
+            "%s: cannot be checked: %s" % (path, _one_line(e))
+        return [" ".join(text.split())]  # one line
+
+
+def _verify(path):
+    try:
         if _file_kind(path) == "zip":
             if not zipfile.is_zipfile(path):
-                read_checkpoint(path)  # raises the truncation message
+                _read(path)  # raises the truncation message
             with zipfile.ZipFile(path) as zf:
                 broken = zf.testzip()  # reads every member and checks its CRC-32
             if broken is not None:
                 return ["%s: corrupt: member %s fails its CRC check" % (path, broken)]
-        raw = read_checkpoint(path, mmap=True)
+        raw = _read(path, mmap=True, crc=False)  # the CRCs were just checked
         ckpt = normalize_checkpoint(raw)
-    except (CheckpointError, FileNotFoundError, zipfile.BadZipFile, OSError) as e:
-        return [str(e)]
+    except (CheckpointError, FileNotFoundError) as e:
+        return [" ".join(str(e).split())]
+    except Exception as e:  # a damaged zip directory (BadZipFile, a name that is not UTF-8...)
+        return ["%s: corrupt: %s" % (path, _one_line(e))]
     problems = []
     sd = ckpt["model_state_dict"]
     if sd is None:
