@@ -20,6 +20,7 @@ import statistics
 from .checkpoint import (CheckpointError, HISTORY_FIELDS, describe_state_dict, epoch_from_name,
                          expected_file_bytes, find_checkpoints, is_buffer_name,
                          normalize_checkpoint, read_checkpoint, verify_checkpoint)
+from .checkpoint.verify import nonfinite_tensors
 
 __all__ = ["summarize", "scan_folder", "analyse"]
 
@@ -52,6 +53,9 @@ def _scan_file(path, describe, check_weights):
                                        "train_acc", "val_loss", "best_val_acc", "best_val_f1",
                                        "best_epoch")})
     entry["has_model"] = bool(sd)
+    # The model's layout (names, shapes, dtypes): files of a different model stand out.
+    entry["layout"] = {k: (tuple(v.shape), str(v.dtype).replace("torch.", ""))
+                       for k, v in sd.items() if hasattr(v, "shape")}
     entry["has_optimizer"] = bool(opt and opt.get("state"))
     entry["has_scheduler"] = ckpt["scheduler_state_dict"] is not None
     entry["param_count"] = sum(v.numel() for k, v in sd.items() if not is_buffer_name(k))
@@ -67,7 +71,22 @@ def _scan_file(path, describe, check_weights):
     architecture = describe_state_dict(sd) if describe and sd else None
     if check_weights:
         entry["problems"] = verify_checkpoint(path)
+    elif _is_named_model(path.name) and sd:
+        # The files a user takes the model from are always checked for NaN/Inf weights (their
+        # model tensors only: a fraction of the file); --check-weights checks every file fully.
+        bad = nonfinite_tensors(sd.items())
+        if bad:
+            entry["problems"] = ["NaN/Inf in %d of %d model tensors: %s"
+                                 % (len(bad), len(sd), ", ".join(bad[:6])
+                                    + (" and %d more" % (len(bad) - 6) if len(bad) > 6 else ""))]
+    entry["weights_checked"] = bool(check_weights or (_is_named_model(path.name) and sd))
     return entry, architecture
+
+
+def _is_named_model(name):
+    """best_checkpoint.pth, latest_checkpoint.pth and the like: the files a model is taken from."""
+    low = name.lower()
+    return "best" in low or "latest" in low or "last" in low
 
 
 def scan_folder(checkpoint_dir, check_weights=False):
@@ -129,9 +148,14 @@ def _epoch_series(entries):
 
 # --- analysis ------------------------------------------------------------------------------------
 
-def analyse(series, patience=10, drop_fraction=0.10, frozen_run=5) -> dict:
+_CHANCE_TOLERANCE = 0.05  # train loss within 5% of ln(classes) is chance level
+
+
+def analyse(series, patience=10, drop_fraction=0.10, frozen_run=5, num_classes=None) -> dict:
     """Findings from per-epoch metrics {epoch: {val_acc, train_loss, ...}}: best epoch, notes per
-    epoch, NaN onset, overfitting onset, frozen-accuracy runs, early-stop epoch."""
+    epoch, NaN onset, overfitting onset, frozen-accuracy runs, early-stop epoch, and (with
+    num_classes) whether the train loss never left chance level, ln(num_classes): a model that
+    learnt nothing."""
     epochs = list(series)
     notes = {e: [] for e in epochs}
     acc = {e: series[e].get("val_acc") for e in epochs}
@@ -141,7 +165,7 @@ def analyse(series, patience=10, drop_fraction=0.10, frozen_run=5) -> dict:
               "best_val_acc": None, "nan_epochs": [], "nan_onset": None,
               "overfitting_onset": None, "overfitting_epochs": [], "frozen_runs": [],
               "drops": [], "recoveries": [], "early_stop_epoch": None, "patience": patience,
-              "notes": notes}
+              "chance_loss": None, "chance_epochs": [], "notes": notes}
     if not epochs:
         return result
     notes[epochs[0]].append("initial")
@@ -199,6 +223,16 @@ def analyse(series, patience=10, drop_fraction=0.10, frozen_run=5) -> dict:
                 notes[e].append("overfitting")
         if epochs[-1] >= best + patience:
             result["early_stop_epoch"] = best + patience
+
+    # Chance level: every finite train loss at ln(classes) or above (within the tolerance), the
+    # loss of uniform predictions: the run learnt nothing (labels, learning rate, data).
+    if num_classes and num_classes >= 2:
+        chance = math.log(num_classes)
+        finite = [e for e in epochs if _finite(loss[e])]
+        if finite and all(loss[e] >= chance * (1 - _CHANCE_TOLERANCE) for e in finite):
+            result["chance_loss"], result["chance_epochs"] = chance, finite
+            for e in finite:
+                notes[e].append("chance-level loss")
     return result
 
 
@@ -419,6 +453,8 @@ def _file_notes(e, sizes, best_epoch, last_epoch):
             notes.append("holds the last epoch")
     for p in e.get("problems") or []:
         notes.append("**%s**" % p)
+    if e.get("model_differs"):
+        notes.append("**different model: %s**" % e["model_differs"])
     if e["name"] in sizes["anomalies"]:
         notes.append("**size %s**" % sizes["anomalies"][e["name"]])
     return notes
@@ -536,6 +572,18 @@ def _recommendations(entries, series, result, sizes, scale):
             recs.append("**Val acc frozen at %s%s from epoch %d to %d**: predictions stopped "
                         "changing; check the learning rate (it may have decayed to nothing) and "
                         "the data pipeline." % (_fmt(value, scale), unit, start, end))
+    if result.get("chance_loss") is not None:
+        epochs = result["chance_epochs"]
+        recs.append("**Train loss at chance level** (ln %d classes = %.4f) in every epoch (%d to "
+                    "%d): the model predicts no better than uniformly. Check the labels, the "
+                    "learning rate and the data pipeline." % (
+                        round(math.exp(result["chance_loss"])), result["chance_loss"],
+                        epochs[0], epochs[-1]))
+    differ = [e for e in entries if e.get("model_differs")]
+    if differ:
+        recs.append("**Files of different models in one folder**: %s. Their metrics are not "
+                    "those of one run: move them to their own folders." % ", ".join(
+                        "`%s` (%s)" % (e["name"], e["model_differs"]) for e in differ))
     bad = [e for e in entries if e["error"] or not e.get("has_optimizer") or e.get("problems")]
     if bad:
         recs.append("**Replace or delete the damaged files**: %s. Write checkpoints atomically "
@@ -545,8 +593,61 @@ def _recommendations(entries, series, result, sizes, scale):
                         "`%s` (%s)" % (e["name"], e["error"] or "; ".join(e.get("problems") or [])
                                        or "no optimizer state") for e in bad))
     if not recs:
-        recs.append("Nothing to fix: no NaN loss, no sustained overfitting, no damaged file.")
+        unchecked = [e for e in entries if e["error"] is None and not e.get("weights_checked")]
+        recs.append("Nothing to fix: no NaN loss, no sustained overfitting, no damaged file%s." % (
+            "; the weights of %d file%s were not checked for NaN/Inf (--check-weights checks "
+            "them)" % (len(unchecked), "s" if len(unchecked) > 1 else "") if unchecked else ""))
     return ["- " + r for r in recs]
+
+
+def _mark_different_models(entries):
+    """Sets `model_differs` (what differs, one phrase) on each readable file whose model layout
+    (parameter names, shapes, dtypes) is not the one most files share."""
+    layouts = [e for e in entries if e["error"] is None and e.get("layout")]
+    if len(layouts) < 2:
+        return
+    keyed = {}
+    for e in layouts:
+        keyed.setdefault(tuple(sorted(e["layout"].items())), []).append(e)
+    if len(keyed) < 2:
+        return
+    common = max(keyed.values(), key=len)[0]
+    ref, ref_params = common["layout"], common["param_count"]
+    for e in layouts:
+        lay = e["layout"]
+        if lay == ref:
+            continue
+        what = []
+        if e["param_count"] != ref_params:
+            what.append("%s parameters against %s" % (f"{e['param_count']:,}", f"{ref_params:,}"))
+        missing, extra = sorted(set(ref) - set(lay)), sorted(set(lay) - set(ref))
+        shaped = sorted(k for k in set(ref) & set(lay) if lay[k][0] != ref[k][0])
+        typed = sorted(k for k in set(ref) & set(lay) if lay[k][0] == ref[k][0]
+                       and lay[k][1] != ref[k][1])
+        if shaped:
+            what.append("shape of %s %s instead of %s%s" % (
+                shaped[0], list(lay[shaped[0]][0]), list(ref[shaped[0]][0]),
+                " and %d more" % (len(shaped) - 1) if len(shaped) > 1 else ""))
+        if missing:
+            what.append("lacks %s%s" % (", ".join(missing[:3]), ", ..." if len(missing) > 3 else ""))
+        if extra:
+            what.append("has %s%s" % (", ".join(extra[:3]), ", ..." if len(extra) > 3 else ""))
+        if typed:
+            what.append("dtype of %s %s instead of %s" % (typed[0], lay[typed[0]][1],
+                                                          ref[typed[0]][1]))
+        e["model_differs"] = "; ".join(what) + " (the other files: `%s`)" % common["name"]
+
+
+def _num_classes(architecture, entries):
+    """The classes of the model, from its classifier or the newest config; None if unknown."""
+    classifier = (architecture or {}).get("classifier") or {}
+    if classifier.get("num_classes"):
+        return int(classifier["num_classes"])
+    for e in reversed(entries):
+        model = (e.get("config") or {}).get("model") if e["error"] is None else None
+        if isinstance(model, dict) and isinstance(model.get("num_classes"), int):
+            return model["num_classes"]
+    return None
 
 
 def summarize(checkpoint_dir, out_dir=None, patience=10, check_weights=False,
@@ -564,9 +665,10 @@ def summarize(checkpoint_dir, out_dir=None, patience=10, check_weights=False,
                                 % checkpoint_dir)
     out_dir = pathlib.Path(out_dir) if out_dir is not None else checkpoint_dir / "summary"
     out_dir.mkdir(parents=True, exist_ok=True)
+    _mark_different_models(entries)
     series = _epoch_series(entries)
     result = analyse(series, patience=patience, drop_fraction=drop_fraction,
-                     frozen_run=frozen_run)
+                     frozen_run=frozen_run, num_classes=_num_classes(architecture, entries))
     scale = _accuracy_scale(series, entries)
     sizes = _size_findings(entries, architecture)
     plots = _plots(out_dir, series, result, scale)
@@ -591,7 +693,7 @@ def summarize(checkpoint_dir, out_dir=None, patience=10, check_weights=False,
 
     findings = {k: v for k, v in result.items() if k != "notes"}
     findings["notes"] = {str(e): n for e, n in result["notes"].items() if n}
-    findings["files"] = [{k: v for k, v in e.items() if k not in ("history", "config")}
+    findings["files"] = [{k: v for k, v in e.items() if k not in ("history", "config", "layout")}
                          for e in entries]
     findings["sizes"] = sizes
     findings["architecture"] = architecture

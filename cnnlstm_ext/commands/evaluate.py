@@ -51,6 +51,7 @@ def run(args) -> int:
     from ..checkpoint import CheckpointError, load_checkpoint, normalize_checkpoint, read_checkpoint
     from ..data.datasets import build_eval_dataset
     from ..models import CNNLSTM
+    from ..train.guards import nonfinite_tensors
     from ..train.config import apply_overrides, check_output_dir, config_from_checkpoint, validate
     from ..train.distributed import DistContext
     from ..train.trainer import evaluate_model, resolve_device, resolve_precision, write_metrics
@@ -88,6 +89,13 @@ def run(args) -> int:
     except (ValueError, OSError, MemoryError, CheckpointError) as e:
         print("error: %s" % " ".join(str(e).split()), file=sys.stderr)
         return 2
+    bad = nonfinite_tensors(model.state_dict().items())
+    if bad:  # every metric would be NaN or meaningless: refuse, as verify does
+        print("error: %s holds NaN/Inf weights in %d tensor%s (%s%s): nothing to evaluate; "
+              "`cnnlstm-ext verify` finds the sound checkpoints of its run"
+              % (args.checkpoint, len(bad), "s" if len(bad) > 1 else "", ", ".join(bad[:3]),
+                 ", ..." if len(bad) > 3 else ""), file=sys.stderr)
+        return 1
 
     try:
         device = resolve_device(args.device, DistContext())

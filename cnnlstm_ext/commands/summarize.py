@@ -6,8 +6,13 @@ recommendations (early-stop epoch, NaN onset, overfitting onset); loss.png, accu
 lr.png (best epoch marked); summary.json with the same findings.
 
 Files are read one at a time with tensor data memory-mapped: folders of hundreds of large
-checkpoints are fine.
+checkpoints are fine. The model weights of best/latest files are always checked for NaN/Inf
+(--check-weights checks every file fully); files of a different model than the rest, and a train
+loss that never left chance level (ln of the number of classes), are named in the report. Exit
+code 1, with a warning line per file, when a file holds NaN/Inf weights or broken state.
 """
+import sys
+
 from ..checkpoint import CheckpointError
 from ..report import summarize
 
@@ -34,4 +39,15 @@ def run(args) -> int:
         print("error: %s" % e)
         return 1
     print("wrote %s" % path)
-    return 0
+    import json
+    try:
+        files = json.loads((path.parent / "summary.json").read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        files = []
+    for f in files:
+        if f.get("error"):
+            print("warning: %s: unreadable: %s" % (f["name"], f["error"]), file=sys.stderr)
+    damaged = [f for f in files if f.get("problems")]
+    for f in damaged:  # what verify reports: NaN/Inf weights, broken optimizer state
+        print("warning: %s: %s" % (f["name"], "; ".join(f["problems"])), file=sys.stderr)
+    return 1 if damaged else 0

@@ -20,7 +20,9 @@ Each item is `(clip [T, 3, S, S] float32, label, length)`: T frames sampled unif
 (with temporal jitter when training), zero-padded with `length < T` for shorter clips, then the
 ClipTransform (resize, crop, colour jitter, normalisation).
 """
+import collections
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -74,6 +76,12 @@ def scan_class_folders(root: str, classes: Optional[Sequence[str]] = None):
     if not records:
         raise ValueError("no clips under %s (videos: %s, or folders of frame images)"
                          % (root, ", ".join(VIDEO_EXTENSIONS)))
+    counts = collections.Counter(r.label for r in records)
+    empty = [c for c in found if not counts[index[c]]]
+    if empty:  # a class the model must output but never sees
+        logging.getLogger("cnnlstm_ext.data").warning(
+            "%s: %d class folder%s without clips: %s", root, len(empty),
+            "s" if len(empty) > 1 else "", ", ".join(empty[:10]) + (", ..." if len(empty) > 10 else ""))
     return records, classes
 
 

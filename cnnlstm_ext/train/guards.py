@@ -52,10 +52,13 @@ class NonFiniteGuard:
         self.skipped_epoch = 0
 
     def on_rollback(self) -> bool:
-        """Counts a rollback; returns False when no rollback is left (the run must stop)."""
-        self.rollbacks += 1
+        """Counts a rollback; returns False when no rollback is left (the run must stop). A
+        refused rollback is not counted: `rollbacks` is the number that happened."""
         self.consecutive = 0
-        return self.rollbacks <= self.max_rollbacks
+        if self.rollbacks >= self.max_rollbacks:
+            return False
+        self.rollbacks += 1
+        return True
 
     def state_dict(self) -> Dict[str, int]:
         return {"consecutive": self.consecutive, "skipped_total": self.skipped_total,

@@ -217,6 +217,11 @@ class Trainer:
             datasets = build_datasets(self.cfg.data, seed=t.seed)
         self.train_set, self.val_set, self.classes = datasets
         self.classes = list(self.classes)
+        if len(self.classes) < 2:
+            raise ValueError("the data set has %d class%s (%s): a classifier needs at least 2 "
+                             "(with one, every prediction is right and nothing is learnt)"
+                             % (len(self.classes), "" if len(self.classes) == 1 else "es",
+                                ", ".join(self.classes) or "none"))
         num_classes = self.cfg.model.get("num_classes")
         if num_classes is None:
             self.cfg.model["num_classes"] = len(self.classes)
@@ -624,7 +629,7 @@ class Trainer:
 
     def _rollback(self, why: str) -> bool:
         if not self.guard.on_rollback():
-            log.error("%s; %d rollbacks used up (train.max_rollbacks): stopping, the last good "
+            log.error("%s; all %d rollbacks used (train.max_rollbacks): stopping, the last good "
                       "checkpoint (epoch %d) stays", why, self.guard.max_rollbacks, self._good["epoch"])
             return False
         good = self._good
