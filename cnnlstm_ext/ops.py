@@ -2,7 +2,7 @@
 
 The kernels live in csrc/ (schemas in csrc/ops.cpp). Each op gets a fake implementation so
 `torch.compile(fullgraph=True)` traces through it. Autograd calls the matching backward op through
-a C++ autograd function (csrc/lstm_autograd.cpp, csrc/pooling_autograd.cpp) rather than
+a C++ autograd function (csrc/lstm/lstm_autograd.cpp, csrc/pooling/pooling_autograd.cpp) rather than
 `torch.library.register_autograd`, whose Python layer would cost more host time per call than
 the small pooling kernels take, and bound a GPU training step of the LSTM by the host. The
 pooling ops' backward ops are differentiable there too. The torch.func transforms cannot go
@@ -98,7 +98,7 @@ _WEIGHT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh")
 
 
 def _fake_layer_weights(op: str, x: Tensor, weights, h0: Tensor) -> Tuple[int, int]:
-    """The checks of csrc/lstm_layer.h's layer_weights, for the fake kernels: (D, H).
+    """The checks of csrc/lstm/lstm.h's layer_weights, for the fake kernels: (D, H).
 
     The fake kernels also serve the Meta dispatch key, which wins when a meta tensor is mixed
     with CPU ones; without these checks such a call would return uninitialised tensors silently.
@@ -130,7 +130,7 @@ def _fake_layer_weights(op: str, x: Tensor, weights, h0: Tensor) -> Tuple[int, i
 
 
 def _check_same_device_dtype(op: str, x: Tensor, named: dict) -> None:
-    """The device/dtype checks of csrc/lstm_layer.h, for the fake kernels."""
+    """The device/dtype checks of csrc/lstm/lstm.h, for the fake kernels."""
     for name, t in named.items():
         if t is None:
             continue
@@ -152,7 +152,7 @@ def _lstm_layer_forward_fake(x, weights, h0, c0, lengths, train):
     y = x.new_empty(T, B, D * H)
     h_n = x.new_empty(D, B, H)
     c_n = x.new_empty(D, B, H)
-    # Saved for backward in x's dtype (csrc/lstm_layer.h).
+    # Saved for backward in x's dtype (csrc/lstm/lstm.h).
     gates = x.new_empty(T, B, D, 4 * H) if train else x.new_empty(0)
     cell = x.new_empty(T, B, D, H) if train else x.new_empty(0)
     return y, h_n, c_n, gates, cell

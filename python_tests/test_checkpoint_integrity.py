@@ -530,3 +530,35 @@ if __name__ == "__main__":
     if hasattr(os, "fork"):
         with tempfile.TemporaryDirectory() as d:
             print("kills: %s" % kill_counts(d, rounds=int(os.environ.get("KILL_ROUNDS", "40"))))
+
+
+# --- the commands' integrity flag ----------------------------------------------------------------
+
+@pytest.mark.parametrize("flag,rc", [([], 1), (["--no-integrity-check"], 0)])
+def test_inspect_checks_the_checksum_unless_told_not_to(tmp_path, capsys, flag, rc):
+    from cnnlstm_ext import cli
+    path = save_tiny(tmp_path / "c.pth")
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "checksum: sha256 (checked)" in capsys.readouterr().out
+    region = zip_regions(path)["tensor"][0]
+    flip(path, region[0] + 1, 3, path)
+    assert cli.main(["inspect", str(path), *flag]) == rc
+    out = capsys.readouterr().out
+    if rc:
+        assert out.startswith("error: ") and str(path) in out
+    else:
+        assert "checksum: sha256 (not checked)" in out
+
+
+def test_resume_removes_stale_temp_files(tmp_path):
+    from test_train import tiny_config
+
+    from cnnlstm_ext.train.trainer import Trainer
+    cfg = tiny_config(tmp_path, epochs=1)
+    Trainer(cfg).fit()
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    stale = ckpt_dir / ".latest_checkpoint.pth.0123abcd.tmp"
+    stale.write_bytes(b"partial")
+    Trainer(tiny_config(tmp_path, run="resumed", epochs=2)).resume(
+        str(ckpt_dir / "latest_checkpoint.pth"))
+    assert not stale.exists()

@@ -35,6 +35,9 @@ def add_arguments(parser):
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config field (e.g. data.num_frames=16)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-integrity-check", dest="check_integrity", action="store_false",
+                        help="skip the check of the checkpoint's checksum record (faster for a "
+                             "large file you trust; a damaged file then loads unnoticed)")
 
 
 def default_out_dir(checkpoint: str, data: str, split=None) -> str:
@@ -65,7 +68,9 @@ def run(args) -> int:
     out = args.out or default_out_dir(args.checkpoint, args.data, args.split)
     try:
         check_output_dir(out, "output folder")
-        peek = normalize_checkpoint(read_checkpoint(args.checkpoint, mmap=True))
+        # The file's checksum is checked once, here; the load below reads it again unchecked.
+        peek = normalize_checkpoint(read_checkpoint(args.checkpoint, mmap=True,
+                                                    check_integrity=args.check_integrity))
         cfg, key_map, _ = config_from_checkpoint(peek, list(args.key_map) or None)
         apply_overrides(cfg, args.overrides)
         validate(cfg)
@@ -85,7 +90,7 @@ def run(args) -> int:
         if not classes:
             classes = [str(i) for i in range(model_cfg["num_classes"])]
         model = CNNLSTM(**model_cfg)
-        load_checkpoint(args.checkpoint, model=model, key_map=key_map)
+        load_checkpoint(args.checkpoint, model=model, key_map=key_map, check_integrity=False)
     except (ValueError, OSError, MemoryError, CheckpointError) as e:
         print("error: %s" % " ".join(str(e).split()), file=sys.stderr)
         return 2

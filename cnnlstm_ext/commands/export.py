@@ -18,13 +18,16 @@ def add_arguments(parser):
                         help="write the weights to this .safetensors file")
     parser.add_argument("--key-map", action="append", default=[], metavar="OLD=NEW",
                         help="rename keys with this prefix (re:REGEX=REPL for a regex); repeatable")
+    parser.add_argument("--no-integrity-check", dest="check_integrity", action="store_false",
+                        help="skip the check of the checkpoint's checksum record (faster for a "
+                             "large file you trust; a damaged file then loads unnoticed)")
 
 
-def export_safetensors(path, out, key_map=None) -> dict:
+def export_safetensors(path, out, key_map=None, check_integrity=True) -> dict:
     """Write path's model weights to `out` (safetensors); returns the metadata written."""
     from safetensors.torch import save
 
-    ckpt = normalize_checkpoint(read_checkpoint(path, mmap=True))
+    ckpt = normalize_checkpoint(read_checkpoint(path, mmap=True, check_integrity=check_integrity))
     sd = ckpt["model_state_dict"]
     if sd is None:
         raise CheckpointError("%s: no model state dict to export" % path)
@@ -57,7 +60,8 @@ def run(args) -> int:
 
     try:
         check_output_dir(os.path.dirname(os.path.abspath(args.safetensors)), "--safetensors")
-        metadata = export_safetensors(args.file, args.safetensors, args.key_map or None)
+        metadata = export_safetensors(args.file, args.safetensors, args.key_map or None,
+                                      check_integrity=args.check_integrity)
     except (CheckpointError, OSError, ValueError, TypeError) as e:
         print("error: %s" % " ".join(str(e).split()))
         return 1

@@ -73,6 +73,9 @@ def add_arguments(parser):
     g.add_argument("--key-map", action="append", default=[], metavar="OLD=NEW",
                    help="rename a legacy checkpoint's model keys (prefix rule, repeatable); "
                         "default: read off the file")
+    g.add_argument("--no-integrity-check", dest="check_integrity", action="store_false",
+                   help="--resume without checking the file's checksum record (faster for a "
+                        "large file you trust; a damaged file then loads unnoticed)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
@@ -117,7 +120,9 @@ def build_config(args):
     cfg = Config()
     key_map = list(args.key_map) or None
     if args.resume:
-        ckpt = normalize_checkpoint(read_checkpoint(args.resume, mmap=True))
+        # The file's checksum is checked once, here; Trainer.resume reads it again unchecked.
+        ckpt = normalize_checkpoint(read_checkpoint(args.resume, mmap=True,
+                                                    check_integrity=args.check_integrity))
         cfg, key_map, ours = config_from_checkpoint(ckpt, key_map)
         if not ours:
             logging.getLogger("cnnlstm_ext.train").info(
@@ -222,7 +227,8 @@ def run(args) -> int:
         try:
             trainer = Trainer(cfg, ctx=ctx)
             if args.resume:
-                trainer.resume(args.resume, key_map=key_map, optim_changes=_optim_fields_set(args))
+                trainer.resume(args.resume, key_map=key_map, optim_changes=_optim_fields_set(args),
+                               check_integrity=False)
         except (ValueError, OSError, MemoryError, RuntimeError, CheckpointError) as e:
             print("error: %s" % _one_line(e), file=sys.stderr)
             return 2

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..checkpoint import (atomic_write, load_checkpoint, normalize_checkpoint, read_checkpoint,
-                          save_checkpoint)
+                          remove_stale_temp_files, save_checkpoint)
 from .config import Config, check_output_dir, save_config, validate
 from .distributed import DistContext, ShardSampler, data_parallel
 from .guards import (EarlyStopping, NonFiniteGuard, RollbackRequired, nonfinite_tensors,
@@ -306,13 +306,14 @@ class Trainer:
 
     # --- resume -------------------------------------------------------------------------------
 
-    def resume(self, path: str, key_map=None, optim_changes=None) -> int:
+    def resume(self, path: str, key_map=None, optim_changes=None, check_integrity=True) -> int:
         """Continues from a checkpoint, ours or a legacy one; returns the epoch it continues after.
 
         Model weights must fit (key_map renames a legacy file's keys); optimizer and scheduler
         states are loaded when the file has them (a legacy file without them restarts AdamW's
         moments, with a warning). Our files also restore the RNG states, early stopping and the
-        guard, for an exact continuation.
+        guard, for an exact continuation. The file's checksum record is checked unless
+        check_integrity=False (a caller that has checked it already).
 
         Optimizer hyper-parameters (optim.lr, weight_decay, betas, min_lr) that the config sets
         differently from the file's own config are applied to the restored optimizer and
@@ -321,13 +322,16 @@ class Trainer:
         named in `optim_changes` are applied, the others are taken from the restored optimizer
         into the config.
         """
-        peek = normalize_checkpoint(read_checkpoint(path, mmap=True))
+        # Temp files that saves interrupted by a crash left beside the file (never one being
+        # written: remove_stale_temp_files keeps those).
+        remove_stale_temp_files(os.path.dirname(os.path.abspath(path)))
+        peek = normalize_checkpoint(read_checkpoint(path, mmap=True, check_integrity=False))
         has_opt = peek.get("optimizer_state_dict") is not None
         has_sched = peek.get("scheduler_state_dict") is not None and self.scheduler is not None
         del peek
         ckpt = load_checkpoint(path, model=self.model, optimizer=self.optimizer if has_opt else None,
                                scheduler=self.scheduler if has_sched else None, key_map=key_map,
-                               map_location="cpu")
+                               map_location="cpu", check_integrity=check_integrity)
         if not has_opt:
             log.warning("%s holds no optimizer state: AdamW starts with fresh moments", path)
         epoch = int(ckpt.get("epoch") or 0)
