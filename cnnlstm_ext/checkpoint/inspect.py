@@ -12,9 +12,9 @@ import re
 
 import torch
 
-from .format import BEST_FIELDS, METRIC_FIELDS, CheckpointError, _file_kind, read_checkpoint
+from .format import BEST_FIELDS, METRIC_FIELDS, _file_kind, read_checkpoint
 from .integrity import INTEGRITY_KEY
-from .legacy import normalize_checkpoint, strip_prefixes
+from .legacy import normalize_file_content, strip_prefixes
 
 # State-dict entries that are buffers rather than parameters (BatchNorm statistics).
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -352,13 +352,7 @@ def inspect_checkpoint(path, check_integrity=True) -> dict:
     the file's checksum; check_integrity=False skips that)."""
     path = os.fspath(path)
     raw = read_checkpoint(path, mmap=True, check_integrity=check_integrity)
-    try:
-        ckpt = normalize_checkpoint(raw)
-    except CheckpointError as e:
-        raise CheckpointError("%s: %s" % (path, e)) from None
-    except Exception as e:  # content of an unexpected shape (a file without a checksum)
-        raise CheckpointError("%s: malformed content: %s: %s"
-                              % (path, type(e).__name__, e)) from None
+    ckpt = normalize_file_content(path, raw)
     size = os.path.getsize(path)
     sd = ckpt["model_state_dict"]
     info = describe_state_dict(sd) if sd else None

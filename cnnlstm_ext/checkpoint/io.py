@@ -21,7 +21,7 @@ from .format import (BEST_FIELDS, CheckpointError, CheckpointMismatchError, _sca
                      atomic_write, read_checkpoint)
 from .integrity import INTEGRITY_KEY, compute_integrity
 from .inspect import _architecture_line, canonical_names, describe_state_dict, is_buffer_name
-from .legacy import _map_key, apply_key_map, normalize_checkpoint, parse_key_map
+from .legacy import _map_key, apply_key_map, normalize_file_content, parse_key_map
 
 _LIST_LIMIT = 20  # keys listed per category in a mismatch message
 
@@ -322,13 +322,7 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, key_map=No
     truncated, unreadable, a checksum mismatch), CheckpointMismatchError when it does not fit.
     """
     raw = read_checkpoint(path, map_location=map_location, check_integrity=check_integrity)
-    try:
-        ckpt = normalize_checkpoint(raw)
-    except CheckpointError as e:
-        raise CheckpointError("%s: %s" % (path, e)) from None
-    except Exception as e:  # content of an unexpected shape (a file without a checksum)
-        raise CheckpointError("%s: malformed content: %s: %s"
-                              % (path, type(e).__name__, e)) from None
+    ckpt = normalize_file_content(path, raw)
     if ckpt["model_state_dict"] is None:
         raise CheckpointError("%s: no model state dict (keys: %s)"
                               % (path, sorted(k for k in ckpt if ckpt[k] is not None)))

@@ -196,6 +196,18 @@ def normalize_checkpoint(raw) -> dict:
     return out
 
 
+def normalize_file_content(path, raw) -> dict:
+    """normalize_checkpoint of what `path` held, every failure a CheckpointError naming the file
+    (content of an unexpected shape, as a file without a checksum may hold)."""
+    try:
+        return normalize_checkpoint(raw)
+    except CheckpointError as e:
+        raise CheckpointError("%s: %s" % (path, e)) from None
+    except Exception as e:
+        raise CheckpointError("%s: malformed content: %s: %s"
+                              % (path, type(e).__name__, e)) from None
+
+
 def _plain_history(history):
     plain = {}
     for k, v in history.items():
