@@ -805,8 +805,9 @@ def test_error_input_not_2d_or_3d(bi2):
 
 
 def test_error_input_dtype_differs_from_parameters(bi2):
-    with pytest.raises(RuntimeError, match="input has dtype torch.float64 but the parameters have "
-                                           "dtype torch.float32"):
+    # nn.LSTM's ValueError and words.
+    with pytest.raises(ValueError, match=r"RNN input dtype \(torch.float64\) does not match weight "
+                                         r"dtype \(torch.float32\)"):
         bi2(torch.randn(T, B, I, dtype=torch.float64))
 
 
@@ -818,7 +819,8 @@ def test_error_state_dtype_differs_from_parameters(bi2):
 
 
 def test_error_input_on_other_device_than_parameters(bi2):
-    with pytest.raises(RuntimeError, match="input is on meta but the parameters are on cpu"):
+    with pytest.raises(RuntimeError, match="Input and parameter tensors are not at the same device, "
+                                           "found input tensor at meta and parameter tensor at cpu"):
         bi2(torch.randn(T, B, I, device="meta"))
 
 

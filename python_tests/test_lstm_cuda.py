@@ -547,7 +547,9 @@ def test_cuda_error_mixed_devices_raw_op(rng):
 
 def test_cuda_error_module_input_on_other_device():
     fused = FusedLSTM(I, H)
-    with pytest.raises(RuntimeError, match=r"input is on cuda:0 but the parameters are on cpu"):
+    with pytest.raises(RuntimeError, match=r"Input and parameter tensors are not at the same "
+                                           r"device, found input tensor at cuda:0 and parameter "
+                                           r"tensor at cpu"):
         fused(torch.randn(T, B, I, device=CUDA))
 
 

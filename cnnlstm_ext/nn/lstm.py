@@ -26,12 +26,14 @@ _HX = Tuple[Tensor, Tensor]
 def _stored_back_to_back(params: List[Tensor]) -> bool:
     """Whether `params` (same shape) lie one after another in one contiguous storage."""
     p0 = params[0]
-    if p0.device.type == "meta":
-        return False
-    base = p0.untyped_storage().data_ptr()
+    # Meta storages have no data pointer: the storage objects themselves are compared there.
+    meta = p0.device.type == "meta"
+    storage = lambda t: (t.untyped_storage()._cdata if meta  # noqa: E731
+                         else t.untyped_storage().data_ptr())
+    base = storage(p0)
     for k, p in enumerate(params):
         if (not p.is_contiguous() or p.shape != p0.shape or p.dtype != p0.dtype
-                or p.untyped_storage().data_ptr() != base
+                or p.device != p0.device or storage(p) != base
                 or p.storage_offset() != p0.storage_offset() + k * p0.numel()):
             return False
     return True
@@ -64,25 +66,8 @@ class FusedLSTM(nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None) -> None:
         super().__init__()
-        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
-            raise ValueError("dropout should be a number in range [0, 1] representing the "
-                             "probability of an element being zeroed")
-        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
-            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
-        if hidden_size <= 0:
-            raise ValueError("hidden_size must be greater than zero")
-        if not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError("num_layers must be an integer greater than zero")
-        if dropout > 0 and num_layers == 1:  # nn.LSTM's warning
-            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
-                          f"non-zero dropout expects num_layers greater than 1, but got "
-                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
-        if proj_size < 0:
-            raise ValueError("proj_size should be a positive integer or zero to disable projections")
-        if proj_size > 0:
-            raise NotImplementedError(
-                "FusedLSTM does not support proj_size > 0 (LSTM with projections); use "
-                "torch.nn.LSTM for that configuration")
+        # nn.LSTM's (RNNBase's) checks, in its order and with its exception types and messages;
+        # the attributes are set first, as there (so that float(dropout) fails the same way).
         self.mode = "LSTM"
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -92,6 +77,36 @@ class FusedLSTM(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.proj_size = proj_size
+        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError("dropout should be a number in range [0, 1] representing the "
+                             "probability of an element being zeroed")
+        if dropout > 0 and num_layers == 1:  # nn.LSTM's warning
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          f"non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(
+                f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+        if not isinstance(input_size, int):
+            raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int):
+            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if proj_size > 0:
+            raise NotImplementedError(
+                "FusedLSTM does not support proj_size > 0 (LSTM with projections); use "
+                "torch.nn.LSTM for that configuration")
         num_directions = 2 if bidirectional else 1
         factory = {"device": device, "dtype": dtype}
         self._flat_weights_names: List[str] = []
@@ -154,7 +169,9 @@ class FusedLSTM(nn.Module):
                 per_direction = self._all_weights[2 * layer:2 * layer + 2]
                 for names in zip(*per_direction):
                     params = [getattr(self, name) for name in names]
-                    if params[0].device.type == "meta" or _stored_back_to_back(params):
+                    # (On the meta device too: its parameters then have the storage offsets
+                    # of those built on the CPU.)
+                    if _stored_back_to_back(params):
                         continue
                     buf = torch.stack([p.detach() for p in params])
                     for p, b in zip(params, buf):
@@ -199,27 +216,43 @@ class FusedLSTM(nn.Module):
         return [found[n] if n in found else getattr(self, n) for n in self._layer_names[layer]]
 
     def _check_input(self, x: Tensor, hx: Optional[_HX], batch: int) -> None:
+        """nn.LSTM's checks of x [T, B, I] and hx, in its order, types and messages: those of
+        RNNBase.check_forward_args (dtype, input size, state shapes), then of the native RNN
+        (devices of the states and parameters, an empty sequence)."""
+        weight = self.weight_ih_l0
+        # Under autocast the op casts everything to autocast's dtype, so (as in nn.LSTM) the
+        # input may differ from the parameters, e.g. bfloat16 features from an autocast Linear.
+        autocast = ops.autocast_dtype(x.device.type) is not None
+        if x.dtype != weight.dtype and not autocast:
+            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype "
+                             f"({weight.dtype}). Convert input: input.to({weight.dtype}), or "
+                             f"convert model: model.to({x.dtype})")
         if x.size(-1) != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {x.size(-1)}")
-        named = [("input", x)]
         if hx is not None:
             expected = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
             for name, t in zip(("hidden[0]", "hidden[1]"), hx):
                 if tuple(t.shape) != expected:
                     raise RuntimeError(f"Expected {name} size {expected}, got {list(t.shape)}")
-            named += [("hx", hx[0]), ("cx", hx[1])]
-        weight = self.weight_ih_l0
-        # Under autocast the op casts everything to autocast's dtype, so (as in nn.LSTM) the
-        # input may differ from the parameters, e.g. bfloat16 features from an autocast Linear.
-        autocast = ops.autocast_dtype(x.device.type) is not None
-        for name, t in named:
-            if t.dtype != weight.dtype and not autocast:
-                raise RuntimeError(f"{name} has dtype {t.dtype} but the parameters have dtype "
-                                   f"{weight.dtype}; convert one to match (e.g. module.to(dtype))")
-            if t.device != weight.device:
-                raise RuntimeError(f"{name} is on {t.device} but the parameters are on "
-                                   f"{weight.device}; move them to one device")
+            for t in hx:
+                if t.device != x.device:
+                    raise RuntimeError(f"Input and hidden tensors are not at the same device, "
+                                       f"found input tensor at {x.device} and hidden tensor at "
+                                       f"{t.device}")
+        if weight.device != x.device:
+            raise RuntimeError(f"Input and parameter tensors are not at the same device, found "
+                               f"input tensor at {x.device} and parameter tensor at "
+                               f"{weight.device}")
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if hx is not None and not autocast:
+            # (nn.LSTM fails here inside its kernels, with words of their own.)
+            for name, t in zip(("hx", "cx"), hx):
+                if t.dtype != weight.dtype:
+                    raise RuntimeError(f"{name} has dtype {t.dtype} but the parameters have "
+                                       f"dtype {weight.dtype}; convert one to match (e.g. "
+                                       f"module.to(dtype))")
         # (Not under compile: some torch versions' dynamo cannot trace the dispatcher query.)
         if (x.device.type == "cuda" and not torch.compiler.is_compiling()
                 and not _cuda_kernels_built()):
@@ -296,13 +329,14 @@ class FusedLSTM(nn.Module):
                 lengths: Optional[Tensor] = None):
         if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2
                                    and all(isinstance(t, Tensor) for t in hx)):
-            # nn.LSTM's RuntimeError ("lstm expects two hidden states"), with what was given.
+            # nn.LSTM's RuntimeError (its words, then what was given), for any hx that is not
+            # two tensors (nn.LSTM raises an IndexError for some of them).
             got = ("a %s of %d: (%s)" % (type(hx).__name__, len(hx),
                                          ", ".join(type(t).__name__ for t in hx))
                    if isinstance(hx, (tuple, list))
                    else "a %s" % type(hx).__name__)
-            raise RuntimeError("FusedLSTM: hx must be a tuple of two tensors (h_0, c_0), got %s"
-                               % got)
+            raise RuntimeError("lstm expects two hidden states: hx must be a tuple of two tensors "
+                               "(h_0, c_0), got %s" % got)
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths cannot be given with a PackedSequence (it has its own)")
@@ -324,7 +358,7 @@ class FusedLSTM(nn.Module):
             return output, (h_n, c_n)
 
         if input.dim() not in (2, 3):
-            raise ValueError(f"FusedLSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
         if not batched:
             if hx is not None and (hx[0].dim() != 2 or hx[1].dim() != 2):
