@@ -82,11 +82,17 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     # accepts (empty outputs, still functions of the weights: zero gradients), and the torch.func
     # transforms (with the kernels' checks of lengths).
     empty = x.dim() == 3 and x.shape[1] == 0
+    if empty and torch.jit.is_tracing():
+        # The reference's step loop would be recorded for this one T, wrong at any other shape.
+        raise RuntimeError("lstm_layer: torch.jit.trace cannot trace an empty batch (B = 0); trace "
+                           "with an example of at least one sequence, or use torch.export.export")
     if empty or functorch_active():
         if not empty and x.dim() == 3:
             _reference_lengths("lstm_layer", lengths, x.shape[1], x.shape[0])
         return reference.lstm_layer(x, [w.to(x.dtype) for w in weights], h0, c0, lengths)
-    needs_grad = torch.is_grad_enabled() and (
+    # (A torch.jit.trace records no grad mode: there the flag follows requires_grad alone, so a
+    # trace made under no_grad still saves what a later backward needs.)
+    needs_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and (
         x.requires_grad or h0.requires_grad or c0.requires_grad
         or any(w.requires_grad for w in weights))
     y, h_n, c_n, _, _ = torch.ops.cnnlstm_ext.lstm_layer_forward(
@@ -190,6 +196,23 @@ def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool 
         raise ValueError("frame_pool: mode must be one of %s, got %r" % (FRAME_POOL_MODES, mode))
     if out_dtype is not None and out_dtype not in _POOL_DTYPES:
         raise TypeError("frame_pool: out_dtype must be one of %s, got %s" % (_POOL_DTYPES, out_dtype))
+    traced_size = (torch.jit.is_tracing() and isinstance(batch_size, Tensor)
+                   and batch_size.dim() == 0 and not batch_size.dtype.is_floating_point)
+    if traced_size or isinstance(batch_size, torch.SymInt):
+        # A symbolic batch size: a SymInt of torch.export / dynamic torch.compile, or the 0-dim
+        # tensor a torch.jit.trace hands for a size read off a tensor. The op's schema takes a
+        # plain int, which would bake this one batch size into the graph (export: "specialized
+        # it to be a constant"; trace: silently wrong at other sizes), so these run the
+        # reference's aten ops, which keep the size symbolic (same values).
+        if not traced_size:  # (one check each: symbolic ones become checks of the graph)
+            torch._check(x.dim() == 4, lambda: f"frame_pool: x must be [B*T, C, h, w], got "
+                                               f"{list(x.shape)}")
+            torch._check(batch_size >= 1, lambda: f"frame_pool: batch_size must be >= 1, got "
+                                                  f"{batch_size}")
+            torch._check(x.shape[0] % batch_size == 0, lambda: (
+                f"frame_pool: x must be [B*T, C, h, w] with B = batch_size = {batch_size} "
+                f"dividing its first dimension, got {list(x.shape)}"))
+        return reference.frame_pool(x, batch_size, mode, batch_first, out_dtype)
     batch_size = _int_argument("frame_pool", "batch_size", batch_size)
     if functorch_active():
         if x.dim() != 4 or batch_size < 1 or x.shape[0] % batch_size:

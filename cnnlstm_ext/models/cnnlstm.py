@@ -175,6 +175,15 @@ class CNNLSTM(nn.Module):
         model.load_state_dict(strip_prefixes(state_dict), strict=strict)
         return model
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: a clear error instead of TorchScript's complaint
+        # about the first line it cannot compile (the fused ops' Python faces).
+        raise RuntimeError(
+            "CNNLSTM does not support torch.jit.script. Use torch.export.export(model, (clips,) or "
+            "(clips, lengths), dynamic_shapes=...) (batch size, clip length and lengths stay "
+            "dynamic) or torch.compile(model); torch.jit.trace(model, args) also works and holds "
+            "at other batch sizes, clip lengths and lengths.")
+
     def _check_input(self, clips, lengths):
         if not isinstance(clips, torch.Tensor) or clips.dim() != 5 or clips.shape[2] != 3:
             raise ValueError("CNNLSTM expects clips [B, T, 3, H, W], got %s"
@@ -191,6 +200,17 @@ class CNNLSTM(nn.Module):
                 B, "%s %s" % (lengths.dtype, tuple(lengths.shape))
                 if isinstance(lengths, torch.Tensor) else type(lengths).__name__))
         lengths = lengths.cpu()  # the values decide the path below: one read-back if on a GPU
+        if torch.jit.is_tracing():
+            # A trace records no Python branch on values: it keeps the lengths path, which holds
+            # for every lengths (full ones included), and checks nothing it could not record.
+            return lengths
+        if torch.compiler.is_exporting():
+            # No branch on the values either (they are unknown), but the bounds become checks
+            # of the exported program: a length outside [1, T] fails there, naming the bound.
+            lo, hi = lengths.min().item(), lengths.max().item()
+            torch._check(lo >= 1, lambda: "lengths must lie in [1, T]: a length is below 1")
+            torch._check(hi <= T, lambda: "lengths must lie in [1, T]: a length exceeds T")
+            return lengths
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > T:
             raise ValueError("lengths must lie in [1, T=%d], got min %d max %d" % (T, lo, hi))
@@ -206,6 +226,11 @@ class CNNLSTM(nn.Module):
             # boolean mask on the GPU would synchronise (twice) to learn N.
             valid = torch.arange(T)[None, :] < lengths[:, None]                # [B, T]
             index = valid.reshape(-1).nonzero().squeeze(1).to(clips.device, non_blocking=True)  # [N]
+            if torch.compiler.is_compiling():
+                # N >= B >= 1 (every length >= 1): the bounds torch.export needs for the N it
+                # cannot know.
+                torch._check(index.shape[0] >= 1)
+                torch._check(index.shape[0] <= B * T)
             maps_valid = self.backbone(frames.index_select(0, index))     # [N, F, h, w]
             maps = maps_valid.new_zeros((B * T,) + maps_valid.shape[1:])
             maps.index_copy_(0, index, maps_valid)

@@ -22,6 +22,14 @@ __all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm"]
 
 _HX = Tuple[Tensor, Tensor]
 
+# The error of torch.jit.script (TorchScript cannot compile the Python around the op calls:
+# PackedSequence, lengths, autocast, the torch.func fallback).
+SCRIPT_UNSUPPORTED = (
+    "{name} does not support torch.jit.script. Use torch.export.export(model, args, "
+    "dynamic_shapes=...) (batch size, sequence length and lengths stay dynamic) or "
+    "torch.compile(model); torch.jit.trace(model, args) also works and holds at other batch "
+    "sizes and sequence lengths; or cnnlstm_ext.unfuse_lstm(model) to script with torch.nn.LSTM.")
+
 
 def _stored_back_to_back(params: List[Tensor]) -> bool:
     """Whether `params` (same shape) lie one after another in one contiguous storage."""
@@ -195,6 +203,11 @@ class FusedLSTM(nn.Module):
         self._layer_names = [[n for names in self._all_weights[D * layer:D * (layer + 1)]
                               for n in names] for layer in range(self.num_layers)]
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it is given (and on their submodules):
+        # a clear error instead of TorchScript's complaint about the first line it cannot compile.
+        raise RuntimeError(SCRIPT_UNSUPPORTED.format(name=type(self).__name__))
+
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
         if self.num_layers != 1:
@@ -272,8 +285,10 @@ class FusedLSTM(nn.Module):
         D = 2 if self.bidirectional else 1
         if hx is not None:
             return list(zip(hx[0].split(D), hx[1].split(D)))
-        if torch.compiler.is_compiling() or ops.functorch_active():
-            zeros = x.new_zeros(D, batch, self.hidden_size)
+        if torch.compiler.is_compiling() or ops.functorch_active() or torch.jit.is_tracing():
+            # Fresh zeros, sized from x: a trace records x.size(1) (so it holds at other batch
+            # sizes) and export keeps it symbolic, where a cached tensor would be a constant.
+            zeros = x.new_zeros(D, x.size(1), self.hidden_size)
             return [(zeros, zeros)] * self.num_layers
         key = (x.device, x.dtype, batch)
         if self._zero_state is None or self._zero_state[0] != key:
@@ -310,10 +325,19 @@ class FusedLSTM(nn.Module):
             raise RuntimeError(f"FusedLSTM: while a CUDA graph is captured, lengths must already be "
                                f"on {device} (a static input of the graph), got lengths on "
                                f"{lengths.device}")
-        if not compiling and not capturing and batch > 0:
+        if torch.compiler.is_exporting():
+            # The values are unknown while torch.export traces: the bounds become checks that
+            # the exported program runs on each call (no Python branch on them here).
+            lo, hi = (v.item() for v in torch.aminmax(lengths))
+            torch._check(lo >= 1, lambda: "lengths must be in [1, T] (the padded length); got a "
+                                          "length below 1")
+            torch._check(hi <= steps, lambda: "lengths must be in [1, T] (the padded length); got "
+                                              "a length above T")
+        elif not compiling and not capturing and not torch.jit.is_tracing() and batch > 0:
             # Free for lengths on the CPU; lengths on a GPU are read back (one synchronisation),
             # except while a CUDA graph is captured, which forbids it: their values are then
-            # not checked (the forward kernels clamp each length to [1, T]).
+            # not checked (the forward kernels clamp each length to [1, T]), nor under
+            # torch.jit.trace, which could not record the check.
             lo, hi = (int(v) for v in torch.aminmax(lengths))
             if lo < 1 or hi > steps:
                 raise ValueError(f"lengths must be in [1, {steps}] (the padded length); got "
