@@ -26,6 +26,7 @@ from cnnlstm_ext.checkpoint import (INTEGRITY_KEY, CheckpointError, CheckpointWr
                                     inspect_checkpoint, load_checkpoint, normalize_checkpoint,
                                     read_checkpoint, remove_stale_temp_files, save_checkpoint,
                                     verify_checkpoint)
+from conftest import subprocess_env
 
 try:
     import fcntl
@@ -469,8 +470,11 @@ print(json.dumps(stats))
 def kill_counts(folder, rounds=40, seed=FLIP_SEED):
     """Kill a process that saves in a loop at random moments, `rounds` times (in a subprocess
     that forks the savers, so torch is imported once)."""
+    # With subprocess_env and a cwd outside the source tree, the child imports the same
+    # cnnlstm_ext as this process (the installed one in CI, whose _C the source tree lacks).
     out = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(folder), str(rounds), str(seed)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=subprocess_env(),
+                         cwd=folder)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
