@@ -423,18 +423,57 @@ def test_op_records_a_graph_only_when_needed(rng):
     assert_close_rel(g_bias, g_want, 1e-5, "grad of b_hh through c_n alone")
 
 
-def test_double_backward_is_refused_clearly():
-    """create_graph=True gives the first-order gradients as usual; differentiating them again
-    raises a clear error (the op has no second derivative)."""
+def test_create_graph_gradients_equal_first_order_gradients():
+    """create_graph=True computes the gradients through the step-by-step layer (differentiable);
+    they equal the kernels' first-order gradients."""
     torch.manual_seed(9)
-    fused = FusedBiLSTM(I, H)
-    x = torch.randn(T, B, I, requires_grad=True)
-    (plain,) = torch.autograd.grad(fused(x)[0].sum(), x)
-    (first,) = torch.autograd.grad(fused(x)[0].sum(), x, create_graph=True)
-    torch.testing.assert_close(first, plain, rtol=0, atol=0)
-    assert first.requires_grad
-    with pytest.raises(RuntimeError, match=r"gradient of the gradient \(double backward"):
-        first.square().sum().backward()
+    fused = FusedBiLSTM(I, H, num_layers=2).double()
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([T, 2, 4])
+    params = [x, *fused.parameters()]
+    plain = torch.autograd.grad(fused(x, lengths=lengths)[0].sum(), params)
+    first = torch.autograd.grad(fused(x, lengths=lengths)[0].sum(), params, create_graph=True)
+    for p_, f in zip(plain, first):
+        torch.testing.assert_close(f, p_, rtol=1e-10, atol=1e-12)
+    assert all(f.requires_grad for f in first)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_gradgradcheck_float64(bidirectional, with_lengths):
+    torch.manual_seed(3)
+    fused = FusedLSTM(2, 3, num_layers=2, bidirectional=bidirectional).double()
+    D = 2 if bidirectional else 1
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2 * D, 2, 3, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2 * D, 2, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 2]) if with_lengths else None
+    weights = list(fused.parameters())
+
+    def fn(x, h0, c0, *ws):
+        out, (h, c) = torch.func.functional_call(
+            fused, dict(zip([n for n, _ in fused.named_parameters()], ws)), (x, (h0, c0)),
+            {"lengths": lengths})
+        return out, h, c
+
+    ws = [w.detach().clone().requires_grad_() for w in weights]
+    assert torch.autograd.gradgradcheck(fn, (x, h0, c0, *ws), check_batched_grad=False)
+
+
+def test_gradient_penalty_matches_nn_lstm():
+    """d/dθ of ||∂L/∂x||², the gradient penalty of WGAN-GP style training, as nn.LSTM gives it."""
+    torch.manual_seed(5)
+    ref = nn.LSTM(I, H, num_layers=2, bidirectional=True).double()
+    fused = FusedLSTM(I, H, num_layers=2, bidirectional=True).double()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    results = []
+    for model in (ref, fused):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(model(xi)[0].tanh().sum(), xi, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), list(model.parameters())))
+    for name, a, b in zip([n for n, _ in ref.named_parameters()], *results):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 def test_op_refuses_a_saved_input_changed_in_place(rng):
