@@ -2,11 +2,13 @@
 // cnnlstm_ext.ops.recorded_kernels()), each launcher records the name of the variant it chose,
 // e.g. "cuda:lstm_forward:persistent:fma:barrier" or "cpu:gemm:onednn". A test that forces a
 // variant checks its name here, so that a silent fallback to another kernel fails the test.
-// Off by default: one relaxed atomic load per launch decision.
+// Off by default: one relaxed atomic load per launch decision, and the name (given in parts) is
+// built only while a trace is on.
 #pragma once
 #include <atomic>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace cnnlstm_ext {
@@ -22,11 +24,14 @@ inline KernelTrace& kernel_trace_state() {
   return trace;
 }
 
-inline void record_kernel(const std::string& name) {
+template <typename... Parts>
+void record_kernel(const Parts&... parts) {
   auto& trace = kernel_trace_state();
   if (!trace.enabled.load(std::memory_order_relaxed)) return;
+  std::string name;
+  ((name += parts), ...);
   std::lock_guard<std::mutex> lock(trace.mutex);
-  trace.names.push_back(name);
+  trace.names.push_back(std::move(name));
 }
 
 // enable=true: clears the record and starts recording; false: stops. Returns what was recorded

@@ -130,8 +130,7 @@ def legacy_regions(path):
     (element_size,) = sizes
     stream = io.BytesIO(data)
     for _ in range(5):  # magic number, protocol, system info, the object, the storage keys
-        for _op in pickletools.genops(stream):
-            pass
+        collections.deque(pickletools.genops(stream), maxlen=0)  # reads one pickle
     end = pos = stream.tell()
     tensor = []
     while pos < len(data):

@@ -5,8 +5,8 @@
 #
 #   scripts/gpu_prebuild.sh PYTHON [DIR]      (default DIR: .gpu/prebuilt)
 #
-# PYTHON's torch must be the version the GPU machine has (KINDS.md of the device tool lists it;
-# gpu_check.sh writes it to device.txt): the library links torch's C++ ABI. It builds from a
+# PYTHON's torch must be the version the GPU machine has (docs/architecture.md, "Build and
+# machines"; gpu_check.sh writes it to device.txt): the library links torch's C++ ABI. It builds from a
 # copy of the sources (the checkout's own build is left alone) and writes DIR/_C.abi3.so, without
 # debug information, and DIR/stamp: torch's version, the CUDA arch and scripts/source_hash.sh's
 # hash. gpu_check.sh uses the library only when all three match there, and builds otherwise.

@@ -313,11 +313,11 @@ void forward_recurrence(const LstmDims& d, const std::vector<int64_t>& L,
   const ForwardFn<acc_t> run = forward_fn<acc_t>(algorithm);
   TORCH_INTERNAL_ASSERT(run != nullptr, "no ", kAlgorithmNames[static_cast<int>(algorithm)],
                         " forward for this dtype");
-  record_kernel(std::string("cpu:lstm_forward:") +
-                (algorithm == Algorithm::kPackedBf16 ? "bf16-avx512"
-                 : algorithm == Algorithm::kPacked   ? r.kernels.product_isa
-                                                     : "bmm") +
-                ":cell-" + r.kernels.cell_isa);
+  record_kernel("cpu:lstm_forward:",
+                algorithm == Algorithm::kPackedBf16 ? "bf16-avx512"
+                : algorithm == Algorithm::kPacked   ? r.kernels.product_isa
+                                                    : "bmm",
+                ":cell-", r.kernels.cell_isa);
   run(r);
 }
 
@@ -465,9 +465,9 @@ void backward_recurrence(const LstmDims& d, const std::vector<int64_t>& L, bool 
                               lstm_cell_kernels<acc_t>()};
   const Algorithm algorithm = use_rec_kernel(r.kernels.recurrent_product, d.H) ? Algorithm::kPacked
                                                                                : Algorithm::kBmm;
-  record_kernel(std::string("cpu:lstm_backward:") +
-                (algorithm == Algorithm::kPacked ? r.kernels.product_isa : "bmm") + ":cell-" +
-                r.kernels.cell_isa + (bf16_io ? ":io-bf16" : ""));
+  record_kernel("cpu:lstm_backward:",
+                algorithm == Algorithm::kPacked ? r.kernels.product_isa : "bmm", ":cell-",
+                r.kernels.cell_isa, bf16_io ? ":io-bf16" : "");
   backward_fn<acc_t>(algorithm)(r);
 }
 

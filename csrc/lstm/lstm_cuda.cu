@@ -90,8 +90,8 @@ bool forward_persistent(const LstmDims& d, const at::Tensor& xproj, const scalar
   p.barrier = buf.barrier;
   static_cast<PersistentGeometry&>(p) = plan.geometry(d);
   launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT, plan.mma)), d.D * plan.nblk, plan.smem, &p);
-  record_kernel(std::string("cuda:lstm_forward:persistent:") + (plan.mma ? "mma" : "fma") + ":" +
-                (tagged ? "tagged" : "barrier"));
+  record_kernel("cuda:lstm_forward:persistent:", plan.mma ? "mma" : "fma",
+                tagged ? ":tagged" : ":barrier");
   return true;
 }
 
@@ -128,8 +128,7 @@ bool backward_persistent(const LstmDims& d, const at::Tensor& grad_y, const at::
   p.barrier = buf.barrier;
   static_cast<PersistentGeometry&>(p) = plan.geometry(d);
   launch_cooperative(reinterpret_cast<const void*>(kernel_for(plan.BT, plan.mma)), d.D * plan.nblk, plan.smem, &p);
-  record_kernel(std::string("cuda:lstm_backward:persistent:") + (plan.mma ? "mma" : "fma") +
-                ":barrier");
+  record_kernel("cuda:lstm_backward:persistent:", plan.mma ? "mma" : "fma", ":barrier");
   return true;
 }
 
