@@ -45,11 +45,13 @@ _BACKBONE_SHAPES = {}
 
 
 def _backbone_shapes(name):
-    """The ordered state-dict shapes of a backbone trunk (built on the meta device: no memory)."""
+    """A backbone trunk's state-dict {key: shape} in module order, and its output features
+    (built on the meta device: no memory)."""
     if name not in _BACKBONE_SHAPES:
         with torch.device("meta"):
             trunk, features = _model_file().build_backbone(name)
-        _BACKBONE_SHAPES[name] = ([tuple(v.shape) for v in trunk.state_dict().values()], features)
+        _BACKBONE_SHAPES[name] = ({k: tuple(v.shape) for k, v in trunk.state_dict().items()},
+                                  features)
     return _BACKBONE_SHAPES[name]
 
 
@@ -74,14 +76,24 @@ def _conv_count(name):
 
 
 def _identify_backbone(items):
-    """The BACKBONES name whose trunk has exactly these (key, tensor) shapes in order, or None."""
+    """The BACKBONES name whose trunk fits these (key, tensor) items of one top-level module, or
+    None. Independent of the items' order where their names are the trunk's (safetensors files
+    come back with sorted keys); foreign inner names are matched by the shapes in module order,
+    else by the shapes alone when exactly one trunk has them."""
+    names = {k.split(".", 1)[1] if "." in k else k: tuple(v.shape) for k, v in items}
     shapes = [tuple(v.shape) for _, v in items]
     convs = sum(1 for s in shapes if len(s) == 4)
-    for name in _model_file().BACKBONES:
-        # Build (on meta) only the trunks with this many convolutions.
-        if _conv_count(name) == convs and _backbone_shapes(name)[0] == shapes:
+    # Build (on meta) only the trunks with this many convolutions.
+    candidates = [n for n in _model_file().BACKBONES if _conv_count(n) == convs]
+    for name in candidates:
+        if _backbone_shapes(name)[0] == names:
             return name
-    return None
+    for name in candidates:
+        if list(_backbone_shapes(name)[0].values()) == shapes:
+            return name
+    by_shapes = [n for n in candidates
+                 if sorted(_backbone_shapes(n)[0].values()) == sorted(shapes)]
+    return by_shapes[0] if len(by_shapes) == 1 else None
 
 
 def describe_state_dict(state_dict) -> dict:
@@ -158,11 +170,14 @@ def describe_state_dict(state_dict) -> dict:
     if conv_tops:
         items = [(k, v) for k, v in sd.items() if k.split(".", 1)[0] in conv_tops]
         claimed.update(k for k, _ in items)
+        name = _identify_backbone(items) if len(conv_tops) == 1 else None
+        # The output features: the known trunk's, else the channels of the last convolution in
+        # the file's order (the module order, unless the keys were sorted).
         last_conv = [v for _, v in items if v.dim() == 4][-1]
         info["backbone"] = {
             "prefix": conv_tops[0] + "." if len(conv_tops) == 1 else None,
-            "modules": conv_tops, "name": _identify_backbone(items) if len(conv_tops) == 1
-            else None, "features": int(last_conv.shape[0]),
+            "modules": conv_tops, "name": name,
+            "features": _backbone_shapes(name)[1] if name else int(last_conv.shape[0]),
             "params": sum(_numel(v) for k, v in items if not is_buffer_name(k)),
         }
 
