@@ -13,6 +13,7 @@ from . import backends  # noqa: E402,F401  (run-time options of the kernels)
 from .nn import FusedLSTM, FusedBiLSTM, fuse_lstm, unfuse_lstm  # noqa: E402
 from .nn import FramePool, TemporalPool  # noqa: E402
 from .models import CNNLSTM  # noqa: E402
+from .inference import load_model  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,4 @@ def cuda_kernels_built() -> bool:
 
 
 __all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm", "FramePool", "TemporalPool",
-           "CNNLSTM", "cuda_kernels_built", "ops", "backends"]
+           "CNNLSTM", "load_model", "cuda_kernels_built", "ops", "backends"]

@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "train": "train a CNN-LSTM classifier (no arguments: the built-in synthetic data set on the CPU)",
     "evaluate": "evaluate a checkpoint on a data set, print metrics and write predictions",
+    "predict": "classify videos with a checkpoint: top-k classes and probabilities per video",
     "summarize": "write a markdown report and plots for a folder of checkpoints",
     "inspect": "show what a checkpoint holds: epoch, metrics, architecture, sizes",
     "verify": "check checkpoint files for truncation, missing state and NaN/Inf",

@@ -225,7 +225,7 @@ def run(args) -> int:
         names = ctx.broadcast_object((cfg.train.output_dir, cfg.train.run_name))
         cfg.train.output_dir, cfg.train.run_name = names
         try:
-            trainer = Trainer(cfg, ctx=ctx)
+            trainer = Trainer(cfg, ctx=ctx, resuming=bool(args.resume))
             if args.resume:
                 trainer.resume(args.resume, key_map=key_map, optim_changes=_optim_fields_set(args),
                                check_integrity=False)

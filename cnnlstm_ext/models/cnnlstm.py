@@ -28,6 +28,7 @@ that run is read, and `load_checkpoint(key_map=..., strict=False)` says exactly 
 fit this model.
 """
 import collections
+import os
 from typing import Optional
 
 import torch
@@ -38,7 +39,7 @@ from ..checkpoint.inspect import canonical_names, describe_state_dict, is_buffer
 from ..checkpoint.legacy import strip_prefixes
 from ..nn import FramePool, FusedBiLSTM, FusedLSTM, TemporalPool
 
-__all__ = ["CNNLSTM", "BACKBONES", "infer_architecture", "describe_state_dict", "is_buffer_name"]
+__all__ = ["CNNLSTM", "BACKBONES", "infer_architecture", "weights_config", "describe_state_dict", "is_buffer_name"]
 
 # torchvision ResNet-family trunks (built with weights=None) and "tiny", a small CNN for CPU runs.
 BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -82,6 +83,12 @@ def build_backbone(name: str, weights: Optional[str] = None):
 
 
 def _load_backbone_weights(trunk: nn.Module, path: str, name: str) -> None:
+    if not os.path.isfile(path):
+        # Only a new run reads this file: checkpoints carry the backbone's weights, and loading
+        # one (load_model, evaluate, predict, train --resume) builds the model without it.
+        raise FileNotFoundError(
+            "model.backbone_weights: %s not found (the %s weights a new run starts from; "
+            "loading or resuming a checkpoint does not need it)" % (path, name))
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -116,8 +123,10 @@ class CNNLSTM(nn.Module):
         dropout: between LSTM layers and before the classifier.
         fused: use cnnlstm_ext's FusedLSTM/FusedBiLSTM, else torch.nn.LSTM (same state dict).
         frame_pool: "avg" | "max" over each frame's feature map.
-        backbone_weights: path of a torchvision state dict for the backbone (never downloaded);
-            not part of `config`, since a checkpoint carries all weights anyway.
+        backbone_weights: path of a torchvision state dict the backbone starts from (never
+            downloaded); read only here, by a new model: not part of `config`, since a
+            checkpoint carries all weights (`weights_config` drops it for a model that will
+            load them).
 
     Input `clips: [B, T, 3, H, W]` float, optional `lengths: [B]` int64 with 1 <= lengths <= T
     (frames past a clip's length are not run through the backbone and are ignored by the LSTM
@@ -169,6 +178,7 @@ class CNNLSTM(nn.Module):
         """A model built from the architecture read off `state_dict`, with its weights loaded.
 
         `overrides` set what a state dict cannot tell (pooling mean/max/last, dropout, fused).
+        The keys may come in any order (safetensors' `load_file` returns them sorted).
         """
         config = dict(infer_architecture(state_dict), **overrides)
         model = cls(**config)
@@ -251,6 +261,13 @@ class CNNLSTM(nn.Module):
         packed = pack_padded_sequence(x, lengths, enforce_sorted=False)  # lengths on the CPU
         y, _ = self.lstm(packed)
         return pad_packed_sequence(y, total_length=x.shape[0])[0]
+
+
+def weights_config(model_config: dict) -> dict:
+    """CNNLSTM keyword arguments for a model whose weights will come from a checkpoint: the
+    run's `model` config without `backbone_weights`, the file a new run's backbone started from
+    (the checkpoint holds those weights, trained on; the file may be gone)."""
+    return {k: v for k, v in model_config.items() if k != "backbone_weights"}
 
 
 # --- reading an architecture off a state dict -------------------------------------------------

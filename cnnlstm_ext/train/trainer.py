@@ -195,10 +195,12 @@ class Trainer:
         model: a ready nn.Module to train instead of CNNLSTM(**config.model) (tests, custom models).
         datasets: (train_set, val_set, class_names) instead of the ones config.data describes.
         ctx: the DistContext of a torchrun launch (default: a single process).
+        resuming: the weights will come from a checkpoint (`resume`): model.backbone_weights,
+            the file a new run's backbone starts from, is not read (it may be gone).
     """
 
     def __init__(self, config: Config, model: Optional[nn.Module] = None, datasets=None,
-                 ctx: Optional[DistContext] = None):
+                 ctx: Optional[DistContext] = None, resuming: bool = False):
         self.cfg = validate(config)
         self.ctx = ctx or DistContext()
         t = self.cfg.train
@@ -233,8 +235,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # the initial weights are a function of the seed
         if model is None:
-            from ..models import CNNLSTM
-            model = CNNLSTM(**self.cfg.model)
+            from ..models import CNNLSTM, weights_config
+            model = CNNLSTM(**(weights_config(self.cfg.model) if resuming else self.cfg.model))
         self.model = model.to(self.device)
         if t.channels_last if t.channels_last is not None else self.device.type == "cuda":
             # NHWC convolutions run on tensor cores without layout transposes; the first
@@ -272,6 +274,7 @@ class Trainer:
         self.lr_scale = 1.0  # product of the rollback learning-rate cuts
         self.best_metrics: Dict[str, Any] = {}
         self._best_weights = None
+        self._val_split_record = None  # _val_split(), computed at the first save
         self._good = None
         self._writer = None
         self._log_handler = None
@@ -693,7 +696,21 @@ class Trainer:
     def _trainer_state(self) -> Dict[str, Any]:
         return {"rng": rng_state(self.device), "early_stopping": self.early.state_dict(),
                 "guard": self.guard.state_dict(), "lr_scale": self.lr_scale,
-                "classes": list(self.classes), "world_size": self.ctx.world_size}
+                "classes": list(self.classes), "world_size": self.ctx.world_size,
+                "val_split": self._val_split()}
+
+    def _val_split(self) -> Optional[Dict[str, Any]]:
+        """The run's validation clips on video files: {"root": data.root (absolute), "clips":
+        their paths relative to it}. `cnnlstm-ext evaluate` scores these by default on the run's
+        data, whatever the folder holds later. None for data without files (synthetic)."""
+        records = getattr(self.val_set, "records", None)
+        if self._val_split_record is None and records and self.cfg.data.root:
+            root = os.path.abspath(self.cfg.data.root)
+            paths = [os.path.relpath(os.path.abspath(r.path), root) for r in records]
+            if not any(p == os.pardir or p.startswith(os.pardir + os.sep) for p in paths):
+                self._val_split_record = {"root": root,
+                                          "clips": [p.replace(os.sep, "/") for p in paths]}
+        return self._val_split_record
 
     def _save(self, epoch: int, row: Dict[str, Any], improved: bool) -> None:
         bad = self._nonfinite_state()
