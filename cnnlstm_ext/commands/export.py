@@ -3,7 +3,8 @@
     cnnlstm-ext export FILE --safetensors OUT.safetensors [--key-map OLD=NEW ...]
 
 Writes only the model state dict (no optimizer or scheduler state) as safetensors, with the
-epoch, best metrics, the config and the architecture read off the weights as string metadata.
+epoch, best metrics, the config, the class names and the architecture read off the weights as
+string metadata: `cnnlstm_ext.load_model` and `cnnlstm-ext predict` read the file alone.
 """
 import json
 import os
@@ -48,6 +49,9 @@ def export_safetensors(path, out, key_map=None, check_integrity=True) -> dict:
             metadata[k] = str(ckpt[k])
     if ckpt.get("config"):
         metadata["config"] = json.dumps(ckpt["config"], default=str)
+    state = ckpt.get("trainer_state")
+    if isinstance(state, dict) and state.get("classes"):  # for load_model: the output names
+        metadata["classes"] = json.dumps([str(c) for c in state["classes"]])
     if info["cnnlstm_config"]:
         metadata["cnnlstm_config"] = json.dumps(info["cnnlstm_config"])
     data = save(tensors, metadata=metadata)
