@@ -10,9 +10,18 @@ class folders, or a WLASL JSON file. Clips are prepared as in the checkpoint's t
 (frames per clip, frame size, normalisation), without augmentation. A checkpoint of another
 training script works too: its architecture is read off its weights.
 
-Writes to --out (default: <run folder>/evaluation/<DATA name>[-<split>]/): predictions.csv (one row per
-clip: true class, predicted class, confidence, top-5), metrics.json, confusion_matrix.csv,
-per_class_accuracy.csv and confusion_matrix.png.
+On the data the run trained on (its data.root, its WLASL file, or a folder holding its recorded
+validation clips) only the run's validation clips are scored, as the first lines say: the clips
+the checkpoint records (a held-out data.val_fraction), else the run's val split. --all scores
+every clip, training clips included. Any other DATA is scored whole.
+
+--clips K reads each video as K clips spread uniformly over it and averages their class
+probabilities (as `cnnlstm-ext predict`). A video that cannot be read is reported on stderr and
+left out of the metrics (exit status 1).
+
+Writes to --out (default: <run folder>/evaluation/<DATA name>[-<split>]/, -val or -all on the
+run's data): predictions.csv (one row per clip: true class, predicted class, confidence, top-5),
+metrics.json, confusion_matrix.csv, per_class_accuracy.csv and confusion_matrix.png.
 """
 import csv
 import os
@@ -25,6 +34,11 @@ def add_arguments(parser):
     parser.add_argument("--split", help="WLASL split (default: the config's val split), a "
                                         "sub-folder of DATA, or 'test' for the synthetic set")
     parser.add_argument("--videos", metavar="DIR", help="with a WLASL JSON file: its videos")
+    parser.add_argument("--all", dest="all_clips", action="store_true",
+                        help="on the data the run trained on: score every clip, training clips "
+                             "included (default: the run's validation clips only)")
+    parser.add_argument("--clips", type=int, default=1, metavar="K",
+                        help="clips per video, uniform over it, probabilities averaged (default 1)")
     parser.add_argument("--out", metavar="DIR", help="output folder (see above)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N")
     parser.add_argument("--num-workers", type=int, default=None, metavar="N")
@@ -48,26 +62,91 @@ def default_out_dir(checkpoint: str, data: str, split=None) -> str:
     return os.path.join(run_dir, "evaluation", name + ("-" + split if split else ""))
 
 
+def _same_path(a, b) -> bool:
+    try:
+        return bool(a and b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _relative(path, root) -> str:
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
+
+
+def run_data(cfg, data, split=None, all_clips=False, val_split=None, video_root=None):
+    """(records, classes, note) when DATA is the data the run trained on, else None.
+
+    records: the run's validation clips (those `val_split`, the checkpoint's record, lists when
+    it has one; else the validation set the run's config makes of DATA), or every clip with
+    `all_clips`; note: the line that says which.
+    """
+    import copy
+
+    from ..data.datasets import build_datasets
+
+    d = copy.deepcopy(cfg.data)
+    recorded = val_split if isinstance(val_split, dict) and val_split.get("clips") else None
+    if split is not None or data == "synthetic":
+        return None
+    if d.dataset == "folder" and os.path.isdir(data):
+        ours = _same_path(data, d.root) or (recorded and (_same_path(data, recorded["root"]) or all(
+            os.path.exists(os.path.join(data, p)) for p in recorded["clips"])))
+        if not ours:
+            return None
+        d.root = data
+    elif d.dataset == "wlasl" and (_same_path(data, d.annotations) or _same_path(data, d.root)):
+        if os.path.isfile(data):
+            d.annotations, d.root = data, video_root or d.root
+    else:
+        return None
+    train, val, classes = build_datasets(d, seed=cfg.train.seed)
+    everything = list(train.records) + list(val.records)
+    if all_clips:
+        return everything, classes, ("scoring all %d clips of the data the run trained on, "
+                                     "training clips included (--all)" % len(everything))
+    if d.dataset == "folder" and recorded and not os.path.isdir(os.path.join(d.root, d.val_split)):
+        wanted = set(recorded["clips"])
+        records = [r for r in everything if _relative(r.path, d.root) in wanted]
+        note = ("scoring the run's %d validation clips (recorded in the checkpoint) of the %d "
+                "clips in %s; --all scores every clip" % (len(records), len(everything), data))
+        if len(records) < len(wanted):
+            note += "; %d recorded clips are no longer there" % (len(wanted) - len(records))
+        if not records:
+            raise ValueError("%s holds none of the run's %d validation clips (e.g. %s)"
+                             % (data, len(wanted), recorded["clips"][0]))
+        return records, classes, note
+    records = list(val.records)
+    if d.dataset == "folder" and not os.path.isdir(os.path.join(d.root, d.val_split)):
+        how = ("the checkpoint records no split: held out again with data.val_fraction=%s and "
+               "train.seed=%d" % (d.val_fraction, cfg.train.seed))
+    else:
+        how = "its %r split" % d.val_split
+    return records, classes, ("scoring the run's %d validation clips (%s) of the %d clips it "
+                              "trained on; --all scores every clip" % (len(records), how,
+                                                                       len(everything)))
+
+
 def run(args) -> int:
     from torch.utils.data import DataLoader
 
     from ..checkpoint import CheckpointError, load_checkpoint, normalize_checkpoint, read_checkpoint
     from ..data.datasets import build_eval_dataset
-    from ..models import CNNLSTM
+    from ..models import CNNLSTM, weights_config
     from ..train.guards import nonfinite_tensors
     from ..train.config import apply_overrides, check_output_dir, config_from_checkpoint, validate
     from ..train.distributed import DistContext
     from ..train.trainer import evaluate_model, resolve_device, resolve_precision, write_metrics
 
-    if args.batch_size < 1:
-        print("error: --batch-size must be >= 1, got %d" % args.batch_size, file=sys.stderr)
-        return 2
+    for name, value in (("--batch-size", args.batch_size), ("--clips", args.clips)):
+        if value < 1:
+            print("error: %s must be >= 1, got %d" % (name, value), file=sys.stderr)
+            return 2
     if args.num_workers is not None and args.num_workers < 0:
         print("error: --num-workers must be >= 0, got %d" % args.num_workers, file=sys.stderr)
         return 2
-    out = args.out or default_out_dir(args.checkpoint, args.data, args.split)
     try:
-        check_output_dir(out, "output folder")
+        if args.out:
+            check_output_dir(args.out, "output folder")
         # The file's checksum is checked once, here; the load below reads it again unchecked.
         peek = normalize_checkpoint(read_checkpoint(args.checkpoint, mmap=True,
                                                     check_integrity=args.check_integrity))
@@ -78,10 +157,32 @@ def run(args) -> int:
         classes = state.get("classes")
         seed = cfg.train.seed
         del peek
-        dataset = build_eval_dataset(cfg.data, args.data, classes=classes, seed=seed,
-                                     split=args.split, video_root=args.videos)
-        classes = list(getattr(dataset, "classes", None) or classes or [])
-        model_cfg = dict(cfg.model)
+        if args.all_clips and args.data == "synthetic":
+            raise ValueError("--all: the synthetic training clips are drawn afresh every epoch; "
+                             "score the validation clips (the default) or --split test")
+        if args.clips > 1 and args.data == "synthetic":
+            raise ValueError("--clips %d: synthetic clips are generated at data.num_frames; "
+                             "multi-clip evaluation needs videos" % args.clips)
+        ours = run_data(cfg, args.data, args.split, args.all_clips, state.get("val_split"),
+                        args.videos)
+        note = None
+        if ours is not None:
+            records, data_classes, note = ours
+            if classes and list(data_classes) != list(classes):
+                raise ValueError("the run's classes (%s...) differ from those of %s (%s...)"
+                                 % (", ".join(classes[:5]), args.data,
+                                    ", ".join(data_classes[:5])))
+            classes = list(data_classes)
+            dataset = None
+        else:
+            dataset = build_eval_dataset(cfg.data, args.data, classes=classes, seed=seed,
+                                         split=args.split, video_root=args.videos)
+            records = getattr(dataset, "records", None)
+            classes = list(getattr(dataset, "classes", None) or classes or [])
+        split_name = args.split or (None if ours is None else "all" if args.all_clips else "val")
+        out = args.out or default_out_dir(args.checkpoint, args.data, split_name)
+        check_output_dir(out, "output folder")
+        model_cfg = weights_config(cfg.model)  # the checkpoint holds the backbone's weights
         if model_cfg.get("num_classes") is None:
             model_cfg["num_classes"] = len(classes)
         if classes and len(classes) != model_cfg["num_classes"]:
@@ -107,38 +208,98 @@ def run(args) -> int:
     except RuntimeError as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
+    if note:
+        print(note)
     amp_dtype = resolve_precision(args.precision, device)
     model.to(device)
     workers = args.num_workers if args.num_workers is not None else cfg.data.num_workers
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    metrics, predictions = evaluate_model(model, loader, device, len(classes), amp_dtype,
-                                          collect_predictions=True, progress=not args.no_progress,
-                                          desc="evaluate")
+    unreadable = []
+    if records is not None:  # videos: read as --clips clips each; a bad file is left out
+        metrics, predictions, unreadable, paths = _evaluate_videos(
+            model, records, cfg.data, len(classes), args, device, amp_dtype, workers)
+        for path, error in unreadable:
+            print("error: %s: %s" % (path, error), file=sys.stderr)
+    else:
+        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                            num_workers=workers, pin_memory=device.type == "cuda")
+        metrics, predictions = evaluate_model(model, loader, device, len(classes), amp_dtype,
+                                              collect_predictions=True,
+                                              progress=not args.no_progress, desc="evaluate")
+        paths = ["%s[%d]" % (args.data, i) for i in range(len(predictions))]
 
-    write_metrics(out, metrics, classes, extra={"checkpoint": os.path.abspath(args.checkpoint),
-                                                "data": args.data, "split": args.split},
-                  json_name="metrics.json")
-    paths = [r.path for r in dataset.records] if hasattr(dataset, "records") else None
+    write_metrics(out, metrics, classes, extra={
+        "checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "split": args.split,
+        "scored": note or "every clip of DATA", "clips_per_video": args.clips,
+        "unreadable": [path for path, _ in unreadable]}, json_name="metrics.json")
     with open(os.path.join(out, "predictions.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "clip", "label", "label_name", "prediction", "prediction_name",
                     "confidence", "correct", "top5"])
-        for i, p in enumerate(predictions):
-            w.writerow([i, paths[i] if paths else "%s[%d]" % (args.data, i), p["label"],
-                        classes[p["label"]], p["prediction"], classes[p["prediction"]],
-                        "%.6f" % p["confidence"], int(p["label"] == p["prediction"]),
+        for i, (path, p) in enumerate(zip(paths, predictions)):
+            w.writerow([i, path, p["label"], classes[p["label"]], p["prediction"],
+                        classes[p["prediction"]], "%.6f" % p["confidence"],
+                        int(p["label"] == p["prediction"]),
                         " ".join(classes[k] for k in p["topk"])])
 
-    print("%s on %s%s: %d clips" % (args.checkpoint, args.data,
-                                    " (%s)" % args.split if args.split else "", metrics["count"]))
+    print("%s on %s%s: %d clips%s" % (
+        args.checkpoint, args.data, " (%s)" % args.split if args.split else "", metrics["count"],
+        ", %d per video" % args.clips if args.clips > 1 else ""))
+    if unreadable:
+        print("%d unreadable video%s left out (listed on stderr)"
+              % (len(unreadable), "s" if len(unreadable) > 1 else ""))
     print("accuracy   %.4f" % metrics["acc"])
     print("macro-F1   %.4f" % metrics["f1"])
     print("top-%d      %.4f" % (metrics["topk"], metrics["top5"]))
-    print("loss       %.4f" % metrics["loss"])
+    if metrics["loss"] is not None:
+        print("loss       %.4f" % metrics["loss"])
     print("per class:")
     width = max(len(c) for c in classes)
     for name, acc, row in zip(classes, metrics["per_class_acc"], metrics["confusion"]):
         print("  %-*s  %s  (%d clips)" % (width, name, "-" if acc is None else "%.4f" % acc, sum(row)))
     print("wrote %s" % os.path.join(out, "predictions.csv"))
-    return 0
+    return 1 if unreadable else 0
+
+
+def _evaluate_videos(model, records, data_cfg, num_classes, args, device, amp_dtype, workers):
+    """(metrics, predictions, unreadable [(path, error)], paths) of `records` read as
+    args.clips clips each, their class probabilities averaged per video."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..inference import PREPROCESSING_FIELDS, VideoClips, collate_videos, predict_loader
+    from ..train.metrics import ClassificationMeter
+
+    prep = {f: getattr(data_cfg, f) for f in PREPROCESSING_FIELDS}
+    dataset = VideoClips([(r.path, r.start, r.end) for r in records], prep, clips=args.clips,
+                         labels=[r.label for r in records])
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                        num_workers=min(workers, len(dataset)), collate_fn=collate_videos)
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(dataset), desc="evaluate", unit="video", leave=False,
+                   dynamic_ncols=True)
+    done, unreadable = {}, []
+    try:
+        for index, probs, _, label, error in predict_loader(model, loader, device, amp_dtype, bar):
+            if error is not None:
+                unreadable.append((records[index].path, error))
+            else:
+                done[index] = (probs, label)
+    finally:
+        if bar is not None:
+            bar.close()
+    meter = ClassificationMeter(num_classes)
+    order = sorted(done)
+    predictions = []
+    if order:
+        # log of the mean probability: the loss and the ranking of the averaged prediction
+        logp = torch.stack([done[i][0] for i in order]).clamp_min(1e-12).log()    # [N, C]
+        labels = torch.tensor([done[i][1] for i in order])                        # [N]
+        meter.update(logp, labels, torch.nn.functional.nll_loss(logp, labels, reduction="sum"))
+        conf, pred = logp.exp().max(1)
+        top = logp.topk(min(5, num_classes), dim=1).indices
+        predictions = [{"label": int(labels[j]), "prediction": int(pred[j]),
+                        "confidence": float(conf[j]), "topk": top[j].tolist()}
+                       for j in range(len(order))]
+    return meter.compute(), predictions, unreadable, [records[i].path for i in order]
