@@ -1,10 +1,12 @@
 """Build of cnnlstm_ext._C.
 
 The CUDA kernels are built when torch has CUDA and a CUDA toolkit is found, whether or not a GPU
-is visible (CNNLSTM_EXT_CUDA=auto|0|1). Two traps of GPU-less build machines are handled here:
-`nvcc` on PATH may be a wrapper script (so the toolkit root is resolved explicitly, before
-torch.utils.cpp_extension reads it), and the cuBLAS/cuSPARSE headers may live only in the
-installed `nvidia` wheels (site-packages/nvidia/cu13/include), which is added to the include path.
+is visible (CNNLSTM_EXT_CUDA=auto|0|1); without a visible GPU and TORCH_CUDA_ARCH_LIST, for
+sm_80, sm_86, sm_89 and sm_90 plus PTX (DEFAULT_CUDA_ARCH_LIST). Two traps of GPU-less build
+machines are handled here: `nvcc` on PATH may be a wrapper script (so the toolkit root is
+resolved explicitly, before torch.utils.cpp_extension reads it), and the cuBLAS/cuSPARSE headers
+may live only in the installed `nvidia` wheels (site-packages/nvidia/cu13/include), which is
+added to the include path.
 The LSTM's TF32 GEMMs call cuBLAS directly, so the extension links the libcublas torch loads (the
 wheel's, else the toolkit's).
 """
@@ -49,6 +51,10 @@ import torch  # noqa: E402  (after CUDA_HOME is set)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# TORCH_CUDA_ARCH_LIST of a build that sees no GPU (a user's TORCH_CUDA_ARCH_LIST wins; with a
+# visible GPU torch builds for that GPU): A100 (8.0), A10/RTX 30xx (8.6), L4/RTX 40xx (8.9),
+# H100/H200 (9.0), and PTX of 9.0 that the driver compiles for newer cards.
+DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _want_cuda():
@@ -115,7 +121,8 @@ def _extension():
         except Exception:
             pass
         if not visible:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+            # No GPU to build for: the cards people train on, and PTX for newer ones.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
     print("cnnlstm_ext: building CPU and CUDA kernels (CUDA_HOME=%s, arch=%s)"
           % (_CUDA_HOME, os.environ.get("TORCH_CUDA_ARCH_LIST", "from visible GPU")))
     sources += sorted(glob.glob("csrc/*/*.cu"))

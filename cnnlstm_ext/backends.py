@@ -35,6 +35,8 @@ from typing import Any, Dict, Iterator
 
 import torch
 
+from . import ops
+
 __all__ = ["lstm", "frame_pool", "cpu", "flags"]
 
 # flags() keyword -> (choices, or the type of a number with its least value; default)
@@ -90,6 +92,8 @@ def _checked(key: str, value: Any, name: str) -> Any:
 
 
 def _push() -> None:
+    if not ops.kernels_built():  # nothing to configure; the fused ops say so when called
+        return
     torch.ops.cnnlstm_ext.set_options(*(_values[key] for key in _SPEC))
 
 

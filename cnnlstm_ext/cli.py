@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from .ops import KernelsNotBuiltError
+
 COMMANDS = {
     "train": "train a CNN-LSTM classifier (no arguments: the built-in synthetic data set on the CPU)",
     "evaluate": "evaluate a checkpoint on a data set, print metrics and write predictions",
@@ -49,9 +51,10 @@ def main(argv=None):
         args = parser.parse_args(argv[1:])
         try:
             return int(module.run(args) or 0)
-        except (OSError, MemoryError) as e:
+        except (OSError, MemoryError, KernelsNotBuiltError) as e:
             # What a command did not foresee of the machine (a full disk, a folder that is a
-            # file, no memory left): one line, not a traceback.
+            # file, no memory left, an install without the compiled kernels): one line, not a
+            # traceback.
             text = " ".join(str(e).split()) or type(e).__name__
             print("error: %s" % text, file=sys.stderr)
             return 1

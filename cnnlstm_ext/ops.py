@@ -17,6 +17,40 @@ from torch import Tensor
 
 from . import reference
 
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.cnnlstm_ext.*)
+    _C_ERROR: Optional[str] = None
+except ImportError as _error:  # a source tree or install without the build: see kernels_built()
+    _C_ERROR = " ".join(str(_error).split()) or type(_error).__name__
+BUILD_COMMAND = "pip install --no-build-isolation ."
+
+
+def kernels_built() -> bool:
+    """Whether the compiled kernels (cnnlstm_ext._C) are loaded. Without them the package still
+    imports: the checkpoint tools, the models' construction and cnnlstm_ext.reference work, and
+    calling a fused op raises KernelsNotBuiltError."""
+    return _C_ERROR is None
+
+
+class KernelsNotBuiltError(RuntimeError):
+    """A fused op was called, but cnnlstm_ext._C is not built or could not be loaded."""
+
+
+def _require_kernels(op: str) -> None:
+    if _C_ERROR is not None:
+        raise KernelsNotBuiltError(
+            f"cnnlstm_ext.{op} needs the compiled kernels, but cnnlstm_ext._C could not be loaded "
+            f"({_C_ERROR}). Build them with `{BUILD_COMMAND}` in the source folder, against the "
+            f"installed torch (the pure-PyTorch cnnlstm_ext.reference runs without them).")
+
+
+def _register_fake(name: str):
+    """torch.library.register_fake for an op of _C; without the build there is no op to
+    describe, and the function stays unregistered."""
+    if _C_ERROR is not None:
+        return lambda fn: fn
+    return torch.library.register_fake(name)
+
 __all__ = ["lstm_layer"]
 
 
@@ -73,6 +107,7 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     results come out in that dtype, as nn.LSTM's do), the op casts the weights (one copy per kind
     for both directions; their gradients come back in their own dtype) and runs with autocast off.
     """
+    _require_kernels("ops.lstm_layer")
     device_type = x.device.type
     dtype = autocast_dtype(device_type)
     if dtype is not None:
@@ -149,7 +184,7 @@ def _check_same_device_dtype(op: str, x: Tensor, named: dict) -> None:
                 f"tensors must share one dtype"))
 
 
-@torch.library.register_fake("cnnlstm_ext::lstm_layer_forward")
+@_register_fake("cnnlstm_ext::lstm_layer_forward")
 def _lstm_layer_forward_fake(x, weights, h0, c0, lengths, train):
     op = "lstm_layer_forward"
     D, H = _fake_layer_weights(op, x, weights, h0)
@@ -164,7 +199,7 @@ def _lstm_layer_forward_fake(x, weights, h0, c0, lengths, train):
     return y, h_n, c_n, gates, cell
 
 
-@torch.library.register_fake("cnnlstm_ext::lstm_layer_backward")
+@_register_fake("cnnlstm_ext::lstm_layer_backward")
 def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates,
                               cell):
     D, H = _fake_layer_weights("lstm_layer_backward", x, weights, h0)
@@ -192,6 +227,7 @@ def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool 
     `F.adaptive_avg_pool2d(x, 1).flatten(1).view(B, T, C).transpose(0, 1).contiguous().to(out_dtype)`
     (see cnnlstm_ext.reference.frame_pool); the max gradient goes to the first maximum of each plane.
     """
+    _require_kernels("ops.frame_pool")
     if mode not in FRAME_POOL_MODES:
         raise ValueError("frame_pool: mode must be one of %s, got %r" % (FRAME_POOL_MODES, mode))
     if out_dtype is not None and out_dtype not in _POOL_DTYPES:
@@ -289,7 +325,7 @@ def _fake_score(op: str, x: Tensor, score_weight: Optional[Tensor],
         _fake_on_device(op, "score_bias", score_bias, x.device)
 
 
-@torch.library.register_fake("cnnlstm_ext::frame_pool_forward")
+@_register_fake("cnnlstm_ext::frame_pool_forward")
 def _frame_pool_forward_fake(x, batch_size, mode, batch_first, out_dtype):
     torch._check(x.dim() == 4, lambda: "frame_pool: x must be [B*T, C, h, w], got %s" % (x.shape,))
     torch._check(mode in FRAME_POOL_MODES, lambda: "frame_pool: bad mode %r" % (mode,))
@@ -305,7 +341,7 @@ def _frame_pool_forward_fake(x, batch_size, mode, batch_first, out_dtype):
     return out, argmax
 
 
-@torch.library.register_fake("cnnlstm_ext::frame_pool_backward")
+@_register_fake("cnnlstm_ext::frame_pool_backward")
 def _frame_pool_backward_fake(grad_out, argmax, x_size, x_dtype, channels_last, batch_size, mode,
                               batch_first):
     op = "frame_pool_backward"
@@ -342,6 +378,7 @@ def temporal_pool(x: Tensor, lengths: Optional[Tensor] = None, mode: str = "mean
     valid steps of x_t . score_weight + score_bias, then the weighted sum; score_weight [D] or
     [1, D], score_bias [1]). Returns [B, D] in x's dtype.
     """
+    _require_kernels("ops.temporal_pool")
     if mode not in TEMPORAL_POOL_MODES:
         raise ValueError("temporal_pool: mode must be one of %s, got %r" % (TEMPORAL_POOL_MODES, mode))
     if mode == "attention" and score_weight is None:
@@ -357,7 +394,7 @@ def temporal_pool(x: Tensor, lengths: Optional[Tensor] = None, mode: str = "mean
     return out
 
 
-@torch.library.register_fake("cnnlstm_ext::temporal_pool_forward")
+@_register_fake("cnnlstm_ext::temporal_pool_forward")
 def _temporal_pool_forward_fake(x, lengths, mode, batch_first, bidirectional, score_weight, score_bias):
     torch._check(x.dim() == 3, lambda: "temporal_pool: x must be [T, B, D], got %s" % (x.shape,))
     torch._check(mode in TEMPORAL_POOL_MODES, lambda: "temporal_pool: bad mode %r" % (mode,))
@@ -376,7 +413,7 @@ def _temporal_pool_forward_fake(x, lengths, mode, batch_first, bidirectional, sc
     return out, aux
 
 
-@torch.library.register_fake("cnnlstm_ext::temporal_pool_backward")
+@_register_fake("cnnlstm_ext::temporal_pool_backward")
 def _temporal_pool_backward_fake(grad_out, x, lengths, aux, mode, batch_first, bidirectional,
                                  score_weight, score_bias):
     op = "temporal_pool_backward"
@@ -432,6 +469,7 @@ def recorded_kernels() -> Iterator[List[str]]:
     "cpu:lstm_forward:avx512:cell-avx2", "cuda:lstm_backward:stepwise", ...; csrc/kernel_trace.h),
     in order, repeats included. Blocks may nest. Launches replayed from a CUDA graph are not seen.
     """
+    _require_kernels("ops.recorded_kernels")
     names: List[str] = []
     if _recorders:
         _drain_kernel_trace()

@@ -636,7 +636,7 @@ def test_export_applies_a_key_map_and_reports_errors(legacy_dir, tmp_path, capsy
     CNNLSTM(**LEGACY_CONFIG).load_state_dict(load_file(str(out)))
     assert cli(["export", str(legacy_dir / "checkpoint_epoch_0003.pth"),
                 "--safetensors", str(tmp_path / "x.safetensors")]) == 1
-    assert "truncated" in capsys.readouterr().out
+    assert "truncated" in capsys.readouterr().err
 
 
 @pytest.mark.cuda  # skipped without a GPU and the CUDA kernels (conftest.py)

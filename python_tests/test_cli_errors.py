@@ -132,7 +132,7 @@ def test_export_to_a_path_under_a_file_is_one_error_line(tmp_path, capsys):
     rc = main(["export", str(tmp_path / "missing.pth"), "--safetensors", str(out)])
     text = capsys.readouterr()
     assert rc == 1 and "Traceback" not in text.err
-    assert text.out.splitlines() == ["error: --safetensors %s: %s is a file, not a folder"
+    assert text.err.splitlines() == ["error: --safetensors %s: %s is a file, not a folder"
                                      % (out.parent, tmp_path / "file")]
 
 

@@ -1,22 +1,46 @@
-"""Export a checkpoint's model weights, for sharing without pickle.
+"""Export a checkpoint for sharing and deployment.
 
     cnnlstm-ext export FILE --safetensors OUT.safetensors [--key-map OLD=NEW ...]
+    cnnlstm-ext export FILE --onnx model.onnx [--pt2 model.pt2] [--lengths] [--frames T]
 
-Writes only the model state dict (no optimizer or scheduler state) as safetensors, with the
+--safetensors writes only the model state dict (no optimizer or scheduler state), with the
 epoch, best metrics, the config, the class names and the architecture read off the weights as
 string metadata: `cnnlstm_ext.load_model` and `cnnlstm-ext predict` read the file alone.
+
+--onnx and --pt2 write the model for inference: clips [B, T, 3, S, S] (float32, normalised as in
+training) -> logits [B, num_classes], B and T dynamic; with --lengths the model also takes
+lengths [B] (int64, each in [1, T]). The ONNX file uses standard operators only (onnxruntime
+runs it without this package); the .pt2 program (torch.export) keeps this package's fused ops,
+so `import cnnlstm_ext` before `torch.export.load`. Both carry the class names and the
+preprocessing (frames, frame size, resize, mean, std) as metadata.
 """
 import json
 import os
+import sys
 
 from ..checkpoint import (CheckpointError, apply_key_map, atomic_write, describe_state_dict,
                           normalize_checkpoint, read_checkpoint)
 
 
 def add_arguments(parser):
-    parser.add_argument("file", help="checkpoint file (.pth)")
-    parser.add_argument("--safetensors", required=True, metavar="OUT",
+    parser.add_argument("file", help="checkpoint file (.pth; --onnx/--pt2 also read a .safetensors "
+                                     "export)")
+    parser.add_argument("--safetensors", metavar="OUT",
                         help="write the weights to this .safetensors file")
+    parser.add_argument("--onnx", metavar="OUT",
+                        help="write the model to this ONNX file (standard operators only)")
+    parser.add_argument("--pt2", metavar="OUT",
+                        help="write the model as a torch.export program (torch.export.load)")
+    parser.add_argument("--lengths", action="store_true",
+                        help="--onnx/--pt2: the model also takes lengths [B] (clips of fewer "
+                             "valid frames than T)")
+    parser.add_argument("--frames", type=int, default=None, metavar="T",
+                        help="--onnx/--pt2: frames per clip of the example the export traces "
+                             "(default: the checkpoint's data.num_frames; any T runs later)")
+    parser.add_argument("--frame-size", type=int, default=None, metavar="S",
+                        help="--onnx/--pt2: frame height and width (default: the checkpoint's "
+                             "data.frame_size; fixed in the exported model)")
+    parser.add_argument("--opset", type=int, default=18, help="--onnx: the ONNX opset (>= 18)")
     parser.add_argument("--key-map", action="append", default=[], metavar="OLD=NEW",
                         help="rename keys with this prefix (re:REGEX=REPL for a regex); repeatable")
     parser.add_argument("--no-integrity-check", dest="check_integrity", action="store_false",
@@ -59,17 +83,85 @@ def export_safetensors(path, out, key_map=None, check_integrity=True) -> dict:
     return metadata
 
 
+def deployment_metadata(model, source: str, lengths: bool) -> dict:
+    """What a deployed model's user needs besides the weights, as strings: inputs, classes,
+    preprocessing, architecture."""
+    return {"source": os.path.basename(source),
+            "inputs": "clips [B, T, 3, S, S] float32" + (", lengths [B] int64" if lengths else ""),
+            "outputs": "logits [B, num_classes]",
+            "classes": json.dumps(list(model.classes)),
+            "preprocessing": json.dumps(model.preprocessing),
+            "cnnlstm_config": json.dumps(model.config)}
+
+
+def _check_arguments(args) -> None:
+    if not (args.safetensors or args.onnx or args.pt2):
+        raise ValueError("nothing to export: give --safetensors, --onnx and/or --pt2")
+    outputs = [o for o in (args.safetensors, args.onnx, args.pt2) if o]
+    if len({os.path.abspath(o) for o in outputs}) != len(outputs):
+        raise ValueError("--safetensors, --onnx and --pt2 must name different files")
+    if args.frames is not None and args.frames < 1:
+        raise ValueError("--frames must be >= 1, got %d" % args.frames)
+    if args.frame_size is not None and args.frame_size < 8:
+        raise ValueError("--frame-size must be >= 8, got %d" % args.frame_size)
+    if args.onnx:
+        if args.opset < 18:
+            raise ValueError("--opset must be >= 18 (the exporter's lowest), got %d" % args.opset)
+        import importlib.util
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError("--onnx needs the %s package%s: pip install %s"
+                             % (" and ".join(missing), "s" if len(missing) > 1 else "",
+                                " ".join(missing)))
+
+
 def run(args) -> int:
     from ..train.config import check_output_dir
 
     try:
-        check_output_dir(os.path.dirname(os.path.abspath(args.safetensors)), "--safetensors")
-        metadata = export_safetensors(args.file, args.safetensors, args.key_map or None,
-                                      check_integrity=args.check_integrity)
-    except (CheckpointError, OSError, ValueError, TypeError) as e:
-        print("error: %s" % " ".join(str(e).split()))
+        _check_arguments(args)
+    except ValueError as e:  # a usage error
+        print("error: %s" % " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    try:
+        for flag in ("safetensors", "onnx", "pt2"):  # before anything is read or traced
+            out = getattr(args, flag)
+            if out:
+                if os.path.isdir(out):
+                    raise ValueError("--%s %s is a folder; give a file name" % (flag, out))
+                check_output_dir(os.path.dirname(os.path.abspath(out)), "--" + flag)
+        if args.safetensors:
+            metadata = export_safetensors(args.file, args.safetensors, args.key_map or None,
+                                          check_integrity=args.check_integrity)
+            print("wrote %s (%s parameters, epoch %s)" % (
+                args.safetensors, f"{int(metadata['param_count']):,}", metadata.get("epoch", "?")))
+        if args.onnx or args.pt2:
+            _export_model(args)
+    except (CheckpointError, OSError, ValueError, TypeError, RuntimeError) as e:
+        print("error: %s" % " ".join(str(e).split()), file=sys.stderr)
         return 1
-    print("wrote %s (%s parameters, epoch %s)" % (args.safetensors,
-                                                 f"{int(metadata['param_count']):,}",
-                                                 metadata.get("epoch", "?")))
     return 0
+
+
+def _export_model(args) -> None:
+    import time
+
+    from ..export import save_onnx, save_pt2
+    from ..inference import load_model
+    from ..ops import _require_kernels
+
+    _require_kernels("export")  # before the checkpoint is read: the export needs the ops
+    model = load_model(args.file, key_map=list(args.key_map) or None,
+                       check_integrity=args.check_integrity and not args.safetensors)
+    frames = args.frames or int(model.preprocessing["num_frames"])
+    size = args.frame_size or int(model.preprocessing["frame_size"])
+    metadata = deployment_metadata(model, args.file, args.lengths)
+    shape = "clips [B, T, 3, %d, %d]%s" % (size, size, " + lengths [B]" if args.lengths else "")
+    for flag, save in (("onnx", save_onnx), ("pt2", save_pt2)):
+        out = getattr(args, flag)
+        if out:
+            start = time.perf_counter()
+            save(model, out, frames=frames, frame_size=size, lengths=args.lengths,
+                 metadata=metadata, **({"opset": args.opset} if flag == "onnx" else {}))
+            print("wrote %s (%s, B and T dynamic; %.1f s)"
+                  % (out, shape, time.perf_counter() - start))
