@@ -14,6 +14,7 @@
 
 #include "lstm/lstm.h"
 #include "lstm/lstm_cuda_common.cuh"
+#include "lstm/lstm_persistent_plan.h"
 #include "options.h"
 
 namespace cnnlstm_ext::lstm {
@@ -38,26 +39,34 @@ int grid_for(int64_t n) {
 //     slices mean fewer CTAs per barrier and less staging traffic, but more product per CTA.
 bool forced_persistent() { return options().lstm_path == LstmPath::kPersistent; }
 
-// Launch geometry of a persistent recurrence; ok=false when it cannot run co-resident, and then
-// why_not says why (the error of a forced persistent path).
-struct PersistentPlan {
-  bool ok = false;
-  std::string why_not;
-  bool mma = false;
-  int HB = 0, nblk = 0, BC = 0, BT = 0, ldw = 0, ldi = 0;
-  int off_in = 0, off_pre = 0, off_state = 0, off_part = 0;
-  size_t smem = 0;
-
+// A plan (lstm_persistent_plan.h) with the kernels' geometry.
+struct PersistentPlan : PersistentLayout {
   PersistentGeometry geometry(const LstmDims& d) const {
     return {static_cast<int>(d.T), static_cast<int>(d.B), static_cast<int>(d.H), static_cast<int>(d.D),
             HB, nblk, BC, ldw, ldi, off_in, off_pre, off_state, off_part};
   }
 };
 
+static_assert(kPersistentThreads == kThreads, "lstm_persistent_plan.h plans CTAs of kThreads");
+
+// The current GPU's limits, as the planner takes them.
+CardLimits current_card_limits() {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  CardLimits card;
+  card.name = prop->name;
+  card.sms = prop->multiProcessorCount;
+  card.smem_per_block = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  card.smem_per_sm = static_cast<int64_t>(prop->sharedMemPerMultiprocessor);
+  card.smem_reserved = static_cast<int64_t>(prop->reservedSharedMemPerBlock);
+  card.max_threads_per_sm = prop->maxThreadsPerMultiProcessor;
+  card.max_blocks_per_sm = prop->maxBlocksPerMultiProcessor;
+  return card;
+}
+
 template <typename Kernel>
 bool fits_coresident(Kernel kernel, size_t smem, int grid) {
+  // (smem is within the card's opt-in limit: plan_persistent_layout checked it.)
   const auto* prop = at::cuda::getCurrentDeviceProperties();
-  if (smem > prop->sharedMemPerBlockOptin) return false;
   C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
@@ -75,63 +84,18 @@ bool want_mma() {
   return sizeof(scalar_t) == 2 && options().lstm_mma;
 }
 
-// Shared memory, in order: w_s (own rows of w_hh, or own columns in backward), the staged chunk
-// of the exchanged matrix (h_{s-1}: [BC, H] forward, dG_{s+1}: [BC, 4H] backward), the forward's
-// recurrent product [B, 4HB], the own state slices [2, B, HB], and the MMA partial sums.
-// The smallest HB (most CTAs) whose grid can be co-resident wins.
+// The plan for this GPU: lstm_persistent_plan.h's arithmetic, with the driver's occupancy
+// answer (which also counts the kernel's registers) deciding co-residency.
 template <typename scalar_t, typename KernelFor>
 PersistentPlan plan_persistent_uncached(const LstmDims& d, bool forward, bool mma, int min_hb,
                                         KernelFor kernel_for) {
+  auto fits = [&](int BT, bool use_mma, size_t smem, int grid) {
+    return fits_coresident(kernel_for(BT, use_mma), smem, grid);
+  };
   PersistentPlan plan;
-  if (d.H % 32 != 0) {
-    plan.why_not = "the hidden size " + std::to_string(d.H) + " is not a multiple of 32";
-    return plan;
-  }
-  if (d.B > 1024) {
-    plan.why_not = "the batch " + std::to_string(d.B) + " exceeds 1024";
-    return plan;
-  }
-  const int BT = mma ? 8 : (d.B == 1 ? 1 : 4);       // batch rows per tile
-  const int64_t K = forward ? d.H : 4 * d.H;          // reduction length of the product
-  const int64_t in_elem = mma ? sizeof(scalar_t) : 4;
-  const int64_t pad = mma ? 8 : 0;                    // row padding (elements) for the MMA loads
-  for (int HB : {4, 8, 16, 32, 64}) {
-    if (d.H % HB != 0 || HB < min_hb) continue;
-    const int nblk = static_cast<int>(d.H / HB);
-    const int grid = static_cast<int>(d.D) * nblk;
-    const int64_t O = forward ? 4 * HB : HB;
-    const int64_t Opad = mma ? round_up(O, 16) : O;
-    // Stage up to 96 KiB of the exchanged matrix at a time.
-    int64_t BC = std::max<int64_t>(BT, (98304 / ((K + pad) * in_elem)) / BT * BT);
-    BC = std::min<int64_t>(BC, round_up(d.B, BT));
-    const int64_t w_bytes = round_up(Opad * (K + pad) * static_cast<int64_t>(sizeof(scalar_t)), 16);
-    const int64_t in_bytes = round_up(BC * (K + pad) * in_elem, 16);
-    const int64_t pre_bytes = forward ? round_up(d.B * O * 4, 16) : 0;
-    const int64_t state_bytes = round_up(2 * d.B * HB * 4, 16);
-    const int64_t part_bytes = mma ? 4 * std::max<int64_t>(1024, BC * Opad) : 0;
-    plan.ldw = static_cast<int>(K + pad);
-    plan.ldi = static_cast<int>(K + pad);
-    plan.off_in = static_cast<int>(w_bytes);
-    plan.off_pre = static_cast<int>(w_bytes + in_bytes);
-    plan.off_state = static_cast<int>(w_bytes + in_bytes + pre_bytes);
-    plan.off_part = static_cast<int>(w_bytes + in_bytes + pre_bytes + state_bytes);
-    plan.smem = static_cast<size_t>(w_bytes + in_bytes + pre_bytes + state_bytes + part_bytes);
-    if (fits_coresident(kernel_for(BT, mma), plan.smem, grid)) {
-      plan.ok = true;
-      plan.mma = mma;
-      plan.HB = HB;
-      plan.nblk = nblk;
-      plan.BC = static_cast<int>(BC);
-      plan.BT = BT;
-      return plan;
-    }
-  }
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  plan.why_not = std::string("no slice of hidden units (4 to 64 units per block, at least ") +
-                 std::to_string(min_hb) + ") fits " + std::to_string(d.D) + " x H/slice blocks of " +
-                 (mma ? "the tensor-core" : "the FMA") + " kernel co-resident on this GPU (" +
-                 std::to_string(prop->multiProcessorCount) + " SMs, " +
-                 std::to_string(prop->sharedMemPerBlockOptin) + " bytes of shared memory per block)";
+  static_cast<PersistentLayout&>(plan) = plan_persistent_layout(
+      d.B, d.H, d.D, forward, mma, static_cast<int64_t>(sizeof(scalar_t)), min_hb,
+      current_card_limits(), fits);
   return plan;
 }
 
