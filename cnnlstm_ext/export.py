@@ -53,8 +53,13 @@ def _dynamic_shapes(lengths: bool):
 
 def _frozen(model: nn.Module) -> nn.Module:
     """An inference copy: eval mode, no parameter asks for gradients (the LSTM op then saves no
-    activations for a backward: its extra outputs are empty)."""
-    frozen = copy.deepcopy(model).eval()
+    activations for a backward: its extra outputs are empty), and every nn.LSTM swapped for a
+    FusedLSTM with the same weights (nn.LSTM's export fixes T to the example's)."""
+    from .nn import fuse_lstm
+
+    frozen = fuse_lstm(copy.deepcopy(model)).eval()
+    if getattr(frozen, "fused", None) is False:  # a CNNLSTM(fused=False): its LSTM now is fused
+        frozen.fused = True
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen

@@ -103,6 +103,10 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     device with values in [1, T], or None. Returns y: [T, B, D*H] (zero past each length),
     h_n: [D, B, H], c_n: [D, B, H].
 
+    With projections (nn.LSTM's proj_size = P) each direction's weights end with w_hr [P, H],
+    w_hh is [4H, P], h0 is [D, B, P] and y, h_n have P columns: `lstm_layer_projected`, which
+    runs step by step in ATen ops (the fused kernels take layers without projections).
+
     Inside an autocast region x, h0 and c0 are cast to autocast's dtype for x's device (so the
     results come out in that dtype, as nn.LSTM's do), the op casts the weights (one copy per kind
     for both directions; their gradients come back in their own dtype) and runs with autocast off.
@@ -113,6 +117,12 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     if dtype is not None:
         with torch.autocast(device_type, enabled=False):
             return lstm_layer(x.to(dtype), weights, h0.to(dtype), c0.to(dtype), lengths)
+    if _projected(weights, h0):
+        # Layers with projections run step by step in ATen ops on every device (csrc/lstm/
+        # lstm_steps.cpp): a composite op, so autograd, vmap and fake tensors need nothing here.
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active()):
+            _reference_lengths("lstm_layer", lengths, x.shape[1], x.shape[0])
+        return torch.ops.cnnlstm_ext.lstm_layer_projected(x, weights, h0, c0, lengths)
     # The step-by-step reference serves what the kernels do not: an empty batch, which nn.LSTM
     # accepts (empty outputs, still functions of the weights: zero gradients), and the torch.func
     # transforms (with the kernels' checks of lengths).
@@ -133,6 +143,12 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     y, h_n, c_n, _, _ = torch.ops.cnnlstm_ext.lstm_layer_forward(
         x, weights, h0, c0, lengths, needs_grad)
     return y, h_n, c_n
+
+
+def _projected(weights: Sequence[Tensor], h0: Tensor) -> bool:
+    """Whether the layer has projections: 3 or 5 weights per direction (with w_hr [P, H])."""
+    D = h0.shape[0] if h0.dim() == 3 else 0
+    return D > 0 and len(weights) % D == 0 and len(weights) // D in (3, 5)
 
 
 _WEIGHT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh")

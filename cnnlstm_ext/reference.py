@@ -15,12 +15,14 @@ __all__ = ["lstm_layer"]
 def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
                lengths: Optional[Tensor] = None,
                round_to: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """The semantics of `torch.ops.cnnlstm_ext.lstm_layer_forward`, step by step.
+    """The semantics of `torch.ops.cnnlstm_ext.lstm_layer_forward`, step by step (and of
+    `lstm_layer_projected` when each direction also has w_hr).
 
-    x: [T, B, I]; weights: per direction w_ih [4H, I], w_hh [4H, H], then b_ih, b_hh [4H] if the
-    layer has biases; h0, c0: [D, B, H]; lengths: [B] (values in [1, T]) or None. Direction 1
-    reads sequence b backwards from step lengths[b] - 1. Returns y: [T, B, D*H] (zeros past each
-    length), h_n, c_n: [D, B, H].
+    x: [T, B, I]; weights: per direction w_ih [4H, I], w_hh [4H, P], then b_ih, b_hh [4H] if the
+    layer has biases, then w_hr [P, H] if it has projections (nn.LSTM's proj_size = P; P = H
+    without); h0: [D, B, P], c0: [D, B, H]; lengths: [B] (values in [1, T]) or None. Direction 1
+    reads sequence b backwards from step lengths[b] - 1; with projections h_t = w_hr (o_t *
+    tanh(c_t)). Returns y: [T, B, D*P] (zeros past each length), h_n: [D, B, P], c_n: [D, B, H].
 
     round_to (a 16-bit dtype, with float32 x): what the ops promise for 16-bit layers, computed in
     float32: the recurrent product's operand h_{s-1} and the outputs are rounded to round_to,
@@ -40,17 +42,18 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
         rnd_grad = rnd
     T, B, _ = x.shape
     D = h0.shape[0]
-    per = len(weights) // D
+    per = len(weights) // D  # 2, 3 (+ w_hr), 4 (+ biases) or 5 (+ both), as nn.LSTM's
     w_ih, w_hh = weights[0::per], weights[1::per]
-    bias = [weights[d * per + 2] + weights[d * per + 3] for d in range(D)] if per == 4 else None
-    H = w_hh[0].shape[1]
+    bias = [weights[d * per + 2] + weights[d * per + 3] for d in range(D)] if per >= 4 else None
+    w_hr = weights[per - 1::per] if per in (3, 5) else None
+    P = h0.shape[2]
     lengths = (torch.full((B,), T, dtype=torch.long) if lengths is None
                else lengths.to(device="cpu", dtype=torch.long))
     rows = torch.arange(B)
     outputs, h_n, c_n = [], [], []
     for d in range(D):
         h, c = h0[d], c0[d]
-        out = x.new_zeros(T, B, H)
+        out = x.new_zeros(T, B, P)
         for s in range(T):
             valid = s < lengths                                           # [B]
             t = torch.full((B,), s) if d == 0 else (lengths - 1 - s).clamp(min=0)
@@ -60,6 +63,8 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
             i, f, g, o = rnd_grad(gates).chunk(4, dim=1)
             c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h_new = torch.sigmoid(o) * torch.tanh(c_new)
+            if w_hr is not None:
+                h_new = h_new @ w_hr[d].t()
             m = valid[:, None].to(x.device)
             c = torch.where(m, c_new, c)
             h = torch.where(m, h_new, h)

@@ -38,6 +38,13 @@ TORCH_LIBRARY(cnnlstm_ext, m) {
   m.def("lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, "
         "Tensor[] weights, Tensor h0, Tensor c0, Tensor? lengths, Tensor y, Tensor gates, "
         "Tensor cell) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One layer of an LSTM with projections (nn.LSTM's proj_size = P > 0), D = 1 or 2 directions:
+  // h_t = w_hr (o_t * tanh(c_t)). weights per direction: w_ih [4H, I], w_hh [4H, P], then
+  // b_ih, b_hh [4H] if the layer has biases, then w_hr [P, H]; h0: [D, B, P], c0: [D, B, H];
+  // lengths as above. Returns y: [T, B, D*P], h_n: [D, B, P], c_n: [D, B, H]. Step by step in
+  // ATen ops on every device (csrc/lstm/lstm_steps.cpp), differentiable through them.
+  m.def("lstm_layer_projected(Tensor x, Tensor[] weights, Tensor h0, Tensor c0, Tensor? lengths) "
+        "-> (Tensor, Tensor, Tensor)");
   // POOLING SCHEMAS (frame_pool_*, temporal_pool_*) go below this line.
   // Per-frame CNN feature maps -> frame features in the layout the LSTM consumes, in one pass.
   //   x: [N, C, h, w] with N = B*T frames in (b, t) order (frame n = b*T + t), contiguous or

@@ -172,9 +172,11 @@ def test_export_with_lengths(tmp_path):
 
 
 @pytest.mark.parametrize("spec", [dict(pooling="max", bidirectional=False),
-                                  dict(pooling="attention", num_layers=1)],
-                         ids=["max-unidirectional", "attention-one-layer"])
+                                  dict(pooling="attention", num_layers=1, fused=False)],
+                         ids=["max-unidirectional", "attention-one-layer-unfused"])
 def test_onnx_lowering_of_other_poolings_and_layouts(tmp_path, spec):
+    """Max and attention pooling, one direction, and a model with torch's nn.LSTM (exported
+    through the fused op, whose export keeps T dynamic)."""
     from cnnlstm_ext.export import save_onnx
 
     torch.manual_seed(2)

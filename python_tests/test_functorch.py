@@ -104,6 +104,53 @@ def test_lstm_vmap_matches_calls_per_sample(rng):
     assert (got[:, 1:, 1] == 0).all()  # past the length of 1
 
 
+# --- batched gradients (vmap over the backward of the kernels' autograd) -------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lstm_batched_gradients_match_nn_lstm(device, rng):
+    """is_grads_batched=True: the forward ran the kernels, the backward runs under vmap."""
+    ref, fused = lstm_pair(torch.float64)
+    ref, fused = ref.to(device), fused.to(device)
+    x = rand(T, B, I, rng=rng, device=device).requires_grad_()
+    g_y = rand(6, T, B, 2 * H, rng=rng, device=device)
+    g_h = rand(6, 4, B, H, rng=rng, device=device)
+    outs = []
+    for m in (ref, fused):
+        y, (h, _) = m(x)
+        outs.append(torch.autograd.grad((y, h), (x, m.weight_hh_l1_reverse, m.bias_ih_l0),
+                                        (g_y, g_h), is_grads_batched=True))
+    for name, f, r in zip(("x", "weight_hh_l1_reverse", "bias_ih_l0"), outs[1], outs[0]):
+        assert f.shape[0] == 6
+        assert_close_rel(f, r, 1e-10, f"batched grad of {name}")
+
+
+def test_lstm_batched_gradients_with_lengths_match_one_backward_per_gradient(rng):
+    fused = FusedLSTM(I, H, 2, bidirectional=True, dtype=torch.float64)
+    x = rand(T, B, I, rng=rng).requires_grad_()
+    lengths = torch.tensor(LENGTHS)
+    y, _ = fused(x, lengths=lengths)
+    g = rand(3, T, B, 2 * H, rng=rng)
+    inputs = (x, fused.weight_ih_l1)
+    got = torch.autograd.grad(y, inputs, g, is_grads_batched=True, retain_graph=True)
+    for k in range(3):  # each through the fused backward kernel
+        want = torch.autograd.grad(y, inputs, g[k], retain_graph=True)
+        for a, b in zip(got, want):
+            assert_close_rel(a[k], b, 1e-10, "batched grad")
+
+
+def test_lstm_vectorized_jacobian_and_batched_gradcheck(rng):
+    ref, fused = lstm_pair(torch.float64)
+    x = rand(3, 2, I, rng=rng).requires_grad_()
+    jf = torch.autograd.functional.jacobian(lambda t: fused(t)[0], x, vectorize=True)
+    jr = torch.autograd.functional.jacobian(lambda t: ref(t)[0], x, vectorize=True)
+    assert_close_rel(jf, jr, 1e-10, "jacobian")
+    small = FusedLSTM(2, 3, bidirectional=True, dtype=torch.float64)
+    xs = rand(3, 2, 2, rng=rng).requires_grad_()
+    # gradcheck's default batched-gradient check, through the C++ autograd of the op.
+    assert torch.autograd.gradcheck(lambda t: small(t, lengths=torch.tensor([3, 1]))[0], (xs,),
+                                    check_batched_grad=True)
+
+
 FRAME_CASES = [("avg", False), ("max", False), ("avg", True), ("max", True)]
 
 

@@ -663,7 +663,7 @@ def test_adamw_training_continues_after_moving_state(direction, rng):
 
 
 class NestedLSTMs(nn.Module):
-    """LSTMs at several depths, plus one with projections that fuse_lstm must leave alone."""
+    """LSTMs at several depths, one of them with projections."""
 
     def __init__(self):
         super().__init__()
@@ -689,7 +689,7 @@ def test_fuse_unfuse_round_trip_keeps_parameters_and_outputs(rng):
     assert fuse_lstm(model) is model
     assert type(model.temporal["lstm"]) is FusedLSTM
     assert type(model.blocks[0][0]) is FusedLSTM
-    assert type(model.projected) is nn.LSTM  # proj_size > 0 is not fused
+    assert type(model.projected) is FusedLSTM and model.projected.proj_size == 2
     assert [(name, id(p)) for name, p in model.named_parameters()] == params_before
     out_fused = model(x)
     torch.testing.assert_close(out_fused, out_nn, rtol=1e-5, atol=1e-6)
@@ -898,13 +898,6 @@ def test_error_lengths_with_packed_sequence(bi2):
     packed = pack_padded_sequence(torch.randn(T, B, I), torch.tensor([5, 3, 1]))
     with pytest.raises(ValueError, match="lengths cannot be given with a PackedSequence"):
         bi2(packed, lengths=torch.tensor([5, 3, 1]))
-
-
-def test_error_proj_size_not_supported():
-    with pytest.raises(NotImplementedError, match="proj_size > 0"):
-        FusedLSTM(I, H, proj_size=2)
-    with pytest.raises(NotImplementedError, match="proj_size > 0"):
-        FusedLSTM.from_lstm(nn.LSTM(I, H, proj_size=2))
 
 
 def raw_inputs(D=2, **shapes):

@@ -38,9 +38,16 @@ def test_pickled_module_computes_the_same(config):
 
 
 @pytest.mark.parametrize("proj_size", [1, 3])
-def test_from_lstm_refuses_projections(proj_size):
-    with pytest.raises(NotImplementedError, match="proj_size > 0"):
-        FusedLSTM.from_lstm(nn.LSTM(5, 7, proj_size=proj_size))
+def test_from_lstm_and_to_lstm_keep_projections(proj_size):
+    lstm = nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=proj_size)
+    fused = FusedLSTM.from_lstm(lstm)
+    assert fused.proj_size == proj_size
+    assert all(a is b for a, b in zip(fused.parameters(), lstm.parameters()))
+    x = torch.randn(4, 2, 5)
+    torch.testing.assert_close(fused(x), lstm(x))
+    back = fused.to_lstm()
+    assert back.proj_size == proj_size
+    torch.testing.assert_close(back(x), lstm(x))
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

@@ -7,11 +7,13 @@ test/test_modules.py: module_inputs_torch_nn_LSTM, module_error_inputs_torch_nn_
 FusedLSTM in nn.LSTM's place. Every case runs on both modules and asserts the same exception type
 and message (nn.LSTM's words, as PyTorch's tests match them).
 """
+import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from cnnlstm_ext import FusedBiLSTM, FusedLSTM
 
@@ -122,12 +124,10 @@ def test_constructor_valid_arguments_give_nn_lstm_attributes(kwargs):
         [(n, p.shape) for n, p in ref.named_parameters()]
 
 
-def test_constructor_proj_size_refused_after_nn_lstm_checks():
-    # A valid proj_size passes nn.LSTM's checks and is then refused; an invalid one gets nn.LSTM's
-    # error first.
-    nn.LSTM(I, H, proj_size=2)
-    with pytest.raises(NotImplementedError, match="proj_size > 0"):
-        FusedLSTM(I, H, proj_size=2)
+def test_constructor_takes_a_valid_proj_size_and_refuses_an_invalid_one_as_nn_lstm():
+    fused, ref = FusedLSTM(I, H, proj_size=2), nn.LSTM(I, H, proj_size=2)
+    assert fused.proj_size == ref.proj_size == 2
+    assert fused.weight_hr_l0.shape == ref.weight_hr_l0.shape == (2, H)
     with pytest.raises(ValueError, match="proj_size has to be smaller than hidden_size"):
         FusedLSTM(I, H, proj_size=H)
 
@@ -408,17 +408,18 @@ def test_forward_matches_nn_lstm_when_dropout_changed_after_construction():
 
 
 def _module_inputs_lstm():
-    """module_inputs_torch_nn_LSTM's samples with proj_size 0 (FusedLSTM refuses the others)."""
+    """module_inputs_torch_nn_LSTM's samples (with and without projections)."""
     common_modules = pytest.importorskip("torch.testing._internal.common_modules")
     info = next(m for m in common_modules.module_db if m.module_cls is nn.LSTM)
     samples = info.module_inputs_func(info, device="cpu", dtype=torch.float32,
                                       requires_grad=False, training=False)
-    return [s for s in samples if s.constructor_input.kwargs["proj_size"] == 0]
+    return list(samples)
 
 
 def test_module_db_lstm_inputs_give_nn_lstm_outputs():
     samples = _module_inputs_lstm()
-    assert len(samples) == 16
+    assert len(samples) == 32
+    assert sum(s.constructor_input.kwargs["proj_size"] > 0 for s in samples) == 16
     for sample in samples:
         torch.manual_seed(0)
         ref = nn.LSTM(*sample.constructor_input.args, **sample.constructor_input.kwargs)
@@ -455,3 +456,43 @@ def test_assert_same_error_rejects_a_case_nn_lstm_accepts():
     # The helper itself: a valid case must not pass as an error case.
     with pytest.raises(AssertionError, match="nn.LSTM accepted the case"):
         assert_same_error(lambda: FusedLSTM(I, H), lambda: nn.LSTM(I, H))
+
+
+# --- pruning (test/nn/test_pruning.py's test_rnn_pruning, with FusedLSTM) ------------------------
+
+@pytest.mark.parametrize("cls", [nn.LSTM, FusedLSTM])
+def test_rnn_pruning(cls):
+    torch.manual_seed(0)
+    lstm = cls(32, 32)
+    # Four parameters: weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0; pruning one makes it
+    # a tensor computed from weight_ih_l0_orig and its mask.
+    prune.l1_unstructured(lstm, "weight_ih_l0", 0.5)
+    assert sum(isinstance(p, nn.Parameter) for p in lstm._flat_weights) == 3
+    prune.remove(lstm, "weight_ih_l0")
+    assert sum(isinstance(p, nn.Parameter) for p in lstm._flat_weights) == 4
+    assert "weight_ih_l0" in lstm._parameters
+    assert lstm._parameters["weight_ih_l0"] is not None
+    assert "weight_ih_l0_orig" not in lstm._parameters
+    assert "weight_ih_l0" in dict(lstm.named_parameters())
+    assert dict(lstm.named_parameters())["weight_ih_l0"] is not None
+    assert "weight_ih_l0_orig" not in dict(lstm.named_parameters())
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_pruned_fused_lstm_computes_with_the_pruned_weights(bidirectional):
+    torch.manual_seed(0)
+    ref = nn.LSTM(6, 8, 2, bidirectional=bidirectional)
+    fused = FusedLSTM.from_lstm(copy.deepcopy(ref))
+    for module in (ref, fused):
+        prune.l1_unstructured(module, "weight_hh_l1", 0.6)
+    assert torch.equal(fused.weight_hh_l1, ref.weight_hh_l1)
+    assert (fused.weight_hh_l1 == 0).float().mean() >= 0.55
+    x = torch.randn(5, 3, 6)
+    y_f, (h_f, _) = fused(x)
+    y_r, (h_r, _) = ref(x)
+    torch.testing.assert_close(y_f, y_r)
+    # The gradient reaches weight_hh_l1_orig through the mask, as in nn.LSTM.
+    g_f, = torch.autograd.grad(y_f.sum() + h_f.sum(), fused.weight_hh_l1_orig)
+    g_r, = torch.autograd.grad(y_r.sum() + h_r.sum(), ref.weight_hh_l1_orig)
+    torch.testing.assert_close(g_f, g_r)
+    assert torch.count_nonzero(g_f[fused.weight_hh_l1_mask == 0]) == 0

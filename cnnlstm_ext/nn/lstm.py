@@ -2,8 +2,9 @@
 
 Parameters carry `nn.LSTM`'s names, shapes, initialisation and registration order
 (`weight_ih_l{k}[_reverse]`, `weight_hh_l{k}[_reverse]`, `bias_ih_l{k}[_reverse]`,
-`bias_hh_l{k}[_reverse]`), so state dicts and optimizer states move between the two unchanged.
-Each layer runs both directions in one op call; inter-layer dropout is applied as nn.LSTM does.
+`bias_hh_l{k}[_reverse]`, `weight_hr_l{k}[_reverse]` with projections), so state dicts and
+optimizer states move between the two unchanged. Each layer runs both directions in one op call;
+inter-layer dropout is applied as nn.LSTM does.
 """
 import contextlib
 import math
@@ -67,7 +68,10 @@ class FusedLSTM(nn.Module):
     state at its last valid step (the first step for the reverse direction), as with packing.
     ``lengths`` on the CPU cost the GPU nothing; on a GPU they are read back once to be checked
     (except while a CUDA graph is captured, which takes them only on the GPU, unchecked).
-    ``proj_size > 0`` is not supported.
+    ``proj_size > 0`` (projections, as nn.LSTM's: ``h_t = W_hr (o_t * tanh(c_t))``, ``h_n`` and
+    the output of size proj_size) runs each layer step by step in ATen operators
+    (``cnnlstm_ext::lstm_layer_projected``) on every device: nn.LSTM's results and transforms,
+    without the fused kernels' speed.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -111,10 +115,6 @@ class FusedLSTM(nn.Module):
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
-        if proj_size > 0:
-            raise NotImplementedError(
-                "FusedLSTM does not support proj_size > 0 (LSTM with projections); use "
-                "torch.nn.LSTM for that configuration")
         num_directions = 2 if bidirectional else 1
         factory = {"device": device, "dtype": dtype}
         self._flat_weights_names: List[str] = []
@@ -123,15 +123,18 @@ class FusedLSTM(nn.Module):
         self._layer_names: List[List[str]] = []
         # (device, dtype, batch) -> per-layer (h0, c0) zeros: the initial state when hx is None.
         self._zero_state = None
+        real_hidden_size = proj_size if proj_size > 0 else hidden_size
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * num_directions
+            layer_input = input_size if layer == 0 else real_hidden_size * num_directions
             for direction in range(num_directions):
                 suffix = "_reverse" if direction == 1 else ""
                 params = [("weight_ih_l{}{}", (4 * hidden_size, layer_input)),
-                          ("weight_hh_l{}{}", (4 * hidden_size, hidden_size))]
+                          ("weight_hh_l{}{}", (4 * hidden_size, real_hidden_size))]
                 if bias:
                     params += [("bias_ih_l{}{}", (4 * hidden_size,)),
                                ("bias_hh_l{}{}", (4 * hidden_size,))]
+                if proj_size > 0:
+                    params += [("weight_hr_l{}{}", (proj_size, hidden_size))]
                 names = []
                 for fmt, shape in params:
                     name = fmt.format(layer, suffix)
@@ -210,6 +213,8 @@ class FusedLSTM(nn.Module):
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
         if self.num_layers != 1:
             s += ", num_layers={num_layers}"
         if self.bias is not True:
@@ -244,8 +249,10 @@ class FusedLSTM(nn.Module):
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {x.size(-1)}")
         if hx is not None:
-            expected = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
-            for name, t in zip(("hidden[0]", "hidden[1]"), hx):
+            layers = self.num_layers * (2 if self.bidirectional else 1)
+            for name, t, size in zip(("hidden[0]", "hidden[1]"), hx,
+                                     (self.proj_size or self.hidden_size, self.hidden_size)):
+                expected = (layers, batch, size)
                 if tuple(t.shape) != expected:
                     raise RuntimeError(f"Expected {name} size {expected}, got {list(t.shape)}")
             for t in hx:
@@ -276,7 +283,8 @@ class FusedLSTM(nn.Module):
             raise RuntimeError(f"expected a floating-point input, got {x.dtype}")
 
     def _layer_states(self, x: Tensor, hx: Optional[_HX], batch: int) -> List[_HX]:
-        """Per layer (h0, c0) [D, B, H]: views of hx, or zeros when hx is None.
+        """Per layer (h0 [D, B, P], c0 [D, B, H]; P = proj_size or H): views of hx, or zeros
+        when hx is None.
 
         The zeros are kept between calls of the same device, dtype and batch: the op only reads
         them, and a call saves their allocation and fill. (Not under compile, nor under a
@@ -288,17 +296,19 @@ class FusedLSTM(nn.Module):
         if torch.compiler.is_compiling() or ops.functorch_active() or torch.jit.is_tracing():
             # Fresh zeros, sized from x: a trace records x.size(1) (so it holds at other batch
             # sizes) and export keeps it symbolic, where a cached tensor would be a constant.
-            zeros = x.new_zeros(D, x.size(1), self.hidden_size)
-            return [(zeros, zeros)] * self.num_layers
+            return [self._zeros(x, D, x.size(1))] * self.num_layers
         key = (x.device, x.dtype, batch)
         if self._zero_state is None or self._zero_state[0] != key:
-            zeros = x.new_zeros(D, batch, self.hidden_size)
-            self._zero_state = (key, [(zeros, zeros)] * self.num_layers)
+            self._zero_state = (key, [self._zeros(x, D, batch)] * self.num_layers)
         return self._zero_state[1]
 
+    def _zeros(self, x: Tensor, D: int, batch) -> _HX:
+        c0 = x.new_zeros(D, batch, self.hidden_size)
+        return (x.new_zeros(D, batch, self.proj_size) if self.proj_size > 0 else c0), c0
+
     def _run(self, x: Tensor, states: List[_HX], lengths: Optional[Tensor]) -> Tuple[Tensor, _HX]:
-        """x: [T, B, I], states: per layer (h0, c0) [D, B, H] -> output [T, B, D*H],
-        (h_n, c_n) [L*D, B, H]."""
+        """x: [T, B, I], states: per layer (h0 [D, B, P], c0 [D, B, H]) -> output [T, B, D*P],
+        (h_n [L*D, B, P], c_n [L*D, B, H]); P = proj_size or H."""
         h_n, c_n = [], []
         y = x
         for layer, (h0, c0) in enumerate(states):
@@ -410,12 +420,10 @@ class FusedLSTM(nn.Module):
     @classmethod
     def from_lstm(cls, lstm: nn.LSTM) -> "FusedLSTM":
         """A FusedLSTM sharing `lstm`'s Parameter objects (so optimizers keep tracking them)."""
-        if lstm.proj_size > 0:
-            raise NotImplementedError("cannot fuse an nn.LSTM with proj_size > 0")
         p = lstm.weight_ih_l0
         with _source_warned():
             fused = FusedLSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias,
-                              lstm.batch_first, lstm.dropout, lstm.bidirectional,
+                              lstm.batch_first, lstm.dropout, lstm.bidirectional, lstm.proj_size,
                               device="meta", dtype=p.dtype)
         for name in fused._flat_weights_names:
             setattr(fused, name, getattr(lstm, name))
@@ -428,7 +436,7 @@ class FusedLSTM(nn.Module):
         p = self.weight_ih_l0
         with _source_warned():
             lstm = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, self.bias,
-                           self.batch_first, self.dropout, self.bidirectional,
+                           self.batch_first, self.dropout, self.bidirectional, self.proj_size,
                            device="meta", dtype=p.dtype)
         for name in self._flat_weights_names:
             setattr(lstm, name, getattr(self, name))
@@ -467,10 +475,9 @@ def _swap(model: nn.Module, convert, match) -> nn.Module:
 def fuse_lstm(model: nn.Module) -> nn.Module:
     """Replaces every nn.LSTM in `model` (in place) by a FusedLSTM sharing its parameters.
 
-    Returns `model` (or the fused module if `model` itself is an nn.LSTM). LSTMs with
-    proj_size > 0 are left as they are.
+    Returns `model` (or the fused module if `model` itself is an nn.LSTM).
     """
-    match = lambda m: isinstance(m, nn.LSTM) and m.proj_size == 0  # noqa: E731
+    match = lambda m: isinstance(m, nn.LSTM)  # noqa: E731
     if match(model):
         return FusedLSTM.from_lstm(model)
     return _swap(model, FusedLSTM.from_lstm, match)

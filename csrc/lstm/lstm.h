@@ -4,6 +4,7 @@
 #include <optional>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace cnnlstm_ext::lstm {
@@ -250,5 +251,16 @@ at::Tensor recurrent_weight_grad(const at::Tensor& dG, const at::Tensor& y, cons
   }
   return grad;
 }
+
+// One layer step by step in differentiable ATen ops (lstm_steps.cpp): the semantics of
+// lstm_layer_forward, and of lstm_layer_projected when each direction also has w_hr [P, H].
+//   x: [T, B, I]; weights per direction w_ih, w_hh[, b_ih, b_hh][, w_hr];
+//   h0: [D, B, P] (P = H without projections), c0: [D, B, H]; lengths: [B] int64 or undefined.
+//   Returns y: [T, B, D*P] (zero past each length), h_n: [D, B, P], c_n: [D, B, H].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_by_step_layer(const at::Tensor& x,
+                                                                  at::TensorList weights,
+                                                                  const at::Tensor& h0,
+                                                                  const at::Tensor& c0,
+                                                                  const at::Tensor& lengths);
 
 }  // namespace cnnlstm_ext::lstm

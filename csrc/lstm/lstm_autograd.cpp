@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "autograd_graph.h"
+#include "lstm.h"
 
 namespace cnnlstm_ext::lstm {
 namespace {
@@ -46,47 +47,6 @@ const auto& backward_op() {
   return op;
 }
 
-// One layer step by step in differentiable ATen ops, the semantics of lstm_layer_forward
-// (cnnlstm_ext/reference.py's lstm_layer): what double backward differentiates.
-//   x: [T, B, I], weights as the op takes them, h0, c0: [D, B, H], lengths: [B] or undefined.
-//   Returns y: [T, B, D*H] (zero past each length), h_n, c_n: [D, B, H].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reference_layer(const at::Tensor& x,
-                                                               at::TensorList weights,
-                                                               const at::Tensor& h0,
-                                                               const at::Tensor& c0,
-                                                               const at::Tensor& lengths) {
-  const int64_t T = x.size(0), B = x.size(1), D = h0.size(0), H = h0.size(2);
-  const int64_t per = static_cast<int64_t>(weights.size()) / D;
-  const auto long_options = x.options().dtype(at::kLong);
-  const at::Tensor len = lengths.defined() ? lengths.to(long_options) : at::full({B}, T, long_options);
-  const at::Tensor rows = at::arange(B, long_options);
-  std::vector<at::Tensor> ys, hs, cs;
-  for (int64_t d = 0; d < D; ++d) {
-    const auto w = [&](int64_t k) { return weights[d * per + k].to(x.scalar_type()); };
-    const at::Tensor w_ih = w(0), w_hh = w(1);
-    const at::Tensor bias = per == 4 ? w(2) + w(3) : at::Tensor();
-    at::Tensor h = h0[d], c = c0[d];
-    at::Tensor out = at::zeros({T, B, H}, x.options());
-    for (int64_t s = 0; s < T; ++s) {
-      const at::Tensor valid = (len > s).unsqueeze(1);                       // [B, 1]
-      const at::Tensor t = d == 0 ? at::full({B}, s, long_options) : (len - 1 - s).clamp_min(0);
-      const c10::List<std::optional<at::Tensor>> at_t({t, rows});
-      at::Tensor gates = at::matmul(at::index(x, at_t), w_ih.t()) + at::matmul(h, w_hh.t());
-      if (bias.defined()) gates = gates + bias;                                // [B, 4H]
-      const auto g = gates.chunk(4, 1);
-      const at::Tensor c_new = at::sigmoid(g[1]) * c + at::sigmoid(g[0]) * at::tanh(g[2]);
-      const at::Tensor h_new = at::sigmoid(g[3]) * at::tanh(c_new);
-      c = at::where(valid, c_new, c);
-      h = at::where(valid, h_new, h);
-      out = at::index_put(out, at_t, at::where(valid, h_new, at::index(out, at_t)));
-    }
-    ys.push_back(out);
-    hs.push_back(h);
-    cs.push_back(c);
-  }
-  return {at::cat(ys, 2), at::stack(hs), at::stack(cs)};
-}
-
 class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
  public:
   // x: [T, B, I], weights: per direction w_ih [4H, I], w_hh [4H, H] (, b_ih, b_hh [4H]),
@@ -110,12 +70,14 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     return {y, h_n, c_n, gates, cell};
   }
 
-  // The gradients of reference_layer's outputs against grad_outputs, with a graph of their own:
-  // one per forward argument, as backward returns them (undefined where none is needed).
-  static variable_list differentiable_gradients(const at::Tensor& x, at::TensorList weights,
-                                                const at::Tensor& h0, const at::Tensor& c0,
-                                                const at::Tensor& lengths,
-                                                const variable_list& grad_outputs) {
+  // The gradients of step_by_step_layer's outputs against grad_outputs: one per forward
+  // argument, as backward returns them (undefined where none is needed). With create_graph they
+  // have a graph of their own (double backward); grad_outputs may be batched tensors of a vmap.
+  static variable_list step_by_step_gradients(const at::Tensor& x, at::TensorList weights,
+                                              const at::Tensor& h0, const at::Tensor& c0,
+                                              const at::Tensor& lengths,
+                                              const variable_list& grad_outputs,
+                                              bool create_graph) {
     variable_list args{x};
     args.insert(args.end(), weights.begin(), weights.end());
     args.insert(args.end(), {h0, c0});
@@ -125,14 +87,22 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     }
     variable_list out(args.size() + 2);  // + lengths, train
     if (inputs.empty()) return out;
-    auto [y, h_n, c_n] = reference_layer(x, weights, h0, c0, lengths);
+    at::AutoGradMode grad_mode(true);  // the layer is recomputed with a graph
+    auto [y, h_n, c_n] = step_by_step_layer(x, weights, h0, c0, lengths);
     const variable_list g = torch::autograd::grad({y, h_n, c_n}, inputs, grad_outputs,
-                                                  /*retain_graph=*/true, /*create_graph=*/true,
+                                                  /*retain_graph=*/create_graph, create_graph,
                                                   /*allow_unused=*/true);
     for (size_t i = 0, k = 0; i < args.size(); ++i) {
       if (args[i].requires_grad()) out[i] = g[k++];
     }
     return out;
+  }
+
+  // Whether t is a batched tensor of vmap (torch.func.vmap, or the one under
+  // is_grads_batched=True and jacobian(vectorize=True)).
+  static bool batched(const at::Tensor& t) {
+    return t.defined() && (t.key_set().has(c10::DispatchKey::Batched) ||
+                           t.key_set().has(c10::DispatchKey::FuncTorchBatched));
   }
 
   // grads: {grad_y, grad_h_n, grad_c_n, (unused) x2} -> one gradient per forward argument:
@@ -144,11 +114,14 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     const auto given = [](const at::Tensor& g, const at::Tensor& like) {
       return g.defined() ? g.contiguous() : at::zeros_like(like);
     };
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True (a gradient penalty, gradgradcheck): gradients that are themselves
-      // differentiable, from the step-by-step layer; first-order training keeps the kernels.
-      return differentiable_gradients(x, weights, h0, c0, lengths,
-                                      {given(grads[0], y), given(grads[1], h0), given(grads[2], c0)});
+    const bool create_graph = at::GradMode::is_enabled();
+    if (create_graph || batched(grads[0]) || batched(grads[1]) || batched(grads[2])) {
+      // create_graph=True (a gradient penalty, gradgradcheck) or batched gradients (the backward
+      // op has no batching rule): the gradients of the step-by-step layer, whose ATen ops have
+      // both. First-order training keeps the kernels.
+      return step_by_step_gradients(x, weights, h0, c0, lengths,
+                                    {given(grads[0], y), given(grads[1], h0), given(grads[2], c0)},
+                                    create_graph);
     }
     auto [gx, gw_ih, gw_hh, gbias, gh0, gc0] = backward_op().call(
         given(grads[0], y), given(grads[1], h0), given(grads[2], c0), x, weights, h0, c0,
