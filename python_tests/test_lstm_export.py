@@ -133,10 +133,12 @@ def lstm_dims(lstm):
     return B, ({0: B, 1: T} if lstm.batch_first else {0: T, 1: B})
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("lstm", lstms(), ids=["FusedLSTM", "FusedBiLSTM"])
-def test_export_with_dynamic_batch_and_steps(lstm):
+def test_export_with_dynamic_batch_and_steps(lstm, strict):
     _, dims = lstm_dims(lstm)
-    program = torch.export.export(lstm, (padded(lstm, 2, 6),), dynamic_shapes=(dims,))
+    program = torch.export.export(lstm, (padded(lstm, 2, 6),), dynamic_shapes=(dims,),
+                                  strict=strict)
     exported = program.module()
     for B, T in ((3, 9), (5, 4), (1, 2)):
         x = padded(lstm, B, T, seed=B * 10 + T)

@@ -496,3 +496,53 @@ def test_pruned_fused_lstm_computes_with_the_pruned_weights(bidirectional):
     g_r, = torch.autograd.grad(y_r.sum() + h_r.sum(), ref.weight_hh_l1_orig)
     torch.testing.assert_close(g_f, g_r)
     assert torch.count_nonzero(g_f[fused.weight_hh_l1_mask == 0]) == 0
+
+
+# --- more of test/test_nn.py's LSTM tests, with FusedLSTM in nn.LSTM's place --------------------
+
+@pytest.mark.parametrize("cls", [nn.LSTM, FusedLSTM])
+@pytest.mark.parametrize("name,kwargs,num_params", [
+    ("weight_ih_l0", {}, 4), ("weight_hr_l0", {"proj_size": 16}, 5)])
+def test_rnn_weight_norm(cls, name, kwargs, num_params):
+    lstm = torch.nn.utils.weight_norm(cls(32, 32, **kwargs), name=name)
+    # The normalised weight becomes a tensor computed from name_g and name_v.
+    assert sum(isinstance(p, nn.Parameter) for p in lstm._flat_weights) == num_params - 1
+    x = torch.randn(3, 2, 32)
+    lstm(x)[0].sum().backward()
+    assert getattr(lstm, name + "_v").grad is not None
+    lstm = torch.nn.utils.remove_weight_norm(lstm, name=name)
+    assert sum(isinstance(p, nn.Parameter) for p in lstm._flat_weights) == num_params
+    assert name in lstm._parameters and lstm._parameters[name] is not None
+    params = dict(lstm.named_parameters())
+    assert name in params and params[name] is not None
+    assert name + "_v" not in lstm._parameters and name + "_g" not in lstm._parameters
+    assert name + "_v" not in params and name + "_g" not in params
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"proj_size": 2}, {"bidirectional": True}],
+                         ids=["plain", "proj", "bi"])
+def test_rnn_initial_hidden_state(kwargs):
+    lstm = FusedLSTM(10, 20, num_layers=2, **kwargs)
+    D = 2 if kwargs.get("bidirectional") else 1
+    x = torch.randn(5, 6, 10)
+    h0 = torch.zeros(2 * D, 6, kwargs.get("proj_size") or 20)
+    c0 = torch.zeros(2 * D, 6, 20)
+    output1, hidden1 = lstm(x, (h0, c0))
+    output2, hidden2 = lstm(x)
+    torch.testing.assert_close(output1, output2)
+    torch.testing.assert_close(hidden1, hidden2)
+
+
+def test_rnn_retain_variables():
+    torch.manual_seed(0)
+    lstm = FusedLSTM(10, 20, num_layers=2, bidirectional=True, dtype=torch.double)
+    x = torch.randn(5, 6, 10, dtype=torch.double, requires_grad=True)
+    output = lstm(x)
+    output[0].sum().backward(retain_graph=True)
+    grads = [x.grad.clone()] + [p.grad.clone() for p in lstm.parameters()]
+    for _ in range(4):
+        lstm.zero_grad()
+        x.grad.zero_()
+        output[0].sum().backward(retain_graph=True)
+        grads2 = [x.grad] + [p.grad for p in lstm.parameters()]
+        torch.testing.assert_close(grads, grads2)
