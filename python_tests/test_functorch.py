@@ -246,3 +246,20 @@ def test_model_func_grad_matches_autograd(rng):
     want = torch.autograd.grad(loss(params), list(params.values()))
     for (name, a), b in zip(got.items(), want):
         assert_close_rel(a, b, 1e-9, f"grad of {name}")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "last", "attention"])
+def test_model_batched_gradients_match_one_backward_per_gradient(pooling, rng):
+    """is_grads_batched=True through the whole model (frame pooling, LSTM, temporal pooling)."""
+    model = CNNLSTM(num_classes=5, spatial_dim=8, temporal_dim=6, num_layers=2, backbone="tiny",
+                    pooling=pooling).double().eval()
+    clips = rand(B, T, 3, 16, 16, rng=rng).requires_grad_()
+    lengths = torch.tensor(LENGTHS)
+    logits = model(clips, lengths)
+    g = rand(4, B, 5, rng=rng)
+    inputs = (clips, model.lstm.weight_hh_l1)
+    got = torch.autograd.grad(logits, inputs, g, is_grads_batched=True, retain_graph=True)
+    for k in range(4):
+        want = torch.autograd.grad(logits, inputs, g[k], retain_graph=True)
+        for a, b in zip(got, want):
+            assert_close_rel(a[k], b, 1e-10, f"batched grad {k}")
