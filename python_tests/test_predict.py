@@ -1,0 +1,271 @@
+"""`cnnlstm-ext predict` and the multi-clip reading behind it: a run trained on tiny videos,
+predicted on files, folders, frame folders and globs with a corrupt file among them."""
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cnnlstm_ext import load_model
+from cnnlstm_ext.cli import main
+from cnnlstm_ext.data import ClipTransform, read_video_frames, sample_indices, write_frame_folder
+from cnnlstm_ext.data.datasets import clip_transform
+from cnnlstm_ext.data.video_folder import VideoFolder
+from cnnlstm_ext.inference import VideoClips, clip_indices, find_videos, predict_videos
+from cnnlstm_ext.train import Config
+from conftest import subprocess_env
+from video_runs import make_class_videos, train_folder_run, write_clip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, one_thread):
+    """(best checkpoint, data folder, new videos folder with one corrupt file)."""
+    base = tmp_path_factory.mktemp("predict")
+    data = base / "data"
+    make_class_videos(data)
+    ckpt = os.path.join(train_folder_run(base / "runs", data), "best_checkpoint.pth")
+    new = base / "new"
+    new.mkdir()
+    write_clip(new / "a.mp4", 0, 9, seed=100)
+    write_clip(new / "b.mp4", 2, 14, seed=101)
+    with open(data / "class1" / "v2.mp4", "rb") as f:
+        (new / "broken.mp4").write_bytes(f.read(1500))  # the first 1.5 kB of a video
+    frames = read_video_frames(str(data / "class1" / "v3.mp4"))
+    write_frame_folder(str(new / "frames_c"), frames)
+    return ckpt, data, new
+
+
+def _predict(capsys, *argv):
+    rc = main(["predict", *map(str, argv), "--no-progress"])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+# --- clip sampling ----------------------------------------------------------------------------
+
+def test_one_clip_is_the_centred_clip_evaluation_uses():
+    for n, T in [(10, 4), (37, 16), (16, 16), (100, 7)]:
+        assert clip_indices(n, T, 1)[0].tolist() == sample_indices(n, T).tolist()
+
+
+@pytest.mark.parametrize("n,T,K", [(40, 4, 5), (37, 16, 2), (90, 12, 3), (20, 16, 4)])
+def test_k_clips_take_one_frame_of_every_segment_each(n, T, K):
+    idx = clip_indices(n, T, K)
+    assert idx.shape == (K, T)
+    seg = n / T
+    for t in range(T):
+        lo, hi = int(seg * t), int(seg * (t + 1) - 1e-9)
+        assert ((idx[:, t] >= lo) & (idx[:, t] <= hi)).all(), (t, idx[:, t])
+    assert (idx.diff(dim=1) > 0).all()  # each clip runs forward in time
+    if seg >= K:  # room for K different frames per segment: the clips differ everywhere
+        assert (idx.diff(dim=0) > 0).all()
+
+
+def test_k_clips_spread_over_each_segment_symmetrically():
+    idx = clip_indices(100, 10, 5)  # segments of 10 frames: offsets 1, 3, 5, 7, 9
+    assert idx[:, 0].tolist() == [1, 3, 5, 7, 9] and idx[:, 9].tolist() == [91, 93, 95, 97, 99]
+
+
+def test_a_short_video_is_one_clip_of_all_its_frames():
+    assert clip_indices(3, 8, 5).tolist() == [[0, 1, 2]]
+    with pytest.raises(ValueError, match="at least one frame"):
+        clip_indices(0, 8, 1)
+    with pytest.raises(ValueError, match="clips must be >= 1"):
+        clip_indices(10, 8, 0)
+
+
+def test_video_clips_read_the_frames_clip_indices_names(run):
+    _, data, _ = run
+    path = str(data / "class2" / "v3.mp4")  # 15 frames
+    prep = dict(num_frames=4, frame_size=16, resize_to=None, mean=[0.5] * 3, std=[0.25] * 3)
+    item = VideoClips([path], prep, clips=3)[0]
+    assert item["error"] is None and item["clips"].shape == (3, 4, 3, 16, 16)
+    assert item["lengths"].tolist() == [4, 4, 4]
+    frames = read_video_frames(path)
+    transform = ClipTransform(size=16, train=False, mean=(0.5,) * 3, std=(0.25,) * 3)
+    for k, idx in enumerate(clip_indices(frames.shape[0], 4, 3)):
+        torch.testing.assert_close(item["clips"][k], transform(frames[idx]))
+
+
+def test_video_clips_pad_a_short_video_and_report_its_length(tmp_path):
+    write_clip(tmp_path / "short.mp4", 1, 3, seed=5)
+    prep = dict(num_frames=6, frame_size=16, resize_to=None, mean=[0.5] * 3, std=[0.25] * 3)
+    item = VideoClips([str(tmp_path / "short.mp4")], prep, clips=4)[0]
+    assert item["clips"].shape == (1, 6, 3, 16, 16) and item["lengths"].tolist() == [3]
+    assert (item["clips"][0, 3:] == 0).all() and (item["clips"][0, :3] != 0).any()
+
+
+# --- finding videos ---------------------------------------------------------------------------
+
+def test_find_videos_takes_files_folders_frame_folders_and_globs(run):
+    _, data, new = run
+    found = find_videos([str(new / "a.mp4"), str(data / "class0"), str(new / "frames_c"),
+                         str(data / "*" / "v1.mp4"), str(new)])
+    assert found[:8] == [str(new / "a.mp4")] + [str(data / "class0" / ("v%d.mp4" % i))
+                                               for i in range(4)] + [
+        str(new / "frames_c"), str(data / "class1" / "v1.mp4"), str(data / "class2" / "v1.mp4")]
+    # the folder: its frame folder as one video, its files sorted; nothing twice
+    assert found[8:] == [str(new / "b.mp4"), str(new / "broken.mp4")]
+
+
+def test_find_videos_names_what_it_cannot_use(run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder: .*nothing.mp4"):
+        find_videos([str(tmp_path / "nothing.mp4")])
+    with pytest.raises(FileNotFoundError, match="matches no video"):
+        find_videos([str(tmp_path / "*.mp4")])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="notes.txt is not a video file"):
+        find_videos([str(tmp_path / "notes.txt")])
+
+
+# --- predict ----------------------------------------------------------------------------------
+
+def test_predict_json_gives_every_good_video_its_top_k_and_the_bad_one_its_error(run, capsys):
+    ckpt, data, new = run
+    rc, out, err = _predict(capsys, ckpt, new, data / "class0" / "v1.mp4", "--json", "--top", 2,
+                            "--num-workers", 0)
+    assert rc == 1  # one file could not be read
+    results = {os.path.basename(r["path"]): r for r in json.loads(out)}
+    assert sorted(results) == ["a.mp4", "b.mp4", "broken.mp4", "frames_c", "v1.mp4"]
+    assert results["broken.mp4"]["predictions"] == [] and results["broken.mp4"]["error"]
+    assert err.count("error:") == 1 and "broken.mp4" in err and "Traceback" not in err
+    for name in ("a.mp4", "b.mp4", "frames_c", "v1.mp4"):
+        r = results[name]
+        assert r["error"] is None and r["clips"] == 1
+        probs = [p["probability"] for p in r["predictions"]]
+        assert len(probs) == 2 and probs[0] >= probs[1] > 0 and sum(probs) < 1
+        assert {p["class"] for p in r["predictions"]} <= {"class0", "class1", "class2"}
+
+
+def test_predict_probabilities_are_the_models_on_the_evaluation_clip(run, capsys):
+    ckpt, data, _ = run
+    rc, out, _ = _predict(capsys, ckpt, data / "class2", "--json", "--top", 3,
+                          "--num-workers", 0, "--batch-size", 3)
+    assert rc == 0
+    results = json.loads(out)
+    model = load_model(ckpt)
+    ckpt_cfg = torch.load(ckpt, weights_only=True)["config"]
+    cfg = Config.from_dict(ckpt_cfg)
+    # the evaluation pipeline of training: VideoFolder with the eval transform
+    ds = VideoFolder(str(data), cfg.data.num_frames, clip_transform(cfg.data, False),
+                     classes=model.classes)
+    for r in results:
+        i = [rec.path for rec in ds.records].index(r["path"])
+        clip, _, length = ds[i]
+        with torch.no_grad():
+            p = model(clip[None], torch.tensor([length])).softmax(1)[0]
+        got = {x["class"]: x["probability"] for x in r["predictions"]}
+        assert sum(got.values()) == pytest.approx(1, abs=1e-5)
+        for c, name in enumerate(model.classes):
+            assert got[name] == pytest.approx(float(p[c]), abs=1e-5)
+
+
+def test_predict_clips_average_the_probabilities_of_k_clips(run, capsys):
+    ckpt, data, _ = run
+    path = data / "class1" / "v3.mp4"  # 15 frames: 3 clips of 4 differ
+    rc, out, _ = _predict(capsys, ckpt, path, "--json", "--clips", 3, "--top", 3,
+                          "--num-workers", 0)
+    assert rc == 0
+    (r,) = json.loads(out)
+    assert r["clips"] == 3
+    model = load_model(ckpt)
+    clips = VideoClips([str(path)], model.preprocessing, clips=3)[0]["clips"]
+    with torch.no_grad():
+        each = model(clips).softmax(1)                              # [3, C]
+    assert not torch.allclose(each[0], each[1])  # the clips do differ
+    got = {x["class"]: x["probability"] for x in r["predictions"]}
+    for c, name in enumerate(model.classes):
+        assert got[name] == pytest.approx(float(each[:, c].mean()), abs=1e-5)
+
+
+def test_predict_with_workers_and_batches_equals_one_process(run, capsys, tmp_path):
+    ckpt, data, new = run
+    args = [ckpt, data, new, "--json", "--clips", 2]
+    _, one, _ = _predict(capsys, *args, "--num-workers", 0, "--batch-size", 1)
+    # Decoding workers are forked processes: run them from a fresh process, as the command
+    # runs (this one has decoded videos already, and a decoder's threads do not survive a fork).
+    done = subprocess.run([sys.executable, "-m", "cnnlstm_ext", "predict", *map(str, args),
+                           "--num-workers", "2", "--batch-size", "5", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=subprocess_env())
+    assert done.returncode == 1 and done.stderr.count("error:") == 1
+    one, many = json.loads(one), json.loads(done.stdout)
+    assert [r["path"] for r in one] == [r["path"] for r in many] and len(one) == 16
+    for a, b in zip(one, many):
+        assert a["error"] == b["error"] and a["clips"] == b["clips"]
+        for x, y in zip(a["predictions"], b["predictions"]):
+            assert x["class"] == y["class"] and x["probability"] == pytest.approx(
+                y["probability"], abs=1e-6)
+
+
+def test_predict_csv_and_table(run, capsys):
+    ckpt, _, new = run
+    rc, out, _ = _predict(capsys, ckpt, new, "--csv", "--top", 2, "--num-workers", 0)
+    assert rc == 1
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0] == ["path", "clips", "top1", "p1", "top2", "p2", "error"]
+    by_name = {os.path.basename(r[0]): r for r in rows[1:]}
+    assert by_name["broken.mp4"][2:6] == ["", "", "", ""] and by_name["broken.mp4"][6]
+    assert by_name["a.mp4"][6] == "" and float(by_name["a.mp4"][3]) >= float(by_name["a.mp4"][5])
+    rc, out, err = _predict(capsys, ckpt, new, "--top", 2, "--num-workers", 0)
+    lines = out.splitlines()
+    assert rc == 1 and len(lines) == 4
+    broken = [line for line in lines if "broken.mp4" in line]
+    assert len(broken) == 1 and "error:" in broken[0]
+    assert all(line.count(" 0.") == 2 for line in lines if "broken" not in line)
+
+
+def test_predict_shows_a_progress_bar(run, capsys):
+    ckpt, _, new = run
+    rc = main(["predict", ckpt, str(new / "a.mp4"), "--num-workers", "0"])
+    assert rc == 0 and "predict" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--clips", "0"], "--clips must be >= 1"),
+    (["--top", "0"], "--top must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0"),
+])
+def test_predict_refuses_bad_options_in_one_line(run, capsys, argv, message):
+    ckpt, _, new = run
+    rc, out, err = _predict(capsys, ckpt, new / "a.mp4", *argv)
+    assert rc == 2 and out == "" and err.strip() == "error: " + message + ", got %s" % argv[1]
+
+
+def test_predict_names_a_missing_input_or_checkpoint(run, capsys, tmp_path):
+    ckpt, _, new = run
+    rc, _, err = _predict(capsys, ckpt, tmp_path / "gone.mp4")
+    assert rc == 2 and err.startswith("error: no such file or folder") and "gone.mp4" in err
+    rc, _, err = _predict(capsys, tmp_path / "none.pth", new / "a.mp4")
+    assert rc == 2 and err.count("\n") == 1 and "none.pth" in err and "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    rc, _, err = _predict(capsys, ckpt, tmp_path / "empty")
+    assert rc == 2 and "no video files or frame folders" in err
+
+
+def test_predict_refuses_a_checkpoint_with_nan_weights(run, capsys, tmp_path):
+    ckpt, _, new = run
+    state = torch.load(ckpt, weights_only=True)
+    state.pop("integrity")
+    state["model_state_dict"]["classifier.weight"].fill_(float("nan"))
+    torch.save(state, tmp_path / "nan.pth")
+    rc, out, err = _predict(capsys, tmp_path / "nan.pth", new / "a.mp4")
+    assert rc == 2 and out == "" and "NaN/Inf" in err and "classifier.weight" in err
+
+
+def test_predict_videos_in_python_keeps_the_input_order(run):
+    ckpt, data, new = run
+    model = load_model(ckpt)
+    videos = [str(new / "broken.mp4"), str(data / "class0" / "v0.mp4"), str(new / "frames_c")]
+    results = predict_videos(model, videos, clips=2, topk=1)
+    assert [r["path"] for r in results] == videos
+    assert results[0]["error"] and results[0]["top"] == []
+    assert [len(r["top"]) for r in results[1:]] == [1, 1]
+    assert [r["clips"] for r in results] == [0, 2, 2]
