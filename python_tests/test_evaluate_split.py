@@ -1,0 +1,179 @@
+"""`cnnlstm-ext evaluate` on the data a run trained on: only the run's validation clips by default
+(recorded in its checkpoints), --all for every clip, --clips K, unreadable videos left out."""
+import csv
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from cnnlstm_ext import CNNLSTM
+from cnnlstm_ext.checkpoint import save_checkpoint
+from cnnlstm_ext.cli import main
+from cnnlstm_ext.data.datasets import build_datasets
+from cnnlstm_ext.train import Config
+from video_runs import folder_config, make_class_videos, train_folder_run, write_clip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory, one_thread):
+    """(data folder, best checkpoint) of a run on a class-per-folder set, a quarter held out."""
+    base = tmp_path_factory.mktemp("held_out")
+    data = base / "data"
+    make_class_videos(data)
+    ckpts = train_folder_run(base / "runs", data)
+    return data, os.path.join(ckpts, "best_checkpoint.pth")
+
+
+def _evaluate(capsys, *argv):
+    rc = main(["evaluate", *map(str, argv), "--no-progress", "--num-workers", "0"])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _scored(out_dir):
+    with open(os.path.join(str(out_dir), "predictions.csv")) as f:
+        return [row["clip"] for row in csv.DictReader(f)]
+
+
+def _recorded(ckpt):
+    split = torch.load(ckpt, weights_only=True)["trainer_state"]["val_split"]
+    return split, [os.path.join(split["root"], p) for p in split["clips"]]
+
+
+def test_the_checkpoint_records_the_validation_clips(held_out):
+    data, ckpt = held_out
+    split, paths = _recorded(ckpt)
+    assert split["root"] == str(data) and len(paths) == 3  # one of each class's 4
+    assert sorted(os.path.dirname(p) for p in paths) == [str(data / c) for c in
+                                                         ("class0", "class1", "class2")]
+    cfg = folder_config("unused", data)
+    _, val, _ = build_datasets(cfg.data, seed=cfg.train.seed)
+    assert sorted(paths) == sorted(r.path for r in val.records)
+
+
+def test_evaluate_on_the_runs_data_scores_its_validation_clips_and_says_so(held_out, capsys,
+                                                                          tmp_path):
+    data, ckpt = held_out
+    rc, out, _ = _evaluate(capsys, ckpt, data, "--out", tmp_path / "val")
+    assert rc == 0
+    assert out.splitlines()[0].startswith("scoring the run's 3 validation clips (recorded in "
+                                          "the checkpoint) of the 12 clips")
+    assert "--all scores every clip" in out.splitlines()[0]
+    assert sorted(_scored(tmp_path / "val")) == sorted(_recorded(ckpt)[1])
+    metrics = json.loads((tmp_path / "val" / "metrics.json").read_text())
+    assert metrics["count"] == 3
+    best = torch.load(ckpt, weights_only=True)
+    assert metrics["acc"] == pytest.approx(best["val_acc"])  # what training measured
+
+
+def test_evaluate_all_scores_every_clip(held_out, capsys, tmp_path):
+    data, ckpt = held_out
+    rc, out, _ = _evaluate(capsys, ckpt, data, "--all", "--out", tmp_path / "all")
+    assert rc == 0 and "scoring all 12 clips" in out and "training clips included" in out
+    assert len(_scored(tmp_path / "all")) == 12
+
+
+def test_the_default_output_folder_says_which_clips(held_out, capsys):
+    data, ckpt = held_out
+    run_dir = os.path.dirname(os.path.dirname(ckpt))
+    assert _evaluate(capsys, ckpt, data)[0] == 0
+    assert len(_scored(os.path.join(run_dir, "evaluation", "data-val"))) == 3
+
+
+def test_the_recorded_split_holds_when_the_folder_changes(held_out, capsys, tmp_path):
+    data, ckpt = held_out
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    for i in range(4, 8):  # new clips, which would move a split drawn again
+        write_clip(copy / "class1" / ("w%d.mp4" % i), 1, 8, seed=50 + i)
+    # a copy elsewhere is the run's data too: it holds every recorded clip
+    rc, out, _ = _evaluate(capsys, ckpt, copy, "--out", tmp_path / "val")
+    assert rc == 0 and "3 validation clips (recorded in the checkpoint) of the 16 clips" in out
+    expected = sorted(str(copy) + p[len(str(data)):] for p in _recorded(ckpt)[1])
+    assert sorted(_scored(tmp_path / "val")) == expected
+    os.remove(expected[0])
+    rc, out, _ = _evaluate(capsys, ckpt, copy, "--out", tmp_path / "val2")
+    assert rc == 0 and not out.startswith("scoring")  # no longer holds them all: other data
+    assert len(_scored(tmp_path / "val2")) == 15
+
+
+def test_a_checkpoint_without_a_record_holds_the_split_out_again(held_out, capsys, tmp_path):
+    data, ckpt = held_out
+    state = torch.load(ckpt, weights_only=True)
+    state.pop("integrity")
+    del state["trainer_state"]["val_split"]
+    old = tmp_path / "old.pth"
+    torch.save(state, old)
+    rc, out, _ = _evaluate(capsys, old, data, "--out", tmp_path / "val")
+    assert rc == 0 and "held out again with data.val_fraction=0.25 and train.seed=0" in out
+    assert sorted(_scored(tmp_path / "val")) == sorted(_recorded(ckpt)[1])
+
+
+def test_split_folders_score_the_val_split(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_class_videos(data / "train", per_class=2)
+    make_class_videos(data / "val", per_class=1, first_seed=100)
+    ckpt = os.path.join(train_folder_run(tmp_path / "runs", data, epochs=1),
+                        "latest_checkpoint.pth")
+    rc, out, _ = _evaluate(capsys, ckpt, data, "--out", tmp_path / "val")
+    assert rc == 0 and "3 validation clips (its 'val' split) of the 9 clips" in out
+    assert all("/val/" in p for p in _scored(tmp_path / "val"))
+    rc, out, _ = _evaluate(capsys, ckpt, data, "--all", "--out", tmp_path / "all")
+    assert rc == 0 and len(_scored(tmp_path / "all")) == 9
+
+
+def test_another_folder_is_scored_whole_without_a_note(held_out, capsys, tmp_path):
+    _, ckpt = held_out
+    other = tmp_path / "other"
+    make_class_videos(other, per_class=2, first_seed=200)
+    rc, out, _ = _evaluate(capsys, ckpt, other, "--out", tmp_path / "o")
+    assert rc == 0 and not out.startswith("scoring") and len(_scored(tmp_path / "o")) == 6
+
+
+def test_evaluate_clips_k_averages_as_predict_does(held_out, capsys, tmp_path):
+    data, ckpt = held_out
+    rc, out, _ = _evaluate(capsys, ckpt, data, "--all", "--clips", 3, "--out", tmp_path / "k")
+    assert rc == 0 and "12 clips, 3 per video" in out
+    with open(tmp_path / "k" / "predictions.csv") as f:
+        rows = {r["clip"]: r for r in csv.DictReader(f)}
+    assert main(["predict", ckpt, str(data), "--clips", "3", "--json", "--top", "1",
+                 "--num-workers", "0", "--no-progress"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    assert len(predicted) == 12
+    for p in predicted:
+        row = rows[p["path"]]
+        assert row["prediction_name"] == p["predictions"][0]["class"]
+        assert float(row["confidence"]) == pytest.approx(p["predictions"][0]["probability"],
+                                                         abs=1e-5)
+    metrics = json.loads((tmp_path / "k" / "metrics.json").read_text())
+    assert metrics["clips_per_video"] == 3 and metrics["count"] == 12
+
+
+def test_an_unreadable_video_is_left_out_and_named(held_out, capsys, tmp_path):
+    _, ckpt = held_out
+    other = tmp_path / "other"
+    make_class_videos(other, per_class=2, first_seed=300)
+    (other / "class2" / "zz.mp4").write_bytes(b"not a video at all")
+    rc, out, err = _evaluate(capsys, ckpt, other, "--out", tmp_path / "o")
+    assert rc == 1 and "1 unreadable video left out" in out
+    assert err.count("error:") == 1 and "zz.mp4" in err and "Traceback" not in err
+    assert len(_scored(tmp_path / "o")) == 6
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["count"] == 6 and metrics["unreadable"] == [str(other / "class2" / "zz.mp4")]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--all"], "--all: the synthetic training clips are drawn afresh every epoch"),
+    (["--clips", "2"], "--clips 2: synthetic clips are generated at data.num_frames"),
+    (["--clips", "0"], "--clips must be >= 1, got 0"),
+])
+def test_evaluate_refuses_what_cannot_be_done_in_one_line(tmp_path, capsys, argv, message):
+    cfg = Config()
+    cfg.model["num_classes"] = 3
+    save_checkpoint(tmp_path / "c.pth", model=CNNLSTM(**cfg.model), epoch=1, config=cfg.to_dict())
+    rc, out, err = _evaluate(capsys, tmp_path / "c.pth", "synthetic", *argv)
+    assert rc == 2 and err.startswith("error: " + message) and err.count("\n") == 1
