@@ -12,7 +12,7 @@ from cnnlstm_ext import CNNLSTM
 from cnnlstm_ext.checkpoint import save_checkpoint
 from cnnlstm_ext.cli import main
 from cnnlstm_ext.data.datasets import build_datasets
-from cnnlstm_ext.train import Config
+from cnnlstm_ext.train import Config, Trainer
 from video_runs import folder_config, make_class_videos, train_folder_run, write_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,3 +177,32 @@ def test_evaluate_refuses_what_cannot_be_done_in_one_line(tmp_path, capsys, argv
     save_checkpoint(tmp_path / "c.pth", model=CNNLSTM(**cfg.model), epoch=1, config=cfg.to_dict())
     rc, out, err = _evaluate(capsys, tmp_path / "c.pth", "synthetic", *argv)
     assert rc == 2 and err.startswith("error: " + message) and err.count("\n") == 1
+
+
+def test_a_wlasl_run_scores_its_val_split_from_the_json_or_the_video_folder(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    entries = []
+    for c, gloss in enumerate(["book", "drink", "go"]):
+        instances = []
+        for i, split in enumerate(["train", "train", "val"]):
+            video_id = "%05d" % (10 * c + i)
+            write_clip(videos / (video_id + ".mp4"), c, 8 + i, seed=400 + 10 * c + i)
+            instances.append({"video_id": video_id, "split": split, "frame_start": 1,
+                              "frame_end": -1})
+        entries.append({"gloss": gloss, "instances": instances})
+    annotations = tmp_path / "WLASL.json"
+    annotations.write_text(json.dumps(entries))
+    cfg = folder_config(tmp_path / "runs", videos, epochs=1)
+    cfg.data.dataset, cfg.data.annotations = "wlasl", str(annotations)
+    Trainer(cfg).fit()
+    ckpt = tmp_path / "runs" / "run" / "checkpoints" / "latest_checkpoint.pth"
+    for data in (annotations, videos):
+        rc, out, _ = _evaluate(capsys, ckpt, data, "--out", tmp_path / "val")
+        assert rc == 0 and "3 validation clips (its 'val' split) of the 9 clips" in out
+        assert sorted(os.path.basename(p) for p in _scored(tmp_path / "val")) == [
+            "00002.mp4", "00012.mp4", "00022.mp4"]
+    rc, out, _ = _evaluate(capsys, ckpt, annotations, "--all", "--out", tmp_path / "all")
+    assert rc == 0 and len(_scored(tmp_path / "all")) == 9
+    rc, out, _ = _evaluate(capsys, ckpt, annotations, "--split", "train", "--out", tmp_path / "t")
+    assert rc == 0 and not out.startswith("scoring") and len(_scored(tmp_path / "t")) == 6

@@ -269,3 +269,15 @@ def test_predict_videos_in_python_keeps_the_input_order(run):
     assert results[0]["error"] and results[0]["top"] == []
     assert [len(r["top"]) for r in results[1:]] == [1, 1]
     assert [r["clips"] for r in results] == [0, 2, 2]
+
+
+def test_predict_help_explains_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "usage: cnnlstm-ext predict" in text
+    for option in ("--clips", "--top", "--json", "--csv", "--num-workers", "--batch-size"):
+        assert option in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "predict" in capsys.readouterr().out
