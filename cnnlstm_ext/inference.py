@@ -84,9 +84,8 @@ def load_model(path, device=None, *, key_map=None, check_integrity: bool = True)
                                              key_map)
     mapped = apply_key_map(state_dict, key_map)
     model_cfg = weights_config(cfg.model)
-    if model_cfg.get("num_classes") is None:
-        model_cfg["num_classes"] = len(classes) if classes else int(
-            mapped["classifier.weight"].shape[0]) if "classifier.weight" in mapped else 100
+    if model_cfg.get("num_classes") is None and "classifier.weight" in mapped:
+        model_cfg["num_classes"] = int(mapped["classifier.weight"].shape[0])  # [C, D]
     model = CNNLSTM(**model_cfg)
     _check_model_fit(path, model.state_dict(), mapped, True, "CNNLSTM", state_dict)
     model.load_state_dict(mapped)
@@ -252,8 +251,9 @@ def collate_videos(items):
 def predict_loader(model, loader, device=None, amp_dtype: Optional[torch.dtype] = None,
                    progress=None):
     """Runs `model` over a DataLoader of VideoClips (collate_fn=collate_videos); yields one
-    `(index, probabilities [C] float32 CPU or None, clips, label, error)` per video, in the
-    loader's order; the probabilities are the mean of the video's clips' softmax.
+    `(index, probabilities [C] float32 CPU or None, clips, label, error)` per video, batch by
+    batch (a batch's unreadable videos first); the probabilities are the mean of the softmax of
+    the video's clips.
     `progress`: a tqdm-like bar advanced by the videos of each batch."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
