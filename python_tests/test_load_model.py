@@ -2,7 +2,6 @@
 CNNLSTM.from_state_dict on safetensors' sorted keys; backbone weights carried by checkpoints
 (the file a run started from may be gone)."""
 import importlib.util
-import json
 import os
 import pathlib
 import random
