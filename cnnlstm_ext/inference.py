@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["load_model", "clip_indices", "VideoClips", "collate_videos", "predict_loader",
-           "predict_videos", "find_videos", "PREPROCESSING_FIELDS"]
+           "predict_videos", "find_videos", "progress_bar", "PREPROCESSING_FIELDS"]
 
 # The data settings a model's input is prepared with (cnnlstm_ext.train.config.DataConfig).
 PREPROCESSING_FIELDS = ("num_frames", "frame_size", "resize_to", "mean", "std")
@@ -279,6 +279,15 @@ def predict_loader(model, loader, device=None, amp_dtype: Optional[torch.dtype] 
             progress.update(len(batch["index"]) + len(batch["errors"]))
 
 
+def progress_bar(total: int, desc: str):
+    """A tqdm bar counting `total` videos on stderr, or None without tqdm (bars are optional)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="video", leave=False, dynamic_ncols=True)
+
+
 def predict_videos(model, videos: Sequence[str], clips: int = 1, topk: int = 5,
                    batch_size: int = 8, num_workers: int = 0, device=None,
                    amp_dtype: Optional[torch.dtype] = None, progress: bool = False):
@@ -293,11 +302,7 @@ def predict_videos(model, videos: Sequence[str], clips: int = 1, topk: int = 5,
     dataset = VideoClips(videos, model.preprocessing, clips=clips)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_videos)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(dataset), desc="predict", unit="video", leave=False,
-                   dynamic_ncols=True)
+    bar = progress_bar(len(dataset), "predict") if progress else None
     k = min(topk, len(model.classes))
     results = [None] * len(dataset)
     try:

@@ -266,7 +266,8 @@ def _evaluate_videos(model, records, data_cfg, num_classes, args, device, amp_dt
     import torch
     from torch.utils.data import DataLoader
 
-    from ..inference import PREPROCESSING_FIELDS, VideoClips, collate_videos, predict_loader
+    from ..inference import (PREPROCESSING_FIELDS, VideoClips, collate_videos, predict_loader,
+                             progress_bar)
     from ..train.metrics import ClassificationMeter
 
     prep = {f: getattr(data_cfg, f) for f in PREPROCESSING_FIELDS}
@@ -274,11 +275,7 @@ def _evaluate_videos(model, records, data_cfg, num_classes, args, device, amp_dt
                          labels=[r.label for r in records])
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                         num_workers=min(workers, len(dataset)), collate_fn=collate_videos)
-    bar = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(dataset), desc="evaluate", unit="video", leave=False,
-                   dynamic_ncols=True)
+    bar = None if args.no_progress else progress_bar(len(dataset), "evaluate")
     done, unreadable = {}, []
     try:
         for index, probs, _, label, error in predict_loader(model, loader, device, amp_dtype, bar):
