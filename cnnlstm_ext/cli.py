@@ -16,7 +16,7 @@ COMMANDS = {
     "summarize": "write a markdown report and plots for a folder of checkpoints",
     "inspect": "show what a checkpoint holds: epoch, metrics, architecture, sizes",
     "verify": "check checkpoint files for truncation, missing state and NaN/Inf",
-    "export": "export a checkpoint's weights (e.g. to safetensors)",
+    "export": "export a checkpoint: ONNX, a torch.export program (.pt2) or safetensors weights",
     "bench": "time a training step of the fused model against the stock one",
 }
 
