@@ -3,8 +3,8 @@
     python -m pytest benchmarks/bench_lstm_cpu.py --benchmark-json=lstm_cpu.json
     python benchmarks/ratios.py lstm_cpu.json
 
-Shape: I = H = 512, 3 layers, bidirectional, B = 8, T = 32, float32 (and bfloat16 at B = 8 and
-32: ``test_lstm_cpu_bfloat16``, without the memory figure). Cases: ``inference``
+Shape: I = H = 512, 3 layers, bidirectional, B = 8, T = 32, float32 (``test_lstm_cpu``, with the
+memory figure), and the grid B in {1, 8, 32} x float32, bfloat16, autocast (``test_lstm_cpu_grid``). Cases: ``inference``
 (forward under no_grad) and ``training`` (forward + backward of a random projection of the output,
 parameter gradients freed between calls as ``zero_grad(set_to_none=True)`` does). One
 pytest-benchmark group per case, ``extra_info["impl"]`` = "baseline" | "fused" (the convention of
@@ -174,19 +174,20 @@ def test_lstm_cpu(benchmark, case, impl):
             benchmark.extra_info["memory_vs_baseline"] = peak / _peaks[case]
 
 
-# bfloat16 at the same shape: the module and input in bfloat16, and a float32 module under CPU
-# autocast (where nn.LSTM runs oneDNN's bfloat16 RNN). On a CPU with AVX512-BF16 the fused
-# forward and backward run their products in bfloat16 too. Also at B = 32, where the large GEMMs
-# (the same on both sides) take most of a call.
-PRECISIONS = ["bfloat16", "autocast"]
-BF16_BATCHES = [BATCH, 32]
+# The grid every point of which must be at least nn.LSTM's speed: B in {1, 8, 32} at T = 32, in
+# float32, in bfloat16 (module and input) and under CPU autocast (a float32 module, bfloat16
+# compute, where nn.LSTM runs oneDNN's bfloat16 RNN), inference and training. On a CPU with
+# AVX512-BF16 the fused forward and backward run their products in bfloat16 too. At B = 32 the
+# large GEMMs (the same on both sides) take most of a call.
+PRECISIONS = ["float32", "bfloat16", "autocast"]
+GRID_BATCHES = [1, 8, 32]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("batch", BF16_BATCHES, ids=[f"B{b}" for b in BF16_BATCHES])
+@pytest.mark.parametrize("batch", GRID_BATCHES, ids=[f"B{b}" for b in GRID_BATCHES])
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_lstm_cpu_bfloat16(benchmark, precision, batch, case, impl):
+def test_lstm_cpu_grid(benchmark, precision, batch, case, impl):
     step = make_step(impl, case, batch=batch, precision=precision)
     benchmark.group = f"lstm_cpu_{precision}:B{batch}:{case}"
     benchmark.extra_info.update({

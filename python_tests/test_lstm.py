@@ -1186,7 +1186,7 @@ torch.manual_seed(0)
 results = []
 trace = ops.recorded_kernels()
 ran = trace.__enter__()
-for b, h, d in ((1, 16, 2), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
+for b, h, d in ((1, 16, 2), (3, 16, 1), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
     t, i = 6, 24
     shapes = [(4 * h, i), (4 * h, h), (4 * h,), (4 * h,)] * d
     x64 = [torch.randn(t, b, i, dtype=torch.float64),

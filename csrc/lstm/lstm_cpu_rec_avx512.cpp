@@ -15,51 +15,58 @@ namespace cnnlstm_ext::lstm {
 namespace isa_avx512 {
 namespace {
 
-constexpr int64_t kRows = 4;
-
-// One tile: kRows rows x kBlocks blocks of 16 columns, all in registers (8 accumulators for
-// two blocks); per j, one load of w per block and one broadcast of a per row.
-//   ar: the tile's kRows rows of a (zeros past nr), w: the first block's [J, 16],
-//   out: the tile's first output element, row stride C.
-template <int kBlocks>
-inline void tile(const float* const* ar, const float* w, int64_t J, float* out, int64_t C,
-                 int64_t nr) {
-  __m512 acc[kRows][kBlocks];
-  for (int r = 0; r < kRows; ++r)
+// One tile: kR rows x kBlocks blocks of 16 columns, all in registers (up to 16 accumulators);
+// per j, one load of w per block (a cache line, from L2: a pair's w is larger than L1) and one
+// broadcast of a per row. Up to 8 rows, so that each line of w loaded serves 8 FMAs per block:
+// with 4 rows the loads of w, not the FMAs, set the pace at B >= 8. The last row group takes a
+// tile of just its rows, so that a small batch computes no rows of zeros.
+//   ar: the tile's kR rows of a (zeros past nr), w: the first block's [J, 16], out: the tile's
+//   first output element, row stride C, of which nr rows are stored.
+template <int kR, int kBlocks>
+void tile(const float* const* ar, const float* w, int64_t J, float* out, int64_t C, int64_t nr) {
+  __m512 acc[kR][kBlocks];
+  for (int r = 0; r < kR; ++r)
     for (int b = 0; b < kBlocks; ++b) acc[r][b] = _mm512_setzero_ps();
   for (int64_t j = 0; j < J; ++j) {
     __m512 wv[kBlocks];
     for (int b = 0; b < kBlocks; ++b)
       wv[b] = _mm512_loadu_ps(w + (b * J + j) * kRecColumns);
-    for (int r = 0; r < kRows; ++r) {
+    for (int r = 0; r < kR; ++r) {
       const __m512 av = _mm512_set1_ps(ar[r][j]);
       for (int b = 0; b < kBlocks; ++b) acc[r][b] = _mm512_fmadd_ps(av, wv[b], acc[r][b]);
     }
   }
-  for (int r = 0; r < kRows; ++r) {  // r constant after unrolling: acc stays in registers
+  for (int r = 0; r < kR; ++r) {  // r constant after unrolling: acc stays in registers
     if (r >= nr) break;
     for (int b = 0; b < kBlocks; ++b) _mm512_storeu_ps(out + r * C + b * kRecColumns, acc[r][b]);
   }
 }
 
+using Tile = void (*)(const float* const*, const float*, int64_t, float*, int64_t, int64_t);
+// [rows - 1][blocks - 1]
+constexpr Tile kTiles[8][2] = {
+    {&tile<1, 1>, &tile<1, 2>}, {&tile<2, 1>, &tile<2, 2>}, {&tile<3, 1>, &tile<3, 2>},
+    {&tile<4, 1>, &tile<4, 2>}, {&tile<5, 1>, &tile<5, 2>}, {&tile<6, 1>, &tile<6, 2>},
+    {&tile<7, 1>, &tile<7, 2>}, {&tile<8, 1>, &tile<8, 2>}};
+
 }  // namespace
 
-// Columns in pairs of blocks (a single block for an odd one at the end), rows in groups of 4; the
-// pair's w (256 KiB at J = 2048) stays in L2 for the next row group. 1.1x to 1.17x the AVX2
-// kernel's rate on an AMD EPYC (Zen 4, where a 512-bit FMA takes both 256-bit units): about
-// 113 GFLOP/s on one core, for half as many loads and broadcasts per FMA.
+// Columns in pairs of blocks (a single block for an odd one at the end), rows in groups of 8; the
+// pair's w (64 KiB at J = 512, 256 KiB at J = 2048) stays in L2 for the next row group. About
+// 112 GFLOP/s on one core of an AMD EPYC (Zen 4, where a 512-bit FMA takes both 256-bit units)
+// from B = 8, the FMA rate; at B = 1 the tile of one row is 1.5x faster than one padded to 4 rows.
+// Three rows take the tile of four (a row of zeros): GCC's three-row tile ran 1.5x slower.
+// (Summing j in chunks that keep the pair's w in L1 across row groups was 6-10% slower.)
 void recurrent_product(const float* a, const float* w, float* out, int64_t B, int64_t J,
                        int64_t C, int64_t c0, int64_t c1, const float* zeros) {
   for (int64_t n0 = c0; n0 < c1; n0 += 2 * kRecColumns) {
-    const bool pair = n0 + 2 * kRecColumns <= c1;
-    for (int64_t r0 = 0; r0 < B; r0 += kRows) {
-      const int64_t nr = B - r0 < kRows ? B - r0 : kRows;
-      const float* ar[kRows];
-      for (int64_t r = 0; r < kRows; ++r) ar[r] = r < nr ? a + (r0 + r) * J : zeros;
-      if (pair)
-        tile<2>(ar, w + n0 * J, J, out + r0 * C + n0, C, nr);
-      else
-        tile<1>(ar, w + n0 * J, J, out + r0 * C + n0, C, nr);
+    const int pair = n0 + 2 * kRecColumns <= c1 ? 1 : 0;
+    for (int64_t r0 = 0; r0 < B; r0 += 8) {
+      const int64_t nr = B - r0 < 8 ? B - r0 : 8;
+      const int64_t rows = nr == 3 ? 4 : nr;
+      const float* ar[8];
+      for (int64_t r = 0; r < rows; ++r) ar[r] = r < nr ? a + (r0 + r) * J : zeros;
+      kTiles[rows - 1][pair](ar, w + n0 * J, J, out + r0 * C + n0, C, nr);
     }
   }
 }
