@@ -20,8 +20,8 @@ namespace {
 // broadcast of a per row. Up to 8 rows, so that each line of w loaded serves 8 FMAs per block:
 // with 4 rows the loads of w, not the FMAs, set the pace at B >= 8. The last row group takes a
 // tile of just its rows, so that a small batch computes no rows of zeros.
-//   ar: the tile's kR rows of a (zeros past nr), w: the first block's [J, 16], out: the tile's
-//   first output element, row stride C, of which nr rows are stored.
+//   ar: the tile's kR rows of a, w: the first block's [J, 16], out: the tile's first output
+//   element, row stride C, of which nr rows are stored.
 template <int kR, int kBlocks>
 void tile(const float* const* ar, const float* w, int64_t J, float* out, int64_t C, int64_t nr) {
   __m512 acc[kR][kBlocks];
@@ -55,17 +55,18 @@ constexpr Tile kTiles[8][2] = {
 // pair's w (64 KiB at J = 512, 256 KiB at J = 2048) stays in L2 for the next row group. About
 // 112 GFLOP/s on one core of an AMD EPYC (Zen 4, where a 512-bit FMA takes both 256-bit units)
 // from B = 8, the FMA rate; at B = 1 the tile of one row is 1.5x faster than one padded to 4 rows.
-// Three rows take the tile of four (a row of zeros): GCC's three-row tile ran 1.5x slower.
+// Three rows take the tile of four (its fourth row repeats the first and is not stored): GCC's
+// three-row tile ran 1.5x slower.
 // (Summing j in chunks that keep the pair's w in L1 across row groups was 6-10% slower.)
 void recurrent_product(const float* a, const float* w, float* out, int64_t B, int64_t J,
-                       int64_t C, int64_t c0, int64_t c1, const float* zeros) {
+                       int64_t C, int64_t c0, int64_t c1, const float* /*zeros*/) {
   for (int64_t n0 = c0; n0 < c1; n0 += 2 * kRecColumns) {
     const int pair = n0 + 2 * kRecColumns <= c1 ? 1 : 0;
     for (int64_t r0 = 0; r0 < B; r0 += 8) {
       const int64_t nr = B - r0 < 8 ? B - r0 : 8;
       const int64_t rows = nr == 3 ? 4 : nr;
       const float* ar[8];
-      for (int64_t r = 0; r < rows; ++r) ar[r] = r < nr ? a + (r0 + r) * J : zeros;
+      for (int64_t r = 0; r < rows; ++r) ar[r] = a + (r0 + (r < nr ? r : 0)) * J;  // (as bf16)
       kTiles[rows - 1][pair](ar, w + n0 * J, J, out + r0 * C + n0, C, nr);
     }
   }
@@ -89,12 +90,12 @@ namespace {
 
 // Up to 8 rows per tile (16 accumulators for two blocks): each w vector loaded serves 16
 // multiply-adds of pairs. The last row group takes a tile of just its rows, so that a small
-// batch computes no rows of zeros.
+// batch computes no rows of zeros (three rows: the tile of four, as for float32).
 //   ar: the tile's kR rows of a as pairs, w: the first block's [J / 2, 16, 2],
-//   out: the tile's first output element, row stride C.
+//   out: the tile's first output element, row stride C, of which nr rows are stored.
 template <int kR, int kBlocks>
 void tile_bf16(const uint32_t* const* ar, const uint16_t* w, int64_t pairs, float* out,
-               int64_t C) {
+               int64_t C, int64_t nr) {
   __m512 acc[kR][kBlocks];
   for (int r = 0; r < kR; ++r)
     for (int b = 0; b < kBlocks; ++b) acc[r][b] = _mm512_setzero_ps();
@@ -107,11 +108,14 @@ void tile_bf16(const uint32_t* const* ar, const uint16_t* w, int64_t pairs, floa
       for (int b = 0; b < kBlocks; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], av, wv[b]);
     }
   }
-  for (int r = 0; r < kR; ++r)
+  for (int r = 0; r < kR; ++r) {
+    if (r >= nr) break;
     for (int b = 0; b < kBlocks; ++b) _mm512_storeu_ps(out + r * C + b * kRecColumns, acc[r][b]);
+  }
 }
 
-using TileBf16 = void (*)(const uint32_t* const*, const uint16_t*, int64_t, float*, int64_t);
+using TileBf16 = void (*)(const uint32_t* const*, const uint16_t*, int64_t, float*, int64_t,
+                          int64_t);
 // [rows - 1][blocks - 1]
 constexpr TileBf16 kTilesBf16[8][2] = {
     {&tile_bf16<1, 1>, &tile_bf16<1, 2>}, {&tile_bf16<2, 1>, &tile_bf16<2, 2>},
@@ -128,9 +132,11 @@ void recurrent_product_bf16(const uint16_t* a, const uint16_t* w, float* out, in
     const int pair = n0 + 2 * kRecColumns <= c1 ? 1 : 0;
     for (int64_t r0 = 0; r0 < B; r0 += 8) {
       const int64_t nr = B - r0 < 8 ? B - r0 : 8;
+      const int64_t rows = nr == 3 ? 4 : nr;
       const uint32_t* ar[8];
-      for (int64_t r = 0; r < nr; ++r) ar[r] = reinterpret_cast<const uint32_t*>(a + (r0 + r) * J);
-      kTilesBf16[nr - 1][pair](ar, w + n0 * J, J / 2, out + r0 * C + n0, C);
+      for (int64_t r = 0; r < rows; ++r)  // (a fourth row repeats the first, not stored)
+        ar[r] = reinterpret_cast<const uint32_t*>(a + (r0 + (r < nr ? r : 0)) * J);
+      kTilesBf16[rows - 1][pair](ar, w + n0 * J, J / 2, out + r0 * C + n0, C, nr);
     }
   }
 }
