@@ -18,6 +18,7 @@ COMMANDS = {
     "verify": "check checkpoint files for truncation, missing state and NaN/Inf",
     "export": "export a checkpoint: ONNX, a torch.export program (.pt2) or safetensors weights",
     "bench": "time a training step of the fused model against the stock one",
+    "cache": "decode a config's videos once into the clip cache that training reads",
 }
 
 

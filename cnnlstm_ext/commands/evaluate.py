@@ -212,7 +212,8 @@ def run(args) -> int:
         print(note)
     amp_dtype = resolve_precision(args.precision, device)
     model.to(device)
-    workers = args.num_workers if args.num_workers is not None else cfg.data.num_workers
+    from ..data.loader import resolve_num_workers
+    workers = args.num_workers if args.num_workers is not None else resolve_num_workers(cfg.data)
     unreadable = []
     if records is not None:  # videos: read as --clips clips each; a bad file is left out
         metrics, predictions, unreadable, paths = _evaluate_videos(

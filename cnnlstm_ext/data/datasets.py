@@ -32,8 +32,12 @@ def _stratified_holdout(labels: Sequence[int], fraction: float, seed: int) -> Tu
     return sorted(train), sorted(val)
 
 
-def build_datasets(data_cfg, seed: int = 0):
+def build_datasets(data_cfg, seed: int = 0, batch_augment: bool = False, cache=None):
     """(train_set, val_set, class_names) for `data_cfg` (a DataConfig).
+
+    Video sets read with `batch_augment` yield uint8 canvases and augmentation parameters
+    (VideoFolder), from the ClipCache `cache` where it holds the clip. Temporal jitter, like the
+    spatial augmentations, follows data.augment.
 
     synthetic: SyntheticVideos, a fresh training draw every epoch, a fixed validation set.
     folder: root/<train_split> and root/<val_split> when both exist; otherwise root/<class>/...
@@ -47,13 +51,14 @@ def build_datasets(data_cfg, seed: int = 0):
         train = SyntheticVideos(d.train_samples, split="train", resample_each_epoch=True, **common)
         val = SyntheticVideos(d.val_samples, split="val", **common)
         return train, val, list(train.classes)
+    video = dict(batch_augment=batch_augment, cache=cache)
     if d.dataset == "folder":
         train_dir, val_dir = os.path.join(d.root, d.train_split), os.path.join(d.root, d.val_split)
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
             train = VideoFolder(d.root, d.num_frames, clip_transform(d, True), split=d.train_split,
-                                train=True, seed=seed)
+                                train=d.augment, seed=seed, **video)
             val = VideoFolder(d.root, d.num_frames, clip_transform(d, False), split=d.val_split,
-                              classes=train.classes, seed=seed)
+                              classes=train.classes, seed=seed, **video)
             return train, val, list(train.classes)
         records, classes = scan_class_folders(d.root)
         train_idx, val_idx = _stratified_holdout([r.label for r in records], d.val_fraction, seed)
@@ -62,17 +67,19 @@ def build_datasets(data_cfg, seed: int = 0):
                              "split folders or raise data.val_fraction"
                              % (d.root, d.val_fraction, len(records), d.train_split, d.val_split))
         train = VideoFolder(d.root, d.num_frames, clip_transform(d, True), classes=classes,
-                            records=[records[i] for i in train_idx], train=True, seed=seed)
+                            records=[records[i] for i in train_idx], train=d.augment, seed=seed,
+                            **video)
         val = VideoFolder(d.root, d.num_frames, clip_transform(d, False), classes=classes,
-                          records=[records[i] for i in val_idx], seed=seed)
+                          records=[records[i] for i in val_idx], seed=seed, **video)
         return train, val, list(classes)
     if d.dataset == "wlasl":
         train = VideoFolder.from_wlasl(d.annotations, d.root, split=d.train_split,
                                        max_classes=d.max_classes, num_frames=d.num_frames,
-                                       transform=clip_transform(d, True), train=True, seed=seed)
+                                       transform=clip_transform(d, True), train=d.augment,
+                                       seed=seed, **video)
         val = VideoFolder.from_wlasl(d.annotations, d.root, split=d.val_split,
                                      max_classes=d.max_classes, num_frames=d.num_frames,
-                                     transform=clip_transform(d, False), seed=seed)
+                                     transform=clip_transform(d, False), seed=seed, **video)
         return train, val, list(train.classes)
     raise ValueError("unknown data.dataset %r (synthetic, folder or wlasl)" % d.dataset)
 

@@ -19,6 +19,13 @@ and counted in `missing` (public copies of WLASL always lack some).
 Each item is `(clip [T, 3, S, S] float32, label, length)`: T frames sampled uniformly over the clip
 (with temporal jitter when training), zero-padded with `length < T` for shorter clips, then the
 ClipTransform (resize, crop, colour jitter, normalisation).
+
+With `batch_augment=True` (what training uses) an item is instead
+`(clip [T, C, C, 3] uint8, label, length, params [8])`: the sampled frames decoded straight to the
+square canvas of side C the transform needs (batch_transforms.canvas_size), and the parameters of
+the clip's augmentation, drawn from the same generator; BatchAugment applies them to the whole
+batch on the training device. With a ClipCache (`cache=`) the frames come out of the cache
+instead of the video files.
 """
 import collections
 import json
@@ -30,6 +37,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .batch_transforms import canvas_size, draw_params
 from .transforms import ClipTransform, pad_clip, sample_generator, sample_indices
 from .video_io import (is_image_file, is_video_file, read_frame_folder,
                        read_video_frames, VIDEO_EXTENSIONS)
@@ -136,11 +144,15 @@ class VideoFolder(Dataset):
         classes: the class names, in label order; default: the sorted folder names.
         train: temporal jitter and the transform's training augmentations.
         seed: with the epoch (set_epoch) and index, fixes every random choice of a sample.
+        batch_augment: yield uint8 canvases and augmentation parameters (see the module
+            docstring); needs a ClipTransform.
+        cache: a ClipCache holding the clips (those it lacks are decoded from their files).
     """
 
     def __init__(self, root: str, num_frames: int = 16, transform: Optional[Callable] = None,
                  split: Optional[str] = None, classes: Optional[Sequence[str]] = None,
-                 train: bool = False, seed: int = 0, records: Optional[List[ClipRecord]] = None):
+                 train: bool = False, seed: int = 0, records: Optional[List[ClipRecord]] = None,
+                 batch_augment: bool = False, cache=None):
         if num_frames < 1:
             raise ValueError("num_frames must be >= 1, got %d" % num_frames)
         if records is None:
@@ -160,6 +172,10 @@ class VideoFolder(Dataset):
         self.train = train
         self.seed = seed
         self.transform = transform if transform is not None else ClipTransform(train=train)
+        if batch_augment and not isinstance(self.transform, ClipTransform):
+            raise ValueError("batch_augment needs a ClipTransform, got %r" % (self.transform,))
+        self.batch_augment = batch_augment
+        self.cache = cache
         self.missing: List[str] = []
         self.epoch = 0
 
@@ -197,8 +213,37 @@ class VideoFolder(Dataset):
             return read_frame_folder(rec.path, rec.start, rec.end, select)
         return read_video_frames(rec.path, rec.start, rec.end, select)
 
+    @property
+    def canvas(self) -> int:
+        """The side of the uint8 canvas of batch_augment items."""
+        return canvas_size(self.transform)
+
+    def load_canvas(self, index: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The sampled frames of clip `index` on the square canvas: uint8 `[t, C, C, 3]`."""
+        rec, side = self.records[index], self.canvas
+
+        def select(n):
+            return sample_indices(n, self.num_frames, jitter=self.train, generator=generator).tolist()
+
+        if self.cache is not None and self.cache.entry(rec) is not None:
+            frames = self.cache.read(rec, select)  # [t, c, c, 3] at the cache's short side
+            if frames.shape[1] != side:  # a cache built at another size
+                x = torch.nn.functional.interpolate(
+                    frames.permute(0, 3, 1, 2).float(), size=(side, side), mode="bilinear",
+                    align_corners=False, antialias=frames.shape[1] > side)
+                frames = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+            return frames
+        reader = read_frame_folder if os.path.isdir(rec.path) else read_video_frames
+        return reader(rec.path, rec.start, rec.end, select, short_side=side, square=True,
+                      channels_last=True)
+
     def __getitem__(self, index: int):
         g = sample_generator(self.seed, self.epoch, index)
+        if self.batch_augment:
+            frames = self.load_canvas(index, g)  # [t, C, C, 3] uint8
+            params = draw_params(self.transform, frames.shape[1], frames.shape[2], g)  # [8]
+            clip, length = pad_clip(frames, self.num_frames)  # [T, C, C, 3]
+            return clip, self.records[index].label, length, params
         frames = self.load_frames(index, g)  # [t, 3, H, W] uint8
         clip = self.transform(frames, g)  # [t, 3, S, S] float32
         clip, length = pad_clip(clip, self.num_frames)

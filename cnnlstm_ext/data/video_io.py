@@ -4,10 +4,14 @@ PyAV (`pip install av`) is the decoder: its wheels carry their own FFmpeg, so it
 with pip alone on machines without system FFmpeg libraries, and it works with any torch version
 (it hands back numpy frames, no torch ABI involved).
 
-Frames come back as uint8 `[t, 3, H, W]` (RGB).
+Frames come back as uint8 `[t, 3, H, W]` (RGB), or `[t, H, W, 3]` (channels_last=True). Only the
+frames a clip samples are converted to RGB, scaled by FFmpeg's swscale to the short side the
+transform needs, and decoding starts at the keyframe before the first of them (a seek), so a clip
+cut out of a long video costs about as much as a short video.
 """
 import os
-from typing import List, Optional
+import threading
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,62 +47,238 @@ def list_frame_images(folder: str) -> List[str]:
     return [os.path.join(folder, n) for n in sorted(names, key=natural_key)]
 
 
-def read_video_frames(path: str, start: int = 0, end: Optional[int] = None,
-                      select=None) -> torch.Tensor:
-    """Decodes frames `start <= i < end` (0-based, end=None: to the last frame) of a video file.
+class ClipReadError(RuntimeError):
+    """A clip that cannot be read: a video file that cannot be opened or decoded (corrupt, empty,
+    not a video) or a frame image that cannot be; the message names the file."""
 
-    `select(n) -> indices` may pick which of the n frames of that range to convert to RGB (the
-    others are decoded but never converted, which is most of the cost saved). Returns uint8
-    `[t, 3, H, W]`.
-    """
+
+def scaled_size(height: int, width: int, short_side: Optional[int]) -> Tuple[int, int]:
+    """(height, width) with min(height, width) == short_side and the aspect ratio kept (even
+    sizes are not required: swscale takes any)."""
+    if short_side is None or min(height, width) == short_side:
+        return height, width
+    scale = short_side / min(height, width)
+    return max(short_side, round(height * scale)), max(short_side, round(width * scale))
+
+
+def center_square(image: np.ndarray) -> np.ndarray:
+    """The central `s x s` of `image: [H, W, 3]`, s = min(H, W)."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return image[top:top + s, left:left + s]
+
+
+def _frame_count(container, stream) -> int:
+    """Frames of the video stream: the container's count when it has one, else its packets
+    counted without decoding (one frame per video packet)."""
+    if stream.frames and stream.frames > 0:
+        return int(stream.frames)
+    n = sum(1 for packet in container.demux(stream) if packet.size)
+    container.seek(0, stream=stream, backward=True)
+    return n
+
+
+def _open_video(path: str):
     av = _import_av()
     if not os.path.isfile(path):
         raise FileNotFoundError("video file not found: %s" % path)
     try:
         container = av.open(path)
     except Exception as e:  # PyAV raises its own error types per FFmpeg error
-        raise RuntimeError("could not open video %s: %s" % (path, e)) from e
+        raise ClipReadError("could not open video %s: %s" % (path, e)) from e
+    if not container.streams.video:
+        container.close()
+        raise ClipReadError("%s has no video stream" % path)
+    return container
+
+
+_local = threading.local()
+
+
+def _reformatter():
+    """This thread's swscale converter. It keeps its SwsContext between frames of the same size
+    (frame.to_ndarray(width=...) builds a new one per call, which costs more than the scaling).
+    One per process too: a loader worker forked from a process that converted frames must not
+    reuse the parent's context."""
+    pid = os.getpid()
+    if getattr(_local, "pid", None) != pid:
+        from av.video.reformatter import VideoReformatter
+        _local.reformatter, _local.pid = VideoReformatter(), pid
+    return _local.reformatter
+
+
+def _to_array(frame, short_side: Optional[int], square: bool) -> np.ndarray:
+    """One decoded frame as RGB uint8 `[H, W, 3]`, scaled by swscale so that its short side is
+    `short_side` (area interpolation when it shrinks), then cut to its central square."""
+    h, w = scaled_size(frame.height, frame.width, short_side)
+    # threads=1: frames this small gain nothing from swscale's thread pool, and a pool does not
+    # survive the fork of a loader worker.
+    image = _reformatter().reformat(frame, width=w, height=h, format="rgb24",
+                                    interpolation="AREA" if h < frame.height else "BILINEAR",
+                                    threads=1).to_ndarray()
+    return center_square(image) if square else image
+
+
+def iter_video_frames(path: str, start: int = 0, end: Optional[int] = None,
+                      indices=None, short_side: Optional[int] = None,
+                      square: bool = False) -> Iterator[Tuple[int, np.ndarray]]:
+    """Yields `(i, image [H, W, 3] uint8)` for the frames `i` of `indices` (0-based within the
+    range `start <= i < end`, increasing; None: every frame of the range; a callable: called
+    with the number n of frames in the range, returns the indices).
+
+    Decoding starts at the keyframe before the first wanted frame (a seek), not at frame 0, and
+    stops after the last; only wanted frames are converted to RGB, at `short_side` (see
+    _to_array). Memory is bounded by one frame whatever the video's length. A frame the
+    container promised but the stream lacks (a short or damaged tail) repeats the last frame
+    decoded before it; a video without any of the range's frames raises ClipReadError.
+    """
+    container = _open_video(path)
     with container:
-        if not container.streams.video:
-            raise RuntimeError("%s has no video stream" % path)
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        kept = []
         try:
-            for i, frame in enumerate(container.decode(stream)):
-                if i < start:
-                    continue
-                if end is not None and i >= end:
-                    break
-                kept.append(frame)
+            total = _frame_count(container, stream)
         except Exception as e:
-            if not kept:
-                raise RuntimeError("could not decode video %s: %s" % (path, e)) from e
-            # A damaged tail: keep the frames decoded so far.
-        if not kept:
-            raise RuntimeError("no frames in %s for the range [%d, %s)" % (path, start, end))
-        indices = range(len(kept)) if select is None else [int(i) for i in select(len(kept))]
-        arrays = [kept[i].to_ndarray(format="rgb24") for i in indices]  # each [H, W, 3]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+            raise ClipReadError("could not read video %s: %s" % (path, e)) from e
+        stop = total if end is None else min(end, total)
+        if stop <= start:
+            raise ClipReadError("no frames in %s for the range [%d, %s) (the video has %d)"
+                                   % (path, start, end, total))
+        if callable(indices):
+            indices = indices(stop - start)
+        wanted = list(range(stop - start)) if indices is None else [int(i) for i in indices]
+        if any(b < a for a, b in zip(wanted, wanted[1:])) or not 0 <= wanted[0] <= wanted[-1] < stop - start:
+            raise ValueError("frame indices must increase within [0, %d), got %s"
+                             % (stop - start, wanted[:8]))
+        yield from _decode_wanted(container, stream, path, [start + i for i in wanted], start,
+                                  short_side, square)
+
+
+def _decode_wanted(container, stream, path, wanted, start, short_side, square):
+    """See iter_video_frames; `wanted`: absolute frame numbers, increasing."""
+    rate = stream.average_rate or stream.guessed_rate
+    base = stream.time_base
+    first_pts = stream.start_time or 0
+    # Frame numbers come from timestamps (exact for constant-rate video, which is what the
+    # index of a frame means here); without them, frames are counted from the start.
+    by_pts = rate is not None and base is not None
+    if by_pts and wanted[0] > 0:
+        target = first_pts + int(wanted[0] / (rate * base))
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+    k, last, count = 0, None, -1
+    try:
+        for frame in container.decode(stream):
+            count += 1
+            if by_pts and frame.pts is not None:
+                i = int(round(float((frame.pts - first_pts) * base * rate)))
+            elif by_pts and wanted[0] > 0:  # seeked, but no timestamps: start again and count
+                yield from _decode_counting(path, wanted, short_side, square)
+                return
+            else:
+                i = count
+            while k < len(wanted) and wanted[k] < i and last is not None:
+                yield wanted[k] - start, _to_array(last, short_side, square)  # a missing frame
+                k += 1
+            if k < len(wanted) and wanted[k] == i:
+                image = _to_array(frame, short_side, square)
+                while k < len(wanted) and wanted[k] == i:
+                    yield i - start, image
+                    k += 1
+            last = frame
+            if k == len(wanted):
+                return
+    except Exception as e:
+        if last is None:
+            raise ClipReadError("could not decode video %s: %s" % (path, e)) from e
+        # A damaged tail: the frames decoded so far stand; the rest repeat the last one.
+    if last is None:
+        raise ClipReadError("could not decode any frame of %s" % path)
+    image = _to_array(last, short_side, square)
+    for j in wanted[k:]:
+        yield j - start, image
+
+
+def _decode_counting(path, wanted, short_side, square):
+    """_decode_wanted for a stream without timestamps: decodes from frame 0, counting."""
+    container = _open_video(path)
+    with container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        yield from _decode_wanted(container, _NoTimestamps(stream), path, wanted, 0, short_side,
+                                  square)
+
+
+class _NoTimestamps:
+    """A stream proxy that hides the rate, so that frames are counted."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.average_rate = self.guessed_rate = self.time_base = None
+        self.start_time = 0
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def read_video_frames(path: str, start: int = 0, end: Optional[int] = None,
+                      select=None, short_side: Optional[int] = None,
+                      square: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """Frames `start <= i < end` (0-based, end=None: to the last frame) of a video file.
+
+    `select(n) -> indices` picks which of the n frames of that range to return (increasing);
+    only those are converted to RGB, and decoding starts at the keyframe before the first of
+    them. `short_side`: frames are scaled by FFmpeg's swscale so that min(H, W) == short_side;
+    `square`: then cut to their central square. Returns uint8 `[t, 3, H, W]`, or `[t, H, W, 3]`
+    with `channels_last` (the decoder's layout: no copy; torchvision.io.read_video's "THWC"). A
+    file that cannot be read raises ClipReadError (FileNotFoundError when it does not exist).
+    """
+    order = []
+
+    def sorted_select(n):
+        picks = [int(i) for i in select(n)]
+        order.extend(sorted(range(len(picks)), key=picks.__getitem__))
+        return [picks[j] for j in order]
+
+    frames = [image for _, image in iter_video_frames(
+        path, start, end, None if select is None else sorted_select, short_side, square)]
+    if order != sorted(order):  # back to the order select gave
+        unsorted = [None] * len(order)
+        for pos, j in enumerate(order):
+            unsorted[j] = frames[pos]
+        frames = unsorted
+    clip = torch.from_numpy(np.stack(frames))  # [t, H, W, 3]
+    return clip if channels_last else clip.permute(0, 3, 1, 2).contiguous()
 
 
 def read_frame_folder(folder: str, start: int = 0, end: Optional[int] = None,
-                      select=None) -> torch.Tensor:
-    """Reads the images of a frame folder (natural order); same contract as read_video_frames."""
+                      select=None, short_side: Optional[int] = None,
+                      square: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """Reads the images of a frame folder (natural order); same contract as read_video_frames
+    (scaled with Pillow's antialiased bilinear resize)."""
     from PIL import Image
 
     files = list_frame_images(folder)[start:end]
     if not files:
-        raise RuntimeError("no frame images (%s) in %s" % (", ".join(IMAGE_EXTENSIONS), folder))
+        raise ClipReadError("no frame images (%s) in %s" % (", ".join(IMAGE_EXTENSIONS), folder))
     indices = range(len(files)) if select is None else [int(i) for i in select(len(files))]
     arrays = []
     for i in indices:
-        with Image.open(files[i]) as im:
-            arrays.append(np.asarray(im.convert("RGB")))
+        try:
+            with Image.open(files[i]) as im:
+                im = im.convert("RGB")
+                h, w = scaled_size(im.height, im.width, short_side)
+                if (h, w) != (im.height, im.width):
+                    im = im.resize((w, h), Image.BILINEAR)
+                image = np.asarray(im)
+        except OSError as e:  # Pillow's UnidentifiedImageError and truncated files
+            raise ClipReadError("could not read frame image %s: %s" % (files[i], e)) from e
+        arrays.append(center_square(image) if square else image)
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
-        raise RuntimeError("frames of %s differ in size: %s" % (folder, sorted(shapes)))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        raise ClipReadError("frames of %s differ in size: %s" % (folder, sorted(shapes)))
+    clip = torch.from_numpy(np.stack(arrays))  # [t, H, W, 3]
+    return clip if channels_last else clip.permute(0, 3, 1, 2).contiguous()
 
 
 def write_video(path: str, frames: torch.Tensor, fps: int = 8, codec: str = "libx264",

@@ -127,6 +127,8 @@ class CNNLSTM(nn.Module):
             downloaded); read only here, by a new model: not part of `config`, since a
             checkpoint carries all weights (`weights_config` drops it for a model that will
             load them).
+        freeze_backbone: the backbone gets no gradients and stays in eval mode (its BatchNorm
+            statistics fixed): train the temporal model on a fixed trunk (see frame_features).
 
     Input `clips: [B, T, 3, H, W]` float, optional `lengths: [B]` int64 with 1 <= lengths <= T
     (frames past a clip's length are not run through the backbone and are ignored by the LSTM
@@ -138,7 +140,8 @@ class CNNLSTM(nn.Module):
     def __init__(self, num_classes: int = 100, spatial_dim: int = 512, temporal_dim: int = 512,
                  num_layers: int = 3, bidirectional: bool = True, backbone: str = "resnet18",
                  pooling: str = "mean", dropout: float = 0.0, fused: bool = True,
-                 frame_pool: str = "avg", backbone_weights: Optional[str] = None):
+                 frame_pool: str = "avg", backbone_weights: Optional[str] = None,
+                 freeze_backbone: bool = False):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("spatial_dim", spatial_dim),
                             ("temporal_dim", temporal_dim), ("num_layers", num_layers)):
@@ -172,6 +175,18 @@ class CNNLSTM(nn.Module):
                                           batch_first=False, bidirectional=bool(bidirectional))
         self.dropout = nn.Dropout(float(dropout))
         self.classifier = nn.Linear(directions * temporal_dim, num_classes)
+        # A fixed (pretrained) trunk: no gradients, and BatchNorm keeps its statistics (eval mode
+        # whatever train() says); not part of `config`, as it changes no weight's shape.
+        self.freeze_backbone = bool(freeze_backbone)
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
 
     @classmethod
     def from_state_dict(cls, state_dict, strict: bool = True, **overrides) -> "CNNLSTM":
@@ -228,6 +243,29 @@ class CNNLSTM(nn.Module):
 
     def forward(self, clips: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         lengths = self._check_input(clips, lengths)  # on the CPU, or None when all clips are full
+        return self._head(self._frame_features(clips, lengths), lengths)
+
+    def frame_features(self, clips: torch.Tensor, lengths: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+        """The pooled backbone features of every frame, `[B, T, F]` (0 past a clip's length):
+        what a frozen backbone gives `forward_features` (a feature cache stores these)."""
+        lengths = self._check_input(clips, lengths)
+        return self._frame_features(clips, lengths).transpose(0, 1)
+
+    def forward_features(self, features: torch.Tensor, lengths: Optional[torch.Tensor] = None
+                         ) -> torch.Tensor:
+        """Logits `[B, num_classes]` from `frame_features` `[B, T, F]`: the model after the
+        backbone (projection, LSTM, pooling, classifier)."""
+        if features.dim() != 3 or features.shape[2] != self.backbone_features:
+            raise ValueError("forward_features expects [B, T, %d] features, got %s"
+                             % (self.backbone_features, list(features.shape)))
+        if lengths is not None:
+            lengths = lengths.cpu()
+            if bool((lengths >= features.shape[1]).all()):
+                lengths = None
+        return self._head(features.transpose(0, 1), lengths)
+
+    def _frame_features(self, clips, lengths):
         B, T = clips.shape[:2]
         frames = clips.reshape(B * T, *clips.shape[2:])                     # [B*T, 3, H, W]
         if lengths is not None:
@@ -246,7 +284,9 @@ class CNNLSTM(nn.Module):
             maps.index_copy_(0, index, maps_valid)
         else:
             maps = self.backbone(frames)                                  # [B*T, F, h, w]
-        x = self.frame_pool(maps, B)                                      # [T, B, F]
+        return self.frame_pool(maps, B)                                   # [T, B, F]
+
+    def _head(self, x, lengths):
         if self.spatial_proj is not None:
             x = self.spatial_proj(x)                                      # [T, B, S]
         y = self._run_lstm(x.contiguous(), lengths)                       # [T, B, D*H]

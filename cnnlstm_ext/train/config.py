@@ -74,8 +74,15 @@ class DataConfig:
     min_frames: Optional[int] = None  # shorter clips (padded, with lengths) when set
     noise: float = 0.04
     # loader
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # None: min(cores, 8) for video files, 0 for synthetic
     pin_memory: Optional[bool] = None  # default: on when training on a GPU
+    # video files: uint8 clips from the loader, crop/resize/jitter/normalise batched on the device
+    batch_augment: bool = True
+    cache: Optional[str] = None  # decoded-clip cache folder (built on first use; `cnnlstm-ext cache`)
+    cache_short_side: Optional[int] = None  # stored short side; None: what the transform needs
+    cache_rebuild: bool = False  # decode every clip again (a damaged cache, another version)
+    # frozen backbone (model.freeze_backbone): per-frame features computed once, in this folder
+    feature_cache: Optional[str] = None
 
 
 @dataclass
@@ -402,8 +409,21 @@ def validate(cfg: Config) -> Config:
     if d.min_frames is not None and not 3 <= d.min_frames <= d.num_frames:
         raise ValueError("data.min_frames must be in [3, data.num_frames = %d] or null, got %d"
                          % (d.num_frames, d.min_frames))
-    if d.num_workers < 0:
+    if d.num_workers is not None and d.num_workers < 0:
         raise ValueError("data.num_workers must be >= 0, got %d" % d.num_workers)
+    if (d.cache or d.feature_cache) and d.dataset == "synthetic":
+        raise ValueError("data.cache and data.feature_cache hold decoded video files; "
+                         "data.dataset=synthetic is generated on the fly")
+    if d.cache_short_side is not None and not d.frame_size <= d.cache_short_side <= MAX_FRAME_SIZE:
+        raise ValueError("data.cache_short_side must be in [data.frame_size = %d, %d] or null, "
+                         "got %d" % (d.frame_size, MAX_FRAME_SIZE, d.cache_short_side))
+    if d.feature_cache:
+        if not (isinstance(cfg.model, dict) and cfg.model.get("freeze_backbone")):
+            raise ValueError("data.feature_cache holds the features of a frozen backbone: set "
+                             "model.freeze_backbone=true")
+        if d.augment:
+            raise ValueError("data.feature_cache holds one un-augmented feature sequence per clip: "
+                             "set data.augment=false")
     if not isinstance(cfg.model, dict):
         raise ValueError("model must be a mapping of CNNLSTM keyword arguments")
     from ..models import CNNLSTM

@@ -52,7 +52,8 @@ from .metrics import ClassificationMeter
 log = logging.getLogger("cnnlstm_ext.train")
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "val_top5",
-                "lr", "epoch_time", "clips_per_s", "skipped_steps")
+                "lr", "epoch_time", "clips_per_s", "skipped_steps", "data_clips_per_s",
+                "step_clips_per_s", "skipped_clips")
 CHECKPOINT_DIR = "checkpoints"
 LATEST, BEST = "latest_checkpoint.pth", "best_checkpoint.pth"
 
@@ -128,8 +129,12 @@ def forward_lengths(lengths: torch.Tensor, num_frames: int) -> Optional[torch.Te
 def evaluate_model(model: nn.Module, loader, device: torch.device, num_classes: int,
                    amp_dtype: Optional[torch.dtype] = None, criterion: Optional[nn.Module] = None,
                    ctx: Optional[DistContext] = None, collect_predictions: bool = False,
-                   progress: bool = False, desc: str = "val"):
+                   progress: bool = False, desc: str = "val", prepare=None):
     """Runs `model` over `loader`; returns (metrics dict, predictions or None).
+
+    Batches are `(clips, labels, lengths)` or ClipBatch (cnnlstm_ext.data.loader; skipped clips
+    are counted in a warning); `prepare(batch) -> model input on device` makes the clips of a
+    ClipBatch (default: the clips as they are, moved to `device`).
 
     metrics: see ClassificationMeter.compute (summed over processes when `ctx` is distributed).
     predictions (collect_predictions, single process): one dict per sample in loader order with
@@ -142,9 +147,12 @@ def evaluate_model(model: nn.Module, loader, device: torch.device, num_classes: 
     was_training = model.training
     model.eval()
     bar = _progress(loader, progress and ctx.is_main, desc)
-    for clips, labels, lengths in bar:
-        clips = clips.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+    skipped = 0
+    for batch in bar:
+        clips, labels, lengths, n_skipped = _unpack(batch, device, prepare)
+        skipped += n_skipped
+        if clips is None:
+            continue
         lens = forward_lengths(lengths, clips.shape[1])
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(clips, lens)  # lengths stay on the CPU, where the model reads them
@@ -162,10 +170,38 @@ def evaluate_model(model: nn.Module, loader, device: torch.device, num_classes: 
                                     "confidence": float(conf[i]), "topk": top[i].tolist()})
     if bar is not loader:
         bar.close()
+    if skipped:
+        log.warning("%s: %d unreadable clip(s) skipped", desc, skipped)
     if ctx.enabled:
         meter.all_reduce()
     model.train(was_training)
     return meter.compute(), predictions
+
+
+def _unpack(batch, device: torch.device, prepare=None):
+    """(clips on device, labels on device, lengths on the CPU, skipped count) of a batch; clips
+    None when every clip of a ClipBatch was skipped."""
+    from ..data.loader import ClipBatch
+
+    if isinstance(batch, ClipBatch):
+        if batch.clips is None:
+            return None, None, None, len(batch.skipped)
+        clips = prepare(batch) if prepare is not None else batch.clips.to(device, non_blocking=True)
+        return (clips, batch.labels.to(device, non_blocking=True), batch.lengths,
+                len(batch.skipped))
+    clips, labels, lengths = batch[:3]
+    return clips.to(device, non_blocking=True), labels.to(device, non_blocking=True), lengths, 0
+
+
+class _FeatureHead(nn.Module):
+    """The model after its frozen backbone: what trains on a feature cache."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features, lengths=None):
+        return self.model.forward_features(features, lengths)
 
 
 def _progress(iterable, enabled: bool, desc: str, **kwargs):
@@ -216,7 +252,10 @@ class Trainer:
 
         if datasets is None:
             from ..data.datasets import build_datasets
-            datasets = build_datasets(self.cfg.data, seed=t.seed)
+            datasets = build_datasets(self.cfg.data, seed=t.seed,
+                                      batch_augment=self.cfg.data.batch_augment)
+            if self.cfg.data.cache:
+                self._open_clip_cache(datasets[:2])
         self.train_set, self.val_set, self.classes = datasets
         self.classes = list(self.classes)
         if len(self.classes) < 2:
@@ -246,15 +285,20 @@ class Trainer:
             torch.backends.cudnn.benchmark = t.cudnn_benchmark
         if self.ctx.enabled and t.sync_batchnorm and self.device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.net = self.model  # what the training step calls (DDP / compiled wrappers)
+        # On a feature cache the steps run the model after its frozen backbone.
+        head = self.model
+        if self.cfg.data.feature_cache:
+            self._use_feature_cache()
+            head = _FeatureHead(self.model)
+        self.net = head  # what the training step calls (DDP / compiled wrappers)
         if self.ctx.enabled:
-            self.net = data_parallel(self.model)
+            self.net = data_parallel(head)
         # Evaluation runs the model without DDP: its forward would broadcast buffers, a
         # collective that processes with unequal numbers of validation batches cannot match.
-        self._eval_net = self.model
+        self._eval_net = head
         if t.compile:
             self.net = torch.compile(self.net)
-            self._eval_net = torch.compile(self.model)
+            self._eval_net = torch.compile(self._eval_net)
 
         o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -283,25 +327,110 @@ class Trainer:
     # --- data ---------------------------------------------------------------------------------
 
     def _build_loaders(self) -> None:
+        from ..data.batch_transforms import BatchAugment
+        from ..data.loader import EpochSampler, LoaderDataset, collate_clips, resolve_num_workers
+
         t, d = self.cfg.train, self.cfg.data
         per_process = t.batch_size // self.ctx.world_size
-        pin = d.pin_memory if d.pin_memory is not None else self.device.type == "cuda"
+        cuda = self.device.type == "cuda"
+        pin = d.pin_memory if d.pin_memory is not None else cuda
+        self.num_workers = 0 if d.feature_cache else resolve_num_workers(d)
         # DistributedSampler also serves the single process: its order is a function of
         # (seed, epoch) only, which is what makes a resumed run see the same batches.
         self.train_sampler = DistributedSampler(self.train_set, num_replicas=self.ctx.world_size,
                                                 rank=self.ctx.rank, shuffle=True, seed=t.seed)
+        # The epoch travels with each index, so persistent workers see every set_epoch.
+        self._epoch_samplers = [EpochSampler(self.train_sampler),
+                                EpochSampler(ShardSampler(len(self.val_set), self.ctx.rank,
+                                                          self.ctx.world_size))]
         self._loader_generator = torch.Generator()
-        common = dict(num_workers=d.num_workers, pin_memory=pin,
-                      persistent_workers=False)  # workers see each epoch's set_epoch
-        self.train_loader = DataLoader(self.train_set, batch_size=per_process,
-                                       sampler=self.train_sampler, generator=self._loader_generator,
-                                       **common)
-        self.val_loader = DataLoader(self.val_set, batch_size=per_process,
-                                     sampler=ShardSampler(len(self.val_set), self.ctx.rank,
-                                                          self.ctx.world_size), **common)
+        common = dict(num_workers=self.num_workers, pin_memory=pin, collate_fn=collate_clips,
+                      persistent_workers=self.num_workers > 0)
+        if self.num_workers > 0 and cuda:
+            common["prefetch_factor"] = 4  # batches in flight per worker: the GPU never waits
+        self.train_loader = DataLoader(LoaderDataset(self.train_set), batch_size=per_process,
+                                       sampler=self._epoch_samplers[0],
+                                       generator=self._loader_generator, **common)
+        self.val_loader = DataLoader(LoaderDataset(self.val_set), batch_size=per_process,
+                                     sampler=self._epoch_samplers[1], **common)
+        # uint8 clips with their drawn augmentation: applied batched on the training device
+        self._prepare = {}
+        for name, ds in (("train", self.train_set), ("val", self.val_set)):
+            if getattr(ds, "batch_augment", False):
+                self._prepare[name] = self._augmenter(BatchAugment(ds.transform))
+
+    def _augmenter(self, augment):
+        device = self.device
+
+        def prepare(batch):
+            clips = batch.clips.to(device, non_blocking=True)  # [B, T, H, W, 3] uint8
+            return augment(clips, batch.params)                # [B, T, 3, S, S] float32
+        return prepare
+
+    def _open_clip_cache(self, sets) -> None:
+        """Builds (or updates) data.cache for the clips of `sets`, every rank decoding its share,
+        then has the sets read from it."""
+        from ..data.batch_transforms import canvas_size
+        from ..data.cache import ClipCache, build_cache
+
+        d = self.cfg.data
+        videos = [ds for ds in sets if hasattr(ds, "records")]
+        if not videos:
+            return
+        side = d.cache_short_side or canvas_size(videos[0].transform)
+        records = [r for ds in videos for r in ds.records]
+        summary = build_cache(d.cache, records, side, rebuild=d.cache_rebuild, rank=self.ctx.rank,
+                              world_size=self.ctx.world_size,
+                              progress=self.cfg.train.progress and self.ctx.is_main)
+        self.ctx.barrier()  # every rank's share is in before anyone reads
+        cache = ClipCache(d.cache)
+        if self.ctx.is_main:
+            log.info("clip cache %s: %d clips at short side %d (%d decoded now, %d unreadable)",
+                     d.cache, summary["entries"], cache.short_side, summary["built"],
+                     summary["failed"])
+        for ds in videos:
+            ds.cache = cache
+
+    def _use_feature_cache(self) -> None:
+        """Replaces the data sets by their frozen-backbone features (data.feature_cache), which
+        rank 0 computes (or finds) while the others wait."""
+        from ..data.batch_transforms import BatchAugment
+        from ..data.feature_cache import load_or_build_features
+        from ..data.loader import resolve_num_workers
+
+        d = self.cfg.data
+        if not getattr(self.model, "freeze_backbone", False) or not hasattr(self.model, "frame_features"):
+            raise ValueError("data.feature_cache needs a CNNLSTM with model.freeze_backbone=true")
+        out = []
+        for split, ds in (("train", self.train_set), ("val", self.val_set)):
+            if not hasattr(ds, "records"):
+                raise ValueError("data.feature_cache needs a data set of video files")
+            prepare = (self._augmenter(BatchAugment(ds.transform)) if ds.batch_augment
+                       else (lambda b: b.clips.to(self.device)))
+            kwargs = dict(batch_size=max(1, self.cfg.train.batch_size // self.ctx.world_size),
+                          num_workers=resolve_num_workers(d), rebuild=d.cache_rebuild,
+                          progress=self.cfg.train.progress)
+            feats = None
+            if self.ctx.is_main:
+                feats = load_or_build_features(d.feature_cache, split, self.model, ds, d,
+                                               self.device, prepare, **kwargs)
+            self.ctx.barrier()
+            if feats is None:
+                feats = load_or_build_features(d.feature_cache, split, self.model, ds, d,
+                                               self.device, prepare, build=False, **kwargs)
+                if feats is None:
+                    raise RuntimeError("rank %d: the feature cache %s that rank 0 wrote does not "
+                                       "fit this rank's model or clips" % (self.ctx.rank,
+                                                                           d.feature_cache))
+            out.append(feats)
+        self.train_set, self.val_set = out
+        if self.ctx.is_main:
+            log.info("feature cache %s: %d train / %d val clips of %s features", d.feature_cache,
+                     len(out[0]), len(out[1]), "x".join(map(str, out[0].features.shape[1:])))
 
     def _set_epoch(self, epoch: int) -> None:
-        self.train_sampler.set_epoch(epoch)
+        for sampler in self._epoch_samplers:
+            sampler.set_epoch(epoch)  # the train one sets the DistributedSampler's epoch too
         self._loader_generator.manual_seed(self.cfg.train.seed * 100003 + epoch)
         for ds in (self.train_set, self.val_set):
             if hasattr(ds, "set_epoch"):
@@ -497,7 +626,8 @@ class Trainer:
                 if epoch % max(1, t.eval_every) == 0 or epoch == t.epochs:
                     val, _ = evaluate_model(self._eval_net, self.val_loader, self.device, self.num_classes,
                                             self.amp_dtype, self.criterion, self.ctx,
-                                            progress=t.progress, desc="epoch %d val" % epoch)
+                                            progress=t.progress, desc="epoch %d val" % epoch,
+                                            prepare=self._prepare.get("val"))
                 self._end_epoch(epoch, train_stats, val)
                 if self.early.should_stop:
                     stop_reason = "early_stop"
@@ -523,10 +653,23 @@ class Trainer:
         bar = _progress(self.train_loader, t.progress and self.ctx.is_main,
                         "epoch %d/%d" % (epoch, t.epochs))
         start, seen = time.perf_counter(), 0
-        for clips, labels, lengths in bar:
+        # The data rate: clips read / the reads' summed time, times the workers reading in
+        # parallel; the step rate: clips / the time not spent waiting for the loader.
+        batches, waited, read, read_s, skipped = iter(bar), 0.0, 0, 0.0, 0
+        while True:
+            wait_start = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            waited += time.perf_counter() - wait_start
             self._check_stop()
-            clips = clips.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            clips, labels, lengths, n_skipped = _unpack(batch, self.device, self._prepare.get("train"))
+            read_s += getattr(batch, "load_seconds", 0.0)
+            read += n_skipped + (0 if clips is None else labels.shape[0])
+            skipped += n_skipped
+            # Every clip of the batch unreadable: no step (on every process, which step together).
+            if self._on_any_process(clips is None) if self.ctx.enabled else clips is None:
+                continue
             # A corrupt clip (NaN/Inf pixels) is skipped before the forward pass, which would
             # otherwise write NaN into BatchNorm statistics; all processes skip together (one
             # running backward alone would wait forever for the others' gradients).
@@ -583,10 +726,15 @@ class Trainer:
         elapsed = time.perf_counter() - start
         self.ctx.all_reduce_(sums)
         count = max(float(sums[2]), 1.0)
+        data_rate = (read * max(1, self.num_workers) / read_s * self.ctx.world_size
+                     if read_s > 0 else None)
         return {"train_loss": float(sums[0]) / count if sums[2] > 0 else float("nan"),
                 "train_acc": float(sums[1]) / count, "epoch_time": elapsed,
                 "clips_per_s": float(sums[2]) / max(elapsed, 1e-9),
-                "skipped_steps": self.guard.skipped_epoch}
+                "skipped_steps": self.guard.skipped_epoch,
+                "data_clips_per_s": data_rate,
+                "step_clips_per_s": seen * self.ctx.world_size / max(elapsed - waited, 1e-9),
+                "skipped_clips": skipped}
 
     def _nonfinite_state(self) -> List[str]:
         """Names of model and optimizer tensors holding NaN/Inf (what must never be saved)."""
@@ -771,6 +919,15 @@ class Trainer:
                 self.early.bad_epochs,
                 "" if t.patience is None else ", patience %d" % t.patience)
         log.info(msg)
+        if row.get("data_clips_per_s") is not None:
+            data, steps = row["data_clips_per_s"], row["step_clips_per_s"]
+            log.info("epoch %d data: loader %.0f clips/s (%d worker%s), steps %.0f clips/s: %s "
+                     "sets the pace", row["epoch"], data, max(1, self.num_workers),
+                     "" if self.num_workers == 1 else "s", steps,
+                     "the loader" if data < steps else "the model")
+        if row.get("skipped_clips"):
+            log.warning("epoch %d: %d unreadable clip(s) skipped (warnings above name the files)",
+                        row["epoch"], row["skipped_clips"])
         if row["skipped_steps"]:
             log.warning("epoch %d: %d step(s) skipped for NaN/Inf inputs, loss or gradients "
                         "(%d in this run)",
@@ -794,7 +951,8 @@ class Trainer:
         self.model.load_state_dict(weights)
         metrics, _ = evaluate_model(self._eval_net, self.val_loader, self.device, self.num_classes,
                                     self.amp_dtype, self.criterion, self.ctx,
-                                    progress=self.cfg.train.progress, desc="final val")
+                                    progress=self.cfg.train.progress, desc="final val",
+                                    prepare=self._prepare.get("val"))
         out["final_metrics"] = metrics
         if self.ctx.is_main:
             write_metrics(self.run_dir, metrics, self.classes,

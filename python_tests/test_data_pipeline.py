@@ -1,0 +1,325 @@
+"""The fast video data path: seeking scaled decode, uint8 clips with batched augmentation on the
+device, epochs through persistent workers, unreadable clips skipped, default workers."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cnnlstm_ext.data import video_io
+from cnnlstm_ext.data.batch_transforms import (BatchAugment, canvas_size, draw_params,
+                                               reference_augment)
+from cnnlstm_ext.data.datasets import build_datasets
+from cnnlstm_ext.data.loader import (EpochSampler, LoaderDataset, SkippedClip, collate_clips,
+                                     default_num_workers, resolve_num_workers)
+from cnnlstm_ext.data.transforms import ClipTransform, sample_generator, sample_indices
+from cnnlstm_ext.data.video_folder import ClipRecord, VideoFolder
+from cnnlstm_ext.data.video_io import (ClipReadError, iter_video_frames, read_frame_folder,
+                                       read_video_frames, write_frame_folder)
+from cnnlstm_ext.train.config import Config, DataConfig, validate
+
+
+def write_h264(path, frames, fps=25, gop=None):
+    """uint8 `frames [n, H, W, 3]` as H.264 yuv420p (a keyframe every `gop` frames)."""
+    import av
+    with av.open(str(path), mode="w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.height, s.width = frames.shape[1:3]
+        s.pix_fmt = "yuv420p"
+        s.options = dict({"crf": "12", "preset": "ultrafast"}, **({"g": str(gop)} if gop else {}))
+        for image in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def moving_frames(n, h=48, w=64, seed=0):
+    """Smooth content that shifts one pixel per frame, with the frame number in its brightness."""
+    g = np.random.default_rng(seed)
+    base = g.integers(40, 200, (h // 8 + 1, w // 8 + n // 8 + 2, 3)).astype(np.float32)
+    base = torch.nn.functional.interpolate(torch.from_numpy(base).permute(2, 0, 1)[None],
+                                           scale_factor=8, mode="bilinear")[0].permute(1, 2, 0)
+    return np.stack([base[:h, i:i + w].numpy() for i in range(n)]).round().astype(np.uint8)
+
+
+class _CountingContainer:
+    """An av container that counts the frames it decodes."""
+
+    def __init__(self, container, counter):
+        self._c, self._counter = container, counter
+
+    def decode(self, *args, **kwargs):
+        for frame in self._c.decode(*args, **kwargs):
+            self._counter.append(frame.pts)
+            yield frame
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._c.close()
+
+
+@pytest.fixture
+def long_video(tmp_path):
+    frames = moving_frames(200)
+    path = tmp_path / "long.mp4"
+    write_h264(path, frames, gop=25)
+    return str(path), frames
+
+
+def test_decode_seeks_to_the_keyframe_before_the_first_sampled_frame(monkeypatch, long_video):
+    path, frames = long_video
+    decoded = []
+    real_open = video_io._open_video
+    monkeypatch.setattr(video_io, "_open_video", lambda p: _CountingContainer(real_open(p), decoded))
+    clip = read_video_frames(path, 160, 192, select=lambda n: sample_indices(n, 8).tolist())
+    # frames from the keyframe at 150 to the last sampled one (190), not from frame 0
+    assert 30 <= len(decoded) <= 45, len(decoded)
+    ref = read_video_frames(path)  # every frame, decoded from the start
+    picks = [160 + i for i in sample_indices(32, 8).tolist()]
+    assert torch.equal(clip, ref[picks])
+
+
+def test_decode_converts_only_the_sampled_frames(monkeypatch, long_video):
+    path, _ = long_video
+    converted = []
+    real = video_io._to_array
+    monkeypatch.setattr(video_io, "_to_array", lambda f, s, q: converted.append(f.pts) or real(f, s, q))
+    clip = read_video_frames(path, 0, 72, select=lambda n: sample_indices(n, 16).tolist())
+    assert clip.shape[0] == 16 and len(converted) == 16
+
+
+def test_decode_scales_to_the_short_side_and_cuts_the_central_square(long_video):
+    path, frames = long_video
+    full = read_video_frames(path, 10, 14)                                 # [4, 3, 48, 64]
+    small = read_video_frames(path, 10, 14, short_side=24)                 # aspect kept
+    square = read_video_frames(path, 10, 14, short_side=24, square=True, channels_last=True)
+    assert full.shape == (4, 3, 48, 64) and small.shape == (4, 3, 24, 32)
+    assert square.shape == (4, 24, 24, 3) and square.dtype == torch.uint8
+    assert torch.equal(square, small.permute(0, 2, 3, 1)[:, :, 4:28])
+    expected = torch.nn.functional.interpolate(full.float(), size=(24, 32), mode="bilinear",
+                                               antialias=True)
+    assert (small.float() - expected).abs().mean() < 6.0  # scaled in YUV (chroma 4:2:0), then RGB
+
+
+def test_decode_keeps_the_order_select_gives(long_video):
+    path, _ = long_video
+    clip = read_video_frames(path, 0, 20, select=lambda n: [9, 2, 5])
+    ref = read_video_frames(path, 0, 20)
+    assert torch.equal(clip, ref[[9, 2, 5]])
+
+
+def test_decode_holds_one_frame_at_a_time(long_video):
+    path, _ = long_video
+    frames = iter_video_frames(path, short_side=24)
+    first = next(frames)
+    assert first[0] == 0 and first[1].shape == (24, 32, 3)
+    assert sum(1 for _ in frames) == 199  # a generator: the caller decides what to keep
+
+
+@pytest.mark.parametrize("content", [b"", b"not a video at all", None])
+def test_unreadable_video_is_a_clip_read_error_naming_the_file(tmp_path, content, long_video):
+    path = tmp_path / "bad.mp4"
+    if content is None:  # a file cut after its header: no frame can be decoded
+        data = open(long_video[0], "rb").read()
+        path.write_bytes(data[:200])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ClipReadError, match="bad.mp4"):
+        read_video_frames(str(path), select=lambda n: [0])
+
+
+def test_unreadable_frame_image_is_a_clip_read_error_naming_the_file(tmp_path):
+    folder = tmp_path / "f"
+    write_frame_folder(str(folder), torch.zeros(3, 3, 8, 8, dtype=torch.uint8))
+    (folder / "frame_00002.png").write_bytes(b"broken")
+    with pytest.raises(ClipReadError, match="frame_00002.png"):
+        read_frame_folder(str(folder))
+
+
+# --- batched augmentation ----------------------------------------------------------------------
+
+def smooth_clips(b, t, side, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.interpolate(torch.rand(b * t, 3, side // 8, side // 8, generator=g),
+                                        size=(side, side), mode="bilinear")
+    return x.mul(255).round().to(torch.uint8).view(b, t, 3, side, side).permute(0, 1, 3, 4, 2).contiguous()
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_batch_augment_is_the_per_clip_transform_with_the_drawn_parameters(hflip):
+    tf = ClipTransform(size=56, train=True, hflip=hflip, color_jitter=0.4)
+    clips = smooth_clips(6, 3, canvas_size(tf))
+    params = torch.stack([draw_params(tf, 64, 64, sample_generator(1, 2, i)) for i in range(6)])
+    out = BatchAugment(tf)(clips, params)
+    assert out.shape == (6, 3, 3, 56, 56) and out.dtype == torch.float32
+    for i in range(6):
+        ref = reference_augment(clips[i], params[i], tf)
+        # roi_align's area sampling against torch's antialiased bilinear resize
+        assert (out[i] - ref).abs().mean() < 0.03, i
+    assert len({tuple(p[:4].tolist()) for p in params}) == 6  # a different crop per clip
+    if hflip:
+        assert {0.0, 1.0} <= set(params[:, 7].tolist()) | {0.0} and params[:, 7].sum() >= 0
+
+
+def test_batch_augment_eval_is_the_exact_centre_crop():
+    tf = ClipTransform(size=16, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    clips = smooth_clips(3, 2, 20)
+    params = torch.stack([draw_params(tf, 20, 20, None) for _ in range(3)])
+    out = BatchAugment(tf)(clips, params)
+    x = clips.permute(0, 1, 4, 2, 3).float()[..., 2:18, 2:18] / 255
+    ref = (x - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_batch_augment_of_a_clip_does_not_depend_on_the_rest_of_the_batch():
+    tf = ClipTransform(size=24, train=True)
+    clips = smooth_clips(5, 2, 28, seed=3)
+    params = torch.stack([draw_params(tf, 28, 28, sample_generator(0, 1, i)) for i in range(5)])
+    whole = BatchAugment(tf)(clips, params)
+    order = [3, 0, 4]
+    part = BatchAugment(tf)(clips[order], params[order])
+    assert torch.allclose(whole[order], part, atol=1e-6)
+
+
+def test_draw_params_follow_the_transform_draws_of_the_same_generator():
+    tf = ClipTransform(size=24, train=True, hflip=True)
+    p = draw_params(tf, 28, 28, sample_generator(5, 6, 7))
+    g = sample_generator(5, 6, 7)
+    from cnnlstm_ext.data.transforms import color_jitter_factors, random_resized_crop_params
+    box = random_resized_crop_params(28, 28, tf.crop_scale, tf.crop_ratio, g)
+    factors = color_jitter_factors(tf.color_jitter, g)
+    flip = float(torch.rand((), generator=g).item() < 0.5)
+    assert p.tolist() == [*box, *factors, flip]
+
+
+def test_batch_augment_refuses_float_or_channels_first_clips():
+    tf = ClipTransform(size=8)
+    with pytest.raises(ValueError, match="uint8 clips"):
+        BatchAugment(tf)(torch.zeros(1, 2, 3, 10, 10, dtype=torch.uint8), torch.zeros(1, 8))
+
+
+# --- data sets and loaders ---------------------------------------------------------------------
+
+@pytest.fixture
+def video_tree(tmp_path):
+    """root/{a,b}/: three 20-frame 48x64 clips per class."""
+    root = tmp_path / "videos"
+    for c, cls in enumerate(["a", "b"]):
+        (root / cls).mkdir(parents=True)
+        for k in range(3):
+            write_h264(root / cls / ("v%d.mp4" % k), moving_frames(20, seed=10 * c + k))
+    return root
+
+
+def test_video_folder_batch_augment_items_are_uint8_canvases_with_reproducible_params(video_tree):
+    tf = ClipTransform(size=16, train=True)
+    ds = VideoFolder(str(video_tree), num_frames=6, transform=tf, train=True, seed=2,
+                     batch_augment=True)
+    clip, label, length, params = ds[1]
+    assert clip.shape == (6, 18, 18, 3) and clip.dtype == torch.uint8 and length == 6
+    assert params.shape == (8,) and label == ds.records[1].label
+    again = ds[1]
+    assert torch.equal(clip, again[0]) and torch.equal(params, again[3])
+    ds.set_epoch(1)
+    assert not torch.equal(params, ds[1][3])
+
+
+def test_batch_augment_eval_items_match_the_float_path(video_tree):
+    tf = ClipTransform(size=16)
+    fast = VideoFolder(str(video_tree), num_frames=4, transform=tf, batch_augment=True)
+    slow = VideoFolder(str(video_tree), num_frames=4, transform=tf)
+    batch = collate_clips([LoaderDataset(fast)[i] for i in range(len(fast))])
+    out = BatchAugment(tf)(batch.clips, batch.params)
+    ref = torch.stack([slow[i][0] for i in range(len(slow))])
+    # swscale's area scaling against torch's antialiased resize: the same pictures
+    assert out.shape == ref.shape and (out - ref).abs().mean() < 0.12  # about 6/255
+
+
+def test_persistent_workers_see_every_epoch_through_the_sampler(video_tree):
+    tf = ClipTransform(size=16, train=True)
+    ds = VideoFolder(str(video_tree), num_frames=4, transform=tf, train=True, seed=1,
+                     batch_augment=True)
+    runs = []
+    for workers in (0, 2):
+        sampler = EpochSampler(range(len(ds)))
+        loader = DataLoader(LoaderDataset(ds), batch_size=3, sampler=sampler, num_workers=workers,
+                            persistent_workers=workers > 0, collate_fn=collate_clips)
+        epochs = []
+        for epoch in (1, 2):
+            sampler.set_epoch(epoch)
+            epochs.append([(b.clips, b.params) for b in loader])
+        runs.append(epochs)
+    for e in range(2):
+        for (c0, p0), (c1, p1) in zip(runs[0][e], runs[1][e]):
+            assert torch.equal(c0, c1) and torch.equal(p0, p1)
+    assert not torch.equal(runs[1][0][0][1], runs[1][1][0][1])  # epoch 2 draws anew
+
+
+def test_unreadable_clip_is_skipped_with_a_warning_naming_it(video_tree, caplog):
+    (video_tree / "b" / "corrupt.mp4").write_bytes(b"\x00" * 500)
+    (video_tree / "a" / "empty.mp4").write_bytes(b"")
+    ds = VideoFolder(str(video_tree), num_frames=4, transform=ClipTransform(size=16),
+                     batch_augment=True)
+    loader = DataLoader(LoaderDataset(ds), batch_size=4, collate_fn=collate_clips)
+    with caplog.at_level(logging.WARNING, logger="cnnlstm_ext.data"):
+        batches = list(loader)
+    skipped = sorted(p for b in batches for p in b.skipped)
+    assert sorted(p.rsplit("/", 1)[1] for p in skipped) == ["corrupt.mp4", "empty.mp4"]
+    kept = torch.cat([b.labels for b in batches if b.labels is not None])
+    good = [r.label for r in ds.records if not r.path.endswith(("corrupt.mp4", "empty.mp4"))]
+    assert kept.tolist() == good  # the labels of the clips that are there, none shifted
+    assert "corrupt.mp4" in caplog.text and "empty.mp4" in caplog.text
+    assert isinstance(LoaderDataset(ds)[[r.path for r in ds.records].index(skipped[0])],
+                      SkippedClip)
+
+
+def test_batch_of_only_unreadable_clips_is_empty():
+    batch = collate_clips([SkippedClip("x.mp4", "bad", 0.1, 0)])
+    assert batch.clips is None and batch.skipped == ["x.mp4"]
+
+
+def test_default_workers_fit_the_machine():
+    n = default_num_workers()
+    assert 1 <= n <= 8
+    assert resolve_num_workers(DataConfig(dataset="folder", root="x")) == n
+    assert resolve_num_workers(DataConfig()) == 0  # synthetic: generated in the main process
+    assert resolve_num_workers(DataConfig(dataset="folder", root="x", num_workers=3)) == 3
+
+
+def test_build_datasets_batch_augment_and_temporal_jitter_follow_augment(video_tree):
+    cfg = DataConfig(dataset="folder", root=str(video_tree), num_frames=4, frame_size=16,
+                     val_fraction=0.34, augment=False)
+    train, val, _ = build_datasets(cfg, batch_augment=True)
+    assert train.batch_augment and val.batch_augment and not train.train
+    cfg.augment = True
+    assert build_datasets(cfg)[0].train
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(cache="/c"), "data.dataset=synthetic"),
+    (dict(dataset="folder", root="/v", feature_cache="/f"), "model.freeze_backbone=true"),
+    (dict(dataset="folder", root="/v", cache_short_side=4), "data.cache_short_side"),
+])
+def test_config_checks_the_cache_settings(overrides, match):
+    cfg = Config()
+    for k, v in overrides.items():
+        setattr(cfg.data, k, v)
+    with pytest.raises(ValueError, match=match):
+        validate(cfg)
+
+
+def test_feature_cache_needs_augment_off():
+    cfg = Config()
+    cfg.data.dataset, cfg.data.root, cfg.data.feature_cache = "folder", "/v", "/f"
+    cfg.model["freeze_backbone"] = True
+    with pytest.raises(ValueError, match="data.augment=false"):
+        validate(cfg)
+    cfg.data.augment = False
+    validate(cfg)
