@@ -529,6 +529,51 @@ def test_autocast_cpu_op_returns_autocast_dtype(rng):
         assert_close_rel(g, w, 2e-2, name)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_autocast_inference_keeps_cast_weights_with_the_op_cast_results(bidirectional, bias, rng):
+    lstm = FusedLSTM(I, 16, 2, bias=bias, bidirectional=bidirectional).eval()
+    x = randn(T, B, I, rng=rng).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_grad = lstm(x)                   # the op casts the float32 weights
+        assert lstm._autocast_weights == {}
+        with torch.no_grad():
+            first, again = lstm(x), lstm(x)   # the kept copies
+    assert len(lstm._autocast_weights) == 2
+    flat = lambda out: (out[0], *out[1])  # noqa: E731
+    for a, b, c in zip(flat(with_grad), flat(first), flat(again)):
+        assert a.dtype == torch.bfloat16
+        assert torch.equal(a.detach(), b) and torch.equal(b, c)
+
+
+def test_autocast_inference_follows_weight_changes(rng):
+    """The kept copies follow in-place updates, replaced parameters, loaded state dicts and
+    conversions: each call gives what a module built with the current weights gives."""
+    lstm = FusedLSTM(I, 16, 2, bidirectional=True).eval()
+    x = randn(T, B, I, rng=rng).float()
+
+    def run(module):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return module(x)[0]
+
+    def fresh():
+        other = FusedLSTM(I, 16, 2, bidirectional=True).eval()
+        other.load_state_dict(lstm.state_dict())
+        return run(other)
+    run(lstm)
+    with torch.no_grad():
+        lstm.weight_hh_l1_reverse.mul_(1.5)                 # in place (an optimizer's step)
+    torch.testing.assert_close(run(lstm), fresh(), rtol=0, atol=0)
+    lstm.bias_ih_l0 = nn.Parameter(torch.randn(64))         # replaced
+    torch.testing.assert_close(run(lstm), fresh(), rtol=0, atol=0)
+    source = FusedLSTM(I, 16, 2, bidirectional=True)
+    lstm.load_state_dict(source.state_dict())               # loaded
+    torch.testing.assert_close(run(lstm), fresh(), rtol=0, atol=0)
+    lstm.double().float()                                   # converted
+    torch.testing.assert_close(run(lstm), fresh(), rtol=0, atol=0)
+    assert not torch.equal(run(lstm), run(FusedLSTM(I, 16, 2, bidirectional=True).eval()))
+
+
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 def test_op_casts_weights_of_another_dtype(with_lengths, rng):
     """float32 weights with bfloat16 activations (autocast's case): the op computes with the

@@ -123,6 +123,8 @@ class FusedLSTM(nn.Module):
         self._layer_names: List[List[str]] = []
         # (device, dtype, batch) -> per-layer (h0, c0) zeros: the initial state when hx is None.
         self._zero_state = None
+        # Per layer (key, weights cast to autocast's dtype), kept between inference calls.
+        self._autocast_weights = {}
         real_hidden_size = proj_size if proj_size > 0 else hidden_size
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else real_hidden_size * num_directions
@@ -173,6 +175,7 @@ class FusedLSTM(nn.Module):
         `load_state_dict`; parameters stored otherwise still work, with a copy per call.
         """
         self._zero_state = None
+        self._autocast_weights = {}
         if not self.bidirectional or torch.compiler.is_compiling():
             return
         with torch.no_grad():
@@ -195,13 +198,14 @@ class FusedLSTM(nn.Module):
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_zero_state": None}
+        return {**state, "_zero_state": None, "_autocast_weights": {}}
 
     def __setstate__(self, state):
         super().__setstate__(state)
         # Rebuilt, not trusted: modules pickled by earlier versions grouped these names by kind
         # and kept a cache of stacked weights.
         self.__dict__.pop("_weight_cache", None)
+        self.__dict__.setdefault("_autocast_weights", {})
         D = 2 if self.bidirectional else 1
         self._layer_names = [[n for names in self._all_weights[D * layer:D * (layer + 1)]
                               for n in names] for layer in range(self.num_layers)]
@@ -232,6 +236,41 @@ class FusedLSTM(nn.Module):
         """The layer's slice of the flat weights: per direction w_ih, w_hh (, b_ih, b_hh)."""
         found = self._parameters
         return [found[n] if n in found else getattr(self, n) for n in self._layer_names[layer]]
+
+    def _autocast_layer_weights(self, layer: int, x: Tensor) -> List[Tensor]:
+        """The layer's weights, cast to autocast's dtype when an autocast region is active and
+        no gradient is needed. The op would cast them at every call (for the model's LSTM about
+        70 MB read and 35 MB written: at B = 1 most of an inference call), so the copies are
+        kept until a weight changes (in place, or replaced), the module is moved or
+        converted, or a state dict is loaded: half the float32 weights' memory, held while the
+        module is used under autocast. Under grad, compile, trace and the torch.func transforms
+        the op casts, as without this."""
+        weights = self._layer_weights(layer)
+        dtype = ops.autocast_dtype(x.device.type)
+        if (dtype is None or weights[0].dtype == dtype
+                or (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or ops.functorch_active()):
+            return weights
+        # The weights themselves are held (so that no other tensor can take their memory), with
+        # their versions, which in-place updates (an optimizer's step) advance.
+        key = (dtype, [w._version for w in weights], [w.data_ptr() for w in weights])
+        cached = self._autocast_weights.get(layer)
+        if (cached is None or cached[0] != key
+                or any(a is not b for a, b in zip(cached[2], weights))):
+            # One copy per kind, both directions back to back, as the op reads them in place.
+            # The op adds b_ih and b_hh in float32 before it rounds their sum: the copies are that
+            # rounded sum and zeros, so that the results are those of the op's own cast.
+            D = 2 if self.bidirectional else 1
+            per = len(weights) // D
+            with torch.no_grad():
+                kinds = [torch.stack(weights[k::per]) for k in range(per)]
+                if per == 4:
+                    kinds[2:] = [kinds[2].float() + kinds[3].float(), torch.zeros_like(kinds[3])]
+                kinds = [k.to(dtype) for k in kinds]
+            cast = [kinds[k][d] for d in range(D) for k in range(per)]
+            self._autocast_weights[layer] = cached = (key, cast, weights)
+        return cached[1]
 
     def _check_input(self, x: Tensor, hx: Optional[_HX], batch: int) -> None:
         """nn.LSTM's checks of x [T, B, I] and hx, in its order, types and messages: those of
@@ -314,8 +353,8 @@ class FusedLSTM(nn.Module):
         for layer, (h0, c0) in enumerate(states):
             if layer > 0 and self.dropout > 0 and self.training:
                 y = F.dropout(y, p=self.dropout, training=True)
-            y, h, c = ops.lstm_layer(y.contiguous(), self._layer_weights(layer), h0.contiguous(),
-                                     c0.contiguous(), lengths)
+            y, h, c = ops.lstm_layer(y.contiguous(), self._autocast_layer_weights(layer, x),
+                                     h0.contiguous(), c0.contiguous(), lengths)
             h_n.append(h)
             c_n.append(c)
         return y, (torch.cat(h_n, 0), torch.cat(c_n, 0))
