@@ -2,8 +2,9 @@
 # One run on a GPU machine: build the extension against the torch found there (or take the one
 # scripts/gpu_prebuild.sh built elsewhere for it, in .gpu/prebuilt), run the CUDA tests (the CUDA
 # error paths among them), the GPU benchmarks, compute-sanitizer (memcheck, racecheck) over the
-# workloads of validation/ (a small forward+backward of every op), and a host/device profile of
-# the LSTM calls.
+# workloads of validation/ (a small forward+backward of every op), the data pipeline's goal
+# (training from the clip cache against in-memory clips) and a host/device profile of the LSTM
+# calls.
 #
 #   scripts/gpu_check.sh [RESULTS_DIR]      (default: $OUT if set, else ./gpu_results)
 #
@@ -108,6 +109,77 @@ echo "--- speed and memory ratios (fused over baseline, same run, $(head -2 "$RE
   "$PY" benchmarks/targets.py "$RES/benchmarks.json"
 } > "$RES/ratios.txt" 2>&1
 cat "$RES/ratios.txt"
+# The data pipeline's GPU goal (issue 20): `cnnlstm-ext train` on a folder of videos, read from the
+# clip cache with the default workers, holds >= 90% of the step rate of the same model (wlasl100:
+# ResNet-18, 3 x BiLSTM 512; B=32, T=32, 112 px, bf16) on in-memory synthetic clips on the GPU.
+stage data-pipeline 170 "$PY" - "$RES" <<'PYEOF'
+import os, sys, tempfile, time
+from concurrent.futures import ProcessPoolExecutor
+import numpy as np, torch
+from cnnlstm_ext.train.config import Config
+from cnnlstm_ext.train.trainer import Trainer
+
+def write(path, seed):  # WLASL-like: H.264 yuv420p, 256x256, 72 frames at 25 fps
+    import av
+    base = np.random.default_rng(seed).integers(0, 255, (17, 18, 3), dtype=np.uint8).repeat(16, 0).repeat(16, 1)
+    with av.open(path, mode="w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width = s.height = 256
+        s.pix_fmt, s.options = "yuv420p", {"preset": "veryfast", "crf": "23"}
+        for i in range(72):
+            img = np.ascontiguousarray(np.roll(base, 2 * i, axis=1)[:256, :256])
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+def config(tmp, name, **data):
+    cfg = Config()
+    cfg.model.update(backbone="resnet18", spatial_dim=512, temporal_dim=512, num_layers=3, num_classes=4)
+    d = cfg.data
+    d.dataset, d.root, d.num_frames, d.frame_size, d.val_fraction = "folder", os.path.join(tmp, "videos"), 32, 112, 0.05
+    for k, v in data.items():
+        setattr(d, k, v)
+    t = cfg.train
+    t.output_dir, t.run_name, t.epochs, t.batch_size = tmp, name, 3, 32
+    t.progress = t.tensorboard = False
+    t.patience, t.eval_every, t.checkpoint_every = None, 100, 0
+    return cfg
+
+class InMemory(torch.utils.data.Dataset):  # synthetic clips already on the GPU
+    def __init__(self, n, length):
+        g = torch.Generator().manual_seed(0)
+        self.clips = torch.randn(n, 32, 3, 112, 112, generator=g).cuda()
+        self.n, self.length, self.records = n, length, None
+    def __len__(self):
+        return self.length
+    def __getitem__(self, i):
+        return self.clips[i % self.n], i % 4, 32
+
+tmp = tempfile.mkdtemp()
+paths = [os.path.join(tmp, "videos", "c%d" % (k % 4), "v%03d.mp4" % k) for k in range(288)]
+for p in paths:
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+with ProcessPoolExecutor(os.cpu_count()) as ex:
+    list(ex.map(write, paths, range(len(paths))))
+video = Trainer(config(tmp, "video", cache=os.path.join(tmp, "cache")))
+n_train = len(video.train_set)
+video.fit()
+synthetic = Trainer(config(tmp, "synthetic", num_workers=0, pin_memory=False),
+                    datasets=(InMemory(64, n_train), InMemory(64, 32), ["a", "b", "c", "d"]))
+synthetic.fit()
+a, b = video.history["clips_per_s"][-1], synthetic.history["clips_per_s"][-1]
+line = ("data pipeline (GPU goal): video folder from the clip cache, %d workers: %.0f clips/s; "
+        "in-memory synthetic: %.0f clips/s; ratio %.3f (target >= 0.9) %s"
+        % (video.num_workers, a, b, a / b, "PASS" if a / b >= 0.9 else "FAIL"))
+print(line)
+print("video epochs: clips/s %s, data %s, steps %s" % (video.history["clips_per_s"],
+      video.history["data_clips_per_s"], video.history["step_clips_per_s"]))
+with open(os.path.join(sys.argv[1], "ratios.txt"), "a") as f:
+    f.write(line + "\n")
+sys.exit(0 if a / b >= 0.9 else 1)
+PYEOF
+grep -E "data pipeline|clips/s|Error" "$LOGS/data-pipeline.log" | tail -5
 stage sanitizers 90 bash -c "
   for tool in ${GPU_CHECK_SANITIZE:-memcheck racecheck}; do
     for script in validation/sanitize_lstm.py validation/sanitize_pooling.py; do

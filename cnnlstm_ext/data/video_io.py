@@ -94,6 +94,9 @@ def _open_video(path: str):
 
 
 _local = threading.local()
+# A clip whose first frame comes earlier is decoded from the start: a seek (a demuxer flush) costs
+# more than decoding these few frames.
+SEEK_MIN_FRAMES = 16
 
 
 def _reformatter():
@@ -163,16 +166,17 @@ def _decode_wanted(container, stream, path, wanted, start, short_side, square):
     # Frame numbers come from timestamps (exact for constant-rate video, which is what the
     # index of a frame means here); without them, frames are counted from the start.
     by_pts = rate is not None and base is not None
-    if by_pts and wanted[0] > 0:
-        target = first_pts + int(wanted[0] / (rate * base))
+    frames_per_tick = float(rate * base) if by_pts else 0.0
+    if by_pts and wanted[0] >= SEEK_MIN_FRAMES:
+        target = first_pts + int(wanted[0] / frames_per_tick)
         container.seek(target, stream=stream, backward=True, any_frame=False)
     k, last, count = 0, None, -1
     try:
         for frame in container.decode(stream):
             count += 1
             if by_pts and frame.pts is not None:
-                i = int(round(float((frame.pts - first_pts) * base * rate)))
-            elif by_pts and wanted[0] > 0:  # seeked, but no timestamps: start again and count
+                i = int(round((frame.pts - first_pts) * frames_per_tick))
+            elif by_pts and wanted[0] >= SEEK_MIN_FRAMES:  # seeked, but no timestamps: count
                 yield from _decode_counting(path, wanted, short_side, square)
                 return
             else:

@@ -1,0 +1,85 @@
+"""The goals of benchmarks/bench_data.py, as ratios within one pytest-benchmark JSON (one run).
+
+    python benchmarks/data_ratios.py data.json [--markdown]
+
+Rates are clips per second: extra_info["clips"] / the median round. Goals (issue 20):
+
+  files >= 0.7 x ceiling       per T and transform: the loader against pure decoding (same frames)
+  long_clip <= 3 x short_clip  seconds per clip: a clip cut out of a 60 s video against a short one
+  cache >= 10 x files          per T, train transform: the decoded-clip cache against the files
+  features >= 20 x frozen      an epoch of LSTM + head on cached features against the frozen
+                               backbone run on the frames
+
+Exit status 1 when a goal fails or a case is missing.
+"""
+import argparse
+import json
+import sys
+from typing import Dict, List
+
+
+def rates(report: dict) -> Dict[tuple, float]:
+    """{(kind, T, transform): clips per second} of a pytest-benchmark report."""
+    out = {}
+    for bench in report.get("benchmarks", []):
+        info = bench.get("extra_info") or {}
+        if "kind" not in info or not bench["stats"]["median"] > 0:
+            continue
+        out[(info["kind"], info.get("T"), info.get("transform"))] = info["clips"] / bench["stats"]["median"]
+    return out
+
+
+def goals(report: dict) -> List[dict]:
+    """One row per goal: name, value (the ratio), target, ok (None: a case is missing)."""
+    r = rates(report)
+    rows = []
+
+    def row(name, num, den, target, at_least=True, invert=False):
+        if num not in r or den not in r:
+            rows.append({"goal": name, "value": None, "target": target, "ok": None})
+            return
+        value = r[den] / r[num] if invert else r[num] / r[den]
+        ok = value >= target if at_least else value <= target
+        rows.append({"goal": name, "value": value, "target": target, "ok": ok,
+                     "at_least": at_least})
+
+    for T in (16, 32):
+        for tf in ("train", "eval"):
+            row("files / ceiling, T=%d %s" % (T, tf), ("files", T, tf), ("ceiling", T, None), 0.7)
+    # cost per clip = 1 / rate: long / short = short rate / long rate
+    row("long clip / short clip (cost)", ("long_clip", 32, "train"), ("short_clip", 32, "train"),
+        3.0, at_least=False, invert=True)
+    for T in (16, 32):
+        row("cache / files, T=%d" % T, ("cache", T, "train"), ("files", T, "train"), 10.0)
+    row("features / frozen (epoch)", ("features", 16, None), ("frozen", 16, None), 20.0)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("json")
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args(argv)
+    with open(args.json) as f:
+        report = json.load(f)
+    r = rates(report)
+    if args.markdown:
+        print("| kind | T | transform | clips/s |\n| --- | ---: | --- | ---: |")
+        for (kind, T, tf), v in sorted(r.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
+            print("| %s | %s | %s | %.1f |" % (kind, T or "", tf or "", v))
+        print("\n| goal | ratio | target | |\n| --- | ---: | ---: | --- |")
+    failed = False
+    for g in goals(report):
+        value = "-" if g["value"] is None else "%.2f" % g["value"]
+        status = "MISSING" if g["ok"] is None else ("PASS" if g["ok"] else "FAIL")
+        sign = ">=" if g.get("at_least", True) else "<="
+        failed |= g["ok"] is not True
+        if args.markdown:
+            print("| %s | %s | %s %g | %s |" % (g["goal"], value, sign, g["target"], status))
+        else:
+            print("%-34s %8s   target %s %g   %s" % (g["goal"], value, sign, g["target"], status))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""benchmarks/data_ratios.py: the data pipeline's goals computed from a pytest-benchmark JSON."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "data_ratios.py")
+
+
+@pytest.fixture(scope="module")
+def ratios():
+    spec = importlib.util.spec_from_file_location("data_ratios", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench(kind, median, clips=8, T=16, transform=None):
+    return {"name": "test_%s" % kind, "stats": {"median": median},
+            "extra_info": {"kind": kind, "clips": clips, "T": T, "transform": transform}}
+
+
+def report(files_s=0.1, ceiling_s=0.08, long_s=0.3, short_s=0.12, cache_s=0.009, feat_s=0.1,
+           frozen_s=2.5):
+    b = []
+    for T in (16, 32):
+        b.append(bench("ceiling", ceiling_s, T=T))
+        b += [bench("files", files_s, T=T, transform=tf) for tf in ("train", "eval")]
+        b.append(bench("cache", cache_s, T=T, transform="train"))
+    b += [bench("long_clip", long_s, clips=4, T=32, transform="train"),
+          bench("short_clip", short_s, clips=4, T=32, transform="train"),
+          bench("features", feat_s, clips=32), bench("frozen", frozen_s, clips=32)]
+    return {"benchmarks": b}
+
+
+def by_goal(rows):
+    return {r["goal"]: r for r in rows}
+
+
+def test_goal_ratios_are_rates_of_the_same_run(ratios):
+    g = by_goal(ratios.goals(report()))
+    assert g["files / ceiling, T=16 train"]["value"] == pytest.approx(0.8)
+    assert g["files / ceiling, T=16 train"]["ok"]
+    assert g["long clip / short clip (cost)"]["value"] == pytest.approx(2.5)
+    assert g["long clip / short clip (cost)"]["ok"]
+    assert g["cache / files, T=32"]["value"] == pytest.approx(0.1 / 0.009)
+    assert g["features / frozen (epoch)"]["value"] == pytest.approx(25.0)
+
+
+@pytest.mark.parametrize("change, goal", [
+    (dict(files_s=0.2), "files / ceiling, T=32 eval"),          # 0.4 of the ceiling
+    (dict(long_s=0.5), "long clip / short clip (cost)"),        # a cost of 4.2x: above 3
+    (dict(cache_s=0.02), "cache / files, T=16"),                # 5x
+    (dict(frozen_s=1.0), "features / frozen (epoch)"),          # 10x
+])
+def test_a_missed_goal_fails(ratios, change, goal):
+    assert by_goal(ratios.goals(report(**change)))[goal]["ok"] is False
+
+
+def test_main_exits_1_on_a_missing_case(ratios, tmp_path, capsys):
+    doc = report()
+    doc["benchmarks"] = [b for b in doc["benchmarks"] if b["extra_info"]["kind"] != "cache"]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(doc))
+    assert ratios.main([str(path)]) == 1
+    assert "MISSING" in capsys.readouterr().out
+    path.write_text(json.dumps(report()))
+    assert ratios.main([str(path), "--markdown"]) == 0
+    assert "| files / ceiling, T=16 train | 0.80 | >= 0.7 | PASS |" in capsys.readouterr().out
