@@ -51,7 +51,9 @@ def add_arguments(parser):
                    help="'synthetic' (default), a folder of class folders, or a WLASL JSON file")
     g.add_argument("--videos", metavar="DIR",
                    help="with a WLASL JSON file: the folder of its videos (default: videos/ beside it)")
-    g.add_argument("--num-workers", type=int, metavar="N", help="data loader worker processes")
+    g.add_argument("--num-workers", type=int, metavar="N",
+                   help="data loader worker processes (default: min(cores, 8) for video files, "
+                        "0 for the synthetic set)")
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, metavar="N", help="planned epochs (the cosine schedule spans them)")
     g.add_argument("--batch-size", type=int, metavar="N", help="global batch size")
