@@ -135,6 +135,26 @@ void for_unit_slices(int64_t D, int64_t H, const Body& body) {
   });
 }
 
+// Runs step(dir, j0, j1, k) for k = 0 .. steps - 1 in order, for every direction and slice of
+// hidden units; step k of a direction reads only what step k - 1 of that direction wrote. With no
+// more threads than directions, each direction runs all its steps on one thread: the directions
+// are independent, so no thread waits for another at each step (a wait that costs the pool's
+// wake-up and, on shared cores, the slower thread's lag, step after step). Otherwise each step
+// is one parallel region over (direction, slice) tasks.
+template <typename Step>
+void run_steps(int64_t D, int64_t H, int64_t steps, const Step& step) {
+  if (at::get_num_threads() <= D) {
+    at::parallel_for(0, D, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t dir = begin; dir < end; ++dir)
+        for (int64_t k = 0; k < steps; ++k)
+          for (int64_t j0 = 0; j0 < H; j0 += kUnits) step(dir, j0, std::min(H, j0 + kUnits), k);
+    });
+    return;
+  }
+  for (int64_t k = 0; k < steps; ++k)
+    for_unit_slices(D, H, [&](int64_t dir, int64_t j0, int64_t j1) { step(dir, j0, j1, k); });
+}
+
 // --- forward ------------------------------------------------------------------------------------
 
 // One forward recurrence: its operands and the cell update that every algorithm runs. io_t is
@@ -197,16 +217,15 @@ template <typename acc_t, typename io_t, typename Kernel, typename Product>
 void forward_packed_steps(ForwardRecurrence<acc_t>& r, Kernel kernel, const Product& product) {
   const int64_t B = r.d.B;
   auto h_other = r.h->clone();  // rows of finished sequences must match in both buffers
-  acc_t* h_in = r.h->template data_ptr<acc_t>();
-  acc_t* h_out = h_other.template data_ptr<acc_t>();
-  for (int64_t s = 0; s < r.steps; ++s) {
-    for_unit_slices(r.d.D, r.d.H, [&](int64_t dir, int64_t j0, int64_t j1) {
-      product(dir, j0, j1, s, h_in);
-      for (int64_t b = 0; b < B; ++b) r.template update<io_t>(kernel, s, dir, b, j0, j1, h_in, h_out);
-    });
-    std::swap(h_in, h_out);
-  }
-  if (h_in != r.h->template data_ptr<acc_t>()) r.h->copy_(h_other);
+  // Step s reads h_{s-1} from buffer s % 2 and writes h_s to the other.
+  acc_t* const h_buf[2] = {r.h->template data_ptr<acc_t>(), h_other.template data_ptr<acc_t>()};
+  run_steps(r.d.D, r.d.H, r.steps, [&](int64_t dir, int64_t j0, int64_t j1, int64_t s) {
+    const acc_t* h_in = h_buf[s % 2];
+    product(dir, j0, j1, s, h_in);
+    for (int64_t b = 0; b < B; ++b)
+      r.template update<io_t>(kernel, s, dir, b, j0, j1, h_in, h_buf[(s + 1) % 2]);
+  });
+  if (r.steps % 2 == 1) r.h->copy_(h_other);
 }
 
 template <typename acc_t>
@@ -399,22 +418,20 @@ void backward_packed(BackwardRecurrence<acc_t>& r) {
   const acc_t* wp = w_packed.data_ptr<acc_t>();
   const std::vector<acc_t> zeros(G, acc_t(0));
   auto dG_other = at::zeros({D, B, G}, r.dG_step.options());
-  acc_t* ds_in = r.dG_step.template data_ptr<acc_t>();  // dG_{s+1}
-  acc_t* ds_out = dG_other.template data_ptr<acc_t>();
+  // The k-th step back (s = steps - 1 - k) reads dG_{s+1} from buffer k % 2 and writes dG_s to
+  // the other; a last pass (k = steps) takes grad_h0 from dG_0.
+  acc_t* const ds_buf[2] = {r.dG_step.template data_ptr<acc_t>(),
+                            dG_other.template data_ptr<acc_t>()};
   acc_t* drp = r.drp;
-  // Units [j0, j1) of dh_rec = ds_in . w_hh for direction dir.
-  auto product = [&](int64_t dir, int64_t j0, int64_t j1) {
-    r.kernels.recurrent_product(ds_in + dir * B * G, wp + dir * G * H, drp + dir * B * H, B, G, H,
-                                j0, j1, zeros.data());
-  };
-  for (int64_t s = r.steps - 1; s >= 0; --s) {
-    for_unit_slices(D, H, [&](int64_t dir, int64_t j0, int64_t j1) {
-      if (s + 1 < r.steps) product(dir, j0, j1);  // nothing flows back into the last step
-      for (int64_t b = 0; b < B; ++b) r.update(s, dir, b, j0, j1, ds_out);
-    });
-    std::swap(ds_in, ds_out);
-  }
-  for_unit_slices(D, H, product);  // step 0 is valid for every sequence: grad_h0
+  run_steps(D, H, r.steps + 1, [&](int64_t dir, int64_t j0, int64_t j1, int64_t k) {
+    // Units [j0, j1) of dh_rec = dG_{s+1} . w_hh for direction dir; nothing flows back into the
+    // last step, and step 0 is valid for every sequence (the last pass gives grad_h0 for all).
+    if (k > 0)
+      r.kernels.recurrent_product(ds_buf[k % 2] + dir * B * G, wp + dir * G * H,
+                                  drp + dir * B * H, B, G, H, j0, j1, zeros.data());
+    if (k < r.steps)
+      for (int64_t b = 0; b < B; ++b) r.update(r.steps - 1 - k, dir, b, j0, j1, ds_buf[(k + 1) % 2]);
+  });
   r.dh->copy_(r.dh_rec);
 }
 
