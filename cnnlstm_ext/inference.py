@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["load_model", "clip_indices", "VideoClips", "collate_videos", "predict_loader",
-           "predict_videos", "find_videos", "progress_bar", "PREPROCESSING_FIELDS"]
+           "predict_videos", "find_inputs", "find_videos", "progress_bar", "PREPROCESSING_FIELDS"]
 
 # The data settings a model's input is prepared with (cnnlstm_ext.train.config.DataConfig).
 PREPROCESSING_FIELDS = ("num_frames", "frame_size", "resize_to", "mean", "std")
@@ -117,47 +117,87 @@ def clip_indices(num_available: int, num_frames: int, clips: int = 1) -> torch.T
     return idx.clamp_(0, num_available - 1)
 
 
-def find_videos(inputs: Sequence[str]) -> List[str]:
-    """Video files and frame folders named by `inputs` (files, folders, glob patterns), in the
-    order given, each folder's content sorted. A folder holding images is one video (its frames);
-    any other folder is searched recursively. Raises FileNotFoundError for an input that names
-    nothing, ValueError for a file that is not a video."""
+def find_inputs(inputs: Sequence[str]) -> List[tuple]:
+    """`(path, None)` for each video file and frame folder that `inputs` (files, folders, glob
+    patterns) name, in the order given, each folder's content sorted, and `(input, error)` for an
+    input that gives no video: a missing path, a glob with no match, a file that is not a video,
+    a folder holding none. A video named twice (a.mp4 and ./a.mp4) comes once.
+
+    A folder is one video (its frames) when it holds images and no video file, at any depth;
+    any other folder is searched recursively."""
     import glob
 
     from .data.video_io import VIDEO_EXTENSIONS, is_image_file, is_video_file
 
     def frame_folder(d):
-        return any(is_image_file(n) for n in os.listdir(d))
+        try:
+            names = os.listdir(d)
+        except OSError:
+            return False
+        if not any(is_image_file(n) for n in names):
+            return False
+        for _, _, files in os.walk(d):  # a video anywhere below: a folder to search
+            if any(is_video_file(f) for f in files):
+                return False
+        return True
 
-    found = []
+    def search(root):
+        if frame_folder(root):
+            return [root]
+        found = []
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for d in list(dirs):
+                if frame_folder(os.path.join(folder, d)):
+                    found.append(os.path.join(folder, d))
+                    dirs.remove(d)  # its frames are one video, not a tree to search
+            found += [os.path.join(folder, f) for f in sorted(files) if is_video_file(f)]
+        return found
+
+    entries, seen = [], set()
     for item in inputs:
         if os.path.isfile(item):
             if not is_video_file(item):
-                raise ValueError("%s is not a video file (%s) or a folder"
-                                 % (item, ", ".join(VIDEO_EXTENSIONS)))
-            found.append(item)
-        elif os.path.isdir(item):
-            if frame_folder(item):
-                found.append(item)
+                entries.append((item, "%s is not a video file (%s) or a folder"
+                                % (item, ", ".join(VIDEO_EXTENSIONS))))
                 continue
-            for folder, dirs, files in os.walk(item):
-                dirs.sort()
-                for d in list(dirs):
-                    if frame_folder(os.path.join(folder, d)):
-                        found.append(os.path.join(folder, d))
-                        dirs.remove(d)  # its frames are one video, not a tree to search
-                found += [os.path.join(folder, f) for f in sorted(files) if is_video_file(f)]
+            found = [item]
+        elif os.path.isdir(item):
+            found = search(item)
+            if not found:
+                entries.append((item, "%s holds no video files or frame folders" % item))
+                continue
         elif glob.has_magic(item):
-            matches = sorted(p for p in glob.glob(item, recursive=True)
-                             if (os.path.isfile(p) and is_video_file(p))
-                             or (os.path.isdir(p) and frame_folder(p)))
-            if not matches:
-                raise FileNotFoundError("%s matches no video file or frame folder" % item)
-            found += matches
+            found = sorted(p for p in glob.glob(item, recursive=True)
+                           if (os.path.isfile(p) and is_video_file(p))
+                           or (os.path.isdir(p) and frame_folder(p)))
+            if not found:
+                entries.append((item, "%s matches no video file or frame folder" % item))
+                continue
         else:
-            raise FileNotFoundError("no such file or folder: %s" % item)
-    seen = set()
-    return [p for p in found if not (p in seen or seen.add(p))]
+            entries.append((item, "no such file or folder: %s" % item))
+            continue
+        for p in found:
+            key = os.path.realpath(p)
+            if key not in seen:
+                seen.add(key)
+                entries.append((p, None))
+    return entries
+
+
+def find_videos(inputs: Sequence[str]) -> List[str]:
+    """The videos of `find_inputs(inputs)`. Raises FileNotFoundError for an input that names
+    nothing (a missing path, a glob with no match, a folder without videos), ValueError for a
+    file that is not a video."""
+    videos = []
+    for path, error in find_inputs(inputs):
+        if error is None:
+            videos.append(path)
+        elif os.path.isfile(path):
+            raise ValueError(error)
+        else:
+            raise FileNotFoundError(error)
+    return videos
 
 
 class VideoClips(Dataset):
@@ -249,25 +289,31 @@ def collate_videos(items):
 
 @torch.no_grad()
 def predict_loader(model, loader, device=None, amp_dtype: Optional[torch.dtype] = None,
-                   progress=None):
+                   progress=None, max_clips: Optional[int] = None):
     """Runs `model` over a DataLoader of VideoClips (collate_fn=collate_videos); yields one
     `(index, probabilities [C] float32 CPU or None, clips, label, error)` per video, batch by
     batch (a batch's unreadable videos first); the probabilities are the mean of the softmax of
     the video's clips.
-    `progress`: a tqdm-like bar advanced by the videos of each batch."""
+    `progress`: a tqdm-like bar advanced by the videos of each batch. `max_clips`: the most
+    clips one forward call runs (default: the loader's batch size, so a batch of B videos of K
+    clips each runs as K calls of B clips, not one of B x K)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    step = max(1, int(max_clips or getattr(loader, "batch_size", None) or 1))
     model.eval()
     for batch in loader:
         for index, error in batch["errors"]:
             yield index, None, 0, None, error
         if batch["clips"] is not None:
-            clips = batch["clips"].to(device, non_blocking=True)                 # [N, T, 3, S, S]
-            lengths = batch["lengths"]                                           # [N], on the CPU
-            full = bool((lengths == clips.shape[1]).all())
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                logits = model(clips, None if full else lengths)                 # [N, C]
-            probs = logits.float().softmax(1).cpu()                              # [N, C]
+            parts = []
+            for start in range(0, batch["clips"].shape[0], step):  # at most `step` clips a call
+                clips = batch["clips"][start:start + step].to(device, non_blocking=True)
+                lengths = batch["lengths"][start:start + step]                   # on the CPU
+                full = bool((lengths == clips.shape[1]).all())
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    logits = model(clips, None if full else lengths)             # [n, C]
+                parts.append(logits.float().softmax(1).cpu())
+            probs = torch.cat(parts)                                             # [N, C]
             owner = batch["owner"]
             B = len(batch["index"])
             sums = torch.zeros(B, probs.shape[1]).index_add_(0, owner, probs)    # [B, C]

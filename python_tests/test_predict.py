@@ -281,3 +281,94 @@ def test_predict_help_explains_usage(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "predict" in capsys.readouterr().out
+
+
+# --- inputs that give no video, folders with images among videos, the same video twice -------
+
+def _image_bytes(new):
+    folder = new / "frames_c"
+    return (folder / sorted(os.listdir(folder))[0]).read_bytes()
+
+
+def test_a_folder_of_videos_with_an_image_is_searched_not_one_frame_video(run, tmp_path):
+    _, _, new = run
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.mp4", "b.mp4", "sub/c.mp4"):
+        (folder / name).write_bytes((new / "a.mp4").read_bytes())
+    (folder / "cover.jpg").write_bytes(_image_bytes(new))
+    expected = [str(folder / "a.mp4"), str(folder / "b.mp4"), str(folder / "sub" / "c.mp4")]
+    assert find_videos([str(folder)]) == expected
+    # images beside a subfolder with a video: searched too; images alone: one video
+    only = tmp_path / "only"
+    (only / "deep" / "er").mkdir(parents=True)
+    (only / "x.jpg").write_bytes(_image_bytes(new))
+    (only / "deep" / "er" / "d.mp4").write_bytes((new / "a.mp4").read_bytes())
+    assert find_videos([str(only)]) == [str(only / "deep" / "er" / "d.mp4")]
+    assert find_videos([str(new / "frames_c")]) == [str(new / "frames_c")]
+
+
+def test_a_video_named_twice_is_predicted_once_and_an_empty_folder_is_named(run, tmp_path):
+    _, _, new = run
+    twice = [str(new / "a.mp4"), os.path.join(str(new), ".", "a.mp4"),
+             os.path.join(str(new / "frames_c"), "..", "a.mp4")]
+    assert find_videos(twice) == [str(new / "a.mp4")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty holds no video"):
+        find_videos([str(new / "a.mp4"), str(tmp_path / "empty")])
+
+
+def test_predict_reports_each_bad_input_and_predicts_the_others(run, capsys, tmp_path):
+    ckpt, _, new = run
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    bad = [tmp_path / "gone.mp4", tmp_path / "*.mkv", tmp_path / "notes.txt", tmp_path / "empty"]
+    argv = [ckpt, new / "a.mp4", *bad, new / "b.mp4", "--num-workers", 0]
+    rc, out, err = _predict(capsys, *argv, "--json")
+    assert rc == 1 and "Traceback" not in err
+    rows = json.loads(out)
+    assert [r["path"] for r in rows] == [str(new / "a.mp4")] + list(map(str, bad)) + [
+        str(new / "b.mp4")]
+    assert all(r["error"] is None and len(r["predictions"]) == 3 for r in (rows[0], rows[-1]))
+    for r, text in zip(rows[1:5], ("no such file or folder", "matches no video",
+                                   "is not a video file", "holds no video")):
+        assert r["predictions"] == [] and r["clips"] == 0 and text in r["error"]
+    lines = err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
+    rc, out, _ = _predict(capsys, *argv, "--csv")
+    rows = list(csv.reader(io.StringIO(out)))[1:]
+    assert rc == 1 and [bool(r[-1]) for r in rows] == [False, True, True, True, True, False]
+    rc, out, _ = _predict(capsys, *argv)
+    assert rc == 1 and sum("error:" in line for line in out.splitlines()) == 4
+
+
+def test_a_runtime_error_of_the_model_is_one_line(run, capsys, monkeypatch):
+    ckpt, _, new = run
+    from cnnlstm_ext.models import CNNLSTM
+
+    def out_of_memory(self, *a, **k):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2.00 GiB")
+    monkeypatch.setattr(CNNLSTM, "forward", out_of_memory)
+    rc, out, err = _predict(capsys, ckpt, new / "a.mp4", "--num-workers", 0)
+    assert rc == 1 and out == "" and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "out of memory" in err
+
+
+def test_a_batch_runs_at_most_batch_size_clips_per_call(run):
+    ckpt, data, new = run
+    model = load_model(ckpt)
+    videos = [str(new / "a.mp4"), str(new / "b.mp4"), str(data / "class2" / "v3.mp4")]
+    whole = predict_videos(model, videos, clips=3, batch_size=9)  # 9 clips: one call
+    sizes = []
+    forward = model.forward
+
+    def counting(clips, lengths=None):
+        sizes.append(clips.shape[0])
+        return forward(clips, lengths)
+    model.forward = counting
+    chunked = predict_videos(model, videos, clips=3, batch_size=2)
+    assert sizes and max(sizes) <= 2 and sum(sizes) == 9
+    for a, b in zip(whole, chunked):
+        assert a["clips"] == b["clips"] == 3
+        for (c1, p1), (c2, p2) in zip(a["top"], b["top"]):
+            assert c1 == c2 and p1 == pytest.approx(p2, abs=1e-5)

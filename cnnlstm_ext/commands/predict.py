@@ -8,12 +8,16 @@ Inputs are video files, folders of frame images (one video), folders (searched r
 both) and glob patterns. Each video is read as --clips K clips spread uniformly over it and the
 class probabilities of its clips are averaged (K=1: the centred clip `evaluate` uses); frames
 per clip, frame size and normalisation are the checkpoint's. Videos are decoded by --num-workers
-processes and run through the model in batches of --batch-size videos.
+processes, --batch-size videos at a time, and run through the model at most --batch-size clips
+per call.
 
 Output on stdout: a table (default), --json (a list of {path, clips, predictions: [{class,
 probability}], error}) or --csv (path, clips, top1, p1, ..., error). A file that cannot be read
-gets its error (and a line on stderr) while the other videos still get predictions; the exit
-status is then 1 (0: every video predicted, 2: nothing to predict or an unusable checkpoint).
+gets its error (and a line on stderr) while the other videos still get predictions, as does an
+input that gives no video (a missing path, a glob with no match, a file that is not a video, a
+folder without videos); the exit status is then 1 (0: every video predicted, 2: nothing to
+predict, bad options or an unusable checkpoint). A folder is one video of frames when it holds
+images and no video file at any depth; otherwise it is searched. A video named twice comes once.
 """
 import csv
 import json
@@ -33,7 +37,7 @@ def add_arguments(parser):
     out.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
     out.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
-                        help="videos per batch (default 8)")
+                        help="videos decoded per batch, and the most clips per model call (default 8)")
     parser.add_argument("--num-workers", type=int, default=None, metavar="N",
                         help="decoding processes (default: min(4, CPU count); 0: in this one)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
@@ -51,7 +55,7 @@ def _error(text: str) -> None:
 
 def run(args) -> int:
     from ..checkpoint import CheckpointError, nonfinite_tensors
-    from ..inference import find_videos, load_model, predict_videos
+    from ..inference import find_inputs, load_model, predict_videos
     from ..train.distributed import DistContext
     from ..train.trainer import resolve_device, resolve_precision
 
@@ -63,10 +67,13 @@ def run(args) -> int:
     if args.num_workers is not None and args.num_workers < 0:
         _error("--num-workers must be >= 0, got %d" % args.num_workers)
         return 2
+    entries = find_inputs(args.inputs)
+    videos = [path for path, error in entries if error is None]
+    if not videos:  # nothing to predict: each input's reason, then exit 2
+        for _, error in entries:
+            _error(error)
+        return 2
     try:
-        videos = find_videos(args.inputs)
-        if not videos:
-            raise ValueError("no video files or frame folders in %s" % ", ".join(args.inputs))
         device = resolve_device(args.device, DistContext())
         model = load_model(args.checkpoint, device, key_map=list(args.key_map) or None,
                            check_integrity=args.check_integrity)
@@ -79,13 +86,23 @@ def run(args) -> int:
                % (args.checkpoint, len(bad), ", ".join(bad[:3])))
         return 2
     workers = args.num_workers if args.num_workers is not None else min(4, os.cpu_count() or 1)
-    results = predict_videos(model, videos, clips=args.clips, topk=args.top,
-                             batch_size=args.batch_size, num_workers=min(workers, len(videos)),
-                             amp_dtype=resolve_precision(args.precision, device),
-                             progress=not args.no_progress)
+    try:
+        predicted = predict_videos(model, videos, clips=args.clips, topk=args.top,
+                                   batch_size=args.batch_size,
+                                   num_workers=min(workers, len(videos)),
+                                   amp_dtype=resolve_precision(args.precision, device),
+                                   progress=not args.no_progress)
+    except RuntimeError as e:  # out of memory, a decoding worker that died: one line
+        _error("prediction failed: %s" % (" ".join(str(e).split()) or type(e).__name__))
+        return 1
+    predicted = iter(predicted)
+    results = [next(predicted) if error is None
+               else {"path": path, "clips": 0, "top": [], "error": error}
+               for path, error in entries]
     for r in results:
         if r["error"]:
-            _error("%s: %s" % (r["path"], r["error"]))
+            _error(r["error"] if r["clips"] == 0 and r["path"] in r["error"]
+                   else "%s: %s" % (r["path"], r["error"]))
     if args.json:
         json.dump([{"path": r["path"], "clips": r["clips"],
                     "predictions": [{"class": c, "probability": p} for c, p in r["top"]],
