@@ -39,6 +39,14 @@ def _scored(out_dir):
         return [row["clip"] for row in csv.DictReader(f)]
 
 
+def _other_folder(path, seed):
+    """Class folders of 2 new videos each, named as no clip of the run (u0.mp4, u1.mp4)."""
+    make_class_videos(path, per_class=2, first_seed=seed)
+    for video in sorted(path.glob("class*/v*.mp4")):
+        video.rename(video.with_name("u" + video.name[1:]))
+    return path
+
+
 def _recorded(ckpt):
     split = torch.load(ckpt, weights_only=True)["trainer_state"]["val_split"]
     return split, [os.path.join(split["root"], p) for p in split["clips"]]
@@ -96,9 +104,39 @@ def test_the_recorded_split_holds_when_the_folder_changes(held_out, capsys, tmp_
     expected = sorted(str(copy) + p[len(str(data)):] for p in _recorded(ckpt)[1])
     assert sorted(_scored(tmp_path / "val")) == expected
     os.remove(expected[0])
+    # a copy without one recorded clip: the two it holds, not the whole folder
     rc, out, _ = _evaluate(capsys, ckpt, copy, "--out", tmp_path / "val2")
-    assert rc == 0 and not out.startswith("scoring")  # no longer holds them all: other data
-    assert len(_scored(tmp_path / "val2")) == 15
+    assert rc == 0 and out.startswith("scoring the run's 2 validation clips (recorded in the "
+                                      "checkpoint) of the 15 clips")
+    assert "; 1 recorded clips are not there" in out.splitlines()[0]
+    assert sorted(_scored(tmp_path / "val2")) == expected[1:]
+    for path in expected[1:]:
+        os.remove(path)
+    # none of them: the whole folder, and the first line says so
+    rc, out, _ = _evaluate(capsys, ckpt, copy, "--out", tmp_path / "val3")
+    assert rc == 0 and out.splitlines()[0] == (
+        "scoring every clip of %s: it holds none of the run's 3 recorded validation clips" % copy)
+    assert len(_scored(tmp_path / "val3")) == 13
+
+
+def test_recorded_sizes_must_match_when_the_checkpoint_has_them(held_out, capsys, tmp_path):
+    data, ckpt = held_out
+    state = torch.load(ckpt, weights_only=True)
+    state.pop("integrity")
+    split = state["trainer_state"]["val_split"]
+    split["sizes"] = [os.path.getsize(os.path.join(split["root"], p)) for p in split["clips"]]
+    sized = tmp_path / "sized.pth"
+    torch.save(state, sized)
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    rc, out, _ = _evaluate(capsys, sized, copy, "--out", tmp_path / "a")
+    assert rc == 0 and out.startswith("scoring the run's 3 validation clips")
+    first = copy / split["clips"][0]
+    write_clip(first, 0, 5, seed=999)  # another video under a recorded name
+    assert os.path.getsize(first) != split["sizes"][0]
+    rc, out, _ = _evaluate(capsys, sized, copy, "--out", tmp_path / "b")
+    assert rc == 0 and out.startswith("scoring the run's 2 validation clips")
+    assert "1 recorded clips are not there" in out and str(first) not in _scored(tmp_path / "b")
 
 
 def test_a_checkpoint_without_a_record_holds_the_split_out_again(held_out, capsys, tmp_path):
@@ -126,12 +164,12 @@ def test_split_folders_score_the_val_split(tmp_path, capsys):
     assert rc == 0 and len(_scored(tmp_path / "all")) == 9
 
 
-def test_another_folder_is_scored_whole_without_a_note(held_out, capsys, tmp_path):
+def test_another_folder_is_scored_whole_saying_so(held_out, capsys, tmp_path):
     _, ckpt = held_out
-    other = tmp_path / "other"
-    make_class_videos(other, per_class=2, first_seed=200)
+    other = _other_folder(tmp_path / "other", 200)
     rc, out, _ = _evaluate(capsys, ckpt, other, "--out", tmp_path / "o")
-    assert rc == 0 and not out.startswith("scoring") and len(_scored(tmp_path / "o")) == 6
+    assert rc == 0 and out.startswith("scoring every clip of %s: it holds none" % other)
+    assert len(_scored(tmp_path / "o")) == 6
 
 
 def test_evaluate_clips_k_averages_as_predict_does(held_out, capsys, tmp_path):
@@ -155,8 +193,7 @@ def test_evaluate_clips_k_averages_as_predict_does(held_out, capsys, tmp_path):
 
 def test_an_unreadable_video_is_left_out_and_named(held_out, capsys, tmp_path):
     _, ckpt = held_out
-    other = tmp_path / "other"
-    make_class_videos(other, per_class=2, first_seed=300)
+    other = _other_folder(tmp_path / "other", 300)
     (other / "class2" / "zz.mp4").write_bytes(b"not a video at all")
     rc, out, err = _evaluate(capsys, ckpt, other, "--out", tmp_path / "o")
     assert rc == 1 and "1 unreadable video left out" in out
@@ -206,3 +243,104 @@ def test_a_wlasl_run_scores_its_val_split_from_the_json_or_the_video_folder(tmp_
     assert rc == 0 and len(_scored(tmp_path / "all")) == 9
     rc, out, _ = _evaluate(capsys, ckpt, annotations, "--split", "train", "--out", tmp_path / "t")
     assert rc == 0 and not out.startswith("scoring") and len(_scored(tmp_path / "t")) == 6
+
+
+def test_no_readable_video_is_an_error_and_writes_nothing(held_out, capsys, tmp_path):
+    _, ckpt = held_out
+    other = tmp_path / "other"
+    for c in range(3):
+        (other / ("class%d" % c)).mkdir(parents=True)
+        (other / ("class%d" % c) / "x.mp4").write_bytes(b"not a video")
+    rc, out, err = _evaluate(capsys, ckpt, other, "--out", tmp_path / "o")
+    assert rc == 2 and "accuracy" not in out and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("error: no video could be read (3 unreadable")
+    assert err.count("error:") == 4 and not (tmp_path / "o" / "metrics.json").exists()
+    assert not (tmp_path / "o" / "predictions.csv").exists()
+
+
+def test_a_runtime_error_of_the_model_is_one_line(held_out, capsys, tmp_path, monkeypatch):
+    data, ckpt = held_out
+    from cnnlstm_ext.models import CNNLSTM
+
+    def worker_died(self, *a, **k):
+        raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed.")
+    monkeypatch.setattr(CNNLSTM, "forward", worker_died)
+    rc, out, err = _evaluate(capsys, ckpt, data, "--out", tmp_path / "o")
+    assert rc == 1 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("error: evaluation failed: DataLoader worker (pid 123) is killed")
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_outputs_are_replaced_whole(held_out, capsys, tmp_path, monkeypatch):
+    data, ckpt = held_out
+    out_dir = tmp_path / "o"
+    assert _evaluate(capsys, ckpt, data, "--out", out_dir)[0] == 0
+    before = {n: (out_dir / n).read_bytes() for n in ("predictions.csv", "metrics.json")}
+    import builtins
+    real_open = builtins.open
+
+    def failing_open(file, mode="r", *a, **k):  # a disk that fills while writing in place
+        if "w" in mode and os.path.basename(str(file)) in before:
+            f = real_open(file, mode, *a, **k)
+            f.write("partial" if "b" not in mode else b"partial")
+            f.close()
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *a, **k)
+    monkeypatch.setattr(builtins, "open", failing_open)
+    rc, _, err = _evaluate(capsys, ckpt, data, "--all", "--out", out_dir)
+    monkeypatch.undo()
+    assert rc != 0 and "No space left" in err
+    for name, content in before.items():
+        assert (out_dir / name).read_bytes() == content
+    assert not [n for n in os.listdir(out_dir) if n.startswith(".")]
+
+
+def test_nan_weights_exit_2_as_predict_does(held_out, capsys, tmp_path):
+    data, ckpt = held_out
+    state = torch.load(ckpt, weights_only=True)
+    state.pop("integrity")
+    state["model_state_dict"]["classifier.weight"].fill_(float("nan"))
+    torch.save(state, tmp_path / "nan.pth")
+    for command in ("evaluate", "predict"):
+        rc = main([command, str(tmp_path / "nan.pth"), str(data), "--no-progress",
+                   "--num-workers", "0"] + (["--out", str(tmp_path / "o")]
+                                            if command == "evaluate" else []))
+        err = capsys.readouterr().err
+        assert rc == 2 and "NaN/Inf" in err and err.count("\n") == 1
+
+
+def test_all_scores_the_test_split_folder_too(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_class_videos(data / "train", per_class=2)
+    make_class_videos(data / "val", per_class=1, first_seed=100)
+    make_class_videos(data / "test", per_class=1, first_seed=200)
+    ckpt = os.path.join(train_folder_run(tmp_path / "runs", data, epochs=1),
+                        "latest_checkpoint.pth")
+    rc, out, _ = _evaluate(capsys, ckpt, data, "--all", "--out", tmp_path / "all")
+    assert rc == 0 and "scoring all 12 clips" in out and "train, val, test" in out
+    scored = _scored(tmp_path / "all")
+    assert len(scored) == 12 and sum("/test/" in p for p in scored) == 3
+
+
+def test_all_scores_every_split_of_a_wlasl_file(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    entries = []
+    for c, gloss in enumerate(["book", "drink", "go"]):
+        instances = []
+        for i, split in enumerate(["train", "train", "val", "test"]):
+            video_id = "%05d" % (10 * c + i)
+            write_clip(videos / (video_id + ".mp4"), c, 8 + i, seed=500 + 10 * c + i)
+            instances.append({"video_id": video_id, "split": split, "frame_start": 1,
+                              "frame_end": -1})
+        entries.append({"gloss": gloss, "instances": instances})
+    annotations = tmp_path / "WLASL.json"
+    annotations.write_text(json.dumps(entries))
+    cfg = folder_config(tmp_path / "runs", videos, epochs=1)
+    cfg.data.dataset, cfg.data.annotations = "wlasl", str(annotations)
+    Trainer(cfg).fit()
+    ckpt = tmp_path / "runs" / "run" / "checkpoints" / "latest_checkpoint.pth"
+    rc, out, _ = _evaluate(capsys, ckpt, annotations, "--all", "--out", tmp_path / "all")
+    assert rc == 0 and "scoring all 12 clips" in out and "test, train, val" in out
+    assert sorted(os.path.basename(p) for p in _scored(tmp_path / "all")) == sorted(
+        "%05d.mp4" % (10 * c + i) for c in range(3) for i in range(4))

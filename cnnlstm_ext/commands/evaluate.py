@@ -10,18 +10,25 @@ class folders, or a WLASL JSON file. Clips are prepared as in the checkpoint's t
 (frames per clip, frame size, normalisation), without augmentation. A checkpoint of another
 training script works too: its architecture is read off its weights.
 
-On the data the run trained on (its data.root, its WLASL file, or a folder holding its recorded
-validation clips) only the run's validation clips are scored, as the first lines say: the clips
-the checkpoint records (a held-out data.val_fraction), else the run's val split. --all scores
-every clip, training clips included. Any other DATA is scored whole.
+On the data the run trained on (its data.root, its WLASL file, or a folder holding some of its
+recorded validation clips) only the run's validation clips are scored, as the first lines say:
+the clips the checkpoint records (a held-out data.val_fraction; those DATA holds, the missing
+ones counted), else the run's val split. --all scores every clip of every split, training clips
+included (every instance of a WLASL file; train/, val/ and any other split folder of class
+folders, e.g. test/). Any other DATA is scored whole (a folder holding none of the recorded
+clips, saying so).
 
 --clips K reads each video as K clips spread uniformly over it and averages their class
-probabilities (as `cnnlstm-ext predict`). A video that cannot be read is reported on stderr and
-left out of the metrics (exit status 1).
+probabilities (as `cnnlstm-ext predict`); the model runs at most --batch-size clips per call. A
+video that cannot be read is reported on stderr and left out of the metrics (exit status 1; an
+error while the model runs, such as running out of memory, is one error line, exit 1). Exit
+status 2: bad options or data, an unusable checkpoint (unreadable, NaN/Inf weights), or no video
+that could be read (then nothing is written).
 
 Writes to --out (default: <run folder>/evaluation/<DATA name>[-<split>]/, -val or -all on the
 run's data): predictions.csv (one row per clip: true class, predicted class, confidence, top-5),
-metrics.json, confusion_matrix.csv, per_class_accuracy.csv and confusion_matrix.png.
+metrics.json, confusion_matrix.csv, per_class_accuracy.csv and confusion_matrix.png, each file
+replaced whole.
 """
 import csv
 import os
@@ -35,12 +42,14 @@ def add_arguments(parser):
                                         "sub-folder of DATA, or 'test' for the synthetic set")
     parser.add_argument("--videos", metavar="DIR", help="with a WLASL JSON file: its videos")
     parser.add_argument("--all", dest="all_clips", action="store_true",
-                        help="on the data the run trained on: score every clip, training clips "
-                             "included (default: the run's validation clips only)")
+                        help="on the data the run trained on: score every clip of every split, "
+                             "training clips included (default: the run's validation clips "
+                             "only)")
     parser.add_argument("--clips", type=int, default=1, metavar="K",
                         help="clips per video, uniform over it, probabilities averaged (default 1)")
     parser.add_argument("--out", metavar="DIR", help="output folder (see above)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                        help="videos per batch, and the most clips per model call (default 16)")
     parser.add_argument("--num-workers", type=int, default=None, metavar="N")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
@@ -73,26 +82,70 @@ def _relative(path, root) -> str:
     return os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
 
 
+def recorded_clips_held(data, recorded):
+    """The clips of the checkpoint's record (`trainer_state.val_split`) that folder `data` holds:
+    the file exists and, where the record has their sizes (`sizes`, bytes), is that size."""
+    sizes = recorded.get("sizes")
+    sizes = sizes if isinstance(sizes, list) and len(sizes) == len(recorded["clips"]) else None
+    held = []
+    for i, clip in enumerate(recorded["clips"]):
+        path = os.path.join(data, clip)
+        try:
+            if sizes is not None and os.path.isfile(path) and os.path.getsize(path) != sizes[i]:
+                continue
+        except OSError:
+            continue
+        if os.path.exists(path):
+            held.append(clip)
+    return held
+
+
+def _other_splits(d, classes):
+    """(name, records) of the split folders of a folder layout other than its train and val
+    ones (e.g. test/): the sub-folders of d.root whose class folders are the run's classes."""
+    from ..data.video_folder import scan_class_folders
+
+    found = []
+    for name in sorted(os.listdir(d.root)):
+        folder = os.path.join(d.root, name)
+        if name.startswith(".") or name in (d.train_split, d.val_split) or not os.path.isdir(folder):
+            continue
+        try:
+            records, _ = scan_class_folders(folder, classes)
+        except (ValueError, OSError):
+            continue  # not a split of class folders
+        found.append((name, records))
+    return found
+
+
 def run_data(cfg, data, split=None, all_clips=False, val_split=None, video_root=None):
-    """(records, classes, note) when DATA is the data the run trained on, else None.
+    """(records, classes, note) when DATA is the data the run trained on, else None, or
+    (None, None, note) for a folder that holds none of the checkpoint's recorded validation
+    clips (scored whole; the note says so).
 
     records: the run's validation clips (those `val_split`, the checkpoint's record, lists when
-    it has one; else the validation set the run's config makes of DATA), or every clip with
-    `all_clips`; note: the line that says which.
+    it has one, and DATA holds; else the validation set the run's config makes of DATA), or
+    every clip of every split with `all_clips`; note: the line that says which.
     """
     import copy
 
     from ..data.datasets import build_datasets
+    from ..data.video_folder import read_wlasl
 
     d = copy.deepcopy(cfg.data)
     recorded = val_split if isinstance(val_split, dict) and val_split.get("clips") else None
     if split is not None or data == "synthetic":
         return None
+    held = None
     if d.dataset == "folder" and os.path.isdir(data):
-        ours = _same_path(data, d.root) or (recorded and (_same_path(data, recorded["root"]) or all(
-            os.path.exists(os.path.join(data, p)) for p in recorded["clips"])))
-        if not ours:
-            return None
+        same_root = _same_path(data, d.root) or (recorded and _same_path(data, recorded["root"]))
+        if not same_root:
+            if not recorded:
+                return None
+            held = recorded_clips_held(data, recorded)
+            if not held:
+                return None, None, ("scoring every clip of %s: it holds none of the run's %d "
+                                    "recorded validation clips" % (data, len(recorded["clips"])))
         d.root = data
     elif d.dataset == "wlasl" and (_same_path(data, d.annotations) or _same_path(data, d.root)):
         if os.path.isfile(data):
@@ -102,18 +155,31 @@ def run_data(cfg, data, split=None, all_clips=False, val_split=None, video_root=
     train, val, classes = build_datasets(d, seed=cfg.train.seed)
     everything = list(train.records) + list(val.records)
     if all_clips:
-        return everything, classes, ("scoring all %d clips of the data the run trained on, "
-                                     "training clips included (--all)" % len(everything))
+        splits = ""
+        if d.dataset == "wlasl":  # every instance of the file, whatever its split
+            everything = read_wlasl(d.annotations, d.root, None, d.max_classes)[0]
+            names = _wlasl_splits(d.annotations, d.max_classes)
+            splits = " (splits %s)" % ", ".join(names) if names else ""
+        elif os.path.isdir(os.path.join(d.root, d.val_split)) and os.path.isdir(
+                os.path.join(d.root, d.train_split)):
+            others = _other_splits(d, classes)
+            for _, records in others:
+                everything += records
+            splits = " (split folders %s)" % ", ".join(
+                [d.train_split, d.val_split] + [name for name, _ in others])
+        return everything, classes, ("scoring all %d clips of the data the run trained on%s, "
+                                     "training clips included (--all)" % (len(everything), splits))
     if d.dataset == "folder" and recorded and not os.path.isdir(os.path.join(d.root, d.val_split)):
-        wanted = set(recorded["clips"])
+        wanted = set(held if held is not None else recorded["clips"])
         records = [r for r in everything if _relative(r.path, d.root) in wanted]
         note = ("scoring the run's %d validation clips (recorded in the checkpoint) of the %d "
                 "clips in %s; --all scores every clip" % (len(records), len(everything), data))
-        if len(records) < len(wanted):
-            note += "; %d recorded clips are no longer there" % (len(wanted) - len(records))
+        missing = len(recorded["clips"]) - len(records)
+        if missing:
+            note += "; %d recorded clips are not there" % missing
         if not records:
             raise ValueError("%s holds none of the run's %d validation clips (e.g. %s)"
-                             % (data, len(wanted), recorded["clips"][0]))
+                             % (data, len(recorded["clips"]), recorded["clips"][0]))
         return records, classes, note
     records = list(val.records)
     if d.dataset == "folder" and not os.path.isdir(os.path.join(d.root, d.val_split)):
@@ -126,6 +192,18 @@ def run_data(cfg, data, split=None, all_clips=False, val_split=None, video_root=
                                                                        len(everything)))
 
 
+def _wlasl_splits(annotations, max_classes):
+    """The split names of a WLASL file's instances, sorted."""
+    import json
+
+    with open(annotations) as f:
+        entries = json.load(f)
+    if max_classes is not None:
+        entries = entries[:max_classes]
+    return sorted({str(i.get("split")) for e in entries for i in e.get("instances", [])
+                   if i.get("split") is not None})
+
+
 def run(args) -> int:
     from torch.utils.data import DataLoader
 
@@ -135,7 +213,7 @@ def run(args) -> int:
     from ..train.guards import nonfinite_tensors
     from ..train.config import apply_overrides, check_output_dir, config_from_checkpoint, validate
     from ..train.distributed import DistContext
-    from ..train.trainer import evaluate_model, resolve_device, resolve_precision, write_metrics
+    from ..train.trainer import evaluate_model, resolve_device, resolve_precision
 
     for name, value in (("--batch-size", args.batch_size), ("--clips", args.clips)):
         if value < 1:
@@ -166,6 +244,8 @@ def run(args) -> int:
         ours = run_data(cfg, args.data, args.split, args.all_clips, state.get("val_split"),
                         args.videos)
         note = None
+        if ours is not None and ours[0] is None:  # a folder without the recorded clips
+            note, ours = ours[2], None
         if ours is not None:
             records, data_classes, note = ours
             if classes and list(data_classes) != list(classes):
@@ -201,7 +281,7 @@ def run(args) -> int:
               "`cnnlstm-ext verify` finds the sound checkpoints of its run"
               % (args.checkpoint, len(bad), "s" if len(bad) > 1 else "", ", ".join(bad[:3]),
                  ", ..." if len(bad) > 3 else ""), file=sys.stderr)
-        return 1
+        return 2  # an unusable checkpoint, as for predict
 
     try:
         device = resolve_device(args.device, DistContext())
@@ -215,32 +295,33 @@ def run(args) -> int:
     from ..data.loader import resolve_num_workers
     workers = args.num_workers if args.num_workers is not None else resolve_num_workers(cfg.data)
     unreadable = []
-    if records is not None:  # videos: read as --clips clips each; a bad file is left out
-        metrics, predictions, unreadable, paths = _evaluate_videos(
-            model, records, cfg.data, len(classes), args, device, amp_dtype, workers)
-        for path, error in unreadable:
-            print("error: %s: %s" % (path, error), file=sys.stderr)
-    else:
-        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                            num_workers=workers, pin_memory=device.type == "cuda")
-        metrics, predictions = evaluate_model(model, loader, device, len(classes), amp_dtype,
-                                              collect_predictions=True,
-                                              progress=not args.no_progress, desc="evaluate")
-        paths = ["%s[%d]" % (args.data, i) for i in range(len(predictions))]
+    try:
+        if records is not None:  # videos: read as --clips clips each; a bad file is left out
+            metrics, predictions, unreadable, paths = _evaluate_videos(
+                model, records, cfg.data, len(classes), args, device, amp_dtype, workers)
+            for path, error in unreadable:
+                print("error: %s: %s" % (path, error), file=sys.stderr)
+        else:
+            loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                num_workers=workers, pin_memory=device.type == "cuda")
+            metrics, predictions = evaluate_model(model, loader, device, len(classes), amp_dtype,
+                                                  collect_predictions=True,
+                                                  progress=not args.no_progress, desc="evaluate")
+            paths = ["%s[%d]" % (args.data, i) for i in range(len(predictions))]
+    except RuntimeError as e:  # out of memory, a loader process that died: one line
+        print("error: evaluation failed: %s" % (" ".join(str(e).split()) or type(e).__name__),
+              file=sys.stderr)
+        return 1
+    if not predictions:
+        print("error: no video could be read (%d unreadable, named above): nothing to score, "
+              "no metrics written" % len(unreadable) if unreadable else
+              "error: %s holds no clips to score" % args.data, file=sys.stderr)
+        return 2
 
-    write_metrics(out, metrics, classes, extra={
+    _write_outputs(out, metrics, classes, {
         "checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "split": args.split,
         "scored": note or "every clip of DATA", "clips_per_video": args.clips,
-        "unreadable": [path for path, _ in unreadable]}, json_name="metrics.json")
-    with open(os.path.join(out, "predictions.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "clip", "label", "label_name", "prediction", "prediction_name",
-                    "confidence", "correct", "top5"])
-        for i, (path, p) in enumerate(zip(paths, predictions)):
-            w.writerow([i, path, p["label"], classes[p["label"]], p["prediction"],
-                        classes[p["prediction"]], "%.6f" % p["confidence"],
-                        int(p["label"] == p["prediction"]),
-                        " ".join(classes[k] for k in p["topk"])])
+        "unreadable": [path for path, _ in unreadable]}, paths, predictions)
 
     print("%s on %s%s: %d clips%s" % (
         args.checkpoint, args.data, " (%s)" % args.split if args.split else "", metrics["count"],
@@ -259,6 +340,40 @@ def run(args) -> int:
         print("  %-*s  %s  (%d clips)" % (width, name, "-" if acc is None else "%.4f" % acc, sum(row)))
     print("wrote %s" % os.path.join(out, "predictions.csv"))
     return 1 if unreadable else 0
+
+
+def _write_outputs(out, metrics, classes, extra, paths, predictions) -> None:
+    """metrics.json, predictions.csv and write_metrics' tables and plot in `out`, each file
+    replaced whole (written beside it, then renamed over it): an interrupted run leaves the
+    previous file or the new one, never a partial one."""
+    import io
+    import shutil
+    import tempfile
+
+    from ..checkpoint import atomic_write
+    from ..train.trainer import write_metrics
+
+    os.makedirs(out, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".evaluate-", dir=out)
+    try:
+        write_metrics(staging, metrics, classes, extra=extra, json_name="metrics.json")
+        text = io.StringIO()
+        w = csv.writer(text)
+        w.writerow(["index", "clip", "label", "label_name", "prediction", "prediction_name",
+                    "confidence", "correct", "top5"])
+        for i, (path, p) in enumerate(zip(paths, predictions)):
+            w.writerow([i, path, p["label"], classes[p["label"]], p["prediction"],
+                        classes[p["prediction"]], "%.6f" % p["confidence"],
+                        int(p["label"] == p["prediction"]),
+                        " ".join(classes[k] for k in p["topk"])])
+        data = text.getvalue().encode("utf-8")
+        atomic_write(os.path.join(out, "predictions.csv"), lambda f: f.write(data))
+        for name in sorted(os.listdir(staging)):
+            with open(os.path.join(staging, name), "rb") as f:
+                content = f.read()
+            atomic_write(os.path.join(out, name), lambda f, c=content: f.write(c))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _evaluate_videos(model, records, data_cfg, num_classes, args, device, amp_dtype, workers):
