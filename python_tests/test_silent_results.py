@@ -57,7 +57,7 @@ def test_evaluate_refuses_a_checkpoint_with_nan_weights(tmp_path, capsys):
     save_checkpoint(path, model=model, epoch=1, config=cfg.to_dict())
     rc = main(["evaluate", str(path), "synthetic", "--out", str(tmp_path / "e"), "--no-progress"])
     captured = capsys.readouterr()
-    assert rc == 1 and "accuracy" not in captured.out
+    assert rc == 2 and "accuracy" not in captured.out
     assert captured.err.splitlines() == [
         "error: %s holds NaN/Inf weights in 1 tensor (classifier.weight): nothing to evaluate; "
         "`cnnlstm-ext verify` finds the sound checkpoints of its run" % path]
