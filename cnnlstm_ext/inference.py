@@ -14,6 +14,12 @@ evaluating). K clips take, in every segment, the frames at fractions (k + 0.5) /
 together they cover the video uniformly, each clip still spanning the whole video as in training
 (windows over parts of the video would show the model what it never saw: half a sign). The
 class probabilities of the K clips are averaged. K=1 is the single centred clip of `evaluate`.
+
+A clip is prepared as the run's validation clips were (`data.batch_augment`, on by default): its
+frames decoded by swscale to the square canvas of the transform's short side (uint8), then
+cropped, resized and normalised by BatchAugment, the functions training calls. A run trained
+with data.batch_augment=false validated on full-size frames through ClipTransform; its clips are
+prepared that way.
 """
 import json
 import os
@@ -67,7 +73,8 @@ def load_model(path, device=None, *, key_map=None, check_integrity: bool = True)
     The model carries what inference needs: `model.classes` (class names in output order; the
     class indices as strings when the file does not name them) and `model.preprocessing`
     (num_frames, frame_size, resize_to, mean, std: the run's data settings, the defaults of
-    `DataConfig` for a file without our config).
+    `DataConfig` for a file without our config) and `model.batch_augment` (the run's
+    data.batch_augment: which of the two ways of preparing clips it validated with).
 
     Raises FileNotFoundError, CheckpointError (unreadable file; CheckpointMismatchError listing
     the keys that do not fit), ValueError (weights that are not a CNN-LSTM's).
@@ -94,6 +101,7 @@ def load_model(path, device=None, *, key_map=None, check_integrity: bool = True)
     model.classes = [str(c) for c in classes]
     model.preprocessing = {k: (list(v) if isinstance(v, tuple) else v)
                            for k, v in ((f, getattr(cfg.data, f)) for f in PREPROCESSING_FIELDS)}
+    model.batch_augment = bool(cfg.data.batch_augment)  # how its validation clips were made
     return model.to(torch.device(device) if device is not None else "cpu").eval()
 
 
@@ -213,10 +221,15 @@ class VideoClips(Dataset):
         preprocessing: num_frames, frame_size, resize_to, mean, std (`model.preprocessing`).
         clips: K.
         labels: optional label per video (evaluation).
+        batch_augment: prepare clips as the validation of a run with data.batch_augment on
+            (frames decoded to the uint8 canvas, then BatchAugment) or off (full-size frames
+            through ClipTransform); None: `preprocessing["batch_augment"]`, else on (the
+            default of DataConfig). `model.batch_augment` says which a model was trained with.
     """
 
     def __init__(self, videos: Sequence, preprocessing: Dict, clips: int = 1,
-                 labels: Optional[Sequence[int]] = None):
+                 labels: Optional[Sequence[int]] = None, batch_augment: Optional[bool] = None):
+        from .data.batch_transforms import BatchAugment
         from .data.transforms import ClipTransform
 
         if clips < 1:
@@ -229,12 +242,17 @@ class VideoClips(Dataset):
                                        resize_to=preprocessing.get("resize_to"), train=False,
                                        mean=tuple(preprocessing["mean"]),
                                        std=tuple(preprocessing["std"]))
+        if batch_augment is None:
+            batch_augment = preprocessing.get("batch_augment", True)
+        self.batch_augment = bool(batch_augment)
+        self.augment = BatchAugment(self.transform) if self.batch_augment else None
 
     def __len__(self) -> int:
         return len(self.videos)
 
     def read(self, index: int):
         """(clips [k, T, 3, S, S], lengths [k]) of video `index`; raises on a bad file."""
+        from .data.batch_transforms import canvas_size, draw_params
         from .data.transforms import pad_clip
         from .data.video_io import read_frame_folder, read_video_frames
 
@@ -247,6 +265,16 @@ class VideoClips(Dataset):
             return picked["used"].tolist()
 
         reader = read_frame_folder if os.path.isdir(path) else read_video_frames
+        if self.augment is not None:  # as VideoFolder.load_canvas, then BatchAugment
+            side = canvas_size(self.transform)
+            frames = reader(path, start, end, select, short_side=side, square=True,
+                            channels_last=True)                                  # [U, C, C, 3]
+            clips = frames[picked["pos"]]                                        # [k, t, C, C, 3]
+            t = clips.shape[1]
+            clips = torch.stack([pad_clip(c, self.num_frames)[0] for c in clips])  # [k, T, C, C, 3]
+            params = draw_params(self.transform, clips.shape[2], clips.shape[3], None)  # [8]
+            clips = self.augment(clips, params.expand(clips.shape[0], -1))      # [k, T, 3, S, S]
+            return clips, torch.full((clips.shape[0],), t, dtype=torch.int64)
         frames = reader(path, start, end, select)                                # [U, 3, H, W]
         frames = self.transform(frames)                                          # [U, 3, S, S]
         clips = frames[picked["pos"]]                                            # [k, t, 3, S, S]
@@ -345,7 +373,8 @@ def predict_videos(model, videos: Sequence[str], clips: int = 1, topk: int = 5,
     """
     from torch.utils.data import DataLoader
 
-    dataset = VideoClips(videos, model.preprocessing, clips=clips)
+    dataset = VideoClips(videos, model.preprocessing, clips=clips,
+                         batch_augment=getattr(model, "batch_augment", None))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_videos)
     bar = progress_bar(len(dataset), "predict") if progress else None

@@ -3,6 +3,7 @@ predicted on files, folders, frame folders and globs with a corrupt file among t
 import csv
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,8 +14,6 @@ import torch
 from cnnlstm_ext import load_model
 from cnnlstm_ext.cli import main
 from cnnlstm_ext.data import ClipTransform, read_video_frames, sample_indices, write_frame_folder
-from cnnlstm_ext.data.datasets import clip_transform
-from cnnlstm_ext.data.video_folder import VideoFolder
 from cnnlstm_ext.inference import VideoClips, clip_indices, find_videos, predict_videos
 from cnnlstm_ext.train import Config
 from conftest import subprocess_env
@@ -84,7 +83,7 @@ def test_video_clips_read_the_frames_clip_indices_names(run):
     _, data, _ = run
     path = str(data / "class2" / "v3.mp4")  # 15 frames
     prep = dict(num_frames=4, frame_size=16, resize_to=None, mean=[0.5] * 3, std=[0.25] * 3)
-    item = VideoClips([path], prep, clips=3)[0]
+    item = VideoClips([path], prep, clips=3, batch_augment=False)[0]  # full-size frames
     assert item["error"] is None and item["clips"].shape == (3, 4, 3, 16, 16)
     assert item["lengths"].tolist() == [4, 4, 4]
     frames = read_video_frames(path)
@@ -96,9 +95,13 @@ def test_video_clips_read_the_frames_clip_indices_names(run):
 def test_video_clips_pad_a_short_video_and_report_its_length(tmp_path):
     write_clip(tmp_path / "short.mp4", 1, 3, seed=5)
     prep = dict(num_frames=6, frame_size=16, resize_to=None, mean=[0.5] * 3, std=[0.25] * 3)
-    item = VideoClips([str(tmp_path / "short.mp4")], prep, clips=4)[0]
+    item = VideoClips([str(tmp_path / "short.mp4")], prep, clips=4, batch_augment=False)[0]
     assert item["clips"].shape == (1, 6, 3, 16, 16) and item["lengths"].tolist() == [3]
     assert (item["clips"][0, 3:] == 0).all() and (item["clips"][0, :3] != 0).any()
+    # as training pads the uint8 canvas before BatchAugment: black frames, normalised
+    item = VideoClips([str(tmp_path / "short.mp4")], prep, clips=4, batch_augment=True)[0]
+    assert item["clips"].shape == (1, 6, 3, 16, 16) and item["lengths"].tolist() == [3]
+    assert (item["clips"][0, 3:] == -2).all() and (item["clips"][0, :3] != -2).any()
 
 
 # --- finding videos ---------------------------------------------------------------------------
@@ -143,27 +146,89 @@ def test_predict_json_gives_every_good_video_its_top_k_and_the_bad_one_its_error
         assert {p["class"] for p in r["predictions"]} <= {"class0", "class1", "class2"}
 
 
-def test_predict_probabilities_are_the_models_on_the_evaluation_clip(run, capsys):
+@pytest.fixture(scope="module")
+def plain_run(run, tmp_path_factory, one_thread):
+    """The best checkpoint of a run on the same videos trained with data.batch_augment=false."""
+    _, data, _ = run
+    base = tmp_path_factory.mktemp("plain")
+    runs = train_folder_run(base / "runs", data, run="plain", epochs=1, batch_augment=False)
+    return os.path.join(runs, "best_checkpoint.pth")
+
+
+def _validation_logits(ckpt, out_dir):
+    """{clip path: logits [C]} of the run's validation clips through the trainer's own
+    validation pipeline (its val loader and the preparation of its batches)."""
+    from cnnlstm_ext.train import Trainer
+    from cnnlstm_ext.train.trainer import _unpack, forward_lengths
+
+    cfg = Config.from_dict(torch.load(ckpt, weights_only=True)["config"])
+    cfg.train.output_dir, cfg.train.run_name = str(out_dir), "again"
+    trainer = Trainer(cfg, resuming=True)
+    trainer.model.load_state_dict(load_model(ckpt).state_dict())
+    trainer.model.eval()
+    logits = {}
+    with torch.no_grad():
+        for batch in trainer.val_loader:
+            clips, _, lengths, _ = _unpack(batch, trainer.device, trainer._prepare.get("val"))
+            out = trainer._eval_net(clips, forward_lengths(lengths, clips.shape[1]))
+            for i, row in zip(batch.indices.tolist(), out):
+                logits[trainer.val_set.records[i].path] = row
+    return cfg, logits
+
+
+@pytest.mark.parametrize("which", ["batch_augment", "plain"])
+def test_predict_and_evaluate_prepare_clips_as_the_runs_validation(run, plain_run, capsys,
+                                                                   tmp_path, which):
     ckpt, data, _ = run
-    rc, out, _ = _predict(capsys, ckpt, data / "class2", "--json", "--top", 3,
-                          "--num-workers", 0, "--batch-size", 3)
+    if which == "plain":
+        ckpt = plain_run
+    cfg, expected = _validation_logits(ckpt, tmp_path / "trainer")
+    assert cfg.data.batch_augment == (which == "batch_augment") and len(expected) >= 3
+    paths = sorted(expected)
+    model = load_model(ckpt)
+    assert model.batch_augment == cfg.data.batch_augment
+    # the clips predict and evaluate feed the model: the validation's logits
+    dataset = VideoClips(paths, model.preprocessing, batch_augment=model.batch_augment)
+    for i, path in enumerate(paths):
+        item = dataset[i]
+        with torch.no_grad():
+            got = model(item["clips"], item["lengths"])[0]
+        torch.testing.assert_close(got, expected[path], atol=1e-5, rtol=0)
+    # the logits up to their log-sum-exp: what predict's and evaluate's probabilities keep
+    logp = {p: expected[p].log_softmax(0) for p in paths}
+    # predict: every class's probability
+    rc, out, _ = _predict(capsys, ckpt, *paths, "--json", "--top", 3, "--num-workers", 0)
     assert rc == 0
     results = json.loads(out)
-    model = load_model(ckpt)
-    ckpt_cfg = torch.load(ckpt, weights_only=True)["config"]
-    cfg = Config.from_dict(ckpt_cfg)
-    # the evaluation pipeline of training: VideoFolder with the eval transform
-    ds = VideoFolder(str(data), cfg.data.num_frames, clip_transform(cfg.data, False),
-                     classes=model.classes)
+    assert sorted(r["path"] for r in results) == paths
     for r in results:
-        i = [rec.path for rec in ds.records].index(r["path"])
-        clip, _, length = ds[i]
-        with torch.no_grad():
-            p = model(clip[None], torch.tensor([length])).softmax(1)[0]
         got = {x["class"]: x["probability"] for x in r["predictions"]}
-        assert sum(got.values()) == pytest.approx(1, abs=1e-5)
+        assert sorted(got) == sorted(model.classes)
         for c, name in enumerate(model.classes):
-            assert got[name] == pytest.approx(float(p[c]), abs=1e-5)
+            assert math.log(got[name]) == pytest.approx(float(logp[r["path"]][c]), abs=1e-5)
+    # evaluate on the run's data: its validation clips, the same probabilities
+    rc = main(["evaluate", ckpt, str(data), "--out", str(tmp_path / "eval"), "--no-progress",
+               "--num-workers", "0"])
+    capsys.readouterr()
+    assert rc == 0
+    with open(tmp_path / "eval" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["clip"] for r in rows) == paths
+    for r in rows:  # the confidence is written with 6 decimals (>= 1/3 here: 2e-6 in its log)
+        best = logp[r["clip"]].max(0)
+        assert int(r["prediction"]) == int(best.indices)
+        assert math.log(float(r["confidence"])) == pytest.approx(float(best.values), abs=1e-5)
+
+
+def test_the_two_preparations_differ_on_these_videos(run):
+    """The videos are small enough that decoding at the canvas size changes the input: the
+    test above tells the two ways apart."""
+    _, data, _ = run
+    path = str(data / "class2" / "v3.mp4")
+    prep = load_model(run[0]).preprocessing
+    a = VideoClips([path], prep, batch_augment=True)[0]["clips"]
+    b = VideoClips([path], prep, batch_augment=False)[0]["clips"]
+    assert a.shape == b.shape and (a - b).abs().max() > 1e-3
 
 
 def test_predict_clips_average_the_probabilities_of_k_clips(run, capsys):

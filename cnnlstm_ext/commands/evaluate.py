@@ -7,7 +7,9 @@ and write the predictions.
 
 DATA is "synthetic" (the run's validation clips; --split test for clips never seen), a folder of
 class folders, or a WLASL JSON file. Clips are prepared as in the checkpoint's training config
-(frames per clip, frame size, normalisation), without augmentation. A checkpoint of another
+(frames per clip, frame size, normalisation), without augmentation, exactly as the run's
+validation prepared them (with data.batch_augment, the default: decoded to the uint8 canvas,
+then cropped and normalised by BatchAugment; without it, full-size frames through ClipTransform). A checkpoint of another
 training script works too: its architecture is read off its weights.
 
 On the data the run trained on (its data.root, its WLASL file, or a folder holding some of its
@@ -388,7 +390,8 @@ def _evaluate_videos(model, records, data_cfg, num_classes, args, device, amp_dt
 
     prep = {f: getattr(data_cfg, f) for f in PREPROCESSING_FIELDS}
     dataset = VideoClips([(r.path, r.start, r.end) for r in records], prep, clips=args.clips,
-                         labels=[r.label for r in records])
+                         labels=[r.label for r in records],
+                         batch_augment=data_cfg.batch_augment)  # as the run validated
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                         num_workers=min(workers, len(dataset)), collate_fn=collate_videos)
     bar = None if args.no_progress else progress_bar(len(dataset), "evaluate")
