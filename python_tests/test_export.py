@@ -171,12 +171,30 @@ def test_export_with_lengths(tmp_path):
                            eager(model, clips(3, 7, 3)))  # the lengths matter
 
 
+@pytest.mark.parametrize("pooling", ["mean", "max", "attention"])
+def test_onnx_with_lengths_for_each_temporal_pooling(tmp_path, pooling):
+    """--lengths with mean, max and attention pooling: the masked reductions over each clip's
+    valid steps give the eager model's logits."""
+    ckpt = write_checkpoint(tmp_path / "c.pth", seed=3, pooling=pooling)
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(ckpt), "--onnx", str(onnx_path), "--lengths"]) == 0
+    model = load_model(ckpt)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for (B, T), lengths in zip(SHAPES, ([2], [7, 1, 4])):
+        x, lengths = clips(B, T, seed=B + 1), torch.tensor(lengths)
+        want = eager(model, x, lengths)
+        assert not torch.allclose(want, eager(model, x), rtol=1e-3, atol=1e-3)  # lengths matter
+        got = session.run(["logits"], {"clips": x.numpy(), "lengths": lengths.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("spec", [dict(pooling="max", bidirectional=False),
-                                  dict(pooling="attention", num_layers=1, fused=False)],
-                         ids=["max-unidirectional", "attention-one-layer-unfused"])
+                                  dict(pooling="attention", num_layers=1, fused=False),
+                                  dict(frame_pool="max")],
+                         ids=["max-unidirectional", "attention-one-layer-unfused", "frame-max"])
 def test_onnx_lowering_of_other_poolings_and_layouts(tmp_path, spec):
-    """Max and attention pooling, one direction, and a model with torch's nn.LSTM (exported
-    through the fused op, whose export keeps T dynamic)."""
+    """Max and attention pooling, one direction, a model with torch's nn.LSTM (exported
+    through the fused op, whose export keeps T dynamic), and the frame pooling's maximum."""
     from cnnlstm_ext.export import save_onnx
 
     torch.manual_seed(2)
@@ -187,6 +205,9 @@ def test_onnx_lowering_of_other_poolings_and_layouts(tmp_path, spec):
         x = clips(B, T, seed=B + T)
         got = torch.from_numpy(session.run(["logits"], {"clips": x.numpy()})[0])
         torch.testing.assert_close(got, eager(model, x), rtol=1e-4, atol=1e-4)
+    if spec.get("frame_pool") == "max":  # a maximum in the file, not the average
+        ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+        assert ops & {"ReduceMax", "GlobalMaxPool", "MaxPool"}, sorted(ops)
 
 
 # --- errors ---------------------------------------------------------------------------------------
