@@ -98,6 +98,9 @@ LstmCellKernels<float> kernels_float();
 LstmCellKernels<double> kernels_double();
 }  // namespace isa_avx2
 namespace isa_avx512 {
+// The cell updates built for AVX-512 (lstm_cpu_cell_avx512.cpp): forward, backward and their
+// bfloat16-io forms; no product or packing (those come from below and from the AVX2 build).
+LstmCellKernels<float> kernels_float();
 void recurrent_product(const float* a, const float* w, float* out, int64_t B, int64_t J,
                        int64_t C, int64_t c0, int64_t c1, const float* zeros);
 void recurrent_product_bf16(const uint16_t* a, const uint16_t* w, float* out, int64_t B,

@@ -11,6 +11,12 @@ LstmCellKernels<float> lstm_cell_kernels<float>() {
   if (cpu_has_avx2()) {
     auto kernels = isa_avx2::kernels_float();
     if (cpu_has_avx512()) {
+      const auto cell = isa_avx512::kernels_float();  // 16 lanes where AVX2 has 8
+      kernels.forward = cell.forward;
+      kernels.backward = cell.backward;
+      kernels.forward_bf16 = cell.forward_bf16;
+      kernels.backward_bf16 = cell.backward_bf16;
+      kernels.cell_isa = cell.cell_isa;
       kernels.recurrent_product = &isa_avx512::recurrent_product;
       kernels.product_isa = "avx512";
     }

@@ -76,7 +76,28 @@ inline void store_io(Vectorized<float> v, uint16_t* p) {
 }
 #endif
 
-// io_t: acc_t, or bfloat16 bits (uint16_t; AVX2 build) for x_row, y_row, g_row and cl_row.
+#ifdef CPU_CAPABILITY_AVX512
+// 16 bfloat16 -> float32: the bits become the high half of each lane.
+inline Vectorized<float> load_io(const uint16_t* p) {
+  const __m512i wide =
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+// 16 float32 -> bfloat16, rounded to nearest even and NaN to 0x7fc0, as c10::BFloat16.
+inline void store_io(Vectorized<float> v, uint16_t* p) {
+  const __m512 f = v;
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  r = _mm512_srli_epi32(r, 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+#endif
+
+// io_t: acc_t, or bfloat16 bits (uint16_t; AVX2 and AVX-512 builds) for x_row, y_row, g_row and
+// cl_row.
 template <typename acc_t, typename io_t>
 void forward_row(const io_t* x_row, const acc_t* r_row, acc_t* c_row, acc_t* h_row, io_t* y_row,
                  io_t* g_row, io_t* cl_row, int64_t n, int64_t H) {
@@ -254,6 +275,16 @@ LstmCellKernels<float> kernels_float() {
   kernels.cell_isa = kernels.product_isa = "avx2";
   return kernels;
 }
+#elif defined(CPU_CAPABILITY_AVX512)
+// The cell updates only: the products come from lstm_cpu_rec_avx512.cpp, the packing from the
+// AVX2 build (lstm_cell_kernels).
+LstmCellKernels<float> kernels_float() {
+  LstmCellKernels<float> kernels{&forward_row<float, float>, &backward_row<float, float>};
+  kernels.forward_bf16 = &forward_row<float, uint16_t>;
+  kernels.backward_bf16 = &backward_row<float, uint16_t>;
+  kernels.cell_isa = "avx512";
+  return kernels;
+}
 #else
 LstmCellKernels<float> kernels_float() {
   return {&forward_row<float, float>, &backward_row<float, float>};
@@ -261,8 +292,10 @@ LstmCellKernels<float> kernels_float() {
 #endif
 LstmCellKernels<double> kernels_double() {
   LstmCellKernels<double> kernels{&forward_row<double, double>, &backward_row<double, double>};
-#ifdef CPU_CAPABILITY_AVX2
+#if defined(CPU_CAPABILITY_AVX2)
   kernels.cell_isa = "avx2";
+#elif defined(CPU_CAPABILITY_AVX512)
+  kernels.cell_isa = "avx512";
 #endif
   return kernels;
 }
