@@ -529,6 +529,23 @@ def test_autocast_cpu_op_returns_autocast_dtype(rng):
         assert_close_rel(g, w, 2e-2, name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [4, 32], ids=["H4", "H32"])  # H = 32: the vector kernels
+def test_nan_in_one_sequence_reaches_its_outputs_only(dtype, hidden):
+    """A NaN in one input reaches that sequence's outputs from its step on (and its earlier ones
+    in the reverse direction), as in nn.LSTM, and no other sequence's: no kernel turns it into a
+    number (a fast exp would) or spreads it across the batch."""
+    torch.manual_seed(0)
+    lstm = FusedLSTM(8, hidden, 2, bidirectional=True).to(dtype)
+    x = torch.randn(6, 3, 8).to(dtype)
+    x[2, 1, 0] = float("nan")
+    y, (h, c) = lstm(x)
+    assert y[:, 1].isnan().all()  # both directions, every step: layer 2 reads all of layer 1
+    assert not y[:, [0, 2]].isnan().any()
+    assert h[:, 1].isnan().all() and c[:, 1].isnan().all()
+    assert not h[:, [0, 2]].isnan().any() and not c[:, [0, 2]].isnan().any()
+
+
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_autocast_inference_keeps_cast_weights_with_the_op_cast_results(bidirectional, bias, rng):
