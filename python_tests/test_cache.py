@@ -128,6 +128,18 @@ def _build_share(path, root, rank, world):
     build_cache(path, folder(root).records, 18, rank=rank, world_size=world, progress=False)
 
 
+def test_a_rank_that_starts_late_still_builds_its_share(videos, tmp_path):
+    """Rank 1 of 2 reading the index after rank 0 merged its clips takes its own share, not a
+    share of what rank 0 left: the cache is whole whenever each rank starts."""
+    path = str(tmp_path / "c")
+    records = folder(videos).records
+    first = build_cache(path, records, 18, rank=0, world_size=2, progress=False)
+    second = build_cache(path, records, 18, rank=1, world_size=2, progress=False)
+    assert first["built"] + second["built"] == 6
+    cache = ClipCache(path)
+    assert len(cache) == 6 and all(cache.entry(r) for r in folder(videos, cache).records)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_concurrent_builders_leave_a_whole_cache(videos, tmp_path, world):
     """Two processes at once (world=2: the ranks of a job sharing the work; world=1: two jobs

@@ -311,6 +311,9 @@ def run(args) -> int:
                                                   progress=not args.no_progress, desc="evaluate")
             paths = ["%s[%d]" % (args.data, i) for i in range(len(predictions))]
     except RuntimeError as e:  # out of memory, a loader process that died: one line
+        from ..ops import KernelsNotBuiltError
+        if isinstance(e, KernelsNotBuiltError):
+            raise  # the CLI's own line, naming the build command
         print("error: evaluation failed: %s" % (" ".join(str(e).split()) or type(e).__name__),
               file=sys.stderr)
         return 1

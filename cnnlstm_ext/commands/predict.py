@@ -93,6 +93,9 @@ def run(args) -> int:
                                    amp_dtype=resolve_precision(args.precision, device),
                                    progress=not args.no_progress)
     except RuntimeError as e:  # out of memory, a decoding worker that died: one line
+        from ..ops import KernelsNotBuiltError
+        if isinstance(e, KernelsNotBuiltError):
+            raise  # the CLI's own line, naming the build command
         _error("prediction failed: %s" % (" ".join(str(e).split()) or type(e).__name__))
         return 1
     predicted = iter(predicted)

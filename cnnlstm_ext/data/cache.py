@@ -199,7 +199,11 @@ def build_cache(path: str, records, short_side: int, rebuild: bool = False, rank
                 and e.get("mtime_ns") == stat["mtime_ns"] and _entry_file_ok(path, key, e):
             continue
         stale.append(key)
-    mine = stale[rank::world_size]
+    # Each rank takes the stale entries among its share of all the keys: a share that does not
+    # depend on when a rank read the index (a rank starting after another merged its clips must
+    # still take its own share, not a share of what is left).
+    share = {key for i, key in enumerate(unique) if i % world_size == rank}
+    mine = [key for key in stale if key in share]
     start = time.perf_counter()
     built, failed = {}, 0
     bar = mine
