@@ -216,15 +216,17 @@ def test_evaluate_refuses_what_cannot_be_done_in_one_line(tmp_path, capsys, argv
     assert rc == 2 and err.startswith("error: " + message) and err.count("\n") == 1
 
 
-def test_a_wlasl_run_scores_its_val_split_from_the_json_or_the_video_folder(tmp_path, capsys):
+def _wlasl_run(tmp_path, splits, seed):
+    """A one-epoch run on a WLASL JSON file of 3 glosses with one video per entry of `splits`;
+    returns (annotations, videos folder, latest checkpoint)."""
     videos = tmp_path / "videos"
     videos.mkdir()
     entries = []
     for c, gloss in enumerate(["book", "drink", "go"]):
         instances = []
-        for i, split in enumerate(["train", "train", "val"]):
+        for i, split in enumerate(splits):
             video_id = "%05d" % (10 * c + i)
-            write_clip(videos / (video_id + ".mp4"), c, 8 + i, seed=400 + 10 * c + i)
+            write_clip(videos / (video_id + ".mp4"), c, 8 + i, seed=seed + 10 * c + i)
             instances.append({"video_id": video_id, "split": split, "frame_start": 1,
                               "frame_end": -1})
         entries.append({"gloss": gloss, "instances": instances})
@@ -233,7 +235,11 @@ def test_a_wlasl_run_scores_its_val_split_from_the_json_or_the_video_folder(tmp_
     cfg = folder_config(tmp_path / "runs", videos, epochs=1)
     cfg.data.dataset, cfg.data.annotations = "wlasl", str(annotations)
     Trainer(cfg).fit()
-    ckpt = tmp_path / "runs" / "run" / "checkpoints" / "latest_checkpoint.pth"
+    return annotations, videos, tmp_path / "runs" / "run" / "checkpoints" / "latest_checkpoint.pth"
+
+
+def test_a_wlasl_run_scores_its_val_split_from_the_json_or_the_video_folder(tmp_path, capsys):
+    annotations, videos, ckpt = _wlasl_run(tmp_path, ["train", "train", "val"], seed=400)
     for data in (annotations, videos):
         rc, out, _ = _evaluate(capsys, ckpt, data, "--out", tmp_path / "val")
         assert rc == 0 and "3 validation clips (its 'val' split) of the 9 clips" in out
@@ -323,23 +329,7 @@ def test_all_scores_the_test_split_folder_too(tmp_path, capsys):
 
 
 def test_all_scores_every_split_of_a_wlasl_file(tmp_path, capsys):
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    entries = []
-    for c, gloss in enumerate(["book", "drink", "go"]):
-        instances = []
-        for i, split in enumerate(["train", "train", "val", "test"]):
-            video_id = "%05d" % (10 * c + i)
-            write_clip(videos / (video_id + ".mp4"), c, 8 + i, seed=500 + 10 * c + i)
-            instances.append({"video_id": video_id, "split": split, "frame_start": 1,
-                              "frame_end": -1})
-        entries.append({"gloss": gloss, "instances": instances})
-    annotations = tmp_path / "WLASL.json"
-    annotations.write_text(json.dumps(entries))
-    cfg = folder_config(tmp_path / "runs", videos, epochs=1)
-    cfg.data.dataset, cfg.data.annotations = "wlasl", str(annotations)
-    Trainer(cfg).fit()
-    ckpt = tmp_path / "runs" / "run" / "checkpoints" / "latest_checkpoint.pth"
+    annotations, _, ckpt = _wlasl_run(tmp_path, ["train", "train", "val", "test"], seed=500)
     rc, out, _ = _evaluate(capsys, ckpt, annotations, "--all", "--out", tmp_path / "all")
     assert rc == 0 and "scoring all 12 clips" in out and "test, train, val" in out
     assert sorted(os.path.basename(p) for p in _scored(tmp_path / "all")) == sorted(

@@ -12,7 +12,6 @@ import torch
 
 from cnnlstm_ext.cli import main
 from cnnlstm_ext.train import trainer as trainer_module
-from cnnlstm_ext.train.config import Config
 from cnnlstm_ext.train.trainer import StopRequested, Trainer
 from conftest import subprocess_env
 
@@ -97,13 +96,8 @@ def test_sigterm_handler_is_restored_after_the_run(tmp_path, capsys):
 
 
 def test_trainer_request_stop_raises_stop_requested_at_the_next_step(tmp_path):
-    cfg = Config()
-    cfg.model.update(spatial_dim=16, temporal_dim=8)
-    d, t = cfg.data, cfg.train
-    d.num_classes, d.num_frames, d.frame_size, d.train_samples, d.val_samples = 3, 4, 16, 16, 9
-    t.output_dir, t.run_name, t.epochs, t.batch_size = str(tmp_path), "r", 3, 8
-    t.progress, t.tensorboard = False, False
-    trainer = Trainer(cfg)
+    from test_resume_optim import tiny_config
+    trainer = Trainer(tiny_config(tmp_path))
     trainer.fit(stop_at_epoch=1)
     trainer.request_stop("test")
     with pytest.raises(StopRequested) as e:

@@ -34,19 +34,13 @@ def add_arguments(parser):
 
 def _config(args):
     from ..train.config import Config, apply_dict, apply_overrides, load_config_file, validate
+    from .train import apply_data_argument
 
     cfg = Config()
     if args.config:
         apply_dict(cfg, load_config_file(args.config))
     d = cfg.data
-    if args.data:
-        if args.data.lower().endswith(".json"):
-            d.dataset, d.annotations = "wlasl", args.data
-            d.root = args.videos or os.path.join(os.path.dirname(os.path.abspath(args.data)), "videos")
-        else:
-            d.dataset, d.root = "folder", args.data
-    elif args.videos:
-        d.root = args.videos
+    apply_data_argument(d, args.data, args.videos)
     apply_overrides(cfg, args.overrides)
     if args.out:
         d.cache = args.out

@@ -41,6 +41,21 @@ import sys
 import threading
 
 
+
+def apply_data_argument(d, data, videos) -> None:
+    """--data (and --videos) into the data config d: 'synthetic', a WLASL JSON file (its videos
+    in --videos, else a `videos` folder beside it) or a folder of class folders."""
+    if data:
+        if data == "synthetic":
+            d.dataset = "synthetic"
+        elif data.lower().endswith(".json"):
+            d.dataset, d.annotations = "wlasl", data
+            d.root = videos or os.path.join(os.path.dirname(os.path.abspath(data)), "videos")
+        else:
+            d.dataset, d.root = "folder", data
+    elif videos:
+        d.root = videos
+
 def add_arguments(parser):
     g = parser.add_argument_group("configuration")
     g.add_argument("--config", metavar="FILE", help="config file (.toml, .yaml, .yml or .json)")
@@ -133,16 +148,7 @@ def build_config(args):
     if args.config:
         apply_dict(cfg, load_config_file(args.config))
     d, t, o = cfg.data, cfg.train, cfg.optim
-    if args.data:
-        if args.data == "synthetic":
-            d.dataset = "synthetic"
-        elif args.data.lower().endswith(".json"):
-            d.dataset, d.annotations = "wlasl", args.data
-            d.root = args.videos or os.path.join(os.path.dirname(os.path.abspath(args.data)), "videos")
-        else:
-            d.dataset, d.root = "folder", args.data
-    elif args.videos:
-        d.root = args.videos
+    apply_data_argument(d, args.data, args.videos)
     if args.num_workers is not None:
         d.num_workers = args.num_workers
     for attr, value in (("epochs", args.epochs), ("batch_size", args.batch_size),

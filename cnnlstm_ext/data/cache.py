@@ -25,11 +25,12 @@ import os
 import struct
 import tempfile
 import time
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, Optional
 
 import numpy as np
 import torch
 
+from ..checkpoint.format import atomic_write
 from .video_io import ClipReadError, iter_video_frames, read_frame_folder
 
 log = logging.getLogger("cnnlstm_ext.data")
@@ -85,20 +86,6 @@ def read_index(path: str) -> Optional[dict]:
         raise CacheError("%s was written by version %s of the clip cache format; this is version "
                          "%d: %s" % (file, index.get("version"), CACHE_VERSION, _rebuild_hint(path)))
     return index
-
-
-def _write_json_atomic(file: str, doc: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=os.path.dirname(file))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class _Lock:
@@ -237,9 +224,9 @@ def build_cache(path: str, records, short_side: int, rebuild: bool = False, rank
         merged = dict(current["entries"]) if current and current.get("short_side") == short_side \
             else {}
         merged.update(built)
-        _write_json_atomic(os.path.join(path, "index.json"),
-                           {"format": CACHE_FORMAT, "version": CACHE_VERSION,
-                            "short_side": short_side, "entries": merged})
+        doc = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "short_side": short_side,
+               "entries": merged}
+        atomic_write(os.path.join(path, "index.json"), lambda f: f.write(json.dumps(doc).encode()))
     return {"entries": len(unique), "built": len(built), "failed": failed,
             "seconds": time.perf_counter() - start}
 

@@ -17,12 +17,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Callable, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..checkpoint.format import atomic_write
 from .cache import CacheError
 from .loader import LoaderDataset, collate_clips
 
@@ -149,17 +149,7 @@ def load_or_build_features(folder: str, split: str, model, dataset, data_cfg,
     labels = torch.tensor([r.label for r in dataset.records], dtype=torch.int64)
     doc = {"format": FEATURE_FORMAT, "version": FEATURE_VERSION, "fingerprint": key,
            "features": features, "labels": labels, "valid": valid, "lengths": lengths}
-    fd, tmp = tempfile.mkstemp(prefix=".%s." % split, suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(file, lambda f: torch.save(doc, f))
     return _dataset(_load(file), dataset)
 
 
