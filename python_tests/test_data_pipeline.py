@@ -20,14 +20,15 @@ from cnnlstm_ext.data.video_io import (ClipReadError, iter_video_frames, read_fr
 from cnnlstm_ext.train.config import Config, DataConfig, validate
 
 
-def write_h264(path, frames, fps=25, gop=None):
-    """uint8 `frames [n, H, W, 3]` as H.264 yuv420p (a keyframe every `gop` frames)."""
+def write_h264(path, frames, fps=25, gop=None, preset="ultrafast"):
+    """uint8 `frames [n, H, W, 3]` as H.264 yuv420p (a keyframe every `gop` frames; B-frames from
+    preset "veryfast" on, none with "ultrafast")."""
     import av
     with av.open(str(path), mode="w") as c:
         s = c.add_stream("libx264", rate=fps)
         s.height, s.width = frames.shape[1:3]
         s.pix_fmt = "yuv420p"
-        s.options = dict({"crf": "12", "preset": "ultrafast"}, **({"g": str(gop)} if gop else {}))
+        s.options = dict({"crf": "12", "preset": preset}, **({"g": str(gop)} if gop else {}))
         for image in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
                 c.mux(p)
@@ -45,15 +46,16 @@ def moving_frames(n, h=48, w=64, seed=0):
 
 
 class _CountingContainer:
-    """An av container that counts the frames it decodes."""
+    """An av container that counts the packets of frames it reads from the file."""
 
     def __init__(self, container, counter):
         self._c, self._counter = container, counter
 
-    def decode(self, *args, **kwargs):
-        for frame in self._c.decode(*args, **kwargs):
-            self._counter.append(frame.pts)
-            yield frame
+    def demux(self, *args, **kwargs):
+        for packet in self._c.demux(*args, **kwargs):
+            if packet.size:  # (not the empty packet that flushes the decoder)
+                self._counter.append(packet.pts)
+            yield packet
 
     def __getattr__(self, name):
         return getattr(self._c, name)
@@ -84,6 +86,29 @@ def test_decode_seeks_to_the_keyframe_before_the_first_sampled_frame(monkeypatch
     ref = read_video_frames(path)  # every frame, decoded from the start
     picks = [160 + i for i in sample_indices(32, 8).tolist()]
     assert torch.equal(clip, ref[picks])
+
+
+def test_decode_drops_unsampled_frames_that_no_frame_refers_to(monkeypatch, tmp_path):
+    frames = moving_frames(96)
+    path = str(tmp_path / "bframes.mp4")
+    write_h264(path, frames, gop=48, preset="veryfast")  # I/P frames and (non-)reference B-frames
+    read, out = [], []
+    real_open, real_decode = video_io._open_video, video_io._decode_skipping
+    monkeypatch.setattr(video_io, "_open_video", lambda p: _CountingContainer(real_open(p), read))
+
+    def counting(*args):
+        for frame in real_decode(*args):
+            out.append(frame.pts)
+            yield frame
+    monkeypatch.setattr(video_io, "_decode_skipping", counting)
+    select = lambda n: sample_indices(n, 12).tolist()  # noqa: E731
+    clip = read_video_frames(path, 0, 96, select=select)
+    # every packet up to the last sampled frame is read, but the decoder lets some go
+    assert len(read) >= 85 and len(out) < len(read) - 10, (len(read), len(out))
+    monkeypatch.setattr(video_io, "_decode_skipping", real_decode)
+    monkeypatch.setattr(video_io, "_open_video", real_open)
+    ref = read_video_frames(path)  # every frame decoded
+    assert len(ref) == 96 and torch.equal(clip, ref[sample_indices(96, 12).tolist()])
 
 
 def test_decode_converts_only_the_sampled_frames(monkeypatch, long_video):
@@ -323,3 +348,16 @@ def test_feature_cache_needs_augment_off():
         validate(cfg)
     cfg.data.augment = False
     validate(cfg)
+
+
+def test_decoder_threads_one_for_small_frames_and_in_loader_workers(monkeypatch, long_video):
+    path, _ = long_video
+    with video_io._open_video(path) as c:  # 64 x 48: one thread
+        assert c.streams.video[0].thread_count == 1
+    monkeypatch.setattr(video_io, "THREADED_DECODE_MIN_PIXELS", 0)
+    with video_io._open_video(path) as c:  # "large" frames, not in a worker: FFmpeg's threads
+        assert c.streams.video[0].thread_type.name == "AUTO"
+    import torch.utils.data as tud
+    monkeypatch.setattr(tud, "get_worker_info", lambda: object())
+    with video_io._open_video(path) as c:  # in a loader worker: one thread whatever the size
+        assert c.streams.video[0].thread_count == 1
