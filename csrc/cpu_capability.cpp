@@ -2,7 +2,11 @@
 #include "cpu_capability.h"
 
 #include <ATen/Version.h>
+#include <ATen/cpu/Utils.h>
 
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
 #include <string>
 
 namespace cnnlstm_ext {
@@ -36,6 +40,28 @@ bool cpu_has_avx512_bf16() {
 #ifdef CNNLSTM_EXT_X86_SIMD
   static const bool bf16 = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return bf16;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_amx_bf16() {
+#ifdef CNNLSTM_EXT_X86_SIMD
+  static const bool amx = [] {
+    if (!cpu_has_avx512_bf16() || !__builtin_cpu_supports("amx-tile") ||
+        !__builtin_cpu_supports("amx-bf16"))
+      return false;
+    for (const char* var : {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"}) {
+      const char* value = std::getenv(var);
+      if (value == nullptr || *value == '\0') continue;
+      std::string isa(value);
+      std::transform(isa.begin(), isa.end(), isa.begin(),
+                     [](unsigned char ch) { return static_cast<char>(std::toupper(ch)); });
+      if (isa != "ALL" && isa != "DEFAULT" && isa.find("AMX") == std::string::npos) return false;
+    }
+    return at::cpu::init_amx();  // the arch_prctl request Linux wants before the first tile op
+  }();
+  return amx;
 #else
   return false;
 #endif

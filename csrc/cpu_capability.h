@@ -17,5 +17,9 @@ namespace cnnlstm_ext {
 bool cpu_has_avx2();     // AVX2 and FMA
 bool cpu_has_avx512();   // and AVX-512F
 bool cpu_has_avx512_bf16();  // and AVX512-BF16
+// And AMX-BF16, granted to this process by the kernel (at::cpu::init_amx), unless oneDNN's own
+// ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) names an instruction set without AMX: the variable
+// that takes AMX away from nn.LSTM's oneDNN kernels takes it from ours too.
+bool cpu_has_amx_bf16();
 
 }  // namespace cnnlstm_ext

@@ -1248,7 +1248,7 @@ torch.manual_seed(0)
 results = []
 trace = ops.recorded_kernels()
 ran = trace.__enter__()
-for b, h, d in ((1, 16, 2), (3, 16, 1), (5, 32, 2), (9, 48, 1), (13, 32, 2)):
+for b, h, d in ((1, 16, 2), (3, 16, 1), (5, 32, 2), (9, 48, 1), (13, 32, 2), (37, 64, 2)):
     t, i = 6, 24
     shapes = [(4 * h, i), (4 * h, h), (4 * h,), (4 * h,)] * d
     x64 = [torch.randn(t, b, i, dtype=torch.float64),
@@ -1372,31 +1372,39 @@ def test_low_precision_error_at_most_twice_float32_accumulation(dtype, bidirecti
 
 
 def test_bfloat16_kernels_match_reference(tmp_path):
-    """bfloat16 through the AVX512-BF16 products (where this CPU has them) and through the float32
-    computation (ATEN_CPU_CAPABILITY=avx2): both match the float64 reference on the same rounded
-    inputs, forward and every gradient; on an AVX512-BF16 CPU they differ (the bfloat16 kernels
-    ran), elsewhere they are the same computation."""
+    """bfloat16 through the AVX512-BF16 and AMX products (where this CPU has them; AMX from 4 rows
+    with H a multiple of 32), through the AVX512-BF16 product alone (ONEDNN_MAX_CPU_ISA without
+    AMX) and through the float32 computation (ATEN_CPU_CAPABILITY=avx2): all match the float64
+    reference on the same rounded inputs, forward and every gradient; on an AVX512-BF16 CPU the
+    bfloat16 kernels' results differ from the float32 computation's, elsewhere they are the same
+    computation."""
     import subprocess
 
     from conftest import subprocess_env
     if not _cpu_has("AVX2"):
         pytest.skip("this CPU has no AVX2")
     results, kernels = {}, {}
-    for capability in (None, "avx2"):
-        path = tmp_path / f"{capability}.pt"
-        env = subprocess_env(**({"ATEN_CPU_CAPABILITY": capability} if capability else {}))
+    settings = {"best": {}, "no-amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+                "avx2": {"ATEN_CPU_CAPABILITY": "avx2"}}
+    for name, env in settings.items():
+        path = tmp_path / f"{name}.pt"
         run = subprocess.run([sys.executable, "-c", KERNEL_CASE, "bfloat16", "2e-2", str(path)],
-                             env=env, cwd=tmp_path, capture_output=True, text=True)
+                             env=subprocess_env(**env), cwd=tmp_path, capture_output=True,
+                             text=True)
         assert run.returncode == 0, run.stderr
-        results[capability] = torch.load(path)
-        kernels[capability] = set(run.stdout.strip().splitlines()[-2].split())
+        results[name] = torch.load(path)
+        kernels[name] = set(run.stdout.strip().splitlines()[-2].split())
     bf16_kernels = _cpu_has("AVX512") and torch.cpu._is_avx512_bf16_supported()
-    same = all(torch.equal(a, b) for a, b in zip(results[None], results["avx2"]))
+    amx = bf16_kernels and torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
+    same = all(torch.equal(a, b) for a, b in zip(results["best"], results["avx2"]))
     assert same != bf16_kernels
-    # The bfloat16 product ran where the CPU has it, and never under ATEN_CPU_CAPABILITY=avx2,
-    # whose backward runs the float32 kernels on float32 copies.
-    assert ("cpu:lstm_forward:bf16-avx512:cell-avx512" in kernels[None]) == bf16_kernels
-    assert ("cpu:lstm_backward:avx512:cell-avx512:io-bf16" in kernels[None]) == bf16_kernels
+    # The bfloat16 products ran where the CPU has them, AMX only where allowed, and never under
+    # ATEN_CPU_CAPABILITY=avx2, whose backward runs the float32 kernels on float32 copies.
+    for name in ("best", "no-amx"):
+        assert ("cpu:lstm_forward:bf16-avx512:cell-avx512" in kernels[name]) == bf16_kernels
+        assert ("cpu:lstm_backward:avx512:cell-avx512:io-bf16" in kernels[name]) == bf16_kernels
+    assert ("cpu:lstm_forward:bf16-amx:cell-avx512" in kernels["best"]) == amx
+    assert not any("amx" in k for k in kernels["no-amx"] | kernels["avx2"])
     assert kernels["avx2"] >= {"cpu:lstm_forward:avx2:cell-avx2", "cpu:lstm_backward:avx2:cell-avx2"}
 
 

@@ -77,6 +77,9 @@ struct LstmCellKernels {
   RecurrentProductFn<acc_t> recurrent_product = nullptr;
   // Where the CPU has AVX512-BF16 (float32 variants only): the product of bfloat16 inputs.
   RecurrentProductBf16Fn recurrent_product_bf16 = nullptr;
+  // Where the CPU has AMX-BF16: the same product on AMX tiles, for batches of at least
+  // kAmxMinRows and J a multiple of kAmxColumnsJ (faster from 4 rows, 5x at 32).
+  RecurrentProductBf16Fn recurrent_product_bf16_amx = nullptr;
   ToBf16Fn to_bf16 = nullptr;
   LstmCellForwardBf16Fn forward_bf16 = nullptr;
   LstmCellBackwardBf16Fn backward_bf16 = nullptr;
@@ -107,7 +110,14 @@ void recurrent_product_bf16(const uint16_t* a, const uint16_t* w, float* out, in
                             int64_t J, int64_t C, int64_t c0, int64_t c1);
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
 }  // namespace isa_avx512
+namespace isa_amx {
+// lstm_cpu_rec_amx.cpp: J a multiple of 32.
+void recurrent_product_bf16(const uint16_t* a, const uint16_t* w, float* out, int64_t B,
+                            int64_t J, int64_t C, int64_t c0, int64_t c1);
+}  // namespace isa_amx
 #endif
+constexpr int64_t kAmxMinRows = 4;
+constexpr int64_t kAmxColumnsJ = 32;
 
 // The best variant this CPU runs (decided once).
 template <typename acc_t>

@@ -24,6 +24,7 @@ LstmCellKernels<float> lstm_cell_kernels<float>() {
       kernels.recurrent_product_bf16 = &isa_avx512::recurrent_product_bf16;
       kernels.to_bf16 = &isa_avx512::to_bf16;
     }
+    if (cpu_has_amx_bf16()) kernels.recurrent_product_bf16_amx = &isa_amx::recurrent_product_bf16;
     return kernels;
   }
 #endif

@@ -6,7 +6,8 @@
 //                in a parallel loop (the baseline build, or H not a multiple of kRecColumns);
 //   packed:      w_hh packed once; per step one parallel region whose tasks own slices of hidden
 //                units, computing their gate columns of the product and their cell updates;
-//   packed-bf16: as packed, with bfloat16 operands and float32 sums (AVX512-BF16, forward).
+//   packed-bf16: as packed, with bfloat16 operands and float32 sums (forward; AVX512-BF16, or
+//                AMX tiles from 4 rows where the CPU has AMX-BF16).
 // With lengths, sequence b covers steps s < lengths[b] at time t = s (direction 0) or
 // t = lengths[b] - 1 - s (direction 1), so no work is done on padding.
 #pragma once
@@ -243,8 +244,19 @@ void forward_packed(ForwardRecurrence<acc_t>& r) {
   });
 }
 
+// Whether the bfloat16 product runs on AMX tiles (else AVX512-BF16): where the CPU has them, from
+// kAmxMinRows rows (below, a tile of mostly unused rows is slower than the vector product).
+template <typename acc_t>
+bool use_amx(const LstmCellKernels<acc_t>& kernels, int64_t B, int64_t H) {
+  return kernels.recurrent_product_bf16_amx != nullptr && B >= kAmxMinRows &&
+         H % kAmxColumnsJ == 0;
+}
+
 void forward_packed_bf16(ForwardRecurrence<float>& r) {
   const int64_t B = r.d.B, D = r.d.D, H = r.d.H, G = 4 * H;
+  const RecurrentProductBf16Fn product = use_amx(r.kernels, B, H)
+                                             ? r.kernels.recurrent_product_bf16_amx
+                                             : r.kernels.recurrent_product_bf16;
   const at::Tensor w_packed = pack_w_hh_bf16(*r.w_hh);
   const auto* wp = reinterpret_cast<const uint16_t*>(w_packed.const_data_ptr<at::BFloat16>());
   float* rp = r.rp;
@@ -267,8 +279,7 @@ void forward_packed_bf16(ForwardRecurrence<float>& r) {
       h_bf16_step[slot] = s;
     }
     for (int64_t g = 0; g < 4; ++g)
-      r.kernels.recurrent_product_bf16(hb, wp + dir * G * H, rp + dir * B * G, B, H, G,
-                                       g * H + j0, g * H + j1);
+      product(hb, wp + dir * G * H, rp + dir * B * G, B, H, G, g * H + j0, g * H + j1);
   });
 }
 
@@ -333,7 +344,8 @@ void forward_recurrence(const LstmDims& d, const std::vector<int64_t>& L,
   TORCH_INTERNAL_ASSERT(run != nullptr, "no ", kAlgorithmNames[static_cast<int>(algorithm)],
                         " forward for this dtype");
   record_kernel("cpu:lstm_forward:",
-                algorithm == Algorithm::kPackedBf16 ? "bf16-avx512"
+                algorithm == Algorithm::kPackedBf16
+                    ? (use_amx(r.kernels, d.B, d.H) ? "bf16-amx" : "bf16-avx512")
                 : algorithm == Algorithm::kPacked   ? r.kernels.product_isa
                                                     : "bmm",
                 ":cell-", r.kernels.cell_isa);
