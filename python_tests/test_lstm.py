@@ -229,6 +229,36 @@ def test_forward_backward_match_nn_lstm_dropout_in_train_mode_same_seed(bidirect
     check_parity(seeded(ref), seeded(fused), x, None, torch.float64, rng)
 
 
+@pytest.mark.parametrize("scale", [30.0, 1e4, 1e30], ids=["30", "1e4", "1e30"])
+def test_saturated_gates_as_accurate_as_nn_lstm(scale, rng):
+    """Gate pre-activations far out on both sides (exp of +-88 and beyond: overflow to inf and
+    underflow to 0 in the cell kernels' exp): outputs and gradients as close to nn.LSTM's in
+    float64 as nn.LSTM's in float32 are (at most 4x its error, which such inputs make large for
+    the weight gradients), with NaNs and infs where it has them (x of 1e30 overflows the weight
+    gradients) and none in the outputs, states and input gradient. H = 32: the vector cell
+    kernels."""
+    import copy
+    ref, fused = nn_lstm_and_fused(torch.float32, input_size=8, hidden_size=32, num_layers=2,
+                                   bidirectional=True)
+    ref64 = copy.deepcopy(ref).double()
+    x = (randn(5, 3, 8, rng=rng) * scale).float()
+    weights = randn(5, 3, 64, rng=rng).float()
+    assert (x @ ref.weight_ih_l0.detach().T).abs().max() > (20 if scale < 100 else 88)  # far out
+    results = []
+    for module, dtype in ((ref, torch.float32), (fused, torch.float32), (ref64, torch.float64)):
+        leaf = x.to(dtype).clone().requires_grad_()
+        out, (h_n, c_n) = module(leaf)
+        (out * weights.to(dtype)).sum().backward()
+        results.append([out, h_n, c_n, leaf.grad] + [p.grad for p in module.parameters()])
+    assert not any(f.isnan().any() for f in results[1][:4])
+    names = ["output", "h_n", "c_n", "grad of input"] + [n for n, _ in fused.named_parameters()]
+    for name, r, f, r64 in zip(names, *results):
+        assert torch.equal(f.isnan(), r.isnan()) and torch.equal(f.isinf(), r.isinf()), name
+        finite = r.isfinite()
+        error = lambda a: (a[finite].double() - r64[finite]).abs().max().item()  # noqa: E731
+        assert error(f) <= 4 * error(r) + 1e-6 * r64[finite].abs().max().item(), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_nan_spreads_as_in_nn_lstm(dtype, rng):
     """A NaN in one input step reaches the same outputs and gradients as in nn.LSTM (all of its
