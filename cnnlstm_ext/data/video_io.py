@@ -105,7 +105,8 @@ def _set_decoder_threads(stream) -> None:
     under 1280 x 720; FFmpeg's automatic threads otherwise."""
     from torch.utils.data import get_worker_info
     ctx = stream.codec_context
-    if get_worker_info() is not None or (ctx.width or 0) * (ctx.height or 0) < THREADED_DECODE_MIN_PIXELS:
+    pixels = (ctx.width or 0) * (ctx.height or 0)
+    if get_worker_info() is not None or pixels < THREADED_DECODE_MIN_PIXELS:
         stream.thread_count = 1
     else:
         stream.thread_type = "AUTO"

@@ -111,7 +111,7 @@ void recurrent_product_bf16(const uint16_t* a, const uint16_t* w, float* out, in
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
 }  // namespace isa_avx512
 namespace isa_amx {
-// lstm_cpu_rec_amx.cpp: J a multiple of 32.
+// lstm_cpu_rec_amx.cpp: J, c0 and c1 multiples of 32.
 void recurrent_product_bf16(const uint16_t* a, const uint16_t* w, float* out, int64_t B,
                             int64_t J, int64_t C, int64_t c0, int64_t c1);
 }  // namespace isa_amx

@@ -15,10 +15,9 @@ namespace {
 using at::vec::Vectorized;
 
 // exp: Sleef's (1 ULP; float32 on AVX-512: exp_avx512, 1.3 ULP), or with kFast ATen's exp_u20
-// (20 ULP, about 1e-6 relative), for the
-// kernels whose outputs are rounded to bfloat16 (2^-8) anyway; it takes about half the time.
-// exp_u20 turns a NaN into a number: NaNs are put back, so that they reach the outputs as in
-// every other kernel (and nn.LSTM).
+// (20 ULP, about 1e-6 relative), for the kernels whose outputs are rounded to bfloat16 (2^-8)
+// anyway; it takes about half the time. exp_u20 turns a NaN into a number: NaNs are put back, so
+// that they reach the outputs as in every other kernel (and nn.LSTM).
 #ifdef CPU_CAPABILITY_AVX512
 // float32 exp in registers, at most 1.3 ULP from exp (Sleef's: 1 ULP): Sleef's is a call, and
 // the five per unit made the compiler spill the cell's live vectors around each (the cell
