@@ -361,3 +361,35 @@ def test_decoder_threads_one_for_small_frames_and_in_loader_workers(monkeypatch,
     monkeypatch.setattr(tud, "get_worker_info", lambda: object())
     with video_io._open_video(path) as c:  # in a loader worker: one thread whatever the size
         assert c.streams.video[0].thread_count == 1
+
+
+def test_decode_lets_go_only_where_the_decoder_reads_skip_frame_per_packet(monkeypatch, tmp_path):
+    """MPEG-4 part 2 with B-frames: not H.264/HEVC, so every packet is decoded (a decoder that
+    reads skip_frame once, when it opens, would drop wanted frames), and the clip is right."""
+    import av
+    frames = moving_frames(48)
+    path = str(tmp_path / "bframes_mpeg4.mp4")
+    with av.open(path, mode="w") as c:
+        s = c.add_stream("mpeg4", rate=25)
+        s.height, s.width = frames.shape[1:3]
+        s.pix_fmt = "yuv420p"
+        s.options = {"bf": "2", "g": "24", "qscale": "2"}
+        for image in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    read, out = [], []
+    real_open, real_decode = video_io._open_video, video_io._decode_skipping
+    monkeypatch.setattr(video_io, "_open_video", lambda p: _CountingContainer(real_open(p), read))
+
+    def counting(*args):
+        for frame in real_decode(*args):
+            out.append(frame.pts)
+            yield frame
+    monkeypatch.setattr(video_io, "_decode_skipping", counting)
+    clip = read_video_frames(path, 0, 48, select=lambda n: sample_indices(n, 6).tolist())
+    assert len(read) > 40 and len(out) >= len(read) - 2  # (the B-frames' reordering delay)
+    monkeypatch.setattr(video_io, "_decode_skipping", real_decode)
+    monkeypatch.setattr(video_io, "_open_video", real_open)
+    assert torch.equal(clip, read_video_frames(path)[sample_indices(48, 6).tolist()])

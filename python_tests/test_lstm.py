@@ -232,11 +232,9 @@ def test_forward_backward_match_nn_lstm_dropout_in_train_mode_same_seed(bidirect
 @pytest.mark.parametrize("scale", [30.0, 1e4, 1e30], ids=["30", "1e4", "1e30"])
 def test_saturated_gates_as_accurate_as_nn_lstm(scale, rng):
     """Gate pre-activations far out on both sides (exp of +-88 and beyond: overflow to inf and
-    underflow to 0 in the cell kernels' exp): outputs and gradients as close to nn.LSTM's in
-    float64 as nn.LSTM's in float32 are (at most 4x its error, which such inputs make large for
-    the weight gradients), with NaNs and infs where it has them (x of 1e30 overflows the weight
-    gradients) and none in the outputs, states and input gradient. H = 32: the vector cell
-    kernels."""
+    underflow to 0 in the cell kernels' exp): outputs and gradients finite, and as close to
+    nn.LSTM's in float64 as nn.LSTM's in float32 are (at most 4x its error, which such inputs
+    make large for the weight gradients). H = 32: the vector cell kernels."""
     import copy
     ref, fused = nn_lstm_and_fused(torch.float32, input_size=8, hidden_size=32, num_layers=2,
                                    bidirectional=True)
@@ -250,13 +248,11 @@ def test_saturated_gates_as_accurate_as_nn_lstm(scale, rng):
         out, (h_n, c_n) = module(leaf)
         (out * weights.to(dtype)).sum().backward()
         results.append([out, h_n, c_n, leaf.grad] + [p.grad for p in module.parameters()])
-    assert not any(f.isnan().any() for f in results[1][:4])
     names = ["output", "h_n", "c_n", "grad of input"] + [n for n, _ in fused.named_parameters()]
     for name, r, f, r64 in zip(names, *results):
-        assert torch.equal(f.isnan(), r.isnan()) and torch.equal(f.isinf(), r.isinf()), name
-        finite = r.isfinite()
-        error = lambda a: (a[finite].double() - r64[finite]).abs().max().item()  # noqa: E731
-        assert error(f) <= 4 * error(r) + 1e-6 * r64[finite].abs().max().item(), name
+        assert f.isfinite().all() and r64.isfinite().all(), name
+        error = lambda a: (a.double() - r64).abs().max().item()  # noqa: E731
+        assert error(f) <= 4 * error(r) + 1e-6 * r64.abs().max().item(), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -1278,7 +1274,8 @@ torch.manual_seed(0)
 results = []
 trace = ops.recorded_kernels()
 ran = trace.__enter__()
-for b, h, d in ((1, 16, 2), (3, 16, 1), (5, 32, 2), (9, 48, 1), (13, 32, 2), (37, 64, 2)):
+for b, h, d in ((1, 16, 2), (3, 16, 1), (5, 32, 2), (9, 48, 1), (13, 32, 2), (37, 64, 2),
+                (6, 160, 2)):
     t, i = 6, 24
     shapes = [(4 * h, i), (4 * h, h), (4 * h,), (4 * h,)] * d
     x64 = [torch.randn(t, b, i, dtype=torch.float64),
@@ -1416,11 +1413,14 @@ def test_bfloat16_kernels_match_reference(tmp_path):
     results, kernels = {}, {}
     settings = {"best": {}, "no-amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
                 "avx2": {"ATEN_CPU_CAPABILITY": "avx2"}}
-    for name, env in settings.items():
+    for name, extra in settings.items():
         path = tmp_path / f"{name}.pt"
+        env = subprocess_env(**extra)
+        if name == "best":  # (a limit set where the tests run would take AMX away)
+            env.pop("ONEDNN_MAX_CPU_ISA", None)
+            env.pop("DNNL_MAX_CPU_ISA", None)
         run = subprocess.run([sys.executable, "-c", KERNEL_CASE, "bfloat16", "2e-2", str(path)],
-                             env=subprocess_env(**env), cwd=tmp_path, capture_output=True,
-                             text=True)
+                             env=env, cwd=tmp_path, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         results[name] = torch.load(path)
         kernels[name] = set(run.stdout.strip().splitlines()[-2].split())

@@ -136,7 +136,7 @@ def _to_array(frame, short_side: Optional[int], square: bool) -> np.ndarray:
     h, w = scaled_size(frame.height, frame.width, short_side)
     # threads=1: frames this small gain nothing from swscale's thread pool, and a pool does not
     # survive the fork of a loader worker. (Scaling in YUV, then converting to RGB at the small
-    # size, took half the time but repeats chroma rows: 1.3 to 4x the error against an
+    # size, took half the time but repeats chroma rows: 1.3 to 4x the mean error against an
     # antialiased resize of the full RGB frame.)
     image = _reformatter().reformat(frame, width=w, height=h, format="rgb24",
                                     interpolation="AREA" if h < frame.height else "BILINEAR",
@@ -199,7 +199,8 @@ def _decode_wanted(container, stream, path, wanted, start, short_side, square):
             if by_pts and frame.pts is not None:
                 i = int(round((frame.pts - first_pts) * frames_per_tick))
             elif by_pts and (wanted[0] >= SEEK_MIN_FRAMES or skips[0]):  # no timestamps: count
-                yield from _decode_counting(path, wanted, short_side, square)
+                # from frame 0 (frames were skipped or seeked past), the frames still to come
+                yield from _decode_counting(path, wanted[k:], start, short_side, square)
                 return
             else:
                 i = count
@@ -225,13 +226,21 @@ def _decode_wanted(container, stream, path, wanted, start, short_side, square):
         yield j - start, image
 
 
+# Decoders that read skip_frame at each packet (FFmpeg copies it to a frame thread's context per
+# packet too). Others may read it once, when the decoder opens (libdav1d for AV1): NONREF set
+# before the first packet would then drop every non-reference frame, wanted or not.
+_SKIP_PER_PACKET = frozenset(["h264", "hevc"])
+
+
 def _decode_skipping(container, stream, wanted, first_pts, frames_per_tick, skips):
-    """The frames of `stream` from where the container stands. A packet whose frame is not
-    wanted is dropped by the decoder when no other frame refers to it (skip_frame NONREF: the
-    non-reference B-frames of H.264 and HEVC, about half of a WLASL video's frames), set per
-    packet from its timestamp; `skips[0]` becomes True when one was. Without timestamps
-    (frames_per_tick None), every packet is decoded."""
+    """The frames of `stream` from where the container stands. For H.264 and HEVC, a packet
+    whose frame is not wanted is dropped by the decoder when no other frame refers to it
+    (skip_frame NONREF: the non-reference B-frames, about half of a WLASL video's frames), set
+    per packet from its timestamp; `skips[0]` becomes True when one was. Other codecs, and
+    streams without timestamps (frames_per_tick None), decode every packet."""
     ctx, kept = stream.codec_context, True
+    if ctx.name not in _SKIP_PER_PACKET:
+        frames_per_tick = None
     for packet in container.demux(stream):
         keep = (frames_per_tick is None or packet.pts is None
                 or int(round((packet.pts - first_pts) * frames_per_tick)) in wanted)
@@ -241,13 +250,13 @@ def _decode_skipping(container, stream, wanted, first_pts, frames_per_tick, skip
         yield from packet.decode()
 
 
-def _decode_counting(path, wanted, short_side, square):
+def _decode_counting(path, wanted, start, short_side, square):
     """_decode_wanted for a stream without timestamps: decodes from frame 0, counting."""
     container = _open_video(path)
     with container:
         stream = container.streams.video[0]
-        yield from _decode_wanted(container, _NoTimestamps(stream), path, wanted, 0, short_side,
-                                  square)
+        yield from _decode_wanted(container, _NoTimestamps(stream), path, wanted, start,
+                                  short_side, square)
 
 
 class _NoTimestamps:

@@ -131,11 +131,11 @@ constexpr int64_t kUnits = 4 * kRecColumns;
 //  - from kDirectionThreadsMinBatch rows, each direction runs all its steps on one thread: the
 //    directions are independent, so no thread waits for another at each step (a wait that costs
 //    the pool's wake-up and, on shared cores, the slower thread's lag, step after step);
-//  - below, the directions run in turn, each step one region over the direction's slices: the
-//    product of a small batch is bound by reading w_hh (4 MiB per direction in float32, more than
-//    a core's L2), which the threads then share, each reading its part of one direction's w from
-//    its own L2 (float32 at B = 1: 1.16-1.28x nn.LSTM, against 0.88-0.91x with a thread per
-//    direction).
+//  - below, where a direction has a slice for every thread, the directions run in turn, each
+//    step one region over the direction's slices: the product of a small batch is bound by
+//    reading w_hh (4 MiB per direction in float32 at H = 512, more than a core's L2), which the
+//    threads then share, each reading its part of one direction's w from its own L2 (float32 at
+//    B = 1: 1.16-1.28x nn.LSTM, against 0.88-0.91x with a thread per direction).
 constexpr int64_t kDirectionThreadsMinBatch = 16;
 
 template <typename Step>
@@ -144,13 +144,14 @@ void run_steps(int64_t D, int64_t B, int64_t H, int64_t steps, const Step& step)
   const auto slice = [&](int64_t dir, int64_t i, int64_t k) {
     step(dir, i * kUnits, std::min(H, (i + 1) * kUnits), k);
   };
-  if (at::get_num_threads() <= D && B >= kDirectionThreadsMinBatch) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= D && (B >= kDirectionThreadsMinBatch || slices < threads)) {
     at::parallel_for(0, D, 1, [&](int64_t begin, int64_t end) {
       for (int64_t dir = begin; dir < end; ++dir)
         for (int64_t k = 0; k < steps; ++k)
           for (int64_t i = 0; i < slices; ++i) slice(dir, i, k);
     });
-  } else if (at::get_num_threads() <= D) {
+  } else if (threads <= D) {
     for (int64_t dir = 0; dir < D; ++dir)
       for (int64_t k = 0; k < steps; ++k)
         at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
