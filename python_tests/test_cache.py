@@ -18,18 +18,13 @@ from cnnlstm_ext.models import CNNLSTM
 from cnnlstm_ext.train.config import Config
 from cnnlstm_ext.train.trainer import Trainer
 
-from test_data_pipeline import moving_frames, write_h264
+from test_data_pipeline import moving_frames, write_class_tree, write_h264
 
 
 @pytest.fixture
 def videos(tmp_path):
     """root/{a,b}/: three 16-frame 48x64 clips per class."""
-    root = tmp_path / "videos"
-    for c, cls in enumerate(["a", "b"]):
-        (root / cls).mkdir(parents=True)
-        for k in range(3):
-            write_h264(root / cls / ("v%d.mp4" % k), moving_frames(16, seed=10 * c + k))
-    return root
+    return write_class_tree(tmp_path / "videos", 16)
 
 
 def folder(root, cache=None, train=True):

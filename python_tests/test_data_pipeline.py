@@ -23,12 +23,18 @@ from cnnlstm_ext.train.config import Config, DataConfig, validate
 def write_h264(path, frames, fps=25, gop=None, preset="ultrafast"):
     """uint8 `frames [n, H, W, 3]` as H.264 yuv420p (a keyframe every `gop` frames; B-frames from
     preset "veryfast" on, none with "ultrafast")."""
+    write_encoded(path, frames, "libx264",
+                  dict({"crf": "12", "preset": preset}, **({"g": str(gop)} if gop else {})), fps)
+
+
+def write_encoded(path, frames, codec, options, fps=25):
+    """uint8 `frames [n, H, W, 3]` as yuv420p video through FFmpeg's encoder `codec`."""
     import av
     with av.open(str(path), mode="w") as c:
-        s = c.add_stream("libx264", rate=fps)
+        s = c.add_stream(codec, rate=fps)
         s.height, s.width = frames.shape[1:3]
         s.pix_fmt = "yuv420p"
-        s.options = dict({"crf": "12", "preset": preset}, **({"g": str(gop)} if gop else {}))
+        s.options = options
         for image in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
                 c.mux(p)
@@ -88,25 +94,31 @@ def test_decode_seeks_to_the_keyframe_before_the_first_sampled_frame(monkeypatch
     assert torch.equal(clip, ref[picks])
 
 
-def test_decode_drops_unsampled_frames_that_no_frame_refers_to(monkeypatch, tmp_path):
-    frames = moving_frames(96)
-    path = str(tmp_path / "bframes.mp4")
-    write_h264(path, frames, gop=48, preset="veryfast")  # I/P frames and (non-)reference B-frames
+def read_counting(monkeypatch, path, start, end, select):
+    """read_video_frames(path, start, end, select), with the timestamps of the packets read from
+    the file and of the frames the decoder returned."""
     read, out = [], []
     real_open, real_decode = video_io._open_video, video_io._decode_skipping
-    monkeypatch.setattr(video_io, "_open_video", lambda p: _CountingContainer(real_open(p), read))
 
     def counting(*args):
         for frame in real_decode(*args):
             out.append(frame.pts)
             yield frame
-    monkeypatch.setattr(video_io, "_decode_skipping", counting)
-    select = lambda n: sample_indices(n, 12).tolist()  # noqa: E731
-    clip = read_video_frames(path, 0, 96, select=select)
+    with monkeypatch.context() as m:
+        m.setattr(video_io, "_open_video", lambda p: _CountingContainer(real_open(p), read))
+        m.setattr(video_io, "_decode_skipping", counting)
+        clip = read_video_frames(path, start, end, select=select)
+    return clip, read, out
+
+
+def test_decode_drops_unsampled_frames_that_no_frame_refers_to(monkeypatch, tmp_path):
+    frames = moving_frames(96)
+    path = str(tmp_path / "bframes.mp4")
+    write_h264(path, frames, gop=48, preset="veryfast")  # I/P frames and (non-)reference B-frames
+    clip, read, out = read_counting(monkeypatch, path, 0, 96,
+                                    lambda n: sample_indices(n, 12).tolist())
     # every packet up to the last sampled frame is read, but the decoder lets some go
     assert len(read) >= 85 and len(out) < len(read) - 10, (len(read), len(out))
-    monkeypatch.setattr(video_io, "_decode_skipping", real_decode)
-    monkeypatch.setattr(video_io, "_open_video", real_open)
     ref = read_video_frames(path)  # every frame decoded
     assert len(ref) == 96 and torch.equal(clip, ref[sample_indices(96, 12).tolist()])
 
@@ -232,15 +244,19 @@ def test_batch_augment_refuses_float_or_channels_first_clips():
 
 # --- data sets and loaders ---------------------------------------------------------------------
 
-@pytest.fixture
-def video_tree(tmp_path):
-    """root/{a,b}/: three 20-frame 48x64 clips per class."""
-    root = tmp_path / "videos"
+def write_class_tree(root, frames):
+    """root/{a,b}/: three `frames`-frame 48x64 H.264 clips per class; returns root."""
     for c, cls in enumerate(["a", "b"]):
         (root / cls).mkdir(parents=True)
         for k in range(3):
-            write_h264(root / cls / ("v%d.mp4" % k), moving_frames(20, seed=10 * c + k))
+            write_h264(root / cls / ("v%d.mp4" % k), moving_frames(frames, seed=10 * c + k))
     return root
+
+
+@pytest.fixture
+def video_tree(tmp_path):
+    """root/{a,b}/: three 20-frame 48x64 clips per class."""
+    return write_class_tree(tmp_path / "videos", 20)
 
 
 def test_video_folder_batch_augment_items_are_uint8_canvases_with_reproducible_params(video_tree):
@@ -366,30 +382,9 @@ def test_decoder_threads_one_for_small_frames_and_in_loader_workers(monkeypatch,
 def test_decode_lets_go_only_where_the_decoder_reads_skip_frame_per_packet(monkeypatch, tmp_path):
     """MPEG-4 part 2 with B-frames: not H.264/HEVC, so every packet is decoded (a decoder that
     reads skip_frame once, when it opens, would drop wanted frames), and the clip is right."""
-    import av
-    frames = moving_frames(48)
     path = str(tmp_path / "bframes_mpeg4.mp4")
-    with av.open(path, mode="w") as c:
-        s = c.add_stream("mpeg4", rate=25)
-        s.height, s.width = frames.shape[1:3]
-        s.pix_fmt = "yuv420p"
-        s.options = {"bf": "2", "g": "24", "qscale": "2"}
-        for image in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    read, out = [], []
-    real_open, real_decode = video_io._open_video, video_io._decode_skipping
-    monkeypatch.setattr(video_io, "_open_video", lambda p: _CountingContainer(real_open(p), read))
-
-    def counting(*args):
-        for frame in real_decode(*args):
-            out.append(frame.pts)
-            yield frame
-    monkeypatch.setattr(video_io, "_decode_skipping", counting)
-    clip = read_video_frames(path, 0, 48, select=lambda n: sample_indices(n, 6).tolist())
+    write_encoded(path, moving_frames(48), "mpeg4", {"bf": "2", "g": "24", "qscale": "2"})
+    clip, read, out = read_counting(monkeypatch, path, 0, 48,
+                                    lambda n: sample_indices(n, 6).tolist())
     assert len(read) > 40 and len(out) >= len(read) - 2  # (the B-frames' reordering delay)
-    monkeypatch.setattr(video_io, "_decode_skipping", real_decode)
-    monkeypatch.setattr(video_io, "_open_video", real_open)
     assert torch.equal(clip, read_video_frames(path)[sample_indices(48, 6).tolist()])
