@@ -1262,7 +1262,8 @@ def test_unpickles_modules_saved_by_earlier_versions():
 
 
 # The vector kernels against the reference: batches that do not fill a row group, one and two
-# directions, gate slices of one, two and three column blocks, lengths, forward and every
+# directions, gate slices of one, two and three column blocks, the float32 product with the batch
+# in the vector lanes (32 rows, 30 padded to 32, two groups of 32), lengths, forward and every
 # gradient. argv: the dtype, the tolerance (relative to each tensor's largest magnitude) and
 # optionally a file for the results.
 KERNEL_CASE = """
@@ -1275,7 +1276,7 @@ results = []
 trace = ops.recorded_kernels()
 ran = trace.__enter__()
 for b, h, d in ((1, 16, 2), (3, 16, 1), (5, 32, 2), (9, 48, 1), (13, 32, 2), (37, 64, 2),
-                (6, 160, 2)):
+                (6, 160, 2), (32, 64, 2), (30, 128, 1), (64, 64, 1)):
     t, i = 6, 24
     shapes = [(4 * h, i), (4 * h, h), (4 * h,), (4 * h,)] * d
     x64 = [torch.randn(t, b, i, dtype=torch.float64),
@@ -1326,17 +1327,19 @@ def _expected_cpu_kernels(capability, gemm):
     product = {"AVX512": "avx512", "AVX2": "avx2"}.get(best, "bmm")
     cell = {"AVX512": "avx512", "AVX2": "avx2"}.get(best, "default")
     library = "aten" if gemm == "aten" or not _onednn_gemm_available() else "onednn"
-    return {f"cpu:gemm:{library}", f"cpu:lstm_forward:{product}:cell-{cell}",
-            f"cpu:lstm_backward:{product}:cell-{cell}"}
+    # from 32 rows, the AVX-512 forward product holds the batch in the vector lanes
+    forward = [product] + (["avx512-batch"] if best == "AVX512" else [])
+    return {f"cpu:gemm:{library}", f"cpu:lstm_backward:{product}:cell-{cell}",
+            *(f"cpu:lstm_forward:{p}:cell-{cell}" for p in forward)}
 
 
 @pytest.mark.parametrize("capability,gemm", KERNEL_CHOICES,
                          ids=["best-onednn", "best-aten", "avx2", "baseline"])
 def test_recurrent_product_kernels_match_reference(capability, gemm, tmp_path):
-    """float32 with H a multiple of 16 takes the vector recurrent-product kernels (AVX-512 or
-    AVX2), the baseline build at::bmm: batches that do not fill a row group, one and two
-    directions, gate slices of one, two and three column blocks, lengths, forward and every
-    gradient (in a fresh process for each setting)."""
+    """float32 with H a multiple of 16 takes the vector recurrent-product kernels (AVX-512, with
+    the batch in the vector lanes from 32 rows, or AVX2), the baseline build at::bmm: batches that
+    do not fill a row group, one and two directions, gate slices of one, two and three column
+    blocks, lengths, forward and every gradient (in a fresh process for each setting)."""
     import subprocess
     import sys
 

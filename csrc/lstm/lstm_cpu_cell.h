@@ -44,6 +44,19 @@ using RecurrentProductFn = void (*)(const acc_t* a, const acc_t* w, acc_t* out, 
                                     const acc_t* zeros);
 constexpr int64_t kRecColumns = 16;
 
+// The float32 forward product with the batch in the vector lanes (AVX-512; from kBtRows rows):
+// aT = a^T: [J, ldb], ldb a multiple of kBtRows, rows past B zero (to_bt); w packed by groups of
+// kBtColumns columns (pack_bt_group); out as above; c0 and c1 multiples of kBtColumns.
+using RecurrentProductBtFn = void (*)(const float* aT, int64_t ldb, const float* w, float* out,
+                                      int64_t B, int64_t J, int64_t C, int64_t c0, int64_t c1);
+// a: [B, J] -> aT: [J, ldb], rows B .. ldb - 1 zero; J a multiple of 16.
+using ToBtFn = void (*)(const float* a, int64_t B, int64_t J, float* aT, int64_t ldb);
+// kBtColumns rows of w_hh (row stride J, a multiple of 16) -> their packed group [kBtColumns * J]:
+// the group's tiles of columns one after the other, each [J, its columns].
+using PackBtFn = void (*)(const float* w, int64_t J, float* packed);
+constexpr int64_t kBtRows = 32;
+constexpr int64_t kBtColumns = 64;
+
 // The forward recurrent product with bfloat16 operands (raw bits) and float32 sums, for bfloat16
 // inputs: dot products of pairs along j (AVX512-BF16). a: [B, J] bfloat16; w packed by blocks of
 // kRecColumns columns and pairs of j, [C / kRecColumns, J / 2, kRecColumns, 2] (pack_w_hh_bf16);
@@ -80,6 +93,10 @@ struct LstmCellKernels {
   // Where the CPU has AMX-BF16: the same product on AMX tiles, for batches of at least
   // kAmxMinRows and J a multiple of kAmxColumnsJ (faster from 4 rows, 5x at 32).
   RecurrentProductBf16Fn recurrent_product_bf16_amx = nullptr;
+  // Where the CPU has AVX-512 (float32 variants only): the product with the batch in the lanes.
+  RecurrentProductBtFn recurrent_product_bt = nullptr;
+  ToBtFn to_bt = nullptr;
+  PackBtFn pack_bt_group = nullptr;
   ToBf16Fn to_bf16 = nullptr;
   LstmCellForwardBf16Fn forward_bf16 = nullptr;
   LstmCellBackwardBf16Fn backward_bf16 = nullptr;
@@ -109,6 +126,10 @@ void recurrent_product(const float* a, const float* w, float* out, int64_t B, in
 void recurrent_product_bf16(const uint16_t* a, const uint16_t* w, float* out, int64_t B,
                             int64_t J, int64_t C, int64_t c0, int64_t c1);
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
+void recurrent_product_bt(const float* aT, int64_t ldb, const float* w, float* out, int64_t B,
+                          int64_t J, int64_t C, int64_t c0, int64_t c1);
+void to_bt(const float* a, int64_t B, int64_t J, float* aT, int64_t ldb);
+void pack_bt_group(const float* w, int64_t J, float* packed);
 }  // namespace isa_avx512
 namespace isa_amx {
 // lstm_cpu_rec_amx.cpp: J, c0 and c1 multiples of 32.

@@ -19,6 +19,9 @@ LstmCellKernels<float> lstm_cell_kernels<float>() {
       kernels.cell_isa = cell.cell_isa;
       kernels.recurrent_product = &isa_avx512::recurrent_product;
       kernels.product_isa = "avx512";
+      kernels.recurrent_product_bt = &isa_avx512::recurrent_product_bt;
+      kernels.to_bt = &isa_avx512::to_bt;
+      kernels.pack_bt_group = &isa_avx512::pack_bt_group;
     }
     if (cpu_has_avx512_bf16()) {
       kernels.recurrent_product_bf16 = &isa_avx512::recurrent_product_bf16;

@@ -5,7 +5,9 @@
 //   bmm:         per step, at::bmm for the recurrent product, then the cell updates of all rows
 //                in a parallel loop (the baseline build, or H not a multiple of kRecColumns);
 //   packed:      w_hh packed once; per step one parallel region whose tasks own slices of hidden
-//                units, computing their gate columns of the product and their cell updates;
+//                units, computing their gate columns of the product and their cell updates
+//                (float32 from 32 rows on AVX-512: the product holds the batch in the vector
+//                lanes and reads h_{s-1} transposed, see use_bt);
 //   packed-bf16: as packed, with bfloat16 operands and float32 sums (forward; AVX512-BF16, or
 //                AMX tiles from 4 rows where the CPU has AMX-BF16).
 // With lengths, sequence b covers steps s < lengths[b] at time t = s (direction 0) or
@@ -238,8 +240,84 @@ void forward_packed_steps(ForwardRecurrence<acc_t>& r, Kernel kernel, const Prod
   if (r.steps % 2 == 1) r.h->copy_(h_other);
 }
 
+// A copy of h_{s-1} of a direction in the form a product reads, made once per step by each thread
+// that needs it, into its own buffer ([threads, D, n] elements, with the step each holds).
+template <typename T>
+class StepCopies {
+ public:
+  StepCopies(int64_t D, int64_t n)
+      : D_(D), n_(n), threads_(at::get_num_threads()), data_(threads_ * D * n), step_(threads_ * D, -1) {}
+
+  // The copy for (dir, s), made by make(T* out) if this thread does not hold it yet.
+  template <typename Make>
+  const T* get(int64_t dir, int64_t s, const Make& make) {
+    // at::parallel_for numbers its threads from 0 (0 when it runs inline, as inside a caller's
+    // parallel region).
+    const int64_t thread = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(thread < threads_, "thread ", thread, " of ", threads_);
+    const int64_t slot = thread * D_ + dir;
+    T* out = data_.data() + slot * n_;
+    if (step_[slot] != s) {
+      make(out);
+      step_[slot] = s;
+    }
+    return out;
+  }
+
+ private:
+  int64_t D_, n_, threads_;
+  std::vector<T> data_;
+  std::vector<int64_t> step_;
+};
+
+// Whether the float32 forward product runs with the batch in the vector lanes (else the row
+// tiles): from kBtRows rows where padding the batch to a multiple of kBtRows adds at most an
+// eighth (a padded row costs as much as a real one), for H a multiple of kBtColumns.
+template <typename acc_t>
+bool use_bt(const LstmCellKernels<acc_t>& kernels, int64_t B, int64_t H) {
+  const int64_t padded = (B + kBtRows - 1) / kBtRows * kBtRows;
+  return kernels.recurrent_product_bt != nullptr && B >= kBtRows && padded * 7 <= B * 8 &&
+         H % kBtColumns == 0;
+}
+
+// w_hh: [D, 4H, H] float32 (contiguous) -> its groups of kBtColumns gate columns packed for
+// recurrent_product_bt: [D, 4H / kBtColumns, kBtColumns * H].
+at::Tensor pack_w_hh_bt(const at::Tensor& w_hh, PackBtFn pack_group) {
+  const int64_t D = w_hh.size(0), G = w_hh.size(1), H = w_hh.size(2);
+  auto packed = at::empty({D, G / kBtColumns, kBtColumns * H}, w_hh.options());
+  const float* src = w_hh.const_data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, D * G / kBtColumns, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q)
+      pack_group(src + q * kBtColumns * H, H, dst + q * kBtColumns * H);
+  });
+  return packed;
+}
+
+void forward_packed_bt(ForwardRecurrence<float>& r) {
+  const int64_t B = r.d.B, D = r.d.D, H = r.d.H, G = 4 * H;
+  const int64_t ldb = (B + kBtRows - 1) / kBtRows * kBtRows;
+  const at::Tensor w_packed = pack_w_hh_bt(*r.w_hh, r.kernels.pack_bt_group);
+  const float* wp = w_packed.const_data_ptr<float>();
+  float* rp = r.rp;
+  // The product reads h_{s-1} transposed: [H, ldb].
+  StepCopies<float> h_t(D, H * ldb);
+  forward_packed_steps<float, float>(r, r.kernels.forward, [&](int64_t dir, int64_t j0, int64_t j1,
+                                                              int64_t s, const float* h_in) {
+    const float* ht = h_t.get(dir, s, [&](float* out) {
+      r.kernels.to_bt(h_in + dir * B * H, B, H, out, ldb);
+    });
+    for (int64_t g = 0; g < 4; ++g)  // gate g's columns of this slice
+      r.kernels.recurrent_product_bt(ht, ldb, wp + dir * G * H, rp + dir * B * G, B, H, G,
+                                     g * H + j0, g * H + j1);
+  });
+}
+
 template <typename acc_t>
 void forward_packed(ForwardRecurrence<acc_t>& r) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_bt(r.kernels, r.d.B, r.d.H)) return forward_packed_bt(r);
+  }
   const int64_t B = r.d.B, H = r.d.H, G = 4 * H;
   const at::Tensor w_packed = pack_w_hh<acc_t>(*r.w_hh, /*forward=*/true);
   const acc_t* wp = w_packed.const_data_ptr<acc_t>();
@@ -269,24 +347,14 @@ void forward_packed_bf16(ForwardRecurrence<float>& r) {
   const at::Tensor w_packed = pack_w_hh_bf16(*r.w_hh);
   const auto* wp = reinterpret_cast<const uint16_t*>(w_packed.const_data_ptr<at::BFloat16>());
   float* rp = r.rp;
-  // The product reads h_{s-1} rounded to bfloat16: each thread rounds the rows of a direction
-  // once per step, into its own buffer ([threads, D, B * H], with the step it holds).
-  const int64_t threads = at::get_num_threads();
-  std::vector<uint16_t> h_bf16(threads * D * B * H);
-  std::vector<int64_t> h_bf16_step(threads * D, -1);
+  // The product reads h_{s-1} rounded to bfloat16.
+  StepCopies<uint16_t> h_bf16(D, B * H);
   forward_packed_steps<float, uint16_t>(r, r.kernels.forward_bf16, [&](int64_t dir, int64_t j0,
                                                                       int64_t j1, int64_t s,
                                                                       const float* h_in) {
-    // at::parallel_for numbers its threads from 0 (0 when it runs inline, as inside a caller's
-    // parallel region).
-    const int64_t thread = at::get_thread_num();
-    TORCH_INTERNAL_ASSERT(thread < threads, "thread ", thread, " of ", threads);
-    const int64_t slot = thread * D + dir;
-    uint16_t* hb = h_bf16.data() + slot * B * H;
-    if (h_bf16_step[slot] != s) {
-      r.kernels.to_bf16(h_in + dir * B * H, hb, B * H);
-      h_bf16_step[slot] = s;
-    }
+    const uint16_t* hb = h_bf16.get(dir, s, [&](uint16_t* out) {
+      r.kernels.to_bf16(h_in + dir * B * H, out, B * H);
+    });
     for (int64_t g = 0; g < 4; ++g)
       product(hb, wp + dir * G * H, rp + dir * B * G, B, H, G, g * H + j0, g * H + j1);
   });
@@ -355,7 +423,8 @@ void forward_recurrence(const LstmDims& d, const std::vector<int64_t>& L,
   record_kernel("cpu:lstm_forward:",
                 algorithm == Algorithm::kPackedBf16
                     ? (use_amx(r.kernels, d.B, d.H) ? "bf16-amx" : "bf16-avx512")
-                : algorithm == Algorithm::kPacked   ? r.kernels.product_isa
+                : algorithm == Algorithm::kPacked
+                    ? (use_bt(r.kernels, d.B, d.H) ? "avx512-batch" : r.kernels.product_isa)
                                                     : "bmm",
                 ":cell-", r.kernels.cell_isa);
   run(r);
