@@ -76,9 +76,10 @@ void recurrent_product(const float* a, const float* w, float* out, int64_t B, in
 // A tile holds 32 rows x kN columns as kN pairs of vectors of rows: per j, two loads of a^T (the
 // 32 rows of unit j) and, per column, one broadcast of w for two FMAs. The row tiles above load
 // a line of w (from L2: a pair's w is larger than L1) for every 8 FMAs and their rows re-read it
-// for each group of 8 rows; here each w is read once per 32 rows. On an Intel Xeon (Emerald
-// Rapids), one step of one direction at H = 512, B = 32: 1.15-1.3x the row tiles (77 -> 88 and
-// 127 -> 165 GFLOP/s at two clock rates). At 16 rows a broadcast feeds one FMA: slower.
+// for each group of 8 rows; here each w is read once per 32 rows. One step of one direction at
+// H = 512, B = 32, on one core of the Intel Xeon of benchmarks/RESULTS.md: 1.2-1.4x the row tiles
+// (77 -> 93 and 112 -> 141 GFLOP/s at two clock rates). At 16 rows a broadcast feeds one FMA:
+// slower than the row tiles.
 namespace {
 
 // The tiles of a group of kBtColumns columns: 28 accumulators, then 16 (28 + 2 + 1 registers).
@@ -175,7 +176,8 @@ void pack_bt_group(const float* w, int64_t J, float* packed) {
     const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
     for (int64_t j0 = 0; j0 < J; j0 += 16) {
       __m512 v[16];
-      for (int i = 0; i < 16; ++i) v[i] = i < n ? _mm512_loadu_ps(w + i * J + j0) : _mm512_setzero_ps();
+      for (int i = 0; i < 16; ++i)
+        v[i] = i < n ? _mm512_loadu_ps(w + i * J + j0) : _mm512_setzero_ps();
       transpose16x16(v);
       for (int64_t k = 0; k < 16; ++k) _mm512_mask_storeu_ps(packed + (j0 + k) * n, lanes, v[k]);
     }

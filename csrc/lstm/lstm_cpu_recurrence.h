@@ -246,7 +246,8 @@ template <typename T>
 class StepCopies {
  public:
   StepCopies(int64_t D, int64_t n)
-      : D_(D), n_(n), threads_(at::get_num_threads()), data_(threads_ * D * n), step_(threads_ * D, -1) {}
+      : D_(D), n_(n), threads_(at::get_num_threads()), data_(threads_ * D * n),
+        step_(threads_ * D, -1) {}
 
   // The copy for (dir, s), made by make(T* out) if this thread does not hold it yet.
   template <typename Make>
