@@ -56,6 +56,8 @@ using ToBtFn = void (*)(const float* a, int64_t B, int64_t J, float* aT, int64_t
 using PackBtFn = void (*)(const float* w, int64_t J, float* packed);
 constexpr int64_t kBtRows = 32;
 constexpr int64_t kBtColumns = 64;
+// ldb for a batch of B rows: B rounded up to a multiple of kBtRows.
+constexpr int64_t bt_ldb(int64_t B) { return (B + kBtRows - 1) / kBtRows * kBtRows; }
 
 // The forward recurrent product with bfloat16 operands (raw bits) and float32 sums, for bfloat16
 // inputs: dot products of pairs along j (AVX512-BF16). a: [B, J] bfloat16; w packed by blocks of

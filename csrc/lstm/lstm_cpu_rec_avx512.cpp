@@ -84,6 +84,16 @@ namespace {
 
 // The tiles of a group of kBtColumns columns: 28 accumulators, then 16 (28 + 2 + 1 registers).
 constexpr int kBtTiles[] = {14, 14, 14, 14, 8};
+// recurrent_product_bt has a tile_bt for these widths only, and the tiles fill the group.
+constexpr bool bt_tiles_fill_group() {
+  int64_t columns = 0;
+  for (const int n : kBtTiles) {
+    if (n != 14 && n != 8) return false;
+    columns += n;
+  }
+  return columns == kBtColumns;
+}
+static_assert(bt_tiles_fill_group(), "kBtTiles: widths 14 or 8, kBtColumns in all");
 
 //   aT: the tile's first row of a^T [J, ldb], w: the tile's [J, kN], part: [kN, 32].
 template <int kN>

@@ -276,8 +276,7 @@ class StepCopies {
 // eighth (a padded row costs as much as a real one), for H a multiple of kBtColumns.
 template <typename acc_t>
 bool use_bt(const LstmCellKernels<acc_t>& kernels, int64_t B, int64_t H) {
-  const int64_t padded = (B + kBtRows - 1) / kBtRows * kBtRows;
-  return kernels.recurrent_product_bt != nullptr && B >= kBtRows && padded * 7 <= B * 8 &&
+  return kernels.recurrent_product_bt != nullptr && B >= kBtRows && bt_ldb(B) * 7 <= B * 8 &&
          H % kBtColumns == 0;
 }
 
@@ -297,7 +296,7 @@ at::Tensor pack_w_hh_bt(const at::Tensor& w_hh, PackBtFn pack_group) {
 
 void forward_packed_bt(ForwardRecurrence<float>& r) {
   const int64_t B = r.d.B, D = r.d.D, H = r.d.H, G = 4 * H;
-  const int64_t ldb = (B + kBtRows - 1) / kBtRows * kBtRows;
+  const int64_t ldb = bt_ldb(B);
   const at::Tensor w_packed = pack_w_hh_bt(*r.w_hh, r.kernels.pack_bt_group);
   const float* wp = w_packed.const_data_ptr<float>();
   float* rp = r.rp;
