@@ -7,7 +7,11 @@ The session writes its own WLASL-like set with PyAV: 8 videos, H.264 yuv420p, 25
 at 25 fps; and a 60 s 640x480 video (keyframes every 2 s, YouTube's recommendation) whose
 annotated clip is its frames 1400..1471, as WLASL's frame_start/frame_end cut clips out of long
 videos. Each benchmark reads whole "epochs" in the calling process (num_workers=0: the rate of
-one loader worker) and records ``extra_info``: kind, clips per round, T, transform.
+one loader worker) and records ``extra_info``: kind, clips per round, T, transform. The entry
+of each goal's numerator (files, long_clip, cache, features) also runs that goal's baseline
+(ceiling, short_clip, files, frozen) once before each of its rounds (interleave.py) and records
+baseline_interleaved_median_s and baseline_clips: data_ratios.py computes the goal from those, two
+rates taken under the same machine load. The baselines' own entries stay, for the record.
 
 kinds:
   ceiling   every frame of each video decoded by PyAV, no conversion (one decoding thread, as
@@ -25,8 +29,6 @@ kinds:
 Goals (issue 20; data_ratios.py): files >= 0.7 x ceiling; long clip <= 3 x a short clip;
 cache >= 10 x files; features >= 20 x frozen.
 """
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -36,6 +38,8 @@ from cnnlstm_ext.data.cache import ClipCache, build_cache
 from cnnlstm_ext.data.loader import LoaderDataset, collate_clips
 from cnnlstm_ext.data.transforms import ClipTransform, pad_clip, sample_generator, sample_indices
 from cnnlstm_ext.data.video_folder import ClipRecord, VideoFolder
+
+import interleave
 
 SIZE, SHORT_VIDEOS, SHORT_FRAMES, FPS = 112, 8, 72, 25
 LONG_SECONDS, LONG_CLIP = 60, (1400, 1472)
@@ -101,6 +105,14 @@ def _info(benchmark, kind, clips, T=None, transform=None):
     benchmark.extra_info.update(kind=kind, clips=clips, T=T, transform=transform)
 
 
+def _timed(benchmark, step, rounds, baseline=None, baseline_clips=None):
+    """Times step(); with `baseline`, the goal's baseline (a callable) interleaved with the rounds
+    and its clips recorded for data_ratios.py."""
+    if baseline is not None:
+        benchmark.extra_info["baseline_clips"] = baseline_clips
+    interleave.time_interleaved(benchmark, step, baseline, rounds)
+
+
 @pytest.mark.parametrize("T", [16, 32])
 def test_ceiling(benchmark, videos, T):
     benchmark.group = "data:T=%d" % T
@@ -114,7 +126,9 @@ def test_files(benchmark, videos, T, transform):
     benchmark.group = "data:T=%d" % T
     ds = _folder([ClipRecord(p, 0) for p in videos["short"]], T, transform == "train")
     _info(benchmark, "files", len(ds), T, transform)
-    batch = benchmark.pedantic(_epoch, args=(ds,), rounds=5, warmup_rounds=1)
+    _timed(benchmark, lambda: _epoch(ds), 5, lambda: _pure_decode(videos["short"]),
+           len(videos["short"]))
+    batch = _epoch(ds)
     assert batch.clips.shape == (len(ds), T, 128, 128, 3) and not batch.skipped
 
 
@@ -145,12 +159,14 @@ def test_legacy(benchmark, videos, T):
 @pytest.mark.parametrize("which", ["short_clip", "long_clip"])
 def test_clip_of_a_long_video(benchmark, videos, which):
     benchmark.group = "data:long video"
-    record = (ClipRecord(videos["long"], 0, *LONG_CLIP) if which == "long_clip"
-              else ClipRecord(videos["short"][0], 0))
-    ds = _folder([record] * 4, 32, True)
+    short = _folder([ClipRecord(videos["short"][0], 0)] * 4, 32, True)
+    ds = _folder([ClipRecord(videos["long"], 0, *LONG_CLIP)] * 4, 32, True) if which == "long_clip" else short
     _info(benchmark, which, len(ds), 32, "train")
-    batch = benchmark.pedantic(_epoch, args=(ds,), rounds=5, warmup_rounds=1)
-    assert batch.clips.shape[:2] == (4, 32)
+    if which == "long_clip":
+        _timed(benchmark, lambda: _epoch(ds), 5, lambda: _epoch(short), len(short))
+    else:
+        _timed(benchmark, lambda: _epoch(ds), 5)
+    assert _epoch(ds).clips.shape[:2] == (4, 32)
 
 
 @pytest.fixture(scope="session")
@@ -163,9 +179,10 @@ def cache(videos, tmp_path_factory):
 @pytest.mark.parametrize("T", [16, 32])
 def test_cache(benchmark, videos, cache, T):
     benchmark.group = "data:T=%d" % T
-    ds = _folder([ClipRecord(p, 0) for p in videos["short"]], T, True, cache)
+    records = [ClipRecord(p, 0) for p in videos["short"]]
+    ds, files = _folder(records, T, True, cache), _folder(records, T, True)
     _info(benchmark, "cache", len(ds), T, "train")
-    benchmark.pedantic(_epoch, args=(ds,), rounds=20, warmup_rounds=2)
+    _timed(benchmark, lambda: _epoch(ds), 20, lambda: _epoch(files), len(files))
 
 
 def test_batch_augment(benchmark, videos):
@@ -207,14 +224,15 @@ def test_feature_cache_epoch(benchmark, wlasl_model, which):
     clips = [torch.randn(FEATURE_B, FEATURE_T, 3, SIZE, SIZE, generator=g)
              for _ in range(FEATURE_BATCHES)]
     model = wlasl_model
+    frozen = list(zip(clips, labels))
+    _info(benchmark, which, FEATURE_BATCHES * FEATURE_B, FEATURE_T)
     if which == "features":
         with torch.no_grad():
             model.eval()
             feats = [model.frame_features(c) for c in clips]   # [B, T, 512], as the cache holds
-        batches, forward = list(zip(feats, labels)), model.forward_features
+        cached = list(zip(feats, labels))
+        # the frozen epoch (seconds) interleaved with the cached one's rounds
+        _timed(benchmark, lambda: _train_epoch(model, cached, model.forward_features), 5,
+               lambda: _train_epoch(model, frozen, model), len(clips) * FEATURE_B)
     else:
-        batches, forward = list(zip(clips, labels)), model
-    _info(benchmark, which, FEATURE_BATCHES * FEATURE_B, FEATURE_T)
-    # the cached epoch is short and the LSTM's threads suffer most from a busy machine: more rounds
-    rounds = 9 if which == "features" else 3
-    benchmark.pedantic(_train_epoch, args=(model, batches, forward), rounds=rounds, warmup_rounds=1)
+        _timed(benchmark, lambda: _train_epoch(model, frozen, model), 3)

@@ -23,10 +23,8 @@ peak of one more call is taken over the resident size before it.
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -34,6 +32,8 @@ from torch import nn
 
 import cnnlstm_ext
 from cnnlstm_ext import FusedLSTM
+
+import interleave
 
 INPUT = HIDDEN = 512
 LAYERS = 3
@@ -129,22 +129,10 @@ def _cpu_model() -> str:
 
 
 def time_interleaved(benchmark, step, baseline_step, rounds: int, warmup_rounds: int = 1) -> None:
-    """Times `step`. For the fused entry (baseline_step given) a baseline call runs before each
-    round, outside the timed call, and is timed apart: the ratio of the two medians compares
-    calls made under the same machine load."""
-    interleaved = []
-
-    def setup():
-        start = time.perf_counter()
-        baseline_step()
-        interleaved.append(time.perf_counter() - start)
-    if baseline_step is not None:
-        baseline_step()  # warm-up
-    benchmark.pedantic(step, setup=setup if baseline_step is not None else None, rounds=rounds,
-                       iterations=1, warmup_rounds=warmup_rounds)
-    if baseline_step is not None:
-        baseline_s = statistics.median(interleaved)
-        benchmark.extra_info["baseline_interleaved_median_s"] = baseline_s
+    """Times `step`; for the fused entry (baseline_step given) also the baseline interleaved with
+    its rounds (interleave.py), and speedup_vs_baseline, the ratio of the two medians."""
+    baseline_s = interleave.time_interleaved(benchmark, step, baseline_step, rounds, warmup_rounds)
+    if baseline_s is not None:
         benchmark.extra_info["speedup_vs_baseline"] = baseline_s / benchmark.stats.stats.median
 
 

@@ -17,14 +17,13 @@ also times a baseline round before each of its rounds (pytest-benchmark's setup)
 baseline_clips_per_s and speedup_vs_baseline from those interleaved rounds: on a shared machine
 the load changes between tests, so that ratio is the one to quote.
 """
-import statistics
-import time
-
 import pytest
 import torch
 
 from cnnlstm_ext.train.step_benchmark import (CPU_SHAPE, GPU_SHAPE, build_pair, describe_device,
                                               make_batch, train_step)
+
+import interleave
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])]
@@ -54,29 +53,23 @@ def test_train_step(benchmark, device, impl):
                                fused.config["num_classes"], dev)
     n = STEPS_PER_ROUND[device]
     timed = _round(train_step(fused if impl == "fused" else stock, clips, labels, amp_dtype), n, device)
-    setup, interleaved = None, []
+    stock_round = None
     if impl == "fused":
         # The stock model also runs one timed round before every fused round, so the ratio
         # below compares rounds taken under the same machine load.
         stock_round = _round(train_step(stock, clips, labels, amp_dtype), n, device)
-        stock_round()  # warm-up
-
-        def setup():
-            start = time.perf_counter()
-            stock_round()
-            interleaved.append(time.perf_counter() - start)
     else:
         del fused
     benchmark.group = "train_step:%s" % device
-    benchmark.pedantic(timed, setup=setup, rounds=ROUNDS[device], warmup_rounds=1, iterations=1)
+    stock_s = interleave.time_interleaved(benchmark, timed, stock_round, ROUNDS[device])
     per_step = benchmark.stats.stats.median / n
     info = benchmark.extra_info
     info.update(impl=impl, device=describe_device(dev), batch=shape["batch"],
                 frames=shape["frames"], size=shape["size"],
                 dtype="bfloat16" if amp_dtype else "float32",
                 clips_per_s=round(shape["batch"] / per_step, 2))
-    if interleaved:
-        stock_step = statistics.median(interleaved) / n
+    if stock_s is not None:
+        stock_step = stock_s / n
         info["baseline_clips_per_s"] = round(shape["batch"] / stock_step, 2)
         info["speedup_vs_baseline"] = round(stock_step / per_step, 3)
     assert per_step > 0
