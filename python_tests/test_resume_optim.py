@@ -104,3 +104,65 @@ def test_resume_of_a_file_without_our_config_applies_the_lr_the_user_set(tmp_pat
     trainer.resume(str(tmp_path / "other.pth"), optim_changes={"lr"})
     assert trainer.cfg.optim.lr == 0.02
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cosine(0.02, 1))
+
+
+# --- optim.fused: torch's fused AdamW kernel, or its default implementation ----------------------
+
+def _implementation(trainer):
+    """(each group's fused flag, the devices and dtypes of the step counts)."""
+    opt = trainer.optimizer
+    steps = {(str(s["step"].device), s["step"].dtype) for s in opt.state.values() if "step" in s}
+    return [g["fused"] for g in opt.param_groups], steps
+
+
+def test_the_optimizer_is_fused_unless_configured_not(tmp_path):
+    assert _implementation(Trainer(tiny_config(tmp_path / "a")))[0] == [True]
+    assert _implementation(Trainer(tiny_config(tmp_path / "b", fused=False)))[0] == [None]
+
+
+@pytest.mark.parametrize("saved, resumed", [(False, True), (True, False)])
+def test_resume_runs_the_configured_implementation_whatever_the_file_was_saved_from(
+        tmp_path, saved, resumed):
+    Trainer(tiny_config(tmp_path, fused=saved)).fit(stop_at_epoch=1)
+    path = tmp_path / "r" / "checkpoints" / "latest_checkpoint.pth"
+    assert torch.load(path, weights_only=False)["optimizer_state_dict"]["param_groups"][0][
+        "fused"] == (True if saved else None)
+    trainer = Trainer(tiny_config(tmp_path, fused=resumed))
+    trainer.resume(str(path))
+    assert _implementation(trainer) == ([True if resumed else None], {("cpu", torch.float32)})
+    assert trainer.fit()["epochs_completed"] == 3
+    assert torch.load(path, weights_only=False)["optimizer_state_dict"]["param_groups"][0][
+        "fused"] == (True if resumed else None)
+
+
+def test_the_fused_and_default_implementations_learn_the_same_weights(tmp_path):
+    """The fused kernel is a faster schedule of the same update: two epochs end at the same
+    weights and moments up to float32 rounding."""
+    runs = {}
+    for fused in (True, False):
+        trainer = Trainer(tiny_config(tmp_path / str(fused), fused=fused))
+        trainer.fit(stop_at_epoch=2)
+        runs[fused] = trainer
+    a, b = runs[True], runs[False]
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+        sa, sb = a.optimizer.state[p], b.optimizer.state[q]
+        assert float(sa["step"]) == float(sb["step"]) == 4.0
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+def test_a_fused_run_s_file_loads_into_a_plain_adamw(tmp_path, one_epoch):
+    """A script of the user's that knows nothing of this package resumes from the file."""
+    ckpt = torch.load(one_epoch, weights_only=True)
+    model = Trainer(tiny_config(tmp_path / "b")).model
+    model.load_state_dict(ckpt["model_state_dict"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params)
+    opt.load_state_dict(ckpt["optimizer_state_dict"])
+    before = [p.detach().clone() for p in params]
+    model.train()
+    model(torch.randn(2, 4, 3, 16, 16)).logsumexp(1).mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert any(not torch.equal(p, q) for p, q in zip(params, before))
+    assert all(float(opt.state[p]["step"]) == 3.0 for p in params)  # 2 steps in the file + 1

@@ -93,6 +93,9 @@ class OptimConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     scheduler: str = "cosine"  # "cosine" (CosineAnnealingLR over the planned epochs) | "none"
     min_lr: float = 0.0  # eta_min of the cosine schedule
+    # torch's fused AdamW/Adam kernel (CPU and CUDA): one pass over each parameter per step;
+    # false: torch's default implementation (foreach on CUDA, a loop over the parameters on the CPU)
+    fused: bool = True
 
 
 @dataclass

@@ -27,6 +27,7 @@ epoch and resumed with `resume()` ends with exactly the weights of the uninterru
 """
 import copy
 import csv
+import functools
 import json
 import logging
 import math
@@ -107,6 +108,20 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
         np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(torch.as_tensor(state["cuda"], dtype=torch.uint8), device)
+
+
+def _use_implementation(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """Runs `optimizer` (Adam or AdamW) fused or with torch's default implementation, whatever
+    the state it loaded was saved from. Each `step` count goes where that implementation keeps
+    it: the fused kernel reads it as float32 on the parameter's device, the default one (not
+    capturable) on the CPU."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = (True if fused else None), None
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                device = p.device if fused or group.get("capturable") else "cpu"
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
 def _cpu_copy(obj):
@@ -304,7 +319,11 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer_cls = torch.optim.AdamW if o.optimizer.lower() == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_cls(params, lr=o.lr, weight_decay=o.weight_decay,
-                                       betas=tuple(o.betas))
+                                       betas=tuple(o.betas), fused=bool(o.fused) or None)
+        # A loaded state brings the implementation it was saved from (a file written without
+        # fused, a rollback snapshot): the configured one stays.
+        self.optimizer.register_load_state_dict_post_hook(
+            functools.partial(_use_implementation, fused=bool(o.fused)))
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=t.epochs, eta_min=o.min_lr) if o.scheduler == "cosine" else None)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
