@@ -160,7 +160,8 @@ def test_legacy(benchmark, videos, T):
 def test_clip_of_a_long_video(benchmark, videos, which):
     benchmark.group = "data:long video"
     short = _folder([ClipRecord(videos["short"][0], 0)] * 4, 32, True)
-    ds = _folder([ClipRecord(videos["long"], 0, *LONG_CLIP)] * 4, 32, True) if which == "long_clip" else short
+    ds = (_folder([ClipRecord(videos["long"], 0, *LONG_CLIP)] * 4, 32, True)
+          if which == "long_clip" else short)
     _info(benchmark, which, len(ds), 32, "train")
     if which == "long_clip":
         _timed(benchmark, lambda: _epoch(ds), 5, lambda: _epoch(short), len(short))

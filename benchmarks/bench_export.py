@@ -11,13 +11,12 @@ model runs one timed call before every onnxruntime round (pytest-benchmark's set
 compares calls made under the same machine load; extra_info holds both medians and
 speedup_vs_eager = eager / onnxruntime (above 1: onnxruntime is faster).
 """
-import statistics
-import time
-
 import pytest
 import torch
 
 from cnnlstm_ext import CNNLSTM
+
+import interleave
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -43,18 +42,10 @@ def test_onnx_latency_cpu(benchmark, tmp_path):
     # Same logits first: a fast wrong model is no result.
     torch.testing.assert_close(torch.from_numpy(session.run(["logits"], feed)[0]), eager(),
                                rtol=1e-4, atol=1e-4)
-    eager_s = []
-
-    def setup():
-        start = time.perf_counter()
-        eager()
-        eager_s.append(time.perf_counter() - start)
-
     benchmark.group = "export_cpu:latency"
-    benchmark.pedantic(lambda: session.run(["logits"], feed), setup=setup, rounds=7,
-                       warmup_rounds=1)
+    eager_median = interleave.time_interleaved(benchmark, lambda: session.run(["logits"], feed),
+                                               eager, rounds=7)
     ort_median = benchmark.stats.stats.median
-    eager_median = statistics.median(eager_s[1:])  # (the first ran before the warm-up round)
     benchmark.extra_info.update({
         "impl": "onnxruntime", "shape": [BATCH, FRAMES, 3, SIZE, SIZE],
         "eager_median_ms": round(eager_median * 1e3, 2),

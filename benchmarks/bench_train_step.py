@@ -16,6 +16,10 @@ extra_info["impl"] = "baseline" | "fused" (the convention of benchmarks/ratios.p
 also times a baseline round before each of its rounds (pytest-benchmark's setup), and records
 baseline_clips_per_s and speedup_vs_baseline from those interleaved rounds: on a shared machine
 the load changes between tests, so that ratio is the one to quote.
+
+test_optimizer_step: one AdamW step over the same model's parameters, torch's default
+implementation ("baseline") against its fused kernel (what the Trainer runs, optim.fused); group
+optimizer_step:<device>, the baseline step interleaved in the same way.
 """
 import pytest
 import torch
@@ -52,7 +56,8 @@ def test_train_step(benchmark, device, impl):
     clips, labels = make_batch(shape["batch"], shape["frames"], shape["size"],
                                fused.config["num_classes"], dev)
     n = STEPS_PER_ROUND[device]
-    timed = _round(train_step(fused if impl == "fused" else stock, clips, labels, amp_dtype), n, device)
+    timed = _round(train_step(fused if impl == "fused" else stock, clips, labels, amp_dtype), n,
+                   device)
     stock_round = None
     if impl == "fused":
         # The stock model also runs one timed round before every fused round, so the ratio
@@ -73,3 +78,35 @@ def test_train_step(benchmark, device, impl):
         info["baseline_clips_per_s"] = round(shape["batch"] / stock_step, 2)
         info["speedup_vs_baseline"] = round(stock_step / per_step, 3)
     assert per_step > 0
+
+
+OPTIMIZER_ROUNDS = {"cpu": 15, "cuda": 50}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_optimizer_step(benchmark, device, impl):
+    """One AdamW step over the default model's trainable parameters (28.1 M): torch's default
+    implementation ("baseline": a loop over the parameters on the CPU, foreach on CUDA) against
+    its fused kernel, which the Trainer runs (optim.fused)."""
+    dev = torch.device(device)
+    model = build_pair({}, dev)[1]
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator(device=dev).manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, device=dev) * 1e-3
+    optimizers = {k: torch.optim.AdamW(params, lr=1e-4, fused=(k == "fused") or None)
+                  for k in IMPLS}
+    steps = {k: _round(o.step, 1, device) for k, o in optimizers.items()}
+    for step in steps.values():
+        step()  # the moments' first allocation
+    benchmark.group = "optimizer_step:%s" % device
+    baseline_s = interleave.time_interleaved(
+        benchmark, steps[impl], steps["baseline"] if impl == "fused" else None,
+        OPTIMIZER_ROUNDS[device])
+    benchmark.extra_info.update(impl=impl, device=describe_device(dev),
+                                parameters=sum(p.numel() for p in params))
+    if baseline_s is not None:
+        benchmark.extra_info["speedup_vs_baseline"] = round(
+            baseline_s / benchmark.stats.stats.median, 3)
+    assert all(torch.isfinite(p).all() for p in params)

@@ -18,13 +18,13 @@ TINY = ["--set", "model.spatial_dim=16", "--set", "model.temporal_dim=8",
         "--batch-size", "8", "--no-progress", "-q", "--set", "train.tensorboard=false"]
 
 
-def tiny_config(tmp_path, **optim):
+def tiny_config(tmp_path, device="auto", **optim):
     cfg = Config()
     cfg.model.update(spatial_dim=16, temporal_dim=8)
     d, t = cfg.data, cfg.train
     d.num_classes, d.num_frames, d.frame_size, d.train_samples, d.val_samples = 3, 4, 16, 16, 9
     t.output_dir, t.run_name, t.epochs, t.batch_size = str(tmp_path), "r", 3, 8
-    t.progress, t.tensorboard = False, False
+    t.progress, t.tensorboard, t.device = False, False, device
     for k, v in optim.items():
         setattr(cfg.optim, k, v)
     return cfg
@@ -120,16 +120,20 @@ def test_the_optimizer_is_fused_unless_configured_not(tmp_path):
     assert _implementation(Trainer(tiny_config(tmp_path / "b", fused=False)))[0] == [None]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("saved, resumed", [(False, True), (True, False)])
 def test_resume_runs_the_configured_implementation_whatever_the_file_was_saved_from(
-        tmp_path, saved, resumed):
-    Trainer(tiny_config(tmp_path, fused=saved)).fit(stop_at_epoch=1)
+        tmp_path, saved, resumed, device):
+    Trainer(tiny_config(tmp_path, fused=saved, device=device)).fit(stop_at_epoch=1)
     path = tmp_path / "r" / "checkpoints" / "latest_checkpoint.pth"
     assert torch.load(path, weights_only=False)["optimizer_state_dict"]["param_groups"][0][
         "fused"] == (True if saved else None)
-    trainer = Trainer(tiny_config(tmp_path, fused=resumed))
+    trainer = Trainer(tiny_config(tmp_path, fused=resumed, device=device))
     trainer.resume(str(path))
-    assert _implementation(trainer) == ([True if resumed else None], {("cpu", torch.float32)})
+    # the fused kernel reads the step count on the parameters' device, the default one on the CPU
+    step_device = torch.device(device).type if resumed else "cpu"
+    assert _implementation(trainer) == ([True if resumed else None],
+                                        {(step_device, torch.float32)})
     assert trainer.fit()["epochs_completed"] == 3
     assert torch.load(path, weights_only=False)["optimizer_state_dict"]["param_groups"][0][
         "fused"] == (True if resumed else None)
@@ -159,6 +163,7 @@ def test_a_fused_run_s_file_loads_into_a_plain_adamw(tmp_path, one_epoch):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params)
     opt.load_state_dict(ckpt["optimizer_state_dict"])
+    assert opt.param_groups[0]["fused"] is True  # the file's flag: torch's fused kernel runs
     before = [p.detach().clone() for p in params]
     model.train()
     model(torch.randn(2, 4, 3, 16, 16)).logsumexp(1).mean().backward()
@@ -166,3 +171,17 @@ def test_a_fused_run_s_file_loads_into_a_plain_adamw(tmp_path, one_epoch):
     assert all(torch.isfinite(p).all() for p in params)
     assert any(not torch.equal(p, q) for p, q in zip(params, before))
     assert all(float(opt.state[p]["step"]) == 3.0 for p in params)  # 2 steps in the file + 1
+
+
+def test_a_compiled_model_trains_with_the_fused_optimizer(tmp_path):
+    """train.compile (torch.compile of the model, ResNet-18's 1 x 1 convolutions included) with
+    the fused AdamW: one epoch runs and learns finite weights."""
+    cfg = tiny_config(tmp_path)
+    cfg.train.compile, cfg.train.epochs = True, 1
+    trainer = Trainer(cfg)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    assert trainer.fit()["epochs_completed"] == 1
+    after = list(trainer.model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(p, q) for p, q in zip(after, before))
+    assert trainer.optimizer.param_groups[0]["fused"] is True

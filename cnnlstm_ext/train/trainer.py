@@ -112,16 +112,18 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 
 def _use_implementation(optimizer: torch.optim.Optimizer, fused: bool) -> None:
     """Runs `optimizer` (Adam or AdamW) fused or with torch's default implementation, whatever
-    the state it loaded was saved from. Each `step` count goes where that implementation keeps
-    it: the fused kernel reads it as float32 on the parameter's device, the default one (not
-    capturable) on the CPU."""
+    the state it loaded was saved from (a loaded param group brings its own flags; the trainer
+    sets neither capturable nor differentiable). Each `step` count goes where that
+    implementation keeps it: the fused kernel reads it as float32 on the parameter's device, the
+    default one on the CPU."""
     for group in optimizer.param_groups:
         group["fused"], group["foreach"] = (True if fused else None), None
+        group["capturable"] = group["differentiable"] = False
         for p in group["params"]:
             state = optimizer.state.get(p)
             if state and torch.is_tensor(state.get("step")):
-                device = p.device if fused or group.get("capturable") else "cpu"
-                state["step"] = state["step"].to(device=device, dtype=torch.float32)
+                state["step"] = state["step"].to(device=p.device if fused else "cpu",
+                                                  dtype=torch.float32)
 
 
 def _cpu_copy(obj):
