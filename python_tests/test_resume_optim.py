@@ -174,9 +174,10 @@ def test_a_fused_run_s_file_loads_into_a_plain_adamw(tmp_path, one_epoch):
 
 
 def test_a_compiled_model_trains_with_the_fused_optimizer(tmp_path):
-    """train.compile (torch.compile of the model, ResNet-18's 1 x 1 convolutions included) with
-    the fused AdamW: one epoch runs and learns finite weights."""
+    """train.compile (torch.compile of the model; ResNet-18, whose shortcuts are 1 x 1
+    convolutions) with the fused AdamW: one epoch runs and learns finite weights."""
     cfg = tiny_config(tmp_path)
+    cfg.model["backbone"] = "resnet18"
     cfg.train.compile, cfg.train.epochs = True, 1
     trainer = Trainer(cfg)
     before = [p.detach().clone() for p in trainer.model.parameters()]
