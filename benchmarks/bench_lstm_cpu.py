@@ -128,14 +128,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def time_interleaved(benchmark, step, baseline_step, rounds: int, warmup_rounds: int = 1) -> None:
-    """Times `step`; for the fused entry (baseline_step given) also the baseline interleaved with
-    its rounds (interleave.py), and speedup_vs_baseline, the ratio of the two medians."""
-    baseline_s = interleave.time_interleaved(benchmark, step, baseline_step, rounds, warmup_rounds)
-    if baseline_s is not None:
-        benchmark.extra_info["speedup_vs_baseline"] = baseline_s / benchmark.stats.stats.median
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),
                     reason="the peak-memory measurement needs Linux /proc")
 @pytest.mark.parametrize("impl", IMPLS)
@@ -149,8 +141,8 @@ def test_lstm_cpu(benchmark, case, impl):
         "dtype": "float32", "threads": torch.get_num_threads(), "cpu": _cpu_model(),
         "torch": torch.__version__, "load_average_1min": os.getloadavg()[0],
     })
-    time_interleaved(benchmark, step, make_step("baseline", case) if impl == "fused" else None,
-                     ROUNDS[case])
+    baseline = make_step("baseline", case) if impl == "fused" else None
+    interleave.time_interleaved(benchmark, step, baseline, ROUNDS[case])
     peak = peak_bytes(impl, case)
     benchmark.extra_info["peak_bytes"] = peak
     median = benchmark.stats.stats.median
@@ -185,7 +177,7 @@ def test_lstm_cpu_grid(benchmark, precision, batch, case, impl):
     })
     baseline = (make_step("baseline", case, batch=batch, precision=precision)
                 if impl == "fused" else None)
-    time_interleaved(benchmark, step, baseline, ROUNDS[case])
+    interleave.time_interleaved(benchmark, step, baseline, ROUNDS[case])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -226,4 +218,5 @@ def test_lstm_call_cost(benchmark, case, device, impl):
         "threads": torch.get_num_threads(), "cpu": _cpu_model(), "torch": torch.__version__,
     })
     baseline = twenty_calls(tiny_step("baseline", case, device)) if impl == "fused" else None
-    time_interleaved(benchmark, twenty_calls(step), baseline, COST_ROUNDS, warmup_rounds=5)
+    interleave.time_interleaved(benchmark, twenty_calls(step), baseline, COST_ROUNDS,
+                                warmup_rounds=5)

@@ -5,7 +5,8 @@ process gets, changes from one minute to the next: two tests run one after the o
 by more than the effect measured. So a benchmark that is compared with a baseline runs one
 baseline call before each of its rounds (pytest-benchmark's setup, outside the timed call),
 timed apart, and records the median of those calls in
-``extra_info["baseline_interleaved_median_s"]``: the ratio of the two medians compares calls made
+``extra_info["baseline_interleaved_median_s"]`` and ``extra_info["speedup_vs_baseline"]``
+(baseline median / median, the convention of ratios.py): the ratio of two medians of calls made
 under the same load.
 """
 import statistics
@@ -18,8 +19,8 @@ def time_interleaved(benchmark, step: Callable[[], object],
                      warmup_rounds: int = 1) -> Optional[float]:
     """Times `step` with benchmark.pedantic (one call per round). With `baseline_step`, one
     baseline call runs before each round, warm-up rounds included; returns the median of those
-    before the `rounds` timed rounds in seconds, also recorded in
-    extra_info["baseline_interleaved_median_s"]. Without, None."""
+    before the `rounds` timed rounds in seconds, also recorded with the speedup (module
+    docstring). Without, None."""
     interleaved = []
 
     def setup():
@@ -35,4 +36,5 @@ def time_interleaved(benchmark, step: Callable[[], object],
         return None
     baseline_s = statistics.median(interleaved[-rounds:])  # (setup also runs before warm-ups)
     benchmark.extra_info["baseline_interleaved_median_s"] = baseline_s
+    benchmark.extra_info["speedup_vs_baseline"] = baseline_s / benchmark.stats.stats.median
     return baseline_s
