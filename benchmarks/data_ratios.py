@@ -52,7 +52,8 @@ def goals(report: dict) -> List[dict]:
         elif num in r and den in r:
             base, basis = r[den], "separate"
         else:
-            rows.append({"goal": name, "value": None, "target": target, "ok": None})
+            rows.append({"goal": name, "value": None, "target": target, "ok": None,
+                         "at_least": at_least})
             return
         value = base / r[num] if invert else r[num] / base
         ok = value >= target if at_least else value <= target

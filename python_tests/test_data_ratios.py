@@ -64,7 +64,15 @@ def test_main_exits_1_on_a_missing_case(ratios, tmp_path, capsys):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(doc))
     assert ratios.main([str(path)]) == 1
-    assert "MISSING" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    cache_line = next(line for line in out.splitlines() if line.startswith("cache / files, T=16"))
+    assert "MISSING" in cache_line and ">= 10" in cache_line
+    doc["benchmarks"] = [b for b in doc["benchmarks"] if b["extra_info"]["kind"] != "long_clip"]
+    path.write_text(json.dumps(doc))
+    assert ratios.main([str(path)]) == 1
+    long_line = next(line for line in capsys.readouterr().out.splitlines()
+                     if line.startswith("long clip"))
+    assert "MISSING" in long_line and "<= 3" in long_line  # a missing upper bound reads as one
     path.write_text(json.dumps(report()))
     assert ratios.main([str(path), "--markdown"]) == 0
     out = capsys.readouterr().out
