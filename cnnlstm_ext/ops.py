@@ -217,10 +217,11 @@ def _lstm_layer_forward_fake(x, weights, h0, c0, lengths, train):
 
 @_register_fake("cnnlstm_ext::lstm_layer_backward")
 def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates,
-                              cell):
+                              cell, need_grad_x=True):
     D, H = _fake_layer_weights("lstm_layer_backward", x, weights, h0)
     w = weights[0]  # weight gradients come in the weights' dtype
-    return (torch.empty_like(x), w.new_empty(D, 4 * H, x.shape[2]), w.new_empty(D, 4 * H, H),
+    grad_x = torch.empty_like(x) if need_grad_x else None
+    return (grad_x, w.new_empty(D, 4 * H, x.shape[2]), w.new_empty(D, 4 * H, H),
             w.new_empty(D, 4 * H), torch.empty_like(h0), torch.empty_like(c0))
 
 

@@ -30,7 +30,8 @@ using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
     bool);
 using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, const at::Tensor&,
-    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    bool);
 
 // The op's per-direction weight list [w_ih, w_hh, (b_ih, b_hh)] x D from stacked [D, ...] tensors;
 // the bias goes to b_ih, with a zero b_hh.
@@ -113,7 +114,7 @@ void test_forward_matches_hand_computation() {
     return yy.sum().item<double>() + hh.sum().item<double>();
   };
   auto ones_y = at::ones_like(y), ones_h = at::ones_like(h_n), zeros_c = at::zeros_like(c_n);
-  auto grads = backward_op().call(ones_y, ones_h, zeros_c, x, per_direction(wi, wh, b), h, c, L, y, gates, cell);
+  auto grads = backward_op().call(ones_y, ones_h, zeros_c, x, per_direction(wi, wh, b), h, c, L, y, gates, cell, true);
   const double eps = 1e-6;
   for (int t = 0; t < 3; ++t) {
     for (int n = 0; n < 2; ++n) {

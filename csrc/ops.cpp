@@ -32,12 +32,14 @@ TORCH_LIBRARY(cnnlstm_ext, m) {
   m.def("lstm_layer_forward(Tensor x, Tensor[] weights, Tensor h0, Tensor c0, Tensor? lengths, "
         "bool train) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients of lstm_layer_forward. grad_y: [T, B, D*H], grad_h_n, grad_c_n: [D, B, H]; the
-  // other arguments as given to and returned by the forward. Returns grad_x [T, B, I], and
-  // stacked over directions in the weights' dtype grad_w_ih [D, 4H, I], grad_w_hh [D, 4H, H],
-  // grad_bias [D, 4H] (the gradient of b_ih and of b_hh alike), then grad_h0, grad_c0 [D, B, H].
+  // other arguments as given to and returned by the forward. Returns grad_x [T, B, I] (undefined,
+  // None in Python, when need_grad_x is false: the first layer on inputs without a gradient, as
+  // frozen-backbone features, skips that GEMM), and stacked over directions in the weights'
+  // dtype grad_w_ih [D, 4H, I], grad_w_hh [D, 4H, H], grad_bias [D, 4H] (the gradient of b_ih
+  // and of b_hh alike), then grad_h0, grad_c0 [D, B, H].
   m.def("lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, "
         "Tensor[] weights, Tensor h0, Tensor c0, Tensor? lengths, Tensor y, Tensor gates, "
-        "Tensor cell) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor cell, bool need_grad_x=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One layer of an LSTM with projections (nn.LSTM's proj_size = P > 0), D = 1 or 2 directions:
   // h_t = w_hr (o_t * tanh(c_t)). weights per direction: w_ih [4H, I], w_hh [4H, P], then
   // b_ih, b_hh [4H] if the layer has biases, then w_hr [P, H]; h0: [D, B, P], c0: [D, B, H];

@@ -404,14 +404,53 @@ def test_op_forward_passes_opcheck(train, with_bias, with_lengths, rng):
     torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_forward, (*args, lengths, train))
 
 
+@pytest.mark.parametrize("need_grad_x", [True, False], ids=["grad_x", "no_grad_x"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
-def test_op_backward_passes_opcheck(with_lengths, rng):
+def test_op_backward_passes_opcheck(with_lengths, need_grad_x, rng):
     x, weights, h0, c0, lengths = detached(*op_inputs(2, True, with_lengths, torch.float32, rng))
     y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(
         x, weights, h0, c0, lengths, True)
     grads = [randn(*t.shape, rng=rng).float() for t in (y, h_n, c_n)]
     torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_backward,
-                          (*grads, x, weights, h0, c0, lengths, y, gates, cell))
+                          (*grads, x, weights, h0, c0, lengths, y, gates, cell, need_grad_x))
+
+
+def test_op_backward_without_grad_x(rng):
+    """need_grad_x=False skips the input gradient (None) and leaves every other one as it was."""
+    x, weights, h0, c0, lengths = detached(*op_inputs(2, True, True, torch.float32, rng))
+    y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(
+        x, weights, h0, c0, lengths, True)
+    grads = [randn(*t.shape, rng=rng).float() for t in (y, h_n, c_n)]
+    args = (*grads, x, weights, h0, c0, lengths, y, gates, cell)
+    full = torch.ops.cnnlstm_ext.lstm_layer_backward(*args)
+    skipped = torch.ops.cnnlstm_ext.lstm_layer_backward(*args, need_grad_x=False)
+    assert full[0].shape == x.shape and skipped[0] is None
+    for a, b in zip(full[1:], skipped[1:]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_autograd_skips_grad_x_of_an_input_without_grad(rng, monkeypatch):
+    """The first layer on inputs that need no gradient (frozen-backbone features) asks the
+    backward for none, and the weights' gradients still match the reference's."""
+    x, weights, h0, c0, lengths = op_inputs(2, True, True, torch.float64, rng, b=4)
+    x = x.detach()
+    calls = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.cnnlstm_ext.lstm_layer_backward.default:
+                calls.append(args[11] if len(args) > 11 else (kwargs or {}).get("need_grad_x", True))
+            return func(*args, **(kwargs or {}))
+
+    proj = [randn(*s, rng=rng).double() for s in ((T, 4, 2 * H), (2, 4, H), (2, 4, H))]
+    loss = lambda outs: sum((o * p).sum() for o, p in zip(outs, proj))  # noqa: E731
+    leaves = [*weights, h0, c0]
+    with Spy():
+        got = torch.autograd.grad(loss(ops.lstm_layer(x, weights, h0, c0, lengths)), leaves)
+    want = torch.autograd.grad(loss(reference.lstm_layer(x, weights, h0, c0, lengths)), leaves)
+    assert calls == [False]
+    for name, g, w in zip([*weight_names(weights, 2), "h0", "c0"], got, want):
+        assert_close_rel(g, w, REL_TOL[torch.float64], f"grad of {name}")
 
 
 def test_op_inference_call_saves_nothing(rng):

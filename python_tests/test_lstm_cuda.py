@@ -330,15 +330,22 @@ def test_cuda_op_forward_passes_opcheck(train, with_bias, with_lengths, dtype, p
     torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_forward, (*args, train))
 
 
+@pytest.mark.parametrize("need_grad_x", [True, False], ids=["grad_x", "no_grad_x"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
-def test_cuda_op_backward_passes_opcheck(with_lengths, dtype, path, rng):
+def test_cuda_op_backward_passes_opcheck(with_lengths, dtype, need_grad_x, path, rng):
     x, weights, h0, c0, lengths = op_args(2, True, with_lengths, dtype, rng, requires_grad=False)
     y, h_n, c_n, gates, cell = torch.ops.cnnlstm_ext.lstm_layer_forward(
         x, weights, h0, c0, lengths, True)
     grads = [randn(*t.shape, rng=rng).to(CUDA, dtype) for t in (y, h_n, c_n)]
-    torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_backward,
-                          (*grads, x, weights, h0, c0, lengths, y, gates, cell))
+    args = (*grads, x, weights, h0, c0, lengths, y, gates, cell)
+    torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_backward, (*args, need_grad_x))
+    if not need_grad_x:  # no input gradient, every other one as with it
+        full = torch.ops.cnnlstm_ext.lstm_layer_backward(*args)
+        skipped = torch.ops.cnnlstm_ext.lstm_layer_backward(*args, need_grad_x=False)
+        assert skipped[0] is None and full[0].shape == x.shape
+        for a, b in zip(full[1:], skipped[1:]):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 def test_cuda_float64_matches_or_raises_clearly(rng):

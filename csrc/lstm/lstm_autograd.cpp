@@ -43,7 +43,7 @@ const auto& backward_op() {
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
               const at::Tensor&, const at::Tensor&, const Opt&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&)>();
+              const at::Tensor&, bool)>();
   return op;
 }
 
@@ -125,7 +125,7 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     }
     auto [gx, gw_ih, gw_hh, gbias, gh0, gc0] = backward_op().call(
         given(grads[0], y), given(grads[1], h0), given(grads[2], c0), x, weights, h0, c0,
-        lengths.defined() ? Opt(lengths) : std::nullopt, y, s[5], s[6]);
+        lengths.defined() ? Opt(lengths) : std::nullopt, y, s[5], s[6], ctx->needs_input_grad(0));
     // Per direction: views of the stacked gradients. b_ih and b_hh have the same gradient, but
     // each must get its own memory: autograd may keep a returned gradient as the parameter's
     // .grad and accumulate later gradients into it in place.
@@ -170,10 +170,10 @@ class LstmLayerBackwardFunction : public torch::autograd::Function<LstmLayerBack
                                const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                                const at::Tensor& x, at::TensorList weights, const at::Tensor& h0,
                                const at::Tensor& c0, const Opt& lengths, const at::Tensor& y,
-                               const at::Tensor& gates, const at::Tensor& cell) {
+                               const at::Tensor& gates, const at::Tensor& cell, bool need_grad_x) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [gx, gw_ih, gw_hh, gbias, gh0, gc0] =
-        backward_op().call(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates, cell);
+    auto [gx, gw_ih, gw_hh, gbias, gh0, gc0] = backward_op().call(
+        grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates, cell, need_grad_x);
     return {gx, gw_ih, gw_hh, gbias, gh0, gc0};
   }
 
@@ -188,13 +188,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_layer_backward_autograd(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                              const at::Tensor& grad_c_n, const at::Tensor& x, at::TensorList weights,
                              const at::Tensor& h0, const at::Tensor& c0, const Opt& lengths,
-                             const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cell) {
+                             const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cell,
+                             bool need_grad_x) {
   if (!records_graph(grad_y, grad_h_n, grad_c_n, x, h0, c0, y, weights)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return backward_op().call(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates, cell);
+    return backward_op().call(grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates,
+                              cell, need_grad_x);
   }
-  const variable_list r = LstmLayerBackwardFunction::apply(grad_y, grad_h_n, grad_c_n, x, weights,
-                                                           h0, c0, lengths, y, gates, cell);
+  const variable_list r = LstmLayerBackwardFunction::apply(
+      grad_y, grad_h_n, grad_c_n, x, weights, h0, c0, lengths, y, gates, cell, need_grad_x);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 

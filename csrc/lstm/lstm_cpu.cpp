@@ -152,7 +152,7 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                         const at::Tensor& grad_c_n, const at::Tensor& x_in,
                         at::TensorList weights, const at::Tensor& h0, const at::Tensor& c0,
                         const std::optional<at::Tensor>& lengths, const at::Tensor& y,
-                        const at::Tensor& gates, const at::Tensor& cell) {
+                        const at::Tensor& gates, const at::Tensor& cell, bool need_grad_x) {
   // Autocast must not reach the ATen calls below (an autocast addmm would hand back a bfloat16
   // xproj to a float kernel); the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -194,11 +194,12 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
   // 1.18x faster from T*B = 1024 rows (0.93x to 1.06x at 256).
   auto grad_w_ih = at::mm(dG2.t(), x).view({D, G, d.I});
   auto grad_bias = dG2.sum(0, /*keepdim=*/false, acc).view({D, G});  // [D, 4H], summed in acc
-  auto grad_x = mm_bt(dG2, w_ih_g.t(), std::nullopt);                 // [T*B, I]
   const auto dt = x_in.scalar_type();
+  const at::Tensor grad_x = need_grad_x
+                                ? mm_bt(dG2, w_ih_g.t(), std::nullopt).view({T, B, d.I}).to(dt)
+                                : at::Tensor();  // [T, B, I]
   // Weight gradients in the dtype the weights came in (float32 master weights under autocast).
-  return {grad_x.view({T, B, d.I}).to(dt), grad_w_ih.to(wdt), grad_w_hh.to(wdt), grad_bias.to(wdt),
-          dh.to(dt), dc.to(dt)};
+  return {grad_x, grad_w_ih.to(wdt), grad_w_hh.to(wdt), grad_bias.to(wdt), dh.to(dt), dc.to(dt)};
 }
 
 }  // namespace

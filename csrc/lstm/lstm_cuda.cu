@@ -189,7 +189,7 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
                          const at::Tensor& grad_c_n_in, const at::Tensor& x_in,
                          at::TensorList weights, const at::Tensor& h0_in, const at::Tensor& c0_in,
                          const std::optional<at::Tensor>& lengths, const at::Tensor& y_in,
-                         const at::Tensor& gates_in, const at::Tensor& cell_in) {
+                         const at::Tensor& gates_in, const at::Tensor& cell_in, bool need_grad_x) {
   // Autocast must not reach the ATen calls below (they must run in the dtypes chosen here);
   // the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -245,9 +245,12 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
       });
   // ATen's reduction accumulates 16-bit dG in float32 (and writes the weights' dtype).
   auto grad_bias = at::sum(dG, at::IntArrayRef{0, 1}, /*keepdim=*/false, wdt);
-  auto grad_x = at::empty({T, B, d.I}, x.options());
-  auto grad_x_2d = grad_x.view({T * B, d.I});
-  matmul_into(grad_x_2d, dG_mm, w_ih.view({D * G, d.I}));
+  at::Tensor grad_x;  // undefined unless needed
+  if (need_grad_x) {
+    grad_x = at::empty({T, B, d.I}, x.options());
+    auto grad_x_2d = grad_x.view({T * B, d.I});
+    matmul_into(grad_x_2d, dG_mm, w_ih.view({D * G, d.I}));
+  }
   // Weight gradients in the dtype the weights came in (float32 master weights under autocast).
   return {grad_x, grad_w_ih.to(wdt), grad_w_hh.to(wdt), grad_bias, grad_h0, grad_c0};
 }
