@@ -457,6 +457,38 @@ def _temporal_pool_backward_fake(grad_out, x, lengths, aux, mode, batch_first, b
     return grad_x, grad_w, grad_b
 
 
+# --- video frames -------------------------------------------------------------------------------
+
+__all__ += ["yuv_to_rgb"]
+
+
+def yuv_to_rgb(y: Tensor, u: Tensor, v: Tensor, height: int, width: int, kr: float = 0.299,
+               kb: float = 0.114, full_range: bool = False) -> Tensor:
+    """A decoded planar YUV frame -> RGB uint8 [height, width, 3], area-resampled to a size no
+    larger than the frame's: each output pixel is the mean over the source area it covers, as
+    converting every pixel to RGB and then averaging would give (up to the clamp to [0, 255]).
+
+    y: [H, W] uint8; u, v: [Hc, Wc] uint8 with Hc = H or ceil(H / 2) and Wc = W or ceil(W / 2)
+    (4:4:4, 4:2:2, 4:2:0); rows may be padded (PyAV's planes), columns contiguous. kr, kb: the
+    matrix's luma coefficients (BT.601 by default; BT.709: 0.2126, 0.0722); full_range: JPEG
+    range, else limited (Y in [16, 235]). Same values as cnnlstm_ext.reference.yuv_to_rgb, to
+    within one level where a value falls on a rounding boundary. CPU only, as the decoder.
+    """
+    _require_kernels("ops.yuv_to_rgb")
+    return torch.ops.cnnlstm_ext.yuv_to_rgb(y, u, v, height, width, kr, kb, full_range)
+
+
+@_register_fake("cnnlstm_ext::yuv_to_rgb")
+def _yuv_to_rgb_fake(y, u, v, height, width, kr, kb, full_range):
+    torch._check(y.dim() == 2 and u.dim() == 2 and v.dim() == 2,
+                 lambda: "yuv_to_rgb: y, u and v must be 2-D planes")
+    torch._check(y.dtype == torch.uint8 and u.dtype == torch.uint8 and v.dtype == torch.uint8,
+                 lambda: "yuv_to_rgb: y, u and v must be uint8")
+    torch._check(1 <= height <= y.shape[0] and 1 <= width <= y.shape[1],
+                 lambda: "yuv_to_rgb: the output size must be between 1 x 1 and the frame's")
+    return y.new_empty(height, width, 3)
+
+
 # --- kernel trace (tests) -----------------------------------------------------------------------
 
 __all__ += ["recorded_kernels"]

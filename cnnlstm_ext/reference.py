@@ -143,3 +143,40 @@ def temporal_pool(x: Tensor, lengths: Optional[Tensor] = None, mode: str = "mean
         weights = torch.softmax(scores, dim=0)  # [T, B]
         return (weights.unsqueeze(-1) * x).sum(0)
     raise ValueError("temporal_pool: mode must be 'mean', 'max', 'last' or 'attention', got %r" % (mode,))
+
+
+# --- video frames -------------------------------------------------------------------------------
+
+__all__ += ["yuv_to_rgb"]
+
+
+def _area_matrix(n: int, m: int) -> Tensor:
+    """[m, n] float64: row j averages the pixels of [j * n / m, (j + 1) * n / m)."""
+    s = n / m
+    edges = torch.arange(n + 1, dtype=torch.float64)
+    lo = torch.arange(m, dtype=torch.float64)[:, None] * s
+    overlap = (torch.minimum(edges[1:], lo + s) - torch.maximum(edges[:-1], lo)).clamp_min(0)
+    return overlap / s
+
+
+def yuv_to_rgb(y: Tensor, u: Tensor, v: Tensor, height: int, width: int, kr: float = 0.299,
+               kb: float = 0.114, full_range: bool = False) -> Tensor:
+    """The semantics of `torch.ops.cnnlstm_ext.yuv_to_rgb`, in float64: chroma repeated to the
+    luma grid (each sample over its 1 or 2 pixels per axis), every plane area-averaged to
+    [height, width], then converted to RGB, rounded half up and clamped to uint8 [height, width, 3]."""
+    H, W = y.shape
+    sy, sx = (1 if u.shape[0] == H else 2), (1 if u.shape[1] == W else 2)
+    a_h, a_w = _area_matrix(H, height), _area_matrix(W, width)
+
+    def plane(p: Tensor, rep_h: int, rep_w: int) -> Tensor:
+        full = p.double().repeat_interleave(rep_h, 0)[:H].repeat_interleave(rep_w, 1)[:, :W]
+        return a_h @ full @ a_w.T
+
+    luma, cb, cr = plane(y, 1, 1), plane(u, sy, sx) - 128, plane(v, sy, sx) - 128
+    if not full_range:
+        luma, cb, cr = (luma - 16) * 255 / 219, cb * 255 / 224, cr * 255 / 224
+    kg = 1 - kr - kb
+    r = luma + 2 * (1 - kr) * cr
+    b = luma + 2 * (1 - kb) * cb
+    g = luma - 2 * kb * (1 - kb) / kg * cb - 2 * kr * (1 - kr) / kg * cr
+    return torch.stack([r, g, b], -1).add(0.5).floor().clamp(0, 255).to(torch.uint8)

@@ -1,6 +1,7 @@
 // Every schema of the library, in one place. Each op's kernels register in its folder:
-// csrc/lstm/ and csrc/pooling/ hold the CPU kernels (*_cpu.cpp), the CUDA kernels (*_cuda.cu) and
-// the autograd (*_autograd.cpp); fake (meta) kernels are attached in cnnlstm_ext/ops.py.
+// csrc/lstm/, csrc/pooling/ and csrc/video/ hold the CPU kernels (*_cpu.cpp), the CUDA kernels
+// (*_cuda.cu) and the autograd (*_autograd.cpp); fake (meta) kernels are attached in
+// cnnlstm_ext/ops.py.
 #include <torch/library.h>
 
 #include "kernel_trace.h"
@@ -82,6 +83,15 @@ TORCH_LIBRARY(cnnlstm_ext, m) {
   m.def("temporal_pool_backward(Tensor grad_out, Tensor x, Tensor? lengths, Tensor aux, str mode, "
         "bool batch_first, bool bidirectional, Tensor? score_weight, Tensor? score_bias) "
         "-> (Tensor grad_x, Tensor grad_score_weight, Tensor grad_score_bias)");
+  // A decoded planar YUV frame -> RGB at a smaller size (csrc/video/; CPU, as the decoder).
+  //   y: [H, W] uint8; u, v: [Hc, Wc] uint8, each Hc = H or ceil(H / 2), Wc = W or ceil(W / 2)
+  //   (4:4:4, 4:2:2, 4:2:0); rows may be padded (stride(0) >= columns), columns contiguous.
+  //   height <= H, width <= W: each output pixel is the mean over the source area it covers.
+  //   kr, kb: the matrix's luma coefficients (BT.601: 0.299, 0.114; BT.709: 0.2126, 0.0722);
+  //   full_range: Y, U, V in [0, 255] (JPEG), else limited (Y in [16, 235], U, V in [16, 240]).
+  // Returns [height, width, 3] uint8 RGB, rounded half up and clamped.
+  m.def("yuv_to_rgb(Tensor y, Tensor u, Tensor v, int height, int width, float kr, float kb, "
+        "bool full_range) -> Tensor");
   // For tests: enable=True clears the record of kernel variants and starts recording (returns
   // []); enable=False stops and returns the names recorded since (csrc/kernel_trace.h).
   m.def("kernel_trace(bool enable) -> str[]", &cnnlstm_ext::kernel_trace);

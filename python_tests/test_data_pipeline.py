@@ -145,6 +145,47 @@ def test_decode_scales_to_the_short_side_and_cuts_the_central_square(long_video)
     assert (small.float() - expected).abs().mean() < 6.0  # scaled in YUV (chroma 4:2:0), then RGB
 
 
+def test_decode_scales_by_the_mean_of_each_area(long_video):
+    """H.264 yuv420p frames go through ops.yuv_to_rgb: halving the short side gives the mean of
+    each 2 x 2 block of the full-size RGB frame (up to rounding, and clamping where a block
+    saturates); a larger short side than the frame's is swscale's enlargement."""
+    from cnnlstm_ext import ops
+    path, _ = long_video
+    with ops.recorded_kernels() as ran:
+        full = read_video_frames(path, 10, 14)                             # [4, 3, 48, 64]
+        small = read_video_frames(path, 10, 14, short_side=24)
+    assert set(ran) <= {"cpu:yuv_to_rgb:avx2", "cpu:yuv_to_rgb:default"} and len(ran) == 8
+    block_mean = full.double().view(4, 3, 24, 2, 32, 2).mean((3, 5))
+    assert (small.double() - block_mean).abs().mean() < 0.75
+    with ops.recorded_kernels() as ran:
+        large = read_video_frames(path, 10, 14, short_side=96)
+    assert ran == [] and large.shape == (4, 3, 96, 128)
+
+
+@pytest.mark.parametrize("width, height, short_side", [(64, 48, 24), (15, 9, 6), (9, 15, 6),
+                                                       (17, 17, 8), (40, 30, 30)])
+def test_planar_frames_of_any_size_convert_to_the_central_square(width, height, short_side):
+    """The square canvas of a yuv420p frame of any size (odd ones too, whose chroma planes round
+    up): the kernel's resampling of the frame's central square, or of the whole frame then cut."""
+    av = pytest.importorskip("av")
+    from cnnlstm_ext import reference
+    frame = av.VideoFrame(width, height, "yuv420p")
+    for k, p in enumerate(frame.planes):  # smooth ramps: a shift by a pixel moves a few levels
+        rows, cols = np.mgrid[0:p.height, 0:p.line_size]
+        ramp = 40 + (rows * (3 + k) + cols * (5 - k)) * 150 // (p.height * 3 + p.line_size * 5)
+        p.update(ramp.astype(np.uint8))
+    image = video_io._to_array(frame, short_side, square=True)
+    assert image.shape == (short_side, short_side, 3) and image.dtype == np.uint8
+    y, u, v = (torch.from_numpy(np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)
+                                [:, :p.width].copy()) for p in frame.planes)
+    h, w = video_io.scaled_size(height, width, short_side)
+    whole = reference.yuv_to_rgb(y, u, v, h, w).numpy()
+    # against the cut of the whole frame's resampling: the same picture, to within a window
+    # shifted by less than a chroma sample
+    cut = video_io.center_square(whole).astype(int)
+    assert np.abs(image.astype(int) - cut).mean() < 8
+
+
 def test_decode_keeps_the_order_select_gives(long_video):
     path, _ = long_video
     clip = read_video_frames(path, 0, 20, select=lambda n: [9, 2, 5])
