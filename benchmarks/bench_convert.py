@@ -11,12 +11,12 @@ the swscale baseline runs before each round of the kernel (interleave.py). Each 
 whole per-frame call of cnnlstm_ext/data/video_io.py: the planes' views and the op, or swscale's
 frame and its array, then the central square.
 """
-import numpy as np
 import pytest
 
 from cnnlstm_ext.data import video_io
 
 import interleave
+from bench_data import _write
 
 CASES = {"256x256": (256, 256), "640x480": (480, 640)}
 FRAMES = 16
@@ -27,20 +27,9 @@ def decoded(tmp_path_factory):
     import av
     root = tmp_path_factory.mktemp("convert")
     out = {}
-    rng = np.random.default_rng(0)
     for name, (h, w) in CASES.items():
         path = str(root / (name + ".mp4"))
-        base = rng.integers(0, 255, (h // 16 + 1, w // 16 + 2, 3)).astype(np.uint8)
-        base = base.repeat(16, 0).repeat(16, 1)
-        with av.open(path, mode="w") as c:
-            s = c.add_stream("libx264", rate=25)
-            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-            for i in range(FRAMES):
-                image = np.ascontiguousarray(np.roll(base, i * 2, axis=1)[:h, :w])
-                for p in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                    c.mux(p)
-            for p in s.encode():
-                c.mux(p)
+        _write(path, FRAMES, h, w)  # bench_data.py's moving texture
         with av.open(path) as c:
             out[name] = list(c.decode(video=0))
     return out

@@ -163,7 +163,8 @@ def yuv_to_rgb(y: Tensor, u: Tensor, v: Tensor, height: int, width: int, kr: flo
                kb: float = 0.114, full_range: bool = False) -> Tensor:
     """The semantics of `torch.ops.cnnlstm_ext.yuv_to_rgb`, in float64: chroma repeated to the
     luma grid (each sample over its 1 or 2 pixels per axis), every plane area-averaged to
-    [height, width], then converted to RGB, rounded half up and clamped to uint8 [height, width, 3]."""
+    [height, width], then converted to RGB, rounded half up and clamped: uint8
+    [height, width, 3]."""
     H, W = y.shape
     sy, sx = (1 if u.shape[0] == H else 2), (1 if u.shape[1] == W else 2)
     a_h, a_w = _area_matrix(H, height), _area_matrix(W, width)

@@ -6,8 +6,9 @@ with pip alone on machines without system FFmpeg libraries, and it works with an
 
 Frames come back as uint8 `[t, 3, H, W]` (RGB), or `[t, H, W, 3]` (channels_last=True). Only the
 frames a clip samples are converted to RGB, at the short side the transform needs (planar YUV by
-ops.yuv_to_rgb, other formats by FFmpeg's swscale), and decoding starts at the keyframe before the first of them (a seek), so a clip
-cut out of a long video costs about as much as a short video.
+ops.yuv_to_rgb, other formats by FFmpeg's swscale), and decoding starts at the keyframe before
+the first of them (a seek), so a clip cut out of a long video costs about as much as a short
+video.
 """
 import os
 import threading
@@ -143,11 +144,11 @@ _RANGE_JPEG = 2  # AVColorRange
 
 def _planar_to_rgb(frame, h: int, w: int, square: bool) -> Optional[np.ndarray]:
     """`frame` as RGB uint8 `[h, w, 3]` by ops.yuv_to_rgb (area resampling of its planes, then
-    the conversion of the output pixels: a half to a third of swscale's time on the frames of the
-    data path), or None where the kernel does not take it: another pixel format, a size larger
-    than the frame's, or no built kernels. `square`: `[s, s, 3]` with s = min(h, w), from the
-    central square of the frame (its offset rounded down to whole chroma samples), which costs
-    less than resampling the whole frame and cutting the result."""
+    the conversion of the output pixels: 1.2 to 2.2x faster than swscale's scaled rgb24 on the
+    frames of the data path, benchmarks/bench_convert.py), or None where the kernel does not take
+    it: another pixel format, a size larger than the frame's, or no built kernels. `square`:
+    `[s, s, 3]` with s = min(h, w), from the central square of the frame (its offset rounded down
+    to whole chroma samples), which costs less than resampling the whole frame and cutting it."""
     full = _PLANAR_YUV.get(frame.format.name)
     op = _yuv_to_rgb_op()
     if full is None or h > frame.height or w > frame.width or op is None:

@@ -40,7 +40,8 @@ inline AreaFilter area_filter(int64_t n, int64_t sub, int64_t extent, int64_t m)
     for (int64_t k = 0; k < f.taps; ++k) {
       const int64_t c = c0 + k;
       const double lo = std::max(a, static_cast<double>(c * sub));
-      const double hi = std::min({b, static_cast<double>((c + 1) * sub), static_cast<double>(extent)});
+      const double hi =
+          std::min({b, static_cast<double>((c + 1) * sub), static_cast<double>(extent)});
       f.weight[k * m + j] = static_cast<float>(std::max(0.0, hi - lo) / s);
     }
   }

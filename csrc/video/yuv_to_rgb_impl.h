@@ -63,7 +63,8 @@ void resample_row(const uint8_t* plane, int64_t ld, int64_t n, const AreaFilter&
 }
 
 inline uint8_t to_byte(float v) {  // round half up, clamp to [0, 255]
-  return static_cast<uint8_t>(std::min<int32_t>(255, std::max<int32_t>(0, static_cast<int32_t>(v + 0.5f))));
+  const int32_t rounded = static_cast<int32_t>(v + 0.5f);  // (negative ones clamp to 0)
+  return static_cast<uint8_t>(std::min<int32_t>(255, std::max<int32_t>(0, rounded)));
 }
 
 }  // namespace
