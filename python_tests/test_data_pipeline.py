@@ -176,8 +176,7 @@ def test_planar_frames_of_any_size_convert_to_the_central_square(width, height, 
         p.update(ramp.astype(np.uint8))
     image = video_io._to_array(frame, short_side, square=True)
     assert image.shape == (short_side, short_side, 3) and image.dtype == np.uint8
-    y, u, v = (torch.from_numpy(np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)
-                                [:, :p.width].copy()) for p in frame.planes)
+    y, u, v = video_io.frame_planes(frame)
     h, w = video_io.scaled_size(height, width, short_side)
     whole = reference.yuv_to_rgb(y, u, v, h, w).numpy()
     # against the cut of the whole frame's resampling: the same picture, to within a window

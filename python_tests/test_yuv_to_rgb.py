@@ -3,7 +3,6 @@ against reference.yuv_to_rgb, FFmpeg's own conversion, and its errors."""
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -76,18 +75,17 @@ def test_agrees_with_ffmpeg_on_a_decoded_frame(tmp_path):
     """The same BT.601 limited-range conversion as FFmpeg's swscale: against its full-size RGB of
     an H.264 frame, averaged over 2 x 2 blocks, within rounding and chroma interpolation."""
     av = pytest.importorskip("av")
-    from cnnlstm_ext.data.video_io import write_video
+    from cnnlstm_ext.data import video_io
     g = torch.Generator().manual_seed(0)
     ramp = torch.linspace(0, 255, 64).round().to(torch.uint8)
     frames = torch.stack([ramp.view(1, 64).expand(64, 64), ramp.view(64, 1).expand(64, 64),
                           torch.randint(96, 160, (64, 64), generator=g, dtype=torch.uint8)])
     path = str(tmp_path / "v.mp4")
-    write_video(path, frames.unsqueeze(0).repeat(2, 1, 1, 1), crf=18, codec="libx264")
+    video_io.write_video(path, frames.unsqueeze(0).repeat(2, 1, 1, 1), crf=18, codec="libx264")
     with av.open(path) as c:
         frame = next(c.decode(video=0))
     assert frame.format.name == "yuv420p"
-    y, u, v = (torch.from_numpy(np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)
-                                [:, :p.width].copy()) for p in frame.planes)
+    y, u, v = video_io.frame_planes(frame)
     ours = ops.yuv_to_rgb(y, u, v, 32, 32).int()
     full = torch.from_numpy(frame.to_ndarray(format="rgb24")).double()  # [64, 64, 3]
     ffmpeg = full.view(32, 2, 32, 2, 3).mean((1, 3))

@@ -10,6 +10,7 @@ ops.yuv_to_rgb, other formats by FFmpeg's swscale), and decoding starts at the k
 the first of them (a seek), so a clip cut out of a long video costs about as much as a short
 video.
 """
+import functools
 import os
 import threading
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -155,8 +156,7 @@ def _planar_to_rgb(frame, h: int, w: int, square: bool) -> Optional[np.ndarray]:
         return None
     full = full or getattr(frame, "color_range", 0) == _RANGE_JPEG
     kr, kb = _MATRICES.get(getattr(frame, "colorspace", 2), _BT601)
-    y, u, v = (torch.from_numpy(np.ndarray((p.height, p.width), np.uint8, p, 0, (p.line_size, 1)))
-               for p in frame.planes[:3])  # views of the decoder's planes (rows padded)
+    y, u, v = frame_planes(frame)
     crop = square and h != w
     if crop:
         H, W = y.shape
@@ -171,16 +171,19 @@ def _planar_to_rgb(frame, h: int, w: int, square: bool) -> Optional[np.ndarray]:
     return center_square(image) if square and not crop else image
 
 
-_OP = []
+def frame_planes(frame) -> Tuple[torch.Tensor, ...]:
+    """The planes of a planar PyAV frame as uint8 tensors `[rows, columns]`: views of the
+    decoder's buffers (rows padded to its line size), valid while the frame lives."""
+    return tuple(torch.from_numpy(np.ndarray((p.height, p.width), np.uint8, p, 0, (p.line_size, 1)))
+                 for p in frame.planes)
 
 
+@functools.lru_cache(maxsize=None)
 def _yuv_to_rgb_op():
     """torch.ops.cnnlstm_ext.yuv_to_rgb.default, looked up once (a few µs a frame), or None
     without the built kernels."""
-    if not _OP:
-        from cnnlstm_ext import ops
-        _OP.append(torch.ops.cnnlstm_ext.yuv_to_rgb.default if ops.kernels_built() else None)
-    return _OP[0]
+    from cnnlstm_ext import ops
+    return torch.ops.cnnlstm_ext.yuv_to_rgb.default if ops.kernels_built() else None
 
 
 def _to_array(frame, short_side: Optional[int], square: bool) -> np.ndarray:
