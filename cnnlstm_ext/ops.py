@@ -110,11 +110,12 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     Inside an autocast region x, h0 and c0 are cast to autocast's dtype for x's device (so the
     results come out in that dtype, as nn.LSTM's do), the op casts the weights (one copy per kind
     for both directions; their gradients come back in their own dtype) and runs with autocast off.
+    A float64 x is left as it is, as autocast leaves float64 tensors.
     """
     _require_kernels("ops.lstm_layer")
     device_type = x.device.type
     dtype = autocast_dtype(device_type)
-    if dtype is not None:
+    if dtype is not None and x.dtype != torch.float64:
         with torch.autocast(device_type, enabled=False):
             return lstm_layer(x.to(dtype), weights, h0.to(dtype), c0.to(dtype), lengths)
     if _projected(weights, h0):

@@ -48,6 +48,14 @@ def _stored_back_to_back(params: List[Tensor]) -> bool:
     return True
 
 
+def _keepable(t: Tensor) -> bool:
+    """Whether tensors made from `t` may be kept between calls: `t` is a plain tensor and no
+    dispatch mode is active (a FakeTensorMode's tensors would be fake, and would reach later real
+    calls)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return type(t) in (Tensor, nn.Parameter) and _get_current_dispatch_mode() is None
+
+
 def _flatten_after_load(module: "FusedLSTM", incompatible_keys) -> None:
     module.flatten_parameters()
 
@@ -165,6 +173,20 @@ class FusedLSTM(nn.Module):
     def _flat_weights(self) -> List[Tensor]:
         return [getattr(self, name) for name in self._flat_weights_names]
 
+    # nn.LSTM's own argument checks and hidden-state helpers, for code that calls them
+    # (subclasses, wrappers): the same functions, which read only attributes that this module
+    # shares with nn.LSTM. forward runs its own checks, with the same words.
+    check_input = nn.RNNBase.check_input
+    get_expected_hidden_size = nn.RNNBase.get_expected_hidden_size
+    check_hidden_size = nn.RNNBase.check_hidden_size
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def _init_flat_weights(self) -> None:
+        """What nn.LSTM's does after its weights were replaced: here, flatten_parameters."""
+        self.flatten_parameters()
+
     def flatten_parameters(self) -> None:
         """Stores each layer's per-direction weights (and biases) back to back in one buffer.
 
@@ -243,13 +265,16 @@ class FusedLSTM(nn.Module):
         70 MB read and 35 MB written: at B = 1 most of an inference call), so the copies are
         kept until a weight changes (in place, or replaced), the module is moved or
         converted, or a state dict is loaded: half the float32 weights' memory, held while the
-        module is used under autocast. Under grad, compile, trace and the torch.func transforms
-        the op casts, as without this."""
+        module is used under autocast. (An edit through `.data` changes neither the version nor
+        the address: torch's autocast(cache_enabled=False) turns the copies off, as it does
+        autocast's own cache.) Under grad, compile, trace, the torch.func transforms and dispatch
+        modes the op casts, as without this."""
         weights = self._layer_weights(layer)
-        if (dtype is None or weights[0].dtype == dtype
+        if (dtype is None or weights[0].dtype in (dtype, torch.float64)
+                or not torch.is_autocast_cache_enabled()
                 or (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
                 or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or ops.functorch_active()):
+                or ops.functorch_active() or not _keepable(weights[0])):
             return weights
         # The weights themselves are held (so that no other tensor can take their memory), with
         # their versions, which in-place updates (an optimizer's step) advance.
@@ -262,7 +287,9 @@ class FusedLSTM(nn.Module):
             # rounded sum and zeros, so that the results are those of the op's own cast.
             D = 2 if self.bidirectional else 1
             per = len(weights) // D
-            with torch.no_grad():
+            # (Outside inference mode: inference tensors kept here would fail a later call whose
+            # autograd saves them.)
+            with torch.no_grad(), torch.inference_mode(False):
                 kinds = [torch.stack(weights[k::per]) for k in range(per)]
                 if per == 4:
                     kinds[2:] = [kinds[2].float() + kinds[3].float(), torch.zeros_like(kinds[3])]
@@ -277,12 +304,19 @@ class FusedLSTM(nn.Module):
         (devices of the states and parameters, an empty sequence)."""
         weight = self.weight_ih_l0
         # Under autocast the op casts everything to autocast's dtype, so (as in nn.LSTM) the
-        # input may differ from the parameters, e.g. bfloat16 features from an autocast Linear.
+        # input may differ from the parameters, e.g. bfloat16 features from an autocast Linear;
+        # but autocast leaves float64 alone, so a float64 input or module runs as it is.
         autocast = ops.autocast_dtype(x.device.type) is not None
         if x.dtype != weight.dtype and not autocast:
             raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype "
                              f"({weight.dtype}). Convert input: input.to({weight.dtype}), or "
                              f"convert model: model.to({x.dtype})")
+        if x.dtype != weight.dtype and torch.float64 in (x.dtype, weight.dtype):
+            # (nn.LSTM fails here inside its kernels, with words of their own.)
+            raise RuntimeError(f"autocast does not cast float64: the input ({x.dtype}) and the "
+                               f"parameters ({weight.dtype}) must then have the same dtype; "
+                               f"convert one to match")
+        autocast = autocast and x.dtype != torch.float64
         if x.size(-1) != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {x.size(-1)}")
@@ -326,18 +360,20 @@ class FusedLSTM(nn.Module):
 
         The zeros are kept between calls of the same device, dtype and batch: the op only reads
         them, and a call saves their allocation and fill. (Not under compile, nor under a
-        torch.func transform, whose tensors must not outlive it.)
+        torch.func transform or a dispatch mode, whose tensors must not outlive them.)
         """
         D = 2 if self.bidirectional else 1
         if hx is not None:
             return list(zip(hx[0].split(D), hx[1].split(D)))
-        if torch.compiler.is_compiling() or ops.functorch_active() or torch.jit.is_tracing():
+        if (torch.compiler.is_compiling() or ops.functorch_active() or torch.jit.is_tracing()
+                or not _keepable(x)):
             # Fresh zeros, sized from x: a trace records x.size(1) (so it holds at other batch
             # sizes) and export keeps it symbolic, where a cached tensor would be a constant.
             return [self._zeros(x, D, x.size(1))] * self.num_layers
         key = (x.device, x.dtype, batch)
         if self._zero_state is None or self._zero_state[0] != key:
-            self._zero_state = (key, [self._zeros(x, D, batch)] * self.num_layers)
+            with torch.inference_mode(False):  # (see _autocast_layer_weights)
+                self._zero_state = (key, [self._zeros(x, D, batch)] * self.num_layers)
         return self._zero_state[1]
 
     def _zeros(self, x: Tensor, D: int, batch) -> _HX:
@@ -357,6 +393,12 @@ class FusedLSTM(nn.Module):
                                      h0.contiguous(), c0.contiguous(), lengths)
             h_n.append(h)
             c_n.append(c)
+        if self.bidirectional and y.requires_grad and not torch.jit.is_tracing():
+            # The op saves its y for the backward. nn.LSTM's bidirectional output is a new tensor
+            # (the directions concatenated), which callers may change in place (out.relu_())
+            # before the backward: so is this one. (Not in a trace: its check reruns the model
+            # without gradients, and the graphs must agree.)
+            y = y.clone()
         return y, (torch.cat(h_n, 0), torch.cat(c_n, 0))
 
     def _lengths_on(self, lengths, batch: int, steps: int, device: torch.device) -> Tensor:
@@ -398,8 +440,48 @@ class FusedLSTM(nn.Module):
             lengths = lengths.clone()
         return lengths.to(device=device, dtype=torch.long, non_blocking=True)
 
+    def _fx_leaf(self, input: torch.fx.Proxy, hx, lengths):
+        """Under torch.fx.symbolic_trace: one call_module node for this module, as the tracer
+        records nn.LSTM (a module of torch.nn is a leaf; its forward's checks of the input
+        could not run on proxies). None when this module is the one traced."""
+        tracer = input.tracer
+        try:
+            path = tracer.path_of_module(self)
+        except NameError:
+            return None
+        if not path:
+            return None
+        kwargs = {k: v for k, v in (("hx", hx), ("lengths", lengths)) if v is not None}
+        return tracer.create_proxy("call_module", path, (input,), kwargs)
+
+    @torch.compiler.disable
+    def _forward_packed(self, input: PackedSequence, hx: Optional[_HX]):
+        """forward of a PackedSequence. Run eagerly under torch.compile, as dynamo runs
+        nn.LSTM's: padding it depends on the values of its batch sizes, which a compiled graph
+        does not have."""
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        # Padded [T, B, I] in the packed (sorted) batch order, and each sequence's length.
+        padded, seq_lengths = torch._VF._pad_packed_sequence(
+            data, batch_sizes, False, 0.0, batch_sizes.size(0))
+        batch = int(batch_sizes[0])
+        if hx is not None and sorted_indices is not None:
+            hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
+        self._check_input(padded, hx, batch)
+        out, (h_n, c_n) = self._run(padded, self._layer_states(padded, hx, batch),
+                                    seq_lengths.to(data.device, non_blocking=True))
+        out_data, _ = torch._VF._pack_padded_sequence(out, seq_lengths, False)
+        output = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
+        if unsorted_indices is not None:
+            h_n = h_n.index_select(1, unsorted_indices)
+            c_n = c_n.index_select(1, unsorted_indices)
+        return output, (h_n, c_n)
+
     def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[_HX] = None,
                 lengths: Optional[Tensor] = None):
+        if isinstance(input, torch.fx.Proxy):
+            leaf = self._fx_leaf(input, hx, lengths)
+            if leaf is not None:
+                return leaf
         if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2
                                    and all(isinstance(t, Tensor) for t in hx)):
             # nn.LSTM's RuntimeError (its words, then what was given), for any hx that is not
@@ -413,22 +495,7 @@ class FusedLSTM(nn.Module):
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths cannot be given with a PackedSequence (it has its own)")
-            data, batch_sizes, sorted_indices, unsorted_indices = input
-            # Padded [T, B, I] in the packed (sorted) batch order, and each sequence's length.
-            padded, seq_lengths = torch._VF._pad_packed_sequence(
-                data, batch_sizes, False, 0.0, batch_sizes.size(0))
-            batch = int(batch_sizes[0])
-            if hx is not None and sorted_indices is not None:
-                hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
-            self._check_input(padded, hx, batch)
-            out, (h_n, c_n) = self._run(padded, self._layer_states(padded, hx, batch),
-                                        seq_lengths.to(data.device, non_blocking=True))
-            out_data, _ = torch._VF._pack_padded_sequence(out, seq_lengths, False)
-            output = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
-            if unsorted_indices is not None:
-                h_n = h_n.index_select(1, unsorted_indices)
-                c_n = c_n.index_select(1, unsorted_indices)
-            return output, (h_n, c_n)
+            return self._forward_packed(input, hx)
 
         if input.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
