@@ -5,6 +5,7 @@ Modules are imported only when their command runs, so `--help` stays fast.
 """
 import argparse
 import importlib
+import os
 import sys
 
 from .ops import KernelsNotBuiltError
@@ -39,6 +40,25 @@ def build_parser(load_all=True):
     return parser
 
 
+# The exit status when the reader of stdout has gone (`cnnlstm-ext inspect F | head -3`): 141, i.e.
+# 128 + SIGPIPE (13), what the shell reports for cat, grep, git or ls ended by SIGPIPE in the same
+# pipe, so that `set -o pipefail` scripts see this command as they see those. Nothing is printed:
+# the reader stopped reading on purpose. (Python ignores SIGPIPE, so the closed pipe arrives here
+# as a BrokenPipeError instead of ending the process.)
+EXIT_BROKEN_PIPE = 128 + 13
+
+
+def _stdout_closed() -> int:
+    """Python's documented recipe: stdout's remaining buffer would fail again when the interpreter
+    flushes it at exit ("Exception ignored ... BrokenPipeError"), so point stdout at devnull."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(load_all=False) if not argv or argv[0] not in COMMANDS else None
@@ -51,7 +71,12 @@ def main(argv=None):
         module.add_arguments(parser)
         args = parser.parse_args(argv[1:])
         try:
-            return int(module.run(args) or 0)
+            rc = int(module.run(args) or 0)
+            if sys.stdout is not None:
+                sys.stdout.flush()  # a closed pipe shows here, not in the flush at exit
+            return rc
+        except BrokenPipeError:
+            return _stdout_closed()
         except (OSError, MemoryError, KernelsNotBuiltError) as e:
             # What a command did not foresee of the machine (a full disk, a folder that is a
             # file, no memory left, an install without the compiled kernels): one line, not a

@@ -117,6 +117,10 @@ def test_unreadable_video_gets_an_error_entry_and_is_skipped(videos, tmp_path, c
         cached[i]
     assert isinstance(LoaderDataset(cached)[i], SkippedClip)
     assert bad.read_bytes() == b"\x00" * 300  # sources are only read
+    # counted in later updates too, which do not decode it again
+    again = build_cache(str(tmp_path / "c"), ds.records, 18, progress=False)
+    assert again["built"] == again["failed"] == 0
+    assert ClipCache(str(tmp_path / "c")).unreadable(ds.records + ds.records) == 1
 
 
 def _build_share(path, root, rank, world):

@@ -196,7 +196,7 @@ def test_inspect_reads_the_architecture(legacy_dir, capsys):
     assert "2 layers x 2 directions" in out and "5 classes" in out and "key_map" in out
     assert cli(["inspect", "--json", str(legacy_dir / "checkpoint_epoch_0002.pth")]) == 0
     assert json.loads(capsys.readouterr().out)["epoch"] == 2
-    assert cli(["inspect", str(legacy_dir / "checkpoint_epoch_0003.pth")]) == 1
+    assert cli(["inspect", str(legacy_dir / "checkpoint_epoch_0003.pth")]) == 2
     assert "truncated" in capsys.readouterr().out
 
 
@@ -635,7 +635,7 @@ def test_export_applies_a_key_map_and_reports_errors(legacy_dir, tmp_path, capsy
     assert cli(args) == 0
     CNNLSTM(**LEGACY_CONFIG).load_state_dict(load_file(str(out)))
     assert cli(["export", str(legacy_dir / "checkpoint_epoch_0003.pth"),
-                "--safetensors", str(tmp_path / "x.safetensors")]) == 1
+                "--safetensors", str(tmp_path / "x.safetensors")]) == 2  # as predict and train
     assert "truncated" in capsys.readouterr().err
 
 
@@ -662,3 +662,147 @@ def test_checkpoint_moves_between_cuda_and_cpu(tmp_path):
     assert gpu_optimizer.state[gpu_model.classifier.weight]["exp_avg"].is_cuda
     gpu_model(torch.randn(2, 3, 3, 16, 16, device="cuda")).square().mean().backward()
     gpu_optimizer.step()  # resumes on the GPU
+
+
+# --- files that are not checkpoints: a torch.export program, safetensors weights -----------------
+
+def tiny_pt2(path):
+    """A torch.export program saved as torch.export.save writes it (what `export --pt2` does)."""
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    program = torch.export.export(Double(), (torch.randn(2, 3),))
+    torch.export.save(program, str(path), extra_files={"metadata.json": "{}"})
+    return path
+
+
+def exported_safetensors(tmp_path, name="w.safetensors"):
+    """(the .safetensors of `cnnlstm-ext export`, the model it holds)."""
+    from cnnlstm_ext.commands.export import export_safetensors  # what the command runs
+    model, optimizer, _ = trained_small()
+    ckpt = save_checkpoint(tmp_path / "c.pth", model=model, optimizer=optimizer, epoch=5,
+                           best={"best_val_acc": 0.5, "best_epoch": 5},
+                           extra={"trainer_state": {"classes": ["a", "b", "c", "d"]}})
+    out = tmp_path / name
+    export_safetensors(ckpt, out)
+    return out, model
+
+
+def test_a_pt2_program_is_named_as_such_by_content_not_by_name(tmp_path):
+    from cnnlstm_ext.checkpoint import file_format, read_checkpoint
+    program = tiny_pt2(tmp_path / "model.pt2")
+    renamed = tmp_path / "model.pth"
+    renamed.write_bytes(program.read_bytes())
+    for path in (program, renamed):
+        assert file_format(path) == "pt2"
+        with pytest.raises(CheckpointError) as e:
+            read_checkpoint(path)
+        text = str(e.value)
+        assert text.startswith("%s: a torch.export program (.pt2" % path), text
+        assert "torch.export.load(path).module()" in text and ".safetensors" in text
+        assert "data.pkl" not in text and "corrupt" not in text and "\n" not in text
+    assert file_format(save_checkpoint(tmp_path / "c.pth", model=nn.Linear(2, 2),
+                                       epoch=1)) == "checkpoint"
+
+
+def test_every_command_that_reads_a_checkpoint_names_a_pt2_program(tmp_path, capsys):
+    program = str(tiny_pt2(tmp_path / "model.pt2"))
+    for argv, rc in ((["inspect", program], 2),
+                     (["verify", program], 1),
+                     (["evaluate", program, "synthetic", "--out", str(tmp_path / "eval")], 2),
+                     (["train", "--resume", program, "--output-dir", str(tmp_path / "runs")], 2),
+                     (["export", program, "--safetensors", str(tmp_path / "x.safetensors")], 2)):
+        assert cli(argv) == rc, argv
+        out = capsys.readouterr()
+        text = out.out + out.err
+        assert "Traceback" not in text and "a torch.export program (.pt2" in text, (argv, text)
+        assert "unreadable" not in text and "data.pkl" not in text
+    assert sorted(os.listdir(tmp_path)) == ["model.pt2"]  # nothing written
+
+
+def test_a_safetensors_file_given_as_a_checkpoint_says_what_reads_it(tmp_path, capsys):
+    out, _ = exported_safetensors(tmp_path)
+    assert cli(["train", "--resume", str(out), "--output-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: %s: safetensors weights" % out) and err.count("\n") == 1
+    assert "`predict`" in err and "need a checkpoint (.pth)" in err
+
+
+def test_verify_accepts_the_safetensors_export(tmp_path, capsys):
+    out, _ = exported_safetensors(tmp_path)
+    assert verify_checkpoint(out) == []
+    assert cli(["verify", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["OK   w.safetensors", "1 file checked, 0 bad"]
+
+
+def test_inspect_shows_what_the_safetensors_export_holds(tmp_path, capsys):
+    out, model = exported_safetensors(tmp_path)
+    r = inspect_checkpoint(out)
+    assert r["format"] == "safetensors" and r["epoch"] == 5 and r["best"]["best_val_acc"] == 0.5
+    assert {t["name"]: t["shape"] for t in r["tensors"]} == \
+        {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert r["classes"] == ["a", "b", "c", "d"] and r["metadata"]["source"] == "c.pth"
+    assert r["param_count"] == sum(p.numel() for p in model.parameters())
+    assert r["architecture"]["cnnlstm_config"]["num_classes"] == 4
+    assert cli(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "safetensors format" in text and "tensors: %d (" % len(model.state_dict()) in text
+    assert "classifier.weight" in text and "F32  [4, " in text and "source c.pth" in text
+    assert "epoch 5" in text and "best_val_acc 0.5" in text and "classes: 4 (a, b, c, d)" in text
+    assert "fits CNNLSTM(" in text
+    assert cli(["inspect", "--json", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "safetensors"
+
+
+def test_verify_and_inspect_name_a_truncated_safetensors_file(tmp_path, capsys):
+    out, _ = exported_safetensors(tmp_path)
+    data = out.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:len(data) - 1000])
+    assert cli(["verify", str(cut)]) == 1
+    text = capsys.readouterr().out
+    assert "BAD  cut.safetensors" in text and "truncated: the bytes of " in text
+    assert "lie beyond its end" in text and "not a torch.save file" not in text
+    assert cli(["inspect", str(cut)]) == 2
+    text = capsys.readouterr().out
+    assert text.startswith("error: %s: truncated" % cut) and text.count("\n") == 1
+    head = tmp_path / "head.safetensors"
+    head.write_bytes(data[:200])  # the write stopped inside the header
+    assert "its header alone takes" in verify_checkpoint(head)[0]
+    assert cli(["inspect", str(head)]) == 2
+    assert "truncated" in capsys.readouterr().out
+
+
+def test_verify_checks_the_metadata_and_the_values_of_a_safetensors_file(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    out, _ = exported_safetensors(tmp_path)
+    tensors = load_file(str(out))
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(tmp_path / "meta.safetensors"),
+              metadata=dict(meta, param_count="12", classes='["a"]', epoch="five"))
+    problems = verify_checkpoint(tmp_path / "meta.safetensors")
+    assert "metadata epoch is 'five', not a number" in problems
+    assert any(p.startswith("metadata param_count is 12, but the tensors hold") for p in problems)
+    assert "metadata names 1 classes, but its cnnlstm_config has 4" in problems
+    tensors["classifier.weight"][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=meta)
+    assert verify_checkpoint(tmp_path / "nan.safetensors") == [
+        "NaN/Inf in 1 of %d tensors: classifier.weight" % len(tensors)]
+    tensors["classifier.weight"][0, 0] = 0.0
+    save_file(tensors, str(tmp_path / "plain.safetensors"))  # no metadata: nothing to check
+    assert verify_checkpoint(tmp_path / "plain.safetensors") == []
+
+
+def test_a_safetensors_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    from safetensors.torch import save
+    from cnnlstm_ext.checkpoint import file_format
+    for pad in range(256):  # a header length whose low byte is 0x80, a pickle's first byte
+        data = save({"w": torch.ones(3)}, metadata={"pad": "x" * pad})
+        if data[0] == 0x80:
+            break
+    (tmp_path / "w.safetensors").write_bytes(data)
+    assert file_format(tmp_path / "w.safetensors") == "safetensors"
+    assert verify_checkpoint(tmp_path / "w.safetensors") == []

@@ -537,7 +537,7 @@ if __name__ == "__main__":
 
 # --- the commands' integrity flag ----------------------------------------------------------------
 
-@pytest.mark.parametrize("flag,rc", [([], 1), (["--no-integrity-check"], 0)])
+@pytest.mark.parametrize("flag,rc", [([], 2), (["--no-integrity-check"], 0)])
 def test_inspect_checks_the_checksum_unless_told_not_to(tmp_path, capsys, flag, rc):
     from cnnlstm_ext import cli
     path = save_tiny(tmp_path / "c.pth")

@@ -101,6 +101,55 @@ def test_resume_continues_in_the_same_run_folder(trained, tmp_path):
     assert ckpt["scheduler_state_dict"]["T_max"] == 3 and ckpt["history"]["lr"][2] > 0
 
 
+def test_resume_from_another_folder_finds_the_data_given_relative(tmp_path, monkeypatch):
+    """A run started with a relative data folder stores it absolute: resumed from elsewhere, it
+    reads the same videos."""
+    data = tmp_path / "work" / "data"
+    for c in range(2):
+        for i in range(3):
+            g = torch.Generator().manual_seed(10 * c + i)
+            frames = torch.randint(0, 255, (6, 3, 24, 32), generator=g, dtype=torch.uint8)
+            os.makedirs(data / ("c%d" % c), exist_ok=True)
+            write_video(str(data / ("c%d" % c) / ("v%d.mp4" % i)), frames)
+    monkeypatch.chdir(tmp_path / "work")
+    tiny = ["--set", "model.spatial_dim=16", "--set", "model.temporal_dim=8", "--set",
+            "data.num_frames=4", "--set", "data.frame_size=16", "--num-workers", "0",
+            "--batch-size", "4", "--no-progress", "--set", "train.tensorboard=false",
+            "--set", "data.val_fraction=0.34"]
+    assert main(["train", "--data", "data", "--output-dir", "runs", "--run-name", "r",
+                 "--epochs", "1"] + tiny) == 0
+    latest = tmp_path / "work" / "runs" / "r" / "checkpoints" / "latest_checkpoint.pth"
+    assert torch.load(latest, weights_only=True)["config"]["data"]["root"] == str(data)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(latest), "--epochs", "2", "--no-progress"]) == 0
+    assert torch.load(latest, weights_only=True)["epoch"] == 2
+
+
+def test_resume_names_the_data_folder_it_cannot_find(tmp_path, capsys):
+    """A run whose stored data folder is gone: one error line, with what to give."""
+    data = tmp_path / "data"
+    for c in range(2):
+        for i in range(2):
+            os.makedirs(data / ("c%d" % c), exist_ok=True)
+            write_video(str(data / ("c%d" % c) / ("v%d.mp4" % i)),
+                        torch.full((6, 3, 24, 32), 40 * (c + 1), dtype=torch.uint8))
+    tiny = ["--set", "model.spatial_dim=16", "--set", "model.temporal_dim=8", "--set",
+            "data.num_frames=4", "--set", "data.frame_size=16", "--num-workers", "0",
+            "--batch-size", "4", "--no-progress", "--set", "train.tensorboard=false",
+            "--set", "data.val_fraction=0.5"]
+    assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "runs"),
+                 "--run-name", "r", "--epochs", "1"] + tiny) == 0
+    data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    latest = tmp_path / "runs" / "r" / "checkpoints" / "latest_checkpoint.pth"
+    assert main(["train", "--resume", str(latest), "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data folder not found: %s" % data)
+    assert "give --data PATH" in err[0]
+    assert main(["train", "--resume", str(latest), "--epochs", "2", "--no-progress",
+                 "--data", str(tmp_path / "moved")]) == 0
+
+
 def test_resume_a_legacy_checkpoint_from_the_command_line(tmp_path, capsys):
     import importlib.util
     import pathlib

@@ -3,12 +3,15 @@ without a traceback: config syntax, output paths (checked before data and model 
 full disk during a run (the files written before stay), sizes no machine holds, bad options."""
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from cnnlstm_ext.cli import main
 from cnnlstm_ext.train import trainer as trainer_module
+from conftest import subprocess_env
 
 TINY = ["--set", "model.spatial_dim=16", "--set", "model.temporal_dim=8",
         "--set", "data.num_classes=3", "--set", "data.num_frames=4", "--set", "data.frame_size=16",
@@ -145,3 +148,73 @@ def test_cli_turns_an_unforeseen_os_error_into_one_error_line(capsys, monkeypatc
     rc = main(["inspect", "x.pth"])
     lines, err = error_lines(capsys)
     assert (rc, lines) == (1, ["error: [Errno 28] No space left on device"])
+
+
+def test_train_names_the_run_folder_it_cannot_create(tmp_path, capsys):
+    out = tmp_path / ("x" * 300)  # a name the file system refuses, in a folder it can write in
+    rc = main(["train", "--output-dir", str(out)] + TINY)
+    lines, err = error_lines(capsys)
+    folder = os.path.join(str(out), "synthetic", "checkpoints")
+    assert "Traceback" not in err and "[Errno" not in err
+    assert (rc, lines) == (2, ["error: cannot create the run folder %s: File name too long (%s)"
+                               % (folder, out)])
+
+
+def small_checkpoint(path):
+    from cnnlstm_ext import CNNLSTM
+    from cnnlstm_ext.checkpoint import save_checkpoint
+    torch.manual_seed(0)
+    model = CNNLSTM(num_classes=3, spatial_dim=16, temporal_dim=8, backbone="tiny")
+    return save_checkpoint(path, model=model, epoch=1)
+
+
+def test_an_unreadable_checkpoint_is_exit_2_for_every_command_that_reads_one(tmp_path, capsys):
+    from video_runs import write_clip
+    ckpt = small_checkpoint(tmp_path / "c.pth")
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[:len(data) * 3 // 4])
+    ckpt = str(ckpt)
+    write_clip(tmp_path / "a.mp4", 0, 6, seed=1)
+    commands = {
+        "predict": ["predict", ckpt, str(tmp_path / "a.mp4"), "--no-progress",
+                    "--num-workers", "0"],
+        "evaluate": ["evaluate", ckpt, "synthetic", "--out", str(tmp_path / "eval")],
+        "train --resume": ["train", "--resume", ckpt, "--output-dir", str(tmp_path / "runs")],
+        "export": ["export", ckpt, "--safetensors", str(tmp_path / "w.safetensors")],
+        "inspect": ["inspect", ckpt],
+    }
+    for name, argv in commands.items():
+        rc = main(argv)
+        out = capsys.readouterr()
+        lines = [line for line in (out.out + out.err).splitlines() if line.startswith("error:")]
+        assert (name, rc) == (name, 2)
+        assert len(lines) == 1 and "truncated" in lines[0] and "Traceback" not in out.err, name
+    # verify's verdict on it (exit 1: a bad file found), not an error of reading the input
+    assert main(["verify", ckpt]) == 1
+    assert "BAD  c.pth" in capsys.readouterr().out
+
+
+def test_cli_ends_quietly_when_stdout_is_closed(capsys, monkeypatch):
+    from cnnlstm_ext.commands import inspect as inspect_command
+
+    def run(args):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+    monkeypatch.setattr(inspect_command, "run", run)
+    rc = main(["inspect", "x.pth"])
+    out = capsys.readouterr()
+    assert (rc, out.err) == (141, "")  # 128 + SIGPIPE, as for cat or grep in a closed pipe
+
+
+def test_a_command_writing_into_a_closed_pipe_exits_141_without_a_message(tmp_path):
+    ckpt = small_checkpoint(tmp_path / "c.pth")
+    read, write = os.pipe()
+    os.close(read)  # `cnnlstm-ext inspect c.pth | head -0`: the reader is gone before the write
+    try:
+        done = subprocess.run([sys.executable, "-m", "cnnlstm_ext", "inspect", str(ckpt)],
+                              stdout=write, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env=subprocess_env(), timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 141, done.stderr
+    for text in ("error", "Broken pipe", "BrokenPipeError", "Traceback"):
+        assert text not in done.stderr

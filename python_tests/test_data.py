@@ -20,6 +20,7 @@ from cnnlstm_ext.data.transforms import (adjust_brightness, adjust_contrast, adj
                                          random_resized_crop, random_resized_crop_params,
                                          resize_short_side, sample_generator, to_float)
 from cnnlstm_ext.data.video_folder import ClipRecord
+from cnnlstm_ext.data.video_io import ClipReadError
 from cnnlstm_ext.train.config import DataConfig
 
 
@@ -576,6 +577,17 @@ def test_frame_folder_round_trip_in_natural_order(tmp_path):
     assert torch.equal(back, frames)  # PNG is lossless; frame_10 sorts after frame_9
 
 
+def test_folder_of_videos_read_as_a_frame_folder_says_how_to_read_them(tmp_path):
+    write_video(str(tmp_path / "a.mp4"), _frames(4))
+    write_video(str(tmp_path / "b.mp4"), _frames(4))
+    with pytest.raises(ClipReadError, match=r"holds 2 video file\(s\).*find_videos"):
+        read_frame_folder(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ClipReadError, match=r"no frame images \(.*\) in .*empty$"):
+        read_frame_folder(str(empty))
+
+
 # --- VideoFolder -------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -624,7 +636,7 @@ def test_video_folder_rejects_unknown_class_and_empty_root(class_tree, tmp_path)
         VideoFolder(str(tmp_path / "nowhere"))
 
 
-def test_wlasl_annotations_splits_frame_ranges_and_missing_videos(tmp_path):
+def test_wlasl_annotations_splits_frame_ranges_and_missing_videos(tmp_path, caplog):
     videos = tmp_path / "videos"
     videos.mkdir()
     write_video(str(videos / "00001.mp4"), _frames(10, seed=1))
@@ -647,6 +659,10 @@ def test_wlasl_annotations_splits_frame_ranges_and_missing_videos(tmp_path):
     assert [(os.path.basename(r.path), r.label, r.start, r.end) for r in ds.records] == [
         ("00001.mp4", 0, 2, 6), ("00003", 1, 0, None)]
     assert ds.missing == ["00404"]
+    # named in a warning, never left out silently
+    warned = [r.getMessage() for r in caplog.records if r.name == "cnnlstm_ext.data"]
+    assert len(warned) == 1 and "1 of the train split's listed videos" in warned[0]
+    assert "00404" in warned[0] and str(videos) in warned[0]
     # frames 3..6 (1-based, inclusive) are 0-based 2..5: exactly the 4 frames sampled
     raw = ds.load_frames(0)
     assert (raw.float() - _frames(10, seed=1)[2:6].float()).abs().mean() < 2.0

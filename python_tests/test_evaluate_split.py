@@ -334,3 +334,17 @@ def test_all_scores_every_split_of_a_wlasl_file(tmp_path, capsys):
     assert rc == 0 and "scoring all 12 clips" in out and "test, train, val" in out
     assert sorted(os.path.basename(p) for p in _scored(tmp_path / "all")) == sorted(
         "%05d.mp4" % (10 * c + i) for c in range(3) for i in range(4))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_skipped_clip_is_named_in_train_log(tmp_path, workers):
+    """The warning that names an unreadable video reaches the run's train.log (from a loader
+    worker too), beside the epoch's count of skipped clips."""
+    videos = tmp_path / "videos"
+    make_class_videos(videos, per_class=3)
+    (videos / "class0" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    cfg = folder_config(tmp_path / "runs", videos, epochs=1, num_workers=workers)
+    Trainer(cfg).fit()
+    log = (tmp_path / "runs" / "run" / "train.log").read_text()
+    assert "skipping unreadable clip" in log and "broken.mp4" in log
+    assert "1 unreadable clip(s) skipped" in log

@@ -240,7 +240,8 @@ def test_export_to_a_folder_or_from_a_missing_file_leaves_nothing(tmp_path, caps
     (tmp_path / "out").mkdir()
     assert main(["export", str(tmp_path / "c.pth"), "--onnx", str(tmp_path / "out")]) == 1
     assert "is a folder" in error_line(capsys)
-    assert main(["export", str(tmp_path / "missing.pth"), "--pt2", str(tmp_path / "m.pt2")]) == 1
+    # An input file that cannot be read: 2, as for predict, evaluate and train.
+    assert main(["export", str(tmp_path / "missing.pth"), "--pt2", str(tmp_path / "m.pt2")]) == 2
     assert "missing.pth" in error_line(capsys)
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no output, no temp file
 
@@ -259,3 +260,35 @@ def test_a_failed_export_keeps_the_previous_file(tmp_path, capsys, monkeypatch):
     assert "the exporter failed" in error_line(capsys)
     assert target.read_bytes() == b"previous"
     assert sorted(os.listdir(tmp_path)) == ["c.pth", "m.pt2"]
+
+
+# --- the exports given to the other commands ------------------------------------------------------
+
+def test_predict_says_a_pt2_program_is_not_what_it_takes(exported, tmp_path, capsys):
+    from video_runs import write_clip
+    video = tmp_path / "a.mp4"
+    write_clip(video, 0, 6, seed=1)
+    program = exported["pt2"]
+    renamed = tmp_path / "model.pth"  # recognised by its content, not its name
+    renamed.write_bytes(program.read_bytes())
+    for path in (program, renamed):
+        assert main(["predict", str(path), str(video), "--no-progress", "--num-workers", "0"]) == 2
+        line = error_line(capsys)
+        assert line.startswith("error: %s: a torch.export program (.pt2" % path), line
+        assert "`predict` and `export --onnx/--pt2` also read the .safetensors weights" in line
+        assert "torch.export.load(path).module()" in line
+        assert "data.pkl" not in line and "unreadable" not in line
+    # What it names instead: the .safetensors of the same export predicts.
+    assert main(["predict", str(exported["safetensors"]), str(video), "--no-progress",
+                 "--num-workers", "0"]) == 0
+    assert capsys.readouterr().out.startswith(str(video))
+
+
+def test_verify_and_inspect_take_the_safetensors_of_an_export(exported, capsys):
+    weights = str(exported["safetensors"])
+    assert main(["verify", weights]) == 0
+    assert capsys.readouterr().out.splitlines() == ["OK   w.safetensors", "1 file checked, 0 bad"]
+    assert main(["inspect", weights]) == 0
+    out = capsys.readouterr().out
+    assert "safetensors format" in out and "classes: 5 (%s)" % ", ".join(CLASSES) in out
+    assert "epoch 3" in out and "source best.pth" in out and "fits CNNLSTM(" in out

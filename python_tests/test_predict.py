@@ -315,6 +315,21 @@ def test_predict_names_a_missing_input_or_checkpoint(run, capsys, tmp_path):
     assert rc == 2 and "no video files or frame folders" in err
 
 
+def test_predict_names_a_torch_export_program_and_what_it_takes(run, capsys, tmp_path):
+    class Double(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    _, _, new = run
+    program = torch.export.export(Double(), (torch.randn(2, 3),))
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    rc, out, err = _predict(capsys, tmp_path / "model.pt2", new / "a.mp4")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: %s: a torch.export program (.pt2" % (tmp_path / "model.pt2"))
+    assert "checkpoint (.pth)" in err and ".safetensors weights" in err
+    assert "torch.export.load(path).module()" in err and "data.pkl" not in err
+
+
 def test_predict_refuses_a_checkpoint_with_nan_weights(run, capsys, tmp_path):
     ckpt, _, new = run
     state = torch.load(ckpt, weights_only=True)

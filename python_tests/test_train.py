@@ -76,8 +76,8 @@ def test_config_overrides_are_typed():
 
 @pytest.mark.parametrize("override,match", [
     ("train.epoch=3", "unknown key train.epoch"), ("trian.epochs=3", "unknown config section"),
-    ("train.epochs=many", "expects a int"), ("data.hflip=2", "true or false"),
-    ("epochs=3", "section.key=value"), ("data.resize_to=big", "data.resize_to expects a int"),
+    ("train.epochs=many", "expects an int"), ("data.hflip=2", "true or false"),
+    ("epochs=3", "section.key=value"), ("data.resize_to=big", "data.resize_to expects an int"),
 ])
 def test_config_override_errors_name_the_field(override, match):
     with pytest.raises(ValueError, match=match):

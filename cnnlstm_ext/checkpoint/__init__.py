@@ -14,6 +14,8 @@ A checkpoint is a `torch.save` dict of plain Python types and tensors, so that
   `best_metrics`, a bare state dict, a `module.` prefix), renames keys with `key_map` rules, says
   exactly which keys do not fit, and places optimizer moments by parameter name.
 - `verify_checkpoint` lists what is wrong with a file; `inspect_checkpoint` says what it holds.
+  Both also take the safetensors weights of `cnnlstm-ext export --safetensors`; every reader
+  names a torch.export program (.pt2) or safetensors file given as a checkpoint as such.
 
 The modules, each importing only those above it:
 
@@ -22,6 +24,7 @@ The modules, each importing only those above it:
     legacy.py   aliases (normalize_checkpoint), strip_prefixes, key maps
     inspect.py  describe_state_dict, canonical_names, inspect_checkpoint
     io.py       save_checkpoint, load_checkpoint (optimizer moments by parameter name)
+    safetensors_file.py  the safetensors files of export: header, checks, description
     verify.py   verify_checkpoint, nonfinite_tensors
 
 (inspect.py reads the backbones of cnnlstm_ext/models/cnnlstm.py, which imports inspect.py, when
@@ -32,13 +35,15 @@ first called, not while loading.)
 from .integrity import INTEGRITY_KEY, compute_integrity, integrity_problems  # noqa: F401
 from .format import (BEST_FIELDS, CHECKPOINT_SUFFIXES, HISTORY_FIELDS, METRIC_FIELDS,  # noqa: F401
                      CheckpointError, CheckpointMismatchError, CheckpointWriteError, atomic_write,
-                     epoch_from_name, find_checkpoints, read_checkpoint, remove_stale_temp_files)
+                     epoch_from_name, file_format, find_checkpoints, read_checkpoint,
+                     remove_stale_temp_files)
 from .legacy import (HISTORY_KEYS, MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS,  # noqa: F401
                      apply_key_map, invert_key_map, normalize_checkpoint, parse_key_map,
                      strip_prefixes)
 from .inspect import (canonical_names, describe_state_dict, expected_file_bytes,  # noqa: F401
                       inspect_checkpoint, is_buffer_name)
 from .io import load_checkpoint, save_checkpoint
+from .safetensors_file import inspect_safetensors, verify_safetensors  # noqa: F401
 from .verify import nonfinite_tensors, verify_checkpoint  # noqa: F401
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "save_checkpoint", "load_checkpoint",

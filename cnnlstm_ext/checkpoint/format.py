@@ -8,7 +8,9 @@ that `torch.load(path, weights_only=True)` reads it in a script that knows nothi
 
 - `read_checkpoint`: torch.load(weights_only=True), with errors that say what is wrong with a file,
   and the checks of integrity.py (the file's checksum record, or the zip CRCs of a file without
-  one). Every failure to read a file is a CheckpointError naming the file.
+  one). Every failure to read a file is a CheckpointError naming the file; the other files of
+  this package's commands (a torch.export program `.pt2`, safetensors weights) are recognised by
+  their content and named as such, with what reads them.
 - `atomic_write`: temp file in the same folder, fsync, rename; removes stale temp files of its
   own naming; a failed write is a CheckpointWriteError (also an OSError).
 - `epoch_from_name`, `find_checkpoints`: a run's files by the existing run's names.
@@ -39,6 +41,9 @@ METRIC_FIELDS = ("val_acc", "val_f1", "train_loss", "lr", "train_acc", "val_loss
 BEST_FIELDS = ("best_val_acc", "best_val_f1", "best_epoch")
 # First bytes of a torch.save file: a zip archive (torch >= 1.6), or a bare pickle (older).
 _ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+# A safetensors file: the header's length (8 bytes, little-endian, at most safetensors' own limit
+# of 100 MB), then the header, a JSON object.
+SAFETENSORS_MAX_HEADER = 100_000_000
 
 
 class CheckpointError(RuntimeError):
@@ -129,13 +134,63 @@ def _scalar(value):
 # --- reading -------------------------------------------------------------------------------------
 
 def _file_kind(path):
+    """"zip" (torch.save, or another zip archive), "legacy" (a bare pickle), "safetensors" or
+    "unknown", from the file's first bytes."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head == _ZIP_MAGIC:
+        head = f.read(9)
+    # Before the pickle test: a header length whose low byte is 0x80 starts like a pickle.
+    if len(head) == 9 and head[8:9] == b"{" \
+            and int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER:
+        return "safetensors"
+    if head[:4] == _ZIP_MAGIC:
         return "zip"
     if head[:1] == _PICKLE_MAGIC:
         return "legacy"
     return "unknown"
+
+
+def file_format(path) -> str:
+    """What a file is, by its content: "checkpoint" (a torch.save zip archive), "legacy" (torch's
+    pre-1.6 pickle format), "pt2" (a torch.export program, `cnnlstm-ext export --pt2`),
+    "safetensors" (weights, `cnnlstm-ext export --safetensors`) or "unknown". Raises OSError when
+    the file cannot be opened."""
+    kind = _file_kind(path)
+    if kind == "zip":
+        return "pt2" if _is_pt2_archive(path) else "checkpoint"
+    return kind
+
+
+def _is_pt2_archive(path) -> bool:
+    """A zip archive holding a torch.export program, as torch.export.save writes it: the record
+    `<archive>/archive_format` reads "pt2" (torch >= 2.6, also AOTInductor packages), or the
+    archive holds `serialized_exported_program.json` (older torch). False for anything else,
+    a damaged archive included (reading it then says what is wrong)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                parts = info.filename.split("/")
+                if len(parts) > 2:
+                    continue
+                if parts[-1] == "serialized_exported_program.json":
+                    return True
+                if parts[-1] == "archive_format" and info.file_size <= 64:
+                    return zf.read(info).strip() == b"pt2"
+    except Exception:
+        return False
+    return False
+
+
+# What reads the files that are not checkpoints (the messages of read_checkpoint).
+_PT2_MESSAGE = (
+    "%s: a torch.export program (.pt2, as `cnnlstm-ext export --pt2` writes), not a checkpoint: "
+    "commands read a checkpoint (.pth); `predict` and `export --onnx/--pt2` also read the "
+    ".safetensors weights that `cnnlstm-ext export --safetensors` writes. Run a .pt2 program in "
+    "Python: `import cnnlstm_ext` (its ops), then `torch.export.load(path).module()(clips)`")
+_SAFETENSORS_MESSAGE = (
+    "%s: safetensors weights (as `cnnlstm-ext export --safetensors` writes), not a torch.save "
+    "checkpoint: `predict` and `export --onnx/--pt2` read it as a model (named *.safetensors), "
+    "`inspect` and `verify` check it; `train --resume`, `evaluate` and `export --safetensors` "
+    "need a checkpoint (.pth)")
 
 
 def _one_line(e) -> str:
@@ -206,10 +261,14 @@ def _read(path, map_location="cpu", mmap=False, check_integrity=True, crc=True):
         raise CheckpointError("%s: cannot be read: %s" % (path, _one_line(e))) from None
     if size == 0:
         raise CheckpointError("%s: empty file (0 bytes)" % path)
+    if kind == "safetensors":
+        raise CheckpointError(_SAFETENSORS_MESSAGE % path)
     if kind == "zip" and not _is_zipfile(path):
         raise CheckpointError("%s: truncated (%s bytes): its zip archive has no end record, so "
                               "the write stopped before the file was complete"
                               % (path, f"{size:,}"))
+    if kind == "zip" and _is_pt2_archive(path):  # torch.load would call it corrupt (no data.pkl)
+        raise CheckpointError(_PT2_MESSAGE % path)
     if kind == "unknown":
         raise CheckpointError("%s: not a torch.save file (it starts with neither a zip nor a "
                               "pickle header)" % path)

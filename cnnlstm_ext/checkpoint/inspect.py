@@ -364,8 +364,18 @@ def expected_file_bytes(info, moments=2) -> int:
 
 def inspect_checkpoint(path, check_integrity=True) -> dict:
     """What a checkpoint holds, as a plain dict (tensor data is mapped, and read only to check
-    the file's checksum; check_integrity=False skips that)."""
+    the file's checksum; check_integrity=False skips that).
+
+    A safetensors file (`cnnlstm-ext export --safetensors`, recognised by its content) gets
+    safetensors_file.inspect_safetensors' dict instead: "format" says which."""
     path = os.fspath(path)
+    try:
+        safetensors = os.path.isfile(path) and _file_kind(path) == "safetensors"
+    except OSError:
+        safetensors = False  # read_checkpoint says why the file cannot be read
+    if safetensors:
+        from .safetensors_file import inspect_safetensors  # it imports this module
+        return inspect_safetensors(path)
     raw = read_checkpoint(path, mmap=True, check_integrity=check_integrity)
     ckpt = normalize_file_content(path, raw)
     size = os.path.getsize(path)

@@ -11,6 +11,7 @@ from .format import CheckpointError, _file_kind, _one_line, _read, epoch_from_na
 from .inspect import is_buffer_name
 from .io import _check_moments, _saved_param_names, _UnmatchedOptimizer
 from .legacy import normalize_checkpoint
+from .safetensors_file import verify_safetensors
 
 
 def nonfinite_tensors(named: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
@@ -35,8 +36,10 @@ def verify_checkpoint(path) -> List[str]:
     Checks: readable and complete (zip end record, CRC of every member), its checksum record
     (integrity.py) when it has one, a model state dict, optimizer state with moments shaped like
     the parameters, no NaN/Inf in weights or moments, a finite train loss, and an epoch that
-    agrees with the file name. Never raises: a file that cannot be read or checked gets one line
-    saying why.
+    agrees with the file name. A safetensors file (`cnnlstm-ext export --safetensors`, recognised
+    by its content) gets the checks of safetensors_file.verify_safetensors: its header, every
+    tensor's bytes within the file, the metadata export writes, NaN/Inf. Never raises: a file
+    that cannot be read or checked gets one line saying why.
     """
     path = os.fspath(path)
     try:
@@ -49,7 +52,10 @@ def verify_checkpoint(path) -> List[str]:
 
 def _verify(path):
     try:
-        if _file_kind(path) == "zip":
+        kind = _file_kind(path) if os.path.isfile(path) else None
+        if kind == "safetensors":
+            return verify_safetensors(path)
+        if kind == "zip":
             if not zipfile.is_zipfile(path):
                 _read(path)  # raises the truncation message
             with zipfile.ZipFile(path) as zf:

@@ -87,8 +87,9 @@ def run(args) -> int:
                                                   " (this process's share of %d)" % world
                                                   if world > 1 else ""))
         print("size           %.1f MB" % (size / 1e6))
-        if summary["failed"]:
-            print("unreadable     %d (training skips them; see the warnings above)"
-                  % summary["failed"])
+        unreadable = cache.unreadable(records)
+        if unreadable:
+            print("unreadable     %d (training skips them; retried when their file changes)%s"
+                  % (unreadable, "; see the warnings above" if summary["failed"] else ""))
         print("train with     --set data.cache=%s" % d.cache)
     return 0

@@ -13,13 +13,18 @@ lengths [B] (int64, each in [1, T]). The ONNX file uses standard operators only 
 runs it without this package); the .pt2 program (torch.export) keeps this package's fused ops,
 so `import cnnlstm_ext` before `torch.export.load`. Both carry the class names and the
 preprocessing (frames, frame size, resize, mean, std) as metadata.
+
+Exit status: 0 written; 2 bad options, or an input file that cannot be read or is not a model's
+checkpoint (as for predict, evaluate and train); 1 an output that cannot be written or an export
+that fails.
 """
+import contextlib
 import json
 import os
 import sys
 
-from ..checkpoint import (CheckpointError, apply_key_map, atomic_write, describe_state_dict,
-                          normalize_checkpoint, read_checkpoint)
+from ..checkpoint import (CheckpointError, CheckpointWriteError, apply_key_map, atomic_write,
+                          describe_state_dict, normalize_checkpoint, read_checkpoint)
 
 
 def add_arguments(parser):
@@ -50,8 +55,20 @@ def add_arguments(parser):
 
 def export_safetensors(path, out, key_map=None, check_integrity=True) -> dict:
     """Write path's model weights to `out` (safetensors); returns the metadata written."""
+    return write_safetensors(out, *safetensors_content(path, key_map, check_integrity))
+
+
+def write_safetensors(out, tensors, metadata) -> dict:
+    """safetensors_content's (tensors, metadata) written to `out` atomically; returns metadata."""
     from safetensors.torch import save
 
+    data = save(tensors, metadata=metadata)
+    atomic_write(out, lambda f: f.write(data))
+    return metadata
+
+
+def safetensors_content(path, key_map=None, check_integrity=True):
+    """(tensors, string metadata) of the safetensors export of path's model weights."""
     ckpt = normalize_checkpoint(read_checkpoint(path, mmap=True, check_integrity=check_integrity))
     sd = ckpt["model_state_dict"]
     if sd is None:
@@ -78,9 +95,27 @@ def export_safetensors(path, out, key_map=None, check_integrity=True) -> dict:
         metadata["classes"] = json.dumps([str(c) for c in state["classes"]])
     if info["cnnlstm_config"]:
         metadata["cnnlstm_config"] = json.dumps(info["cnnlstm_config"])
-    data = save(tensors, metadata=metadata)
-    atomic_write(out, lambda f: f.write(data))
-    return metadata
+    return tensors, metadata
+
+
+class _UnusableInput(Exception):
+    """The input file cannot be read or is not a model's checkpoint (exit 2)."""
+
+
+@contextlib.contextmanager
+def _reading_input():
+    """Failures to read the input file become _UnusableInput: missing, unreadable, truncated, not
+    a checkpoint (a .pt2, safetensors where a checkpoint is needed), weights that do not fit."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise _UnusableInput(str(e)) from e
+
+
+def _error(e) -> None:
+    print("error: %s" % " ".join(str(e).split()), file=sys.stderr)
 
 
 def deployment_metadata(model, source: str, lengths: bool) -> dict:
@@ -121,7 +156,7 @@ def run(args) -> int:
     try:
         _check_arguments(args)
     except ValueError as e:  # a usage error
-        print("error: %s" % " ".join(str(e).split()), file=sys.stderr)
+        _error(e)
         return 2
     try:
         for flag in ("safetensors", "onnx", "pt2"):  # before anything is read or traced
@@ -131,14 +166,20 @@ def run(args) -> int:
                     raise ValueError("--%s %s is a folder; give a file name" % (flag, out))
                 check_output_dir(os.path.dirname(os.path.abspath(out)), "--" + flag)
         if args.safetensors:
-            metadata = export_safetensors(args.file, args.safetensors, args.key_map or None,
-                                          check_integrity=args.check_integrity)
+            with _reading_input():
+                content = safetensors_content(args.file, args.key_map or None,
+                                              check_integrity=args.check_integrity)
+            metadata = write_safetensors(args.safetensors, *content)
+            del content
             print("wrote %s (%s parameters, epoch %s)" % (
                 args.safetensors, f"{int(metadata['param_count']):,}", metadata.get("epoch", "?")))
         if args.onnx or args.pt2:
             _export_model(args)
+    except _UnusableInput as e:  # an unreadable input file: 2, as for predict, evaluate and train
+        _error(e)
+        return 2
     except (CheckpointError, OSError, ValueError, TypeError, RuntimeError) as e:
-        print("error: %s" % " ".join(str(e).split()), file=sys.stderr)
+        _error(e)
         return 1
     return 0
 
@@ -151,8 +192,9 @@ def _export_model(args) -> None:
     from ..ops import _require_kernels
 
     _require_kernels("export")  # before the checkpoint is read: the export needs the ops
-    model = load_model(args.file, key_map=list(args.key_map) or None,
-                       check_integrity=args.check_integrity and not args.safetensors)
+    with _reading_input():
+        model = load_model(args.file, key_map=list(args.key_map) or None,
+                           check_integrity=args.check_integrity and not args.safetensors)
     frames = args.frames or int(model.preprocessing["num_frames"])
     size = args.frame_size or int(model.preprocessing["frame_size"])
     metadata = deployment_metadata(model, args.file, args.lengths)

@@ -16,7 +16,9 @@ probability}], error}) or --csv (path, clips, top1, p1, ..., error). A file that
 gets its error (and a line on stderr) while the other videos still get predictions, as does an
 input that gives no video (a missing path, a glob with no match, a file that is not a video, a
 folder without videos); the exit status is then 1 (0: every video predicted, 2: nothing to
-predict, bad options or an unusable checkpoint). A folder is one video of frames when it holds
+predict, bad options or an unusable checkpoint: unreadable, NaN/Inf weights, or not a checkpoint,
+e.g. the .pt2 program of `export --pt2`, which runs with torch.export.load(path).module()).
+A folder is one video of frames when it holds
 images and no video file at any depth; otherwise it is searched. A video named twice comes once.
 """
 import csv
@@ -26,7 +28,8 @@ import sys
 
 
 def add_arguments(parser):
-    parser.add_argument("checkpoint", help="checkpoint (.pth, or .safetensors from export)")
+    parser.add_argument("checkpoint", help="checkpoint (.pth, or .safetensors from export; "
+                                           "not a .pt2 program)")
     parser.add_argument("inputs", nargs="+", metavar="VIDEO|FOLDER|GLOB",
                         help="video files, frame folders, folders to search, glob patterns")
     parser.add_argument("--top", type=int, default=5, metavar="K",

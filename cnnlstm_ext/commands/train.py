@@ -131,8 +131,8 @@ def build_config(args):
     named the run folder.
     """
     from ..checkpoint import normalize_checkpoint, read_checkpoint
-    from ..train.config import (Config, apply_dict, apply_overrides, config_from_checkpoint,
-                                load_config_file)
+    from ..train.config import (Config, absolute_data_paths, apply_dict, apply_overrides,
+                                config_from_checkpoint, load_config_file)
 
     cfg = Config()
     key_map = list(args.key_map) or None
@@ -163,6 +163,7 @@ def build_config(args):
     if args.no_progress:
         t.progress = False
     apply_overrides(cfg, args.overrides)
+    absolute_data_paths(cfg)
     explicit = bool(args.run_name or args.output_dir or any(
         o.startswith(("train.run_name=", "train.output_dir=")) for o in args.overrides))
     return cfg, key_map, explicit
@@ -237,8 +238,13 @@ def run(args) -> int:
             if args.resume:
                 trainer.resume(args.resume, key_map=key_map, optim_changes=_optim_fields_set(args),
                                check_integrity=False)
+            if ctx.is_main:
+                _create_run_folder(trainer.ckpt_dir)
         except (ValueError, OSError, MemoryError, RuntimeError, CheckpointError) as e:
-            print("error: %s" % _one_line(e), file=sys.stderr)
+            hint = ("; the resumed run's config names it (runs before this version kept "
+                    "relative paths, read from the current folder): give --data PATH"
+                    if args.resume and isinstance(e, FileNotFoundError) else "")
+            print("error: %s%s" % (_one_line(e), hint), file=sys.stderr)
             return 2
         try:
             with _stop_on_sigterm(trainer):
@@ -266,6 +272,19 @@ def run(args) -> int:
         return 1 if result["stop_reason"] == "diverged" else 0
     finally:
         shutdown_distributed(ctx)
+
+
+def _create_run_folder(path) -> None:
+    """Create the run's checkpoint folder before the run starts (the trainer would at its first
+    epoch), so that one the system refuses (a path under /proc, a name too long, a folder removed
+    meanwhile) is a ValueError saying what could not be created and why, not a bare OSError."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        reason = e.strerror or _one_line(e)
+        if e.filename and os.path.abspath(os.fsdecode(e.filename)) != os.path.abspath(path):
+            reason += " (%s)" % os.fsdecode(e.filename)
+        raise ValueError("cannot create the run folder %s: %s" % (path, reason)) from None
 
 
 @contextlib.contextmanager
@@ -309,7 +328,8 @@ def _print_result(result) -> None:
     m = result.get("final_metrics") or {}
     print("")
     print("run folder     %s" % run_dir)
-    print("stopped        %s after %d epochs" % (result["stop_reason"], result["epochs_completed"]))
+    n = result["epochs_completed"]
+    print("stopped        %s after %d epoch%s" % (result["stop_reason"], n, "" if n == 1 else "s"))
     if result.get("best_epoch") is not None:
         print("best epoch     %d: val acc %.4f, macro-F1 %.4f, top-%d %.4f"
               % (result["best_epoch"], m.get("acc", float("nan")), m.get("f1", float("nan")),

@@ -5,6 +5,11 @@ has no model or optimizer state, has optimizer moments that do not match the par
 holds NaN/Inf in weights or moments, records a NaN/Inf train loss, or holds another epoch than its
 name says. For a folder, files whose size is far from their siblings' median are also noted.
 Every tensor is read once (memory-mapped, one file at a time).
+
+A .safetensors file of `cnnlstm-ext export --safetensors` (recognised by its content) is sound when
+its header reads, every tensor's bytes lie within the file and fit its dtype and shape, the
+metadata export writes (epoch, metrics, parameter count, classes, config) is well formed and fits
+the tensors, and no tensor holds NaN/Inf.
 """
 import os
 import statistics
@@ -15,7 +20,8 @@ _SIZE_TOLERANCE = 0.02
 
 
 def add_arguments(parser):
-    parser.add_argument("path", help="a checkpoint file or a folder of them")
+    parser.add_argument("path", help="a checkpoint file (or a .safetensors export) or a folder "
+                                     "of checkpoints")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the bad files")
 
 

@@ -15,8 +15,10 @@ Writers never leave a damaged cache: each clip file is written under a temporary
 (atomic), and the index is read, merged and replaced (also by rename) under a lock, so
 processes building the same cache at the same time (the ranks of a torchrun job, two commands on
 a shared filesystem) each add their entries; an entry whose index update was lost is only decoded
-again next time. A clip file that is truncated, or a cache of another format version, is refused
-with a CacheError that says to rebuild it (`cnnlstm-ext cache --rebuild`).
+again next time. An update (build_cache: `cnnlstm-ext cache`, or training with data.cache, which
+updates first) decodes again an entry whose clip file is missing or truncated. A damaged index, a
+cache of another format version, or a clip file found truncated when training reads it, is
+refused with a CacheError that says to rebuild it (`cnnlstm-ext cache --rebuild`).
 """
 import hashlib
 import json
@@ -276,6 +278,12 @@ class ClipCache:
 
     def entry(self, record) -> Optional[dict]:
         return self.entries.get(entry_key(record.path, record.start, record.end))
+
+    def unreadable(self, records) -> int:
+        """How many of `records` (counted once each) have an entry that holds a decoding
+        error: the clips training skips, whenever they were decoded."""
+        keys = {entry_key(r.path, r.start, r.end) for r in records}
+        return sum(1 for k in keys if "error" in self.entries.get(k, {}))
 
     def frames(self, record) -> np.ndarray:
         """All frames of `record`'s clip: a read-only memory map `[n, H, W, 3]` uint8."""

@@ -187,6 +187,11 @@ class VideoFolder(Dataset):
             raise ValueError("no %sclips of %s found under %s (%d listed videos missing)"
                              % ("" if split is None else split + " ", json_file, video_root,
                                 len(missing)))
+        if missing:  # (public copies of WLASL lack some of its videos)
+            logging.getLogger("cnnlstm_ext.data").warning(
+                "%s: %d of the %slisted videos are not under %s and are left out: %s%s",
+                json_file, len(missing), "" if split is None else split + " split's ",
+                video_root, ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "")
         ds = cls(video_root, records=records, classes=classes, **kwargs)
         ds.missing = missing
         return ds

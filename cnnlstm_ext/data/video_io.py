@@ -370,7 +370,12 @@ def read_frame_folder(folder: str, start: int = 0, end: Optional[int] = None,
 
     files = list_frame_images(folder)[start:end]
     if not files:
-        raise ClipReadError("no frame images (%s) in %s" % (", ".join(IMAGE_EXTENSIONS), folder))
+        videos = sum(1 for n in os.listdir(folder) if is_video_file(n)) if start == 0 else 0
+        hint = ("; it holds %d video file(s): to read each of them, expand the folder with "
+                "cnnlstm_ext.inference.find_videos([folder]), as cnnlstm-ext predict does"
+                % videos) if videos else ""
+        raise ClipReadError("no frame images (%s) in %s%s"
+                            % (", ".join(IMAGE_EXTENSIONS), folder, hint))
     indices = range(len(files)) if select is None else [int(i) for i in select(len(files))]
     arrays = []
     for i in indices:

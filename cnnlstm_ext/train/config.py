@@ -191,7 +191,9 @@ def _coerce(value, current, where: str, hint=None):
     if isinstance(current, int) and isinstance(value, float) and value.is_integer():
         return int(value)
     if current is not None and value is not None and not isinstance(value, type(current)):
-        raise ValueError("%s expects a %s, got %r" % (where, type(current).__name__, value))
+        name = type(current).__name__
+        raise ValueError("%s expects a%s %s, got %r" % (where, "n" if name[0] in "aeiou" else "",
+                                                        name, value))
     return value
 
 
@@ -247,6 +249,18 @@ def load_config_file(path: str) -> Dict[str, Any]:
                             " ".join(str(e).split()))) from e
     except UnicodeDecodeError as e:
         raise ValueError("config file %s is not text: %s" % (path, e)) from e
+
+
+# The data config's paths. A run makes them absolute when it starts: the config saved with the run
+# (and in its checkpoints) then names the same files when the run is resumed from another folder.
+DATA_PATHS = ("root", "annotations", "cache", "feature_cache")
+
+
+def absolute_data_paths(cfg: "Config") -> None:
+    for name in DATA_PATHS:
+        value = getattr(cfg.data, name)
+        if isinstance(value, str) and value:
+            setattr(cfg.data, name, os.path.abspath(os.path.expanduser(value)))
 
 
 def check_output_dir(path: str, what: str) -> None:

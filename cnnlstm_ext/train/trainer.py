@@ -51,6 +51,7 @@ from .guards import (EarlyStopping, NonFiniteGuard, RollbackRequired, nonfinite_
 from .metrics import ClassificationMeter
 
 log = logging.getLogger("cnnlstm_ext.train")
+_package_log = logging.getLogger("cnnlstm_ext")
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "val_top5",
                 "lr", "epoch_time", "clips_per_s", "skipped_steps", "data_clips_per_s",
@@ -408,7 +409,7 @@ class Trainer:
         if self.ctx.is_main:
             log.info("clip cache %s: %d clips at short side %d (%d decoded now, %d unreadable)",
                      d.cache, summary["entries"], cache.short_side, summary["built"],
-                     summary["failed"])
+                     cache.unreadable(records))
         for ds in videos:
             ds.cache = cache
 
@@ -840,7 +841,9 @@ class Trainer:
             save_config(self.cfg, os.path.join(self.run_dir, "config.json"))
             self._log_handler = logging.FileHandler(os.path.join(self.run_dir, "train.log"))
             self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            log.addHandler(self._log_handler)
+            # On the package's logger: the data path's warnings (a skipped clip, named by its
+            # file) reach train.log too, from loader workers as well (they fork with it).
+            _package_log.addHandler(self._log_handler)
             if log.level == logging.NOTSET or log.level > logging.INFO:
                 log.setLevel(logging.INFO)
             if self.cfg.train.tensorboard:
@@ -858,7 +861,7 @@ class Trainer:
             self._writer.close()
             self._writer = None
         if self._log_handler is not None:
-            log.removeHandler(self._log_handler)
+            _package_log.removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
 
@@ -926,12 +929,13 @@ class Trainer:
 
     def _log_epoch(self, row: Dict[str, Any], improved: bool) -> None:
         t = self.cfg.train
-        msg = ("epoch %d/%d  train loss %s acc %s | val loss %s acc %s f1 %s top5 %s | lr %.3g | "
+        # (val_top5 is the top-k accuracy with k = min(5, classes), as the final line says)
+        msg = ("epoch %d/%d  train loss %s acc %s | val loss %s acc %s f1 %s top%d %s | lr %.3g | "
                "%.0f clips/s, %.1f s" % (row["epoch"], t.epochs, _fmt(row["train_loss"]),
                                         _fmt(row["train_acc"]), _fmt(row["val_loss"]),
                                         _fmt(row["val_acc"]), _fmt(row["val_f1"]),
-                                        _fmt(row["val_top5"]), row["lr"], row["clips_per_s"],
-                                        row["epoch_time"]))
+                                        min(5, self.num_classes), _fmt(row["val_top5"]),
+                                        row["lr"], row["clips_per_s"], row["epoch_time"]))
         if improved:
             msg += "  * new best %s" % self.early.monitor
         elif self.early.best is not None:
