@@ -91,9 +91,9 @@ def _architecture_lines(a) -> list:
             x["in_features"], x["out_features"], x["prefix"]), _num(x["params"])))
     if a["lstm"]:
         x = a["lstm"]
-        lines.append("  lstm        %-52s %12s" % ("%d layers x %d direction%s, input %d, "
+        lines.append("  lstm        %-52s %12s" % ("%d layer%s x %d direction%s, input %d, "
                                                    "hidden %d under %s" % (
-            x["num_layers"], 2 if x["bidirectional"] else 1,
+            x["num_layers"], "" if x["num_layers"] == 1 else "s", 2 if x["bidirectional"] else 1,
             "s" if x["bidirectional"] else "", x["input_size"], x["hidden_size"],
             x["prefix"] or "(top level)"), _num(x["params"])))
     x = a["temporal_pool"]
