@@ -37,11 +37,13 @@ PREPROCESSING_FIELDS = ("num_frames", "frame_size", "resize_to", "mean", "std")
 
 def _read_weights(path: str, check_integrity: bool):
     """(state dict, saved config dict or None, class names or None) of a checkpoint file."""
-    from .checkpoint import CheckpointError, normalize_checkpoint, read_checkpoint
+    from .checkpoint import CheckpointError, file_format, normalize_checkpoint, read_checkpoint
 
-    if str(path).lower().endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError("checkpoint not found: %s" % path)
+    named = str(path).lower().endswith(".safetensors")
+    if named and not os.path.isfile(path):
+        raise FileNotFoundError("checkpoint not found: %s" % path)
+    # safetensors weights by their name or by their content (whatever the file is named)
+    if named or (os.path.isfile(path) and file_format(path) == "safetensors"):
         from safetensors import SafetensorError, safe_open
         try:
             with safe_open(path, framework="pt") as f:

@@ -197,7 +197,7 @@ def test_inspect_reads_the_architecture(legacy_dir, capsys):
     assert cli(["inspect", "--json", str(legacy_dir / "checkpoint_epoch_0002.pth")]) == 0
     assert json.loads(capsys.readouterr().out)["epoch"] == 2
     assert cli(["inspect", str(legacy_dir / "checkpoint_epoch_0003.pth")]) == 2
-    assert "truncated" in capsys.readouterr().out
+    assert "truncated" in capsys.readouterr().err  # (errors on stderr, as every command's)
 
 
 # --- save ----------------------------------------------------------------------------------------
@@ -765,13 +765,13 @@ def test_verify_and_inspect_name_a_truncated_safetensors_file(tmp_path, capsys):
     assert "BAD  cut.safetensors" in text and "truncated: the bytes of " in text
     assert "lie beyond its end" in text and "not a torch.save file" not in text
     assert cli(["inspect", str(cut)]) == 2
-    text = capsys.readouterr().out
+    text = capsys.readouterr().err
     assert text.startswith("error: %s: truncated" % cut) and text.count("\n") == 1
     head = tmp_path / "head.safetensors"
     head.write_bytes(data[:200])  # the write stopped inside the header
     assert "its header alone takes" in verify_checkpoint(head)[0]
     assert cli(["inspect", str(head)]) == 2
-    assert "truncated" in capsys.readouterr().out
+    assert "truncated" in capsys.readouterr().err
 
 
 def test_verify_checks_the_metadata_and_the_values_of_a_safetensors_file(tmp_path):

@@ -546,9 +546,10 @@ def test_inspect_checks_the_checksum_unless_told_not_to(tmp_path, capsys, flag, 
     region = zip_regions(path)["tensor"][0]
     flip(path, region[0] + 1, 3, path)
     assert cli.main(["inspect", str(path), *flag]) == rc
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     if rc:
-        assert out.startswith("error: ") and str(path) in out
+        assert captured.err.startswith("error: ") and str(path) in captured.err and not out
     else:
         assert "checksum: sha256 (not checked)" in out
 

@@ -109,6 +109,10 @@ def test_load_model_of_an_exported_safetensors_file_needs_nothing_else(ours, tmp
     x = _clips()
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    renamed = tmp_path / "elsewhere" / "weights.pth"  # read by its content, whatever its name
+    os.replace(moved, renamed)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(renamed)(x), reference(x), rtol=0, atol=0)
 
 
 def test_from_state_dict_reads_safetensors_sorted_keys(ours, tmp_path):

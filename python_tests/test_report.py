@@ -239,7 +239,7 @@ def test_summarize_cli(run_dir, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     assert cli(["summarize", str(tmp_path / "empty")]) == 1
-    assert "no checkpoint files" in capsys.readouterr().out
+    assert "no checkpoint files" in capsys.readouterr().err
     assert cli(["summarize", str(tmp_path / "nowhere")]) == 1
     assert cli(["summarize", str(run_dir), "--patience", "0"]) == 2
 

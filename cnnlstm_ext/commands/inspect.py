@@ -9,6 +9,7 @@ Tensor data is memory-mapped, not read: inspecting a large file is fast. Exit st
 file cannot be read or is not a checkpoint (as for predict, evaluate and export).
 """
 import json
+import sys
 
 from ..checkpoint import CheckpointError, canonical_names, inspect_checkpoint
 
@@ -165,7 +166,7 @@ def run(args) -> int:
     try:
         report = inspect_checkpoint(args.file, check_integrity=args.check_integrity)
     except (CheckpointError, FileNotFoundError) as e:
-        print("error: %s" % " ".join(str(e).split()))
+        print("error: %s" % " ".join(str(e).split()), file=sys.stderr)
         return 2  # an unreadable input file: 2, as for predict, evaluate, train and export
     if args.json:
         print(json.dumps(report, indent=1, default=str))

@@ -30,13 +30,13 @@ def add_arguments(parser):
 
 def run(args) -> int:
     if args.patience < 1:
-        print("error: --patience must be at least 1")
+        print("error: --patience must be at least 1", file=sys.stderr)
         return 2
     try:
         path = summarize(args.dir, args.out, patience=args.patience,
                          check_weights=args.check_weights)
     except (FileNotFoundError, NotADirectoryError, CheckpointError) as e:
-        print("error: %s" % e)
+        print("error: %s" % e, file=sys.stderr)
         return 1
     print("wrote %s" % path)
     import json

@@ -13,6 +13,7 @@ the tensors, and no tensor holds NaN/Inf.
 """
 import os
 import statistics
+import sys
 
 from ..checkpoint import find_checkpoints, verify_checkpoint
 
@@ -29,12 +30,13 @@ def run(args) -> int:
     if os.path.isdir(args.path):
         files = find_checkpoints(args.path)
         if not files:
-            print("error: no checkpoint files (*.pth, *.pt, *.ckpt, *.tar) in %s" % args.path)
+            print("error: no checkpoint files (*.pth, *.pt, *.ckpt, *.tar) in %s" % args.path,
+                  file=sys.stderr)
             return 2
     elif os.path.isfile(args.path):
         files = [args.path]
     else:
-        print("error: no such file or folder: %s" % args.path)
+        print("error: no such file or folder: %s" % args.path, file=sys.stderr)
         return 2
     sizes = {str(f): os.path.getsize(f) for f in files}
     median = statistics.median(sizes.values())
