@@ -699,3 +699,13 @@ def test_loader_workers_do_not_change_the_data(class_tree):
         batches.append([b[0] for b in loader])
     for a, b in zip(*batches):
         assert torch.equal(a, b)
+
+
+def test_evaluation_data_that_does_not_exist_is_named_as_not_found(tmp_path):
+    from cnnlstm_ext.data.datasets import build_eval_dataset
+    from cnnlstm_ext.train import Config
+    with pytest.raises(FileNotFoundError, match=r"^evaluation data not found: .*nope"):
+        build_eval_dataset(Config().data, str(tmp_path / "nope"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="expected 'synthetic', a class-per-folder"):
+        build_eval_dataset(Config().data, str(tmp_path / "notes.txt"))

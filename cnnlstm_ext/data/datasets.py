@@ -110,6 +110,9 @@ def build_eval_dataset(data_cfg, source: str, classes=None, seed: int = 0, split
     if os.path.isdir(source):
         return VideoFolder(source, d.num_frames, clip_transform(d, False), split=split,
                            classes=classes, seed=seed)
+    if not os.path.exists(source):
+        raise FileNotFoundError("evaluation data not found: %s (give 'synthetic', a class-per-"
+                                "folder directory or a WLASL JSON file)" % source)
     raise FileNotFoundError("evaluation data %r: expected 'synthetic', a class-per-folder directory "
                             "or a WLASL JSON file" % source)
 
