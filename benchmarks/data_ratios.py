@@ -13,6 +13,10 @@ else from the baseline's own entry (basis "separate"). Goals (issue 20):
   features >= 20 x frozen      an epoch of LSTM + head on cached features against the frozen
                                backbone run on the frames
 
+and, for information (no target): long_decode, the cost of only decoding the long clip's frames
+against a short video's: what its 4.7 times larger frames cost on one decoding thread (the
+reader's costs per clip, the same for both, pull the goal's ratio below it).
+
 Exit status 1 when a goal fails or a case is missing.
 """
 import argparse
@@ -69,6 +73,11 @@ def goals(report: dict) -> List[dict]:
     for T in (16, 32):
         row("cache / files, T=%d" % T, ("cache", T, "train"), ("files", T, "train"), 10.0)
     row("features / frozen (epoch)", ("features", 16, None), ("frozen", 16, None), 20.0)
+    key = ("long_decode", 32, None)
+    if key in r and key in interleaved:
+        rows.append({"goal": "long clip / short clip, decoding alone",
+                     "value": interleaved[key] / r[key], "target": None, "ok": None,
+                     "info": True, "basis": "interleaved"})
     return rows
 
 
@@ -89,15 +98,17 @@ def main(argv=None) -> int:
     for g in goals(report):
         value = "-" if g["value"] is None else "%.2f" % g["value"]
         status = "MISSING" if g["ok"] is None else ("PASS" if g["ok"] else "FAIL")
-        sign = ">=" if g.get("at_least", True) else "<="
+        target = "%s %g" % (">=" if g.get("at_least", True) else "<=", g["target"]) \
+            if g["target"] is not None else "-"
         basis = g.get("basis", "-")
-        failed |= g["ok"] is not True
-        if args.markdown:
-            print("| %s | %s | %s | %s %g | %s |" % (g["goal"], value, basis, sign, g["target"],
-                                                    status))
+        if g.get("info"):
+            status = "(info)"
         else:
-            print("%-34s %8s  %-11s  target %s %g   %s" % (g["goal"], value, basis, sign,
-                                                        g["target"], status))
+            failed |= g["ok"] is not True
+        if args.markdown:
+            print("| %s | %s | %s | %s | %s |" % (g["goal"], value, basis, target, status))
+        else:
+            print("%-34s %8s  %-11s  target %s   %s" % (g["goal"], value, basis, target, status))
     return 1 if failed else 0
 
 

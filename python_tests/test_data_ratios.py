@@ -107,3 +107,20 @@ def test_the_baseline_timed_between_the_rounds_is_preferred(ratios):
     assert g["files / ceiling, T=16 train"]["value"] == pytest.approx(1.25)
     assert g["long clip / short clip (cost)"]["basis"] == "interleaved"
     assert g["features / frozen (epoch)"]["ok"] is False
+
+
+def test_decoding_alone_of_the_long_clip_is_shown_but_never_fails(ratios, tmp_path, capsys):
+    doc = report()
+    decode_only = bench("long_decode", 0.4, clips=4, T=32)
+    decode_only["extra_info"].update(baseline_interleaved_median_s=0.1, baseline_clips=4)
+    doc["benchmarks"].append(decode_only)
+    row = by_goal(ratios.goals(doc))["long clip / short clip, decoding alone"]
+    assert row["value"] == pytest.approx(4.0) and row["ok"] is None and row["info"]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(doc))
+    assert ratios.main([str(path)]) == 0  # every goal passes; the row is information
+    line = next(x for x in capsys.readouterr().out.splitlines() if "decoding alone" in x)
+    assert "4.00" in line and "(info)" in line
+    assert ratios.main([str(path), "--markdown"]) == 0
+    assert "| long clip / short clip, decoding alone | 4.00 | interleaved | - | (info) |" \
+        in capsys.readouterr().out
