@@ -193,6 +193,13 @@ _SAFETENSORS_MESSAGE = (
     "need a checkpoint (.pth)")
 
 
+def _names(keys, limit=6) -> str:
+    """The first `limit` of `keys`, and how many more (for one-line messages)."""
+    keys = list(keys)
+    return ", ".join(keys[:limit]) + (" and %d more" % (len(keys) - limit)
+                                       if len(keys) > limit else "")
+
+
 def _one_line(e) -> str:
     text = str(e).strip()
     first = text.splitlines()[0].strip() if text else ""

@@ -19,7 +19,7 @@ from typing import List
 import torch
 
 from .format import (BEST_FIELDS, METRIC_FIELDS, SAFETENSORS_MAX_HEADER, CheckpointError,
-                     _one_line)
+                     _names, _one_line)
 from .inspect import describe_state_dict, is_buffer_name
 
 # safetensors' dtype names; those this torch lacks are left out (their tensors are not read).
@@ -165,12 +165,6 @@ def metadata_problems(metadata, tensors) -> List[str]:
         problems.append("metadata names %d classes, but its cnnlstm_config has %d"
                         % (len(classes), config["num_classes"]))
     return problems
-
-
-def _names(keys, limit=6):
-    keys = list(keys)
-    return ", ".join(keys[:limit]) + (" and %d more" % (len(keys) - limit)
-                                       if len(keys) > limit else "")
 
 
 def verify_safetensors(path) -> List[str]:

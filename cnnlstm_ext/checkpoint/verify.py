@@ -7,7 +7,7 @@ from typing import Iterable, List, Tuple
 
 import torch
 
-from .format import CheckpointError, _file_kind, _one_line, _read, epoch_from_name
+from .format import CheckpointError, _file_kind, _names, _one_line, _read, epoch_from_name
 from .inspect import is_buffer_name
 from .io import _check_moments, _saved_param_names, _UnmatchedOptimizer
 from .legacy import normalize_checkpoint
@@ -22,12 +22,6 @@ def nonfinite_tensors(named: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
                 and not bool(torch.isfinite(t).all()):
             bad.append(name)
     return bad
-
-
-def _names(keys, limit=6):
-    keys = list(keys)
-    return ", ".join(keys[:limit]) + (" and %d more" % (len(keys) - limit)
-                                       if len(keys) > limit else "")
 
 
 def verify_checkpoint(path) -> List[str]:
