@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import ops
 
@@ -52,7 +53,6 @@ def _keepable(t: Tensor) -> bool:
     """Whether tensors made from `t` may be kept between calls: `t` is a plain tensor and no
     dispatch mode is active (a FakeTensorMode's tensors would be fake, and would reach later real
     calls)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
     return type(t) in (Tensor, nn.Parameter) and _get_current_dispatch_mode() is None
 
 
