@@ -70,6 +70,25 @@ def test_cache_updates_only_changed_and_added_videos(videos, tmp_path):
     assert cache.frames(rec).shape == (12, 18, 18, 3)
 
 
+def test_clips_decoded_before_frames_were_turned_are_decoded_again(videos, tmp_path, caplog):
+    """Entries without the orientation mark (a cache written before the reader turned frames by
+    the display matrix: portrait videos on their side) are decoded again, once, with a warning."""
+    path = str(tmp_path / "c")
+    ds = folder(videos)
+    build_cache(path, ds.records, 18, progress=False)
+    file = os.path.join(path, "index.json")
+    with open(file) as f:
+        index = json.load(f)
+    for entry in index["entries"].values():
+        del entry["orientation"]
+    with open(file, "w") as f:
+        json.dump(index, f)
+    with caplog.at_level(logging.WARNING, logger="cnnlstm_ext.data"):
+        assert build_cache(path, ds.records, 18, progress=False)["built"] == 6
+    assert "6 clip(s) decoded before the reader turned frames" in caplog.text
+    assert build_cache(path, ds.records, 18, progress=False)["built"] == 0
+
+
 def test_truncated_clip_file_is_refused_and_rebuilt_on_request(videos, tmp_path):
     path = str(tmp_path / "c")
     ds = folder(videos)

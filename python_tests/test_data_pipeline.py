@@ -185,6 +185,78 @@ def test_planar_frames_of_any_size_convert_to_the_central_square(width, height, 
     assert np.abs(image.astype(int) - cut).mean() < 8
 
 
+def write_turned(path, frames, degrees, hflip=False, vflip=False, lossless=True):
+    """uint8 `frames [n, H, W, 3]` as H.264 with a display matrix: shown turned by `degrees`
+    counterclockwise, then mirrored (PyAV's set_display_rotation; an MP4 track's matrix, as phones
+    write portrait video)."""
+    import av
+    with av.open(str(path), mode="w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.height, s.width = frames.shape[1:3]
+        s.pix_fmt = "yuv444p" if lossless else "yuv420p"
+        s.options = {"crf": "0" if lossless else "12", "preset": "ultrafast"}
+        if degrees or hflip or vflip:
+            s.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+        for f in frames:
+            for packet in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+
+
+@pytest.mark.parametrize("degrees, hflip, vflip", [
+    (0, False, False), (-90, False, False), (90, False, False), (180, False, False),
+    (0, True, False), (0, False, True), (90, True, False), (-90, True, False)])
+def test_decode_turns_frames_as_players_show_them(tmp_path, degrees, hflip, vflip):
+    """All eight orientations of a display matrix, against numpy's turn of the stored frames:
+    a portrait phone video (stored landscape, -90: a quarter turn clockwise) comes out
+    portrait."""
+    pytest.importorskip("av")
+    frames = moving_frames(3, h=16, w=32)
+    frames[:, :4, :4] = 255                            # a mark in the stored top-left corner
+    write_turned(tmp_path / "v.mp4", frames, degrees, hflip, vflip)
+    expected = np.rot90(frames, degrees // 90, axes=(1, 2))   # counterclockwise
+    expected = expected[:, :, ::-1] if hflip else expected
+    expected = expected[:, ::-1] if vflip else expected
+    clip = read_video_frames(str(tmp_path / "v.mp4"), channels_last=True).numpy()
+    assert clip.shape == expected.shape
+    assert np.abs(clip.astype(int) - expected).max() <= 2     # lossless up to the YUV rounding
+    if (degrees, hflip, vflip) == (-90, False, False):
+        assert clip[0, :4, -4:].min() > 200                   # the mark at the top right
+
+
+def test_decode_turns_scaled_and_square_frames_after_converting_them(tmp_path):
+    """The data path's canvas of a portrait video: the converted picture of the same frames
+    stored upright, turned (the central square of a turned frame is the turned square)."""
+    pytest.importorskip("av")
+    frames = moving_frames(4, h=48, w=64)
+    write_turned(tmp_path / "plain.mp4", frames, 0, lossless=False)
+    write_turned(tmp_path / "turned.mp4", frames, -90, lossless=False)
+    for kw in (dict(short_side=24), dict(short_side=24, square=True)):
+        plain = read_video_frames(str(tmp_path / "plain.mp4"), channels_last=True, **kw).numpy()
+        turned = read_video_frames(str(tmp_path / "turned.mp4"), channels_last=True, **kw).numpy()
+        assert turned.shape == ((4, 24, 24, 3) if kw.get("square") else (4, 32, 24, 3))
+        assert np.array_equal(turned, np.rot90(plain, -1, axes=(1, 2)))
+
+
+@pytest.mark.parametrize("orientation, turn", [(1, lambda a: a), (3, lambda a: np.rot90(a, 2)),
+                                               (6, lambda a: np.rot90(a, -1)),
+                                               (8, lambda a: np.rot90(a, 1)),
+                                               (2, lambda a: a[:, ::-1])])
+def test_frame_images_are_turned_by_their_exif_orientation(tmp_path, orientation, turn):
+    """A frame folder of photos with an EXIF orientation (6: a quarter turn clockwise, as a phone
+    held upright writes it) reads as image viewers show them, as a video by its display matrix."""
+    from PIL import Image
+    image = moving_frames(1, h=16, w=32)[0]
+    image[:4, :4] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    (tmp_path / "f").mkdir()
+    Image.fromarray(image).save(tmp_path / "f" / "frame_1.png", exif=exif)
+    clip = read_frame_folder(str(tmp_path / "f"), channels_last=True)[0].numpy()
+    assert np.array_equal(clip, turn(image))
+
+
 def test_decode_keeps_the_order_select_gives(long_video):
     path, _ = long_video
     clip = read_video_frames(path, 0, 20, select=lambda n: [9, 2, 5])

@@ -7,7 +7,9 @@ Layout of a cache folder::
     .lock                taken (flock) while the index is updated
 
 An entry records its source (path, frame range, size and mtime) so that a changed or added video
-is noticed and only that entry is decoded again. Frames are stored on the square canvas the
+is noticed and only that entry is decoded again; and that its frames are turned as players show
+them (video_io.display_orientation, an image's EXIF orientation): entries without that mark,
+written before the reader turned frames, are decoded again. Frames are stored on the square canvas the
 batched augmentation reads (`batch_transforms`): the short side scaled to `short_side`, the long
 side cut to its centre.
 
@@ -177,7 +179,7 @@ def build_cache(path: str, records, short_side: int, rebuild: bool = False, rank
     unique = {}
     for r in records:
         unique.setdefault(entry_key(r.path, r.start, r.end), r)
-    stale = []
+    stale, unturned = [], 0
     for key, r in unique.items():
         e = entries.get(key)
         try:
@@ -186,8 +188,13 @@ def build_cache(path: str, records, short_side: int, rebuild: bool = False, rank
             stat = None  # a vanished source: decoding it fails, and it gets an error entry
         if e is not None and stat is not None and e.get("size") == stat["size"] \
                 and e.get("mtime_ns") == stat["mtime_ns"] and _entry_file_ok(path, key, e):
-            continue
+            if _oriented(e):
+                continue
+            unturned += 1
         stale.append(key)
+    if unturned:
+        log.warning("%s holds %d clip(s) decoded before the reader turned frames as players "
+                    "show them (display rotation); decoding them again", path, unturned)
     # Each rank takes the stale entries among its share of all the keys: a share that does not
     # depend on when a rank read the index (a rank starting after another merged its clips must
     # still take its own share, not a share of what is left).
@@ -209,7 +216,8 @@ def build_cache(path: str, records, short_side: int, rebuild: bool = False, rank
             stat = _source_stat(r.path)
         except OSError:
             stat = {"size": -1, "mtime_ns": -1}
-        entry = {"source": os.path.abspath(r.path), "start": r.start, "end": r.end, **stat}
+        entry = {"source": os.path.abspath(r.path), "start": r.start, "end": r.end, **stat,
+                 "orientation": "display"}
         try:
             entry.update(_write_clip(os.path.join(path, "clips", key + ".clip"),
                                      _decode_record(r, short_side)))
@@ -238,6 +246,13 @@ def _read_index_quiet(path: str) -> Optional[dict]:
         return read_index(path)
     except CacheError:
         return None
+
+
+def _oriented(entry: dict) -> bool:
+    """Whether an entry's frames are as players show them (a video's display matrix, an image's
+    EXIF orientation): entries written before the reader turned frames lack the mark (their
+    portrait videos lie on their side)."""
+    return entry.get("orientation") == "display" or "error" in entry
 
 
 def _entry_file_ok(path: str, key: str, entry: dict) -> bool:

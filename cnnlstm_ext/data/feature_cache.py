@@ -8,7 +8,7 @@ pooling and classifier on them (`CNNLSTM.forward_features`), with the losses of 
 without the cache.
 
 A split's file records a fingerprint of what made it (the backbone's weights, the frame pooling,
-the clips' files with size and mtime, frames, size and normalisation): a different fingerprint
+the clips' files with size and mtime, frames, size and normalisation, the frames' orientation): a different fingerprint
 computes the features again. A truncated file or one of another format version is refused with a
 CacheError (`data.cache_rebuild=true` computes it again). Files are written to a temporary name
 and renamed.
@@ -59,8 +59,10 @@ def fingerprint(model, dataset, data_cfg) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     d = data_cfg
+    # ("display": frames turned as players show them, see video_io.display_orientation; files
+    # written before the reader turned them hold the features of portrait videos on their side.)
     h.update(json.dumps([model.config.get("frame_pool"), d.num_frames, d.frame_size, d.resize_to,
-                         list(d.mean), list(d.std), d.batch_augment]).encode())
+                         list(d.mean), list(d.std), d.batch_augment, "display"]).encode())
     for r in dataset.records:
         try:
             st = os.stat(r.path)

@@ -8,7 +8,8 @@ Frames come back as uint8 `[t, 3, H, W]` (RGB), or `[t, H, W, 3]` (channels_last
 frames a clip samples are converted to RGB, at the short side the transform needs (planar YUV by
 ops.yuv_to_rgb, other formats by FFmpeg's swscale), and decoding starts at the keyframe before
 the first of them (a seek), so a clip cut out of a long video costs about as much as a short
-video.
+video. Frames come out as players show them: a video's display matrix (a phone records a
+portrait video as landscape frames and a rotation) is applied, as ffmpeg and OpenCV apply it.
 """
 import functools
 import os
@@ -186,10 +187,58 @@ def _yuv_to_rgb_op():
     return torch.ops.cnnlstm_ext.yuv_to_rgb.default if ops.kernels_built() else None
 
 
+def display_orientation(frame) -> Tuple[bool, bool, bool]:
+    """How a decoded frame becomes the picture players show, from its display matrix (FFmpeg's
+    DISPLAYMATRIX side data: phones store a portrait video as landscape frames turned by 90
+    degrees, and selfie cameras may mirror): (transpose, flip rows, flip columns), applied in
+    that order to an image `[H, W, ...]`; (False, False, False) without a matrix. A matrix maps a
+    pixel (x, y) of the frame to (a x + c y, b x + d y) on the display; only its signs count (a
+    turn by other than a multiple of 90 degrees, which no camera records, is taken to the
+    nearest one)."""
+    kind = _display_matrix_kind()
+    side = frame.side_data.get(kind) if kind is not None else None
+    if side is None:
+        return False, False, False
+    a, b, _, c, d = np.frombuffer(bytes(side), dtype=np.int32)[:5].tolist()
+    if abs(b) > abs(a):  # x' = c y, y' = b x: rows and columns swap
+        return True, b < 0, c < 0
+    return False, d < 0, a < 0
+
+
+@functools.lru_cache(maxsize=None)
+def _display_matrix_kind():
+    """PyAV's side-data type of a display matrix; None for a PyAV without frame side data."""
+    try:
+        from av.sidedata.sidedata import Type
+        return Type.DISPLAYMATRIX
+    except (ImportError, AttributeError):
+        return None
+
+
+def _orient(image: np.ndarray, orientation: Tuple[bool, bool, bool]) -> np.ndarray:
+    transpose, flip_rows, flip_cols = orientation
+    if not (transpose or flip_rows or flip_cols):
+        return image
+    if transpose:
+        image = image.swapaxes(0, 1)
+    if flip_rows:
+        image = image[::-1]
+    if flip_cols:
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image)
+
+
 def _to_array(frame, short_side: Optional[int], square: bool) -> np.ndarray:
-    """One decoded frame as RGB uint8 `[H, W, 3]`, scaled so that its short side is `short_side`
-    (the mean over each output pixel's area when it shrinks: ops.yuv_to_rgb for planar YUV,
-    swscale's AREA otherwise), then cut to its central square."""
+    """One decoded frame as RGB uint8 `[H, W, 3]` as players show it (display_orientation),
+    scaled so that its short side is `short_side` (the mean over each output pixel's area when
+    it shrinks: ops.yuv_to_rgb for planar YUV, swscale's AREA otherwise), then cut to its central
+    square. (Turned after the conversion, on the small image: the central square of a turned
+    frame is the turned central square.)"""
+    return _orient(_converted(frame, short_side, square), display_orientation(frame))
+
+
+def _converted(frame, short_side: Optional[int], square: bool) -> np.ndarray:
+    """_to_array in the frame's stored orientation."""
     h, w = scaled_size(frame.height, frame.width, short_side)
     image = _planar_to_rgb(frame, h, w, square)
     if image is not None:
@@ -338,10 +387,12 @@ def read_video_frames(path: str, start: int = 0, end: Optional[int] = None,
 
     `select(n) -> indices` picks which of the n frames of that range to return (increasing);
     only those are converted to RGB, and decoding starts at the keyframe before the first of
-    them. `short_side`: frames are scaled by FFmpeg's swscale so that min(H, W) == short_side;
-    `square`: then cut to their central square. Returns uint8 `[t, 3, H, W]`, or `[t, H, W, 3]`
-    with `channels_last` (the decoder's layout: no copy; torchvision.io.read_video's "THWC"). A
-    file that cannot be read raises ClipReadError (FileNotFoundError when it does not exist).
+    them. `short_side`: frames are scaled (see _to_array) so that min(H, W) == short_side;
+    `square`: then cut to their central square. Frames are turned as players show them
+    (display_orientation; H and W are the display's). Returns uint8 `[t, 3, H, W]`, or
+    `[t, H, W, 3]` with `channels_last` (the decoder's layout: no copy; torchvision.io.read_video's
+    "THWC"). A file that cannot be read raises ClipReadError (FileNotFoundError when it does not
+    exist).
     """
     order = []
 
@@ -361,12 +412,16 @@ def read_video_frames(path: str, start: int = 0, end: Optional[int] = None,
     return clip if channels_last else clip.permute(0, 3, 1, 2).contiguous()
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def read_frame_folder(folder: str, start: int = 0, end: Optional[int] = None,
                       select=None, short_side: Optional[int] = None,
                       square: bool = False, channels_last: bool = False) -> torch.Tensor:
     """Reads the images of a frame folder (natural order); same contract as read_video_frames
-    (scaled with Pillow's antialiased bilinear resize)."""
-    from PIL import Image
+    (scaled with Pillow's antialiased bilinear resize; turned by an image's EXIF orientation, as
+    a video by its display matrix)."""
+    from PIL import Image, ImageOps
 
     files = list_frame_images(folder)[start:end]
     if not files:
@@ -381,6 +436,8 @@ def read_frame_folder(folder: str, start: int = 0, end: Optional[int] = None,
     for i in indices:
         try:
             with Image.open(files[i]) as im:
+                if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # as viewers show it
+                    im = ImageOps.exif_transpose(im)
                 im = im.convert("RGB")
                 h, w = scaled_size(im.height, im.width, short_side)
                 if (h, w) != (im.height, im.width):
