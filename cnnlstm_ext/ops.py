@@ -5,8 +5,9 @@ The kernels live in csrc/ (schemas in csrc/ops.cpp). Each op gets a fake impleme
 a C++ autograd function (csrc/lstm/lstm_autograd.cpp, csrc/pooling/pooling_autograd.cpp) rather than
 `torch.library.register_autograd`, whose Python layer would cost more host time per call than
 the small pooling kernels take, and bound a GPU training step of the LSTM by the host. The
-pooling ops' backward ops are differentiable there too. The torch.func transforms cannot go
-through a C++ autograd function: under them the ops run cnnlstm_ext.reference (functorch_active).
+pooling ops' backward ops are differentiable there too. The torch.func transforms and forward-mode
+AD cannot go through a C++ autograd function: under them the ops run cnnlstm_ext.reference
+(transform_active).
 """
 import contextlib
 import operator
@@ -69,11 +70,13 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
-def functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) is running. The ops'
-    autograd is a C++ autograd function, which these transforms cannot go through, so the ops
-    then run the step-by-step reference of cnnlstm_ext.reference: the same semantics, slower."""
-    return torch._C._are_functorch_transforms_active()
+def transform_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) is running, or
+    forward-mode AD (inside torch.autograd.forward_ad.dual_level). The ops' autograd is a C++
+    autograd function, which these cannot go through, so the ops then run the step-by-step
+    reference of cnnlstm_ext.reference: the same semantics, slower."""
+    return (torch._C._are_functorch_transforms_active()
+            or torch.autograd.forward_ad._current_level >= 0)
 
 
 def _reference_lengths(op: str, lengths: Optional[Tensor], batch: int, steps: int) -> None:
@@ -121,7 +124,7 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     if _projected(weights, h0):
         # Layers with projections run step by step in ATen ops on every device (csrc/lstm/
         # lstm_steps.cpp): a composite op, so autograd, vmap and fake tensors need nothing here.
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active()):
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or transform_active()):
             _reference_lengths("lstm_layer", lengths, x.shape[1], x.shape[0])
         return torch.ops.cnnlstm_ext.lstm_layer_projected(x, weights, h0, c0, lengths)
     # The step-by-step reference serves what the kernels do not: an empty batch, which nn.LSTM
@@ -132,7 +135,7 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
         # The reference's step loop would be recorded for this one T, wrong at any other shape.
         raise RuntimeError("lstm_layer: torch.jit.trace cannot trace an empty batch (B = 0); trace "
                            "with an example of at least one sequence, or use torch.export.export")
-    if empty or functorch_active():
+    if empty or transform_active():
         if not empty and x.dim() == 3:
             _reference_lengths("lstm_layer", lengths, x.shape[1], x.shape[0])
         return reference.lstm_layer(x, [w.to(x.dtype) for w in weights], h0, c0, lengths)
@@ -268,7 +271,7 @@ def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool 
                 f"dividing its first dimension, got {list(x.shape)}"))
         return reference.frame_pool(x, batch_size, mode, batch_first, out_dtype)
     batch_size = _int_argument("frame_pool", "batch_size", batch_size)
-    if functorch_active():
+    if transform_active():
         if x.dim() != 4 or batch_size < 1 or x.shape[0] % batch_size:
             raise RuntimeError(f"frame_pool: x must be [B*T, C, h, w] with B = batch_size = "
                                f"{batch_size} dividing its first dimension, got {list(x.shape)}")
@@ -401,7 +404,7 @@ def temporal_pool(x: Tensor, lengths: Optional[Tensor] = None, mode: str = "mean
         raise ValueError("temporal_pool: mode must be one of %s, got %r" % (TEMPORAL_POOL_MODES, mode))
     if mode == "attention" and score_weight is None:
         raise ValueError("temporal_pool: mode 'attention' needs score_weight [D]")
-    if functorch_active():
+    if transform_active():
         if x.dim() == 3:
             _reference_lengths("temporal_pool", lengths, x.shape[0 if batch_first else 1],
                                x.shape[1 if batch_first else 0])

@@ -1,6 +1,6 @@
 """Pure-PyTorch versions of every op: the test oracle. Never a silent fallback for a failing
 kernel; the ops call it only for what the kernels do not serve: an empty batch (lstm_layer) and
-the torch.func transforms (cnnlstm_ext.ops.functorch_active)."""
+the torch.func transforms and forward-mode AD (cnnlstm_ext.ops.transform_active)."""
 from typing import Optional, Sequence, Tuple
 
 import torch

@@ -1,7 +1,8 @@
-"""torch.func transforms (grad, jacrev, jvp, vmap) through FusedLSTM, the pooling ops and the model.
+"""torch.func transforms (grad, jacrev, jvp, vmap) and forward-mode AD through FusedLSTM, the
+pooling ops and the model.
 
 The ops' autograd is C++ (csrc/*_autograd.cpp), which functorch cannot go through; while a
-transform runs, the ops take the pure-PyTorch reference instead (ops.functorch_active). These tests
+transform runs, the ops take the pure-PyTorch reference instead (ops.transform_active). These tests
 check that the transforms give what nn.LSTM's give, or what autograd gives through the kernels.
 """
 import pytest
@@ -72,6 +73,41 @@ def test_lstm_jacrev_and_jvp_match_nn_lstm(rng):
     _, tr = torch.func.jvp(lambda t: ref(t)[0], (x,), (v,))
     _, tf = torch.func.jvp(lambda t: fused(t)[0], (x,), (v,))
     assert_close_rel(tf, tr, 1e-10, "jvp")
+
+
+def test_lstm_forward_ad_matches_nn_lstm(rng):
+    """torch.autograd.forward_ad (dual tensors, no torch.func): nn.LSTM in float64 has it (its
+    ATen decomposition), so FusedLSTM must too; tangents on the input, h0 and a weight."""
+    import torch.autograd.forward_ad as fwAD
+    ref, fused = lstm_pair(torch.float64)
+    x, h0, c0 = rand(T, B, I, rng=rng), rand(4, B, H, rng=rng), rand(4, B, H, rng=rng)
+    tx, th, tw = rand(T, B, I, rng=rng), rand(4, B, H, rng=rng), rand(4 * H, H, rng=rng)
+    results = []
+    for module in (ref, fused):
+        params = {k: v.detach() for k, v in module.named_parameters()}
+        with fwAD.dual_level():
+            params["weight_hh_l1_reverse"] = fwAD.make_dual(params["weight_hh_l1_reverse"], tw)
+            y, (h, c) = torch.func.functional_call(
+                module, params, (fwAD.make_dual(x, tx), (fwAD.make_dual(h0, th), c0)))
+            results.append([fwAD.unpack_dual(t) for t in (y, h, c)])
+    for name, (r, f) in zip(("output", "h_n", "c_n"), zip(*results)):
+        assert_close_rel(f.primal, r.primal, 1e-10, name)
+        assert_close_rel(f.tangent, r.tangent, 1e-10, f"tangent of {name}")
+
+
+def test_model_forward_ad_matches_func_jvp(rng):
+    """Forward-mode AD through the whole model (frame pooling, LSTM with lengths, attention
+    pooling) gives torch.func.jvp's tangent."""
+    import torch.autograd.forward_ad as fwAD
+    model = CNNLSTM(num_classes=5, spatial_dim=8, temporal_dim=6, num_layers=2, backbone="tiny",
+                    pooling="attention").double().eval()
+    clips, v = rand(B, T, 3, 16, 16, rng=rng), rand(B, T, 3, 16, 16, rng=rng)
+    lengths = torch.tensor(LENGTHS)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(model(fwAD.make_dual(clips, v), lengths)).tangent
+    _, want = torch.func.jvp(lambda c: model(c, lengths), (clips,), (v,))
+    assert got is not None and got.abs().max() > 0
+    assert_close_rel(got, want, 1e-10, "tangent of the logits")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -274,7 +274,7 @@ class FusedLSTM(nn.Module):
                 or not torch.is_autocast_cache_enabled()
                 or (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
                 or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or ops.functorch_active() or not _keepable(weights[0])):
+                or ops.transform_active() or not _keepable(weights[0])):
             return weights
         # The weights themselves are held (so that no other tensor can take their memory), with
         # their versions, which in-place updates (an optimizer's step) advance.
@@ -365,7 +365,7 @@ class FusedLSTM(nn.Module):
         D = 2 if self.bidirectional else 1
         if hx is not None:
             return list(zip(hx[0].split(D), hx[1].split(D)))
-        if (torch.compiler.is_compiling() or ops.functorch_active() or torch.jit.is_tracing()
+        if (torch.compiler.is_compiling() or ops.transform_active() or torch.jit.is_tracing()
                 or not _keepable(x)):
             # Fresh zeros, sized from x: a trace records x.size(1) (so it holds at other batch
             # sizes) and export keeps it symbolic, where a cached tensor would be a constant.
