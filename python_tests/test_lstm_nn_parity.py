@@ -30,11 +30,13 @@ def outcome(fn):
 
 
 def assert_same_error(fused_fn, ref_fn, error_type=None, message=None):
-    """fused_fn() and ref_fn() raise the same exception type with the same message (and, where
-    given, that type and a message starting with `message`, word for word)."""
+    """fused_fn() and ref_fn() raise the same exception type (FusedLSTM's may be a subclass of
+    it, which every `except` and assertRaises of nn.LSTM's type catches) with the same message
+    (and, where given, that type and a message starting with `message`, word for word)."""
     ref, fused = outcome(ref_fn), outcome(fused_fn)
     assert ref[0] != "ok", "nn.LSTM accepted the case: it is not an error case"
-    assert fused == ref
+    assert fused[0] != "ok" and issubclass(fused[0], ref[0]), (fused, ref)
+    assert fused[1] == ref[1]
     if error_type is not None:
         assert ref[0] is error_type
     if message is not None:
@@ -296,6 +298,42 @@ def test_forward_error_names_two_hidden_states_when_hx_has_three():
         fused(x, hx)
 
 
+def _packed():
+    from torch.nn.utils.rnn import pack_padded_sequence
+    return pack_padded_sequence(torch.randn(SEQ, 2, I), torch.tensor([SEQ, 2]))
+
+
+@pytest.mark.parametrize("case", [
+    "tensor", "tuple of 1", "tuple of 3", "ints", "packed tensor", "packed tuple of 1",
+    "packed None", "packed 2-D", "packed float64 input"])
+def test_forward_error_is_an_instance_of_what_nn_lstm_raises(case):
+    """Malformed hx or input dtype, padded and packed: nn.LSTM raises a RuntimeError for some and,
+    from inside its code, a TypeError, IndexError or (packed float64) RuntimeError for others;
+    FusedLSTM's error is an instance of each (HiddenStateError, InputDtypeError), with words that
+    say what was expected."""
+    from cnnlstm_ext.nn.lstm import HiddenStateError, InputDtypeError
+    ref, fused = pair(1)
+    h = torch.randn(1, 2, H)
+    x = _packed() if case.startswith("packed") else torch.randn(SEQ, 2, I)
+    hx = {"tensor": h, "tuple of 1": (h,), "tuple of 3": (h, h, h), "ints": (1, 2),
+          "packed tensor": h, "packed tuple of 1": (h,), "packed None": (None, None),
+          "packed 2-D": (h[0], h[0]), "packed float64 input": None}[case]
+    if case == "packed float64 input":
+        from torch.nn.utils.rnn import PackedSequence
+        x = PackedSequence(x.data.double(), x.batch_sizes)
+    with pytest.raises(Exception) as nn_error:
+        ref(x, hx)
+    expected = InputDtypeError if case == "packed float64 input" else HiddenStateError
+    with pytest.raises(expected) as fused_error:
+        fused(x, hx)
+    if nn_error.type is not AttributeError:  # (see HiddenStateError)
+        assert isinstance(fused_error.value, nn_error.type), (nn_error.type, fused_error.value)
+    assert isinstance(fused_error.value, RuntimeError)
+    assert str(fused_error.value).startswith(("lstm expects two hidden states: hx must be",
+                                              "For batched 3-D input, hx and cx should also be",
+                                              "RNN input dtype (torch.float64) does not match"))
+
+
 # test_error_RNN_seq_len_zero
 @pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("layout", ["seq_first", "batch_first", "unbatched", "with_hx",
@@ -449,7 +487,7 @@ def test_module_db_lstm_error_inputs_raise_nn_lstm_errors():
             run(nn.LSTM)
         with pytest.raises(case.error_type, match=case.error_regex):
             run(FusedLSTM)
-        assert outcome(lambda: run(FusedLSTM)) == outcome(lambda: run(nn.LSTM))
+        assert_same_error(lambda: run(FusedLSTM), lambda: run(nn.LSTM))
 
 
 def test_assert_same_error_rejects_a_case_nn_lstm_accepts():

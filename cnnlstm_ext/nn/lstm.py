@@ -20,7 +20,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import ops
 
-__all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm"]
+__all__ = ["FusedLSTM", "FusedBiLSTM", "fuse_lstm", "unfuse_lstm", "HiddenStateError",
+           "InputDtypeError"]
 
 _HX = Tuple[Tensor, Tensor]
 
@@ -31,6 +32,19 @@ SCRIPT_UNSUPPORTED = (
     "dynamic_shapes=...) (batch size, sequence length and lengths stay dynamic) or "
     "torch.compile(model); torch.jit.trace(model, args) also works and holds at other batch "
     "sizes and sequence lengths; or cnnlstm_ext.unfuse_lstm(model) to script with torch.nn.LSTM.")
+
+
+class HiddenStateError(RuntimeError, TypeError, IndexError):
+    """An hx that is not two tensors of the input's dimensions. nn.LSTM raises a RuntimeError for
+    some of these and a TypeError or IndexError (from inside its code) for others; this is all
+    three, so that code catching what nn.LSTM raised catches it. (nn.LSTM's AttributeError for a
+    None in hx is left out: an AttributeError escaping forward would read as a missing
+    attribute to hasattr and getattr.)"""
+
+
+class InputDtypeError(ValueError, RuntimeError):
+    """An input whose dtype differs from the parameters': nn.LSTM's ValueError, and the
+    RuntimeError its kernels raise for a PackedSequence."""
 
 
 def _stored_back_to_back(params: List[Tensor]) -> bool:
@@ -308,9 +322,9 @@ class FusedLSTM(nn.Module):
         # but autocast leaves float64 alone, so a float64 input or module runs as it is.
         autocast = ops.autocast_dtype(x.device.type) is not None
         if x.dtype != weight.dtype and not autocast:
-            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype "
-                             f"({weight.dtype}). Convert input: input.to({weight.dtype}), or "
-                             f"convert model: model.to({x.dtype})")
+            raise InputDtypeError(f"RNN input dtype ({x.dtype}) does not match weight dtype "
+                                  f"({weight.dtype}). Convert input: input.to({weight.dtype}), or "
+                                  f"convert model: model.to({x.dtype})")
         if x.dtype != weight.dtype and torch.float64 in (x.dtype, weight.dtype):
             # (nn.LSTM fails here inside its kernels, with words of their own.)
             raise RuntimeError(f"autocast does not cast float64: the input ({x.dtype}) and the "
@@ -464,6 +478,9 @@ class FusedLSTM(nn.Module):
         padded, seq_lengths = torch._VF._pad_packed_sequence(
             data, batch_sizes, False, 0.0, batch_sizes.size(0))
         batch = int(batch_sizes[0])
+        if hx is not None and (hx[0].dim() != 3 or hx[1].dim() != 3):  # (packed is batched)
+            raise HiddenStateError(f"For batched 3-D input, hx and cx should also be 3-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
         if hx is not None and sorted_indices is not None:
             hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
         self._check_input(padded, hx, batch)
@@ -484,14 +501,13 @@ class FusedLSTM(nn.Module):
                 return leaf
         if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2
                                    and all(isinstance(t, Tensor) for t in hx)):
-            # nn.LSTM's RuntimeError (its words, then what was given), for any hx that is not
-            # two tensors (nn.LSTM raises an IndexError for some of them).
+            # nn.LSTM's words, then what was given, for any hx that is not two tensors.
             got = ("a %s of %d: (%s)" % (type(hx).__name__, len(hx),
                                          ", ".join(type(t).__name__ for t in hx))
                    if isinstance(hx, (tuple, list))
                    else "a %s" % type(hx).__name__)
-            raise RuntimeError("lstm expects two hidden states: hx must be a tuple of two tensors "
-                               "(h_0, c_0), got %s" % got)
+            raise HiddenStateError("lstm expects two hidden states: hx must be a tuple of two "
+                                   "tensors (h_0, c_0), got %s" % got)
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths cannot be given with a PackedSequence (it has its own)")
@@ -502,14 +518,14 @@ class FusedLSTM(nn.Module):
         batched = input.dim() == 3
         if not batched:
             if hx is not None and (hx[0].dim() != 2 or hx[1].dim() != 2):
-                raise RuntimeError(f"For unbatched 2-D input, hx and cx should also be 2-D but got "
-                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                raise HiddenStateError(f"For unbatched 2-D input, hx and cx should also be 2-D "
+                                       f"but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
             input = input.unsqueeze(1)
             if hx is not None:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         elif hx is not None and (hx[0].dim() != 3 or hx[1].dim() != 3):
-            raise RuntimeError(f"For batched 3-D input, hx and cx should also be 3-D but got "
-                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            raise HiddenStateError(f"For batched 3-D input, hx and cx should also be 3-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
         x = input.transpose(0, 1) if self.batch_first and batched else input   # [T, B, I]
         steps, batch = x.shape[0], x.shape[1]
         self._check_input(x, hx, batch)
