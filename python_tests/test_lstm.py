@@ -6,8 +6,10 @@ Sizes are tiny (I=3, H=4, T=5, B<=4) so the whole grid runs in seconds on two co
 import copy
 import importlib.util
 import io
+import os
 import platform
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -1044,8 +1046,8 @@ def with_weight(k, t):
 
 
 @pytest.mark.parametrize("args, message", [
-    (raw_inputs(w_hh=(12, 4)), r"expected w_hh of shape \[D, 4H, H\], got \[2, 12, 4\]"),
-    (raw_inputs(w_ih=(16, 5)), r"expected w_ih of shape \[2, 16, 3\], got \[2, 16, 5\]"),
+    (raw_inputs(w_hh=(12, 4)), r"expected each w_hh of shape \[4H, H\], got \[12, 4\]"),
+    (raw_inputs(w_ih=(16, 5)), r"expected each w_ih of shape \[16, 3\], got \[16, 5\]"),
     (raw_inputs(b_ih=(15,), b_hh=(15,)), r"expected bias of shape \[2, 16\], got \[2, 15\]"),
     (with_weight(5, torch.randn(16, 5)),
      r"weights\[5\] \(w_hh of direction 1\) has shape \[16, 5\] but direction 0's w_hh has shape "
@@ -1112,22 +1114,32 @@ def _directions_back_to_back(model, name):
             and b.storage_offset() == a.storage_offset() + a.numel())
 
 
-def test_weights_stay_back_to_back_and_train_like_nn_lstm():
+def _storages(model):
+    return [p.untyped_storage().data_ptr() for p in model.parameters()]
+
+
+def test_cpu_parameters_have_storages_of_their_own_as_nn_lstm_and_train_like_it():
+    """On the CPU no two parameters share a storage, as nn.LSTM's (the kernels read each
+    direction where it lies), so tools that refuse shared storage take the module:
+    safetensors' save_model and load_model."""
+    safetensors = pytest.importorskip("safetensors.torch")
     torch.manual_seed(3)
     lstm = nn.LSTM(6, 5, 2, bidirectional=True)
     fused = fuse_lstm(lstm)
     assert fused.weight_hh_l1 is lstm.weight_hh_l1  # Parameter objects still shared
-    for name in ("weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1"):
-        assert _directions_back_to_back(fused, name), name
-    fused64 = FusedLSTM(6, 5, 2, bidirectional=True).double()
-    assert _directions_back_to_back(fused64, "weight_ih_l1")
+    for model in (fused, FusedLSTM(6, 5, 2, bidirectional=True).double(),
+                  FusedLSTM(6, 5, 2, bidirectional=True, device="meta").to_empty(device="cpu")):
+        assert len(set(_storages(model))) == len(_storages(model))
     reloaded = FusedBiLSTM(6, 5, 2)
     reloaded.load_state_dict({k: v.clone() for k, v in fused.state_dict().items()}, assign=True)
-    assert _directions_back_to_back(reloaded, "weight_hh_l0")
+    assert len(set(_storages(reloaded))) == len(_storages(reloaded))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "lstm.safetensors")
+        safetensors.save_model(fused, path)
+        safetensors.load_model(reloaded, path)
     x = torch.randn(4, 3, 6)
+    assert torch.equal(reloaded(x)[0], fused(x)[0])
     _assert_grads_match_nn_lstm(fused, lambda model: model(x)[0].square().sum().backward())
-    torch.optim.SGD(fused.parameters(), lr=0.1).step()  # in place: the layout survives a step
-    assert _directions_back_to_back(fused, "weight_ih_l0")
 
 
 def _assert_grads_match_nn_lstm(fused, backward, atol=1e-6):
@@ -1159,16 +1171,29 @@ def test_gradients_accumulate_like_nn_lstm(how):
     assert fused.bias_ih_l0.grad.data_ptr() != fused.bias_hh_l0.grad.data_ptr()
 
 
-def test_training_with_directions_stored_apart_matches_nn_lstm():
-    """A replaced Parameter breaks the back-to-back layout: that layer's weights are then copied
-    into the op's [D, ...] operands, with the same gradients."""
+def _store_back_to_back(model):
+    """Each kind's directions moved into one buffer, as a GPU module keeps them (and a CPU module
+    pickled by an earlier version did)."""
+    with torch.no_grad():
+        for name, _ in list(model.named_parameters()):
+            if name.endswith("_reverse"):
+                a, b = getattr(model, name[:-len("_reverse")]), getattr(model, name)
+                a.data, b.data = torch.stack([a.detach(), b.detach()])
+
+
+def test_training_with_directions_stored_back_to_back_matches_nn_lstm():
+    """The CPU kernels read directions stored back to back in one buffer as well, with the same
+    gradients; flatten_parameters (as after .to()) gives them storages of their own again."""
     torch.manual_seed(4)
     fused = FusedBiLSTM(6, 5, 2)
-    fused.weight_hh_l1_reverse = nn.Parameter(torch.randn(20, 5) * 0.3)
-    assert not _directions_back_to_back(fused, "weight_hh_l1")
-    assert _directions_back_to_back(fused, "weight_hh_l0")
+    _store_back_to_back(fused)
+    assert _directions_back_to_back(fused, "weight_hh_l1")
     x = torch.randn(4, 3, 6)
     _assert_grads_match_nn_lstm(fused, lambda model: model(x)[0].square().sum().backward())
+    before = fused(x)[0]
+    fused.flatten_parameters()
+    assert len(set(_storages(fused))) == len(_storages(fused))
+    assert torch.equal(fused(x)[0], before)
 
 
 def _no_grad_matches_nn_lstm(fused, x):
@@ -1178,12 +1203,6 @@ def _no_grad_matches_nn_lstm(fused, x):
         out_r, (h_r, c_r) = ref(x)
     for name, f, r in (("output", out_f, out_r), ("h_n", h_f, h_r), ("c_n", c_f, c_r)):
         torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_biases_back_to_back():
-    fused = FusedBiLSTM(6, 5, 2)
-    for name in ("bias_ih_l0", "bias_hh_l0", "bias_ih_l1", "bias_hh_l1"):
-        assert _directions_back_to_back(fused, name), name
 
 
 def test_no_grad_calls_follow_parameter_changes():

@@ -390,6 +390,18 @@ def test_cuda_runs_are_bitwise_reproducible(dtype, path, rng):
         assert torch.equal(a, b), f"result {i} differs between two identical runs"
 
 
+def test_cuda_directions_are_stored_back_to_back_and_apart_again_on_the_cpu():
+    """On a GPU each kind's directions share one buffer (as nn.LSTM's weights share cuDNN's),
+    which the CUDA kernels view in place; back on the CPU each parameter has its own storage."""
+    fused = FusedBiLSTM(I, H, num_layers=2).to(CUDA)
+    for name in ("weight_ih_l0", "weight_hh_l1", "bias_ih_l1"):
+        a, b = getattr(fused, name), getattr(fused, name + "_reverse")
+        assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        assert b.storage_offset() == a.storage_offset() + a.numel()
+    ptrs = [p.untyped_storage().data_ptr() for p in fused.cpu().parameters()]
+    assert len(set(ptrs)) == len(ptrs)
+
+
 def test_cuda_gradients_accumulate_over_backward_passes(path, rng):
     """Two identical backward passes leave exactly twice one pass's .grad (the kernels are
     deterministic): b_ih and b_hh get their own gradient memory, so the second addition to one

@@ -177,12 +177,12 @@ def test_meta_parameters_have_cpu_metadata_when_built_on_meta(kwargs):
     assert parameter_metadata(under_context.to_empty(device="cpu")) == cpu
 
 
-def test_meta_reverse_weights_follow_forward_weights_when_bidirectional():
+def test_meta_parameters_have_storages_of_their_own_as_on_the_cpu():
     with torch.device("meta"):
         lstm = FusedLSTM(I, H, bidirectional=True)
     w, w_rev = lstm.weight_ih_l0, lstm.weight_ih_l0_reverse
-    assert w_rev.storage_offset() == w.numel()
-    assert w.untyped_storage().nbytes() == 2 * w.numel() * w.element_size()
+    assert w_rev.storage_offset() == 0 and w.untyped_storage().nbytes() == w.nbytes
+    assert parameter_metadata(lstm) == parameter_metadata(nn.LSTM(I, H, bidirectional=True))
 
 
 # --- forward: input, hx and dtype errors -------------------------------------------------------

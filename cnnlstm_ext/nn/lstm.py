@@ -50,17 +50,18 @@ class InputDtypeError(ValueError, RuntimeError):
 def _stored_back_to_back(params: List[Tensor]) -> bool:
     """Whether `params` (same shape) lie one after another in one contiguous storage."""
     p0 = params[0]
-    # Meta storages have no data pointer: the storage objects themselves are compared there.
-    meta = p0.device.type == "meta"
-    storage = lambda t: (t.untyped_storage()._cdata if meta  # noqa: E731
-                         else t.untyped_storage().data_ptr())
-    base = storage(p0)
+    base = p0.untyped_storage().data_ptr()
     for k, p in enumerate(params):
         if (not p.is_contiguous() or p.shape != p0.shape or p.dtype != p0.dtype
-                or p.device != p0.device or storage(p) != base
+                or p.device != p0.device or p.untyped_storage().data_ptr() != base
                 or p.storage_offset() != p0.storage_offset() + k * p0.numel()):
             return False
     return True
+
+
+def _share_storage(params: List[Tensor]) -> bool:
+    ptrs = [p.untyped_storage().data_ptr() for p in params]
+    return len(set(ptrs)) < len(ptrs)
 
 
 def _keepable(t: Tensor) -> bool:
@@ -202,13 +203,15 @@ class FusedLSTM(nn.Module):
         self.flatten_parameters()
 
     def flatten_parameters(self) -> None:
-        """Stores each layer's per-direction weights (and biases) back to back in one buffer.
-
-        The kernels read a layer's weights as one [D, 4H, I] / [D, 4H, H] tensor; with this
-        layout the op views the parameters instead of copying them on every call. Parameter
-        objects are kept (their `.data` moves), so optimizers and modules sharing them are
-        unaffected. Called on construction, after `to()`/`cuda()`/`half()` and after
-        `load_state_dict`; parameters stored otherwise still work, with a copy per call.
+        """On a GPU, stores each layer's per-direction weights (and biases) back to back in one
+        buffer, as nn.LSTM keeps its weights in cuDNN's flat buffer there: the CUDA kernels read
+        a layer's weights as one [D, 4H, I] / [D, 4H, H] tensor, and with this layout the op
+        views the parameters instead of copying them on every call (parameters stored otherwise
+        still work, with a copy per call). Elsewhere each parameter has a storage of its own, as
+        nn.LSTM's (the CPU kernels read each direction where it lies; tools such as
+        safetensors' save_model refuse shared storage). Parameter objects are kept (their
+        `.data` moves), so optimizers and modules sharing them are unaffected. Called on
+        construction, after `to()`/`cuda()`/`half()` and after `load_state_dict`.
         """
         self._zero_state = None
         self._autocast_weights = {}
@@ -219,13 +222,14 @@ class FusedLSTM(nn.Module):
                 per_direction = self._all_weights[2 * layer:2 * layer + 2]
                 for names in zip(*per_direction):
                     params = [getattr(self, name) for name in names]
-                    # (On the meta device too: its parameters then have the storage offsets
-                    # of those built on the CPU.)
-                    if _stored_back_to_back(params):
-                        continue
-                    buf = torch.stack([p.detach() for p in params])
-                    for p, b in zip(params, buf):
-                        p.data = b
+                    device = params[0].device.type
+                    if device == "cuda" and not _stored_back_to_back(params):
+                        buf = torch.stack([p.detach() for p in params])
+                        for p, b in zip(params, buf):
+                            p.data = b
+                    elif device not in ("cuda", "meta") and _share_storage(params):
+                        for p in params:  # (a module pickled when CPU weights were shared)
+                            p.data = p.detach().clone()
 
     def _apply(self, fn, recurse=True):
         ret = super()._apply(fn, recurse)

@@ -42,11 +42,14 @@ inline void check_x(const char* op, const at::Tensor& x) {
               ": expected x of dtype float32, float64, bfloat16 or float16, got ", dt);
 }
 
-// One layer's weights as the kernels take them, in x's dtype: w_ih [D, 4H, I], w_hh [D, 4H, H],
-// and bias [D, 4H] = b_ih + b_hh (undefined without biases, or when not asked for); dtype is the
-// dtype the weights were given in (their gradients are returned in it).
+// One layer's weights as the kernels take them, in x's dtype: w_ih [D, 4H, I], w_hh [D, 4H, H]
+// (undefined unless stacked: the CUDA kernels take them so), per direction w_ih_d [4H, I],
+// w_hh_d [4H, H] (the CPU kernels read each direction where it lies), and bias [D, 4H] =
+// b_ih + b_hh (undefined without biases, or when not asked for); dtype is the dtype the weights
+// were given in (their gradients are returned in it).
 struct LayerWeights {
   at::Tensor w_ih, w_hh, bias;
+  std::vector<at::Tensor> w_ih_d, w_hh_d;
   at::ScalarType dtype;
 };
 
@@ -69,9 +72,10 @@ inline at::Tensor stack_directions(const std::vector<at::Tensor>& ts) {
 // `weights` is one layer's slice of nn.LSTM's flat weights: per direction w_ih [4H, I],
 // w_hh [4H, H], then b_ih and b_hh [4H] when the layer has biases. D = h0.size(0). They share one
 // floating dtype; weights in another dtype than x's (float32 master weights with bfloat16
-// activations, as under autocast) are cast to x's, one copy per kind for all directions.
+// activations, as under autocast) are cast to x's. With `stack`, w_ih and w_hh are also stacked
+// (a view of directions stored back to back, else one copy per kind).
 inline LayerWeights layer_weights(const char* op, const at::Tensor& x, at::TensorList weights,
-                                  const at::Tensor& h0, bool with_bias = true) {
+                                  const at::Tensor& h0, bool with_bias, bool stack) {
   static const char* names[] = {"w_ih", "w_hh", "b_ih", "b_hh"};
   check_x(op, x);
   TORCH_CHECK(h0.dim() == 3, op, ": expected h0 of shape [D, B, H], got ", shape_str(h0));
@@ -102,27 +106,37 @@ inline LayerWeights layer_weights(const char* op, const at::Tensor& x, at::Tenso
   const auto wdt = weights[0].scalar_type();
   TORCH_CHECK(at::isFloatingType(wdt), op, ": expected floating-point weights, got ", wdt);
   const auto in_x_dtype = [&](const at::Tensor& t) { return t.to(x.scalar_type()); };
-  LayerWeights w{in_x_dtype(stack_directions(kinds[0])), in_x_dtype(stack_directions(kinds[1])),
-                 at::Tensor(), wdt};
+  LayerWeights w;
+  w.dtype = wdt;
+  if (stack) {
+    w.w_ih = in_x_dtype(stack_directions(kinds[0]));
+    w.w_hh = in_x_dtype(stack_directions(kinds[1]));
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    w.w_ih_d.push_back(stack ? w.w_ih[d] : in_x_dtype(kinds[0][d]));
+    w.w_hh_d.push_back(stack ? w.w_hh[d] : in_x_dtype(kinds[1][d]));
+  }
   if (per == 4 && with_bias) {
     w.bias = in_x_dtype(stack_directions(kinds[2]) + stack_directions(kinds[3]));
   }
   return w;
 }
 
-// Checks the forward inputs and returns the sizes. `lengths`, when given, must be int64 [B] on
-// x's device; its values are range-checked where they can be read without a device sync (CPU).
+// Checks the forward inputs and returns the sizes. w_ih, w_hh: direction 0's, of `D`
+// (layer_weights checked that every direction's match). `lengths`, when given, must be int64 [B]
+// on x's device; its values are range-checked where they can be read without a device sync (CPU).
 inline LstmDims check_lstm_inputs(const char* op, const at::Tensor& x, const at::Tensor& w_ih,
-                                  const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
+                                  const at::Tensor& w_hh, int64_t D,
+                                  const std::optional<at::Tensor>& bias,
                                   const at::Tensor& h0, const at::Tensor& c0,
                                   const std::optional<at::Tensor>& lengths) {
   check_x(op, x);
-  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(1) % 4 == 0 && w_hh.size(1) == 4 * w_hh.size(2), op,
-              ": expected w_hh of shape [D, 4H, H], got ", shape_str(w_hh));
-  LstmDims d{x.size(0), x.size(1), x.size(2), w_hh.size(2), w_hh.size(0)};
-  TORCH_CHECK(d.D == 1 || d.D == 2, op, ": expected 1 or 2 directions (w_hh.size(0)), got ", d.D);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0 && w_hh.size(0) == 4 * w_hh.size(1), op,
+              ": expected each w_hh of shape [4H, H], got ", shape_str(w_hh));
+  LstmDims d{x.size(0), x.size(1), x.size(2), w_hh.size(1), D};
+  TORCH_CHECK(d.D == 1 || d.D == 2, op, ": expected 1 or 2 directions (h0.size(0)), got ", d.D);
   TORCH_CHECK(d.T > 0 && d.B > 0, op, ": expected x with T > 0 and B > 0, got ", shape_str(x));
-  check_shape(w_ih, {d.D, 4 * d.H, d.I}, "w_ih", op);
+  check_shape(w_ih, {4 * d.H, d.I}, "each w_ih", op);
   check_same(x, w_ih, "w_ih", op);
   check_same(x, w_hh, "w_hh", op);
   if (bias.has_value()) {
@@ -188,20 +202,23 @@ inline void check_lstm_backward_inputs(const char* op, const LstmDims& d, const 
 // both take, filled once by lstm_forward_args / lstm_backward_args.
 struct LstmLayerArgs {
   LstmDims d;
-  at::Tensor w_ih;                 // [D, 4H, I] in x's dtype
-  at::Tensor w_hh;                 // [D, 4H, H] in x's dtype
-  std::optional<at::Tensor> bias;  // [D, 4H] = b_ih + b_hh in x's dtype (forward, with biases)
-  at::ScalarType weight_dtype;     // the weights' own dtype, that of their gradients
+  at::Tensor w_ih;                    // [D, 4H, I] in x's dtype (with stack)
+  at::Tensor w_hh;                    // [D, 4H, H] in x's dtype (with stack)
+  std::vector<at::Tensor> w_ih_d;     // per direction [4H, I] in x's dtype
+  std::vector<at::Tensor> w_hh_d;     // per direction [4H, H] in x's dtype
+  std::optional<at::Tensor> bias;     // [D, 4H] = b_ih + b_hh in x's dtype (forward, with biases)
+  at::ScalarType weight_dtype;        // the weights' own dtype, that of their gradients
 };
 
 inline LstmLayerArgs lstm_forward_args(const at::Tensor& x, at::TensorList weights,
                                        const at::Tensor& h0, const at::Tensor& c0,
-                                       const std::optional<at::Tensor>& lengths) {
+                                       const std::optional<at::Tensor>& lengths, bool stack) {
   const char* op = "lstm_layer_forward";
-  auto w = layer_weights(op, x, weights, h0);
+  auto w = layer_weights(op, x, weights, h0, /*with_bias=*/true, stack);
   const auto bias = w.bias.defined() ? std::optional<at::Tensor>(w.bias) : std::nullopt;
-  const auto d = check_lstm_inputs(op, x, w.w_ih, w.w_hh, bias, h0, c0, lengths);
-  return {d, w.w_ih, w.w_hh, bias, w.dtype};
+  const auto d = check_lstm_inputs(op, x, w.w_ih_d[0], w.w_hh_d[0], h0.size(0), bias, h0, c0,
+                                   lengths);
+  return {d, w.w_ih, w.w_hh, w.w_ih_d, w.w_hh_d, bias, w.dtype};
 }
 
 inline LstmLayerArgs lstm_backward_args(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
@@ -210,12 +227,13 @@ inline LstmLayerArgs lstm_backward_args(const at::Tensor& grad_y, const at::Tens
                                         const at::Tensor& c0,
                                         const std::optional<at::Tensor>& lengths,
                                         const at::Tensor& y, const at::Tensor& gates,
-                                        const at::Tensor& cell) {
+                                        const at::Tensor& cell, bool stack) {
   const char* op = "lstm_layer_backward";
-  auto w = layer_weights(op, x, weights, h0, /*with_bias=*/false);
-  const auto d = check_lstm_inputs(op, x, w.w_ih, w.w_hh, std::nullopt, h0, c0, lengths);
+  auto w = layer_weights(op, x, weights, h0, /*with_bias=*/false, stack);
+  const auto d = check_lstm_inputs(op, x, w.w_ih_d[0], w.w_hh_d[0], h0.size(0), std::nullopt, h0,
+                                   c0, lengths);
   check_lstm_backward_inputs(op, d, x, grad_y, grad_h_n, grad_c_n, y, gates, cell);
-  return {d, w.w_ih, w.w_hh, std::nullopt, w.dtype};
+  return {d, w.w_ih, w.w_hh, w.w_ih_d, w.w_hh_d, std::nullopt, w.dtype};
 }
 
 // grad_w_hh: [D, 4H, H] = sum over valid steps of dG[t, b, d]^T . h_prev[t, b, d], where h_prev is

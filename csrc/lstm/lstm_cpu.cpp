@@ -1,13 +1,15 @@
 // CPU kernels of lstm_layer_forward / lstm_layer_backward.
 //
-// Forward: the input projection of every step and both directions is one GEMM
-//   xproj: [T*B, D*4H] = x: [T*B, I] . w_ih^T: [I, D*4H] + bias
+// Forward: the input projection of every step is one GEMM per direction
+//   xproj_d: [T*B, 4H] = x: [T*B, I] . w_ih_d^T: [I, 4H] + bias_d
 // then the recurrence over time (lstm_cpu_recurrence.h: per step the recurrent product
 // h_{s-1} . w_hh^T, the gate nonlinearities and the cell update). Direction 1 runs in reverse time.
 // Backward mirrors it: a reverse-time recurrence produces the pre-activation gate gradients dG,
 // then the weight, bias and input gradients are large GEMMs/reductions over all T*B rows.
 // Bfloat16/float16 inputs are computed in float32 (the accumulation dtype), except the large
-// products of bfloat16 on a CPU with AVX512-BF16 (bf16_products).
+// products of bfloat16 on a CPU with AVX512-BF16 (bf16_products). Each direction's weights are
+// read where they lie (FusedLSTM keeps a CPU module's parameters apart, as nn.LSTM does): one
+// GEMM per direction, and w_hh packed from each.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -106,9 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   // Autocast must not reach the ATen calls below (an autocast addmm would hand back a bfloat16
   // xproj to a float kernel); the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const LstmLayerArgs args = lstm_forward_args(x_in, weights, h0, c0, lengths);
+  const LstmLayerArgs args = lstm_forward_args(x_in, weights, h0, c0, lengths, /*stack=*/false);
   const LstmDims& d = args.d;
-  const at::Tensor &w_ih = args.w_ih, &w_hh = args.w_hh;
   const std::optional<at::Tensor>& bias = args.bias;
   const auto L = host_lengths(lengths, d);
   const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
@@ -118,14 +119,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const bool bf16_product = bf16_products(x_in, H);
   const auto gemm_dtype = bf16_product ? at::kBFloat16 : acc;
   const auto opts = x_in.options().dtype(gemm_dtype);
-  auto x = x_in.to(gemm_dtype).contiguous();
-  auto w_ih_g = w_ih.to(gemm_dtype).reshape({D * G, d.I});
-  auto w_hh_g = w_hh.to(gemm_dtype).contiguous();
-  // xproj: [T*B, D*4H], both directions in one GEMM.
-  const auto b_g = bias.has_value()
-                       ? std::optional<at::Tensor>(bias->to(gemm_dtype).reshape({D * G}))
-                       : std::nullopt;
-  const auto xproj = mm_bt(x.view({T * B, d.I}), w_ih_g, b_g).view({T, B, D, G});
+  auto x = x_in.to(gemm_dtype).contiguous().view({T * B, d.I});
+  std::vector<at::Tensor> xproj, w_hh_g;  // per direction [T*B, 4H], [4H, H]
+  for (int64_t dir = 0; dir < D; ++dir) {
+    const auto b_g = bias.has_value() ? std::optional<at::Tensor>((*bias)[dir].to(gemm_dtype))
+                                      : std::nullopt;
+    xproj.push_back(mm_bt(x, args.w_ih_d[dir].to(gemm_dtype), b_g));
+    w_hh_g.push_back(args.w_hh_d[dir].to(gemm_dtype).contiguous());
+  }
   auto h = h0.to(acc).contiguous().clone();
   auto c = c0.to(acc).contiguous().clone();
   // The recurrence writes every valid step; padding (steps past a length) must read as zeros.
@@ -157,9 +158,8 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
   // xproj to a float kernel); the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const LstmLayerArgs args = lstm_backward_args(grad_y, grad_h_n, grad_c_n, x_in, weights, h0, c0,
-                                                lengths, y, gates, cell);
+                                                lengths, y, gates, cell, /*stack=*/false);
   const LstmDims& d = args.d;
-  const at::Tensor &w_ih = args.w_ih, &w_hh = args.w_hh;
   const at::ScalarType wdt = args.weight_dtype;
   const auto L = host_lengths(lengths, d);
   const int64_t T = d.T, B = d.B, D = d.D, H = d.H, G = 4 * H;
@@ -168,7 +168,8 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
   // bfloat16, the GEMMs' operand: no [T, B, ...] tensor in float32, as in the forward.
   const bool bf16_product = bf16_products(x_in, H);
   const auto gemm_dtype = bf16_product ? at::kBFloat16 : acc;
-  auto w_hh_a = w_hh.to(acc).contiguous();
+  std::vector<at::Tensor> w_hh_a;  // per direction [4H, H]
+  for (const auto& w : args.w_hh_d) w_hh_a.push_back(w.to(acc).contiguous());
   auto gy = grad_y.to(gemm_dtype).contiguous();
   auto dh = grad_h_n.to(acc).contiguous().clone();
   auto dc = grad_c_n.to(acc).contiguous().clone();
@@ -188,16 +189,23 @@ lstm_layer_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
       [](at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
         accumulate ? out.addmm_(a, b) : at::mm_out(out, a, b);
       });
-  auto w_ih_g = w_ih.to(gemm_dtype).reshape({D * G, d.I});
   // [D, 4H, I]. at::mm takes dG2^T as a transposed operand, where oneDNN's linear (mm_bt) copies
   // it first: at::mm ran these shapes here 1.1-1.5x faster in bfloat16, and in float32 up to
   // 1.18x faster from T*B = 1024 rows (0.93x to 1.06x at 256).
   auto grad_w_ih = at::mm(dG2.t(), x).view({D, G, d.I});
   auto grad_bias = dG2.sum(0, /*keepdim=*/false, acc).view({D, G});  // [D, 4H], summed in acc
   const auto dt = x_in.scalar_type();
-  const at::Tensor grad_x = need_grad_x
-                                ? mm_bt(dG2, w_ih_g.t(), std::nullopt).view({T, B, d.I}).to(dt)
-                                : at::Tensor();  // [T, B, I]
+  at::Tensor grad_x;  // [T, B, I] = sum over directions of dG_d . w_ih_d
+  if (need_grad_x) {
+    if (D == 1) {
+      grad_x = mm_bt(dG2, args.w_ih_d[0].to(gemm_dtype).t(), std::nullopt);
+    } else {  // (ATen's mm reads each direction's columns of dG2 in place; oneDNN would copy)
+      grad_x = at::mm(dG2.narrow(1, 0, G), args.w_ih_d[0].to(gemm_dtype));
+      for (int64_t dir = 1; dir < D; ++dir)
+        grad_x.addmm_(dG2.narrow(1, dir * G, G), args.w_ih_d[dir].to(gemm_dtype));
+    }
+    grad_x = grad_x.view({T, B, d.I}).to(dt);
+  }
   // Weight gradients in the dtype the weights came in (float32 master weights under autocast).
   return {grad_x, grad_w_ih.to(wdt), grad_w_hh.to(wdt), grad_bias.to(wdt), dh.to(dt), dc.to(dt)};
 }

@@ -63,59 +63,68 @@ void transpose_word_blocks(const uint32_t* src, uint32_t* dst, int64_t blocks, i
   });
 }
 
+// A layer's w_hh, one [4H, H] tensor per direction (contiguous, in the kernels' dtype): each
+// direction read where it lies, as FusedLSTM keeps a CPU module's parameters apart (nn.LSTM's).
+using DirectionWeights = std::vector<at::Tensor>;
+
 // The recurrent product's w operand (lstm_cpu_cell.h), packed by blocks of kRecColumns (16) output
-// columns, from w_hh: [D, 4H, H] (contiguous). Packed once per call: 4 MiB per direction at
+// columns, from w_hh (per direction [4H, H]). Packed once per call: 4 MiB per direction at
 // H = 512, against T steps that each read all of it. (ATen's strided copy made these layouts at
 // 3 to 4 GB/s here: 5% of a training call.)
 //   forward:  columns = gate rows n, P[d][n / 16][k][n % 16] = w[d][n][k] -> [D, 4H / 16, H, 16]
 //   backward: columns = units k,     P[d][k / 16][n][k % 16] = w[d][n][k] -> [D, H / 16, 4H, 16]
 template <typename acc_t>
-at::Tensor pack_w_hh(const at::Tensor& w_hh, bool forward) {
+at::Tensor pack_w_hh(const DirectionWeights& w_hh, bool forward) {
   constexpr int64_t V = kRecColumns;
-  const int64_t D = w_hh.size(0), G = w_hh.size(1), H = w_hh.size(2);
-  auto packed = forward ? at::empty({D, G / V, H, V}, w_hh.options())
-                        : at::empty({D, H / V, G, V}, w_hh.options());
-  const acc_t* src = w_hh.data_ptr<acc_t>();
-  acc_t* dst = packed.data_ptr<acc_t>();
-  if (forward && sizeof(acc_t) == sizeof(uint32_t)) {
-    transpose_word_blocks(reinterpret_cast<const uint32_t*>(src), reinterpret_cast<uint32_t*>(dst),
-                          D * G / V, H);
-  } else if (forward) {
-    // A task transposes blocks of 16 rows [16, H] into [H, 16] (both at blk * 16 * H).
-    at::parallel_for(0, D * G / V, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const acc_t* rows = src + blk * V * H;
-        acc_t* out = dst + blk * V * H;
-        for (int64_t k = 0; k < H; ++k)
-          for (int64_t i = 0; i < V; ++i) out[k * V + i] = rows[i * H + k];
-      }
-    });
-  } else {
-    // A task reads whole rows (d, n) and scatters their 16-column pieces to the H / 16 blocks.
-    at::parallel_for(0, D * G, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t d = r / G, n = r % G;
-        const acc_t* row = src + r * H;
-        acc_t* out = dst + (d * H / V * G + n) * V;
-        for (int64_t kb = 0; kb < H / V; ++kb)
-          std::copy(row + kb * V, row + (kb + 1) * V, out + kb * G * V);
-      }
-    });
+  const int64_t D = static_cast<int64_t>(w_hh.size()), G = w_hh[0].size(0), H = w_hh[0].size(1);
+  auto packed = forward ? at::empty({D, G / V, H, V}, w_hh[0].options())
+                        : at::empty({D, H / V, G, V}, w_hh[0].options());
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t* src = w_hh[d].const_data_ptr<acc_t>();
+    acc_t* dst = packed.data_ptr<acc_t>() + d * G * H;
+    if (forward && sizeof(acc_t) == sizeof(uint32_t)) {
+      transpose_word_blocks(reinterpret_cast<const uint32_t*>(src),
+                            reinterpret_cast<uint32_t*>(dst), G / V, H);
+    } else if (forward) {
+      // A task transposes blocks of 16 rows [16, H] into [H, 16] (both at blk * 16 * H).
+      at::parallel_for(0, G / V, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const acc_t* rows = src + blk * V * H;
+          acc_t* out = dst + blk * V * H;
+          for (int64_t k = 0; k < H; ++k)
+            for (int64_t i = 0; i < V; ++i) out[k * V + i] = rows[i * H + k];
+        }
+      });
+    } else {
+      // A task reads whole rows n and scatters their 16-column pieces to the H / 16 blocks.
+      at::parallel_for(0, G, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          const acc_t* row = src + n * H;
+          acc_t* out = dst + n * V;
+          for (int64_t kb = 0; kb < H / V; ++kb)
+            std::copy(row + kb * V, row + (kb + 1) * V, out + kb * G * V);
+        }
+      });
+    }
   }
   return packed;
 }
 
-// The bfloat16 product's w operand (lstm_cpu_cell.h) from w_hh: [D, 4H, H] bfloat16 (contiguous), by
+// w_hh as one [D, 4H, H] tensor, for the ATen paths (bmm): a copy.
+inline at::Tensor stacked(const DirectionWeights& w) { return at::stack(w); }
+
+// The bfloat16 product's w operand (lstm_cpu_cell.h) from w_hh (per direction [4H, H] bfloat16), by
 // blocks of kRecColumns gate columns n and pairs of units k:
 //   P[d][n / 16][k / 2][n % 16][k % 2] = w[d][n][k] -> [D, 4H / 16, H / 2, 16, 2]
-at::Tensor pack_w_hh_bf16(const at::Tensor& w_hh) {
+at::Tensor pack_w_hh_bf16(const DirectionWeights& w_hh) {
   constexpr int64_t V = kRecColumns;
-  const int64_t D = w_hh.size(0), G = w_hh.size(1), H = w_hh.size(2);
-  auto packed = at::empty({D, G / V, H / 2, V, 2}, w_hh.options());
+  const int64_t D = static_cast<int64_t>(w_hh.size()), G = w_hh[0].size(0), H = w_hh[0].size(1);
+  auto packed = at::empty({D, G / V, H / 2, V, 2}, w_hh[0].options());
   // Blocks of 16 rows [16, H] into [H / 2, 16, 2]: the rows' pairs of units are 32-bit words.
-  transpose_word_blocks(reinterpret_cast<const uint32_t*>(w_hh.const_data_ptr<at::BFloat16>()),
-                        reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()), D * G / V,
-                        H / 2);
+  for (int64_t d = 0; d < D; ++d)
+    transpose_word_blocks(
+        reinterpret_cast<const uint32_t*>(w_hh[d].const_data_ptr<at::BFloat16>()),
+        reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>() + d * G * H), G / V, H / 2);
   return packed;
 }
 
@@ -176,12 +185,13 @@ struct ForwardRecurrence {
   LstmDims d;
   const std::vector<int64_t>* L;  // [B] lengths
   int64_t steps;                  // the longest length
-  const at::Tensor* w_hh;         // [D, 4H, H] acc_t, contiguous (bfloat16 for packed-bf16)
+  const DirectionWeights* w_hh;   // per direction [4H, H] acc_t (bfloat16 for packed-bf16)
   at::Tensor* h;                  // [D, B, H] acc_t: h0 in, h_n out
   at::Tensor rec;                 // [D, B, 4H] acc_t: the recurrent part h_{s-1} . w_hh^T
   acc_t* rp;                      // rec's data
   acc_t* c;                       // [D, B, H]: c0 in, c_n out
-  const void* xproj;              // [T, B, D, 4H] io: the input projection (bias included)
+  const void* xproj[2];           // per direction [T, B, 4H] io: the input projection (bias
+                                  // included)
   void* y;                        // [T, B, D*H] io (zeros on padding)
   void* gates;                    // [T, B, D, 4H] io or null (not training)
   void* cell;                     // [T, B, D, H] io or null
@@ -199,7 +209,7 @@ struct ForwardRecurrence {
       return;
     }
     const int64_t t = time_index(dir, s, len), at_t = (t * B + b) * D + dir;
-    kernel(static_cast<const io_t*>(xproj) + at_t * G + j0, rp + row * G + j0,
+    kernel(static_cast<const io_t*>(xproj[dir]) + (t * B + b) * G + j0, rp + row * G + j0,
            c + row * H + j0, h_out + row * H + j0,
            static_cast<io_t*>(y) + (t * B + b) * D * H + dir * H + j0,
            gates ? static_cast<io_t*>(gates) + at_t * G + j0 : nullptr,
@@ -213,7 +223,7 @@ void forward_bmm(ForwardRecurrence<acc_t>& r) {
   acc_t* hp = r.h->template data_ptr<acc_t>();
   // [D, H, 4H], copied once: MKL's per-step bmm runs several times faster on a contiguous
   // operand than on the transposed view.
-  const auto w_hh_t = r.w_hh->transpose(1, 2).contiguous();
+  const auto w_hh_t = stacked(*r.w_hh).transpose(1, 2).contiguous();
   for (int64_t s = 0; s < r.steps; ++s) {
     at::bmm_out(r.rec, *r.h, w_hh_t);
     at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
@@ -280,16 +290,17 @@ bool use_bt(const LstmCellKernels<acc_t>& kernels, int64_t B, int64_t H) {
          H % kBtColumns == 0;
 }
 
-// w_hh: [D, 4H, H] float32 (contiguous) -> its groups of kBtColumns gate columns packed for
+// w_hh (per direction [4H, H] float32) -> its groups of kBtColumns gate columns packed for
 // recurrent_product_bt: [D, 4H / kBtColumns, kBtColumns * H].
-at::Tensor pack_w_hh_bt(const at::Tensor& w_hh, PackBtFn pack_group) {
-  const int64_t D = w_hh.size(0), G = w_hh.size(1), H = w_hh.size(2);
-  auto packed = at::empty({D, G / kBtColumns, kBtColumns * H}, w_hh.options());
-  const float* src = w_hh.const_data_ptr<float>();
+at::Tensor pack_w_hh_bt(const DirectionWeights& w_hh, PackBtFn pack_group) {
+  const int64_t D = static_cast<int64_t>(w_hh.size()), G = w_hh[0].size(0), H = w_hh[0].size(1);
+  const int64_t groups = G / kBtColumns;
+  auto packed = at::empty({D, groups, kBtColumns * H}, w_hh[0].options());
   float* dst = packed.data_ptr<float>();
-  at::parallel_for(0, D * G / kBtColumns, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, D * groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q)
-      pack_group(src + q * kBtColumns * H, H, dst + q * kBtColumns * H);
+      pack_group(w_hh[q / groups].const_data_ptr<float>() + q % groups * kBtColumns * H, H,
+                 dst + q * kBtColumns * H);
   });
   return packed;
 }
@@ -392,16 +403,18 @@ Algorithm forward_algorithm(const LstmCellKernels<acc_t>& kernels, int64_t H, bo
 // when bf16_product, else acc_t.
 template <typename acc_t>
 void forward_recurrence(const LstmDims& d, const std::vector<int64_t>& L,
-                        const at::Tensor& xproj,  // [T, B, D, 4H]
-                        const at::Tensor& w_hh,   // [D, 4H, H], bfloat16 with bf16_product
+                        const std::vector<at::Tensor>& xproj,  // per direction [T*B, 4H]
+                        const DirectionWeights& w_hh,  // [4H, H] each, bfloat16 with bf16_product
                         bool bf16_product,
                         at::Tensor& h,            // [D, B, H] acc_t
                         at::Tensor& c,            // [D, B, H] acc_t
                         at::Tensor& y,            // [T, B, D*H] (zeros on padding)
                         at::Tensor* gates,        // [T, B, D, 4H] or null
                         at::Tensor* cell) {       // [T, B, D, H] or null
-  TORCH_INTERNAL_ASSERT(xproj.scalar_type() == (bf16_product ? at::kBFloat16 : c.scalar_type()) &&
-                        y.scalar_type() == xproj.scalar_type());
+  const auto io = bf16_product ? at::kBFloat16 : c.scalar_type();
+  for (const auto& t : xproj)
+    TORCH_INTERNAL_ASSERT(t.scalar_type() == io && t.is_contiguous() && t.size(1) == 4 * d.H);
+  TORCH_INTERNAL_ASSERT(y.scalar_type() == io);
   auto rec = at::empty({d.D, d.B, 4 * d.H}, c.options());
   ForwardRecurrence<acc_t> r{d,
                              &L,
@@ -411,7 +424,7 @@ void forward_recurrence(const LstmDims& d, const std::vector<int64_t>& L,
                              rec,
                              rec.data_ptr<acc_t>(),
                              c.data_ptr<acc_t>(),
-                             xproj.const_data_ptr(),
+                             {xproj[0].const_data_ptr(), xproj[d.D - 1].const_data_ptr()},
                              y.data_ptr(),
                              gates ? gates->data_ptr() : nullptr,
                              cell ? cell->data_ptr() : nullptr,
@@ -439,7 +452,7 @@ struct BackwardRecurrence {
   LstmDims d;
   const std::vector<int64_t>* L;  // [B] lengths
   int64_t steps;                  // the longest length
-  const at::Tensor* w_hh;         // [D, 4H, H] acc_t
+  const DirectionWeights* w_hh;   // per direction [4H, H] acc_t
   at::Tensor* dh;                 // [D, B, H] acc_t: grad_h_n in, grad_h0 out
   acc_t* dhp;                     // dh's data
   acc_t* dc;                      // [D, B, H]: grad_c_n in, grad_c0 out
@@ -492,11 +505,12 @@ void backward_bmm(BackwardRecurrence<acc_t>& r) {
   TORCH_INTERNAL_ASSERT(!r.bf16_io, "the bfloat16 products need the recurrent kernels");
   const int64_t B = r.d.B, D = r.d.D, H = r.d.H;
   acc_t* dsp = r.dG_step.template data_ptr<acc_t>();
+  const auto w_hh = stacked(*r.w_hh);  // [D, 4H, H]
   for (int64_t s = r.steps - 1; s >= 0; --s) {
     at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) r.update(s, row / B, row % B, 0, H, dsp);
     });
-    at::bmm_out(r.dh_rec, r.dG_step, *r.w_hh);
+    at::bmm_out(r.dh_rec, r.dG_step, w_hh);
   }
   r.dh->copy_(r.dh_rec);  // step 0 is valid for every sequence: dh_rec holds grad_h0 for all rows
 }
@@ -544,7 +558,7 @@ void backward_recurrence(const LstmDims& d, const std::vector<int64_t>& L, bool 
                          const at::Tensor& gates,   // [T, B, D, 4H]
                          const at::Tensor& cell,    // [T, B, D, H]
                          const at::Tensor& c0,      // [D, B, H]
-                         const at::Tensor& w_hh,    // [D, 4H, H] acc_t
+                         const DirectionWeights& w_hh,  // per direction [4H, H] acc_t
                          at::Tensor& dh,            // [D, B, H] acc_t
                          at::Tensor& dc,            // [D, B, H] acc_t
                          at::Tensor& dG) {          // [T, B, D, 4H] (zeros on padding)

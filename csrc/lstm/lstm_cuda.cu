@@ -138,7 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   // Autocast must not reach the ATen calls below (they must run in the dtypes chosen here);
   // the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const LstmLayerArgs args = lstm_forward_args(x_in, weights, h0_in, c0_in, lengths);
+  const LstmLayerArgs args =
+      lstm_forward_args(x_in, weights, h0_in, c0_in, lengths, /*stack=*/true);
   const LstmDims& d = args.d;
   const std::optional<at::Tensor>& bias = args.bias;
   TORCH_CHECK(x_in.is_cuda(), "lstm_layer_forward: expected CUDA tensors");
@@ -194,7 +195,8 @@ lstm_layer_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n
   // the Python wrapper applies autocast's dtype before the op.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const LstmLayerArgs args = lstm_backward_args(grad_y_in, grad_h_n_in, grad_c_n_in, x_in, weights,
-                                                h0_in, c0_in, lengths, y_in, gates_in, cell_in);
+                                                h0_in, c0_in, lengths, y_in, gates_in, cell_in,
+                                                /*stack=*/true);
   const LstmDims& d = args.d;
   const at::ScalarType wdt = args.weight_dtype;
   TORCH_CHECK(x_in.is_cuda(), "lstm_layer_backward: expected CUDA tensors");
