@@ -257,6 +257,128 @@ def test_frame_images_are_turned_by_their_exif_orientation(tmp_path, orientation
     assert np.array_equal(clip, turn(image))
 
 
+def numbered_frame(i):
+    """A 64 x 48 frame that says its number i < 256: grey 10 + 15 (i % 16) on its left half,
+    10 + 15 (i // 16) on its right (flat areas survive any codec's rounding)."""
+    f = np.empty((48, 64, 3), np.uint8)
+    f[:, :32], f[:, 32:] = 10 + 15 * (i % 16), 10 + 15 * (i // 16)
+    return f
+
+
+def frame_numbers(clip):
+    """The numbers of numbered_frame()s, clip: [t, 3, 48, 64]."""
+    halves = clip.float().view(clip.shape[0], 3, 48, 2, 32).mean(dim=(1, 2, 4))
+    return [round((float(a) - 10) / 15) + 16 * round((float(b) - 10) / 15) for a, b in halves]
+
+
+def write_numbered(path, n, pts_ms=None, fmt=None, codec="libx264", options=None, rate=30):
+    """n numbered_frame()s, at the given presentation times in ms (default: the constant
+    rate)."""
+    import av
+    import fractions
+    tb = fractions.Fraction(1, 1000)
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=rate)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.options = options or {}
+        if pts_ms is not None:
+            s.time_base = s.codec_context.time_base = tb
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(numbered_frame(i), format="rgb24")
+            if pts_ms is not None:
+                f.pts, f.time_base = pts_ms[i], tb
+            for packet in s.encode(f):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+
+
+@pytest.mark.parametrize("ext", ["mkv", "mp4"])
+def test_variable_rate_video_is_sampled_evenly_in_time_to_its_end(tmp_path, ext):
+    """40 frames at 30 fps with a 1 s pause after frame 19 (a phone's variable rate): 16
+    frames evenly spaced in time, so the paused frame repeats and the clip reaches the end (the
+    MKV's nominal rate, 30, once left its last half unread)."""
+    pytest.importorskip("av")
+    path = tmp_path / ("vfr." + ext)
+    write_numbered(path, 40, pts_ms=[round(1000 * (i / 30 + (i >= 20))) for i in range(40)])
+    got = frame_numbers(read_video_frames(str(path), select=lambda n: sample_indices(n, 16)))
+    assert got == sorted(got) and got[:4] == [1, 5, 10, 14], got
+    assert got.count(19) >= 6 and got[-1] >= 35, got
+
+
+def test_video_without_timestamps_is_read_by_counting_frames(tmp_path):
+    """H.264 in MPEG-PS: only the first packet has a timestamp, so frames are counted from the
+    start (that fallback once failed inside PyAV and read as a damaged tail: frame 0 thrice)."""
+    pytest.importorskip("av")
+    path = tmp_path / "ps.mpg"
+    write_numbered(path, 40, fmt="mpeg", rate=25)
+    assert frame_numbers(read_video_frames(str(path), select=lambda n: [3, 20, 38])) == [3, 20, 38]
+
+
+@pytest.mark.parametrize("gop", [12, 120], ids=["gop12", "one_keyframe"])
+def test_a_seek_that_lands_past_the_first_wanted_frame_is_retried_from_further_back(tmp_path, gop):
+    """MPEG-PS seeks land on the keyframe after the target, and with one keyframe on none: the
+    reader checks where it landed and seeks further back (to frame 0 at worst)."""
+    pytest.importorskip("av")
+    path = tmp_path / "mpeg2.mpg"
+    write_numbered(path, 120, codec="mpeg2video", options={"g": str(gop)}, rate=25)
+    for first in (16, 30, 100):
+        got = frame_numbers(read_video_frames(str(path), select=lambda n: [first, first + 2]))
+        assert got == [first, first + 2], (first, got)
+
+
+def test_truncated_video_repeats_its_last_frame_with_a_warning(tmp_path, caplog):
+    """An MP4 whose index (at the front) declares 40 frames, cut in half: the frames it lacks
+    repeat the last one decoded, and a warning names the file."""
+    pytest.importorskip("av")
+    path = tmp_path / "whole.mp4"
+    import av
+    frames = np.random.default_rng(0).integers(0, 255, (40, 120, 160, 3)).astype(np.uint8)
+    frames[:, :, :20] = (10 + 6 * np.arange(40)).astype(np.uint8)[:, None, None, None]
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 160, 120, "yuv420p"
+        for f in frames:
+            for packet in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[:len(data) // 2])
+    with caplog.at_level(logging.WARNING, logger="cnnlstm_ext.data"):
+        clip = read_video_frames(str(cut), select=lambda n: sample_indices(n, 8),
+                                 channels_last=True)
+    got = [round((float(v) - 10) / 6) for v in clip[:, :, :20].float().mean(dim=(1, 2, 3))]
+    assert len(got) == 8 and got[-1] == got[-2] < 39, got
+    assert "cut.mp4 ends before frame" in caplog.text and "of the 40 it declares" in caplog.text
+
+
+def test_the_main_video_stream_is_read_not_a_thumbnail_before_it(tmp_path):
+    """An MKV whose first video stream is a one-frame thumbnail: FFmpeg's best stream (the
+    video), as players pick it; and the transport-stream and 3GP extensions count as video."""
+    av = pytest.importorskip("av")
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w") as c:
+        thumb = c.add_stream("mjpeg", rate=1)
+        thumb.width, thumb.height, thumb.pix_fmt = 32, 24, "yuvj420p"
+        video = c.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        for packet in thumb.encode(av.VideoFrame.from_ndarray(np.full((24, 32, 3), 250, np.uint8),
+                                                              format="rgb24")):
+            c.mux(packet)
+        for packet in thumb.encode():
+            c.mux(packet)
+        for i in range(20):
+            for packet in video.encode(av.VideoFrame.from_ndarray(numbered_frame(i),
+                                                                  format="rgb24")):
+                c.mux(packet)
+        for packet in video.encode():
+            c.mux(packet)
+    assert frame_numbers(read_video_frames(str(path))) == list(range(20))
+    assert all(video_io.is_video_file("clip" + e) for e in (".ts", ".MTS", ".m2ts", ".3gp"))
+
+
 def test_decode_keeps_the_order_select_gives(long_video):
     path, _ = long_video
     clip = read_video_frames(path, 0, 20, select=lambda n: [9, 2, 5])

@@ -12,6 +12,8 @@ video. Frames come out as players show them: a video's display matrix (a phone r
 portrait video as landscape frames and a rotation) is applied, as ffmpeg and OpenCV apply it.
 """
 import functools
+import logging
+import math
 import os
 import threading
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -19,7 +21,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+log = logging.getLogger("cnnlstm_ext.data")
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
+                    ".ts", ".mts", ".m2ts", ".3gp")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -72,14 +77,43 @@ def center_square(image: np.ndarray) -> np.ndarray:
     return image[top:top + s, left:left + s]
 
 
-def _frame_count(container, stream) -> int:
-    """Frames of the video stream: the container's count when it has one, else its packets
-    counted without decoding (one frame per video packet)."""
+class _Timing:
+    """How a stream's frames are numbered: frame i is the one presented at
+    `first + i / per_tick` (time_base ticks), i in [0, count). per_tick is None where the
+    frames have no timestamps (they are then counted from the start)."""
+
+    def __init__(self, count: int, first: int, per_tick: Optional[float]):
+        self.count, self.first, self.per_tick = count, first, per_tick
+
+    def index(self, pts: int) -> int:
+        # Halfway rounds down: after a seek, MPEG-PS timestamps come half a frame late.
+        return math.ceil((pts - self.first) * self.per_tick - 0.5)
+
+
+def _frame_timing(container, stream) -> _Timing:
+    """The stream's frame count and numbering. With a count in the container (MP4, MOV), frames
+    are numbered by their timestamps at the stream's average rate (the count over the duration
+    there). Otherwise (MKV, WebM, AVI...) the packets are read once without decoding: the count is
+    theirs, and the rate is taken from their first and last timestamps, so that the frames span
+    [0, count) evenly in time even where the rate varies (a phone's video) and the stream's
+    nominal rate is not its average."""
+    rate = stream.average_rate or stream.guessed_rate
+    base = stream.time_base
+    first = stream.start_time or 0
+    per_tick = float(rate * base) if rate is not None and base is not None else None
     if stream.frames and stream.frames > 0:
-        return int(stream.frames)
-    n = sum(1 for packet in container.demux(stream) if packet.size)
+        return _Timing(int(stream.frames), first, per_tick)
+    n, lo, hi = 0, None, None
+    for packet in container.demux(stream):
+        if packet.size:
+            n += 1
+            if packet.pts is not None:
+                lo = packet.pts if lo is None else min(lo, packet.pts)
+                hi = packet.pts if hi is None else max(hi, packet.pts)
     container.seek(0, stream=stream, backward=True)
-    return n
+    if lo is not None and hi > lo and n > 1:
+        return _Timing(n, lo, (n - 1) / (hi - lo))
+    return _Timing(n, lo if lo is not None else first, per_tick if lo is not None else None)
 
 
 def _open_video(path: str):
@@ -93,8 +127,17 @@ def _open_video(path: str):
     if not container.streams.video:
         container.close()
         raise ClipReadError("%s has no video stream" % path)
-    _set_decoder_threads(container.streams.video[0])
+    _set_decoder_threads(video_stream(container))
     return container
+
+
+def video_stream(container):
+    """The container's main video stream: FFmpeg's best (av_find_best_stream: cover art and
+    thumbnails stored as video streams come last), not merely the first."""
+    try:
+        return container.streams.best("video") or container.streams.video[0]
+    except AttributeError:  # a PyAV without streams.best
+        return container.streams.video[0]
 
 
 # Frame threads shorten the decode of large frames when cores are idle, but cost about 4 ms of
@@ -260,59 +303,74 @@ def iter_video_frames(path: str, start: int = 0, end: Optional[int] = None,
     range `start <= i < end`, increasing; None: every frame of the range; a callable: called
     with the number n of frames in the range, returns the indices).
 
-    Decoding starts at the keyframe before the first wanted frame (a seek), not at frame 0, and
-    stops after the last; only wanted frames are converted to RGB, at `short_side` (see
-    _to_array). Memory is bounded by one frame whatever the video's length. A frame the
-    container promised but the stream lacks (a short or damaged tail) repeats the last frame
-    decoded before it; a video without any of the range's frames raises ClipReadError.
+    Frames are numbered by their presentation times (see _frame_timing): where the frame rate
+    varies, frame i is the one shown at the i-th of n evenly spaced times, so a pause shows as a
+    repeated frame and every part of the video is reached. Decoding starts at the keyframe
+    before the first wanted frame (a seek; one that lands past it, as some containers' seeks and
+    an open GOP's leading frames do, is retried from further back, down to frame 0), and stops
+    after the last; only wanted frames are converted to RGB, at `short_side` (see _to_array).
+    Memory is bounded by one frame whatever the video's length. A frame the container promised
+    but the file lacks (a truncated or damaged tail) repeats the last frame decoded before it,
+    with a warning; a video without any of the range's frames raises ClipReadError.
     """
     container = _open_video(path)
     with container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         try:
-            total = _frame_count(container, stream)
-        except Exception as e:
+            timing = _frame_timing(container, stream)
+        except _av_errors() as e:
             raise ClipReadError("could not read video %s: %s" % (path, e)) from e
+        total = timing.count
         stop = total if end is None else min(end, total)
         if stop <= start:
             raise ClipReadError("no frames in %s for the range [%d, %s) (the video has %d)"
-                                   % (path, start, end, total))
+                                % (path, start, end, total))
         if callable(indices):
             indices = indices(stop - start)
         wanted = list(range(stop - start)) if indices is None else [int(i) for i in indices]
         if any(b < a for a, b in zip(wanted, wanted[1:])) or not 0 <= wanted[0] <= wanted[-1] < stop - start:
             raise ValueError("frame indices must increase within [0, %d), got %s"
                              % (stop - start, wanted[:8]))
-        yield from _decode_wanted(container, stream, path, [start + i for i in wanted], start,
-                                  short_side, square)
+        wanted = [start + i for i in wanted]
+        retry = yield from _decode_wanted(container, stream, timing, path, wanted, start,
+                                          short_side, square, back=0)
+    while retry is not None:  # a seek landed past the first wanted frame: from further back
+        with _open_video(path) as container:
+            retry = yield from _decode_wanted(container, video_stream(container), timing, path,
+                                              wanted, start, short_side, square, back=retry)
 
 
-def _decode_wanted(container, stream, path, wanted, start, short_side, square):
-    """See iter_video_frames; `wanted`: absolute frame numbers, increasing."""
-    rate = stream.average_rate or stream.guessed_rate
-    base = stream.time_base
-    first_pts = stream.start_time or 0
-    # Frame numbers come from timestamps (exact for constant-rate video, which is what the
-    # index of a frame means here); without them, frames are counted from the start.
-    by_pts = rate is not None and base is not None
-    frames_per_tick = float(rate * base) if by_pts else 0.0
-    if by_pts and wanted[0] >= SEEK_MIN_FRAMES:
-        target = first_pts + int(wanted[0] / frames_per_tick)
+@functools.lru_cache(maxsize=None)
+def _av_errors():
+    """The exceptions of FFmpeg's failures (PyAV's error types): what a damaged file raises."""
+    return (_import_av().error.FFmpegError,)
+
+
+def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, short_side, square,
+                   back):
+    """See iter_video_frames; `wanted`: absolute frame numbers, increasing. Seeks to `back`
+    frames before the first wanted one (none below SEEK_MIN_FRAMES). Returns None when done, or
+    the next `back` to try when the seek landed past the first wanted frame (nothing yielded)."""
+    by_pts = timing.per_tick is not None
+    seeked = by_pts and wanted[0] - back >= SEEK_MIN_FRAMES
+    if seeked:
+        target = timing.first + int((wanted[0] - back) / timing.per_tick)
         container.seek(target, stream=stream, backward=True, any_frame=False)
-    k, last, count = 0, None, -1
+    k, last, count, damaged, counting = 0, None, -1, None, False
     skips = [False]  # whether a packet was let go undecoded (then frames cannot be counted)
     try:
-        for frame in _decode_skipping(container, stream, set(wanted), first_pts,
-                                      frames_per_tick if by_pts else None, skips):
+        for frame in _decode_skipping(container, stream, set(wanted), timing if by_pts else None,
+                                      skips):
             count += 1
             if by_pts and frame.pts is not None:
-                i = int(round((frame.pts - first_pts) * frames_per_tick))
-            elif by_pts and (wanted[0] >= SEEK_MIN_FRAMES or skips[0]):  # no timestamps: count
-                # from frame 0 (frames were skipped or seeked past), the frames still to come
-                yield from _decode_counting(path, wanted[k:], start, short_side, square)
-                return
+                i = timing.index(frame.pts)
+            elif by_pts and (seeked or skips[0]):  # no timestamp: count from frame 0 instead
+                counting = True
+                break
             else:
                 i = count
+            if count == 0 and seeked and i > wanted[0]:
+                return max(2 * back, 2 * SEEK_MIN_FRAMES)
             while k < len(wanted) and wanted[k] < i and last is not None:
                 yield wanted[k] - start, _to_array(last, short_side, square)  # a missing frame
                 k += 1
@@ -323,16 +381,40 @@ def _decode_wanted(container, stream, path, wanted, start, short_side, square):
                     k += 1
             last = frame
             if k == len(wanted):
-                return
-    except Exception as e:
-        if last is None:
+                return None
+    except _av_errors() as e:
+        if last is None and not seeked:
             raise ClipReadError("could not decode video %s: %s" % (path, e)) from e
-        # A damaged tail: the frames decoded so far stand; the rest repeat the last one.
+        damaged = e  # the frames decoded so far stand; the rest repeat the last one
+    if counting:
+        with _open_video(path) as again:
+            yield from _decode_wanted(again, video_stream(again), _Timing(timing.count, 0, None),
+                                      path, wanted[k:], start, short_side, square, back=0)
+        return None
     if last is None:
+        if seeked:  # nothing decodable from where the seek landed
+            return max(2 * back, 2 * SEEK_MIN_FRAMES)
         raise ClipReadError("could not decode any frame of %s" % path)
+    if k < len(wanted) and (damaged is not None or _ends_early(stream, timing, last)):
+        log.warning("%s ends before frame %d of the %d it declares (%s); the clip repeats the "
+                    "last frame decoded, %d, for %d frame(s)", path, wanted[k] + 1, timing.count,
+                    "damaged: %s" % damaged if damaged is not None else "truncated",
+                    timing.index(last.pts) + 1 if by_pts and last.pts is not None else count + 1,
+                    len(wanted) - k)
     image = _to_array(last, short_side, square)
     for j in wanted[k:]:
         yield j - start, image
+    return None
+
+
+def _ends_early(stream, timing: _Timing, last) -> bool:
+    """Whether the stream ended more than a frame before the duration its container declares
+    (a truncated file; a last frame held longer, as in variable-rate video, ends on time)."""
+    if timing.per_tick is None or last.pts is None or not stream.duration:
+        return False
+    held = getattr(last, "duration", None) or 1 / timing.per_tick
+    end = (stream.start_time or 0) + stream.duration
+    return last.pts + held < end - 1.5 / timing.per_tick
 
 
 # Decoders that read skip_frame at each packet (FFmpeg copies it to a frame thread's context per
@@ -341,43 +423,21 @@ def _decode_wanted(container, stream, path, wanted, start, short_side, square):
 _SKIP_PER_PACKET = frozenset(["h264", "hevc"])
 
 
-def _decode_skipping(container, stream, wanted, first_pts, frames_per_tick, skips):
+def _decode_skipping(container, stream, wanted, timing: Optional[_Timing], skips):
     """The frames of `stream` from where the container stands. For H.264 and HEVC, a packet
     whose frame is not wanted is dropped by the decoder when no other frame refers to it
     (skip_frame NONREF: the non-reference B-frames, about half of a WLASL video's frames), set
     per packet from its timestamp; `skips[0]` becomes True when one was. Other codecs, and
-    streams without timestamps (frames_per_tick None), decode every packet."""
+    streams without timestamps (timing None), decode every packet."""
     ctx, kept = stream.codec_context, True
     if ctx.name not in _SKIP_PER_PACKET:
-        frames_per_tick = None
+        timing = None
     for packet in container.demux(stream):
-        keep = (frames_per_tick is None or packet.pts is None
-                or int(round((packet.pts - first_pts) * frames_per_tick)) in wanted)
+        keep = timing is None or packet.pts is None or timing.index(packet.pts) in wanted
         if keep != kept:  # (the setter costs more than the test)
             ctx.skip_frame, kept = "DEFAULT" if keep else "NONREF", keep
         skips[0] = skips[0] or not keep
         yield from packet.decode()
-
-
-def _decode_counting(path, wanted, start, short_side, square):
-    """_decode_wanted for a stream without timestamps: decodes from frame 0, counting."""
-    container = _open_video(path)
-    with container:
-        stream = container.streams.video[0]
-        yield from _decode_wanted(container, _NoTimestamps(stream), path, wanted, start,
-                                  short_side, square)
-
-
-class _NoTimestamps:
-    """A stream proxy that hides the rate, so that frames are counted."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self.average_rate = self.guessed_rate = self.time_base = None
-        self.start_time = 0
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
 
 
 def read_video_frames(path: str, start: int = 0, end: Optional[int] = None,
