@@ -110,6 +110,20 @@ def test_train_huge_frame_size_is_refused_before_anything_runs(tmp_path, capsys,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["train", "cache"])
+def test_data_that_is_a_file_is_named_a_file_not_a_missing_folder(tmp_path, capsys, command):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\0" * 64)
+    options = (["--output-dir", str(tmp_path / "out")] + TINY if command == "train"
+               else ["--out", str(tmp_path / "cache"), "--no-progress"])
+    rc = main([command, "--data", str(video)] + options)
+    lines, err = error_lines(capsys)
+    assert "Traceback" not in err and "not found" not in err
+    assert (rc, lines) == (2, ["error: %s is a file, not a data folder: expected a folder of class "
+                               "folders (one sub-folder per class: root/<class>/<clip>) or a WLASL "
+                               ".json annotation file" % video])
+
+
 @pytest.mark.parametrize("option,message", [
     (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
     (["--num-workers", "-1"], "error: --num-workers must be >= 0, got -1"),

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -675,6 +676,81 @@ def test_wlasl_rejects_other_json(tmp_path):
     f.write_text(json.dumps({"not": "wlasl"}))
     with pytest.raises(ValueError, match="WLASL"):
         VideoFolder.from_wlasl(str(f), str(tmp_path))
+
+
+def _wlasl_file(tmp_path, instances, name="WLASL.json", prefix=b""):
+    """A WLASL file of one gloss, "book", with `instances` (and an empty tmp_path/videos/)."""
+    (tmp_path / "videos").mkdir(exist_ok=True)
+    json_file = tmp_path / name
+    json_file.write_bytes(prefix + json.dumps([{"gloss": "book", "instances": instances}]).encode())
+    return str(json_file)
+
+
+def test_wlasl_null_frame_numbers_mean_the_whole_video(tmp_path):
+    json_file = _wlasl_file(tmp_path, [
+        {"video_id": "00001", "split": "train", "frame_start": 3, "frame_end": None},
+        {"video_id": "00001", "split": "train", "frame_start": None, "frame_end": 4}])
+    videos = tmp_path / "videos"
+    write_video(str(videos / "00001.mp4"), _frames(6, seed=1))
+    records, _, _ = video_folder.read_wlasl(json_file, str(videos), "train")
+    assert [(r.start, r.end) for r in records] == [(2, None), (0, 4)]  # null: -1 and 1
+
+
+def test_wlasl_instance_without_video_id_refuses_the_file_naming_gloss_and_position(tmp_path):
+    json_file = _wlasl_file(tmp_path, [
+        {"video_id": "00001", "split": "train", "frame_start": 1, "frame_end": -1},
+        {"split": "test", "frame_start": 1, "frame_end": -1}])  # another split: still refused
+    with pytest.raises(ValueError) as e:
+        VideoFolder.from_wlasl(json_file, str(tmp_path), split="train")
+    assert str(e.value).startswith(
+        "%s: instance 2 of gloss 'book' (counting from 1) has no \"video_id\"" % json_file)
+
+
+def test_wlasl_finds_videos_whatever_the_case_of_their_extension(tmp_path):
+    json_file = _wlasl_file(tmp_path, [
+        {"video_id": vid, "split": "train", "frame_start": 1, "frame_end": -1}
+        for vid in ("00001", "00002", "00003")])
+    videos = tmp_path / "videos"
+    write_video(str(videos / "00001.MP4"), _frames(6, seed=1))
+    write_video(str(videos / "00002.Mkv"), _frames(6, seed=2), codec="ffv1")
+    records, _, missing = video_folder.read_wlasl(json_file, str(videos), "train")
+    assert [os.path.basename(r.path) for r in records] == ["00001.MP4", "00002.Mkv"]
+    assert missing == ["00003"]
+
+
+def test_wlasl_clip_without_frames_is_named_in_the_json_frame_numbers(tmp_path):
+    json_file = _wlasl_file(tmp_path, [
+        {"video_id": "00001", "split": "train", "frame_start": 8, "frame_end": 10},  # past its end
+        {"video_id": "00002", "split": "train", "frame_start": 5, "frame_end": -1},  # past its end
+        {"video_id": "00001", "split": "train", "frame_start": 4, "frame_end": 2}])  # end < start
+    videos = tmp_path / "videos"
+    write_video(str(videos / "00001.mp4"), _frames(6, seed=1))
+    write_frame_folder(str(videos / "00002"), _frames(4, seed=2))
+    ds = VideoFolder.from_wlasl(json_file, str(videos), split="train", num_frames=2,
+                                transform=ClipTransform(size=16))
+    where = "no frames for gloss 'book', video_id %s of " + json_file
+    expected = [(where % "00001") + ": its frame_start 8 is past the end of %s (6 frames)"
+                % (videos / "00001.mp4"),
+                (where % "00002") + ": its frame_start 5 is past the end of %s (4 frames)"
+                % (videos / "00002"),
+                (where % "00001") + ": its frame_end 2 is before its frame_start 4"]
+    for i, message in enumerate(expected):
+        for load in (ds.load_frames, ds.load_canvas):  # the training reader and the cache's
+            with pytest.raises(ClipReadError) as e:
+                load(i)
+            assert str(e.value) == message
+
+
+def test_wlasl_json_that_does_not_parse_is_named_and_a_bom_is_accepted(tmp_path):
+    instances = [{"video_id": "00001", "split": "train", "frame_start": 1, "frame_end": -1}]
+    bom = _wlasl_file(tmp_path, instances, "bom.json", prefix=b"\xef\xbb\xbf")
+    write_video(str(tmp_path / "videos" / "00001.mp4"), _frames(4, seed=1))
+    assert len(VideoFolder.from_wlasl(bom, str(tmp_path / "videos"), split="train")) == 1
+    cut = tmp_path / "cut.json"
+    cut.write_bytes(open(bom, "rb").read()[:40])
+    with pytest.raises(ValueError, match=r"^%s is not valid JSON: Unterminated string"
+                       % re.escape(str(cut))):
+        VideoFolder.from_wlasl(str(cut), str(tmp_path / "videos"))
 
 
 def test_build_datasets_holds_out_a_seeded_stratified_fraction(class_tree):

@@ -14,7 +14,7 @@ from cnnlstm_ext.data.datasets import build_datasets
 from cnnlstm_ext.data.loader import (EpochSampler, LoaderDataset, SkippedClip, collate_clips,
                                      default_num_workers, resolve_num_workers)
 from cnnlstm_ext.data.transforms import ClipTransform, sample_generator, sample_indices
-from cnnlstm_ext.data.video_folder import ClipRecord, VideoFolder
+from cnnlstm_ext.data.video_folder import VideoFolder
 from cnnlstm_ext.data.video_io import (ClipReadError, iter_video_frames, read_frame_folder,
                                        read_video_frames, write_frame_folder)
 from cnnlstm_ext.train.config import Config, DataConfig, validate

@@ -35,7 +35,7 @@ FRAMES, SIZE = 4, 32
 SHAPES = ((1, 3), (3, 7))
 
 
-def write_checkpoint(path, seed=0, **model):
+def write_checkpoint(path, seed=0, data=None, **model):
     torch.manual_seed(seed)
     spec = dict(MODEL, **model)
     net = CNNLSTM(num_classes=len(CLASSES), **spec)
@@ -45,6 +45,8 @@ def write_checkpoint(path, seed=0, **model):
     cfg = Config()
     cfg.model.update(spec, num_classes=len(CLASSES))
     cfg.data.num_frames, cfg.data.frame_size = FRAMES, SIZE
+    for key, value in (data or {}).items():
+        setattr(cfg.data, key, value)
     return save_checkpoint(path, model=net, epoch=3, config=cfg.to_dict(),
                            extra={"trainer_state": {"classes": CLASSES}})
 
@@ -172,6 +174,29 @@ def test_export_with_lengths(tmp_path):
                            eager(model, clips(3, 7, 3)))  # the lengths matter
 
 
+def test_export_at_another_frame_size_describes_that_input_in_its_metadata(tmp_path):
+    """--frame-size 64 of a run at 32: the metadata's preprocessing is the exported model's (the
+    README's recipe prepares clips the file takes), its resize_to scaled with the frame size."""
+    ckpt = write_checkpoint(tmp_path / "c.pth", data={"resize_to": 36})
+    onnx_path, pt2_path = tmp_path / "m.onnx", tmp_path / "m.pt2"
+    assert main(["export", str(ckpt), "--onnx", str(onnx_path), "--pt2", str(pt2_path),
+                 "--frame-size", "64"]) == 0
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    extra = {"metadata.json": ""}
+    program = torch.export.load(str(pt2_path), extra_files=extra).module()
+    for metadata in (meta, json.loads(extra["metadata.json"])):
+        prep = json.loads(metadata["preprocessing"])
+        assert (prep["frame_size"], prep["resize_to"], prep["num_frames"]) == (64, 72, FRAMES)
+        assert metadata["inputs"] == "clips [B, T, 3, 64, 64] float32"
+    S = prep["frame_size"]
+    x = torch.randn(2, prep["num_frames"], 3, S, S, generator=torch.Generator().manual_seed(5))
+    got = session.run(["logits"], {"clips": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), eager(load_model(ckpt), x),
+                               rtol=1e-4, atol=1e-4)
+    assert program(x).shape == (2, len(CLASSES))
+
+
 @pytest.mark.parametrize("pooling", ["mean", "max", "attention"])
 def test_onnx_with_lengths_for_each_temporal_pooling(tmp_path, pooling):
     """--lengths with mean, max and attention pooling: the masked reductions over each clip's
@@ -288,6 +313,11 @@ def test_verify_and_inspect_take_the_safetensors_of_an_export(exported, capsys):
     weights = str(exported["safetensors"])
     assert main(["verify", weights]) == 0
     assert capsys.readouterr().out.splitlines() == ["OK   w.safetensors", "1 file checked, 0 bad"]
+    # a folder: its checkpoints and its .safetensors (an export's size is not a checkpoint's)
+    main(["verify", str(exported["dir"])])  # (best.pth here has no optimizer state: BAD)
+    out = capsys.readouterr().out.splitlines()
+    assert "OK   w.safetensors" in out and out[-1].startswith("2 files checked")
+    assert not any(line.strip().startswith("note:") for line in out)
     assert main(["inspect", weights]) == 0
     out = capsys.readouterr().out
     assert "safetensors format" in out and "classes: 5 (%s)" % ", ".join(CLASSES) in out

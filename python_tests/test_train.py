@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cnnlstm_ext.checkpoint import normalize_checkpoint, read_checkpoint
-from cnnlstm_ext.data import SyntheticVideos
+from cnnlstm_ext.data import ClipReadError, SyntheticVideos
 from cnnlstm_ext.train import ClassificationMeter, Config, EarlyStopping, NonFiniteGuard, Trainer
 from cnnlstm_ext.train.config import (apply_overrides, config_from_checkpoint, load_config_file,
                                       parse_override, parse_value, save_config, validate)
@@ -72,6 +72,14 @@ def test_config_overrides_are_typed():
     assert cfg.optim.lr == 2e-3 and cfg.train.patience is None and cfg.data.hflip is True
     assert cfg.model["pooling"] == "max" and cfg.train.epochs == 3 and cfg.data.root == "/x/y"
     assert parse_value("[1, 2]") == [1, 2] and parse_value("abc") == "abc"
+
+
+@pytest.mark.parametrize("ext", sorted(CONFIG_TEXTS))
+def test_config_file_with_a_utf8_byte_order_mark_reads_as_without(tmp_path, ext):
+    plain, bom = tmp_path / ("plain" + ext), tmp_path / ("bom" + ext)
+    plain.write_text(CONFIG_TEXTS[ext], encoding="utf-8")
+    bom.write_text(CONFIG_TEXTS[ext], encoding="utf-8-sig")  # what Windows editors write
+    assert load_config_file(str(bom)) == load_config_file(str(plain))
 
 
 @pytest.mark.parametrize("override,match", [
@@ -535,6 +543,76 @@ def test_a_nan_clip_is_an_isolated_skip(tmp_path):
     # skipped before the forward pass: BatchNorm statistics stay finite, nothing to roll back
     assert not nonfinite_tensors(latest["model_state_dict"].items())
     assert "non-finite input" in (tmp_path / "run" / "train.log").read_text()
+
+
+class UnreadableClips(torch.utils.data.Dataset):
+    """A data set whose clips cannot be read in the epochs `epochs` (None: any epoch)."""
+
+    def __init__(self, base, epochs=None):
+        self.base, self.bad, self.epoch = base, epochs, 0
+        self.classes = base.classes
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        if self.bad is None or self.epoch in self.bad:
+            raise ClipReadError("could not open video v%d.mp4" % i)
+        return self.base[i]
+
+
+def _synthetic(cfg):
+    d = cfg.data
+    train = SyntheticVideos(d.train_samples, d.num_classes, d.num_frames, d.frame_size,
+                            resample_each_epoch=True)
+    return train, SyntheticVideos(d.val_samples, d.num_classes, d.num_frames, d.frame_size,
+                                  split="val")
+
+
+def test_a_validation_pass_that_scores_no_clip_is_no_metric(tmp_path):
+    """Epoch 1 validates; every validation clip of epochs 2 and 3 is unreadable: those passes
+    are no new best (their acc would read 0) and no epoch without improvement (patience 1 would
+    stop the run after epoch 2)."""
+    cfg = tiny_config(tmp_path, epochs=3, patience=1)
+    train, val = _synthetic(cfg)
+    result = Trainer(cfg, datasets=(train, UnreadableClips(val, {2, 3}), train.classes)).fit()
+    assert (result["stop_reason"], result["epochs_completed"]) == ("completed", 3)
+    assert result["best_epoch"] == 1 and "error" not in result
+    latest = load(tmp_path / "run" / "checkpoints" / "latest_checkpoint.pth")
+    assert latest["history"]["val_acc"][0] is not None
+    assert latest["history"]["val_acc"][1:] == [None, None]
+    assert latest["trainer_state"]["early_stopping"]["bad_epochs"] == 0
+    assert load(tmp_path / "run" / "checkpoints" / "best_checkpoint.pth")["epoch"] == 1
+    log = (tmp_path / "run" / "train.log").read_text()
+    for epoch in (2, 3):
+        assert ("epoch %d: all 12 validation clips were unreadable and skipped" % epoch) in log
+    assert log.count("new best") == 1
+
+
+def test_a_run_that_scores_no_validation_clip_ends_with_an_error(tmp_path, capsys, monkeypatch):
+    from cnnlstm_ext.cli import main
+
+    cfg = tiny_config(tmp_path)
+    train, val = _synthetic(cfg)
+    monkeypatch.setattr("cnnlstm_ext.data.datasets.build_datasets",
+                        lambda *a, **k: (train, UnreadableClips(val), train.classes))
+    rc = main(["train", "--output-dir", str(tmp_path), "--run-name", "run", "--epochs", "2",
+               "--batch-size", "8", "--no-progress", "-q", "--set", "train.tensorboard=false",
+               "--set", "model.spatial_dim=16", "--set", "model.temporal_dim=8",
+               "--set", "data.num_frames=4", "--set", "data.frame_size=16"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        err.splitlines()[-1]]
+    assert err.splitlines()[-1].startswith(
+        "error: no validation clip could be read in any epoch (all 12 skipped;")
+    assert "new best" not in (tmp_path / "run" / "train.log").read_text()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "latest_checkpoint.pth"]  # no "best" of a pass that scored nothing
+    assert not (tmp_path / "run" / "final_metrics.json").exists()
 
 
 def test_nan_activations_that_poison_batchnorm_are_rolled_back(tmp_path):

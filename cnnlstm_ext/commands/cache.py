@@ -81,8 +81,9 @@ def run(args) -> int:
         size = sum(os.path.getsize(os.path.join(clips_dir, n)) for n in os.listdir(clips_dir)
                    if n.endswith(".clip"))
         print("clip cache     %s" % d.cache)
-        print("clips          %d of this config (%d in the cache), short side %d"
-              % (summary["entries"], len(cache), side))
+        decoded = sum(1 for e in cache.entries.values() if "error" not in e)
+        print("clips          %d of this config (%d decoded in the cache), short side %d"
+              % (summary["entries"], decoded, side))
         print("decoded now    %d in %.1f s%s" % (summary["built"], summary["seconds"],
                                                   " (this process's share of %d)" % world
                                                   if world > 1 else ""))

@@ -196,13 +196,10 @@ def run_data(cfg, data, split=None, all_clips=False, val_split=None, video_root=
 
 def _wlasl_splits(annotations, max_classes):
     """The split names of a WLASL file's instances, sorted."""
-    import json
+    from ..data.video_folder import read_wlasl_entries
 
-    with open(annotations) as f:
-        entries = json.load(f)
-    if max_classes is not None:
-        entries = entries[:max_classes]
-    return sorted({str(i.get("split")) for e in entries for i in e.get("instances", [])
+    entries = read_wlasl_entries(annotations, max_classes)
+    return sorted({str(i.get("split")) for e in entries for i in e.get("instances") or []
                    if i.get("split") is not None})
 
 

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import sys
+from typing import Optional
 
 from ..checkpoint import (CheckpointError, CheckpointWriteError, apply_key_map, atomic_write,
                           describe_state_dict, normalize_checkpoint, read_checkpoint)
@@ -44,7 +45,8 @@ def add_arguments(parser):
                              "(default: the checkpoint's data.num_frames; any T runs later)")
     parser.add_argument("--frame-size", type=int, default=None, metavar="S",
                         help="--onnx/--pt2: frame height and width (default: the checkpoint's "
-                             "data.frame_size; fixed in the exported model)")
+                             "data.frame_size; fixed in the exported model and its "
+                             "preprocessing metadata)")
     parser.add_argument("--opset", type=int, default=18, help="--onnx: the ONNX opset (>= 18)")
     parser.add_argument("--key-map", action="append", default=[], metavar="OLD=NEW",
                         help="rename keys with this prefix (re:REGEX=REPL for a regex); repeatable")
@@ -118,14 +120,34 @@ def _error(e) -> None:
     print("error: %s" % " ".join(str(e).split()), file=sys.stderr)
 
 
-def deployment_metadata(model, source: str, lengths: bool) -> dict:
+def exported_preprocessing(preprocessing: dict, frame_size: int) -> dict:
+    """The preprocessing of a model exported at `frame_size` (--frame-size): the clips it takes,
+    not the checkpoint's. A run's resize_to (the short side before the centre crop) is scaled with
+    the frame size, so that the crop keeps its share of the frame (and is never larger than the
+    resized frame); num_frames stays the run's (T is dynamic, --frames only shapes the trace)."""
+    prep = dict(preprocessing)
+    trained = int(prep["frame_size"])
+    prep["frame_size"] = int(frame_size)
+    if prep.get("resize_to") is not None and frame_size != trained:
+        scaled = int(round(prep["resize_to"] * frame_size / trained))
+        prep["resize_to"] = max(int(frame_size), scaled)
+    return prep
+
+
+def deployment_metadata(model, source: str, lengths: bool,
+                        frame_size: Optional[int] = None) -> dict:
     """What a deployed model's user needs besides the weights, as strings: inputs, classes,
-    preprocessing, architecture."""
+    preprocessing, architecture; `frame_size`: the S the model was exported at (default: the
+    checkpoint's)."""
+    prep = exported_preprocessing(model.preprocessing,
+                                  frame_size or int(model.preprocessing["frame_size"]))
+    size = prep["frame_size"]
     return {"source": os.path.basename(source),
-            "inputs": "clips [B, T, 3, S, S] float32" + (", lengths [B] int64" if lengths else ""),
+            "inputs": "clips [B, T, 3, %d, %d] float32" % (size, size)
+                      + (", lengths [B] int64" if lengths else ""),
             "outputs": "logits [B, num_classes]",
             "classes": json.dumps(list(model.classes)),
-            "preprocessing": json.dumps(model.preprocessing),
+            "preprocessing": json.dumps(prep),
             "cnnlstm_config": json.dumps(model.config)}
 
 
@@ -197,7 +219,7 @@ def _export_model(args) -> None:
                            check_integrity=args.check_integrity and not args.safetensors)
     frames = args.frames or int(model.preprocessing["num_frames"])
     size = args.frame_size or int(model.preprocessing["frame_size"])
-    metadata = deployment_metadata(model, args.file, args.lengths)
+    metadata = deployment_metadata(model, args.file, args.lengths, frame_size=size)
     shape = "clips [B, T, 3, %d, %d]%s" % (size, size, " + lengths [B]" if args.lengths else "")
     for flag, save in (("onnx", save_onnx), ("pt2", save_pt2)):
         out = getattr(args, flag)

@@ -269,7 +269,9 @@ def run(args) -> int:
             return 1
         if ctx.is_main:
             _print_result(result)
-        return 1 if result["stop_reason"] == "diverged" else 0
+            if result.get("error"):  # the run went on but validated nothing
+                print("error: %s" % result["error"], file=sys.stderr)
+        return 1 if result["stop_reason"] == "diverged" or result.get("error") else 0
     finally:
         shutdown_distributed(ctx)
 
@@ -340,4 +342,5 @@ def _print_result(result) -> None:
     print("checkpoints    %s" % os.path.join(run_dir, "checkpoints"))
     if result.get("report"):
         print("report         %s" % result["report"])
-    print("metrics        %s" % os.path.join(run_dir, "final_metrics.json"))
+    if result.get("final_metrics") is not None:
+        print("metrics        %s" % os.path.join(run_dir, "final_metrics.json"))

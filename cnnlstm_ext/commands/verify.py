@@ -12,6 +12,7 @@ metadata export writes (epoch, metrics, parameter count, classes, config) is wel
 the tensors, and no tensor holds NaN/Inf.
 """
 import os
+import pathlib
 import statistics
 import sys
 
@@ -22,24 +23,27 @@ _SIZE_TOLERANCE = 0.02
 
 def add_arguments(parser):
     parser.add_argument("path", help="a checkpoint file (or a .safetensors export) or a folder "
-                                     "of checkpoints")
+                                     "of them")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the bad files")
 
 
 def run(args) -> int:
     if os.path.isdir(args.path):
-        files = find_checkpoints(args.path)
+        files = find_checkpoints(args.path) + sorted(
+            p for p in pathlib.Path(args.path).iterdir()
+            if p.is_file() and p.name.endswith(".safetensors") and not p.name.startswith("."))
         if not files:
-            print("error: no checkpoint files (*.pth, *.pt, *.ckpt, *.tar) in %s" % args.path,
-                  file=sys.stderr)
+            print("error: no checkpoint files (*.pth, *.pt, *.ckpt, *.tar, *.safetensors) in %s"
+                  % args.path, file=sys.stderr)
             return 2
     elif os.path.isfile(args.path):
         files = [args.path]
     else:
         print("error: no such file or folder: %s" % args.path, file=sys.stderr)
         return 2
-    sizes = {str(f): os.path.getsize(f) for f in files}
-    median = statistics.median(sizes.values())
+    # Sizes are compared among checkpoints only (an export's weights are a fraction of one).
+    sizes = {str(f): os.path.getsize(f) for f in files if not str(f).endswith(".safetensors")}
+    median = statistics.median(sizes.values()) if sizes else 0
     bad = 0
     for f in files:
         problems = verify_checkpoint(f)
@@ -51,8 +55,8 @@ def run(args) -> int:
                 print("     - %s" % p.replace(str(f) + ": ", "", 1))
         elif not args.quiet:
             print("OK   %s" % name)
-        size = sizes[str(f)]
-        if len(files) > 2 and abs(size - median) > _SIZE_TOLERANCE * median:
+        size = sizes.get(str(f))
+        if size is not None and len(sizes) > 2 and abs(size - median) > _SIZE_TOLERANCE * median:
             print("     note: %s bytes, %+.0f%% against the median of its siblings (%s bytes)"
                   % (f"{size:,}", 100.0 * (size - median) / median, f"{int(median):,}"))
     print("%d file%s checked, %d bad" % (len(files), "s" if len(files) != 1 else "", bad))

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.format import atomic_write
+from .video_folder import annotated_errors
 from .video_io import ClipReadError, iter_video_frames, read_frame_folder
 
 log = logging.getLogger("cnnlstm_ext.data")
@@ -143,13 +144,17 @@ def _write_clip(file: str, frames: Iterable[np.ndarray]) -> Dict[str, int]:
 
 
 def _decode_record(record, short_side: int):
-    """Every frame of a record's range on the square canvas, one `[H, W, 3]` at a time."""
-    if os.path.isdir(record.path):
-        clip = read_frame_folder(record.path, record.start, record.end, short_side=short_side,
-                                 square=True, channels_last=True)
-        return iter(clip.numpy())
-    return (image for _, image in iter_video_frames(record.path, record.start, record.end,
-                                                    short_side=short_side, square=True))
+    """Every frame of a record's range on the square canvas, one `[H, W, 3]` at a time (errors
+    told as training tells them: a WLASL clip's in its annotation's terms)."""
+    with annotated_errors(record):
+        if os.path.isdir(record.path):
+            yield from read_frame_folder(record.path, record.start, record.end,
+                                         short_side=short_side, square=True,
+                                         channels_last=True).numpy()
+            return
+        for _, image in iter_video_frames(record.path, record.start, record.end,
+                                          short_side=short_side, square=True):
+            yield image
 
 
 def build_cache(path: str, records, short_side: int, rebuild: bool = False, rank: int = 0,

@@ -13,8 +13,11 @@ WLASL-style annotations (`VideoFolder.from_wlasl(json_file, video_root, split)`)
 `{"gloss": ..., "instances": [{"video_id", "split", "frame_start", "frame_end", ...}]}`; the class
 index is the gloss's position in the file (so the first 100 glosses are WLASL100), frame_start is
 1-based and inclusive, frame_end inclusive or -1 for the end. Videos are
-`video_root/<video_id>.<ext>` or frame folders `video_root/<video_id>/`; missing ones are skipped
-and counted in `missing` (public copies of WLASL always lack some).
+`video_root/<video_id>.<ext>` (the extension in any case: .mp4, .MP4) or frame folders
+`video_root/<video_id>/`; missing ones are skipped and counted in `missing` (public copies of WLASL
+always lack some). A null frame_start or frame_end means 1 or -1; an instance without a video_id
+refuses the file. A clip whose range holds no frame of its video is named in the JSON's terms
+(gloss, video_id, 1-based frame numbers) when it is read.
 
 Each item is `(clip [T, 3, S, S] float32, label, length)`: T frames sampled uniformly over the clip
 (with temporal jitter when training), zero-padded with `length < T` for shorter clips, then the
@@ -28,10 +31,11 @@ batch on the training device. With a ClipCache (`cache=`) the frames come out of
 instead of the video files.
 """
 import collections
+import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -39,8 +43,8 @@ from torch.utils.data import Dataset
 
 from .batch_transforms import canvas_size, draw_params
 from .transforms import ClipTransform, pad_clip, sample_generator, sample_indices
-from .video_io import (is_image_file, is_video_file, read_frame_folder,
-                       read_video_frames, VIDEO_EXTENSIONS)
+from .video_io import (ClipReadError, frame_count, is_image_file, is_video_file,
+                       list_frame_images, read_frame_folder, read_video_frames, VIDEO_EXTENSIONS)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ class ClipRecord:
     label: int
     start: int = 0
     end: Optional[int] = None  # exclusive; None: to the last frame
+    # Where an annotation file lists the clip ("gloss 'book', video_id 00001 of WLASL.json"), for
+    # error messages; not part of the clip's identity (cache keys, equality).
+    annotation: Optional[str] = field(default=None, compare=False)
 
 
 def _is_frame_folder(path: str) -> bool:
@@ -58,6 +65,10 @@ def _is_frame_folder(path: str) -> bool:
 
 def scan_class_folders(root: str, classes: Optional[Sequence[str]] = None):
     """(records, classes) of a class-per-folder tree; see the module docstring."""
+    if os.path.isfile(root):
+        raise NotADirectoryError("%s is a file, not a data folder: expected a folder of class "
+                                 "folders (one sub-folder per class: root/<class>/<clip>) or a "
+                                 "WLASL .json annotation file" % root)
     if not os.path.isdir(root):
         raise FileNotFoundError("data folder not found: %s" % root)
     found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
@@ -93,43 +104,130 @@ def scan_class_folders(root: str, classes: Optional[Sequence[str]] = None):
     return records, classes
 
 
-def _find_video(video_root: str, video_id: str) -> Optional[str]:
-    for ext in VIDEO_EXTENSIONS:
-        p = os.path.join(video_root, video_id + ext)
-        if os.path.isfile(p):
-            return p
+def _video_files(folder: str) -> dict:
+    """{name without extension: [file names]} of the video files in `folder`, whatever the case
+    of their extension (a camera's 00004.MP4), each list in VIDEO_EXTENSIONS' order; listed once,
+    not probed per extension for each of WLASL's many videos."""
+    try:
+        names = os.listdir(folder)
+    except OSError:  # a missing folder holds no videos: they are counted as missing
+        return {}
+    found = collections.defaultdict(list)
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in VIDEO_EXTENSIONS:
+            found[stem].append((VIDEO_EXTENSIONS.index(ext.lower()), ext != ext.lower(), name))
+    return {stem: [name for *_, name in sorted(c)] for stem, c in found.items()}
+
+
+def _find_video(video_root: str, video_id: str, listings: Optional[dict] = None) -> Optional[str]:
+    """The video file or frame folder of `video_id` under `video_root` (None: not there);
+    `listings` caches _video_files per folder between calls."""
+    listings = {} if listings is None else listings
+    folder, stem = os.path.split(os.path.join(video_root, video_id))
+    if folder not in listings:
+        listings[folder] = _video_files(folder)
+    for name in listings[folder].get(stem, ()):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
     p = os.path.join(video_root, video_id)
     if _is_frame_folder(p):
         return p
     return None
 
 
-def read_wlasl(json_file: str, video_root: str, split: Optional[str] = None,
-               max_classes: Optional[int] = None):
-    """(records, classes, missing) from WLASL-style annotations; see the module docstring."""
-    with open(json_file) as f:
-        entries = json.load(f)
+def read_json(path: str):
+    """The value of a JSON file; one that does not parse is a ValueError naming the file. A UTF-8
+    byte order mark (what Windows editors write) is accepted."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:  # (a ValueError too: caught first)
+        raise ValueError("%s is not UTF-8 text: %s" % (path, e)) from e
+    except ValueError as e:  # json.JSONDecodeError: where the syntax breaks
+        raise ValueError("%s is not valid JSON: %s" % (path, e)) from e
+
+
+def read_wlasl_entries(json_file: str, max_classes: Optional[int] = None) -> list:
+    """The gloss entries of a WLASL-style file (the first `max_classes`)."""
+    entries = read_json(json_file)
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "gloss" in e for e in entries):
         raise ValueError("%s is not WLASL-style: expected a JSON list of {\"gloss\", \"instances\"}"
                          % json_file)
-    if max_classes is not None:
-        entries = entries[:max_classes]
+    return entries if max_classes is None else entries[:max_classes]
+
+
+def _frame_number(inst: dict, key: str, default: int, where: str) -> int:
+    value = inst.get(key)
+    if value is None:  # absent or null: WLASL's default (frame_start 1, frame_end -1: to the end)
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError("%s: %s is %r; expected a frame number (1-based%s)"
+                         % (where, key, value, ", -1 for the video's end" if default < 0 else "")
+                         ) from None
+
+
+def read_wlasl(json_file: str, video_root: str, split: Optional[str] = None,
+               max_classes: Optional[int] = None):
+    """(records, classes, missing) from WLASL-style annotations; see the module docstring."""
+    entries = read_wlasl_entries(json_file, max_classes)
     classes = [str(e["gloss"]) for e in entries]
-    records, missing = [], []
+    records, missing, listings = [], [], {}
     for label, entry in enumerate(entries):
-        for inst in entry.get("instances", []):
+        for position, inst in enumerate(entry.get("instances") or [], 1):
+            where = "%s: instance %d of gloss %r (counting from 1)" % (json_file, position,
+                                                                       classes[label])
+            # Checked whatever the split: the file is refused as a whole, by every command.
+            if not isinstance(inst, dict) or inst.get("video_id") is None:
+                raise ValueError("%s has no \"video_id\": expected {\"video_id\", \"split\", "
+                                 "\"frame_start\", \"frame_end\", ...}" % where)
             if split is not None and inst.get("split") != split:
                 continue
             video_id = str(inst["video_id"])
-            path = _find_video(video_root, video_id)
+            frame_start = _frame_number(inst, "frame_start", 1, where)
+            frame_end = _frame_number(inst, "frame_end", -1, where)
+            path = _find_video(video_root, video_id, listings)
             if path is None:
                 missing.append(video_id)
                 continue
-            start = max(int(inst.get("frame_start", 1)) - 1, 0)
-            frame_end = int(inst.get("frame_end", -1))
+            start = max(frame_start - 1, 0)
             end = None if frame_end < 0 else frame_end  # 1-based inclusive == 0-based exclusive
-            records.append(ClipRecord(path, label, start, end))
+            records.append(ClipRecord(path, label, start, end, annotation="gloss %r, video_id %s "
+                                      "of %s" % (classes[label], video_id, json_file)))
     return records, classes, missing
+
+
+def _frame_total(path: str) -> Optional[int]:
+    """The frames of a video file or frame folder; None when it cannot be read."""
+    if os.path.isdir(path):
+        return len(list_frame_images(path))
+    try:
+        return frame_count(path)
+    except (ClipReadError, OSError):
+        return None
+
+
+@contextlib.contextmanager
+def annotated_errors(rec: ClipRecord):
+    """Reading an annotated (WLASL) clip: a ClipReadError names its gloss and video_id, and a
+    frame range without frames of the video is told in the file's numbers (1-based, inclusive:
+    frame_start 61, not the reader's 0-based [60, 80))."""
+    if rec.annotation is None:
+        yield
+        return
+    if rec.end is not None and rec.end <= rec.start:  # known without opening the video
+        raise ClipReadError("no frames for %s: its frame_end %d is before its frame_start %d"
+                            % (rec.annotation, rec.end, rec.start + 1))
+    try:
+        yield
+    except ClipReadError as e:
+        total = _frame_total(rec.path) if rec.start > 0 else None
+        if total is not None and total <= rec.start:
+            raise ClipReadError("no frames for %s: its frame_start %d is past the end of %s (%d "
+                                "frames)" % (rec.annotation, rec.start + 1, rec.path, total)) from e
+        raise ClipReadError("%s (%s)" % (e, rec.annotation)) from e
 
 
 class VideoFolder(Dataset):
@@ -214,9 +312,9 @@ class VideoFolder(Dataset):
         def select(n):
             return sample_indices(n, self.num_frames, jitter=self.train, generator=generator).tolist()
 
-        if os.path.isdir(rec.path):
-            return read_frame_folder(rec.path, rec.start, rec.end, select)
-        return read_video_frames(rec.path, rec.start, rec.end, select)
+        reader = read_frame_folder if os.path.isdir(rec.path) else read_video_frames
+        with annotated_errors(rec):
+            return reader(rec.path, rec.start, rec.end, select)
 
     @property
     def canvas(self) -> int:
@@ -239,8 +337,9 @@ class VideoFolder(Dataset):
                 frames = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
             return frames
         reader = read_frame_folder if os.path.isdir(rec.path) else read_video_frames
-        return reader(rec.path, rec.start, rec.end, select, short_side=side, square=True,
-                      channels_last=True)
+        with annotated_errors(rec):
+            return reader(rec.path, rec.start, rec.end, select, short_side=side, square=True,
+                          channels_last=True)
 
     def __getitem__(self, index: int):
         g = sample_generator(self.seed, self.epoch, index)

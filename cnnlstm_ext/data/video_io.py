@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import threading
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -294,6 +294,16 @@ def _converted(frame, short_side: Optional[int], square: bool) -> np.ndarray:
                                     interpolation="AREA" if h < frame.height else "BILINEAR",
                                     threads=1).to_ndarray()
     return center_square(image) if square else image
+
+
+def frame_count(path: str) -> int:
+    """The number of frames of a video file (as iter_video_frames numbers them), without
+    decoding any; ClipReadError (FileNotFoundError) when it cannot be read."""
+    with _open_video(path) as container:
+        try:
+            return _frame_timing(container, video_stream(container)).count
+        except _av_errors() as e:
+            raise ClipReadError("could not read video %s: %s" % (path, e)) from e
 
 
 def iter_video_frames(path: str, start: int = 0, end: Optional[int] = None,

@@ -231,24 +231,25 @@ def load_config_file(path: str) -> Dict[str, Any]:
             import tomllib
         except ImportError:  # Python < 3.11
             import tomli as tomllib
-        read, errors, mode = tomllib.load, (tomllib.TOMLDecodeError,), "rb"
+        read, errors = (lambda f: tomllib.loads(f.read())), (tomllib.TOMLDecodeError,)
     elif ext == ".json":
-        read, errors, mode = json.load, (ValueError,), "r"
+        read, errors = json.load, (ValueError,)
     else:
         try:
             import yaml
         except ImportError as e:
             raise ImportError("YAML config files need PyYAML: pip install pyyaml") from e
-        read, errors, mode = (lambda f: yaml.safe_load(f) or {}), (yaml.YAMLError,), "r"
+        read, errors = (lambda f: yaml.safe_load(f) or {}), (yaml.YAMLError,)
     try:
-        with open(path, mode) as f:
+        # utf-8-sig: UTF-8 with or without the byte order mark that Windows editors write
+        with open(path, encoding="utf-8-sig") as f:
             return read(f)
+    except UnicodeDecodeError as e:  # (a ValueError, which the JSON reader's errors include)
+        raise ValueError("config file %s is not text: %s" % (path, e)) from e
     except errors as e:  # a syntax error: where it is, in one line
         raise ValueError("config file %s is not valid %s: %s"
                          % (path, ext[1:].upper().replace("YML", "YAML"),
                             " ".join(str(e).split()))) from e
-    except UnicodeDecodeError as e:
-        raise ValueError("config file %s is not text: %s" % (path, e)) from e
 
 
 # The data config's paths. A run makes them absolute when it starts: the config saved with the run

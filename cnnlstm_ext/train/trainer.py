@@ -623,6 +623,7 @@ class Trainer:
         if self._best_weights is None:  # until an epoch improves: the weights we start from
             self._best_weights = (self.epoch, _cpu_copy(self.model.state_dict()))
         stop_reason, last = None, min(t.epochs, stop_at_epoch or t.epochs)
+        validated = False  # whether a validation pass ran in this call
         log.info("training %s: %d parameters, %d train / %d val clips, %d classes, device %s%s, "
                  "%d process(es), epochs %d..%d", self.cfg.train.run_name,
                  sum(p.numel() for p in self.model.parameters()), len(self.train_set),
@@ -650,6 +651,15 @@ class Trainer:
                                             self.amp_dtype, self.criterion, self.ctx,
                                             progress=t.progress, desc="epoch %d val" % epoch,
                                             prepare=self._prepare.get("val"))
+                    validated = True
+                    if not val["count"]:
+                        # Every clip skipped: its acc 0 measures nothing, and as a first value
+                        # it would be a "best" (a best checkpoint, a patience count to beat).
+                        log.warning("epoch %d: all %d validation clips were unreadable and "
+                                    "skipped (warnings above name the files): no validation "
+                                    "metrics this epoch, no best checkpoint, early stopping not "
+                                    "updated", epoch, len(self.val_set))
+                        val = None
                 self._end_epoch(epoch, train_stats, val)
                 if self.early.should_stop:
                     stop_reason = "early_stop"
@@ -658,7 +668,17 @@ class Trainer:
             else:
                 stop_reason = "completed" if self.epoch >= t.epochs else "paused"
             result = self._result(stop_reason)
-            if stop_reason != "paused":
+            if stop_reason != "paused" and validated and \
+                    all(v is None for v in self.history["val_acc"]):
+                # No pass of the run (a resumed one's earlier epochs included) scored a clip: no
+                # weights were ever validated, and a final evaluation would score none either.
+                result["error"] = (
+                    "no validation clip could be read in any epoch (all %d skipped; the warnings "
+                    "name the files): the run has no validation metrics, best checkpoint or final "
+                    "evaluation; fix or remove those clips, then continue with: cnnlstm-ext train "
+                    "--resume %s"
+                    % (len(self.val_set), os.path.join(self.ckpt_dir, LATEST)))
+            elif stop_reason != "paused":
                 result.update(self._finish(stop_reason))
             return result
         finally:
