@@ -137,32 +137,10 @@ def find_inputs(inputs: Sequence[str]) -> List[tuple]:
     any other folder is searched recursively."""
     import glob
 
-    from .data.video_io import VIDEO_EXTENSIONS, is_image_file, is_video_file
-
-    def frame_folder(d):
-        try:
-            names = os.listdir(d)
-        except OSError:
-            return False
-        if not any(is_image_file(n) for n in names):
-            return False
-        for _, _, files in os.walk(d):  # a video anywhere below: a folder to search
-            if any(is_video_file(f) for f in files):
-                return False
-        return True
+    from .data.video_io import VIDEO_EXTENSIONS, find_clips, is_frame_folder, is_video_file
 
     def search(root):
-        if frame_folder(root):
-            return [root]
-        found = []
-        for folder, dirs, files in os.walk(root):
-            dirs.sort()
-            for d in list(dirs):
-                if frame_folder(os.path.join(folder, d)):
-                    found.append(os.path.join(folder, d))
-                    dirs.remove(d)  # its frames are one video, not a tree to search
-            found += [os.path.join(folder, f) for f in sorted(files) if is_video_file(f)]
-        return found
+        return [root] if is_frame_folder(root) else find_clips(root)
 
     entries, seen = [], set()
     for item in inputs:
@@ -180,7 +158,7 @@ def find_inputs(inputs: Sequence[str]) -> List[tuple]:
         elif glob.has_magic(item):
             found = sorted(p for p in glob.glob(item, recursive=True)
                            if (os.path.isfile(p) and is_video_file(p))
-                           or (os.path.isdir(p) and frame_folder(p)))
+                           or (os.path.isdir(p) and is_frame_folder(p)))
             if not found:
                 entries.append((item, "%s matches no video file or frame folder" % item))
                 continue

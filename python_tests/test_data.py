@@ -627,6 +627,22 @@ def test_video_folder_training_items_depend_on_epoch_and_are_reproducible(class_
     assert not torch.equal(a, ds[0][0])
 
 
+def test_video_folder_finds_clips_at_any_depth_of_a_class_folder(class_tree):
+    """root/<class>/<session>/<clip>.mp4 (a recording session per folder) and frame folders
+    below it are clips of that class, as torchvision's DatasetFolder and `predict` search; a
+    frame folder's own sub-folders are not searched."""
+    session = class_tree / "apple" / "session1"
+    session.mkdir()
+    write_video(str(session / "take1.mp4"), _frames(8, seed=5))
+    write_frame_folder(str(session / "take2"), _frames(6, seed=6))
+    write_frame_folder(str(session / "take2" / "thumbs"), _frames(2, seed=8))
+    ds = VideoFolder(str(class_tree), num_frames=4, transform=ClipTransform(size=16))
+    apple = sorted(os.path.relpath(r.path, class_tree) for r in ds.records if r.label == 0)
+    assert apple == ["apple/clip0.mp4", "apple/clip1.mp4", "apple/frames_clip",
+                     "apple/session1/take1.mp4", "apple/session1/take2"]
+    assert len(ds) == 8
+
+
 def test_video_folder_rejects_unknown_class_and_empty_root(class_tree, tmp_path):
     with pytest.raises(ValueError, match="not among"):
         VideoFolder(str(class_tree), classes=["apple"])

@@ -5,7 +5,9 @@ Class-per-folder (`VideoFolder(root)`)::
     root/<class>/<clip>.mp4            (any of VIDEO_EXTENSIONS), or
     root/<class>/<clip>/frame_001.jpg  (a folder of frame images, natural order)
 
-with an optional split level (`root/train/<class>/...`, `root/val/<class>/...`; pass `split`).
+at any depth below the class folder (root/<class>/<session>/<clip>.mp4), as torchvision's
+DatasetFolder and `cnnlstm-ext predict` search folders (video_io.find_clips), with an optional
+split level (`root/train/<class>/...`, `root/val/<class>/...`; pass `split`).
 Classes are the sorted sub-folder names unless `classes` fixes them (so that a validation split
 uses the training split's label numbering).
 
@@ -43,7 +45,7 @@ from torch.utils.data import Dataset
 
 from .batch_transforms import canvas_size, draw_params
 from .transforms import ClipTransform, pad_clip, sample_generator, sample_indices
-from .video_io import (ClipReadError, frame_count, is_image_file, is_video_file,
+from .video_io import (ClipReadError, find_clips, frame_count, is_image_file,
                        list_frame_images, read_frame_folder, read_video_frames, VIDEO_EXTENSIONS)
 
 
@@ -84,14 +86,8 @@ def scan_class_folders(root: str, classes: Optional[Sequence[str]] = None):
         raise ValueError("%s has class folders that are not among the %d known classes: %s"
                          % (root, len(classes), unknown[:10]))
     records = []
-    for c in found:
-        folder = os.path.join(root, c)
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if os.path.isfile(path) and is_video_file(name):
-                records.append(ClipRecord(path, index[c]))
-            elif _is_frame_folder(path):
-                records.append(ClipRecord(path, index[c]))
+    for c in found:  # a class's clips at any depth (root/<class>/<session>/<clip>.mp4 too)
+        records += [ClipRecord(path, index[c]) for path in find_clips(os.path.join(root, c))]
     if not records:
         raise ValueError("no clips under %s (videos: %s, or folders of frame images)"
                          % (root, ", ".join(VIDEO_EXTENSIONS)))

@@ -55,6 +55,32 @@ def list_frame_images(folder: str) -> List[str]:
     return [os.path.join(folder, n) for n in sorted(names, key=natural_key)]
 
 
+def is_frame_folder(path: str) -> bool:
+    """Whether `path` is one video as frame images: a folder holding images and no video file
+    at any depth (a folder with videos below is a folder of clips)."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    if not any(is_image_file(n) for n in names):
+        return False
+    return not any(is_video_file(f) for _, _, files in os.walk(path) for f in files)
+
+
+def find_clips(folder: str) -> List[str]:
+    """The video files and frame folders (is_frame_folder) below `folder` at any depth, folder by
+    folder in sorted order (a frame folder's own sub-folders are not searched)."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        for d in list(dirs):
+            if is_frame_folder(os.path.join(parent, d)):
+                found.append(os.path.join(parent, d))
+                dirs.remove(d)  # its frames are one video, not a tree to search
+        found += [os.path.join(parent, f) for f in sorted(files) if is_video_file(f)]
+    return found
+
+
 class ClipReadError(RuntimeError):
     """A clip that cannot be read: a video file that cannot be opened or decoded (corrupt, empty,
     not a video) or a frame image that cannot be; the message names the file."""
