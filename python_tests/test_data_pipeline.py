@@ -379,6 +379,18 @@ def test_the_main_video_stream_is_read_not_a_thumbnail_before_it(tmp_path):
     assert all(video_io.is_video_file("clip" + e) for e in (".ts", ".MTS", ".m2ts", ".3gp"))
 
 
+def test_16_bit_frame_images_keep_their_range(tmp_path):
+    """A folder of 16-bit greyscale PNGs (a depth or scientific camera): each value's high byte,
+    not Pillow's conversion, which clips everything above 255 to white."""
+    from PIL import Image
+    grey = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
+    (tmp_path / "f").mkdir()
+    Image.fromarray(grey).save(tmp_path / "f" / "frame_1.png")
+    clip = read_frame_folder(str(tmp_path / "f"), channels_last=True)[0].numpy()
+    assert np.array_equal(clip[..., 0], (grey >> 8).astype(np.uint8))
+    assert np.array_equal(clip[..., 0], clip[..., 2])
+
+
 def test_decode_keeps_the_order_select_gives(long_video):
     path, _ = long_video
     clip = read_video_frames(path, 0, 20, select=lambda n: [9, 2, 5])

@@ -309,12 +309,25 @@ def test_predict_says_a_pt2_program_is_not_what_it_takes(exported, tmp_path, cap
     assert capsys.readouterr().out.startswith(str(video))
 
 
-def test_verify_and_inspect_take_the_safetensors_of_an_export(exported, capsys):
+def test_commands_say_an_onnx_model_is_not_a_checkpoint(exported, tmp_path, capsys):
+    model = exported["onnx"]
+    renamed = tmp_path / "model.pth"  # recognised by its content too
+    renamed.write_bytes(model.read_bytes())
+    for path in (model, renamed):
+        assert main(["inspect", str(path)]) == 2
+        line = error_line(capsys)
+        assert line.startswith("error: %s: an ONNX model (as `cnnlstm-ext export --onnx`" % path)
+        assert "run it with onnxruntime" in line, line
+
+
+def test_verify_and_inspect_take_the_safetensors_of_an_export(exported, tmp_path, capsys):
     weights = str(exported["safetensors"])
     assert main(["verify", weights]) == 0
     assert capsys.readouterr().out.splitlines() == ["OK   w.safetensors", "1 file checked, 0 bad"]
     # a folder: its checkpoints and its .safetensors (an export's size is not a checkpoint's)
-    main(["verify", str(exported["dir"])])  # (best.pth here has no optimizer state: BAD)
+    for name in ("best.pth", "w.safetensors", "model.onnx"):
+        (tmp_path / name).write_bytes((exported["dir"] / name).read_bytes())
+    main(["verify", str(tmp_path)])  # (best.pth here has no optimizer state: BAD)
     out = capsys.readouterr().out.splitlines()
     assert "OK   w.safetensors" in out and out[-1].startswith("2 files checked")
     assert not any(line.strip().startswith("note:") for line in out)

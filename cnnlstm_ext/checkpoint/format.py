@@ -193,6 +193,22 @@ _SAFETENSORS_MESSAGE = (
     "need a checkpoint (.pth)")
 
 
+_ONNX_MESSAGE = (
+    "%s: an ONNX model (as `cnnlstm-ext export --onnx` writes), not a checkpoint: run it with "
+    "onnxruntime (its `preprocessing` metadata says how to prepare clips); commands read a "
+    "checkpoint (.pth), and `predict` and `export` also the .safetensors weights of "
+    "`cnnlstm-ext export --safetensors`")
+
+
+def _looks_like_onnx(path: str) -> bool:
+    """An ONNX file: a protobuf ModelProto, whose first field is ir_version (tag byte 0x08), and
+    which names its producer and opset domain near its start."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head[:1] == b"\x08" and (path.lower().endswith(".onnx") or b"pytorch" in head
+                                    or b"onnx" in head)
+
+
 def _names(keys, limit=6) -> str:
     """The first `limit` of `keys`, and how many more (for one-line messages)."""
     keys = list(keys)
@@ -276,6 +292,8 @@ def _read(path, map_location="cpu", mmap=False, check_integrity=True, crc=True):
                               % (path, f"{size:,}"))
     if kind == "zip" and _is_pt2_archive(path):  # torch.load would call it corrupt (no data.pkl)
         raise CheckpointError(_PT2_MESSAGE % path)
+    if kind == "unknown" and _looks_like_onnx(path):
+        raise CheckpointError(_ONNX_MESSAGE % path)
     if kind == "unknown":
         raise CheckpointError("%s: not a torch.save file (it starts with neither a zip nor a "
                               "pickle header)" % path)

@@ -254,9 +254,7 @@ def run(args) -> int:
                   file=sys.stderr)
             return 128 + signal.SIGTERM
         except KeyboardInterrupt:
-            latest = os.path.join(trainer.ckpt_dir, "latest_checkpoint.pth")
-            print("\ninterrupted after epoch %d; continue with: cnnlstm-ext train --resume %s"
-                  % (trainer.epoch, latest), file=sys.stderr)
+            print("\n%s" % _resume_hint("interrupted", trainer, args), file=sys.stderr)
             return 130
         except (OSError, MemoryError, torch.OutOfMemoryError) as e:
             # Disk full, a vanished folder, out of memory: the files written before stay whole

@@ -23,8 +23,8 @@ import torch
 
 log = logging.getLogger("cnnlstm_ext.data")
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
-                    ".ts", ".mts", ".m2ts", ".3gp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv",
+                    ".wmv", ".ts", ".mts", ".m2ts", ".3gp")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -534,6 +534,10 @@ def read_frame_folder(folder: str, start: int = 0, end: Optional[int] = None,
             with Image.open(files[i]) as im:
                 if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # as viewers show it
                     im = ImageOps.exif_transpose(im)
+                if im.mode.startswith("I"):  # 16-bit grey: its high byte (convert clips at 255)
+                    grey = np.asarray(im).astype(np.uint32)
+                    grey = grey >> 8 if grey.max() > 255 else grey
+                    im = Image.fromarray(grey.astype(np.uint8))
                 im = im.convert("RGB")
                 h, w = scaled_size(im.height, im.width, short_side)
                 if (h, w) != (im.height, im.width):

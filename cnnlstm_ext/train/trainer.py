@@ -605,8 +605,11 @@ class Trainer:
     def _check_stop(self) -> None:
         if self._on_any_process(self.stop_reason is not None):
             reason = self.stop_reason or "stop requested on another process"
-            log.warning("%s: stopping; the epoch under way is abandoned, latest_checkpoint.pth "
-                        "holds epoch %s", reason, self.saved_epoch)
+            log.warning("%s: stopping; the epoch under way is abandoned, %s", reason,
+                        "latest_checkpoint.pth holds epoch %d" % self.saved_epoch
+                        if self.saved_epoch is not None
+                        else "no epoch ended since it started (latest_checkpoint.pth, if "
+                             "any, is unchanged)")
             raise StopRequested(reason, self.epoch)
 
     def fit(self, stop_at_epoch: Optional[int] = None) -> Dict[str, Any]:
