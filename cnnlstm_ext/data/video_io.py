@@ -119,7 +119,7 @@ class _Timing:
 def _frame_timing(container, stream) -> _Timing:
     """The stream's frame count and numbering. With a count in the container (MP4, MOV), frames
     are numbered by their timestamps at the stream's average rate (the count over the duration
-    there). Otherwise (MKV, WebM, AVI...) the packets are read once without decoding: the count is
+    there). Otherwise (MKV, WebM, MPEG...) the packets are read once without decoding: the count is
     theirs, and the rate is taken from their first and last timestamps, so that the frames span
     [0, count) evenly in time even where the rate varies (a phone's video) and the stream's
     nominal rate is not its average."""
