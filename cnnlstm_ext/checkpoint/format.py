@@ -191,8 +191,6 @@ _SAFETENSORS_MESSAGE = (
     "checkpoint: `predict` and `export --onnx/--pt2` read it as a model (named *.safetensors), "
     "`inspect` and `verify` check it; `train --resume`, `evaluate` and `export --safetensors` "
     "need a checkpoint (.pth)")
-
-
 _ONNX_MESSAGE = (
     "%s: an ONNX model (as `cnnlstm-ext export --onnx` writes), not a checkpoint: run it with "
     "onnxruntime (its `preprocessing` metadata says how to prepare clips); commands read a "

@@ -6,10 +6,10 @@ Layout of a cache folder::
     clips/<key>.clip     one clip: a 64-byte header, then frames uint8 [n, H, W, 3]
     .lock                taken (flock) while the index is updated
 
-An entry records its source (path, frame range, size and mtime) so that a changed or added video
-is noticed and only that entry is decoded again; and that its frames are turned as players show
-them (video_io.display_orientation, an image's EXIF orientation): entries without that mark,
-written before the reader turned frames, are decoded again. Frames are stored on the square canvas the
+An entry records its source (path, frame range, size and mtime) so that a changed or added video is
+noticed and only that entry is decoded again; and that its frames are turned as players show them
+(video_io.display_orientation, an image's EXIF orientation): entries without that mark, written
+before the reader turned frames, are decoded again. Frames are stored on the square canvas the
 batched augmentation reads (`batch_transforms`): the short side scaled to `short_side`, the long
 side cut to its centre.
 

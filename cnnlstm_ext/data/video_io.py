@@ -389,6 +389,7 @@ def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, shor
     the next `back` to try when the seek landed past the first wanted frame (nothing yielded)."""
     by_pts = timing.per_tick is not None
     seeked = by_pts and wanted[0] - back >= SEEK_MIN_FRAMES
+    further = max(2 * back, 2 * SEEK_MIN_FRAMES)  # the next `back` when the seek misses
     if seeked:
         target = timing.first + int((wanted[0] - back) / timing.per_tick)
         container.seek(target, stream=stream, backward=True, any_frame=False)
@@ -406,7 +407,7 @@ def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, shor
             else:
                 i = count
             if count == 0 and seeked and i > wanted[0]:
-                return max(2 * back, 2 * SEEK_MIN_FRAMES)
+                return further
             while k < len(wanted) and wanted[k] < i and last is not None:
                 yield wanted[k] - start, _to_array(last, short_side, square)  # a missing frame
                 k += 1
@@ -429,7 +430,7 @@ def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, shor
         return None
     if last is None:
         if seeked:  # nothing decodable from where the seek landed
-            return max(2 * back, 2 * SEEK_MIN_FRAMES)
+            return further
         raise ClipReadError("could not decode any frame of %s" % path)
     if k < len(wanted) and (damaged is not None or _ends_early(stream, timing, last)):
         log.warning("%s ends before frame %d of the %d it declares (%s); the clip repeats the "

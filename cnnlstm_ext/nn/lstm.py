@@ -47,6 +47,15 @@ class InputDtypeError(ValueError, RuntimeError):
     RuntimeError its kernels raise for a PackedSequence."""
 
 
+def _check_hx_dims(hx: Optional[_HX], batched: bool) -> None:
+    """nn.LSTM's check that hx has the input's dimensions (3-D for batched and packed input)."""
+    n = 3 if batched else 2
+    if hx is not None and (hx[0].dim() != n or hx[1].dim() != n):
+        raise HiddenStateError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, hx "
+                               f"and cx should also be {n}-D but got ({hx[0].dim()}-D, "
+                               f"{hx[1].dim()}-D) tensors")
+
+
 def _stored_back_to_back(params: List[Tensor]) -> bool:
     """Whether `params` (same shape) lie one after another in one contiguous storage."""
     p0 = params[0]
@@ -482,9 +491,7 @@ class FusedLSTM(nn.Module):
         padded, seq_lengths = torch._VF._pad_packed_sequence(
             data, batch_sizes, False, 0.0, batch_sizes.size(0))
         batch = int(batch_sizes[0])
-        if hx is not None and (hx[0].dim() != 3 or hx[1].dim() != 3):  # (packed is batched)
-            raise HiddenStateError(f"For batched 3-D input, hx and cx should also be 3-D but got "
-                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        _check_hx_dims(hx, batched=True)
         if hx is not None and sorted_indices is not None:
             hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
         self._check_input(padded, hx, batch)
@@ -520,16 +527,11 @@ class FusedLSTM(nn.Module):
         if input.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
+        _check_hx_dims(hx, batched)
         if not batched:
-            if hx is not None and (hx[0].dim() != 2 or hx[1].dim() != 2):
-                raise HiddenStateError(f"For unbatched 2-D input, hx and cx should also be 2-D "
-                                       f"but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
             input = input.unsqueeze(1)
             if hx is not None:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        elif hx is not None and (hx[0].dim() != 3 or hx[1].dim() != 3):
-            raise HiddenStateError(f"For batched 3-D input, hx and cx should also be 3-D but got "
-                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
         x = input.transpose(0, 1) if self.batch_first and batched else input   # [T, B, I]
         steps, batch = x.shape[0], x.shape[1]
         self._check_input(x, hx, batch)

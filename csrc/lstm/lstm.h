@@ -122,18 +122,17 @@ inline LayerWeights layer_weights(const char* op, const at::Tensor& x, at::Tenso
   return w;
 }
 
-// Checks the forward inputs and returns the sizes. w_ih, w_hh: direction 0's, of `D`
-// (layer_weights checked that every direction's match). `lengths`, when given, must be int64 [B]
+// Checks the forward inputs and returns the sizes. w_ih, w_hh: direction 0's (layer_weights
+// checked that every direction's match); D = h0.size(0). `lengths`, when given, must be int64 [B]
 // on x's device; its values are range-checked where they can be read without a device sync (CPU).
 inline LstmDims check_lstm_inputs(const char* op, const at::Tensor& x, const at::Tensor& w_ih,
-                                  const at::Tensor& w_hh, int64_t D,
-                                  const std::optional<at::Tensor>& bias,
+                                  const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
                                   const at::Tensor& h0, const at::Tensor& c0,
                                   const std::optional<at::Tensor>& lengths) {
   check_x(op, x);
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0 && w_hh.size(0) == 4 * w_hh.size(1), op,
               ": expected each w_hh of shape [4H, H], got ", shape_str(w_hh));
-  LstmDims d{x.size(0), x.size(1), x.size(2), w_hh.size(1), D};
+  LstmDims d{x.size(0), x.size(1), x.size(2), w_hh.size(1), h0.size(0)};
   TORCH_CHECK(d.D == 1 || d.D == 2, op, ": expected 1 or 2 directions (h0.size(0)), got ", d.D);
   TORCH_CHECK(d.T > 0 && d.B > 0, op, ": expected x with T > 0 and B > 0, got ", shape_str(x));
   check_shape(w_ih, {4 * d.H, d.I}, "each w_ih", op);
@@ -216,8 +215,7 @@ inline LstmLayerArgs lstm_forward_args(const at::Tensor& x, at::TensorList weigh
   const char* op = "lstm_layer_forward";
   auto w = layer_weights(op, x, weights, h0, /*with_bias=*/true, stack);
   const auto bias = w.bias.defined() ? std::optional<at::Tensor>(w.bias) : std::nullopt;
-  const auto d = check_lstm_inputs(op, x, w.w_ih_d[0], w.w_hh_d[0], h0.size(0), bias, h0, c0,
-                                   lengths);
+  const auto d = check_lstm_inputs(op, x, w.w_ih_d[0], w.w_hh_d[0], bias, h0, c0, lengths);
   return {d, w.w_ih, w.w_hh, w.w_ih_d, w.w_hh_d, bias, w.dtype};
 }
 
@@ -230,8 +228,8 @@ inline LstmLayerArgs lstm_backward_args(const at::Tensor& grad_y, const at::Tens
                                         const at::Tensor& cell, bool stack) {
   const char* op = "lstm_layer_backward";
   auto w = layer_weights(op, x, weights, h0, /*with_bias=*/false, stack);
-  const auto d = check_lstm_inputs(op, x, w.w_ih_d[0], w.w_hh_d[0], h0.size(0), std::nullopt, h0,
-                                   c0, lengths);
+  const auto d = check_lstm_inputs(op, x, w.w_ih_d[0], w.w_hh_d[0], std::nullopt, h0, c0,
+                                   lengths);
   check_lstm_backward_inputs(op, d, x, grad_y, grad_h_n, grad_c_n, y, gates, cell);
   return {d, w.w_ih, w.w_hh, w.w_ih_d, w.w_hh_d, std::nullopt, w.dtype};
 }

@@ -110,9 +110,6 @@ at::Tensor pack_w_hh(const DirectionWeights& w_hh, bool forward) {
   return packed;
 }
 
-// w_hh as one [D, 4H, H] tensor, for the ATen paths (bmm): a copy.
-inline at::Tensor stacked(const DirectionWeights& w) { return at::stack(w); }
-
 // The bfloat16 product's w operand (lstm_cpu_cell.h) from w_hh (per direction [4H, H] bfloat16), by
 // blocks of kRecColumns gate columns n and pairs of units k:
 //   P[d][n / 16][k / 2][n % 16][k % 2] = w[d][n][k] -> [D, 4H / 16, H / 2, 16, 2]
@@ -223,7 +220,7 @@ void forward_bmm(ForwardRecurrence<acc_t>& r) {
   acc_t* hp = r.h->template data_ptr<acc_t>();
   // [D, H, 4H], copied once: MKL's per-step bmm runs several times faster on a contiguous
   // operand than on the transposed view.
-  const auto w_hh_t = stacked(*r.w_hh).transpose(1, 2).contiguous();
+  const auto w_hh_t = at::stack(*r.w_hh).transpose(1, 2).contiguous();
   for (int64_t s = 0; s < r.steps; ++s) {
     at::bmm_out(r.rec, *r.h, w_hh_t);
     at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
@@ -505,7 +502,7 @@ void backward_bmm(BackwardRecurrence<acc_t>& r) {
   TORCH_INTERNAL_ASSERT(!r.bf16_io, "the bfloat16 products need the recurrent kernels");
   const int64_t B = r.d.B, D = r.d.D, H = r.d.H;
   acc_t* dsp = r.dG_step.template data_ptr<acc_t>();
-  const auto w_hh = stacked(*r.w_hh);  // [D, 4H, H]
+  const auto w_hh = at::stack(*r.w_hh);  // [D, 4H, H], a copy for bmm
   for (int64_t s = r.steps - 1; s >= 0; --s) {
     at::parallel_for(0, D * B, rows_per_task(H), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) r.update(s, row / B, row % B, 0, H, dsp);
