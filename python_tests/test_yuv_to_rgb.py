@@ -25,6 +25,7 @@ def planes(rng, H, W, sy, sx, pad=0):
 @pytest.mark.parametrize("matrix", [BT601, BT709], ids=["bt601", "bt709"])
 @pytest.mark.parametrize("H, W, sy, sx, h, w", [
     (256, 256, 2, 2, 128, 128),   # WLASL's 256 x 256 at the loader's 128: an exact 2x
+    (40, 50, 2, 2, 20, 25),       # halved, a row of 16 pixels and 9 more
     (480, 640, 2, 2, 128, 171),   # 640 x 480 to short side 128: 3.75x, fractional windows
     (31, 45, 2, 2, 7, 20),        # odd sizes: the last chroma sample covers one pixel
     (20, 30, 1, 1, 20, 30),       # 4:4:4 at its own size: the conversion alone
@@ -136,16 +137,55 @@ print(" ".join(sorted(set(ran))))
 """
 
 
-@pytest.mark.parametrize("capability, kernel", [("default", "cpu:yuv_to_rgb:default"),
-                                                (None, None)])
-def test_each_kernel_build_matches_reference(capability, kernel, tmp_path):
+@pytest.mark.parametrize("capability, kernels", [("default", {"cpu:yuv_to_rgb:default"}),
+                                                 (None, None)])
+def test_each_kernel_build_matches_reference(capability, kernels, tmp_path):
     from conftest import subprocess_env
     extra = {} if capability is None else {"ATEN_CPU_CAPABILITY": capability}
     r = subprocess.run([sys.executable, "-c", VARIANT_CASE], env=subprocess_env(**extra),
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    ran = r.stdout.split()
-    if kernel is None:  # this CPU's best
-        kernel = ("cpu:yuv_to_rgb:avx2" if "AVX" in torch.backends.cpu.get_cpu_capability()
-                  else "cpu:yuv_to_rgb:default")
-    assert ran == [kernel]
+    ran = set(r.stdout.split())
+    if kernels is None:  # this CPU's best; 256 x 256 -> 128 x 128 is the half-size kernel's
+        kernels = ({"cpu:yuv_to_rgb:avx2", "cpu:yuv_to_rgb:avx2:half"}
+                   if "AVX" in torch.backends.cpu.get_cpu_capability()
+                   else {"cpu:yuv_to_rgb:default"})
+    assert ran == kernels
+
+
+HALF_CASE = """
+import sys, torch
+from cnnlstm_ext import ops
+g = torch.Generator().manual_seed(0)
+out = []
+with ops.recorded_kernels() as ran:
+    for H, W in ((256, 256), (48, 64), (40, 50), (2, 2), (30, 34)):
+        y = torch.randint(0, 256, (H, W + 7), dtype=torch.uint8, generator=g)[:, :W]
+        u, v = (torch.randint(0, 256, (H // 2, W // 2), dtype=torch.uint8, generator=g)
+                for _ in range(2))
+        for full in (False, True):
+            out.append(ops.yuv_to_rgb(y, u, v, H // 2, W // 2, 0.2126, 0.0722, full))
+torch.save(out, sys.argv[1])
+print(" ".join(sorted(set(ran))))
+"""
+
+
+@pytest.mark.skipif("AVX" not in torch.backends.cpu.get_cpu_capability(),
+                    reason="the half-size kernel is built for AVX2")
+def test_half_size_kernel_is_the_general_kernel_bit_for_bit(tmp_path):
+    """4:2:0 halved (the loader's 256 x 256 -> 128 x 128) takes its own AVX2 kernel: the same
+    arithmetic as the general one's, so the same bytes, tails of rows and padded planes too."""
+    from conftest import subprocess_env
+    outs = {}
+    for capability, kernel in (("default", "cpu:yuv_to_rgb:default"),
+                               (None, "cpu:yuv_to_rgb:avx2:half")):
+        extra = {} if capability is None else {"ATEN_CPU_CAPABILITY": capability}
+        path = str(tmp_path / ("%s.pt" % capability))
+        r = subprocess.run([sys.executable, "-c", HALF_CASE, path], env=subprocess_env(**extra),
+                           cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.split() == [kernel]
+        outs[capability] = torch.load(path)
+    assert len(outs[None]) == 10
+    for half, general in zip(outs[None], outs["default"]):
+        assert torch.equal(half, general)

@@ -68,6 +68,9 @@ void convert(const YuvFrame& f);
 #ifdef CNNLSTM_EXT_X86_SIMD
 namespace isa_avx2 {
 void convert(const YuvFrame& f);
+// The loader's common case: a 4:2:0 frame halved, luma by 2 x 2 means and chroma at its own size
+// (filters unused).
+void convert_half(const YuvFrame& f);
 }
 #endif
 

@@ -1,6 +1,9 @@
-// yuv_to_rgb's row kernels built for AVX2/FMA (used only where the CPU has them). The headers come
-// first, outside the pragma, so that no inline function shared with the other translation units
-// is compiled for AVX2 (the linker could keep that copy for all callers).
+// yuv_to_rgb's row kernels built for AVX2/FMA (used only where the CPU has them), and the
+// half-size 4:2:0 kernel. The headers come first, outside the pragma, so that no inline function
+// shared with the other translation units is compiled for AVX2 (the linker could keep that copy
+// for all callers); immintrin.h's intrinsics carry their own targets.
+#include <immintrin.h>
+
 #include "cpu_capability.h"
 #include "video/yuv_to_rgb.h"
 
@@ -11,6 +14,108 @@
 #define CNNLSTM_VIDEO_NS isa_avx2
 #include "video/yuv_to_rgb_impl.h"
 #undef CNNLSTM_VIDEO_NS
+
+namespace cnnlstm_ext::video::isa_avx2 {
+namespace {
+
+// pshufb masks that interleave 16 R, 16 G and 16 B bytes into 48 bytes R G B R G B ...:
+// mask[k][c] moves channel c's bytes to their places in output vector k (bytes 16 k .. 16 k + 15)
+// and zeroes the others (0x80).
+struct InterleaveMasks {
+  alignas(16) uint8_t mask[3][3][16];
+};
+
+constexpr InterleaveMasks interleave_masks() {
+  InterleaveMasks t{};
+  for (int k = 0; k < 3; ++k)
+    for (int c = 0; c < 3; ++c)
+      for (int p = 0; p < 16; ++p) {
+        const int byte = 16 * k + p;
+        t.mask[k][c][p] = byte % 3 == c ? static_cast<uint8_t>(byte / 3) : 0x80;
+      }
+  return t;
+}
+
+constexpr InterleaveMasks kInterleave = interleave_masks();
+
+// 16 values as bytes, rounded half up and clamped to [0, 255] (the saturating packs clamp).
+inline __m128i to_bytes(__m256 lo, __m256 hi) {
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256i words = _mm256_packs_epi32(_mm256_cvttps_epi32(_mm256_add_ps(lo, half)),
+                                           _mm256_cvttps_epi32(_mm256_add_ps(hi, half)));
+  const __m256i ordered = _mm256_permute4x64_epi64(words, 0xD8);  // the packs work per lane
+  return _mm_packus_epi16(_mm256_castsi256_si128(ordered), _mm256_extracti128_si256(ordered, 1));
+}
+
+}  // namespace
+
+// Output pixel (i, j): the mean of luma [2i, 2i + 2) x [2j, 2j + 2) (an exact integer sum, then
+// a quarter), chroma sample (i, j) as it is, then the conversion: the same arithmetic as convert's
+// for these filters (the 2 x 2 mean, chroma copied), 16 pixels at a time.
+void convert_half(const YuvFrame& f) {
+  const int64_t w = f.width;
+  const __m256i ones = _mm256_set1_epi8(1);
+  const __m256 quarter = _mm256_set1_ps(0.25f), c128 = _mm256_set1_ps(128.f);
+  const __m256 y0 = _mm256_set1_ps(f.y0), ys = _mm256_set1_ps(f.ys);
+  const __m256 r_cr = _mm256_set1_ps(f.r_cr), g_cb = _mm256_set1_ps(f.g_cb);
+  const __m256 g_cr = _mm256_set1_ps(f.g_cr), b_cb = _mm256_set1_ps(f.b_cb);
+  __m128i mask[3][3];
+  for (int k = 0; k < 3; ++k)
+    for (int c = 0; c < 3; ++c)
+      mask[k][c] = _mm_load_si128(reinterpret_cast<const __m128i*>(kInterleave.mask[k][c]));
+  const auto chroma = [&](__m128i bytes, bool high) {  // 8 samples as floats, minus 128
+    return _mm256_sub_ps(
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high ? _mm_srli_si128(bytes, 8) : bytes)), c128);
+  };
+  for (int64_t i = 0; i < f.height; ++i) {
+    const uint8_t* top = f.y + 2 * i * f.ld_y;
+    const uint8_t* bottom = top + f.ld_y;
+    const uint8_t* u = f.u + i * f.ld_u;
+    const uint8_t* v = f.v + i * f.ld_v;
+    uint8_t* out = f.out + i * w * 3;
+    int64_t j = 0;
+    for (; j + 16 <= w; j += 16) {
+      // [16] int16: the sums of the 2 x 2 blocks (maddubs adds each pair of adjacent bytes)
+      const auto pairs = [&](const uint8_t* row) {
+        return _mm256_maddubs_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * j)), ones);
+      };
+      const __m256i sums = _mm256_add_epi16(pairs(top), pairs(bottom));
+      const __m128i u16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + j));
+      const __m128i v16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + j));
+      __m256 rgb[3][2];  // [channel][pixels 0-7, 8-15]
+      for (int h = 0; h < 2; ++h) {
+        const __m128i s = h ? _mm256_extracti128_si256(sums, 1) : _mm256_castsi256_si128(sums);
+        const __m256 luma = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(s)), quarter);
+        const __m256 l = _mm256_mul_ps(_mm256_sub_ps(luma, y0), ys);
+        const __m256 cb = chroma(u16, h), cr = chroma(v16, h);
+        rgb[0][h] = _mm256_add_ps(l, _mm256_mul_ps(r_cr, cr));
+        rgb[1][h] = _mm256_add_ps(_mm256_add_ps(l, _mm256_mul_ps(g_cb, cb)),
+                                  _mm256_mul_ps(g_cr, cr));
+        rgb[2][h] = _mm256_add_ps(l, _mm256_mul_ps(b_cb, cb));
+      }
+      const __m128i r = to_bytes(rgb[0][0], rgb[0][1]), g = to_bytes(rgb[1][0], rgb[1][1]),
+                    b = to_bytes(rgb[2][0], rgb[2][1]);
+      for (int k = 0; k < 3; ++k) {
+        const __m128i bytes = _mm_or_si128(
+            _mm_or_si128(_mm_shuffle_epi8(r, mask[k][0]), _mm_shuffle_epi8(g, mask[k][1])),
+            _mm_shuffle_epi8(b, mask[k][2]));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 3 * j + 16 * k), bytes);
+      }
+    }
+    for (; j < w; ++j) {  // the columns after the last 16 (to_byte: yuv_to_rgb_impl.h)
+      const float sum = static_cast<float>(top[2 * j] + top[2 * j + 1] + bottom[2 * j] +
+                                           bottom[2 * j + 1]);
+      const float l = (sum * 0.25f - f.y0) * f.ys, cb = u[j] - 128.f, cr = v[j] - 128.f;
+      out[3 * j] = to_byte(l + f.r_cr * cr);
+      out[3 * j + 1] = to_byte(l + f.g_cb * cb + f.g_cr * cr);
+      out[3 * j + 2] = to_byte(l + f.b_cb * cb);
+    }
+  }
+}
+
+}  // namespace cnnlstm_ext::video::isa_avx2
+
 #pragma GCC pop_options
 
 #endif

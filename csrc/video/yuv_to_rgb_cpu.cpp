@@ -63,17 +63,28 @@ at::Tensor yuv_to_rgb_cpu(const at::Tensor& y, const at::Tensor& u, const at::Te
   // (full); then R = Y' + 2 (1 - kr) Cr, B = Y' + 2 (1 - kb) Cb, G = (Y' - kr R - kb B) / kg.
   const double kg = 1 - kr - kb, cs = full_range ? 1.0 : 255.0 / 224.0;
   auto out = at::empty({height, width, 3}, y.options());
+  // 4:2:0 halved (256 x 256 to the loader's 128 x 128): chroma is already at the output's size.
+  const bool fast_half = sy == 2 && sx == 2 && H == 2 * height && W == 2 * width &&
+                         cpu_has_avx2();
+  const auto filter = [&](int64_t n, int64_t sub, int64_t extent, int64_t m) {
+    return fast_half ? AreaFilter{} : area_filter(n, sub, extent, m);  // (unused there)
+  };
   const YuvFrame frame{y.const_data_ptr<uint8_t>(), u.const_data_ptr<uint8_t>(),
                        v.const_data_ptr<uint8_t>(), y.stride(0), u.stride(0), v.stride(0), W, Wc,
                        height, width,
-                       area_filter(H, 1, H, height), area_filter(W, 1, W, width),
-                       area_filter(Hc, sy, H, height), area_filter(Wc, sx, W, width),
+                       filter(H, 1, H, height), filter(W, 1, W, width),
+                       filter(Hc, sy, H, height), filter(Wc, sx, W, width),
                        full_range ? 0.f : 16.f, full_range ? 1.f : 255.f / 219.f,
                        static_cast<float>(2 * (1 - kr) * cs),
                        static_cast<float>(-2 * kb * (1 - kb) / kg * cs),
                        static_cast<float>(-2 * kr * (1 - kr) / kg * cs),
                        static_cast<float>(2 * (1 - kb) * cs), out.data_ptr<uint8_t>()};
 #ifdef CNNLSTM_EXT_X86_SIMD
+  if (fast_half) {
+    record_kernel("cpu:yuv_to_rgb:avx2:half");
+    isa_avx2::convert_half(frame);
+    return out;
+  }
   if (cpu_has_avx2()) {
     record_kernel("cpu:yuv_to_rgb:avx2");
     isa_avx2::convert(frame);
