@@ -348,3 +348,18 @@ def test_skipped_clip_is_named_in_train_log(tmp_path, workers):
     log = (tmp_path / "runs" / "run" / "train.log").read_text()
     assert "skipping unreadable clip" in log and "broken.mp4" in log
     assert "1 unreadable clip(s) skipped" in log
+
+
+def test_instances_cut_out_of_one_video_are_told_apart_by_their_frames(tmp_path, capsys):
+    """WLASL cuts several instances out of one video: predictions.csv names each row's frames as
+    the JSON numbers them (1-based, inclusive; -1 to the end), so rows that share a path differ."""
+    annotations, _, ckpt = _wlasl_run(tmp_path, ["train", "val"], seed=600)
+    entries = json.loads(annotations.read_text())
+    entries[0]["instances"].append({"video_id": "00000", "split": "test", "frame_start": 2,
+                                    "frame_end": 5})
+    annotations.write_text(json.dumps(entries))
+    rc, out, _ = _evaluate(capsys, ckpt, annotations, "--all", "--out", tmp_path / "all")
+    assert rc == 0 and "7 clips" in out
+    with open(tmp_path / "all" / "predictions.csv") as f:
+        rows = [r for r in csv.DictReader(f) if os.path.basename(r["clip"]) == "00000.mp4"]
+    assert sorted((r["frame_start"], r["frame_end"]) for r in rows) == [("1", "-1"), ("2", "5")]

@@ -28,7 +28,8 @@ status 2: bad options or data, an unusable checkpoint (unreadable, NaN/Inf weigh
 that could be read (then nothing is written).
 
 Writes to --out (default: <run folder>/evaluation/<DATA name>[-<split>]/, -val or -all on the
-run's data): predictions.csv (one row per clip: true class, predicted class, confidence, top-5),
+run's data): predictions.csv (one row per clip: true class, predicted class, confidence, top-5,
+and the clip's frames as WLASL numbers them: frame_start 1-based, frame_end inclusive or -1),
 metrics.json, confusion_matrix.csv, per_class_accuracy.csv and confusion_matrix.png, each file
 replaced whole.
 """
@@ -296,8 +297,12 @@ def run(args) -> int:
     unreadable = []
     try:
         if records is not None:  # videos: read as --clips clips each; a bad file is left out
-            metrics, predictions, unreadable, paths = _evaluate_videos(
+            metrics, predictions, unreadable, scored = _evaluate_videos(
                 model, records, cfg.data, len(classes), args, device, amp_dtype, workers)
+            paths = [r.path for r in scored]
+            # WLASL's numbering (1-based, inclusive, -1: to the end): instances cut out of one
+            # video share its path
+            frames = [(r.start + 1, -1 if r.end is None else r.end) for r in scored]
             for path, error in unreadable:
                 print("error: %s: %s" % (path, error), file=sys.stderr)
         else:
@@ -307,6 +312,7 @@ def run(args) -> int:
                                                   collect_predictions=True,
                                                   progress=not args.no_progress, desc="evaluate")
             paths = ["%s[%d]" % (args.data, i) for i in range(len(predictions))]
+            frames = [("", "")] * len(predictions)
     except RuntimeError as e:  # out of memory, a loader process that died: one line
         from ..ops import KernelsNotBuiltError
         if isinstance(e, KernelsNotBuiltError):
@@ -323,7 +329,7 @@ def run(args) -> int:
     _write_outputs(out, metrics, classes, {
         "checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "split": args.split,
         "scored": note or "every clip of DATA", "clips_per_video": args.clips,
-        "unreadable": [path for path, _ in unreadable]}, paths, predictions)
+        "unreadable": [path for path, _ in unreadable]}, paths, frames, predictions)
 
     print("%s on %s%s: %d clips%s" % (
         args.checkpoint, args.data, " (%s)" % args.split if args.split else "", metrics["count"],
@@ -344,7 +350,7 @@ def run(args) -> int:
     return 1 if unreadable else 0
 
 
-def _write_outputs(out, metrics, classes, extra, paths, predictions) -> None:
+def _write_outputs(out, metrics, classes, extra, paths, frames, predictions) -> None:
     """metrics.json, predictions.csv and write_metrics' tables and plot in `out`, each file
     replaced whole (written beside it, then renamed over it): an interrupted run leaves the
     previous file or the new one, never a partial one."""
@@ -362,12 +368,12 @@ def _write_outputs(out, metrics, classes, extra, paths, predictions) -> None:
         text = io.StringIO()
         w = csv.writer(text)
         w.writerow(["index", "clip", "label", "label_name", "prediction", "prediction_name",
-                    "confidence", "correct", "top5"])
-        for i, (path, p) in enumerate(zip(paths, predictions)):
+                    "confidence", "correct", "top5", "frame_start", "frame_end"])
+        for i, (path, (first, last), p) in enumerate(zip(paths, frames, predictions)):
             w.writerow([i, path, p["label"], classes[p["label"]], p["prediction"],
                         classes[p["prediction"]], "%.6f" % p["confidence"],
                         int(p["label"] == p["prediction"]),
-                        " ".join(classes[k] for k in p["topk"])])
+                        " ".join(classes[k] for k in p["topk"]), first, last])
         data = text.getvalue().encode("utf-8")
         atomic_write(os.path.join(out, "predictions.csv"), lambda f: f.write(data))
         for name in sorted(os.listdir(staging)):
@@ -379,8 +385,8 @@ def _write_outputs(out, metrics, classes, extra, paths, predictions) -> None:
 
 
 def _evaluate_videos(model, records, data_cfg, num_classes, args, device, amp_dtype, workers):
-    """(metrics, predictions, unreadable [(path, error)], paths) of `records` read as
-    args.clips clips each, their class probabilities averaged per video."""
+    """(metrics, predictions, unreadable [(path, error)], the records scored) of `records`
+    read as args.clips clips each, their class probabilities averaged per video."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -418,4 +424,4 @@ def _evaluate_videos(model, records, data_cfg, num_classes, args, device, amp_dt
         predictions = [{"label": int(labels[j]), "prediction": int(pred[j]),
                         "confidence": float(conf[j]), "topk": top[j].tolist()}
                        for j in range(len(order))]
-    return meter.compute(), predictions, unreadable, [records[i].path for i in order]
+    return meter.compute(), predictions, unreadable, [records[i] for i in order]
