@@ -261,6 +261,20 @@ def test_export_refuses_bad_shapes(tmp_path, capsys, args, message):
     assert message in error_line(capsys)
 
 
+@pytest.mark.parametrize("flag, name, hint", [
+    ("--pt2", "m.onnx", "--pt2 {}: --pt2 writes a .pt2 program, not a .onnx file; give a name "
+                        "ending in .pt2, or --onnx {} to write an ONNX model"),
+    ("--onnx", "m.PT2", "--onnx {}: --onnx writes an ONNX model, not a .pt2 file"),
+    ("--safetensors", "m.onnx", "or --onnx {} to write an ONNX model"),
+    ("--pt2", "m.safetensors", "or --safetensors {} to write safetensors weights"),
+])
+def test_an_output_named_for_another_format_is_a_usage_error(tmp_path, capsys, flag, name, hint):
+    out = str(tmp_path / name)
+    assert main(["export", str(tmp_path / "c.pth"), flag, out]) == 2
+    assert hint.format(out, out) in error_line(capsys)
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_to_a_folder_or_from_a_missing_file_leaves_nothing(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     assert main(["export", str(tmp_path / "c.pth"), "--onnx", str(tmp_path / "out")]) == 1

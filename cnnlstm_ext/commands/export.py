@@ -157,6 +157,18 @@ def _check_arguments(args) -> None:
     outputs = [o for o in (args.safetensors, args.onnx, args.pt2) if o]
     if len({os.path.abspath(o) for o in outputs}) != len(outputs):
         raise ValueError("--safetensors, --onnx and --pt2 must name different files")
+    # A file named for another of the formats is a mix-up (--pt2 model.onnx would write a .pt2
+    # program that onnxruntime then refuses); names of no known format are the user's choice.
+    formats = {"safetensors": (".safetensors", "safetensors weights"),
+               "onnx": (".onnx", "an ONNX model"), "pt2": (".pt2", "a .pt2 program")}
+    for flag, out in (("safetensors", args.safetensors), ("onnx", args.onnx), ("pt2", args.pt2)):
+        ext = os.path.splitext(out or "")[1].lower()
+        other = next((f for f, (e, _) in formats.items() if e == ext and f != flag), None)
+        if other is not None:
+            raise ValueError("--%s %s: --%s writes %s, not a %s file; give a name ending in %s, "
+                             "or --%s %s to write %s" % (flag, out, flag, formats[flag][1], ext,
+                                                         formats[flag][0], other, out,
+                                                         formats[other][1]))
     if args.frames is not None and args.frames < 1:
         raise ValueError("--frames must be >= 1, got %d" % args.frames)
     if args.frame_size is not None and args.frame_size < 8:
