@@ -132,6 +132,31 @@ def test_decode_converts_only_the_sampled_frames(monkeypatch, long_video):
     assert clip.shape[0] == 16 and len(converted) == 16
 
 
+def test_decoded_frames_wait_for_their_conversion_within_a_bound(monkeypatch, long_video):
+    """The wanted frames are converted a few at a time, after their decoding, with no more
+    than PENDING_BYTES of decoded frames held (one frame past it at most); any bound gives the
+    same clip, the tiniest converting each frame as it comes."""
+    path, _ = long_video  # 64 x 48 frames: 9216 bytes each as the bound counts them
+    select = lambda n: [0, 3, 3, 7, 20, 21, 40, 71]  # noqa: E731 (a repeat included)
+    held = []  # the bytes held at each conversion
+    real_convert = video_io._Pending.convert
+
+    def convert(pending, *args):
+        held.append(pending.bytes)
+        return real_convert(pending, *args)
+    monkeypatch.setattr(video_io._Pending, "convert", convert)
+    whole = read_video_frames(path, 0, 72, select=select)
+    assert held == [7 * 9216]  # 7 distinct frames, converted at the end at once
+    clips = []
+    for bound in (1, 2 * 9216):
+        monkeypatch.setattr(video_io, "PENDING_BYTES", bound)
+        held.clear()
+        clips.append(read_video_frames(path, 0, 72, select=select))
+        assert max(held) <= bound + 9216 and len(held) > 3, held
+    for clip in clips:
+        assert torch.equal(clip, whole)
+
+
 def test_decode_scales_to_the_short_side_and_cuts_the_central_square(long_video):
     path, frames = long_video
     full = read_video_frames(path, 10, 14)                                 # [4, 3, 48, 64]

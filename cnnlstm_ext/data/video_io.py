@@ -344,10 +344,11 @@ def iter_video_frames(path: str, start: int = 0, end: Optional[int] = None,
     repeated frame and every part of the video is reached. Decoding starts at the keyframe
     before the first wanted frame (a seek; one that lands past it, as some containers' seeks and
     an open GOP's leading frames do, is retried from further back, down to frame 0), and stops
-    after the last; only wanted frames are converted to RGB, at `short_side` (see _to_array).
-    Memory is bounded by one frame whatever the video's length. A frame the container promised
-    but the file lacks (a truncated or damaged tail) repeats the last frame decoded before it,
-    with a warning; a video without any of the range's frames raises ClipReadError.
+    after the last; only wanted frames are converted to RGB, at `short_side` (see _to_array),
+    a few at a time (PENDING_BYTES). Memory is bounded by those few frames whatever the video's
+    length. A frame the container promised but the file lacks (a truncated or damaged tail)
+    repeats the last frame decoded before it, with a warning; a video without any of the range's
+    frames raises ClipReadError.
     """
     container = _open_video(path)
     with container:
@@ -382,6 +383,35 @@ def _av_errors():
     return (_import_av().error.FFmpegError,)
 
 
+# Wanted frames wait, decoded, for their conversion until about this many bytes of them are
+# held: converting each frame as it came slowed the decoding of the next ones (by about 12% of
+# the time of a 256 x 256 clip; the two evict each other's state from the caches), and the bound
+# keeps the memory of large frames in check.
+PENDING_BYTES = 8 << 20
+
+
+class _Pending:
+    """Decoded frames waiting for their conversion: [frame, [positions in the clip]] in order."""
+
+    def __init__(self):
+        self.entries, self.bytes = [], 0
+
+    def add(self, position: int, frame) -> None:
+        if self.entries and self.entries[-1][0] is frame:  # a frame that repeats
+            self.entries[-1][1].append(position)
+            return
+        self.entries.append([frame, [position]])
+        self.bytes += frame.width * frame.height * 3  # at most (8-bit 4:4:4)
+
+    def convert(self, short_side, square):
+        """Yields (position, image) of every waiting frame, in order, and forgets them."""
+        entries, self.entries, self.bytes = self.entries, [], 0
+        for frame, positions in entries:
+            image = _to_array(frame, short_side, square)
+            for position in positions:
+                yield position, image
+
+
 def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, short_side, square,
                    back):
     """See iter_video_frames; `wanted`: absolute frame numbers, increasing. Seeks to `back`
@@ -394,6 +424,7 @@ def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, shor
         target = timing.first + int((wanted[0] - back) / timing.per_tick)
         container.seek(target, stream=stream, backward=True, any_frame=False)
     k, last, count, damaged, counting = 0, None, -1, None, False
+    pending = _Pending()
     skips = [False]  # whether a packet was let go undecoded (then frames cannot be counted)
     try:
         for frame in _decode_skipping(container, stream, set(wanted), timing if by_pts else None,
@@ -409,20 +440,22 @@ def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, shor
             if count == 0 and seeked and i > wanted[0]:
                 return further
             while k < len(wanted) and wanted[k] < i and last is not None:
-                yield wanted[k] - start, _to_array(last, short_side, square)  # a missing frame
+                pending.add(wanted[k] - start, last)  # a missing frame: the one before it
                 k += 1
-            if k < len(wanted) and wanted[k] == i:
-                image = _to_array(frame, short_side, square)
-                while k < len(wanted) and wanted[k] == i:
-                    yield i - start, image
-                    k += 1
+            while k < len(wanted) and wanted[k] == i:
+                pending.add(i - start, frame)
+                k += 1
             last = frame
             if k == len(wanted):
+                yield from pending.convert(short_side, square)
                 return None
+            if pending.bytes >= PENDING_BYTES:
+                yield from pending.convert(short_side, square)
     except _av_errors() as e:
         if last is None and not seeked:
             raise ClipReadError("could not decode video %s: %s" % (path, e)) from e
         damaged = e  # the frames decoded so far stand; the rest repeat the last one
+    yield from pending.convert(short_side, square)
     if counting:
         with _open_video(path) as again:
             yield from _decode_wanted(again, video_stream(again), _Timing(timing.count, 0, None),
