@@ -28,6 +28,7 @@ def planes(rng, H, W, sy, sx, pad=0):
     (40, 50, 2, 2, 20, 25),       # halved, a row of 16 pixels and 9 more
     (480, 640, 2, 2, 128, 171),   # 640 x 480 to short side 128: 3.75x, fractional windows
     (31, 45, 2, 2, 7, 20),        # odd sizes: the last chroma sample covers one pixel
+    (100, 150, 2, 2, 37, 53),     # fractional windows; rows and columns past a multiple of 8
     (20, 30, 1, 1, 20, 30),       # 4:4:4 at its own size: the conversion alone
     (21, 33, 1, 2, 10, 11),       # 4:2:2
     (16, 16, 2, 2, 1, 1),         # one pixel: the mean of the frame
@@ -127,7 +128,8 @@ import torch
 from cnnlstm_ext import ops, reference
 g = torch.Generator().manual_seed(0)
 with ops.recorded_kernels() as ran:
-    for H, W, h, w in ((256, 256, 128, 128), (480, 640, 128, 171), (37, 23, 11, 9)):
+    for H, W, h, w in ((256, 256, 128, 128), (480, 640, 128, 171), (37, 23, 11, 9),
+                       (64, 96, 16, 24)):
         y = torch.randint(0, 256, (H, W), dtype=torch.uint8, generator=g)
         u, v = (torch.randint(0, 256, (-(-H // 2), -(-W // 2)), dtype=torch.uint8, generator=g)
                 for _ in range(2))
@@ -146,8 +148,10 @@ def test_each_kernel_build_matches_reference(capability, kernels, tmp_path):
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     ran = set(r.stdout.split())
-    if kernels is None:  # this CPU's best; 256 x 256 -> 128 x 128 is the half-size kernel's
-        kernels = ({"cpu:yuv_to_rgb:avx2", "cpu:yuv_to_rgb:avx2:half"}
+    if kernels is None:  # this CPU's best: 256 x 256 -> 128 x 128 is the half-size kernel's,
+        # fractional windows the blocked kernel's, 64 x 96 -> 16 x 24 (4x) the row kernel's
+        kernels = ({"cpu:yuv_to_rgb:avx2", "cpu:yuv_to_rgb:avx2:half",
+                    "cpu:yuv_to_rgb:avx2:blocked"}
                    if "AVX" in torch.backends.cpu.get_cpu_capability()
                    else {"cpu:yuv_to_rgb:default"})
     assert ran == kernels
@@ -172,9 +176,11 @@ print(" ".join(sorted(set(ran))))
 
 @pytest.mark.skipif("AVX" not in torch.backends.cpu.get_cpu_capability(),
                     reason="the half-size kernel is built for AVX2")
-def test_half_size_kernel_is_the_general_kernel_bit_for_bit(tmp_path):
-    """4:2:0 halved (the loader's 256 x 256 -> 128 x 128) takes its own AVX2 kernel: the same
-    arithmetic as the general one's, so the same bytes, tails of rows and padded planes too."""
+def test_half_size_kernel_agrees_with_the_baseline_build(tmp_path):
+    """4:2:0 halved (the loader's 256 x 256 -> 128 x 128) takes its own AVX2 kernel, with the
+    general kernel's arithmetic: against the baseline build, tails of rows and padded planes
+    too, the same bytes but where FMA's single rounding puts a value across a rounding
+    boundary."""
     from conftest import subprocess_env
     outs = {}
     for capability, kernel in (("default", "cpu:yuv_to_rgb:default"),
@@ -188,4 +194,5 @@ def test_half_size_kernel_is_the_general_kernel_bit_for_bit(tmp_path):
         outs[capability] = torch.load(path)
     assert len(outs[None]) == 10
     for half, general in zip(outs[None], outs["default"]):
-        assert torch.equal(half, general)
+        diff = (half.int() - general.int()).abs()
+        assert half.shape == general.shape and diff.max() <= 1 and (diff > 0).float().mean() < 1e-3

@@ -401,7 +401,7 @@ class _Pending:
             self.entries[-1][1].append(position)
             return
         self.entries.append([frame, [position]])
-        self.bytes += frame.width * frame.height * 3  # at most (8-bit 4:4:4)
+        self.bytes += frame.width * frame.height * 3  # (8-bit 4:4:4; 4:2:0 holds half)
 
     def convert(self, short_side, square):
         """Yields (position, image) of every waiting frame, in order, and forgets them."""

@@ -71,6 +71,9 @@ void convert(const YuvFrame& f);
 // The loader's common case: a 4:2:0 frame halved, luma by 2 x 2 means and chroma at its own size
 // (filters unused).
 void convert_half(const YuvFrame& f);
+// convert, 8 output rows at a time: the horizontal taps of windows of fractional width without
+// gathers.
+void convert_blocked(const YuvFrame& f);
 }
 #endif
 

@@ -44,10 +44,10 @@ void horizontal(const float* __restrict row, const AreaFilter& f, int64_t m,
   horizontal_taps(row, f, m, out);
 }
 
-// Output row i of one plane ([rows, n] uint8, rows ld apart) into out [m]; tmp: [n] scratch.
-void resample_row(const uint8_t* plane, int64_t ld, int64_t n, const AreaFilter& fv,
-                  const AreaFilter& fh, int64_t i, int64_t m, float* __restrict tmp,
-                  float* __restrict out) {
+// Output row i of one plane ([rows, n] uint8, rows ld apart) summed over its vertical taps into
+// tmp [n]: the source row's values before the horizontal taps.
+void vertical(const uint8_t* plane, int64_t ld, int64_t n, const AreaFilter& fv, int64_t i,
+              float* __restrict tmp) {
   const int64_t rows = static_cast<int64_t>(fv.start.size());
   const float* wv = fv.weight.data() + i;  // tap k: wv[k * rows]
   const uint8_t* __restrict src = plane + fv.start[i] * ld;
@@ -59,12 +59,32 @@ void resample_row(const uint8_t* plane, int64_t ld, int64_t n, const AreaFilter&
     if (wk == 0.f) continue;
     for (int64_t x = 0; x < n; ++x) tmp[x] += wk * static_cast<float>(r[x]);
   }
-  horizontal(tmp, fh, m, out);
 }
 
 inline uint8_t to_byte(float v) {  // round half up, clamp to [0, 255]
   const int32_t rounded = static_cast<int32_t>(v + 0.5f);  // (negative ones clamp to 0)
   return static_cast<uint8_t>(std::min<int32_t>(255, std::max<int32_t>(0, rounded)));
+}
+
+// One output row of the resampled planes yy, uu, vv [w] into RGB bytes out [w, 3]; rgb: [3 w]
+// scratch.
+void convert_row(const YuvFrame& f, const float* __restrict yy, const float* __restrict uu,
+                 const float* __restrict vv, uint8_t* __restrict rgb, uint8_t* __restrict o) {
+  const int64_t w = f.width;
+  uint8_t* __restrict r = rgb;
+  uint8_t* __restrict g = r + w;
+  uint8_t* __restrict b = g + w;
+  for (int64_t j = 0; j < w; ++j) {  // vectorised; the bytes are interleaved below
+    const float l = (yy[j] - f.y0) * f.ys, cb = uu[j] - 128.f, cr = vv[j] - 128.f;
+    r[j] = to_byte(l + f.r_cr * cr);
+    g[j] = to_byte(l + f.g_cb * cb + f.g_cr * cr);
+    b[j] = to_byte(l + f.b_cb * cb);
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    o[3 * j] = r[j];
+    o[3 * j + 1] = g[j];
+    o[3 * j + 2] = b[j];
+  }
 }
 
 }  // namespace
@@ -74,27 +94,13 @@ void convert(const YuvFrame& f) {
   std::vector<float> tmp(f.W), yr(w), ur(w), vr(w);
   std::vector<uint8_t> rgb(3 * w);
   for (int64_t i = 0; i < f.height; ++i) {
-    resample_row(f.y, f.ld_y, f.W, f.fvy, f.fhy, i, w, tmp.data(), yr.data());
-    resample_row(f.u, f.ld_u, f.Wc, f.fvc, f.fhc, i, w, tmp.data(), ur.data());
-    resample_row(f.v, f.ld_v, f.Wc, f.fvc, f.fhc, i, w, tmp.data(), vr.data());
-    const float* __restrict yy = yr.data();
-    const float* __restrict uu = ur.data();
-    const float* __restrict vv = vr.data();
-    uint8_t* __restrict r = rgb.data();
-    uint8_t* __restrict g = r + w;
-    uint8_t* __restrict b = g + w;
-    for (int64_t j = 0; j < w; ++j) {  // vectorised; the bytes are interleaved below
-      const float l = (yy[j] - f.y0) * f.ys, cb = uu[j] - 128.f, cr = vv[j] - 128.f;
-      r[j] = to_byte(l + f.r_cr * cr);
-      g[j] = to_byte(l + f.g_cb * cb + f.g_cr * cr);
-      b[j] = to_byte(l + f.b_cb * cb);
-    }
-    uint8_t* __restrict o = f.out + i * w * 3;
-    for (int64_t j = 0; j < w; ++j) {
-      o[3 * j] = r[j];
-      o[3 * j + 1] = g[j];
-      o[3 * j + 2] = b[j];
-    }
+    vertical(f.y, f.ld_y, f.W, f.fvy, i, tmp.data());
+    horizontal(tmp.data(), f.fhy, w, yr.data());
+    vertical(f.u, f.ld_u, f.Wc, f.fvc, i, tmp.data());
+    horizontal(tmp.data(), f.fhc, w, ur.data());
+    vertical(f.v, f.ld_v, f.Wc, f.fvc, i, tmp.data());
+    horizontal(tmp.data(), f.fhc, w, vr.data());
+    convert_row(f, yr.data(), ur.data(), vr.data(), rgb.data(), f.out + i * w * 3);
   }
 }
 
