@@ -1,6 +1,7 @@
 // CPU kernel of yuv_to_rgb: a decoded planar YUV frame -> RGB uint8 at a smaller size, area
 // resampled (each output pixel the mean of the source area it covers), one output row at a time
-// (yuv_to_rgb_impl.h, built for the baseline here and for AVX2 in yuv_to_rgb_avx2.cpp). The data
+// (yuv_to_rgb_impl.h, built for the baseline here and for AVX2 in yuv_to_rgb_avx2.cpp, which
+// also holds its 8-rows-at-a-time and half-size 4:2:0 variants, chosen below). The data
 // path's video reader (cnnlstm_ext/data/video_io.py) runs it on every sampled frame: swscale's
 // scaled rgb24 output cost more than decoding the frame, and its AREA filter is not the exact box
 // of a 2x reduction.
