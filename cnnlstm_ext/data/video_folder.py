@@ -61,10 +61,6 @@ class ClipRecord:
     annotation: Optional[str] = field(default=None, compare=False)
 
 
-def _is_frame_folder(path: str) -> bool:
-    return os.path.isdir(path) and any(is_image_file(n) for n in os.listdir(path))
-
-
 def scan_class_folders(root: str, classes: Optional[Sequence[str]] = None):
     """(records, classes) of a class-per-folder tree; see the module docstring."""
     if os.path.isfile(root):
@@ -126,8 +122,10 @@ def _find_video(video_root: str, video_id: str, listings: Optional[dict] = None)
     for name in listings[folder].get(stem, ()):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
+    # A folder named for the video_id and holding images is its frames (the name says it is one
+    # video: nothing below it is searched, unlike video_io.is_frame_folder's folders of clips).
     p = os.path.join(video_root, video_id)
-    if _is_frame_folder(p):
+    if os.path.isdir(p) and any(is_image_file(n) for n in os.listdir(p)):
         return p
     return None
 

@@ -471,9 +471,9 @@ def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, shor
                     "damaged: %s" % damaged if damaged is not None else "truncated",
                     timing.index(last.pts) + 1 if by_pts and last.pts is not None else count + 1,
                     len(wanted) - k)
-    image = _to_array(last, short_side, square)
-    for j in wanted[k:]:
-        yield j - start, image
+    for j in wanted[k:]:  # the missing tail: the last frame again
+        pending.add(j - start, last)
+    yield from pending.convert(short_side, square)
     return None
 
 
