@@ -661,3 +661,21 @@ def test_decode_lets_go_only_where_the_decoder_reads_skip_frame_per_packet(monke
                                     lambda n: sample_indices(n, 6).tolist())
     assert len(read) > 40 and len(out) >= len(read) - 2  # (the B-frames' reordering delay)
     assert torch.equal(clip, read_video_frames(path)[sample_indices(48, 6).tolist()])
+
+
+def test_a_frame_that_cannot_be_converted_is_a_clip_read_error(monkeypatch, long_video):
+    """An FFmpeg error while converting the held frames names the file; it is not taken for a
+    damaged tail, which would drop the frames converted with it and return a shorter clip."""
+    import av
+    path, _ = long_video
+    real, calls = video_io._to_array, []
+
+    def failing(frame, short_side, square):
+        calls.append(frame.pts)
+        if len(calls) == 3:
+            raise av.error.FFmpegError(22, "swscale refused")
+        return real(frame, short_side, square)
+    monkeypatch.setattr(video_io, "_to_array", failing)
+    with pytest.raises(ClipReadError, match=r"could not convert a 64x48 yuv420p frame of .*\.mp4"
+                       r" to RGB: .*swscale refused"):
+        read_video_frames(path, 0, 72, select=lambda n: sample_indices(n, 8).tolist())

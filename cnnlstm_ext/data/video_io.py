@@ -391,10 +391,11 @@ PENDING_BYTES = 8 << 20
 
 
 class _Pending:
-    """Decoded frames waiting for their conversion: [frame, [positions in the clip]] in order."""
+    """Decoded frames of `path` waiting for their conversion: [frame, [positions in the clip]] in
+    order."""
 
-    def __init__(self):
-        self.entries, self.bytes = [], 0
+    def __init__(self, path: str):
+        self.path, self.entries, self.bytes = path, [], 0
 
     def add(self, position: int, frame) -> None:
         if self.entries and self.entries[-1][0] is frame:  # a frame that repeats
@@ -404,10 +405,17 @@ class _Pending:
         self.bytes += frame.width * frame.height * 3  # (8-bit 4:4:4; 4:2:0 holds half)
 
     def convert(self, short_side, square):
-        """Yields (position, image) of every waiting frame, in order, and forgets them."""
+        """Yields (position, image) of every waiting frame, in order, and forgets them. A frame
+        FFmpeg cannot convert raises ClipReadError: not an FFmpeg error, which the decoding loop
+        would take for a damaged tail and so drop the frames converted with it."""
         entries, self.entries, self.bytes = self.entries, [], 0
         for frame, positions in entries:
-            image = _to_array(frame, short_side, square)
+            try:
+                image = _to_array(frame, short_side, square)
+            except _av_errors() as e:
+                raise ClipReadError("could not convert a %dx%d %s frame of %s to RGB: %s"
+                                    % (frame.width, frame.height, frame.format.name, self.path,
+                                       e)) from e
             for position in positions:
                 yield position, image
 
@@ -424,7 +432,7 @@ def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, shor
         target = timing.first + int((wanted[0] - back) / timing.per_tick)
         container.seek(target, stream=stream, backward=True, any_frame=False)
     k, last, count, damaged, counting = 0, None, -1, None, False
-    pending = _Pending()
+    pending = _Pending(path)
     skips = [False]  # whether a packet was let go undecoded (then frames cannot be counted)
     try:
         for frame in _decode_skipping(container, stream, set(wanted), timing if by_pts else None,
