@@ -200,7 +200,10 @@ def test_an_unreadable_video_is_left_out_and_named(held_out, capsys, tmp_path):
     assert err.count("error:") == 1 and "zz.mp4" in err and "Traceback" not in err
     assert len(_scored(tmp_path / "o")) == 6
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
-    assert metrics["count"] == 6 and metrics["unreadable"] == [str(other / "class2" / "zz.mp4")]
+    assert metrics["count"] == 6 and [u["clip"] for u in metrics["unreadable"]] == [
+        str(other / "class2" / "zz.mp4")]
+    entry = metrics["unreadable"][0]
+    assert (entry["frame_start"], entry["frame_end"]) == (1, -1) and "zz.mp4" in entry["error"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -363,3 +366,25 @@ def test_instances_cut_out_of_one_video_are_told_apart_by_their_frames(tmp_path,
     with open(tmp_path / "all" / "predictions.csv") as f:
         rows = [r for r in csv.DictReader(f) if os.path.basename(r["clip"]) == "00000.mp4"]
     assert sorted((r["frame_start"], r["frame_end"]) for r in rows) == [("1", "-1"), ("2", "5")]
+
+
+def test_unreadable_instances_of_one_video_are_told_apart(tmp_path, capsys):
+    """Two instances cut out of one damaged video: stderr and metrics.json name each with its
+    frames (WLASL's numbering) and the annotation that lists it, not just the shared path."""
+    annotations, videos, ckpt = _wlasl_run(tmp_path, ["train", "val"], seed=700)
+    entries = json.loads(annotations.read_text())
+    entries[0]["instances"].append({"video_id": "00000", "split": "test", "frame_start": 2,
+                                    "frame_end": 5})
+    annotations.write_text(json.dumps(entries))
+    (videos / "00000.mp4").write_bytes(b"not a video at all")
+    rc, out, err = _evaluate(capsys, ckpt, annotations, "--all", "--out", tmp_path / "all")
+    assert rc == 1 and "2 unreadable videos left out" in out and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2 and all("00000.mp4" in line and "gloss 'book'" in line
+                                   for line in lines)
+    assert sum("(frames 2 to 5)" in line for line in lines) == 1, lines
+    metrics = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    unreadable = sorted(metrics["unreadable"], key=lambda u: u["frame_start"])
+    assert [(os.path.basename(u["clip"]), u["frame_start"], u["frame_end"]) for u in unreadable] \
+        == [("00000.mp4", 1, -1), ("00000.mp4", 2, 5)]
+    assert all(u["error"] for u in unreadable) and metrics["count"] == 5

@@ -300,11 +300,14 @@ def run(args) -> int:
             metrics, predictions, unreadable, scored = _evaluate_videos(
                 model, records, cfg.data, len(classes), args, device, amp_dtype, workers)
             paths = [r.path for r in scored]
-            # WLASL's numbering (1-based, inclusive, -1: to the end): instances cut out of one
-            # video share its path
-            frames = [(r.start + 1, -1 if r.end is None else r.end) for r in scored]
-            for path, error in unreadable:
-                print("error: %s: %s" % (path, error), file=sys.stderr)
+            frames = [_wlasl_frames(r) for r in scored]
+            for r, error in unreadable:  # the range and annotation tell instances of a file apart
+                first, last = _wlasl_frames(r)
+                where = "" if (r.start, r.end) == (0, None) else " (frames %d to %s)" % (
+                    first, "the end" if last == -1 else last)
+                if r.annotation:
+                    where += " (%s)" % r.annotation
+                print("error: %s%s: %s" % (r.path, where, error), file=sys.stderr)
         else:
             loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                 num_workers=workers, pin_memory=device.type == "cuda")
@@ -329,7 +332,9 @@ def run(args) -> int:
     _write_outputs(out, metrics, classes, {
         "checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "split": args.split,
         "scored": note or "every clip of DATA", "clips_per_video": args.clips,
-        "unreadable": [path for path, _ in unreadable]}, paths, frames, predictions)
+        "unreadable": [dict(zip(("clip", "frame_start", "frame_end", "error"),
+                                (r.path, *_wlasl_frames(r), error))) for r, error in unreadable]},
+        paths, frames, predictions)
 
     print("%s on %s%s: %d clips%s" % (
         args.checkpoint, args.data, " (%s)" % args.split if args.split else "", metrics["count"],
@@ -384,8 +389,14 @@ def _write_outputs(out, metrics, classes, extra, paths, frames, predictions) -> 
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _wlasl_frames(record):
+    """(frame_start, frame_end) of a clip in WLASL's numbering (1-based, inclusive, -1: to the
+    end), as predictions.csv gives them: instances cut out of one video share its path."""
+    return record.start + 1, -1 if record.end is None else record.end
+
+
 def _evaluate_videos(model, records, data_cfg, num_classes, args, device, amp_dtype, workers):
-    """(metrics, predictions, unreadable [(path, error)], the records scored) of `records`
+    """(metrics, predictions, unreadable [(record, error)], the records scored) of `records`
     read as args.clips clips each, their class probabilities averaged per video."""
     import torch
     from torch.utils.data import DataLoader
@@ -405,7 +416,7 @@ def _evaluate_videos(model, records, data_cfg, num_classes, args, device, amp_dt
     try:
         for index, probs, _, label, error in predict_loader(model, loader, device, amp_dtype, bar):
             if error is not None:
-                unreadable.append((records[index].path, error))
+                unreadable.append((records[index], error))
             else:
                 done[index] = (probs, label)
     finally:
