@@ -32,7 +32,7 @@ __all__ = ["load_model", "clip_indices", "VideoClips", "collate_videos", "predic
            "predict_videos", "find_inputs", "find_videos", "progress_bar", "PREPROCESSING_FIELDS"]
 
 # The data settings a model's input is prepared with (cnnlstm_ext.train.config.DataConfig).
-PREPROCESSING_FIELDS = ("num_frames", "frame_size", "resize_to", "mean", "std")
+PREPROCESSING_FIELDS = ("num_frames", "frame_size", "resize_to", "mean", "std", "orientation")
 
 
 def _read_weights(path: str, check_integrity: bool):
@@ -198,7 +198,8 @@ class VideoClips(Dataset):
 
     Args:
         videos: paths (video files or frame folders), or (path, start, end) frame ranges.
-        preprocessing: num_frames, frame_size, resize_to, mean, std (`model.preprocessing`).
+        preprocessing: num_frames, frame_size, resize_to, mean, std and orientation (default
+            "display") (`model.preprocessing`).
         clips: K.
         labels: optional label per video (evaluation).
         batch_augment: prepare clips as the validation of a run with data.batch_augment on
@@ -211,12 +212,15 @@ class VideoClips(Dataset):
                  labels: Optional[Sequence[int]] = None, batch_augment: Optional[bool] = None):
         from .data.batch_transforms import BatchAugment
         from .data.transforms import ClipTransform
+        from .data.video_io import display_wanted
 
         if clips < 1:
             raise ValueError("clips must be >= 1, got %d" % clips)
         self.videos = [v if isinstance(v, (tuple, list)) else (v, 0, None) for v in videos]
         self.labels = list(labels) if labels is not None else None
         self.num_frames = int(preprocessing["num_frames"])
+        self.orientation = preprocessing.get("orientation", "display")
+        display_wanted(self.orientation)  # a ValueError for another value, before any reading
         self.clips = int(clips)
         self.transform = ClipTransform(size=int(preprocessing["frame_size"]),
                                        resize_to=preprocessing.get("resize_to"), train=False,
@@ -248,14 +252,14 @@ class VideoClips(Dataset):
         if self.augment is not None:  # as VideoFolder.load_canvas, then BatchAugment
             side = canvas_size(self.transform)
             frames = reader(path, start, end, select, short_side=side, square=True,
-                            channels_last=True)                                  # [U, C, C, 3]
+                            channels_last=True, orientation=self.orientation)   # [U, C, C, 3]
             clips = frames[picked["pos"]]                                        # [k, t, C, C, 3]
             t = clips.shape[1]
             clips = torch.stack([pad_clip(c, self.num_frames)[0] for c in clips])  # [k, T, C, C, 3]
             params = draw_params(self.transform, clips.shape[2], clips.shape[3], None)  # [8]
             clips = self.augment(clips, params.expand(clips.shape[0], -1))      # [k, T, 3, S, S]
             return clips, torch.full((clips.shape[0],), t, dtype=torch.int64)
-        frames = reader(path, start, end, select)                                # [U, 3, H, W]
+        frames = reader(path, start, end, select, orientation=self.orientation)  # [U, 3, H, W]
         frames = self.transform(frames)                                          # [U, 3, S, S]
         clips = frames[picked["pos"]]                                            # [k, t, 3, S, S]
         t = clips.shape[1]

@@ -288,3 +288,36 @@ def test_damaged_feature_cache_is_refused_with_a_clear_error(videos, tmp_path):
         Trainer(cfg)
     cfg.data.cache_rebuild = True
     Trainer(cfg)
+
+
+def test_cache_entries_keep_the_orientation_they_were_decoded_in(tmp_path, caplog):
+    """data.orientation = stored against a cache decoded as players show frames: the data set
+    reads such entries from the files, and the update decodes them again, once, saying why."""
+    from test_data_pipeline import write_turned
+    root = tmp_path / "videos"
+    (root / "a").mkdir(parents=True)
+    frames = moving_frames(12, h=48, w=64)
+    write_turned(root / "a" / "portrait.mp4", frames, -90, lossless=False)
+    path = str(tmp_path / "c")
+
+    def dataset(orientation, cache=None):
+        return VideoFolder(str(root), num_frames=6, transform=ClipTransform(size=16, train=False),
+                           seed=4, batch_augment=True, cache=cache, orientation=orientation)
+    shown, stored = dataset("display"), dataset("stored")
+    assert not torch.equal(shown[0][0], stored[0][0])
+    build_cache(path, shown.records, shown.canvas, progress=False)
+    cache = ClipCache(path)
+    assert cache.entry(shown.records[0]) is not None
+    assert cache.entry(shown.records[0], "stored") is None
+    assert torch.equal(dataset("stored", cache)[0][0], stored[0][0])    # from the file
+    with caplog.at_level(logging.WARNING, logger="cnnlstm_ext.data"):
+        assert build_cache(path, stored.records, stored.canvas, progress=False,
+                           orientation="stored")["built"] == 1
+    assert "1 clip(s) turned otherwise than data.orientation = stored" in caplog.text
+    cache = ClipCache(path)
+    assert cache.entry(stored.records[0], "stored") is not None
+    assert torch.equal(dataset("stored", cache)[0][0], stored[0][0])    # from the cache
+    assert build_cache(path, stored.records, stored.canvas, progress=False,
+                       orientation="stored")["built"] == 0
+    with pytest.raises(ValueError, match="orientation must be one of 'display', 'stored'"):
+        dataset("sideways")

@@ -24,6 +24,8 @@ from cnnlstm_ext.train.config import Config, apply_overrides, validate
     (["data.crop_scale=[0,1]"], "data.crop_scale must be [min, max] with 0 < min <= max <= 1, got "
                                 "[0.0, 1.0]"),
     (["data.color_jitter=-1"], "data.color_jitter must be >= 0, got -1.0"),
+    (["data.orientation=upright"], "data.orientation must be display (as players show frames) or "
+                                   "stored (as the files store them), got 'upright'"),
     (["data.noise=-1"], "data.noise must be >= 0, got -1.0"),
     (["train.max_rollbacks=-1"], "train.max_rollbacks must be >= 0, got -1"),
     (["train.checkpoint_every=-1"], "train.checkpoint_every must be >= 0 (0: never), got -1"),

@@ -83,7 +83,7 @@ def test_sample_indices_without_jitter_ignores_the_generator():
 
 def _index_folder(monkeypatch, tmp_path, available, frames, train):
     """One-clip VideoFolder whose frame i reads as the value i: items show the indices picked."""
-    def read_indices(path, start, end, select):
+    def read_indices(path, start, end, select, orientation):
         idx = torch.tensor(select(available), dtype=torch.float32)
         return idx.view(-1, 1, 1, 1).expand(-1, 3, 1, 1)
 

@@ -282,6 +282,28 @@ def test_frame_images_are_turned_by_their_exif_orientation(tmp_path, orientation
     Image.fromarray(image).save(tmp_path / "f" / "frame_1.png", exif=exif)
     clip = read_frame_folder(str(tmp_path / "f"), channels_last=True)[0].numpy()
     assert np.array_equal(clip, turn(image))
+    stored = read_frame_folder(str(tmp_path / "f"), channels_last=True, orientation="stored")
+    assert np.array_equal(stored[0].numpy(), image)
+
+
+def test_stored_orientation_reads_frames_as_the_file_stores_them(tmp_path):
+    """orientation="stored" leaves the display matrix aside (torchvision's and decord's frames):
+    the turned video's frames are the plain one's, through the scaled and square paths and the
+    seek; another value is a ValueError naming both."""
+    pytest.importorskip("av")
+    frames = moving_frames(40, h=48, w=64)
+    write_turned(tmp_path / "plain.mp4", frames, 0, lossless=False)
+    write_turned(tmp_path / "turned.mp4", frames, -90, lossless=False)
+    select = lambda n: [0, 5, n - 1]  # noqa: E731
+    for kw in (dict(), dict(short_side=24, square=True), dict(start=30, end=40)):
+        plain = read_video_frames(str(tmp_path / "plain.mp4"), select=select, **kw)
+        stored = read_video_frames(str(tmp_path / "turned.mp4"), select=select,
+                                   orientation="stored", **kw)
+        shown = read_video_frames(str(tmp_path / "turned.mp4"), select=select, **kw)
+        assert torch.equal(stored, plain) and not torch.equal(shown, plain), kw
+    with pytest.raises(ValueError, match="orientation must be one of 'display', 'stored', got "
+                                         "'upright'"):
+        read_video_frames(str(tmp_path / "plain.mp4"), orientation="upright")
 
 
 def numbered_frame(i):

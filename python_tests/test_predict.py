@@ -92,6 +92,25 @@ def test_video_clips_read_the_frames_clip_indices_names(run):
         torch.testing.assert_close(item["clips"][k], transform(frames[idx]))
 
 
+def test_video_clips_read_frames_turned_as_the_preprocessing_says(tmp_path):
+    """preprocessing["orientation"] (a run's data.orientation): "stored" reads a portrait video
+    as the file stores it, as a model trained on frames read that way saw it."""
+    from test_data_pipeline import moving_frames, write_turned
+    frames = moving_frames(8, h=48, w=64)
+    write_turned(tmp_path / "plain.mp4", frames, 0, lossless=False)
+    write_turned(tmp_path / "turned.mp4", frames, -90, lossless=False)
+    prep = dict(num_frames=4, frame_size=16, resize_to=None, mean=[0.5] * 3, std=[0.25] * 3)
+    for batch_augment in (True, False):
+        def clips(name, **kw):
+            return VideoClips([str(tmp_path / name)], dict(prep, **kw),
+                              batch_augment=batch_augment)[0]["clips"]
+        assert torch.equal(clips("turned.mp4", orientation="stored"), clips("plain.mp4"))
+        assert torch.equal(clips("turned.mp4"), clips("turned.mp4", orientation="display"))
+        assert not torch.equal(clips("turned.mp4"), clips("plain.mp4"))
+    with pytest.raises(ValueError, match="orientation must be one of"):
+        VideoClips([str(tmp_path / "plain.mp4")], dict(prep, orientation="sideways"))
+
+
 def test_video_clips_pad_a_short_video_and_report_its_length(tmp_path):
     write_clip(tmp_path / "short.mp4", 1, 3, seed=5)
     prep = dict(num_frames=6, frame_size=16, resize_to=None, mean=[0.5] * 3, std=[0.25] * 3)

@@ -71,7 +71,8 @@ def run(args) -> int:
         side = d.cache_short_side or canvas_size(train.transform)
         records = list(train.records) + list(val.records)
         summary = build_cache(d.cache, records, side, rebuild=args.rebuild or d.cache_rebuild,
-                              rank=rank, world_size=world, progress=not args.no_progress)
+                              rank=rank, world_size=world, progress=not args.no_progress,
+                              orientation=d.orientation)
         cache = ClipCache(d.cache)
     except (ValueError, OSError, CacheError, ImportError) as e:
         print("error: %s" % " ".join(str(e).split()), file=sys.stderr)

@@ -7,9 +7,10 @@ Layout of a cache folder::
     .lock                taken (flock) while the index is updated
 
 An entry records its source (path, frame range, size and mtime) so that a changed or added video is
-noticed and only that entry is decoded again; and that its frames are turned as players show them
-(video_io.display_orientation, an image's EXIF orientation): entries without that mark, written
-before the reader turned frames, are decoded again. Frames are stored on the square canvas the
+noticed and only that entry is decoded again; and how its frames are turned (data.orientation,
+video_io.ORIENTATIONS: "display" as players show them, or "stored"): an entry turned otherwise
+than the update asks, or without that mark (written before the reader turned frames), is decoded
+again. Frames are stored on the square canvas the
 batched augmentation reads (`batch_transforms`): the short side scaled to `short_side`, the long
 side cut to its centre.
 
@@ -143,27 +144,30 @@ def _write_clip(file: str, frames: Iterable[np.ndarray]) -> Dict[str, int]:
         raise
 
 
-def _decode_record(record, short_side: int):
+def _decode_record(record, short_side: int, orientation: str):
     """Every frame of a record's range on the square canvas, one `[H, W, 3]` at a time (errors
     told as training tells them: a WLASL clip's in its annotation's terms)."""
     with annotated_errors(record):
         if os.path.isdir(record.path):
             yield from read_frame_folder(record.path, record.start, record.end,
-                                         short_side=short_side, square=True,
-                                         channels_last=True).numpy()
+                                         short_side=short_side, square=True, channels_last=True,
+                                         orientation=orientation).numpy()
             return
         for _, image in iter_video_frames(record.path, record.start, record.end,
-                                          short_side=short_side, square=True):
+                                          short_side=short_side, square=True,
+                                          orientation=orientation):
             yield image
 
 
 def build_cache(path: str, records, short_side: int, rebuild: bool = False, rank: int = 0,
-                world_size: int = 1, progress: bool = True) -> dict:
-    """Brings the cache folder `path` up to date for `records` (ClipRecords) at `short_side`;
-    returns a summary {"entries", "built", "failed", "seconds"}.
+                world_size: int = 1, progress: bool = True,
+                orientation: str = "display") -> dict:
+    """Brings the cache folder `path` up to date for `records` (ClipRecords) at `short_side`,
+    frames turned as `orientation` says (video_io.ORIENTATIONS); returns a summary {"entries",
+    "built", "failed", "seconds"}.
 
-    Only entries that are missing, whose source changed (size or mtime) or that were stored at
-    another short side are decoded (all with `rebuild`). Under torchrun every rank calls this
+    Only entries that are missing, whose source changed (size or mtime), that were stored at
+    another short side or turned otherwise are decoded (all with `rebuild`). Under torchrun every rank calls this
     with its rank and world size: each decodes its share of the stale entries, then adds them to
     the index; call a barrier after it before reading the cache. A clip that cannot be decoded
     gets an entry with its error (training skips it with a warning) and is retried when its file
@@ -184,7 +188,7 @@ def build_cache(path: str, records, short_side: int, rebuild: bool = False, rank
     unique = {}
     for r in records:
         unique.setdefault(entry_key(r.path, r.start, r.end), r)
-    stale, unturned = [], 0
+    stale, unturned, turned = [], 0, 0
     for key, r in unique.items():
         e = entries.get(key)
         try:
@@ -193,13 +197,19 @@ def build_cache(path: str, records, short_side: int, rebuild: bool = False, rank
             stat = None  # a vanished source: decoding it fails, and it gets an error entry
         if e is not None and stat is not None and e.get("size") == stat["size"] \
                 and e.get("mtime_ns") == stat["mtime_ns"] and _entry_file_ok(path, key, e):
-            if _oriented(e):
+            if _oriented(e, orientation):
                 continue
-            unturned += 1
+            if "orientation" in e:
+                turned += 1
+            else:
+                unturned += 1
         stale.append(key)
     if unturned:
         log.warning("%s holds %d clip(s) decoded before the reader turned frames as players "
                     "show them (display rotation); decoding them again", path, unturned)
+    if turned:
+        log.warning("%s holds %d clip(s) turned otherwise than data.orientation = %s; decoding "
+                    "them again", path, turned, orientation)
     # Each rank takes the stale entries among its share of all the keys: a share that does not
     # depend on when a rank read the index (a rank starting after another merged its clips must
     # still take its own share, not a share of what is left).
@@ -222,10 +232,10 @@ def build_cache(path: str, records, short_side: int, rebuild: bool = False, rank
         except OSError:
             stat = {"size": -1, "mtime_ns": -1}
         entry = {"source": os.path.abspath(r.path), "start": r.start, "end": r.end, **stat,
-                 "orientation": "display"}
+                 "orientation": orientation}
         try:
             entry.update(_write_clip(os.path.join(path, "clips", key + ".clip"),
-                                     _decode_record(r, short_side)))
+                                     _decode_record(r, short_side, orientation)))
         except (ClipReadError, FileNotFoundError) as e:
             entry["error"] = " ".join(str(e).split())
             failed += 1
@@ -253,11 +263,10 @@ def _read_index_quiet(path: str) -> Optional[dict]:
         return None
 
 
-def _oriented(entry: dict) -> bool:
-    """Whether an entry's frames are as players show them (a video's display matrix, an image's
-    EXIF orientation): entries written before the reader turned frames lack the mark (their
-    portrait videos lie on their side)."""
-    return entry.get("orientation") == "display" or "error" in entry
+def _oriented(entry: dict, orientation: str) -> bool:
+    """Whether an entry's frames are turned as `orientation` says: entries written before the
+    reader turned frames lack the mark (whatever their files' display matrices said)."""
+    return entry.get("orientation") == orientation or "error" in entry
 
 
 def _entry_file_ok(path: str, key: str, entry: dict) -> bool:
@@ -296,8 +305,10 @@ class ClipCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def entry(self, record) -> Optional[dict]:
-        return self.entries.get(entry_key(record.path, record.start, record.end))
+    def entry(self, record, orientation: str = "display") -> Optional[dict]:
+        """`record`'s entry, None when the cache lacks it or turned its frames otherwise."""
+        entry = self.entries.get(entry_key(record.path, record.start, record.end))
+        return entry if entry is not None and _oriented(entry, orientation) else None
 
     def unreadable(self, records) -> int:
         """How many of `records` (counted once each) have an entry that holds a decoding

@@ -51,7 +51,7 @@ def build_datasets(data_cfg, seed: int = 0, batch_augment: bool = False, cache=N
         train = SyntheticVideos(d.train_samples, split="train", resample_each_epoch=True, **common)
         val = SyntheticVideos(d.val_samples, split="val", **common)
         return train, val, list(train.classes)
-    video = dict(batch_augment=batch_augment, cache=cache)
+    video = dict(batch_augment=batch_augment, cache=cache, orientation=d.orientation)
     if d.dataset == "folder":
         train_dir, val_dir = os.path.join(d.root, d.train_split), os.path.join(d.root, d.val_split)
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
@@ -106,10 +106,11 @@ def build_eval_dataset(data_cfg, source: str, classes=None, seed: int = 0, split
                           else os.path.join(os.path.dirname(os.path.abspath(source)), "videos"))
         return VideoFolder.from_wlasl(source, video_root, split=split or d.val_split,
                                       max_classes=d.max_classes, num_frames=d.num_frames,
-                                      transform=clip_transform(d, False), seed=seed)
+                                      transform=clip_transform(d, False), seed=seed,
+                                      orientation=d.orientation)
     if os.path.isdir(source):
         return VideoFolder(source, d.num_frames, clip_transform(d, False), split=split,
-                           classes=classes, seed=seed)
+                           classes=classes, seed=seed, orientation=d.orientation)
     if not os.path.exists(source):
         raise FileNotFoundError("evaluation data not found: %s (give 'synthetic', a class-per-"
                                 "folder directory or a WLASL JSON file)" % source)

@@ -59,10 +59,10 @@ def fingerprint(model, dataset, data_cfg) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     d = data_cfg
-    # ("display": frames turned as players show them, see video_io.display_orientation; files
-    # written before the reader turned them hold the features of portrait videos on their side.)
+    # (data.orientation; files written before the reader turned frames hold the features of
+    # portrait videos on their side, and a fingerprint without it.)
     h.update(json.dumps([model.config.get("frame_pool"), d.num_frames, d.frame_size, d.resize_to,
-                         list(d.mean), list(d.std), d.batch_augment, "display"]).encode())
+                         list(d.mean), list(d.std), d.batch_augment, d.orientation]).encode())
     for r in dataset.records:
         try:
             st = os.stat(r.path)

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 from .batch_transforms import canvas_size, draw_params
 from .transforms import ClipTransform, pad_clip, sample_generator, sample_indices
-from .video_io import (ClipReadError, find_clips, frame_count, is_image_file,
+from .video_io import (ClipReadError, display_wanted, find_clips, frame_count, is_image_file,
                        list_frame_images, read_frame_folder, read_video_frames, VIDEO_EXTENSIONS)
 
 
@@ -239,12 +239,14 @@ class VideoFolder(Dataset):
         batch_augment: yield uint8 canvases and augmentation parameters (see the module
             docstring); needs a ClipTransform.
         cache: a ClipCache holding the clips (those it lacks are decoded from their files).
+        orientation: how frames are turned, video_io.ORIENTATIONS ("display": as players show
+            them; "stored": as the files store them).
     """
 
     def __init__(self, root: str, num_frames: int = 16, transform: Optional[Callable] = None,
                  split: Optional[str] = None, classes: Optional[Sequence[str]] = None,
                  train: bool = False, seed: int = 0, records: Optional[List[ClipRecord]] = None,
-                 batch_augment: bool = False, cache=None):
+                 batch_augment: bool = False, cache=None, orientation: str = "display"):
         if num_frames < 1:
             raise ValueError("num_frames must be >= 1, got %d" % num_frames)
         if records is None:
@@ -268,6 +270,8 @@ class VideoFolder(Dataset):
             raise ValueError("batch_augment needs a ClipTransform, got %r" % (self.transform,))
         self.batch_augment = batch_augment
         self.cache = cache
+        display_wanted(orientation)  # a ValueError for another value, before any reading
+        self.orientation = orientation
         self.missing: List[str] = []
         self.epoch = 0
 
@@ -308,7 +312,7 @@ class VideoFolder(Dataset):
 
         reader = read_frame_folder if os.path.isdir(rec.path) else read_video_frames
         with annotated_errors(rec):
-            return reader(rec.path, rec.start, rec.end, select)
+            return reader(rec.path, rec.start, rec.end, select, orientation=self.orientation)
 
     @property
     def canvas(self) -> int:
@@ -322,7 +326,7 @@ class VideoFolder(Dataset):
         def select(n):
             return sample_indices(n, self.num_frames, jitter=self.train, generator=generator).tolist()
 
-        if self.cache is not None and self.cache.entry(rec) is not None:
+        if self.cache is not None and self.cache.entry(rec, self.orientation) is not None:
             frames = self.cache.read(rec, select)  # [t, c, c, 3] at the cache's short side
             if frames.shape[1] != side:  # a cache built at another size
                 x = torch.nn.functional.interpolate(
@@ -333,7 +337,7 @@ class VideoFolder(Dataset):
         reader = read_frame_folder if os.path.isdir(rec.path) else read_video_frames
         with annotated_errors(rec):
             return reader(rec.path, rec.start, rec.end, select, short_side=side, square=True,
-                          channels_last=True)
+                          channels_last=True, orientation=self.orientation)
 
     def __getitem__(self, index: int):
         g = sample_generator(self.seed, self.epoch, index)

@@ -297,6 +297,23 @@ def _orient(image: np.ndarray, orientation: Tuple[bool, bool, bool]) -> np.ndarr
     return np.ascontiguousarray(image)
 
 
+# How frames are turned (the `orientation` argument of the readers, data.orientation):
+#   "display": as players and viewers show them (a video's display matrix, an image's EXIF
+#              orientation; ffmpeg's and OpenCV's default);
+#   "stored":  as the file stores them (torchvision.io.read_video's and decord's frames): for a
+#              model trained on frames read that way, whose portrait videos lay on their side.
+ORIENTATIONS = ("display", "stored")
+
+
+def display_wanted(orientation: str) -> bool:
+    """Whether `orientation` (one of ORIENTATIONS, else ValueError) asks for frames as players
+    show them."""
+    if orientation not in ORIENTATIONS:
+        raise ValueError("orientation must be one of %s, got %r"
+                         % (", ".join(map(repr, ORIENTATIONS)), orientation))
+    return orientation == "display"
+
+
 def _to_array(frame, short_side: Optional[int], square: bool) -> np.ndarray:
     """One decoded frame as RGB uint8 `[H, W, 3]` as players show it (display_orientation),
     scaled so that its short side is `short_side` (the mean over each output pixel's area when
@@ -334,7 +351,8 @@ def frame_count(path: str) -> int:
 
 def iter_video_frames(path: str, start: int = 0, end: Optional[int] = None,
                       indices=None, short_side: Optional[int] = None,
-                      square: bool = False) -> Iterator[Tuple[int, np.ndarray]]:
+                      square: bool = False,
+                      orientation: str = "display") -> Iterator[Tuple[int, np.ndarray]]:
     """Yields `(i, image [H, W, 3] uint8)` for the frames `i` of `indices` (0-based within the
     range `start <= i < end`, increasing; None: every frame of the range; a callable: called
     with the number n of frames in the range, returns the indices).
@@ -348,8 +366,9 @@ def iter_video_frames(path: str, start: int = 0, end: Optional[int] = None,
     a few at a time (PENDING_BYTES). Memory is bounded by those few frames whatever the video's
     length. A frame the container promised but the file lacks (a truncated or damaged tail)
     repeats the last frame decoded before it, with a warning; a video without any of the range's
-    frames raises ClipReadError.
+    frames raises ClipReadError. `orientation`: see ORIENTATIONS.
     """
+    display = display_wanted(orientation)
     container = _open_video(path)
     with container:
         stream = video_stream(container)
@@ -370,11 +389,11 @@ def iter_video_frames(path: str, start: int = 0, end: Optional[int] = None,
                              % (stop - start, wanted[:8]))
         wanted = [start + i for i in wanted]
         retry = yield from _decode_wanted(container, stream, timing, path, wanted, start,
-                                          short_side, square, back=0)
+                                          short_side, square, 0, display)
     while retry is not None:  # a seek landed past the first wanted frame: from further back
         with _open_video(path) as container:
             retry = yield from _decode_wanted(container, video_stream(container), timing, path,
-                                              wanted, start, short_side, square, back=retry)
+                                              wanted, start, short_side, square, retry, display)
 
 
 @functools.lru_cache(maxsize=None)
@@ -394,8 +413,8 @@ class _Pending:
     """Decoded frames of `path` waiting for their conversion: [frame, [positions in the clip]] in
     order."""
 
-    def __init__(self, path: str):
-        self.path, self.entries, self.bytes = path, [], 0
+    def __init__(self, path: str, display: bool = True):
+        self.path, self.display, self.entries, self.bytes = path, display, [], 0
 
     def add(self, position: int, frame) -> None:
         if self.entries and self.entries[-1][0] is frame:  # a frame that repeats
@@ -411,7 +430,7 @@ class _Pending:
         entries, self.entries, self.bytes = self.entries, [], 0
         for frame, positions in entries:
             try:
-                image = _to_array(frame, short_side, square)
+                image = (_to_array if self.display else _converted)(frame, short_side, square)
             except _av_errors() as e:
                 raise ClipReadError("could not convert a %dx%d %s frame of %s to RGB: %s"
                                     % (frame.width, frame.height, frame.format.name, self.path,
@@ -421,7 +440,7 @@ class _Pending:
 
 
 def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, short_side, square,
-                   back):
+                   back, display=True):
     """See iter_video_frames; `wanted`: absolute frame numbers, increasing. Seeks to `back`
     frames before the first wanted one (none below SEEK_MIN_FRAMES). Returns None when done, or
     the next `back` to try when the seek landed past the first wanted frame (nothing yielded)."""
@@ -432,7 +451,7 @@ def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, shor
         target = timing.first + int((wanted[0] - back) / timing.per_tick)
         container.seek(target, stream=stream, backward=True, any_frame=False)
     k, last, count, damaged, counting = 0, None, -1, None, False
-    pending = _Pending(path)
+    pending = _Pending(path, display)
     skips = [False]  # whether a packet was let go undecoded (then frames cannot be counted)
     try:
         for frame in _decode_skipping(container, stream, set(wanted), timing if by_pts else None,
@@ -467,7 +486,7 @@ def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, shor
     if counting:
         with _open_video(path) as again:
             yield from _decode_wanted(again, video_stream(again), _Timing(timing.count, 0, None),
-                                      path, wanted[k:], start, short_side, square, back=0)
+                                      path, wanted[k:], start, short_side, square, 0, display)
         return None
     if last is None:
         if seeked:  # nothing decodable from where the seek landed
@@ -520,14 +539,16 @@ def _decode_skipping(container, stream, wanted, timing: Optional[_Timing], skips
 
 def read_video_frames(path: str, start: int = 0, end: Optional[int] = None,
                       select=None, short_side: Optional[int] = None,
-                      square: bool = False, channels_last: bool = False) -> torch.Tensor:
+                      square: bool = False, channels_last: bool = False,
+                      orientation: str = "display") -> torch.Tensor:
     """Frames `start <= i < end` (0-based, end=None: to the last frame) of a video file.
 
     `select(n) -> indices` picks which of the n frames of that range to return (increasing);
     only those are converted to RGB, and decoding starts at the keyframe before the first of
     them. `short_side`: frames are scaled (see _to_array) so that min(H, W) == short_side;
     `square`: then cut to their central square. Frames are turned as players show them
-    (display_orientation; H and W are the display's). Returns uint8 `[t, 3, H, W]`, or
+    (display_orientation; H and W are the display's), or not with `orientation="stored"` (see
+    ORIENTATIONS). Returns uint8 `[t, 3, H, W]`, or
     `[t, H, W, 3]` with `channels_last` (the decoder's layout: no copy; torchvision.io.read_video's
     "THWC"). A file that cannot be read raises ClipReadError (FileNotFoundError when it does not
     exist).
@@ -540,7 +561,8 @@ def read_video_frames(path: str, start: int = 0, end: Optional[int] = None,
         return [picks[j] for j in order]
 
     frames = [image for _, image in iter_video_frames(
-        path, start, end, None if select is None else sorted_select, short_side, square)]
+        path, start, end, None if select is None else sorted_select, short_side, square,
+        orientation)]
     if order != sorted(order):  # back to the order select gave
         unsorted = [None] * len(order)
         for pos, j in enumerate(order):
@@ -555,11 +577,14 @@ _EXIF_ORIENTATION = 0x0112
 
 def read_frame_folder(folder: str, start: int = 0, end: Optional[int] = None,
                       select=None, short_side: Optional[int] = None,
-                      square: bool = False, channels_last: bool = False) -> torch.Tensor:
+                      square: bool = False, channels_last: bool = False,
+                      orientation: str = "display") -> torch.Tensor:
     """Reads the images of a frame folder (natural order); same contract as read_video_frames
     (scaled with Pillow's antialiased bilinear resize; turned by an image's EXIF orientation, as
-    a video by its display matrix)."""
+    a video by its display matrix, unless `orientation="stored"`)."""
     from PIL import Image, ImageOps
+
+    display = display_wanted(orientation)
 
     files = list_frame_images(folder)[start:end]
     if not files:
@@ -574,7 +599,7 @@ def read_frame_folder(folder: str, start: int = 0, end: Optional[int] = None,
     for i in indices:
         try:
             with Image.open(files[i]) as im:
-                if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # as viewers show it
+                if display and im.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # as viewers show it
                     im = ImageOps.exif_transpose(im)
                 if im.mode.startswith("I"):  # 16-bit grey: its high byte (convert clips at 255)
                     grey = np.asarray(im).astype(np.uint32)

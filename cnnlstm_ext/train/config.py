@@ -67,6 +67,9 @@ class DataConfig:
     hflip: bool = False  # off by default: handedness matters in sign language
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)  # video files (the synthetic set
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)  # normalises itself)
+    # "display": frames as players show them (display matrix, EXIF); "stored": as files store
+    # them, for a model trained on frames read that way (torchvision.io.read_video, decord)
+    orientation: str = "display"
     # synthetic data set
     num_classes: int = 6
     train_samples: int = 1536
@@ -408,6 +411,9 @@ def validate(cfg: Config) -> Config:
     if not 0 < lo <= hi <= 1:
         raise ValueError("data.crop_scale must be [min, max] with 0 < min <= max <= 1, got %r"
                          % (list(d.crop_scale),))
+    if d.orientation not in ("display", "stored"):
+        raise ValueError("data.orientation must be display (as players show frames) or stored (as "
+                         "the files store them), got %r" % (d.orientation,))
     if d.color_jitter < 0:
         raise ValueError("data.color_jitter must be >= 0, got %r" % d.color_jitter)
     if d.noise < 0:

@@ -403,7 +403,8 @@ class Trainer:
         records = [r for ds in videos for r in ds.records]
         summary = build_cache(d.cache, records, side, rebuild=d.cache_rebuild, rank=self.ctx.rank,
                               world_size=self.ctx.world_size,
-                              progress=self.cfg.train.progress and self.ctx.is_main)
+                              progress=self.cfg.train.progress and self.ctx.is_main,
+                              orientation=d.orientation)
         self.ctx.barrier()  # every rank's share is in before anyone reads
         cache = ClipCache(d.cache)
         if self.ctx.is_main:
