@@ -255,18 +255,19 @@ def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool 
         raise TypeError("frame_pool: out_dtype must be one of %s, got %s" % (_POOL_DTYPES, out_dtype))
     traced_size = (torch.jit.is_tracing() and isinstance(batch_size, Tensor)
                    and batch_size.dim() == 0 and not batch_size.dtype.is_floating_point)
-    if traced_size or isinstance(batch_size, torch.SymInt):
-        # A symbolic batch size: a SymInt of torch.export / dynamic torch.compile, or the 0-dim
-        # tensor a torch.jit.trace hands for a size read off a tensor. The op's schema takes a
+    if traced_size or isinstance(batch_size, torch.SymInt) or torch.compiler.is_exporting():
+        # A symbolic batch size: a SymInt of torch.export / dynamic torch.compile (strict export
+        # hands it as what isinstance does not tell from an int), or the 0-dim tensor a
+        # torch.jit.trace hands for a size read off a tensor. The op's schema takes a
         # plain int, which would bake this one batch size into the graph (export: "specialized
         # it to be a constant"; trace: silently wrong at other sizes), so these run the
         # reference's aten ops, which keep the size symbolic (same values).
         if not traced_size:  # (one check each: symbolic ones become checks of the graph)
-            torch._check(x.dim() == 4, lambda: f"frame_pool: x must be [B*T, C, h, w], got "
-                                               f"{list(x.shape)}")
-            torch._check(batch_size >= 1, lambda: f"frame_pool: batch_size must be >= 1, got "
-                                                  f"{batch_size}")
-            torch._check(x.shape[0] % batch_size == 0, lambda: (
+            _check(x.dim() == 4, lambda: f"frame_pool: x must be [B*T, C, h, w], got "
+                                         f"{list(x.shape)}")
+            _check(batch_size >= 1, lambda: f"frame_pool: batch_size must be >= 1, got "
+                                            f"{batch_size}")
+            _check(x.shape[0] % batch_size == 0, lambda: (
                 f"frame_pool: x must be [B*T, C, h, w] with B = batch_size = {batch_size} "
                 f"dividing its first dimension, got {list(x.shape)}"))
         return reference.frame_pool(x, batch_size, mode, batch_first, out_dtype)
@@ -278,6 +279,12 @@ def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool 
         return reference.frame_pool(x, int(batch_size), mode, batch_first, out_dtype)
     out, _ = torch.ops.cnnlstm_ext.frame_pool_forward(x, int(batch_size), mode, batch_first, out_dtype)
     return out
+
+
+def _check(cond, message) -> None:
+    """torch._check(cond, message), without the message under torch.compile and strict
+    torch.export: Dynamo cannot trace a message's lambda."""
+    torch._check(cond, None if torch.compiler.is_compiling() else message)
 
 
 def _int_argument(op: str, name: str, value):

@@ -145,12 +145,13 @@ def test_export_with_dynamic_batch_and_steps(lstm, strict):
         assert_lstm_outputs(exported(x), lstm(x))
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("lstm", lstms(), ids=["FusedLSTM", "FusedBiLSTM"])
-def test_export_with_lengths(lstm):
+def test_export_with_lengths(lstm, strict):
     model = WithLengths(lstm)
     B, dims = lstm_dims(lstm)
     program = torch.export.export(model, (padded(lstm, 2, 6), torch.tensor([6, 3])),
-                                  dynamic_shapes=(dims, {0: B}))
+                                  dynamic_shapes=(dims, {0: B}), strict=strict)
     exported = program.module()
     for B, T, lengths in ((3, 8, [8, 1, 5]), (4, 5, [2, 5, 3, 4]), (2, 7, [7, 7])):
         x, lengths = padded(lstm, B, T, seed=B + T), torch.tensor(lengths)
@@ -219,12 +220,13 @@ def test_cnnlstm_export_with_dynamic_batch_and_frames(pooling):
         assert_same(exported(x), model(x))
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("pooling", ["mean", "last"])
-def test_cnnlstm_export_with_lengths(pooling):
+def test_cnnlstm_export_with_lengths(pooling, strict):
     model = cnnlstm(pooling)
     B, dims = cnnlstm_dims()
     exported = torch.export.export(model, (clips(2, 5), torch.tensor([5, 3])),
-                                   dynamic_shapes=(dims, {0: B})).module()
+                                   dynamic_shapes=(dims, {0: B}), strict=strict).module()
     for B, T, lengths in RUNS:
         x, lengths = clips(B, T, seed=B + T), torch.tensor(lengths)
         assert_same(exported(x, lengths), model(x, lengths))

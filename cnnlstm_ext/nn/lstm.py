@@ -445,12 +445,12 @@ class FusedLSTM(nn.Module):
                                f"{lengths.device}")
         if torch.compiler.is_exporting():
             # The values are unknown while torch.export traces: the bounds become checks that
-            # the exported program runs on each call (no Python branch on them here).
+            # the exported program runs on each call (no Python branch on them here), naming
+            # their expressions (a message's lambda, which strict export cannot trace, would not
+            # reach the program).
             lo, hi = (v.item() for v in torch.aminmax(lengths))
-            torch._check(lo >= 1, lambda: "lengths must be in [1, T] (the padded length); got a "
-                                          "length below 1")
-            torch._check(hi <= steps, lambda: "lengths must be in [1, T] (the padded length); got "
-                                              "a length above T")
+            torch._check(lo >= 1)
+            torch._check(hi <= steps)
         elif not compiling and not capturing and not torch.jit.is_tracing() and batch > 0:
             # Free for lengths on the CPU; lengths on a GPU are read back (one synchronisation),
             # except while a CUDA graph is captured, which forbids it: their values are then
@@ -460,6 +460,8 @@ class FusedLSTM(nn.Module):
             if lo < 1 or hi > steps:
                 raise ValueError(f"lengths must be in [1, {steps}] (the padded length); got "
                                  f"values in [{lo}, {hi}]")
+        if compiling:  # (torch.compile and strict torch.export cannot trace is_pinned)
+            return lengths.to(device=device, dtype=torch.long)
         # A copy from the CPU that does not wait for the device. From pageable memory the host
         # values are read before it returns; pinned lengths (a DataLoader's) are copied first, so
         # that a later write to them cannot reach the transfer.
