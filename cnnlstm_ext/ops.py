@@ -124,6 +124,9 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     if _projected(weights, h0):
         # Layers with projections run step by step in ATen ops on every device (csrc/lstm/
         # lstm_steps.cpp): a composite op, so autograd, vmap and fake tensors need nothing here.
+        # torch.export would unroll its step loop for the example's T: there it is one node.
+        if torch.compiler.is_exporting():
+            return torch.ops.cnnlstm_ext.lstm_layer_projected_export(x, weights, h0, c0, lengths)
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or transform_active()):
             _reference_lengths("lstm_layer", lengths, x.shape[1], x.shape[0])
         return torch.ops.cnnlstm_ext.lstm_layer_projected(x, weights, h0, c0, lengths)
@@ -153,6 +156,47 @@ def _projected(weights: Sequence[Tensor], h0: Tensor) -> bool:
     """Whether the layer has projections: 3 or 5 weights per direction (with w_hr [P, H])."""
     D = h0.shape[0] if h0.dim() == 3 else 0
     return D > 0 and len(weights) % D == 0 and len(weights) // D in (3, 5)
+
+
+@_register_fake("cnnlstm_ext::lstm_layer_projected_export")
+def _lstm_layer_projected_export_fake(x, weights, h0, c0, lengths):
+    # x: [T, B, I], h0: [D, B, P], c0: [D, B, H] -> y [T, B, D*P], h_n [D, B, P], c_n [D, B, H]
+    D, P, H = h0.shape[0], h0.shape[2], c0.shape[2]
+    return (x.new_empty(x.shape[0], x.shape[1], D * P), x.new_empty(D, x.shape[1], P),
+            x.new_empty(D, x.shape[1], H))
+
+
+def _projected_export_setup(ctx, inputs, output) -> None:
+    x, weights, h0, c0, lengths = inputs
+    ctx.save_for_backward(x, h0, c0, lengths, *weights)
+
+
+def _projected_export_backward(ctx, grad_y, grad_h_n, grad_c_n):
+    """The gradients of lstm_layer_projected_export: lstm_layer_projected's, recomputed (an
+    exported program's training is rare; its forward keeps nothing but the inputs). Under
+    create_graph the recomputation runs on the inputs themselves, so the gradients are
+    differentiable as the composite op's are."""
+    x, h0, c0, lengths, *weights = ctx.saved_tensors
+    create_graph = torch.is_grad_enabled()
+    inputs = [x, h0, c0, *weights]
+    if not create_graph:
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+    with torch.enable_grad():
+        outputs = torch.ops.cnnlstm_ext.lstm_layer_projected(
+            inputs[0], inputs[3:], inputs[1], inputs[2], lengths)
+        pairs = [(o, g) for o, g in zip(outputs, (grad_y, grad_h_n, grad_c_n)) if g is not None]
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                         allow_unused=True, create_graph=create_graph)
+                     if wanted and pairs else [None] * len(wanted))
+    gx, gh0, gc0, *gw = [next(grads) if t.requires_grad else None for t in inputs]
+    return gx, gw, gh0, gc0, None
+
+
+if _C_ERROR is None:
+    torch.library.register_autograd("cnnlstm_ext::lstm_layer_projected_export",
+                                    _projected_export_backward,
+                                    setup_context=_projected_export_setup)
 
 
 _WEIGHT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh")

@@ -48,6 +48,11 @@ TORCH_LIBRARY(cnnlstm_ext, m) {
   // ATen ops on every device (csrc/lstm/lstm_steps.cpp), differentiable through them.
   m.def("lstm_layer_projected(Tensor x, Tensor[] weights, Tensor h0, Tensor c0, Tensor? lengths) "
         "-> (Tensor, Tensor, Tensor)");
+  // lstm_layer_projected as one node of a torch.export program, where the composite op's step
+  // loop would fix T: the same kernel on the CPU and CUDA, a fake kernel and an autograd that
+  // recomputes through lstm_layer_projected (cnnlstm_ext/ops.py).
+  m.def("lstm_layer_projected_export(Tensor x, Tensor[] weights, Tensor h0, Tensor c0, "
+        "Tensor? lengths) -> (Tensor, Tensor, Tensor)");
   // POOLING SCHEMAS (frame_pool_*, temporal_pool_*) go below this line.
   // Per-frame CNN feature maps -> frame features in the layout the LSTM consumes, in one pass.
   //   x: [N, C, h, w] with N = B*T frames in (b, t) order (frame n = b*T + t), contiguous or

@@ -208,9 +208,10 @@ def test_opcheck(rng):
     weights = [rand(*s, rng=rng, dtype=torch.float32).requires_grad_() for _ in range(2) for s in per]
     h0 = rand(2, B, P, rng=rng, dtype=torch.float32)
     c0 = rand(2, B, H, rng=rng, dtype=torch.float32)
-    for lengths in (None, torch.tensor(LENGTHS)):
-        torch.library.opcheck(torch.ops.cnnlstm_ext.lstm_layer_projected.default,
-                              (x, weights, h0, c0, lengths))
+    for op in (torch.ops.cnnlstm_ext.lstm_layer_projected.default,
+               torch.ops.cnnlstm_ext.lstm_layer_projected_export.default):
+        for lengths in (None, torch.tensor(LENGTHS)):
+            torch.library.opcheck(op, (x, weights, h0, c0, lengths))
 
 
 def test_op_refuses_inconsistent_shapes_with_a_clear_error(rng):
@@ -239,14 +240,57 @@ def test_batched_gradients_and_vectorized_jacobian_match_nn_lstm(rng):
     torch.testing.assert_close(j_f, j_r)
 
 
-def test_torch_export_with_a_dynamic_batch(rng):
+class WithLengths(nn.Module):
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x, lengths):
+        return self.lstm(x, lengths=lengths)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_torch_export_with_a_dynamic_batch_and_steps(rng, strict):
+    """Each layer is one lstm_layer_projected_export node (the composite op's step loop would fix
+    T): the program holds at other batch sizes, steps and lengths."""
     from torch.export import Dim, export
     _, fused = pair(torch.float32, num_layers=2, bidirectional=True)
     fused.eval()
+    steps, batch = Dim("steps", min=1, max=64), Dim("batch", min=1, max=64)
     x = rand(T, 2, I, rng=rng, dtype=torch.float32)
-    program = export(fused, (x,), dynamic_shapes=({1: Dim("batch", min=1, max=64)},))
-    x5 = rand(T, 5, I, rng=rng, dtype=torch.float32)
-    torch.testing.assert_close(program.module()(x5), fused(x5))
+    program = export(fused, (x,), dynamic_shapes=({0: steps, 1: batch},), strict=strict)
+    nodes = [n for n in program.graph.nodes
+             if n.target is torch.ops.cnnlstm_ext.lstm_layer_projected_export.default]
+    assert len(nodes) == 2
+    with_lengths = export(WithLengths(fused), (x, torch.tensor([T, 3])), strict=strict,
+                          dynamic_shapes=({0: steps, 1: batch}, {0: batch}))
+    for t, b in [(3, 5), (T + 4, 1), (T, 2)]:
+        x = rand(t, b, I, rng=rng, dtype=torch.float32)
+        torch.testing.assert_close(program.module()(x), fused(x))
+        lengths = torch.tensor([t, 1, 2, t - 1, 1][:b]).clamp(1, t)
+        torch.testing.assert_close(with_lengths.module()(x, lengths), fused(x, lengths=lengths))
+
+
+def test_gradients_through_an_exported_program_match_the_module(rng):
+    """The export op's autograd (recomputed through lstm_layer_projected): first-order gradients
+    of the input and weights, and under create_graph gradients that are differentiable again."""
+    from torch.export import Dim, export
+    _, fused = pair(torch.float64, num_layers=1, bidirectional=True)
+    program = export(fused, (rand(T, 2, I, rng=rng),),
+                     dynamic_shapes=({0: Dim("steps", min=1, max=64),
+                                      1: Dim("batch", min=1, max=64)},)).module()
+    assert sorted(n for n, _ in program.named_parameters()) == sorted(
+        n for n, _ in fused.named_parameters())
+    x = rand(T + 2, 3, I, rng=rng).requires_grad_()
+    g = rand(T + 2, 3, 2 * P, rng=rng)
+    results = []
+    for module in (program, fused):
+        weights = dict(module.named_parameters())
+        wanted = (x, weights["weight_hr_l0"], weights["weight_ih_l0_reverse"])
+        first = torch.autograd.grad(module(x)[0], wanted, g, create_graph=True)
+        second = torch.autograd.grad(sum((f * f).sum() for f in first), wanted)
+        results.append(first + second)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")

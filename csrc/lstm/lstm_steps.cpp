@@ -6,6 +6,7 @@
 //    CompositeImplicitAutograd kernel, so autograd (double backward included), vmap, the fake
 //    tensors of torch.compile/export and every dtype come from the ATen ops it is made of. The
 //    fused kernels (CPU and CUDA, persistent and per-step) take layers without projections only.
+//    Under torch.export the layer is lstm_layer_projected_export, the same kernel as one node.
 //  - the autograd of lstm_layer_forward (lstm_autograd.cpp), for what the fused backward cannot
 //    serve: gradients that are themselves differentiable (create_graph=True) and batched
 //    gradients (is_grads_batched=True, vmap over the backward).
@@ -115,6 +116,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_projected(
 
 TORCH_LIBRARY_IMPL(cnnlstm_ext, CompositeImplicitAutograd, m) {
   m.impl("lstm_layer_projected", &lstm_layer_projected);
+}
+
+// The export op runs the same ATen ops below autograd (its autograd and fake kernel: ops.py).
+TORCH_LIBRARY_IMPL(cnnlstm_ext, CPU, m) {
+  m.impl("lstm_layer_projected_export", &lstm_layer_projected);
+}
+
+TORCH_LIBRARY_IMPL(cnnlstm_ext, CUDA, m) {
+  m.impl("lstm_layer_projected_export", &lstm_layer_projected);
 }
 
 }  // namespace cnnlstm_ext::lstm
