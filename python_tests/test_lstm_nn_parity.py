@@ -304,7 +304,7 @@ def _packed():
 
 
 @pytest.mark.parametrize("case", [
-    "tensor", "tuple of 1", "tuple of 3", "ints", "packed tensor", "packed tuple of 1",
+    "tensor", "tuple of 1", "tuple of 3", "ints", "dict", "packed tensor", "packed tuple of 1",
     "packed None", "packed 2-D", "packed float64 input"])
 def test_forward_error_is_an_instance_of_what_nn_lstm_raises(case):
     """Malformed hx or input dtype, padded and packed: nn.LSTM raises a RuntimeError for some and,
@@ -316,6 +316,7 @@ def test_forward_error_is_an_instance_of_what_nn_lstm_raises(case):
     h = torch.randn(1, 2, H)
     x = _packed() if case.startswith("packed") else torch.randn(SEQ, 2, I)
     hx = {"tensor": h, "tuple of 1": (h,), "tuple of 3": (h, h, h), "ints": (1, 2),
+          "dict": {"h": h, "c": h},
           "packed tensor": h, "packed tuple of 1": (h,), "packed None": (None, None),
           "packed 2-D": (h[0], h[0]), "packed float64 input": None}[case]
     if case == "packed float64 input":

@@ -34,12 +34,14 @@ SCRIPT_UNSUPPORTED = (
     "sizes and sequence lengths; or cnnlstm_ext.unfuse_lstm(model) to script with torch.nn.LSTM.")
 
 
-class HiddenStateError(RuntimeError, TypeError, IndexError):
+class HiddenStateError(RuntimeError, TypeError, IndexError, KeyError):
     """An hx that is not two tensors of the input's dimensions. nn.LSTM raises a RuntimeError for
-    some of these and a TypeError or IndexError (from inside its code) for others; this is all
-    three, so that code catching what nn.LSTM raised catches it. (nn.LSTM's AttributeError for a
-    None in hx is left out: an AttributeError escaping forward would read as a missing
-    attribute to hasattr and getattr.)"""
+    some of these and a TypeError, IndexError or (a dict) KeyError from inside its code for
+    others; this is all four, so that code catching what nn.LSTM raised catches it. (nn.LSTM's
+    AttributeError for a None in hx is left out: an AttributeError escaping forward would read
+    as a missing attribute to hasattr and getattr.)"""
+
+    __str__ = RuntimeError.__str__  # the message as it is (KeyError's would be quoted)
 
 
 class InputDtypeError(ValueError, RuntimeError):
