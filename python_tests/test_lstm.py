@@ -696,7 +696,7 @@ class BiLSTMClassifier(nn.Module):
     def __init__(self, lstm: nn.Module, classes: int = 3):
         super().__init__()
         self.lstm = lstm
-        self.head = nn.Linear(2 * lstm.hidden_size, classes)
+        self.head = nn.Linear(2 * (lstm.proj_size or lstm.hidden_size), classes)
 
     def forward(self, x):
         y, _ = self.lstm(x)
@@ -755,13 +755,14 @@ def adamw_steps(model, opt, batches):
     return losses
 
 
+@pytest.mark.parametrize("proj_size", [0, 3])
 @pytest.mark.parametrize("direction", ["nn_to_fused", "fused_to_nn"])
-def test_adamw_training_continues_after_moving_state(direction, rng):
+def test_adamw_training_continues_after_moving_state(direction, proj_size, rng):
     # Train 3 steps with one implementation, move model and optimizer state into the other, then
-    # 3 more steps on both: the two trajectories must stay together.
+    # 3 more steps on both: the two trajectories must stay together (weight_hr_l{k} included).
     src_cls, dst_cls = (nn.LSTM, FusedLSTM) if direction == "nn_to_fused" else (FusedLSTM, nn.LSTM)
     make = lambda cls: BiLSTMClassifier(  # noqa: E731
-        cls(I, H, num_layers=2, bidirectional=True, batch_first=True))
+        cls(I, H, num_layers=2, bidirectional=True, batch_first=True, proj_size=proj_size))
     batches = [(randn(B, T, I, rng=rng).float(), torch.randint(0, 3, (B,), generator=rng))
                for _ in range(6)]
     src = make(src_cls)
