@@ -240,20 +240,12 @@ def test_batched_gradients_and_vectorized_jacobian_match_nn_lstm(rng):
     torch.testing.assert_close(j_f, j_r)
 
 
-class WithLengths(nn.Module):
-    def __init__(self, lstm):
-        super().__init__()
-        self.lstm = lstm
-
-    def forward(self, x, lengths):
-        return self.lstm(x, lengths=lengths)
-
-
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 def test_torch_export_with_a_dynamic_batch_and_steps(rng, strict):
     """Each layer is one lstm_layer_projected_export node (the composite op's step loop would fix
     T): the program holds at other batch sizes, steps and lengths."""
     from torch.export import Dim, export
+    from test_lstm_export import WithLengths
     _, fused = pair(torch.float32, num_layers=2, bidirectional=True)
     fused.eval()
     steps, batch = Dim("steps", min=1, max=64), Dim("batch", min=1, max=64)
