@@ -124,8 +124,9 @@ def lstm_layer(x: Tensor, weights: Sequence[Tensor], h0: Tensor, c0: Tensor,
     if _projected(weights, h0):
         # Layers with projections run step by step in ATen ops on every device (csrc/lstm/
         # lstm_steps.cpp): a composite op, so autograd, vmap and fake tensors need nothing here.
-        # torch.export would unroll its step loop for the example's T: there it is one node.
-        if torch.compiler.is_exporting():
+        # torch.export would unroll its step loop for the example's T: there it is one node
+        # (not for ONNX, which has no lowering of it; the unrolled loop lowers to standard ops).
+        if torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export():
             return torch.ops.cnnlstm_ext.lstm_layer_projected_export(x, weights, h0, c0, lengths)
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or transform_active()):
             _reference_lengths("lstm_layer", lengths, x.shape[1], x.shape[0])

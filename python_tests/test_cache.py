@@ -321,3 +321,6 @@ def test_cache_entries_keep_the_orientation_they_were_decoded_in(tmp_path, caplo
                        orientation="stored")["built"] == 0
     with pytest.raises(ValueError, match="orientation must be one of 'display', 'stored'"):
         dataset("sideways")
+    with pytest.raises(ValueError, match="orientation must be one of 'display', 'stored'"):
+        build_cache(str(tmp_path / "other"), stored.records, 18, orientation="sideways")
+    assert not os.path.exists(tmp_path / "other")

@@ -685,19 +685,24 @@ def test_decode_lets_go_only_where_the_decoder_reads_skip_frame_per_packet(monke
     assert torch.equal(clip, read_video_frames(path)[sample_indices(48, 6).tolist()])
 
 
-def test_a_frame_that_cannot_be_converted_is_a_clip_read_error(monkeypatch, long_video):
+@pytest.mark.parametrize("orientation, converter", [("display", "_to_array"),
+                                                     ("stored", "_converted")])
+def test_a_frame_that_cannot_be_converted_is_a_clip_read_error(monkeypatch, long_video,
+                                                                orientation, converter):
     """An FFmpeg error while converting the held frames names the file; it is not taken for a
     damaged tail, which would drop the frames converted with it and return a shorter clip."""
     import av
     path, _ = long_video
-    real, calls = video_io._to_array, []
+    real, calls = getattr(video_io, converter), []
 
     def failing(frame, short_side, square):
         calls.append(frame.pts)
         if len(calls) == 3:
             raise av.error.FFmpegError(22, "swscale refused")
         return real(frame, short_side, square)
-    monkeypatch.setattr(video_io, "_to_array", failing)
+    monkeypatch.setattr(video_io, converter, failing)
     with pytest.raises(ClipReadError, match=r"could not convert a 64x48 yuv420p frame of .*\.mp4"
                        r" to RGB: .*swscale refused"):
-        read_video_frames(path, 0, 72, select=lambda n: sample_indices(n, 8).tolist())
+        read_video_frames(path, 0, 72, select=lambda n: sample_indices(n, 8).tolist(),
+                          orientation=orientation)
+    assert len(calls) == 3

@@ -236,6 +236,26 @@ def test_onnx_lowering_of_other_poolings_and_layouts(tmp_path, spec):
         assert ops & {"ReduceMax", "GlobalMaxPool", "MaxPool"}, sorted(ops)
 
 
+def test_onnx_of_a_fused_lstm_with_projections_runs_in_onnxruntime(tmp_path):
+    """ONNX takes a projected layer's steps in standard operators (its export op, which keeps T
+    dynamic in a torch.export program, has no ONNX lowering), at the traced sequence length."""
+    from cnnlstm_ext import FusedLSTM
+
+    torch.manual_seed(4)
+    lstm = FusedLSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3).eval()
+    x = torch.randn(7, 2, 5)
+    torch.onnx.export(lstm, (x,), str(tmp_path / "p.onnx"), dynamo=True,
+                      input_names=["x"], output_names=["y", "h_n", "c_n"])
+    domains = {n.domain for n in onnx.load(str(tmp_path / "p.onnx")).graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+    session = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(7, 2, 5)
+    got = session.run(None, {"x": x.numpy()})
+    y, (h_n, c_n) = lstm(x)
+    for g, want in zip(got, (y, h_n, c_n)):
+        torch.testing.assert_close(torch.from_numpy(g), want, rtol=1e-4, atol=1e-5)
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 def error_line(capsys):

@@ -64,7 +64,8 @@ def test_load_model_of_our_checkpoint_is_the_trained_model(ours):
     assert model.classes == torch.load(path, weights_only=True)["trainer_state"]["classes"]
     assert len(model.classes) == 3
     assert model.preprocessing == {"num_frames": 4, "frame_size": 16, "resize_to": None,
-                                   "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.4], "orientation": "display"}
+                                   "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.4],
+                                   "orientation": "display"}
     assert next(model.parameters()).device.type == "cpu"
     x = _clips()
     with torch.no_grad():

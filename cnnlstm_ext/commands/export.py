@@ -12,7 +12,7 @@ training) -> logits [B, num_classes], B and T dynamic; with --lengths the model 
 lengths [B] (int64, each in [1, T]). The ONNX file uses standard operators only (onnxruntime
 runs it without this package); the .pt2 program (torch.export) keeps this package's fused ops,
 so `import cnnlstm_ext` before `torch.export.load`. Both carry the class names and the
-preprocessing (frames, frame size, resize, mean, std) as metadata.
+preprocessing (frames, frame size, resize, mean, std, orientation) as metadata.
 
 Exit status: 0 written; 2 bad options, or an input file that cannot be read or is not a model's
 checkpoint (as for predict, evaluate and train); 1 an output that cannot be written or an export

@@ -37,7 +37,7 @@ import torch
 
 from ..checkpoint.format import atomic_write
 from .video_folder import annotated_errors
-from .video_io import ClipReadError, iter_video_frames, read_frame_folder
+from .video_io import ClipReadError, display_wanted, iter_video_frames, read_frame_folder
 
 log = logging.getLogger("cnnlstm_ext.data")
 
@@ -167,12 +167,13 @@ def build_cache(path: str, records, short_side: int, rebuild: bool = False, rank
     "built", "failed", "seconds"}.
 
     Only entries that are missing, whose source changed (size or mtime), that were stored at
-    another short side or turned otherwise are decoded (all with `rebuild`). Under torchrun every rank calls this
-    with its rank and world size: each decodes its share of the stale entries, then adds them to
-    the index; call a barrier after it before reading the cache. A clip that cannot be decoded
-    gets an entry with its error (training skips it with a warning) and is retried when its file
-    changes.
+    another short side or turned otherwise are decoded (all with `rebuild`). Under torchrun
+    every rank calls this with its rank and world size: each decodes its share of the stale
+    entries, then adds them to the index; call a barrier after it before reading the cache. A
+    clip that cannot be decoded gets an entry with its error (training skips it with a warning)
+    and is retried when its file changes.
     """
+    display_wanted(orientation)  # a ValueError for another value, before anything is written
     os.makedirs(os.path.join(path, "clips"), exist_ok=True)
     index = None
     try:

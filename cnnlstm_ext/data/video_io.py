@@ -9,7 +9,8 @@ frames a clip samples are converted to RGB, at the short side the transform need
 ops.yuv_to_rgb, other formats by FFmpeg's swscale), and decoding starts at the keyframe before
 the first of them (a seek), so a clip cut out of a long video costs about as much as a short
 video. Frames come out as players show them: a video's display matrix (a phone records a
-portrait video as landscape frames and a rotation) is applied, as ffmpeg and OpenCV apply it.
+portrait video as landscape frames and a rotation) is applied, as ffmpeg and OpenCV apply it;
+or, with orientation="stored", as the file stores them (ORIENTATIONS).
 """
 import functools
 import logging

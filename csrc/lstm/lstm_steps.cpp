@@ -11,6 +11,8 @@
 //    serve: gradients that are themselves differentiable (create_graph=True) and batched
 //    gradients (is_grads_batched=True, vmap over the backward).
 #include <ATen/ATen.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -112,19 +114,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_projected(
   return step_by_step_layer(x, weights, h0, c0, lengths.value_or(at::Tensor()));
 }
 
+// The export op runs the same ATen ops below autograd on every device (its autograd and fake
+// kernel: ops.py), in x's dtype as its fake kernel says: autocast, which the composite op's
+// matmuls would follow, is off inside (the layer's caller casts, as ops.lstm_layer does).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_projected_export(
+    const at::Tensor& x, at::TensorList weights, const at::Tensor& h0, const at::Tensor& c0,
+    const std::optional<at::Tensor>& lengths) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return lstm_layer_projected(x, weights, h0, c0, lengths);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnnlstm_ext, CompositeImplicitAutograd, m) {
   m.impl("lstm_layer_projected", &lstm_layer_projected);
 }
 
-// The export op runs the same ATen ops below autograd (its autograd and fake kernel: ops.py).
-TORCH_LIBRARY_IMPL(cnnlstm_ext, CPU, m) {
-  m.impl("lstm_layer_projected_export", &lstm_layer_projected);
-}
-
-TORCH_LIBRARY_IMPL(cnnlstm_ext, CUDA, m) {
-  m.impl("lstm_layer_projected_export", &lstm_layer_projected);
+TORCH_LIBRARY_IMPL(cnnlstm_ext, CompositeExplicitAutograd, m) {
+  m.impl("lstm_layer_projected_export", &lstm_layer_projected_export);
 }
 
 }  // namespace cnnlstm_ext::lstm
