@@ -10,9 +10,8 @@ An entry records its source (path, frame range, size and mtime) so that a change
 noticed and only that entry is decoded again; and how its frames are turned (data.orientation,
 video_io.ORIENTATIONS: "display" as players show them, or "stored"): an entry turned otherwise
 than the update asks, or without that mark (written before the reader turned frames), is decoded
-again. Frames are stored on the square canvas the
-batched augmentation reads (`batch_transforms`): the short side scaled to `short_side`, the long
-side cut to its centre.
+again. Frames are stored on the square canvas the batched augmentation reads
+(`batch_transforms`): the short side scaled to `short_side`, the long side cut to its centre.
 
 Writers never leave a damaged cache: each clip file is written under a temporary name and renamed
 (atomic), and the index is read, merged and replaced (also by rename) under a lock, so

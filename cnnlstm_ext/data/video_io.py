@@ -549,10 +549,9 @@ def read_video_frames(path: str, start: int = 0, end: Optional[int] = None,
     them. `short_side`: frames are scaled (see _to_array) so that min(H, W) == short_side;
     `square`: then cut to their central square. Frames are turned as players show them
     (display_orientation; H and W are the display's), or not with `orientation="stored"` (see
-    ORIENTATIONS). Returns uint8 `[t, 3, H, W]`, or
-    `[t, H, W, 3]` with `channels_last` (the decoder's layout: no copy; torchvision.io.read_video's
-    "THWC"). A file that cannot be read raises ClipReadError (FileNotFoundError when it does not
-    exist).
+    ORIENTATIONS). Returns uint8 `[t, 3, H, W]`, or `[t, H, W, 3]` with `channels_last` (the
+    decoder's layout: no copy; torchvision.io.read_video's "THWC"). A file that cannot be read
+    raises ClipReadError (FileNotFoundError when it does not exist).
     """
     order = []
 
