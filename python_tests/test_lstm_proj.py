@@ -266,18 +266,19 @@ def test_torch_export_with_a_dynamic_batch_and_steps(rng, strict):
         torch.testing.assert_close(with_lengths.module()(x, lengths), fused(x, lengths=lengths))
 
 
-def test_gradients_through_an_exported_program_match_the_module(rng):
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_through_an_exported_program_match_the_module(device, rng):
     """The export op's autograd (recomputed through lstm_layer_projected): first-order gradients
     of the input and weights, and under create_graph gradients that are differentiable again."""
     from torch.export import Dim, export
-    _, fused = pair(torch.float64, num_layers=1, bidirectional=True)
-    program = export(fused, (rand(T, 2, I, rng=rng),),
+    _, fused = pair(torch.float64, device, num_layers=1, bidirectional=True)
+    program = export(fused, (rand(T, 2, I, rng=rng, device=device),),
                      dynamic_shapes=({0: Dim("steps", min=1, max=64),
                                       1: Dim("batch", min=1, max=64)},)).module()
     assert sorted(n for n, _ in program.named_parameters()) == sorted(
         n for n, _ in fused.named_parameters())
-    x = rand(T + 2, 3, I, rng=rng).requires_grad_()
-    g = rand(T + 2, 3, 2 * P, rng=rng)
+    x = rand(T + 2, 3, I, rng=rng, device=device).requires_grad_()
+    g = rand(T + 2, 3, 2 * P, rng=rng, device=device)
     results = []
     for module in (program, fused):
         weights = dict(module.named_parameters())
