@@ -308,11 +308,11 @@ def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool 
         # it to be a constant"; trace: silently wrong at other sizes), so these run the
         # reference's aten ops, which keep the size symbolic (same values).
         if not traced_size:  # (one check each: symbolic ones become checks of the graph)
-            _check(x.dim() == 4, lambda: f"frame_pool: x must be [B*T, C, h, w], got "
-                                         f"{list(x.shape)}")
-            _check(batch_size >= 1, lambda: f"frame_pool: batch_size must be >= 1, got "
-                                            f"{batch_size}")
-            _check(x.shape[0] % batch_size == 0, lambda: (
+            traced_check(x.dim() == 4, lambda: f"frame_pool: x must be [B*T, C, h, w], got "
+                                               f"{list(x.shape)}")
+            traced_check(batch_size >= 1, lambda: f"frame_pool: batch_size must be >= 1, got "
+                                                  f"{batch_size}")
+            traced_check(x.shape[0] % batch_size == 0, lambda: (
                 f"frame_pool: x must be [B*T, C, h, w] with B = batch_size = {batch_size} "
                 f"dividing its first dimension, got {list(x.shape)}"))
         return reference.frame_pool(x, batch_size, mode, batch_first, out_dtype)
@@ -326,9 +326,9 @@ def frame_pool(x: Tensor, batch_size: int, mode: str = "avg", batch_first: bool 
     return out
 
 
-def _check(cond, message) -> None:
-    """torch._check(cond, message), without the message under torch.compile and strict
-    torch.export: Dynamo cannot trace a message's lambda."""
+def traced_check(cond, message) -> None:
+    """torch._check(cond, message) for code that torch.export or torch.compile traces: without
+    the message under Dynamo (torch.compile, strict export), which cannot trace its lambda."""
     torch._check(cond, None if torch.compiler.is_compiling() else message)
 
 

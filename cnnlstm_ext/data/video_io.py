@@ -414,7 +414,7 @@ class _Pending:
     """Decoded frames of `path` waiting for their conversion: [frame, [positions in the clip]] in
     order."""
 
-    def __init__(self, path: str, display: bool = True):
+    def __init__(self, path: str, display: bool):
         self.path, self.display, self.entries, self.bytes = path, display, [], 0
 
     def add(self, position: int, frame) -> None:
@@ -441,7 +441,7 @@ class _Pending:
 
 
 def _decode_wanted(container, stream, timing: _Timing, path, wanted, start, short_side, square,
-                   back, display=True):
+                   back, display):
     """See iter_video_frames; `wanted`: absolute frame numbers, increasing. Seeks to `back`
     frames before the first wanted one (none below SEEK_MIN_FRAMES). Returns None when done, or
     the next `back` to try when the seek landed past the first wanted frame (nothing yielded)."""

@@ -37,6 +37,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..checkpoint.inspect import canonical_names, describe_state_dict, is_buffer_name
 from ..checkpoint.legacy import strip_prefixes
+from .. import ops
 from ..nn import FramePool, FusedBiLSTM, FusedLSTM, TemporalPool
 
 __all__ = ["CNNLSTM", "BACKBONES", "infer_architecture", "weights_config", "describe_state_dict", "is_buffer_name"]
@@ -232,11 +233,9 @@ class CNNLSTM(nn.Module):
         if torch.compiler.is_exporting():
             # No branch on the values either (they are unknown), but the bounds become checks
             # of the exported program: a length outside [1, T] fails there, naming the bound.
-            # (No message: the program's check names its expression, and strict export cannot
-            # trace a message's lambda.)
             lo, hi = lengths.min().item(), lengths.max().item()
-            torch._check(lo >= 1)
-            torch._check(hi <= T)
+            ops.traced_check(lo >= 1, lambda: "lengths must lie in [1, T]: a length is below 1")
+            ops.traced_check(hi <= T, lambda: "lengths must lie in [1, T]: a length exceeds T")
             return lengths
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > T:

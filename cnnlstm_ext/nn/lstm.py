@@ -447,12 +447,12 @@ class FusedLSTM(nn.Module):
                                f"{lengths.device}")
         if torch.compiler.is_exporting():
             # The values are unknown while torch.export traces: the bounds become checks that
-            # the exported program runs on each call (no Python branch on them here), naming
-            # their expressions (a message's lambda, which strict export cannot trace, would not
-            # reach the program).
+            # the exported program runs on each call (no Python branch on them here).
             lo, hi = (v.item() for v in torch.aminmax(lengths))
-            torch._check(lo >= 1)
-            torch._check(hi <= steps)
+            ops.traced_check(lo >= 1, lambda: "lengths must be in [1, T] (the padded length); "
+                                              "got a length below 1")
+            ops.traced_check(hi <= steps, lambda: "lengths must be in [1, T] (the padded "
+                                                  "length); got a length above T")
         elif not compiling and not capturing and not torch.jit.is_tracing() and batch > 0:
             # Free for lengths on the CPU; lengths on a GPU are read back (one synchronisation),
             # except while a CUDA graph is captured, which forbids it: their values are then

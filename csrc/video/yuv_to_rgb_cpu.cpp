@@ -86,14 +86,14 @@ at::Tensor yuv_to_rgb_cpu(const at::Tensor& y, const at::Tensor& u, const at::Te
     isa_avx2::convert_half(frame);
     return out;
   }
-  // Luma windows of fractional width, or of more than 4 pixels: the row kernel would gather.
-  if (cpu_has_avx2() && (frame.fhy.factor == 0 || frame.fhy.factor > 4)) {
-    record_kernel("cpu:yuv_to_rgb:avx2:blocked");
-    isa_avx2::convert_blocked(frame);
-    return out;
-  }
-  if (cpu_has_avx2()) {  // whole factors up to 4: strided means, a row at a time
-    record_kernel("cpu:yuv_to_rgb:avx2");
+  if (cpu_has_avx2()) {
+    // Luma windows of fractional width, or of more than 4 pixels: the row kernel would gather.
+    if (frame.fhy.factor == 0 || frame.fhy.factor > 4) {
+      record_kernel("cpu:yuv_to_rgb:avx2:blocked");
+      isa_avx2::convert_blocked(frame);
+      return out;
+    }
+    record_kernel("cpu:yuv_to_rgb:avx2");  // whole factors up to 4: strided means, a row at a time
     isa_avx2::convert(frame);
     return out;
   }
